@@ -1,0 +1,145 @@
+"""Compressed checkpoints: safetensors shards + an index + a config that records every rank.
+
+Layout of a checkpoint folder:
+    config.json                      the model's HF config plus a "rankfold" section (method, ratio
+                                     definition, rank of every compressed matrix, format version)
+    rankfold.safetensors.index.json  HF index format: weight_map + sha256 of every shard
+    layers-00000.safetensors ...     one shard per decoder layer; `globals.safetensors` for the rest
+    tokenizer files
+
+The index is deliberately not named model.safetensors.index.json: plain transformers would load the
+folder as a dense model, initialise the missing dense weights at random and only warn. Load with
+`rankfold.load(path)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from rankfold.models.architecture import architecture_for
+from rankfold.models.sources import RANKFOLD_INDEX_NAME, ModelSourceError, SafetensorsSource
+from rankfold.modules.lowrank import replace_linears
+
+FORMAT_VERSION = 1
+INDEX_NAME = RANKFOLD_INDEX_NAME
+
+
+class CheckpointError(ValueError):
+    """A compressed checkpoint that is incomplete, damaged or not a rankfold checkpoint."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    sha256: str
+    keys: tuple[str, ...]
+
+
+def sha256_file(path: Path, block: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> ShardInfo:
+    """Write atomically (temp file, then rename) and return the shard's checksum."""
+    folder.mkdir(parents=True, exist_ok=True)
+    temp = folder / f".{name}.tmp"
+    save_file({key: value.contiguous() for key, value in tensors.items()}, temp)
+    digest = sha256_file(temp)
+    os.replace(temp, folder / name)
+    return ShardInfo(name, digest, tuple(sorted(tensors)))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+def write_index(folder: Path, shards: list[ShardInfo], config: PretrainedConfig, rankfold_meta: dict) -> None:
+    """Config first, index last: the index is the commit marker of a complete checkpoint."""
+    config = copy.deepcopy(config)  # the source's config stays as it was
+    config.rankfold = {"format_version": FORMAT_VERSION, **rankfold_meta}
+    _atomic_write_text(folder / "config.json", config.to_json_string(use_diff=False))
+    index = {
+        "metadata": {"format": "rankfold", "format_version": FORMAT_VERSION,
+                     "sha256": {shard.name: shard.sha256 for shard in shards}},
+        "weight_map": {key: shard.name for shard in shards for key in shard.keys},
+    }
+    _atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True))
+
+
+def read_index(folder: Path) -> dict:
+    path = folder / INDEX_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {INDEX_NAME}: not a rankfold checkpoint, or an unfinished one")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: damaged index ({err})") from None
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Every shard the index names exists and matches its recorded sha256."""
+    folder = Path(folder)
+    for name, expected in read_index(folder)["metadata"]["sha256"].items():
+        shard = folder / name
+        if not shard.is_file():
+            raise CheckpointError(f"{folder}: shard {name} is missing")
+        actual = sha256_file(shard)
+        if actual != expected:
+            raise CheckpointError(f"{folder}: shard {name} is corrupted (sha256 {actual[:12]}…, index says {expected[:12]}…)")
+
+
+def compressed_ranks(config: PretrainedConfig) -> dict[str, int]:
+    meta = getattr(config, "rankfold", None)
+    if not isinstance(meta, dict) or "ranks" not in meta:
+        raise CheckpointError("config.json has no 'rankfold' section: not a rankfold checkpoint")
+    return {path: int(rank) for path, rank in meta["ranks"].items()}
+
+
+def load(path: str | Path, *, verify: bool = True, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A compressed checkpoint as a transformers causal LM whose compressed linears are LowRankLinear.
+
+    `verify` checks every shard's sha256 first, so a damaged file is an error, never wrong weights.
+    """
+    folder = Path(path)
+    if verify:
+        verify_checkpoint(folder)
+    source = SafetensorsSource(folder)
+    config = source.config
+    ranks = compressed_ranks(config)
+    arch = architecture_for(config)
+    dtype = dtype or getattr(torch, config.rankfold.get("dtype", "float32"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    replace_linears(model, ranks, dtype=dtype)
+    try:
+        state = {key: source.tensor(key).to(dtype) for key in source.keys()}
+    except ModelSourceError as err:
+        raise CheckpointError(str(err)) from None
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {arch.lm_head_key} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{folder}: tensors do not fit the recorded ranks "
+                              f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    if tied:
+        model.tie_weights()
+    arch.rebuild_buffers(model, config)  # non-persistent buffers were created on meta
+    return model.eval()
+
+
+def load_config(path: str | Path) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(path)

@@ -1,0 +1,70 @@
+"""Text for calibration and evaluation: local .txt / .jsonl files, or a dataset by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rankfold.jobs.spec import TextSource
+
+
+class DataError(ValueError):
+    """Text that cannot be read or is unfit for its use: names the source and the problem."""
+
+
+def _jsonl_rows(path: Path, field: str) -> list[str]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or field not in record:
+                raise DataError(f"{path}:{number}: no field {field!r} (set text_field)")
+            rows.append(str(record[field]))
+    return rows
+
+
+def _dataset_rows(source: TextSource) -> list[str]:
+    import datasets  # only users with a reachable hub (or a local datasets cache) get here
+
+    try:
+        table = datasets.load_dataset(source.dataset, source.dataset_config, split=source.split)
+    except Exception as err:  # datasets raises many types (network, missing config, missing split)
+        raise DataError(f"cannot load {source.describe()}: {err}") from None
+    if source.text_field not in table.column_names:
+        raise DataError(f"{source.describe()}: no column {source.text_field!r} (has {table.column_names})")
+    return list(table[source.text_field])
+
+
+def load_text(source: TextSource) -> str:
+    if source.dataset is not None:
+        return source.row_separator.join(_dataset_rows(source))
+    path = Path(source.path)
+    if not path.is_file():
+        raise DataError(f"text file not found: {path}")
+    if path.suffix == ".jsonl":
+        return source.row_separator.join(_jsonl_rows(path, source.text_field))
+    text = path.read_text(encoding="utf-8")
+    return source.row_separator.join(text.splitlines(keepends=True)) if source.lines_as_rows else text
+
+
+def tokenize(text: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The whole text as one 1-D token tensor (no special tokens: windows are cut from it)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_samples(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """(num_samples, seq_len) windows at seeded random offsets, the GPTQ / SVD-LLM convention."""
+    if tokens.numel() <= seq_len:
+        raise DataError(f"calibration text has {tokens.numel()} tokens, needs more than seq_len={seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len, (num_samples,), generator=generator)
+    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])

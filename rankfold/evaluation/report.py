@@ -1,0 +1,51 @@
+"""The job report: parameter accounting (with the ratio's definition), perplexities, stage costs."""
+
+from __future__ import annotations
+
+import math
+
+
+def parameter_counts(shapes: dict[int, dict[str, tuple[int, int]]], ranks: dict[int, dict[str, int]],
+                     model_total: int) -> dict:
+    """Counted matrices before/after and the whole model before/after (embeddings included there)."""
+    dense = sum(m * n for layer in shapes.values() for (m, n) in layer.values())
+    compressed = sum(ranks[i][path] * (m + n) for i, layer in shapes.items() for path, (m, n) in layer.items())
+    return {
+        "counted_dense": dense,
+        "counted_compressed": compressed,
+        "achieved_compression": 1.0 - compressed / dense,
+        "model_dense": model_total,
+        "model_compressed": model_total - dense + compressed,
+    }
+
+
+def model_parameter_total(shapes: list[tuple[int, ...]]) -> int:
+    return sum(math.prod(shape) for shape in shapes)
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.2f}M"
+
+
+def format_report(report: dict) -> str:
+    params, target = report["parameters"], report["target"]
+    lines = [
+        f"rankfold · {report['method']['name']} · target compression {target['ratio']:.1%} of {', '.join(target['matrices'])}",
+        f"  ratio: {report['ratio_definition']}",
+        f"  compressed matrices: {_millions(params['counted_dense'])} -> {_millions(params['counted_compressed'])} "
+        f"(achieved compression {params['achieved_compression']:.2%})",
+        f"  whole model:         {_millions(params['model_dense'])} -> {_millions(params['model_compressed'])}",
+        f"  calibration: {report['calibration_tokens']} tokens; checkpoint: {report['checkpoint']}",
+    ]
+    if report["perplexity"]:
+        lines.append("")
+        lines.append(f"  {'dataset':<14}{'window':>8}{'tokens':>9}{'dense ppl':>12}{'compressed ppl':>16}")
+        for row in report["perplexity"]:
+            dense = f"{row['dense']:.3f}" if row.get("dense") is not None else "-"
+            lines.append(f"  {row['name']:<14}{row['window']:>8}{row['tokens']:>9}{dense:>12}{row['compressed']:>16.3f}")
+    lines.append("")
+    lines.append(f"  {'stage':<22}{'wall s':>9}{'peak RSS MiB':>14}")
+    for row in report["stages"]:
+        lines.append(f"  {row['stage']:<22}{row['wall_s']:>9.1f}{row['peak_rss_mb']:>14.0f}")
+    lines.append(f"  {'total':<22}{report['total_wall_s']:>9.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,17 @@
+"""Plain truncated SVD: W ≈ (U_r Σ_r^½)(Σ_r^½ V_rᵀ). The baseline that ignores activations."""
+
+from __future__ import annotations
+
+import torch
+
+
+def split_singular(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`rank` triplets as B = U_r Σ_r^½ (m×r) and A = Σ_r^½ V_rᵀ (r×n), largest σ first (nested)."""
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) in float64 with B A the best rank-`rank` approximation of W in Frobenius norm."""
+    u, s, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+    return split_singular(u, s, vh, rank)

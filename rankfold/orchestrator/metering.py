@@ -1,0 +1,62 @@
+"""Wall time and peak resident memory of each stage, sampled while the stage runs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import psutil
+
+
+@dataclass
+class StageRecord:
+    name: str
+    wall_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    calls: int = 0
+
+
+class _PeakSampler(threading.Thread):
+    """Polls this process's RSS; a sampler, so short spikes between polls can be missed."""
+
+    def __init__(self, interval_s: float):
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.process = psutil.Process()
+        self.peak = self.process.memory_info().rss
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def finish(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, self.process.memory_info().rss)
+
+
+@dataclass
+class StageMeter:
+    interval_s: float = 0.02
+    records: dict[str, StageRecord] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        record = self.records.setdefault(name, StageRecord(name))
+        sampler = _PeakSampler(self.interval_s)
+        sampler.start()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            record.wall_s += time.perf_counter() - start
+            record.peak_rss_mb = max(record.peak_rss_mb, sampler.finish() / 2**20)
+            record.calls += 1
+
+    def as_rows(self) -> list[dict]:
+        return [{"stage": r.name, "wall_s": round(r.wall_s, 2), "peak_rss_mb": round(r.peak_rss_mb, 1)}
+                for r in self.records.values()]

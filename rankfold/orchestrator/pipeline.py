@@ -1,0 +1,245 @@
+"""The compression job: calibrate -> plan ranks -> decompose -> assemble -> evaluate -> report.
+
+This module moves tensors between stage functions (rankfold.workers) and the artifact store; it
+does no linear algebra itself. Every stage works on one layer or one matrix group, so a model is
+never whole in memory: per layer, only its weights and the calibration activations are resident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig
+
+from rankfold.checkpoint import INDEX_NAME, ShardInfo, write_index, write_shard
+from rankfold.data.text import DataError, calibration_samples, load_text, tokenize
+from rankfold.jobs.spec import JobSpec, SpecError
+from rankfold.methods.ranks import uniform_ranks
+from rankfold.models.architecture import Architecture
+from rankfold.models.sources import ModelSource, ModelSourceError, SafetensorsSource, open_source
+from rankfold.orchestrator.executor import LocalExecutor
+from rankfold.orchestrator.metering import StageMeter
+from rankfold.orchestrator.store import LocalStore
+from rankfold.workers.activations import Activations
+from rankfold.workers.assemble import assemble_layer_state
+from rankfold.workers.calibrate import InputStats, propagate_layer
+from rankfold.workers.decompose import decompose_group
+from rankfold.workers.evaluate import make_windows, window_nll
+from rankfold.workers.layers import LayerRunner, embed, materialize_layer, runtime_config
+
+JOB_FILE = "job.json"
+
+
+@dataclass(frozen=True)
+class LayerRanks:
+    """Ranks of the compressed linears: {layer index: {path inside the layer: rank}}."""
+
+    by_layer: dict[int, dict[str, int]]
+
+    def flat(self, arch: Architecture) -> dict[str, int]:
+        return {arch.layer_prefix.format(i=i) + path: rank
+                for i, ranks in self.by_layer.items() for path, rank in ranks.items()}
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, int], arch: Architecture, num_layers: int) -> "LayerRanks":
+        by_layer: dict[int, dict[str, int]] = {i: {} for i in range(num_layers)}
+        for i in range(num_layers):
+            prefix = arch.layer_prefix.format(i=i)
+            by_layer[i] = {key[len(prefix):]: rank for key, rank in flat.items() if key.startswith(prefix)}
+        return cls(by_layer)
+
+
+# ---------------------------------------------------------------- preflight: fail before writing
+
+
+def preflight(spec: JobSpec) -> ModelSource:
+    """Open the model and check every input file; a SpecError names the field and value at fault."""
+    try:
+        source = open_source(spec.model.source)
+        arch = source.architecture
+    except (ModelSourceError, ValueError) as err:
+        raise SpecError(f"model.source = {spec.model.source!r}: {err}") from None
+    for field, text_source in [("calibration.data", spec.calibration.data)] + [
+            (f"evaluation.perplexity[{k}].data", p.data) for k, p in enumerate(spec.evaluation.perplexity)]:
+        if text_source.path is not None and not Path(text_source.path).is_file():
+            raise SpecError(f"{field}.path = {str(text_source.path)!r}: file not found")
+    for projection in spec.target.matrices:
+        arch.projection_path(projection)  # raises for a projection this architecture lacks
+    return source
+
+
+def prepare_output(spec: JobSpec) -> Path:
+    """Create output.dir, refusing one that holds a different job (its files stay untouched)."""
+    out = Path(spec.output.dir)
+    job_file = out / JOB_FILE
+    if job_file.is_file():
+        previous = job_file.read_text()
+        if previous != spec.canonical_json():
+            raise SpecError(f"output.dir = {str(out)!r}: holds another job's results (see {job_file}); "
+                            "choose a new folder or delete it")
+    elif out.exists() and any(out.iterdir()):
+        raise SpecError(f"output.dir = {str(out)!r}: exists and is not empty; choose a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"output.dir = {str(out)!r}: cannot create ({err.strerror})") from None
+    job_file.write_text(spec.canonical_json())
+    return out
+
+
+# ---------------------------------------------------------------- layer streaming (calibration + evaluation)
+
+
+def _embedded(source: ModelSource, tokens: torch.Tensor, batch_size: int, dtype: torch.dtype,
+              budget_bytes: int, spill_dir: Path) -> Activations:
+    table = source.embedding()
+    hidden = Activations(budget_bytes, spill_dir)
+    for batch in tokens.split(batch_size):
+        hidden.append(embed(batch, table, dtype))
+    return hidden
+
+
+def stream_layers(source: ModelSource, hidden: Activations, dtype: torch.dtype, executor: LocalExecutor,
+                  stage: str, ranks: LayerRanks | None = None, store: LocalStore | None = None,
+                  budget_bytes: int = 2 << 30, spill_dir: Path | None = None) -> Activations | None:
+    """Push `hidden` through every layer. With a store, each layer's input statistics are saved as
+    `stats/layer-XXXXX.safetensors` (calibration); then the last layer's outputs are not kept."""
+    arch, config = source.architecture, runtime_config(source.config)
+    runner = LayerRunner(arch, config)
+    groups = arch.groups if store is not None else ()
+    for i in executor.steps(range(source.num_layers), stage):
+        layer_ranks = ranks.by_layer[i] if ranks else None
+        layer = materialize_layer(arch, config, i, source.layer_state(i), dtype, ranks=layer_ranks)
+        last = i == source.num_layers - 1
+        outputs = None if (store is not None and last) else Activations(budget_bytes, spill_dir)
+        stats = propagate_layer(layer, runner, hidden, outputs, groups)
+        if store is not None:
+            tensors = {}
+            for name, group_stats in stats.items():
+                tensors.update(group_stats.to_tensors(name))
+            store.put_tensors(stats_key(i), tensors)
+        hidden.release()
+        hidden = outputs
+    return hidden
+
+
+def stats_key(layer: int) -> str:
+    return f"stats/layer-{layer:05d}.safetensors"
+
+
+def factors_key(layer: int, group: str) -> str:
+    return f"factors/layer-{layer:05d}-{group}.safetensors"
+
+
+# ---------------------------------------------------------------- stages
+
+
+def calibrate(spec: JobSpec, source: ModelSource, store: LocalStore, executor: LocalExecutor, scratch: Path) -> int:
+    """Calibration statistics of every layer into the store; returns the number of tokens used."""
+    cal = spec.calibration
+    tokens = tokenize(load_text(cal.data), source.tokenizer())
+    samples = calibration_samples(tokens, cal.num_samples, cal.seq_len, cal.seed)
+    budget = cal.max_resident_mb << 20
+    dtype = getattr(torch, spec.model.dtype)
+    hidden = _embedded(source, samples, cal.batch_size, dtype, budget, scratch)
+    stream_layers(source, hidden, dtype, executor, "calibrate", store=store, budget_bytes=budget, spill_dir=scratch)
+    return samples.numel()
+
+
+def matrix_shapes(source: ModelSource, spec: JobSpec) -> dict[int, dict[str, tuple[int, int]]]:
+    """(m, n) of every compressed matrix, read from checkpoint headers."""
+    arch = source.architecture
+    paths = [arch.projection_path(p) for p in spec.target.matrices]
+    return {i: {path: tuple(source.shape(arch.layer_prefix.format(i=i) + path + ".weight")) for path in paths}
+            for i in range(source.num_layers)}
+
+
+def plan_ranks(shapes: dict[int, dict[str, tuple[int, int]]], ratio: float) -> LayerRanks:
+    return LayerRanks({i: uniform_ranks(layer_shapes, ratio) for i, layer_shapes in shapes.items()})
+
+
+def decompose(spec: JobSpec, source: ModelSource, ranks: LayerRanks, store: LocalStore, executor: LocalExecutor) -> None:
+    arch = source.architecture
+    work = [(i, group) for i in range(source.num_layers) for group in arch.groups
+            if any(m in ranks.by_layer[i] for m in group.members)]
+
+    def run(item) -> None:
+        i, group = item
+        prefix = arch.layer_prefix.format(i=i)
+        group_ranks = {m: ranks.by_layer[i][m] for m in group.members if m in ranks.by_layer[i]}
+        weights = {m: source.tensor(f"{prefix}{m}.weight") for m in group_ranks}
+        stats = InputStats.from_tensors(store.get_tensors(stats_key(i)), group.name)
+        factors = decompose_group(spec.method, weights, stats, group_ranks)
+        store.put_tensors(factors_key(i, group.name),
+                          {f"{m}.{name}": t.float() for m, (b, a) in factors.items() for name, t in (("B", b), ("A", a))})
+
+    executor.map(run, work, "decompose")
+
+
+def assemble(spec: JobSpec, source: ModelSource, ranks: LayerRanks, store: LocalStore, executor: LocalExecutor,
+             folder: Path) -> None:
+    """Write the compressed checkpoint: a shard per layer, globals, tokenizer, config; index last."""
+    arch, dtype = source.architecture, getattr(torch, spec.model.dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / INDEX_NAME).unlink(missing_ok=True)  # whatever was here is not a finished checkpoint now
+
+    def layer_shard(i: int) -> ShardInfo:
+        factors = {}
+        for group in arch.groups:
+            if store.exists(factors_key(i, group.name)):
+                tensors = store.get_tensors(factors_key(i, group.name))
+                factors.update({m: (tensors[f"{m}.B"], tensors[f"{m}.A"]) for m in ranks.by_layer[i] if f"{m}.B" in tensors})
+        state = assemble_layer_state(source.layer_state(i), factors, dtype)
+        prefix = arch.layer_prefix.format(i=i)
+        return write_shard(folder, f"layers-{i:05d}.safetensors", {prefix + k: v for k, v in state.items()})
+
+    shards = executor.map(layer_shard, list(range(source.num_layers)), "assemble")
+    shards.append(write_shard(folder, "globals.safetensors", _global_tensors(source, dtype)))
+    source.tokenizer().save_pretrained(folder)
+    meta = {"method": spec.method.model_dump(mode="json"), "target": spec.target.model_dump(mode="json"),
+            "ratio_definition": RATIO_DEFINITION, "dtype": spec.model.dtype, "ranks": ranks.flat(arch),
+            "source": spec.model.source}
+    write_index(folder, shards, _plain_config(source.config, spec.model.dtype), meta)
+
+
+RATIO_DEFINITION = ("compression = 1 - (parameters of the compressed matrices after / before), counted over the "
+                    "target's projections in every decoder layer; embeddings, lm_head and norms not counted")
+
+
+def _global_tensors(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    arch = source.architecture
+    tensors = {arch.embedding_key: source.embedding().to(dtype), arch.final_norm_key: source.final_norm().to(dtype)}
+    if arch.lm_head_key in source.keys():
+        tensors[arch.lm_head_key] = source.lm_head().to(dtype)
+    return tensors
+
+
+def _plain_config(config: PretrainedConfig, dtype: str) -> PretrainedConfig:
+    import copy
+
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    return config
+
+
+def perplexity(source: ModelSource, windows: torch.Tensor, dtype: torch.dtype, batch_size: int,
+               executor: LocalExecutor, stage: str, ranks: LayerRanks | None, scratch: Path) -> float:
+    """Streamed perplexity over non-overlapping windows (one layer resident at a time)."""
+    arch = source.architecture
+    hidden = _embedded(source, windows, batch_size, dtype, 2 << 30, scratch)
+    hidden = stream_layers(source, hidden, dtype, executor, stage, ranks=ranks, spill_dir=scratch)
+    norm = arch.build_final_norm(source.config)
+    norm.weight.data = source.final_norm().to(dtype)
+    head = source.lm_head().to(dtype)
+    total, count = 0.0, 0
+    for chunk, ids in zip(hidden, windows.split(batch_size)):
+        chunk_total, chunk_count = window_nll(chunk, norm, head, ids)
+        total, count = total + chunk_total, count + chunk_count
+    hidden.release()
+    return float(torch.exp(torch.tensor(total / count, dtype=torch.float64)))

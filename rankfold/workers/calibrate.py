@@ -1,0 +1,73 @@
+"""Calibration stage (and the forward pass it shares with streamed evaluation): run one layer on its inputs, accumulate per-group input statistics in float64.
+
+For every group of linears that read the same input (q/k/v; o; gate/up; down) the statistics are
+the Gram matrix Σ x xᵀ, Σ|x| and the token count. They are sums, so shards reduce by addition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankfold.models.architecture import LinearGroup
+from rankfold.workers.activations import Activations
+from rankfold.workers.layers import LayerRunner
+
+
+@dataclass
+class InputStats:
+    gram: torch.Tensor      # (n, n) float64, Σ x xᵀ over tokens
+    abs_sum: torch.Tensor   # (n,) float64, Σ |x| over tokens
+    count: int              # tokens seen
+
+    @classmethod
+    def zeros(cls, n: int) -> "InputStats":
+        return cls(torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0)
+
+    def add_(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, n)
+        self.gram.addmm_(x.T, x)
+        self.abs_sum.add_(x.abs().sum(0))
+        self.count += x.shape[0]
+
+    def merge(self, other: "InputStats") -> "InputStats":
+        return InputStats(self.gram + other.gram, self.abs_sum + other.abs_sum, self.count + other.count)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.gram": self.gram, f"{prefix}.abs_sum": self.abs_sum,
+                f"{prefix}.count": torch.tensor([self.count], dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "InputStats":
+        return cls(tensors[f"{prefix}.gram"], tensors[f"{prefix}.abs_sum"], int(tensors[f"{prefix}.count"][0]))
+
+
+def propagate_layer(layer: nn.Module, runner: LayerRunner, inputs: Activations, outputs: Activations | None,
+                    groups: tuple[LinearGroup, ...] = ()) -> dict[str, InputStats]:
+    """Run the layer on every chunk of `inputs`, appending to `outputs` (None: last layer of
+    calibration, nothing downstream); returns the input statistics of each group in `groups`."""
+    stats: dict[str, InputStats] = {}
+    handles = []
+    for group in groups:
+        reader = layer.get_submodule(group.members[0])  # all members see this same tensor
+
+        def hook(_module, args, name=group.name):
+            x = args[0]
+            stats.setdefault(name, InputStats.zeros(x.shape[-1])).add_(x)
+
+        handles.append(reader.register_forward_pre_hook(hook))
+    try:
+        for chunk in inputs:
+            hidden = runner(layer, chunk)
+            if outputs is not None:
+                outputs.append(hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats

@@ -1,0 +1,43 @@
+"""Perplexity, streamed: embed the windows, run them through one layer at a time, score at the end.
+
+The same layer loop as calibration, so a model is never whole in memory; `model_perplexity` scores a
+whole in-memory transformers model the usual way and must agree (tests check both).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_windows(tokens: torch.Tensor, window: int, max_tokens: int | None) -> torch.Tensor:
+    """Non-overlapping windows (n, window) over the first `max_tokens` tokens (whole windows only)."""
+    usable = tokens.numel() if max_tokens is None else min(tokens.numel(), max_tokens)
+    count = usable // window
+    if count == 0:
+        raise ValueError(f"text has {tokens.numel()} tokens, budget {max_tokens}: fewer than one window of {window}")
+    return tokens[: count * window].reshape(count, window)
+
+
+@torch.no_grad()
+def window_nll(hidden: torch.Tensor, final_norm: nn.Module, head: torch.Tensor, windows: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL (float64) and the number of predicted tokens, one window at a time."""
+    total, count = 0.0, 0
+    for h, ids in zip(hidden, windows):  # (T, H), (T,)
+        logits = F.linear(final_norm(h[:-1]), head).float()  # (T-1, vocab)
+        total += float(F.cross_entropy(logits, ids[1:], reduction="sum"))
+        count += ids.numel() - 1
+    return total, count
+
+
+@torch.no_grad()
+def model_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
+    """Perplexity of a whole in-memory causal LM over the same windows (the reference path)."""
+    total, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start:start + batch_size]
+        logits = model(batch).logits[:, :-1].float()
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+        count += batch[:, 1:].numel()
+    return float(torch.exp(torch.tensor(total / count)))

@@ -1,0 +1,58 @@
+"""One decoder layer as a runnable module: built from a state dict, run on a batch of hidden states."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from rankfold.models.architecture import Architecture
+from rankfold.modules.lowrank import replace_linears
+
+
+def runtime_config(config: PretrainedConfig) -> PretrainedConfig:
+    """A copy that runs attention through SDPA: with no mask it is causal, so a layer runs standalone."""
+    config = copy.deepcopy(config)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def materialize_layer(arch: Architecture, config: PretrainedConfig, index: int, state: dict[str, torch.Tensor],
+                      dtype: torch.dtype, ranks: dict[str, int] | None = None) -> nn.Module:
+    """Layer `index` holding exactly `state`; `ranks` (path -> rank) marks linears stored as factors."""
+    layer = arch.build_layer(config, index)
+    if ranks:
+        replace_linears(layer, ranks, dtype=dtype)
+    state = {key: value.to(dtype) for key, value in state.items()}
+    missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"layer {index}: state does not fit the architecture "
+                         f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
+    return layer.eval()
+
+
+def embed(tokens: torch.Tensor, embedding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, seq) token ids -> (batch, seq, hidden) input of layer 0."""
+    return torch.nn.functional.embedding(tokens, embedding).to(dtype)
+
+
+class LayerRunner:
+    """Runs decoder layers on (batch, seq, hidden) inputs; caches RoPE tables per sequence length."""
+
+    def __init__(self, arch: Architecture, config: PretrainedConfig):
+        self.rotary = arch.build_rotary(config)
+        self._tables: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (hidden.shape[1], hidden.dtype)
+        if key not in self._tables:
+            positions = torch.arange(hidden.shape[1])[None]
+            self._tables[key] = self.rotary(hidden, positions)
+        return self._tables[key]
+
+    @torch.no_grad()
+    def __call__(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(hidden.shape[1])[None]
+        return layer(hidden, position_ids=positions, position_embeddings=self.position_embeddings(hidden))
