@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SPEC_VERSION = 1
 
@@ -73,11 +73,12 @@ class TargetSpec(Strict):
     # are never compressed nor counted.
     matrices: tuple[Projection, ...] = ALL_PROJECTIONS
 
-    @model_validator(mode="after")
-    def _distinct(self) -> "TargetSpec":
-        if len(set(self.matrices)) != len(self.matrices) or not self.matrices:
-            raise ValueError(f"matrices must be a non-empty list without repeats, got {list(self.matrices)}")
-        return self
+    @field_validator("matrices")
+    @classmethod
+    def _distinct(cls, matrices: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(matrices)) != len(matrices) or not matrices:
+            raise ValueError("must be a non-empty list without repeats")
+        return matrices
 
 
 class TextSource(Strict):

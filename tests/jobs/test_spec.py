@@ -1,0 +1,117 @@
+"""Job spec validation: every bad input is one clear error naming the field and value; nothing is written."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from rankfold.cli import EXIT_BAD_INPUT, main
+from rankfold.jobs.spec import SpecError, load_spec, parse_spec
+from rankfold.orchestrator.pipeline import preflight, prepare_output
+from tests.conftest import tiny_spec_dict
+
+
+@pytest.fixture
+def good(tmp_path, tiny_model_dir) -> dict:
+    return tiny_spec_dict(tiny_model_dir, tmp_path / "out")
+
+
+def _error(data: dict) -> str:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    return str(info.value)
+
+
+def test_valid_spec_parses_with_defaults(good):
+    spec = parse_spec(good)
+    assert spec.target.matrices == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert spec.method.name == "svd_llm" and spec.calibration.seed == 0
+
+
+def test_unknown_field_is_named(good):
+    good["calibration"]["num_sample"] = 3
+    message = _error(good)
+    assert "calibration.num_sample" in message and "Extra inputs are not permitted" in message
+
+
+def test_wrong_type_is_named_with_value(good):
+    good["calibration"]["seq_len"] = "long"
+    message = _error(good)
+    assert "calibration.seq_len" in message and '"long"' in message
+
+
+@pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.1])
+def test_ratio_outside_open_unit_interval(good, ratio):
+    good["target"]["ratio"] = ratio
+    message = _error(good)
+    assert "target.ratio" in message and str(ratio) in message
+
+
+def test_unknown_method_and_method_option(good):
+    good["method"] = {"name": "svd_lm"}
+    assert "method" in _error(good)
+    good["method"] = {"name": "svd", "alpha": 0.5}
+    assert "method.svd.alpha" in _error(good)
+
+
+def test_text_source_needs_exactly_one_of_path_or_dataset(good):
+    good["calibration"]["data"] = {"path": "a.txt", "dataset": "wikitext"}
+    assert "calibration.data" in _error(good)
+
+
+def test_repeated_matrices_rejected(good):
+    good["target"]["matrices"] = ["q_proj", "q_proj"]
+    assert "target.matrices" in _error(good)
+
+
+def test_missing_calibration_file_fails_preflight(good):
+    good["calibration"]["data"]["path"] = "/nonexistent/cal.txt"
+    with pytest.raises(SpecError, match=r"calibration\.data\.path = '/nonexistent/cal.txt': file not found"):
+        preflight(parse_spec(good))
+
+
+def test_missing_model_fails_preflight(good):
+    good["model"]["source"] = "/nonexistent/model"
+    with pytest.raises(SpecError, match=r"model\.source = '/nonexistent/model'"):
+        preflight(parse_spec(good))
+
+
+def test_output_dir_of_another_job_is_refused_and_kept(good):
+    spec = parse_spec(good)
+    out = prepare_output(spec)
+    (out / "precious.txt").write_text("keep me")
+    other = copy.deepcopy(good)
+    other["target"]["ratio"] = 0.4
+    with pytest.raises(SpecError, match="holds another job"):
+        prepare_output(parse_spec(other))
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert json.loads((out / "job.json").read_text())["target"]["ratio"] == good["target"]["ratio"]
+
+
+def test_yaml_and_json_files_load(tmp_path, good):
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(good))
+    (tmp_path / "s.json").write_text(json.dumps(good))
+    assert load_spec(tmp_path / "s.yaml") == load_spec(tmp_path / "s.json")
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda d: d["target"].update(ratio=1.2), "target.ratio"),
+    (lambda d: d.update(colour="red"), "colour"),
+    (lambda d: d["model"].update(source="/nonexistent/model.gguf"), "model.source"),
+    (lambda d: d["evaluation"]["perplexity"][0]["data"].update(path="/nope.raw"), "evaluation.perplexity[0].data.path"),
+])
+def test_cli_bad_spec_exits_nonzero_and_writes_nothing(tmp_path, good, capsys, mutate, needle):
+    mutate(good)
+    spec_file = tmp_path / "bad.yaml"
+    spec_file.write_text(yaml.safe_dump(good))
+    assert main(["run", str(spec_file)]) == EXIT_BAD_INPUT
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_spec_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "absent.yaml")]) == EXIT_BAD_INPUT
+    assert "job spec file not found" in capsys.readouterr().err

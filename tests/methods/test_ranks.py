@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+
+from rankfold.evaluation.report import parameter_counts
+from rankfold.methods.ranks import lowrank_params, rank_for_ratio, uniform_ranks
+
+SMOLLM2_LAYER = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
+                 "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.2, 0.4, 0.6, 0.9])
+@pytest.mark.parametrize("m, n", list(SMOLLM2_LAYER.values()) + [(4096, 11008), (7, 3)])
+def test_rank_is_the_largest_that_fits_the_budget(m, n, ratio):
+    rank = rank_for_ratio(m, n, ratio)
+    budget = (1 - ratio) * m * n
+    assert lowrank_params(m, n, rank) <= budget or rank == 1
+    assert lowrank_params(m, n, rank + 1) > budget
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4])
+def test_model_ranks_meet_the_target_ratio_as_defined(ratio):
+    shapes = {i: SMOLLM2_LAYER for i in range(30)}
+    ranks = {i: uniform_ranks(layer, ratio) for i, layer in shapes.items()}
+    counts = parameter_counts(shapes, ranks, model_total=10**9)
+    # At least the target, and short of it by no more than one rank step per matrix.
+    slack = sum(m + n for layer in shapes.values() for (m, n) in layer.values()) / counts["counted_dense"]
+    assert ratio <= counts["achieved_compression"] <= ratio + slack
+    assert counts["model_dense"] - counts["model_compressed"] == counts["counted_dense"] - counts["counted_compressed"]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2])
+def test_ratio_outside_unit_interval_is_an_error(ratio):
+    with pytest.raises(ValueError, match="compression ratio"):
+        rank_for_ratio(10, 10, ratio)

@@ -1,0 +1,122 @@
+"""The whole job on a tiny random Llama: checkpoint, report, and agreement between the streamed
+pipeline and whole-model transformers evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import rankfold
+from rankfold.checkpoint import INDEX_NAME, CheckpointError
+from rankfold.data.text import load_text, tokenize
+from rankfold.jobs.spec import parse_spec
+from rankfold.modules.lowrank import LowRankLinear
+from rankfold.orchestrator.job import run_job
+from rankfold.orchestrator.store import LocalStore
+from rankfold.workers.evaluate import make_windows, model_perplexity
+from tests.conftest import tiny_spec_dict
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("job") / "out"
+    spec = parse_spec(tiny_spec_dict(tiny_model_dir, out))
+    report = run_job(spec, stream=None)
+    return spec, report, out
+
+
+def _in_memory_compressed(model_dir, out, ranks):
+    """The dense model with its linears swapped for the job's factors (no checkpoint involved)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    store = LocalStore(out / "artifacts")
+    for key in sorted(store.root.glob("factors/*.safetensors")):
+        tensors = store.get_tensors(str(key.relative_to(store.root)))
+        layer = int(key.name.split("-")[1])
+        for name in {k.rsplit(".", 1)[0] for k in tensors}:
+            path = f"model.layers.{layer}.{name}"
+            assert path in ranks
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    LowRankLinear.from_factors(tensors[f"{name}.B"], tensors[f"{name}.A"]))
+    return model.eval()
+
+
+def test_report_and_artifacts(finished_job):
+    spec, report, out = finished_job
+    assert (out / "model" / INDEX_NAME).is_file() and (out / "report.json").is_file()
+    assert json.loads((out / "report.json").read_text())["parameters"] == report["parameters"]
+    assert report["parameters"]["achieved_compression"] >= spec.target.ratio
+    assert len(report["ranks"]) == 2 * 7
+    assert {row["stage"] for row in report["stages"]} >= {"calibrate", "decompose", "assemble", "evaluate compressed"}
+    row = report["perplexity"][0]
+    assert row["tokens"] == 512 and row["windows"] == 8
+    assert 1 < row["dense"] < row["compressed"]
+
+
+def test_checkpoint_round_trip_gives_equal_logits(finished_job, tiny_model_dir):
+    _, report, out = finished_job
+    loaded = rankfold.load(out / "model")
+    reference = _in_memory_compressed(tiny_model_dir, out, report["ranks"])
+    tokens = torch.randint(0, loaded.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, reference(tokens).logits)
+    ranks = {name: module.rank for name, module in loaded.named_modules() if isinstance(module, LowRankLinear)}
+    assert ranks == report["ranks"]
+
+
+def test_streamed_perplexity_equals_whole_model_perplexity(finished_job, tiny_model_dir):
+    spec, report, out = finished_job
+    ppl = spec.evaluation.perplexity[0]
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    windows = make_windows(tokenize(load_text(ppl.data), dense_tokenizer(tiny_model_dir)), ppl.window, ppl.max_tokens)
+    row = report["perplexity"][0]
+    assert model_perplexity(dense, windows) == pytest.approx(row["dense"], rel=1e-5)
+    assert model_perplexity(rankfold.load(out / "model"), windows) == pytest.approx(row["compressed"], rel=1e-5)
+
+
+def dense_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_plain_transformers_refuses_the_compressed_folder(finished_job):
+    _, _, out = finished_job
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(out / "model")
+
+
+def test_corrupted_or_truncated_checkpoint_is_a_clear_error(finished_job, tmp_path):
+    import shutil
+
+    _, _, out = finished_job
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out / "model", damaged)
+    shard = damaged / "layers-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte inside a tensor: safetensors itself cannot notice
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="layers-00001.safetensors is corrupted"):
+        rankfold.load(damaged)
+
+    shard.write_bytes(bytes(data[: len(data) // 3]))
+    with pytest.raises(CheckpointError, match="layers-00001.safetensors"):
+        rankfold.load(damaged, verify=False)  # even unverified, truncation is caught on read
+
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        rankfold.load(damaged)
+    (damaged / INDEX_NAME).unlink()
+    with pytest.raises(CheckpointError, match="unfinished"):
+        rankfold.load(damaged)
+
+
+def test_rerun_of_same_spec_reuses_folder_and_gives_same_checkpoint(finished_job):
+    spec, report, out = finished_job
+    before = json.loads((out / "model" / INDEX_NAME).read_text())["metadata"]["sha256"]
+    run_job(spec, stream=None)
+    after = json.loads((out / "model" / INDEX_NAME).read_text())["metadata"]["sha256"]
+    assert before == after  # deterministic: same spec, bit-identical shards
