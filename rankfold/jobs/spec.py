@@ -113,6 +113,9 @@ class CalibrationSpec(Strict):
     seed: int = 0
     # Samples per forward pass; bounds activation memory, not the result.
     batch_size: int = Field(8, ge=1)
+    # dtype of each chunk's x·xᵀ product; sums are float64 either way. float32 halves calibration
+    # time on CPU (Gram relative difference ~3e-8 on SmolLM2); float64 for exactness studies.
+    gram_product_dtype: Literal["float32", "float64"] = "float32"
     # Where layer activations are spilled when they exceed `max_resident_mb` (default: inside output.dir).
     max_resident_mb: int = Field(2048, ge=1)
 

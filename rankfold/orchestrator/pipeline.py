@@ -105,7 +105,8 @@ def _embedded(source: ModelSource, tokens: torch.Tensor, batch_size: int, dtype:
 
 def stream_layers(source: ModelSource, hidden: Activations, dtype: torch.dtype, executor: LocalExecutor,
                   stage: str, ranks: LayerRanks | None = None, store: LocalStore | None = None,
-                  budget_bytes: int = 2 << 30, spill_dir: Path | None = None) -> Activations | None:
+                  budget_bytes: int = 2 << 30, spill_dir: Path | None = None,
+                  product_dtype: torch.dtype = torch.float64) -> Activations | None:
     """Push `hidden` through every layer. With a store, each layer's input statistics are saved as
     `stats/layer-XXXXX.safetensors` (calibration); then the last layer's outputs are not kept."""
     arch, config = source.architecture, runtime_config(source.config)
@@ -116,7 +117,7 @@ def stream_layers(source: ModelSource, hidden: Activations, dtype: torch.dtype, 
         layer = materialize_layer(arch, config, i, source.layer_state(i), dtype, ranks=layer_ranks)
         last = i == source.num_layers - 1
         outputs = None if (store is not None and last) else Activations(budget_bytes, spill_dir)
-        stats = propagate_layer(layer, runner, hidden, outputs, groups)
+        stats = propagate_layer(layer, runner, hidden, outputs, groups, product_dtype)
         if store is not None:
             tensors = {}
             for name, group_stats in stats.items():
@@ -146,7 +147,8 @@ def calibrate(spec: JobSpec, source: ModelSource, store: LocalStore, executor: L
     budget = cal.max_resident_mb << 20
     dtype = getattr(torch, spec.model.dtype)
     hidden = _embedded(source, samples, cal.batch_size, dtype, budget, scratch)
-    stream_layers(source, hidden, dtype, executor, "calibrate", store=store, budget_bytes=budget, spill_dir=scratch)
+    stream_layers(source, hidden, dtype, executor, "calibrate", store=store, budget_bytes=budget, spill_dir=scratch,
+                  product_dtype=getattr(torch, cal.gram_product_dtype))
     return samples.numel()
 
 
@@ -162,8 +164,12 @@ def plan_ranks(shapes: dict[int, dict[str, tuple[int, int]]], ratio: float) -> L
     return LayerRanks({i: uniform_ranks(layer_shapes, ratio) for i, layer_shapes in shapes.items()})
 
 
-def decompose(spec: JobSpec, source: ModelSource, ranks: LayerRanks, store: LocalStore, executor: LocalExecutor) -> None:
+def decompose(spec: JobSpec, source: ModelSource, ranks: LayerRanks, stats_store: LocalStore,
+              executor: LocalExecutor, factor_store: LocalStore | None = None) -> None:
+    """Factors of every compressed matrix, one call per (layer, input group), into `factor_store`
+    (default: the stats store). Separate stores let one calibration serve many methods and ratios."""
     arch = source.architecture
+    factor_store = factor_store or stats_store
     work = [(i, group) for i in range(source.num_layers) for group in arch.groups
             if any(m in ranks.by_layer[i] for m in group.members)]
 
@@ -172,9 +178,9 @@ def decompose(spec: JobSpec, source: ModelSource, ranks: LayerRanks, store: Loca
         prefix = arch.layer_prefix.format(i=i)
         group_ranks = {m: ranks.by_layer[i][m] for m in group.members if m in ranks.by_layer[i]}
         weights = {m: source.tensor(f"{prefix}{m}.weight") for m in group_ranks}
-        stats = InputStats.from_tensors(store.get_tensors(stats_key(i)), group.name)
+        stats = InputStats.from_tensors(stats_store.get_tensors(stats_key(i)), group.name)
         factors = decompose_group(spec.method, weights, stats, group_ranks)
-        store.put_tensors(factors_key(i, group.name),
+        factor_store.put_tensors(factors_key(i, group.name),
                           {f"{m}.{name}": t.float() for m, (b, a) in factors.items() for name, t in (("B", b), ("A", a))})
 
     executor.map(run, work, "decompose")

@@ -26,10 +26,12 @@ class InputStats:
     def zeros(cls, n: int) -> "InputStats":
         return cls(torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0)
 
-    def add_(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, n)
-        self.gram.addmm_(x.T, x)
-        self.abs_sum.add_(x.abs().sum(0))
+    def add_(self, x: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> None:
+        """Add one chunk of inputs. The chunk's product may run in float32 (2x faster on CPU; measured
+        3e-8 relative difference on SmolLM2); the running sums are always float64."""
+        x = x.reshape(-1, x.shape[-1]).to(product_dtype)  # (tokens, n)
+        self.gram.add_(x.T @ x)
+        self.abs_sum.add_(x.abs().sum(0, dtype=torch.float64))
         self.count += x.shape[0]
 
     def merge(self, other: "InputStats") -> "InputStats":
@@ -49,7 +51,8 @@ class InputStats:
 
 
 def propagate_layer(layer: nn.Module, runner: LayerRunner, inputs: Activations, outputs: Activations | None,
-                    groups: tuple[LinearGroup, ...] = ()) -> dict[str, InputStats]:
+                    groups: tuple[LinearGroup, ...] = (), product_dtype: torch.dtype = torch.float64,
+                    ) -> dict[str, InputStats]:
     """Run the layer on every chunk of `inputs`, appending to `outputs` (None: last layer of
     calibration, nothing downstream); returns the input statistics of each group in `groups`."""
     stats: dict[str, InputStats] = {}
@@ -59,7 +62,7 @@ def propagate_layer(layer: nn.Module, runner: LayerRunner, inputs: Activations, 
 
         def hook(_module, args, name=group.name):
             x = args[0]
-            stats.setdefault(name, InputStats.zeros(x.shape[-1])).add_(x)
+            stats.setdefault(name, InputStats.zeros(x.shape[-1])).add_(x, product_dtype)
 
         handles.append(reader.register_forward_pre_hook(hook))
     try:

@@ -120,3 +120,29 @@ def test_rerun_of_same_spec_reuses_folder_and_gives_same_checkpoint(finished_job
     run_job(spec, stream=None)
     after = json.loads((out / "model" / INDEX_NAME).read_text())["metadata"]["sha256"]
     assert before == after  # deterministic: same spec, bit-identical shards
+
+
+def test_spilled_calibration_gives_identical_statistics(tmp_path, tiny_model_dir, monkeypatch):
+    """max_resident_mb forces activation chunks to disk; the statistics must not change."""
+    import rankfold.workers.activations as activations
+
+    spills = []
+    real_save = activations.save_file
+    monkeypatch.setattr(activations, "save_file", lambda tensors, path: (spills.append(path), real_save(tensors, path)))
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "spilled")
+    data["calibration"]["max_resident_mb"] = 1
+    data["calibration"]["num_samples"] = 96  # 96 × 64 tokens × 64 hidden × 4 B = 1.5 MiB per layer: past 1 MiB
+    data["evaluation"]["perplexity"] = []
+    run_job(parse_spec(data), stream=None)
+    assert len(spills) >= 8  # a third of each layer's 24 chunks, for the embeddings and layer 0's outputs
+    monkeypatch.setattr(activations, "save_file", real_save)
+    data["calibration"]["max_resident_mb"] = 1024
+    data["output"]["dir"] = str(tmp_path / "resident")
+    run_job(parse_spec(data), stream=None)
+    for layer in (0, 1):
+        key = f"stats/layer-{layer:05d}.safetensors"
+        spilled = LocalStore(tmp_path / "spilled" / "artifacts").get_tensors(key)
+        resident = LocalStore(tmp_path / "resident" / "artifacts").get_tensors(key)
+        assert spilled.keys() == resident.keys()
+        for name in spilled:
+            assert torch.equal(spilled[name], resident[name]), name
