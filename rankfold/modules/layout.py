@@ -1,0 +1,64 @@
+"""A compressed layer's layout: which linears became which low-rank modules, with what rank.
+
+The layout is data (JSON in the checkpoint's config), and `apply_layout` turns it into modules on an
+empty (meta) model or layer, so a checkpoint's tensors load into exactly the structure they came from.
+Paths are relative to the module the layout is applied to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from rankfold.modules.lowrank import replace_linears
+from rankfold.modules.shared import replace_group
+
+
+@dataclass(frozen=True)
+class CompressedModule:
+    """kind 'lowrank': `members` is one linear, y = B A x.
+    kind 'shared': one projection at `shared_path` (skip: identity block + A′) feeding every member's B."""
+
+    kind: str
+    members: tuple[str, ...]
+    rank: int
+    shared_path: str | None = None
+    skip: bool = False
+
+    def parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """Stored parameters, given each member's dense (out, in) shape."""
+        n = shapes[self.members[0]][1]
+        rows = sum(shapes[m][0] for m in self.members)
+        projection = self.rank * (n - self.rank) if self.skip else self.rank * n
+        return projection + self.rank * rows
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in (None, False)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CompressedModule":
+        return cls(kind=data["kind"], members=tuple(data["members"]), rank=int(data["rank"]),
+                   shared_path=data.get("shared_path"), skip=bool(data.get("skip", False)))
+
+    def prefixed(self, prefix: str) -> "CompressedModule":
+        return CompressedModule(self.kind, tuple(prefix + m for m in self.members), self.rank,
+                                prefix + self.shared_path if self.shared_path else None, self.skip)
+
+
+def apply_layout(root: nn.Module, layout: list[CompressedModule], dtype: torch.dtype | None = None) -> None:
+    """Replace dense linears under `root` by the (empty) modules the layout describes."""
+    for module in layout:
+        if module.kind == "lowrank":
+            replace_linears(root, {module.members[0]: module.rank}, dtype=dtype)
+        elif module.kind == "shared":
+            out_features = {m: root.get_submodule(m).out_features for m in module.members}
+            replace_group(root, module.shared_path, out_features, module.rank, module.skip, dtype=dtype)
+        else:
+            raise ValueError(f"unknown compressed module kind {module.kind!r}")
+
+
+def member_ranks(layout: list[CompressedModule]) -> dict[str, int]:
+    """Rank of every compressed linear (members of a shared projection share its rank)."""
+    return {member: module.rank for module in layout for member in module.members}
