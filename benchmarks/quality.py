@@ -1,4 +1,5 @@
-"""Quality benchmark: WikiText-2 perplexity of dense vs SVD / ASVD / SVD-LLM at several ratios.
+"""Quality benchmark: WikiText-2 perplexity of dense vs SVD / ASVD / SVD-LLM and the SkipCat
+ablation (cat, skip, skipcat) at several ratios.
 
 One calibration pass serves every (method, ratio): statistics do not depend on either. Then, per
 variant: rank plan, decomposition, checkpoint assembly, streamed evaluation of the written checkpoint.
@@ -29,7 +30,7 @@ from rankfold.models.sources import SafetensorsSource  # noqa: E402
 from rankfold.orchestrator.executor import LocalExecutor  # noqa: E402
 from rankfold.orchestrator.metering import StageMeter  # noqa: E402
 from rankfold.orchestrator.pipeline import (assemble, calibrate, decompose, matrix_shapes, perplexity,  # noqa: E402
-                                            plan_ranks, preflight)
+                                            plan_layout, preflight)
 from rankfold.orchestrator.store import LocalStore  # noqa: E402
 from rankfold.workers.evaluate import make_windows  # noqa: E402
 
@@ -39,7 +40,7 @@ DATA = REPO.parent / "shared" / "data"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", nargs="+", default=["svd", "asvd", "svd_llm"])
+    parser.add_argument("--methods", nargs="+", default=["svd", "asvd", "svd_llm", "cat", "skip", "skipcat"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
     parser.add_argument("--calib-data", type=Path, default=DATA / "calibration" / "enwiki_excerpt.txt")
     parser.add_argument("--calib-samples", type=int, default=128)
@@ -88,15 +89,15 @@ def main(argv: list[str] | None = None) -> dict:
         for method in args.methods:
             spec = variant_spec(args, method, ratio, args.out / f"{method}-{ratio:g}")
             meter, factor_store = StageMeter(), LocalStore(args.out / f"{method}-{ratio:g}" / "artifacts")
-            ranks = plan_ranks(shapes, ratio)
+            layout = plan_layout(spec, source.architecture, shapes)
             with meter.stage("decompose"):
-                decompose(spec, source, ranks, shared_store, executor, factor_store)
+                decompose(spec, source, layout, shared_store, executor, factor_store)
             with meter.stage("assemble"):
-                assemble(spec, source, ranks, factor_store, executor, args.out / f"{method}-{ratio:g}" / "model")
+                assemble(spec, source, layout, factor_store, executor, args.out / f"{method}-{ratio:g}" / "model")
             with meter.stage("evaluate"):
                 ppl = perplexity(SafetensorsSource(args.out / f"{method}-{ratio:g}" / "model"), windows, dtype, 1,
-                                 executor, f"{method} {ratio:g}", ranks, scratch)
-            counts = parameter_counts(shapes, ranks.by_layer, model_total=0)
+                                 executor, f"{method} {ratio:g}", layout, scratch)
+            counts = parameter_counts(shapes, layout.by_layer, model_total=0)
             rows.append({"method": method, "ratio": ratio, "achieved": counts["achieved_compression"], "ppl": ppl,
                          "stages": meter.as_rows()})
             print(f"{method} @ {ratio:.0%}: ppl {ppl:.3f}", file=sys.stderr)

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from rankfold.models.architecture import architecture_for
 from rankfold.models.sources import RANKFOLD_INDEX_NAME, ModelSourceError, SafetensorsSource
-from rankfold.modules.lowrank import replace_linears
+from rankfold.modules.layout import CompressedModule, apply_layout
 
 FORMAT_VERSION = 1
 INDEX_NAME = RANKFOLD_INDEX_NAME
@@ -103,11 +103,15 @@ def verify_checkpoint(folder: Path) -> None:
             raise CheckpointError(f"{folder}: shard {name} is corrupted (sha256 {actual[:12]}…, index says {expected[:12]}…)")
 
 
-def compressed_ranks(config: PretrainedConfig) -> dict[str, int]:
+def compressed_layout(config: PretrainedConfig) -> list[CompressedModule]:
+    """The checkpoint's compressed modules (full paths), from config.json's rankfold section."""
     meta = getattr(config, "rankfold", None)
-    if not isinstance(meta, dict) or "ranks" not in meta:
-        raise CheckpointError("config.json has no 'rankfold' section: not a rankfold checkpoint")
-    return {path: int(rank) for path, rank in meta["ranks"].items()}
+    if not isinstance(meta, dict) or "layout" not in meta:
+        raise CheckpointError("config.json has no 'rankfold' layout: not a rankfold checkpoint")
+    try:
+        return [CompressedModule.from_json(entry) for entry in meta["layout"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"config.json: damaged rankfold layout ({err})") from None
 
 
 def load(path: str | Path, *, verify: bool = True, dtype: torch.dtype | None = None) -> PreTrainedModel:
@@ -120,14 +124,14 @@ def load(path: str | Path, *, verify: bool = True, dtype: torch.dtype | None = N
         verify_checkpoint(folder)
     source = SafetensorsSource(folder)
     config = source.config
-    ranks = compressed_ranks(config)
+    layout = compressed_layout(config)
     arch = architecture_for(config)
     dtype = dtype or getattr(torch, config.rankfold.get("dtype", "float32"))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    replace_linears(model, ranks, dtype=dtype)
+    apply_layout(model, layout, dtype=dtype)
     try:
-        state = {key: source.tensor(key).to(dtype) for key in source.keys()}
+        state = {key: _as(source.tensor(key), dtype) for key in source.keys()}
     except ModelSourceError as err:
         raise CheckpointError(str(err)) from None
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -141,5 +145,5 @@ def load(path: str | Path, *, verify: bool = True, dtype: torch.dtype | None = N
     return model.eval()
 
 
-def load_config(path: str | Path) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(path)
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor  # permutations stay integer

@@ -10,8 +10,10 @@ from rankfold.checkpoint import CheckpointError
 from rankfold.data.text import DataError
 from rankfold.jobs.spec import SpecError, load_spec
 from rankfold.models.sources import ModelSourceError
+from rankfold.workers.decompose import DecompositionError
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ModelSourceError, DataError, CheckpointError) as err:
         print(f"rankfold: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except DecompositionError as err:
+        print(f"rankfold: decomposition failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 
+from rankfold.modules.layout import CompressedModule
 
-def parameter_counts(shapes: dict[int, dict[str, tuple[int, int]]], ranks: dict[int, dict[str, int]],
+
+def parameter_counts(shapes: dict[int, dict[str, tuple[int, int]]], layout: dict[int, list[CompressedModule]],
                      model_total: int) -> dict:
-    """Counted matrices before/after and the whole model before/after (embeddings included there)."""
+    """Counted matrices before/after and the whole model before/after (embeddings included there).
+    A skip block's identity and its permutation (an index, not a weight) are not parameters."""
     dense = sum(m * n for layer in shapes.values() for (m, n) in layer.values())
-    compressed = sum(ranks[i][path] * (m + n) for i, layer in shapes.items() for path, (m, n) in layer.items())
+    compressed = sum(module.parameters(shapes[i]) for i, modules in layout.items() for module in modules)
     return {
         "counted_dense": dense,
         "counted_compressed": compressed,

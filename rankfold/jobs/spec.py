@@ -63,7 +63,32 @@ class SvdLlmOptions(Strict):
     name: Literal["svd_llm"]
 
 
-MethodSpec = Annotated[Union[SvdOptions, AsvdOptions, SvdLlmOptions], Field(discriminator="name")]
+class _SkipCatBase(Strict):
+    # Guard on cond₂(A₁) of every skip block: above it the job stops with an error naming the matrix
+    # (column-pivoted QR keeps it small; a large value means fp16/bf16 forward would lose accuracy).
+    max_condition: float = Field(1e4, gt=1.0)
+
+
+class SkipCatOptions(_SkipCatBase):
+    """SkipCat: whitened shared projection per input group (q/k/v; gate/up) + block skipping."""
+
+    name: Literal["skipcat"]
+
+
+class CatOptions(_SkipCatBase):
+    """Ablation: the shared projection only (no skipping)."""
+
+    name: Literal["cat"]
+
+
+class SkipOptions(_SkipCatBase):
+    """Ablation: block skipping on each matrix alone (no sharing)."""
+
+    name: Literal["skip"]
+
+
+MethodSpec = Annotated[Union[SvdOptions, AsvdOptions, SvdLlmOptions, SkipCatOptions, CatOptions, SkipOptions],
+                       Field(discriminator="name")]
 
 
 class TargetSpec(Strict):

@@ -21,7 +21,3 @@ def rank_for_ratio(rows: int, cols: int, ratio: float) -> int:
     rank = math.floor(kept * rows * cols / (rows + cols) + 1e-9)
     return max(1, min(rank, rows, cols))
 
-
-def uniform_ranks(shapes: dict[str, tuple[int, int]], ratio: float) -> dict[str, int]:
-    """Every matrix compressed by the same ratio (the baselines' allocation); shapes are (m, n)."""
-    return {name: rank_for_ratio(m, n, ratio) for name, (m, n) in shapes.items()}

@@ -17,7 +17,7 @@ from rankfold.models.sources import SafetensorsSource
 from rankfold.orchestrator.executor import LocalExecutor
 from rankfold.orchestrator.metering import StageMeter
 from rankfold.orchestrator.pipeline import (RATIO_DEFINITION, assemble, calibrate, decompose, matrix_shapes,
-                                            perplexity, plan_ranks, prepare_output, preflight)
+                                            perplexity, plan_layout, prepare_output, preflight)
 from rankfold.orchestrator.store import LocalStore
 from rankfold.workers.evaluate import make_windows
 
@@ -35,11 +35,11 @@ def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr) -> dict:
         calibration_tokens = calibrate(spec, source, store, executor, scratch)
     with meter.stage("allocate"):
         shapes = matrix_shapes(source, spec)
-        ranks = plan_ranks(shapes, spec.target.ratio)
+        layout = plan_layout(spec, source.architecture, shapes)
     with meter.stage("decompose"):
-        decompose(spec, source, ranks, store, executor)
+        diagnostics = decompose(spec, source, layout, store, executor)
     with meter.stage("assemble"):
-        assemble(spec, source, ranks, store, executor, checkpoint)
+        assemble(spec, source, layout, store, executor, checkpoint)
 
     compressed = SafetensorsSource(checkpoint)  # evaluate the artifact as written, not an in-memory copy
     rows = []
@@ -52,7 +52,7 @@ def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr) -> dict:
                                           f"perplexity {ppl.name} dense", None, scratch)
         with meter.stage("evaluate compressed"):
             row["compressed"] = perplexity(compressed, windows, dtype, ppl.batch_size, executor,
-                                           f"perplexity {ppl.name} compressed", ranks, scratch)
+                                           f"perplexity {ppl.name} compressed", layout, scratch)
         rows.append(row)
     shutil.rmtree(scratch, ignore_errors=True)
 
@@ -61,9 +61,11 @@ def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr) -> dict:
         "method": spec.method.model_dump(mode="json"),
         "target": spec.target.model_dump(mode="json"),
         "ratio_definition": RATIO_DEFINITION,
-        "parameters": parameter_counts(shapes, ranks.by_layer,
+        "parameters": parameter_counts(shapes, layout.by_layer,
                                        model_parameter_total([source.shape(k) for k in source.keys()])),
-        "ranks": ranks.flat(source.architecture),
+        "ranks": layout.ranks(source.architecture),
+        "layout": layout.flat(source.architecture),
+        "diagnostics": _summarise(diagnostics),
         "calibration_tokens": calibration_tokens,
         "checkpoint": str(checkpoint),
         "perplexity": rows,
@@ -74,3 +76,12 @@ def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr) -> dict:
     if stream is not None:
         print(format_report(report), file=stream)
     return report
+
+
+def _summarise(diagnostics: dict[str, float]) -> dict:
+    """Worst skip-block condition number (cond(A₁)) and where it is, if the method skips."""
+    conditions = {k.rsplit(".", 1)[0]: v for k, v in diagnostics.items() if k.endswith(".condition")}
+    if not conditions:
+        return {}
+    worst = max(conditions, key=conditions.get)
+    return {"max_skip_condition": conditions[worst], "max_skip_condition_at": worst, "skip_blocks": len(conditions)}

@@ -7,8 +7,7 @@ never whole in memory: per layer, only its weights and the calibration activatio
 
 from __future__ import annotations
 
-import hashlib
-import shutil
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +17,9 @@ from transformers import PretrainedConfig
 from rankfold.checkpoint import INDEX_NAME, ShardInfo, write_index, write_shard
 from rankfold.data.text import DataError, calibration_samples, load_text, tokenize
 from rankfold.jobs.spec import JobSpec, SpecError
-from rankfold.methods.ranks import uniform_ranks
-from rankfold.models.architecture import Architecture
+from rankfold.methods.allocation import plan_layer
+from rankfold.models.architecture import Architecture, LinearGroup
+from rankfold.modules.layout import CompressedModule, member_ranks
 from rankfold.models.sources import ModelSource, ModelSourceError, SafetensorsSource, open_source
 from rankfold.orchestrator.executor import LocalExecutor
 from rankfold.orchestrator.metering import StageMeter
@@ -35,22 +35,21 @@ JOB_FILE = "job.json"
 
 
 @dataclass(frozen=True)
-class LayerRanks:
-    """Ranks of the compressed linears: {layer index: {path inside the layer: rank}}."""
+class ModelLayout:
+    """The compressed modules of every layer: {layer index: [CompressedModule, paths inside the layer]}."""
 
-    by_layer: dict[int, dict[str, int]]
+    by_layer: dict[int, list[CompressedModule]]
 
-    def flat(self, arch: Architecture) -> dict[str, int]:
+    def flat(self, arch: Architecture) -> list[dict]:
+        return [module.prefixed(arch.layer_prefix.format(i=i)).to_json()
+                for i, modules in self.by_layer.items() for module in modules]
+
+    def ranks(self, arch: Architecture) -> dict[str, int]:
         return {arch.layer_prefix.format(i=i) + path: rank
-                for i, ranks in self.by_layer.items() for path, rank in ranks.items()}
+                for i, modules in self.by_layer.items() for path, rank in member_ranks(modules).items()}
 
-    @classmethod
-    def from_flat(cls, flat: dict[str, int], arch: Architecture, num_layers: int) -> "LayerRanks":
-        by_layer: dict[int, dict[str, int]] = {i: {} for i in range(num_layers)}
-        for i in range(num_layers):
-            prefix = arch.layer_prefix.format(i=i)
-            by_layer[i] = {key[len(prefix):]: rank for key, rank in flat.items() if key.startswith(prefix)}
-        return cls(by_layer)
+    def in_group(self, index: int, group: LinearGroup) -> list[CompressedModule]:
+        return [module for module in self.by_layer[index] if module.members[0] in group.members]
 
 
 # ---------------------------------------------------------------- preflight: fail before writing
@@ -104,7 +103,7 @@ def _embedded(source: ModelSource, tokens: torch.Tensor, batch_size: int, dtype:
 
 
 def stream_layers(source: ModelSource, hidden: Activations, dtype: torch.dtype, executor: LocalExecutor,
-                  stage: str, ranks: LayerRanks | None = None, store: LocalStore | None = None,
+                  stage: str, layout: ModelLayout | None = None, store: LocalStore | None = None,
                   budget_bytes: int = 2 << 30, spill_dir: Path | None = None,
                   product_dtype: torch.dtype = torch.float64) -> Activations | None:
     """Push `hidden` through every layer. With a store, each layer's input statistics are saved as
@@ -113,8 +112,8 @@ def stream_layers(source: ModelSource, hidden: Activations, dtype: torch.dtype, 
     runner = LayerRunner(arch, config)
     groups = arch.groups if store is not None else ()
     for i in executor.steps(range(source.num_layers), stage):
-        layer_ranks = ranks.by_layer[i] if ranks else None
-        layer = materialize_layer(arch, config, i, source.layer_state(i), dtype, ranks=layer_ranks)
+        layer_layout = layout.by_layer[i] if layout else None
+        layer = materialize_layer(arch, config, i, source.layer_state(i), dtype, layout=layer_layout)
         last = i == source.num_layers - 1
         outputs = None if (store is not None and last) else Activations(budget_bytes, spill_dir)
         stats = propagate_layer(layer, runner, hidden, outputs, groups, product_dtype)
@@ -160,33 +159,40 @@ def matrix_shapes(source: ModelSource, spec: JobSpec) -> dict[int, dict[str, tup
             for i in range(source.num_layers)}
 
 
-def plan_ranks(shapes: dict[int, dict[str, tuple[int, int]]], ratio: float) -> LayerRanks:
-    return LayerRanks({i: uniform_ranks(layer_shapes, ratio) for i, layer_shapes in shapes.items()})
+def plan_layout(spec: JobSpec, arch: Architecture, shapes: dict[int, dict[str, tuple[int, int]]]) -> ModelLayout:
+    groups = [(group.name, group.members) for group in arch.groups]
+    return ModelLayout({i: plan_layer(spec.method.name, groups, layer_shapes, spec.target.ratio)
+                        for i, layer_shapes in shapes.items()})
 
 
-def decompose(spec: JobSpec, source: ModelSource, ranks: LayerRanks, stats_store: LocalStore,
-              executor: LocalExecutor, factor_store: LocalStore | None = None) -> None:
-    """Factors of every compressed matrix, one call per (layer, input group), into `factor_store`
-    (default: the stats store). Separate stores let one calibration serve many methods and ratios."""
+def decompose(spec: JobSpec, source: ModelSource, layout: ModelLayout, stats_store: LocalStore,
+              executor: LocalExecutor, factor_store: LocalStore | None = None) -> dict[str, float]:
+    """Factors of every compressed module, one call per (layer, input group), into `factor_store`
+    (default: the stats store; separate stores let one calibration serve many methods and ratios).
+    Returns the decompositions' diagnostics keyed by full module path."""
     arch = source.architecture
     factor_store = factor_store or stats_store
-    work = [(i, group) for i in range(source.num_layers) for group in arch.groups
-            if any(m in ranks.by_layer[i] for m in group.members)]
+    work = [(i, group) for i in range(source.num_layers) for group in arch.groups if layout.in_group(i, group)]
 
-    def run(item) -> None:
+    def run(item) -> dict[str, float]:
         i, group = item
         prefix = arch.layer_prefix.format(i=i)
-        group_ranks = {m: ranks.by_layer[i][m] for m in group.members if m in ranks.by_layer[i]}
-        weights = {m: source.tensor(f"{prefix}{m}.weight") for m in group_ranks}
+        modules = layout.in_group(i, group)
+        weights = {m: source.tensor(f"{prefix}{m}.weight") for module in modules for m in module.members}
         stats = InputStats.from_tensors(stats_store.get_tensors(stats_key(i)), group.name)
-        factors = decompose_group(spec.method, weights, stats, group_ranks)
-        factor_store.put_tensors(factors_key(i, group.name),
-                          {f"{m}.{name}": t.float() for m, (b, a) in factors.items() for name, t in (("B", b), ("A", a))})
+        result = decompose_group(spec.method, weights, stats, modules)
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()}
+        factor_store.put_tensors(factors_key(i, group.name), tensors,
+                                 metadata={"diagnostics": json.dumps(result.diagnostics)})
+        return {prefix + key: value for key, value in result.diagnostics.items()}
 
-    executor.map(run, work, "decompose")
+    diagnostics: dict[str, float] = {}
+    for part in executor.map(run, work, "decompose"):
+        diagnostics.update(part)
+    return diagnostics
 
 
-def assemble(spec: JobSpec, source: ModelSource, ranks: LayerRanks, store: LocalStore, executor: LocalExecutor,
+def assemble(spec: JobSpec, source: ModelSource, layout: ModelLayout, store: LocalStore, executor: LocalExecutor,
              folder: Path) -> None:
     """Write the compressed checkpoint: a shard per layer, globals, tokenizer, config; index last."""
     arch, dtype = source.architecture, getattr(torch, spec.model.dtype)
@@ -194,12 +200,11 @@ def assemble(spec: JobSpec, source: ModelSource, ranks: LayerRanks, store: Local
     (folder / INDEX_NAME).unlink(missing_ok=True)  # whatever was here is not a finished checkpoint now
 
     def layer_shard(i: int) -> ShardInfo:
-        factors = {}
+        fragment: dict[str, torch.Tensor] = {}
         for group in arch.groups:
-            if store.exists(factors_key(i, group.name)):
-                tensors = store.get_tensors(factors_key(i, group.name))
-                factors.update({m: (tensors[f"{m}.B"], tensors[f"{m}.A"]) for m in ranks.by_layer[i] if f"{m}.B" in tensors})
-        state = assemble_layer_state(source.layer_state(i), factors, dtype)
+            if layout.in_group(i, group):
+                fragment.update(store.get_tensors(factors_key(i, group.name)))
+        state = assemble_layer_state(source.layer_state(i), fragment, layout.by_layer[i], dtype)
         prefix = arch.layer_prefix.format(i=i)
         return write_shard(folder, f"layers-{i:05d}.safetensors", {prefix + k: v for k, v in state.items()})
 
@@ -207,8 +212,8 @@ def assemble(spec: JobSpec, source: ModelSource, ranks: LayerRanks, store: Local
     shards.append(write_shard(folder, "globals.safetensors", _global_tensors(source, dtype)))
     source.tokenizer().save_pretrained(folder)
     meta = {"method": spec.method.model_dump(mode="json"), "target": spec.target.model_dump(mode="json"),
-            "ratio_definition": RATIO_DEFINITION, "dtype": spec.model.dtype, "ranks": ranks.flat(arch),
-            "source": spec.model.source}
+            "ratio_definition": RATIO_DEFINITION, "dtype": spec.model.dtype, "layout": layout.flat(arch),
+            "ranks": layout.ranks(arch), "source": spec.model.source}
     write_index(folder, shards, _plain_config(source.config, spec.model.dtype), meta)
 
 
@@ -235,11 +240,11 @@ def _plain_config(config: PretrainedConfig, dtype: str) -> PretrainedConfig:
 
 
 def perplexity(source: ModelSource, windows: torch.Tensor, dtype: torch.dtype, batch_size: int,
-               executor: LocalExecutor, stage: str, ranks: LayerRanks | None, scratch: Path) -> float:
+               executor: LocalExecutor, stage: str, layout: ModelLayout | None, scratch: Path) -> float:
     """Streamed perplexity over non-overlapping windows (one layer resident at a time)."""
     arch = source.architecture
     hidden = _embedded(source, windows, batch_size, dtype, 2 << 30, scratch)
-    hidden = stream_layers(source, hidden, dtype, executor, stage, ranks=ranks, spill_dir=scratch)
+    hidden = stream_layers(source, hidden, dtype, executor, stage, layout=layout, spill_dir=scratch)
     norm = arch.build_final_norm(source.config)
     norm.weight.data = source.final_norm().to(dtype)
     head = source.lm_head().to(dtype)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -31,13 +32,17 @@ class LocalStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
-    def put_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    def put_tensors(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         temp = self._temp_for(key)
-        save_file({name: value.contiguous() for name, value in tensors.items()}, temp)
+        save_file({name: value.contiguous() for name, value in tensors.items()}, temp, metadata=metadata)
         os.replace(temp, self.path(key))
 
     def get_tensors(self, key: str) -> dict[str, torch.Tensor]:
         return load_file(self.path(key))
+
+    def get_metadata(self, key: str) -> dict[str, str]:
+        with safe_open(self.path(key), framework="pt") as handle:
+            return handle.metadata() or {}
 
     def put_json(self, key: str, value: object) -> None:
         temp = self._temp_for(key)

@@ -1,17 +1,21 @@
-"""Assemble stage: a layer's dense tensors + its factors -> the compressed layer's tensors."""
+"""Assemble stage: a layer's dense tensors + its decomposition fragments -> the compressed layer's tensors."""
 
 from __future__ import annotations
 
 import torch
 
+from rankfold.modules.layout import CompressedModule
 
-def assemble_layer_state(dense_state: dict[str, torch.Tensor], factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Replace `{path}.weight` by `{path}.A` and `{path}.B` for each factorised path; biases and norms stay."""
-    state = {key: value.to(dtype) for key, value in dense_state.items()}
-    for path, (b, a) in factors.items():
-        if state.pop(f"{path}.weight", None) is None:
-            raise KeyError(f"layer has no dense weight {path}.weight to replace")
-        state[f"{path}.A"] = a.to(dtype).contiguous()
-        state[f"{path}.B"] = b.to(dtype).contiguous()
-    return state
+
+def assemble_layer_state(dense_state: dict[str, torch.Tensor], fragment: dict[str, torch.Tensor],
+                         layout: list[CompressedModule], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Drop `{member}.weight` of every compressed linear (biases and norms stay), add the fragment's
+    factors in `dtype` (integer tensors such as permutations keep their type)."""
+    state = dict(dense_state)
+    for module in layout:
+        for member in module.members:
+            if state.pop(f"{member}.weight", None) is None:
+                raise KeyError(f"layer has no dense weight {member}.weight to replace")
+    for key, value in fragment.items():
+        state[key] = value
+    return {key: (value.to(dtype) if value.is_floating_point() else value).contiguous() for key, value in state.items()}

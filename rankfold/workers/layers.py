@@ -9,7 +9,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from rankfold.models.architecture import Architecture
-from rankfold.modules.lowrank import replace_linears
+from rankfold.modules.layout import CompressedModule, apply_layout
 
 
 def runtime_config(config: PretrainedConfig) -> PretrainedConfig:
@@ -20,12 +20,12 @@ def runtime_config(config: PretrainedConfig) -> PretrainedConfig:
 
 
 def materialize_layer(arch: Architecture, config: PretrainedConfig, index: int, state: dict[str, torch.Tensor],
-                      dtype: torch.dtype, ranks: dict[str, int] | None = None) -> nn.Module:
-    """Layer `index` holding exactly `state`; `ranks` (path -> rank) marks linears stored as factors."""
+                      dtype: torch.dtype, layout: list[CompressedModule] | None = None) -> nn.Module:
+    """Layer `index` holding exactly `state`; `layout` names the linears stored as low-rank modules."""
     layer = arch.build_layer(config, index)
-    if ranks:
-        replace_linears(layer, ranks, dtype=dtype)
-    state = {key: value.to(dtype) for key, value in state.items()}
+    if layout:
+        apply_layout(layer, layout, dtype=dtype)
+    state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
     missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"layer {index}: state does not fit the architecture "

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from rankfold.evaluation.report import parameter_counts
-from rankfold.methods.ranks import lowrank_params, rank_for_ratio, uniform_ranks
+from rankfold.methods.allocation import plan_layer
+from rankfold.methods.ranks import lowrank_params, rank_for_ratio
 
 SMOLLM2_LAYER = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
                  "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
@@ -18,11 +19,13 @@ def test_rank_is_the_largest_that_fits_the_budget(m, n, ratio):
     assert lowrank_params(m, n, rank + 1) > budget
 
 
+@pytest.mark.parametrize("method", ["svd_llm", "skipcat"])
 @pytest.mark.parametrize("ratio", [0.2, 0.4])
-def test_model_ranks_meet_the_target_ratio_as_defined(ratio):
+def test_model_ranks_meet_the_target_ratio_as_defined(ratio, method):
     shapes = {i: SMOLLM2_LAYER for i in range(30)}
-    ranks = {i: uniform_ranks(layer, ratio) for i, layer in shapes.items()}
-    counts = parameter_counts(shapes, ranks, model_total=10**9)
+    groups = [("qkv", ("q", "k", "v")), ("o", ("o",)), ("gate_up", ("gate", "up")), ("down", ("down",))]
+    layout = {i: plan_layer(method, groups, layer, ratio) for i, layer in shapes.items()}
+    counts = parameter_counts(shapes, layout, model_total=10**9)
     # At least the target, and short of it by no more than one rank step per matrix.
     slack = sum(m + n for layer in shapes.values() for (m, n) in layer.values()) / counts["counted_dense"]
     assert ratio <= counts["achieved_compression"] <= ratio + slack

@@ -13,7 +13,9 @@ import rankfold
 from rankfold.checkpoint import INDEX_NAME, CheckpointError
 from rankfold.data.text import load_text, tokenize
 from rankfold.jobs.spec import parse_spec
+from rankfold.modules.layout import CompressedModule, apply_layout
 from rankfold.modules.lowrank import LowRankLinear
+from rankfold.modules.shared import SharedLowRankLinear
 from rankfold.orchestrator.job import run_job
 from rankfold.orchestrator.store import LocalStore
 from rankfold.workers.evaluate import make_windows, model_perplexity
@@ -28,19 +30,18 @@ def finished_job(tmp_path_factory, tiny_model_dir):
     return spec, report, out
 
 
-def _in_memory_compressed(model_dir, out, ranks):
-    """The dense model with its linears swapped for the job's factors (no checkpoint involved)."""
+def _in_memory_compressed(model_dir, out, layout_json):
+    """The dense model with the job's layout applied and its factor artifacts loaded (no checkpoint)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    apply_layout(model, [CompressedModule.from_json(entry) for entry in layout_json])
     store = LocalStore(out / "artifacts")
+    fragment = {}
     for key in sorted(store.root.glob("factors/*.safetensors")):
-        tensors = store.get_tensors(str(key.relative_to(store.root)))
         layer = int(key.name.split("-")[1])
-        for name in {k.rsplit(".", 1)[0] for k in tensors}:
-            path = f"model.layers.{layer}.{name}"
-            assert path in ranks
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent), child,
-                    LowRankLinear.from_factors(tensors[f"{name}.B"], tensors[f"{name}.A"]))
+        for name, tensor in store.get_tensors(str(key.relative_to(store.root))).items():
+            fragment[f"model.layers.{layer}.{name}"] = tensor
+    missing, unexpected = model.load_state_dict(fragment, strict=False)
+    assert not unexpected and not any(key.endswith((".A", ".B", ".A_prime")) for key in missing)
     return model.eval()
 
 
@@ -56,15 +57,24 @@ def test_report_and_artifacts(finished_job):
     assert 1 < row["dense"] < row["compressed"]
 
 
-def test_checkpoint_round_trip_gives_equal_logits(finished_job, tiny_model_dir):
-    _, report, out = finished_job
-    loaded = rankfold.load(out / "model")
-    reference = _in_memory_compressed(tiny_model_dir, out, report["ranks"])
+@pytest.mark.parametrize("method", ["svd", "asvd", "svd_llm", "cat", "skip", "skipcat"])
+def test_checkpoint_round_trip_gives_equal_logits(method, tmp_path, tiny_model_dir):
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / method, method=method)
+    data["evaluation"]["perplexity"] = []
+    report = run_job(parse_spec(data), stream=None)
+    loaded = rankfold.load(tmp_path / method / "model")
+    reference = _in_memory_compressed(tiny_model_dir, tmp_path / method, report["layout"])
     tokens = torch.randint(0, loaded.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, reference(tokens).logits)
-    ranks = {name: module.rank for name, module in loaded.named_modules() if isinstance(module, LowRankLinear)}
-    assert ranks == report["ranks"]
+    compressed = (LowRankLinear, SharedLowRankLinear)
+    ranks = {name: module.rank for name, module in loaded.named_modules() if isinstance(module, compressed)}
+    assert ranks == report["ranks"] and len(ranks) == 2 * 7
+    assert report["parameters"]["achieved_compression"] >= 0.3
+    shared = [m for m in report["layout"] if m["kind"] == "shared"]
+    assert len(shared) == {"svd": 0, "asvd": 0, "svd_llm": 0, "cat": 4, "skip": 14, "skipcat": 8}[method]
+    if method in ("skip", "skipcat"):
+        assert 1.0 <= report["diagnostics"]["max_skip_condition"] < 1e4
 
 
 def test_streamed_perplexity_equals_whole_model_perplexity(finished_job, tiny_model_dir):
@@ -146,3 +156,16 @@ def test_spilled_calibration_gives_identical_statistics(tmp_path, tiny_model_dir
         assert spilled.keys() == resident.keys()
         for name in spilled:
             assert torch.equal(spilled[name], resident[name]), name
+
+
+def test_ill_conditioned_skip_block_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
+    import yaml
+
+    from rankfold.cli import EXIT_FAILED, main
+
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "out", method="skipcat")
+    data["method"]["max_condition"] = 1.0001  # every real block is worse conditioned than this
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    assert main(["run", str(tmp_path / "spec.yaml")]) == EXIT_FAILED
+    assert "cond(A₁)" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model" / INDEX_NAME).exists()  # no finished checkpoint claimed
