@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from rankfold.kernels import shared_lowrank
 
 
 class LowRankLinear(nn.Module):
@@ -30,7 +31,7 @@ class LowRankLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.A), self.B, self.bias)  # (..., n) -> (..., r) -> (..., m)
+        return shared_lowrank(x, self.A, [self.B], biases=[self.bias])[0]  # (..., n) -> (..., r) -> (..., m)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"

@@ -3,8 +3,9 @@
 A group of linears that read the same input (q/k/v, or gate/up) becomes one SharedProjection
 z = A x (or, with skipping, z = x[P₁] + A′ x[P₂]) registered once on the parent module, and one
 SharedLowRankLinear per member computing y = B z. transformers calls q_proj, k_proj and v_proj one
-after another on the same tensor; the projection caches z for that tensor until every member has
-used it, so A x is computed once per token without changing transformers' attention code.
+after another on the same tensor; the first call computes every member's output in one kernel call
+and the projection keeps them for that tensor until every member has taken its own, so A x is
+computed once per token without changing transformers' attention code.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from rankfold.kernels import project, shared_lowrank
 
 
 class SharedProjection(nn.Module):
-    """z = A x (skip=False) or z = x[P[:r]] + A′ x[P[r:]] (skip=True), for `consumers` members."""
+    """z = A x (skip=False) or z = x[P[:r]] + A′ x[P[r:]] (skip=True), for `consumers` members.
+
+    Called with x, it returns every member's output B_c z + bias_c in one kernel call
+    (`rankfold.kernels.shared_lowrank`: Triton on CUDA, torch elsewhere) and keeps the list for
+    the members still to come, so A x is computed once per token."""
 
     def __init__(self, in_features: int, rank: int, skip: bool, consumers: int,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
@@ -28,27 +34,38 @@ class SharedProjection(nn.Module):
             self.register_buffer("permutation", torch.empty(in_features, dtype=torch.int64, device=device))
         else:
             self.A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self._members: list[SharedLowRankLinear] = []  # plain list: members are registered on their parents
         self._cached_input: weakref.ref | None = None
-        self._cached_output: torch.Tensor | None = None
+        self._cached_outputs: list[torch.Tensor] | None = None
         self._uses_left = 0
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.skip:
-            return F.linear(x, self.A)  # (..., n) -> (..., r)
-        kept, rest = self.permutation[: self.rank], self.permutation[self.rank:]
-        return x.index_select(-1, kept) + F.linear(x.index_select(-1, rest), self.A_prime)
+    def attach(self, member: "SharedLowRankLinear") -> int:
+        if len(self._members) == self.consumers:
+            raise ValueError(f"shared projection already feeds its {self.consumers} members")
+        self._members.append(member)
+        return len(self._members) - 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """z alone (…, r): for analysis and tests; the forward fuses it with the members' B."""
+        return project(x, self.A_prime, self.permutation) if self.skip else project(x, self.A)
+
+    def group_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if len(self._members) != self.consumers:
+            raise RuntimeError(f"shared projection has {len(self._members)} of its {self.consumers} members")
+        a, permutation = (self.A_prime, self.permutation) if self.skip else (self.A, None)
+        return shared_lowrank(x, a, [m.B for m in self._members], permutation, [m.bias for m in self._members])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         cached = self._cached_input() if self._cached_input is not None else None
         if cached is not x or self._uses_left == 0:
-            self._cached_output = self.project(x)
+            self._cached_outputs = self.group_outputs(x)
             self._cached_input = weakref.ref(x)
             self._uses_left = self.consumers
-        output = self._cached_output
+        outputs = self._cached_outputs
         self._uses_left -= 1
-        if self._uses_left == 0:  # every member has its copy: drop ours
-            self._cached_input, self._cached_output = None, None
-        return output
+        if self._uses_left == 0:  # every member has its output: drop ours
+            self._cached_input, self._cached_outputs = None, None
+        return outputs
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, rank={self.rank}, skip={self.skip}, consumers={self.consumers}"
@@ -64,9 +81,10 @@ class SharedLowRankLinear(nn.Module):
         object.__setattr__(self, "shared", shared)  # not a submodule: its parameters live on the parent once
         self.B = nn.Parameter(torch.empty(out_features, shared.rank, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self.index = shared.attach(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.shared(x), self.B, self.bias)
+        return self.shared(x)[self.index]
 
     def extra_repr(self) -> str:
         return f"out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"

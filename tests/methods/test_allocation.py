@@ -34,3 +34,32 @@ def test_partial_group_shares_only_compressed_members():
     layout = plan_layer("skipcat", GROUPS, shapes, 0.2)
     attn = [module for module in layout if "self_attn.q_proj" in module.members][0]
     assert attn.members == ("self_attn.q_proj", "self_attn.k_proj")
+
+
+def test_given_ranks_replace_the_uniform_rule():
+    ranks = {"self_attn.q_proj": 100, "self_attn.k_proj": 40, "self_attn.v_proj": 64, "self_attn.o_proj": 300,
+             "mlp.gate_proj": 200, "mlp.up_proj": 250, "mlp.down_proj": 7}
+    layout = plan_layer("svd_llm", GROUPS, SHAPES, 0.2, ranks=ranks)
+    assert {module.members[0]: module.rank for module in layout} == ranks
+    assert all(module.kind == "lowrank" for module in layout)
+
+
+def test_given_ranks_for_shared_projections_must_agree():
+    ranks = {m: 120 for m in SHAPES}
+    layout = plan_layer("skipcat", GROUPS, SHAPES, 0.2, ranks=ranks)
+    assert {module.rank for module in layout} == {120} and len(layout) == 4
+    ranks["self_attn.k_proj"] = 121
+    with pytest.raises(ValueError, match="need one rank"):
+        plan_layer("skipcat", GROUPS, SHAPES, 0.2, ranks=ranks)
+
+
+@pytest.mark.parametrize("ranks, message", [
+    ({m: 10 for m in SHAPES if m != "mlp.up_proj"}, "no rank given for mlp.up_proj"),
+    ({**{m: 10 for m in SHAPES}, "self_attn.k_proj": 193}, r"k_proj = 193: must be an integer in \[1, 192\]"),
+    ({**{m: 10 for m in SHAPES}, "mlp.down_proj": 0}, "must be an integer"),
+    ({**{m: 10 for m in SHAPES}, "mlp.down_proj": 2.5}, "must be an integer"),
+    ({**{m: 10 for m in SHAPES}, "lm_head": 10}, "not compressed here: lm_head"),
+])
+def test_bad_given_ranks_name_the_matrix(ranks, message):
+    with pytest.raises(ValueError, match=message):
+        plan_layer("svd_llm", GROUPS, SHAPES, 0.2, ranks=ranks)

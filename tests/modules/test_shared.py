@@ -35,30 +35,43 @@ def test_attention_computes_the_shared_projection_once_per_forward(skip):
     if skip:
         attention.attn_in.permutation.copy_(torch.randperm(32, generator=torch.Generator().manual_seed(1)))
     calls = []
-    original = SharedProjection.project
-    SharedProjection.project = lambda self, x: (calls.append(1), original(self, x))[1]
+    original = SharedProjection.group_outputs
+    SharedProjection.group_outputs = lambda self, x: (calls.append(1), original(self, x))[1]
     try:
         hidden = torch.randn(2, 5, 32)
         position = LlamaRotaryEmbedding(config)(hidden, torch.arange(5)[None])
         out1 = attention(hidden, position_embeddings=position, attention_mask=None)[0]
         out2 = attention(hidden, position_embeddings=position, attention_mask=None)[0]
     finally:
-        SharedProjection.project = original
+        SharedProjection.group_outputs = original
     assert len(calls) == 2  # once per forward, not once per member
     assert torch.equal(out1, out2)
-    assert attention.attn_in._cached_output is None  # released after the last member
+    assert attention.attn_in._cached_outputs is None  # released after the last member
 
 
 def test_cache_never_serves_a_different_input():
     shared = SharedProjection(8, 3, skip=False, consumers=2)
     _fill(shared)
-    member = SharedLowRankLinear(shared, 4)
+    member, other = SharedLowRankLinear(shared, 4), SharedLowRankLinear(shared, 5)
     _fill(member, 1)
+    _fill(other, 2)
     x, y = torch.randn(2, 8), torch.randn(2, 8)
     first = member(x)
     second = member(y)  # same member twice with a new tensor: must recompute
     torch.testing.assert_close(second, torch.nn.functional.linear(y @ shared.A.T, member.B))
     torch.testing.assert_close(first, torch.nn.functional.linear(x @ shared.A.T, member.B))
+    torch.testing.assert_close(other(y), torch.nn.functional.linear(y @ shared.A.T, other.B))
+
+
+def test_projection_refuses_to_run_without_all_members():
+    shared = SharedProjection(8, 3, skip=False, consumers=2)
+    _fill(shared)
+    member = SharedLowRankLinear(shared, 4)
+    with pytest.raises(RuntimeError, match="1 of its 2 members"):
+        member(torch.randn(2, 8))
+    SharedLowRankLinear(shared, 4)
+    with pytest.raises(ValueError, match="already feeds"):
+        SharedLowRankLinear(shared, 4)
 
 
 def test_skip_module_matches_reference_forward():
