@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     shared_meter = StageMeter()
     with shared_meter.stage("calibrate"):
-        tokens = calibrate(first, source, shared_store, executor, scratch)
+        tokens, _ = calibrate(first, source, shared_store, executor, scratch)
     with shared_meter.stage("evaluate dense"):
         dense_ppl = perplexity(source, windows, dtype, 1, executor, "dense", None, scratch)
 

@@ -10,6 +10,7 @@ from rankfold.checkpoint import CheckpointError
 from rankfold.data.text import DataError
 from rankfold.jobs.spec import SpecError, load_spec
 from rankfold.models.sources import ModelSourceError
+from rankfold.orchestrator.store import StoreError
 from rankfold.workers.decompose import DecompositionError
 
 EXIT_BAD_INPUT = 2
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (SpecError, ModelSourceError, DataError, CheckpointError) as err:
+    except (SpecError, ModelSourceError, DataError, CheckpointError, StoreError) as err:
         print(f"rankfold: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except DecompositionError as err:

@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton has no CPU backend: its kernels run in the interpreter here. Must be set before triton is
+# imported (its @jit reads it at decoration); a GPU run sets TRITON_INTERPRET=0 to test real launches.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RANKFOLD_SHARED_DATA", REPO.parent / "shared" / "data"))
 CALIBRATION_TEXT = SHARED_DATA / "calibration" / "enwiki_excerpt.txt"
@@ -66,3 +71,93 @@ def tiny_spec_dict(model_dir: Path, out_dir: Path, method: str = "svd_llm", rati
                                        "window": 64, "max_tokens": 512, "batch_size": 2}]},
         "output": {"dir": str(out_dir)},
     }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_s3(extra_env: dict[str, str] | None = None):
+    """moto's S3 server through infra/local-s3.sh on a free 127.0.0.1 port; returns (process, endpoint)."""
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, **(extra_env or {})}
+    process = subprocess.Popen(["bash", str(REPO / "infra" / "local-s3.sh"), str(port)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            return process, endpoint
+        except OSError as err:
+            if getattr(err, "code", None):  # an HTTP error response: the server is up
+                return process, endpoint
+            if process.poll() is not None:
+                raise RuntimeError(f"local S3 server exited with {process.returncode}") from None
+            time.sleep(0.2)
+    _stop(process)
+    raise RuntimeError("local S3 server did not start within 30 s")
+
+
+def _stop(process) -> None:
+    """Stop a server started in its own session, and everything it started."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible HTTP server on 127.0.0.1 (moto), with test credentials in the environment."""
+    pytest.importorskip("moto")
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="rankfold-test", AWS_SECRET_ACCESS_KEY="rankfold-test",
+                      AWS_DEFAULT_REGION="us-east-1")
+    process, endpoint = _start_s3()
+    try:
+        yield endpoint
+    finally:
+        _stop(process)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint_enforcing_auth(s3_endpoint):
+    """A second server that checks credentials (moto's IAM enforcement): unknown keys are refused."""
+    process, endpoint = _start_s3({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        yield endpoint
+    finally:
+        _stop(process)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket per test."""
+    import uuid
+
+    import boto3
+
+    name = f"rankfold-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name

@@ -68,3 +68,16 @@ def calibration_samples(tokens: torch.Tensor, num_samples: int, seq_len: int, se
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seq_len, (num_samples,), generator=generator)
     return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+
+
+def text_fingerprint(source: TextSource) -> str:
+    """Identity of a text source for artifact keys: a local file's sha256; a hub dataset's coordinates."""
+    if source.path is not None:
+        import hashlib
+
+        digest = hashlib.sha256()
+        with open(source.path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    return f"dataset:{source.dataset}:{source.dataset_config}:{source.split}"

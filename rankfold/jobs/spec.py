@@ -160,8 +160,21 @@ class EvaluationSpec(Strict):
     dense: bool = True  # also evaluate the uncompressed model, for the comparison table
 
 
+class S3Spec(Strict):
+    """Artifacts in S3 (or any S3-compatible endpoint). Credentials: boto3's standard chain only."""
+
+    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$")
+    prefix: str = "rankfold"
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for infra/local-s3.sh
+    region: str | None = None
+
+
 class OutputSpec(Strict):
+    # Local folder: job.json, report.json, the compressed checkpoint (model/), scratch space.
     dir: Path
+    # Where stage artifacts (statistics, factors, checkpoint shards, manifest) live: inside `dir`
+    # by default, or in S3.
+    s3: S3Spec | None = None
 
 
 class JobSpec(Strict):

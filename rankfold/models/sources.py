@@ -54,6 +54,10 @@ class ModelSource(ABC):
     def keys(self) -> list[str]: ...
 
     @abstractmethod
+    def fingerprint(self) -> str:
+        """Cheap identity of the weights (sizes + leading bytes of each file): part of artifact keys."""
+
+    @abstractmethod
     def tensor(self, key: str) -> torch.Tensor: ...
 
     @abstractmethod
@@ -143,6 +147,12 @@ class SafetensorsSource(ModelSource):
 
     def files(self) -> list[Path]:
         return sorted(set(self._key_to_file.values()))
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256((self.folder / "config.json").read_bytes())
+        for path in self.files():
+            digest.update(f"{path.name}:{_file_fingerprint(path, head_bytes=1 << 20)}".encode())
+        return digest.hexdigest()[:16]
 
     def tensor(self, key: str) -> torch.Tensor:
         return read_safetensor(self._file_of(key), key)
@@ -235,6 +245,9 @@ class GGUFSource(ModelSource):
             if hf_name is not None:
                 self._tensors[hf_name] = tensor
         self._hf_folder = self._converted_metadata()
+
+    def fingerprint(self) -> str:
+        return _file_fingerprint(self.path)
 
     def _converted_metadata(self) -> Path:
         """Config and tokenizer converted once from the GGUF header (slow), cached by file fingerprint."""

@@ -1,4 +1,9 @@
-"""`run_job(spec)`: the whole compression job in this process, ending in a report.json."""
+"""`run_job(spec)`: the whole compression job, resumable, ending in a report.json.
+
+Stages: calibrate -> allocate -> decompose -> assemble -> evaluate. Each stage's inputs are hashed
+into its digest (see manifest.py); a re-run of the same spec skips every stage whose recorded
+digest matches and whose artifacts verify, so an interrupted job resumes at its first unfinished stage.
+"""
 
 from __future__ import annotations
 
@@ -10,49 +15,93 @@ from typing import TextIO
 
 import torch
 
-from rankfold.data.text import load_text, tokenize
+from rankfold.checkpoint import CheckpointError, read_index, verify_checkpoint
+from rankfold.data.text import load_text, text_fingerprint, tokenize
 from rankfold.evaluation.report import format_report, model_parameter_total, parameter_counts
-from rankfold.jobs.spec import JobSpec
-from rankfold.models.sources import SafetensorsSource
+from rankfold.jobs.spec import JobSpec, PerplexitySpec
+from rankfold.models.sources import ModelSource, SafetensorsSource
 from rankfold.orchestrator.executor import LocalExecutor
+from rankfold.orchestrator.manifest import Manifest, digest_of
 from rankfold.orchestrator.metering import StageMeter
-from rankfold.orchestrator.pipeline import (RATIO_DEFINITION, assemble, calibrate, decompose, matrix_shapes,
-                                            perplexity, plan_layout, prepare_output, preflight)
-from rankfold.orchestrator.store import LocalStore
+from rankfold.orchestrator.pipeline import (RATIO_DEFINITION, ModelLayout, assemble, calibrate, decompose,
+                                            matrix_shapes, perplexity, plan_layout, prepare_output, preflight)
+from rankfold.orchestrator.store import ArtifactStore, LocalStore, S3Store
 from rankfold.workers.evaluate import make_windows
+
+CHECKPOINT_FILES = "checkpoints"
+
+
+def open_store(spec: JobSpec) -> ArtifactStore:
+    """The spec's artifact store: S3 when `output.s3` is set (checked now: bucket, credentials,
+    endpoint), else `output.dir/artifacts`."""
+    if spec.output.s3 is None:
+        return LocalStore(Path(spec.output.dir) / "artifacts")
+    s3 = spec.output.s3
+    return S3Store(s3.bucket, prefix=s3.prefix, endpoint_url=s3.endpoint_url, region=s3.region)
+
+
+def stage_digests(spec: JobSpec, source: ModelSource, layout: ModelLayout) -> dict[str, str]:
+    """What each stage's artifacts depend on, hashed. A change anywhere upstream changes every digest below."""
+    model = (source.fingerprint(), spec.model.dtype)
+    # max_resident_mb only decides what spills to disk, never a number: not part of the identity.
+    calibration = spec.calibration.model_dump(mode="json", exclude={"max_resident_mb"})
+    calibrate_digest = digest_of("stats-v1", model, calibration,
+                                 text_fingerprint(spec.calibration.data))
+    decompose_digest = digest_of("factors-v1", calibrate_digest, spec.method.model_dump(mode="json"),
+                                 layout.flat(source.architecture))
+    return {"calibrate": calibrate_digest, "decompose": decompose_digest,
+            "assemble": digest_of("checkpoint-v1", decompose_digest)}
+
+
+def _perplexity_digest(base: str, ppl: PerplexitySpec) -> str:
+    return digest_of("ppl-v1", base, ppl.model_dump(mode="json", exclude={"name"}), text_fingerprint(ppl.data))
 
 
 def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr) -> dict:
-    """Compress, evaluate and report. Inputs are checked before anything is written."""
+    """Compress, evaluate and report. Inputs (and the store) are checked before anything is written."""
     started = time.perf_counter()
     source = preflight(spec)
+    store = open_store(spec)
     out = prepare_output(spec)
-    store, scratch, checkpoint = LocalStore(out / "artifacts"), out / "scratch", out / "model"
+    scratch, checkpoint = out / "scratch", out / "model"
     meter, executor = StageMeter(), LocalExecutor(stream)
     dtype = getattr(torch, spec.model.dtype)
+    manifest = Manifest(store, digest_of(spec.canonical_json()))
+    shapes = matrix_shapes(source, spec)
+    layout = plan_layout(spec, source.architecture, shapes)
+    digests = stage_digests(spec, source, layout)
+    reused: list[str] = []
 
-    with meter.stage("calibrate"):
-        calibration_tokens = calibrate(spec, source, store, executor, scratch)
-    with meter.stage("allocate"):
-        shapes = matrix_shapes(source, spec)
-        layout = plan_layout(spec, source.architecture, shapes)
-    with meter.stage("decompose"):
-        diagnostics = decompose(spec, source, layout, store, executor)
-    with meter.stage("assemble"):
-        assemble(spec, source, layout, store, executor, checkpoint)
+    def run_stage(name: str, work, extra_check=lambda record: True) -> dict:
+        """Run `work() -> (result, artifacts)` unless the manifest holds a verified result."""
+        record = manifest.completed(name, digests[name])
+        if record is not None and extra_check(record):
+            reused.append(name)
+            _say(stream, f"{name}: reusing verified artifacts ({digests[name]})")
+            return record.result
+        with meter.stage(name):
+            result, artifacts = work()
+        return manifest.record(name, digests[name], artifacts, result).result
+
+    calibration = run_stage("calibrate", lambda: _calibrate(spec, source, store, executor, scratch, digests))
+    decomposition = run_stage("decompose", lambda: _decompose(spec, source, layout, store, executor, digests))
+    run_stage("assemble", lambda: _assemble(spec, source, layout, store, executor, checkpoint, digests),
+              extra_check=lambda record: _restore_checkpoint(store, record, checkpoint, digests["assemble"]))
 
     compressed = SafetensorsSource(checkpoint)  # evaluate the artifact as written, not an in-memory copy
     rows = []
-    for ppl in spec.evaluation.perplexity:
+    for k, ppl in enumerate(spec.evaluation.perplexity):
         windows = make_windows(tokenize(load_text(ppl.data), source.tokenizer()), ppl.window, ppl.max_tokens)
         row = {"name": ppl.name, "window": ppl.window, "tokens": windows.numel(), "windows": windows.shape[0]}
+        variants = [("compressed", compressed, layout, digests["assemble"])]
         if spec.evaluation.dense:
-            with meter.stage("evaluate dense"):
-                row["dense"] = perplexity(source, windows, dtype, ppl.batch_size, executor,
-                                          f"perplexity {ppl.name} dense", None, scratch)
-        with meter.stage("evaluate compressed"):
-            row["compressed"] = perplexity(compressed, windows, dtype, ppl.batch_size, executor,
-                                           f"perplexity {ppl.name} compressed", layout, scratch)
+            variants.insert(0, ("dense", source, None, digest_of(source.fingerprint(), spec.model.dtype)))
+        for label, model, model_layout, base in variants:
+            stage = f"evaluate {label} {ppl.name}" + (f" #{k}" if k else "")
+            digests[stage] = _perplexity_digest(base, ppl)
+            row[label] = run_stage(stage, lambda: ({"perplexity": perplexity(
+                model, windows, dtype, ppl.batch_size, executor, f"perplexity {ppl.name} {label}", model_layout,
+                scratch)}, {}))["perplexity"]
         rows.append(row)
     shutil.rmtree(scratch, ignore_errors=True)
 
@@ -65,9 +114,11 @@ def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr) -> dict:
                                        model_parameter_total([source.shape(k) for k in source.keys()])),
         "ranks": layout.ranks(source.architecture),
         "layout": layout.flat(source.architecture),
-        "diagnostics": _summarise(diagnostics),
-        "calibration_tokens": calibration_tokens,
+        "diagnostics": _summarise(decomposition["diagnostics"]),
+        "calibration_tokens": calibration["tokens"],
         "checkpoint": str(checkpoint),
+        "artifacts": {"store": store.describe(), "manifest": manifest.key, "digests": digests},
+        "reused_stages": reused,
         "perplexity": rows,
         "stages": meter.as_rows(),
         "total_wall_s": round(time.perf_counter() - started, 2),
@@ -76,6 +127,60 @@ def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr) -> dict:
     if stream is not None:
         print(format_report(report), file=stream)
     return report
+
+
+def _calibrate(spec, source, store, executor, scratch, digests) -> tuple[dict, dict[str, str]]:
+    tokens, artifacts = calibrate(spec, source, store, executor, scratch, prefix=f"stats/{digests['calibrate']}")
+    return {"tokens": tokens}, artifacts
+
+
+def _decompose(spec, source, layout, store, executor, digests) -> tuple[dict, dict[str, str]]:
+    diagnostics, artifacts = decompose(spec, source, layout, store, executor,
+                                       stats_prefix=f"stats/{digests['calibrate']}",
+                                       factors_prefix=f"factors/{digests['decompose']}")
+    return {"diagnostics": diagnostics}, artifacts
+
+
+def _assemble(spec, source, layout, store, executor, checkpoint: Path, digests) -> tuple[dict, dict[str, str]]:
+    """The checkpoint folder in output.dir; with a remote store, every file of it uploaded as well."""
+    assemble(spec, source, layout, store, executor, checkpoint, factors_prefix=f"factors/{digests['decompose']}",
+             digest=digests["assemble"])
+    artifacts = {}
+    if not isinstance(store, LocalStore):
+        prefix = f"{CHECKPOINT_FILES}/{digests['assemble']}"
+        for path in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+            artifacts[f"{prefix}/{path.name}"] = store.put_file(f"{prefix}/{path.name}", path)
+    return {"folder": str(checkpoint)}, artifacts
+
+
+def _restore_checkpoint(store: ArtifactStore, record, checkpoint: Path, digest: str) -> bool:
+    """A finished assembly counts only if output.dir holds its verified checkpoint — fetched back from
+    the store when the folder is gone or damaged and the store has a copy."""
+    if _checkpoint_is(checkpoint, digest):
+        return True
+    if not record.artifacts:
+        return False
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    checkpoint.mkdir(parents=True)
+    for key in sorted(record.artifacts, key=lambda k: k.endswith("index.json")):  # the index, last
+        with store.open_file(key) as path:
+            shutil.copyfile(path, checkpoint / Path(key).name)
+    return _checkpoint_is(checkpoint, digest)
+
+
+def _checkpoint_is(folder: Path, digest: str) -> bool:
+    try:
+        verify_checkpoint(folder)
+        read_index(folder)
+        config = SafetensorsSource(folder).config
+    except (CheckpointError, OSError, ValueError):
+        return False
+    return getattr(config, "rankfold", {}).get("digest") == digest
+
+
+def _say(stream: TextIO | None, line: str) -> None:
+    if stream is not None:
+        print(line, file=stream)
 
 
 def _summarise(diagnostics: dict[str, float]) -> dict:

@@ -8,6 +8,7 @@ never whole in memory: per layer, only its weights and the calibration activatio
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from rankfold.modules.layout import CompressedModule, member_ranks
 from rankfold.models.sources import ModelSource, ModelSourceError, SafetensorsSource, open_source
 from rankfold.orchestrator.executor import LocalExecutor
 from rankfold.orchestrator.metering import StageMeter
-from rankfold.orchestrator.store import LocalStore
+from rankfold.orchestrator.store import ArtifactStore
 from rankfold.workers.activations import Activations
 from rankfold.workers.assemble import assemble_layer_state
 from rankfold.workers.calibrate import InputStats, propagate_layer
@@ -103,52 +104,61 @@ def _embedded(source: ModelSource, tokens: torch.Tensor, batch_size: int, dtype:
 
 
 def stream_layers(source: ModelSource, hidden: Activations, dtype: torch.dtype, executor: LocalExecutor,
-                  stage: str, layout: ModelLayout | None = None, store: LocalStore | None = None,
+                  stage: str, layout: ModelLayout | None = None,
+                  save_stats: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
                   budget_bytes: int = 2 << 30, spill_dir: Path | None = None,
                   product_dtype: torch.dtype = torch.float64) -> Activations | None:
-    """Push `hidden` through every layer. With a store, each layer's input statistics are saved as
-    `stats/layer-XXXXX.safetensors` (calibration); then the last layer's outputs are not kept."""
+    """Push `hidden` through every layer. With `save_stats`, each layer's input statistics are handed
+    to it (calibration); then the last layer's outputs are not kept."""
     arch, config = source.architecture, runtime_config(source.config)
     runner = LayerRunner(arch, config)
-    groups = arch.groups if store is not None else ()
+    groups = arch.groups if save_stats is not None else ()
     for i in executor.steps(range(source.num_layers), stage):
         layer_layout = layout.by_layer[i] if layout else None
         layer = materialize_layer(arch, config, i, source.layer_state(i), dtype, layout=layer_layout)
         last = i == source.num_layers - 1
-        outputs = None if (store is not None and last) else Activations(budget_bytes, spill_dir)
+        outputs = None if (save_stats is not None and last) else Activations(budget_bytes, spill_dir)
         stats = propagate_layer(layer, runner, hidden, outputs, groups, product_dtype)
-        if store is not None:
+        if save_stats is not None:
             tensors = {}
             for name, group_stats in stats.items():
                 tensors.update(group_stats.to_tensors(name))
-            store.put_tensors(stats_key(i), tensors)
+            save_stats(i, tensors)
         hidden.release()
         hidden = outputs
     return hidden
 
 
-def stats_key(layer: int) -> str:
-    return f"stats/layer-{layer:05d}.safetensors"
+def stats_key(layer: int, prefix: str = "stats") -> str:
+    return f"{prefix}/layer-{layer:05d}.safetensors"
 
 
-def factors_key(layer: int, group: str) -> str:
-    return f"factors/layer-{layer:05d}-{group}.safetensors"
+def factors_key(layer: int, group: str, prefix: str = "factors") -> str:
+    return f"{prefix}/layer-{layer:05d}-{group}.safetensors"
 
 
 # ---------------------------------------------------------------- stages
 
 
-def calibrate(spec: JobSpec, source: ModelSource, store: LocalStore, executor: LocalExecutor, scratch: Path) -> int:
-    """Calibration statistics of every layer into the store; returns the number of tokens used."""
+def calibrate(spec: JobSpec, source: ModelSource, store: ArtifactStore, executor: LocalExecutor, scratch: Path,
+              prefix: str = "stats") -> tuple[int, dict[str, str]]:
+    """Calibration statistics of every layer into the store under `prefix`; returns the number of
+    tokens used and the artifacts written (key -> sha256)."""
     cal = spec.calibration
     tokens = tokenize(load_text(cal.data), source.tokenizer())
     samples = calibration_samples(tokens, cal.num_samples, cal.seq_len, cal.seed)
     budget = cal.max_resident_mb << 20
     dtype = getattr(torch, spec.model.dtype)
     hidden = _embedded(source, samples, cal.batch_size, dtype, budget, scratch)
-    stream_layers(source, hidden, dtype, executor, "calibrate", store=store, budget_bytes=budget, spill_dir=scratch,
-                  product_dtype=getattr(torch, cal.gram_product_dtype))
-    return samples.numel()
+    artifacts: dict[str, str] = {}
+
+    def save_stats(i: int, tensors: dict[str, torch.Tensor]) -> None:
+        key = stats_key(i, prefix)
+        artifacts[key] = store.put_tensors(key, tensors)
+
+    stream_layers(source, hidden, dtype, executor, "calibrate", save_stats=save_stats, budget_bytes=budget,
+                  spill_dir=scratch, product_dtype=getattr(torch, cal.gram_product_dtype))
+    return samples.numel(), artifacts
 
 
 def matrix_shapes(source: ModelSource, spec: JobSpec) -> dict[int, dict[str, tuple[int, int]]]:
@@ -159,41 +169,52 @@ def matrix_shapes(source: ModelSource, spec: JobSpec) -> dict[int, dict[str, tup
             for i in range(source.num_layers)}
 
 
-def plan_layout(spec: JobSpec, arch: Architecture, shapes: dict[int, dict[str, tuple[int, int]]]) -> ModelLayout:
+def plan_layout(spec: JobSpec, arch: Architecture, shapes: dict[int, dict[str, tuple[int, int]]],
+                ranks: dict[int, dict[str, int]] | None = None) -> ModelLayout:
+    """Uniform ranks from the target ratio, or a global allocator's `ranks` (layer -> matrix -> rank)."""
     groups = [(group.name, group.members) for group in arch.groups]
-    return ModelLayout({i: plan_layer(spec.method.name, groups, layer_shapes, spec.target.ratio)
+    return ModelLayout({i: plan_layer(spec.method.name, groups, layer_shapes, spec.target.ratio,
+                                      ranks=None if ranks is None else ranks.get(i, {}))
                         for i, layer_shapes in shapes.items()})
 
 
-def decompose(spec: JobSpec, source: ModelSource, layout: ModelLayout, stats_store: LocalStore,
-              executor: LocalExecutor, factor_store: LocalStore | None = None) -> dict[str, float]:
+def decompose(spec: JobSpec, source: ModelSource, layout: ModelLayout, stats_store: ArtifactStore,
+              executor: LocalExecutor, factor_store: ArtifactStore | None = None, stats_prefix: str = "stats",
+              factors_prefix: str = "factors") -> tuple[dict[str, float], dict[str, str]]:
     """Factors of every compressed module, one call per (layer, input group), into `factor_store`
     (default: the stats store; separate stores let one calibration serve many methods and ratios).
-    Returns the decompositions' diagnostics keyed by full module path."""
+    A group whose factors already exist and verify is not recomputed (keys are content-addressed).
+    Returns the decompositions' diagnostics keyed by full module path, and the artifacts."""
     arch = source.architecture
     factor_store = factor_store or stats_store
     work = [(i, group) for i in range(source.num_layers) for group in arch.groups if layout.in_group(i, group)]
 
-    def run(item) -> dict[str, float]:
+    def run(item) -> tuple[dict[str, float], str, str]:
         i, group = item
-        prefix = arch.layer_prefix.format(i=i)
-        modules = layout.in_group(i, group)
-        weights = {m: source.tensor(f"{prefix}{m}.weight") for module in modules for m in module.members}
-        stats = InputStats.from_tensors(stats_store.get_tensors(stats_key(i)), group.name)
-        result = decompose_group(spec.method, weights, stats, modules)
-        tensors = {k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()}
-        factor_store.put_tensors(factors_key(i, group.name), tensors,
-                                 metadata={"diagnostics": json.dumps(result.diagnostics)})
-        return {prefix + key: value for key, value in result.diagnostics.items()}
+        prefix, key = arch.layer_prefix.format(i=i), factors_key(i, group.name, factors_prefix)
+        if factor_store.verify(key):
+            diagnostics = json.loads(factor_store.get_metadata(key).get("diagnostics", "{}"))
+            sha = factor_store.checksum(key)
+        else:
+            modules = layout.in_group(i, group)
+            weights = {m: source.tensor(f"{prefix}{m}.weight") for module in modules for m in module.members}
+            stats = InputStats.from_tensors(stats_store.get_tensors(stats_key(i, stats_prefix)), group.name)
+            result = decompose_group(spec.method, weights, stats, modules)
+            tensors = {k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()}
+            diagnostics = result.diagnostics
+            sha = factor_store.put_tensors(key, tensors, metadata={"diagnostics": json.dumps(diagnostics)})
+        return {prefix + name: value for name, value in diagnostics.items()}, key, sha
 
     diagnostics: dict[str, float] = {}
-    for part in executor.map(run, work, "decompose"):
+    artifacts: dict[str, str] = {}
+    for part, key, sha in executor.map(run, work, "decompose"):
         diagnostics.update(part)
-    return diagnostics
+        artifacts[key] = sha
+    return diagnostics, artifacts
 
 
-def assemble(spec: JobSpec, source: ModelSource, layout: ModelLayout, store: LocalStore, executor: LocalExecutor,
-             folder: Path) -> None:
+def assemble(spec: JobSpec, source: ModelSource, layout: ModelLayout, store: ArtifactStore, executor: LocalExecutor,
+             folder: Path, factors_prefix: str = "factors", digest: str | None = None) -> None:
     """Write the compressed checkpoint: a shard per layer, globals, tokenizer, config; index last."""
     arch, dtype = source.architecture, getattr(torch, spec.model.dtype)
     folder.mkdir(parents=True, exist_ok=True)
@@ -203,7 +224,7 @@ def assemble(spec: JobSpec, source: ModelSource, layout: ModelLayout, store: Loc
         fragment: dict[str, torch.Tensor] = {}
         for group in arch.groups:
             if layout.in_group(i, group):
-                fragment.update(store.get_tensors(factors_key(i, group.name)))
+                fragment.update(store.get_tensors(factors_key(i, group.name, factors_prefix)))
         state = assemble_layer_state(source.layer_state(i), fragment, layout.by_layer[i], dtype)
         prefix = arch.layer_prefix.format(i=i)
         return write_shard(folder, f"layers-{i:05d}.safetensors", {prefix + k: v for k, v in state.items()})
@@ -213,7 +234,7 @@ def assemble(spec: JobSpec, source: ModelSource, layout: ModelLayout, store: Loc
     source.tokenizer().save_pretrained(folder)
     meta = {"method": spec.method.model_dump(mode="json"), "target": spec.target.model_dump(mode="json"),
             "ratio_definition": RATIO_DEFINITION, "dtype": spec.model.dtype, "layout": layout.flat(arch),
-            "ranks": layout.ranks(arch), "source": spec.model.source}
+            "ranks": layout.ranks(arch), "source": spec.model.source, "digest": digest}
     write_index(folder, shards, _plain_config(source.config, spec.model.dtype), meta)
 
 

@@ -1,53 +1,306 @@
-"""Artifact store over a local folder: tensors (safetensors) and JSON under slash-separated keys.
+"""Artifact stores: tensors (safetensors) and JSON under slash-separated keys, verified and atomic.
 
-Writes are atomic (temp file in the same folder, then rename), so an interrupted run never leaves a
-half-written artifact under its final key.
+Two backends behind one interface: a local folder (default) and S3 (any S3-compatible endpoint,
+through boto3). Every artifact carries the sha256 of its bytes — a `KEY.sha256` file beside it
+locally, object metadata on S3 — and every read checks it, so a torn or altered artifact is an
+error (or, for `verify`, a reason to recompute), never wrong numbers. Writes are atomic: a temp
+file renamed into place locally; a single PUT or a completed multipart upload on S3.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+CHECKSUM_SUFFIX = ".sha256"
 
-class LocalStore:
+
+class StoreError(RuntimeError):
+    """Storage is unreachable, refuses us, or holds a damaged artifact; the message names which."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_key(key: str) -> str:
+    if not key or key.startswith("/") or ".." in key.split("/") or key.endswith(CHECKSUM_SUFFIX):
+        raise ValueError(f"artifact key must be relative, stay inside the store and not end in "
+                         f"{CHECKSUM_SUFFIX}: {key!r}")
+    return key
+
+
+class ArtifactStore(ABC):
+    """Files in, files out; tensors and JSON on top. Subclasses move verified files."""
+
+    @abstractmethod
+    def describe(self, key: str = "") -> str:
+        """Where `key` lives, for messages (never includes credentials)."""
+
+    @abstractmethod
+    def put_file(self, key: str, source: Path) -> str:
+        """Store the file's bytes under `key` atomically; returns their sha256."""
+
+    @abstractmethod
+    @contextmanager
+    def open_file(self, key: str) -> Iterator[Path]:
+        """A local path holding `key`'s verified bytes, valid inside the context."""
+
+    @abstractmethod
+    def checksum(self, key: str) -> str | None:
+        """The recorded sha256 of `key`, or None when the artifact (or its checksum) is missing."""
+
+    @abstractmethod
+    def actual_checksum(self, key: str) -> str | None:
+        """sha256 of the bytes stored under `key` now (None when absent)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def list_keys(self, prefix: str = "") -> list[str]: ...
+
+    # ------------------------------------------------------------ derived operations
+
+    def exists(self, key: str) -> bool:
+        return self.checksum(check_key(key)) is not None
+
+    def verify(self, key: str) -> bool:
+        """True when `key` exists and its bytes match the recorded checksum."""
+        recorded = self.checksum(check_key(key))
+        return recorded is not None and recorded == self.actual_checksum(key)
+
+    def put_tensors(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+        with tempfile.TemporaryDirectory(prefix="rankfold-put-") as folder:
+            path = Path(folder) / "artifact.safetensors"
+            save_file({name: value.contiguous() for name, value in tensors.items()}, path, metadata=metadata)
+            return self.put_file(key, path)
+
+    def get_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        with self.open_file(key) as path:
+            return load_file(path)
+
+    def get_metadata(self, key: str) -> dict[str, str]:
+        with self.open_file(key) as path, safe_open(path, framework="pt") as handle:
+            return handle.metadata() or {}
+
+    def put_json(self, key: str, value: object) -> str:
+        with tempfile.TemporaryDirectory(prefix="rankfold-put-") as folder:
+            path = Path(folder) / "artifact.json"
+            path.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
+            return self.put_file(key, path)
+
+    def get_json(self, key: str) -> object:
+        with self.open_file(key) as path:
+            return json.loads(path.read_text())
+
+
+class LocalStore(ArtifactStore):
+    """A folder. The checksum file is written after the data, so a crash in between reads as missing."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    def describe(self, key: str = "") -> str:
+        return str(self.root / key) if key else str(self.root)
+
     def path(self, key: str) -> Path:
-        if key.startswith("/") or ".." in key.split("/"):
-            raise ValueError(f"artifact key must be relative and stay inside the store: {key!r}")
-        return self.root / key
+        return self.root / check_key(key)
 
-    def exists(self, key: str) -> bool:
-        return self.path(key).is_file()
-
-    def _temp_for(self, key: str) -> Path:
+    def _checksum_path(self, key: str) -> Path:
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        return path.with_name(path.name + CHECKSUM_SUFFIX)
 
-    def put_tensors(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-        temp = self._temp_for(key)
-        save_file({name: value.contiguous() for name, value in tensors.items()}, temp, metadata=metadata)
-        os.replace(temp, self.path(key))
+    def _atomic_write(self, target: Path, write) -> None:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(handle)
+            try:
+                write(Path(temp))
+                os.replace(temp, target)
+            finally:
+                Path(temp).unlink(missing_ok=True)
+        except OSError as err:
+            raise StoreError(f"cannot write {target}: {err.strerror or err}") from None
 
-    def get_tensors(self, key: str) -> dict[str, torch.Tensor]:
-        return load_file(self.path(key))
+    def _put_written(self, key: str, write) -> str:
+        """`write(temp)` fills a temp file beside the target; hash it, rename it, then record the hash."""
+        digest = ""
 
-    def get_metadata(self, key: str) -> dict[str, str]:
-        with safe_open(self.path(key), framework="pt") as handle:
-            return handle.metadata() or {}
+        def write_and_hash(temp: Path) -> None:
+            nonlocal digest
+            write(temp)
+            digest = file_sha256(temp)
 
-    def put_json(self, key: str, value: object) -> None:
-        temp = self._temp_for(key)
-        temp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
-        os.replace(temp, self.path(key))
+        self._checksum_path(key).unlink(missing_ok=True)  # the old checksum must not vouch for new bytes
+        self._atomic_write(self.path(key), write_and_hash)
+        self._atomic_write(self._checksum_path(key), lambda temp: temp.write_text(digest + "\n"))
+        return digest
 
-    def get_json(self, key: str) -> object:
-        return json.loads(self.path(key).read_text())
+    def put_file(self, key: str, source: Path) -> str:
+        return self._put_written(key, lambda temp: shutil.copyfile(source, temp))
+
+    def put_tensors(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+        contiguous = {name: value.contiguous() for name, value in tensors.items()}
+        return self._put_written(key, lambda temp: save_file(contiguous, temp, metadata=metadata))
+
+    @contextmanager
+    def open_file(self, key: str) -> Iterator[Path]:
+        recorded = self.checksum(key)
+        if recorded is None:
+            raise StoreError(f"artifact {self.describe(key)} is missing (or was never completed)")
+        if file_sha256(self.path(key)) != recorded:
+            raise StoreError(f"artifact {self.describe(key)} is damaged: its sha256 differs from the recorded one")
+        yield self.path(key)
+
+    def checksum(self, key: str) -> str | None:
+        checksum_path = self._checksum_path(key)
+        if not (checksum_path.is_file() and self.path(key).is_file()):
+            return None
+        return checksum_path.read_text().strip() or None
+
+    def actual_checksum(self, key: str) -> str | None:
+        path = self.path(key)
+        return file_sha256(path) if path.is_file() else None
+
+    def delete(self, key: str) -> None:
+        self._checksum_path(key).unlink(missing_ok=True)
+        self.path(key).unlink(missing_ok=True)
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        if not self.root.is_dir():
+            return []
+        keys = (p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        return sorted(k for k in keys if k.startswith(prefix) and not k.endswith(CHECKSUM_SUFFIX)
+                      and not Path(k).name.startswith("."))
+
+
+class S3Store(ArtifactStore):
+    """s3://bucket/prefix on any S3-compatible endpoint. Credentials come from boto3's standard
+    chain (environment, shared files, instance roles) and are never printed."""
+
+    CHECKSUM_META = "rankfold-sha256"
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
+                 client=None):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket, self.prefix, self.endpoint_url = bucket, prefix.strip("/"), endpoint_url
+        self.client = client or boto3.client(
+            "s3", endpoint_url=endpoint_url, region_name=region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60))
+        self._check_access()
+
+    def describe(self, key: str = "") -> str:
+        where = f"s3://{self.bucket}/{self._object(key)}" if key else f"s3://{self.bucket}/{self.prefix}"
+        return where + (f" (endpoint {self.endpoint_url})" if self.endpoint_url else "")
+
+    def _object(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _error(self, err: Exception, key: str = "") -> StoreError:
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        where = self.describe(key)
+        if isinstance(err, EndpointConnectionError):
+            return StoreError(f"{where}: cannot reach the S3 endpoint ({self.endpoint_url or 'AWS default'})")
+        if isinstance(err, NoCredentialsError):
+            return StoreError(f"{where}: no S3 credentials found (AWS_ACCESS_KEY_ID / ~/.aws / instance role)")
+        if isinstance(err, ClientError):
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchBucket",) or (code in ("404", "NotFound") and not key):
+                return StoreError(f"{where}: bucket {self.bucket!r} does not exist")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AccessDenied", "InvalidToken"):
+                return StoreError(f"{where}: credentials rejected ({code})")
+            return StoreError(f"{where}: S3 error {code or err}")
+        return StoreError(f"{where}: {err}")
+
+    def _check_access(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as err:  # noqa: BLE001 — every failure becomes one named StoreError
+            raise self._error(err) from None
+
+    def put_file(self, key: str, source: Path) -> str:
+        digest = file_sha256(source)
+        try:  # upload_file: single PUT or multipart, visible only once complete
+            self.client.upload_file(str(source), self.bucket, self._object(key),
+                                    ExtraArgs={"Metadata": {self.CHECKSUM_META: digest}})
+        except Exception as err:  # noqa: BLE001
+            raise self._error(err, key) from None
+        return digest
+
+    @contextmanager
+    def open_file(self, key: str) -> Iterator[Path]:
+        recorded = self.checksum(key)
+        if recorded is None:
+            raise StoreError(f"artifact {self.describe(key)} is missing (or was never completed)")
+        with tempfile.TemporaryDirectory(prefix="rankfold-get-") as folder:
+            path = Path(folder) / Path(key).name
+            try:
+                self.client.download_file(self.bucket, self._object(key), str(path))
+            except Exception as err:  # noqa: BLE001
+                raise self._error(err, key) from None
+            if file_sha256(path) != recorded:
+                raise StoreError(f"artifact {self.describe(key)} is damaged: its sha256 differs from the recorded one")
+            yield path
+
+    def checksum(self, key: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._object(key))
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._error(err, key) from None
+        except Exception as err:  # noqa: BLE001
+            raise self._error(err, key) from None
+        return head.get("Metadata", {}).get(self.CHECKSUM_META)
+
+    def actual_checksum(self, key: str) -> str | None:
+        if self.checksum(key) is None:
+            return None
+        digest = hashlib.sha256()
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._object(key))["Body"]
+            for block in iter(lambda: body.read(1 << 22), b""):
+                digest.update(block)
+        except Exception as err:  # noqa: BLE001
+            raise self._error(err, key) from None
+        return digest.hexdigest()
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
+        except Exception as err:  # noqa: BLE001
+            raise self._error(err, key) from None
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        keys = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                               Prefix=base + prefix):
+                keys.extend(item["Key"][len(base):] for item in page.get("Contents", []))
+        except Exception as err:  # noqa: BLE001
+            raise self._error(err) from None
+        return sorted(keys)

@@ -1,0 +1,72 @@
+"""Content-addressed stage results and the per-job manifest that makes a job resumable.
+
+Every stage's artifacts live under a key derived from a digest of everything that produced them
+(model fingerprint, the spec fields the stage reads, the digests of the stages it consumed), so two
+jobs that share a calibration share its statistics, and a changed input can never be served a stale
+artifact. The manifest (`jobs/<job id>/manifest.json`, written by the driver only) records, per
+stage, the digest, the sha256 of each artifact and the stage's small results. A re-run skips a stage
+whose record has the same digest and whose artifacts all verify; anything else is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from rankfold.orchestrator.store import ArtifactStore, StoreError
+
+MANIFEST_VERSION = 1
+
+
+def digest_of(*parts: object) -> str:
+    """Stable 20-hex digest of JSON-able parts."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@dataclass
+class StageRecord:
+    digest: str
+    artifacts: dict[str, str]  # key -> sha256
+    result: dict = field(default_factory=dict)
+    finished_at: float = 0.0
+
+
+class Manifest:
+    def __init__(self, store: ArtifactStore, job_id: str):
+        self.store, self.job_id = store, job_id
+        self.key = f"jobs/{job_id}/manifest.json"
+        self.stages: dict[str, StageRecord] = {}
+        if store.exists(self.key):
+            try:
+                data = store.get_json(self.key)
+                self.stages = {name: StageRecord(**record) for name, record in data["stages"].items()}
+            except (StoreError, KeyError, TypeError) as err:  # a damaged manifest only costs recomputation
+                self.stages = {}
+                self.load_error = str(err)
+
+    def completed(self, stage: str, digest: str) -> StageRecord | None:
+        """The stage's record if it finished with these inputs and every artifact still verifies."""
+        record = self.stages.get(stage)
+        if record is None or record.digest != digest:
+            return None
+        for key, sha in record.artifacts.items():
+            if self.store.checksum(key) != sha or not self.store.verify(key):
+                return None
+        return record
+
+    def record(self, stage: str, digest: str, artifacts: dict[str, str], result: dict | None = None) -> StageRecord:
+        record = StageRecord(digest, dict(artifacts), result or {}, time.time())
+        self.stages[stage] = record
+        self._write()
+        return record
+
+    def forget(self, stage: str) -> None:
+        if self.stages.pop(stage, None) is not None:
+            self._write()
+
+    def _write(self) -> None:
+        self.store.put_json(self.key, {"version": MANIFEST_VERSION, "job": self.job_id,
+                                       "stages": {name: asdict(r) for name, r in self.stages.items()}})
