@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     first = variant_spec(args, args.methods[0], args.ratios[0], args.out)
     source = preflight(first)
-    executor, dtype = LocalExecutor(sys.stderr), getattr(torch, args.dtype)
+    executor = LocalExecutor(sys.stderr)
     shared_store, scratch = LocalStore(args.out / "calibration"), args.out / "scratch"
     ppl_spec = first.evaluation.perplexity[0]
     windows = make_windows(tokenize(load_text(ppl_spec.data), source.tokenizer()), ppl_spec.window, ppl_spec.max_tokens)
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     with shared_meter.stage("calibrate"):
         tokens, _ = calibrate(first, source, shared_store, executor, scratch)
     with shared_meter.stage("evaluate dense"):
-        dense_ppl = perplexity(source, windows, dtype, 1, executor, "dense", None, scratch)
+        dense_ppl = perplexity(source, windows, args.dtype, 1, executor, "dense", None, scratch)
 
     rows = [{"method": "dense", "ratio": 0.0, "achieved": 0.0, "ppl": dense_ppl, "stages": shared_meter.as_rows()}]
     shapes = matrix_shapes(source, first)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
             with meter.stage("assemble"):
                 assemble(spec, source, layout, factor_store, executor, args.out / f"{method}-{ratio:g}" / "model")
             with meter.stage("evaluate"):
-                ppl = perplexity(SafetensorsSource(args.out / f"{method}-{ratio:g}" / "model"), windows, dtype, 1,
+                ppl = perplexity(SafetensorsSource(args.out / f"{method}-{ratio:g}" / "model"), windows, args.dtype, 1,
                                  executor, f"{method} {ratio:g}", layout, scratch)
             counts = parameter_counts(shapes, layout.by_layer, model_total=0)
             rows.append({"method": method, "ratio": ratio, "achieved": counts["achieved_compression"], "ppl": ppl,

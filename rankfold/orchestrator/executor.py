@@ -1,13 +1,16 @@
-"""Executors run stage calls. LocalExecutor: in this process, in order, with progress lines.
+"""Executors run stage work. LocalExecutor: in this process, in order, with progress lines.
 
-The pipeline hands an executor independent calls (one per layer or matrix group); a distributed
-executor maps the very same stage functions onto workers.
+The pipeline hands an executor two kinds of work:
+- `map(fn, items)`: independent items (one per matrix group or layer) of a top-level function;
+- shards (`actors` + `call_all` / `call_each`): stateful workers that each hold a slice of the
+  token sequences and walk the layers in lockstep (calibration, evaluation).
+The Ray executor (ray_executor.py) runs the very same functions and classes on a cluster.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Callable, Sequence, TextIO, TypeVar
+from typing import Any, Callable, Sequence, TextIO, TypeVar
 
 from rankfold.orchestrator.progress import progress
 
@@ -16,6 +19,9 @@ Result = TypeVar("Result")
 
 
 class LocalExecutor:
+    workers = 1                          # one shard: exactly the sequential computation
+    threads_per_worker: int | None = None  # keep this process's torch threads
+
     def __init__(self, stream: TextIO | None = sys.stderr):
         self.stream = stream
 
@@ -25,3 +31,19 @@ class LocalExecutor:
     def steps(self, items: Sequence[Item], stage: str):
         """Sequential steps that depend on each other (layer i feeds layer i+1), with progress."""
         return progress(items, stage, stream=self.stream)
+
+    def actors(self, cls: type, init_args: Sequence[tuple]) -> list[Any]:
+        return [cls(*args) for args in init_args]
+
+    def call_all(self, handles: Sequence[Any], method: str, *args) -> list[Any]:
+        return [getattr(handle, method)(*args) for handle in handles]
+
+    def call_each(self, handles: Sequence[Any], method: str, args_per_handle: Sequence[tuple]) -> list[Any]:
+        return [getattr(handle, method)(*args) for handle, args in zip(handles, args_per_handle, strict=True)]
+
+    def release(self, handles: Sequence[Any]) -> None:
+        for handle in handles:
+            handle.release()
+
+    def close(self) -> None:
+        pass

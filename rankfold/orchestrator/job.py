@@ -13,18 +13,17 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
-from rankfold.checkpoint import CheckpointError, read_index, verify_checkpoint
+from rankfold.checkpoint import CheckpointError, verify_checkpoint
 from rankfold.data.text import load_text, text_fingerprint, tokenize
 from rankfold.evaluation.report import format_report, model_parameter_total, parameter_counts
 from rankfold.jobs.spec import JobSpec, PerplexitySpec
-from rankfold.models.sources import ModelSource, SafetensorsSource
+from rankfold.models.sources import ModelSource, ModelSourceError, SafetensorsSource
 from rankfold.orchestrator.executor import LocalExecutor
 from rankfold.orchestrator.manifest import Manifest, digest_of
 from rankfold.orchestrator.metering import StageMeter
 from rankfold.orchestrator.pipeline import (RATIO_DEFINITION, ModelLayout, assemble, calibrate, decompose,
-                                            matrix_shapes, perplexity, plan_layout, prepare_output, preflight)
+                                            matrix_shapes, perplexity, place_checkpoint, plan_layout, prepare_output,
+                                            preflight)
 from rankfold.orchestrator.store import ArtifactStore, LocalStore, S3Store
 from rankfold.workers.evaluate import make_windows
 
@@ -65,7 +64,6 @@ def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr) -> dict:
     out = prepare_output(spec)
     scratch, checkpoint = out / "scratch", out / "model"
     meter, executor = StageMeter(), LocalExecutor(stream)
-    dtype = getattr(torch, spec.model.dtype)
     manifest = Manifest(store, digest_of(spec.canonical_json()))
     shapes = matrix_shapes(source, spec)
     layout = plan_layout(spec, source.architecture, shapes)
@@ -100,7 +98,7 @@ def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr) -> dict:
             stage = f"evaluate {label} {ppl.name}" + (f" #{k}" if k else "")
             digests[stage] = _perplexity_digest(base, ppl)
             row[label] = run_stage(stage, lambda: ({"perplexity": perplexity(
-                model, windows, dtype, ppl.batch_size, executor, f"perplexity {ppl.name} {label}", model_layout,
+                model, windows, spec.model.dtype, ppl.batch_size, executor, f"perplexity {ppl.name} {label}", model_layout,
                 scratch)}, {}))["perplexity"]
         rows.append(row)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -142,38 +140,28 @@ def _decompose(spec, source, layout, store, executor, digests) -> tuple[dict, di
 
 
 def _assemble(spec, source, layout, store, executor, checkpoint: Path, digests) -> tuple[dict, dict[str, str]]:
-    """The checkpoint folder in output.dir; with a remote store, every file of it uploaded as well."""
-    assemble(spec, source, layout, store, executor, checkpoint, factors_prefix=f"factors/{digests['decompose']}",
-             digest=digests["assemble"])
-    artifacts = {}
-    if not isinstance(store, LocalStore):
-        prefix = f"{CHECKPOINT_FILES}/{digests['assemble']}"
-        for path in sorted(p for p in checkpoint.iterdir() if p.is_file()):
-            artifacts[f"{prefix}/{path.name}"] = store.put_file(f"{prefix}/{path.name}", path)
+    """The checkpoint in the store (workers write its shards) and placed in output.dir/model."""
+    artifacts = assemble(spec, source, layout, store, executor, checkpoint,
+                         factors_prefix=f"factors/{digests['decompose']}", digest=digests["assemble"],
+                         checkpoint_prefix=f"{CHECKPOINT_FILES}/{digests['assemble']}")
     return {"folder": str(checkpoint)}, artifacts
 
 
 def _restore_checkpoint(store: ArtifactStore, record, checkpoint: Path, digest: str) -> bool:
-    """A finished assembly counts only if output.dir holds its verified checkpoint — fetched back from
-    the store when the folder is gone or damaged and the store has a copy."""
+    """A finished assembly counts only if output.dir holds its verified checkpoint — placed again
+    from the store when the folder is gone or damaged."""
     if _checkpoint_is(checkpoint, digest):
         return True
-    if not record.artifacts:
-        return False
     shutil.rmtree(checkpoint, ignore_errors=True)
-    checkpoint.mkdir(parents=True)
-    for key in sorted(record.artifacts, key=lambda k: k.endswith("index.json")):  # the index, last
-        with store.open_file(key) as path:
-            shutil.copyfile(path, checkpoint / Path(key).name)
+    place_checkpoint(store, record.artifacts, checkpoint)
     return _checkpoint_is(checkpoint, digest)
 
 
 def _checkpoint_is(folder: Path, digest: str) -> bool:
     try:
         verify_checkpoint(folder)
-        read_index(folder)
         config = SafetensorsSource(folder).config
-    except (CheckpointError, OSError, ValueError):
+    except (CheckpointError, ModelSourceError, OSError, ValueError):
         return False
     return getattr(config, "rankfold", {}).get("digest") == digest
 

@@ -8,6 +8,7 @@ never whole in memory: per layer, only its weights and the calibration activatio
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,9 @@ from rankfold.models.sources import ModelSource, ModelSourceError, SafetensorsSo
 from rankfold.orchestrator.executor import LocalExecutor
 from rankfold.orchestrator.metering import StageMeter
 from rankfold.orchestrator.store import ArtifactStore
-from rankfold.workers.activations import Activations
-from rankfold.workers.assemble import assemble_layer_state
-from rankfold.workers.calibrate import InputStats, propagate_layer
-from rankfold.workers.decompose import decompose_group
-from rankfold.workers.evaluate import make_windows, window_nll
-from rankfold.workers.layers import LayerRunner, embed, materialize_layer, runtime_config
+from rankfold.orchestrator.tasks import AssembleItem, DecomposeItem, run_assemble, run_decompose
+from rankfold.workers.calibrate import sum_stats
+from rankfold.workers.shard import SequenceShard
 
 JOB_FILE = "job.json"
 
@@ -94,39 +92,37 @@ def prepare_output(spec: JobSpec) -> Path:
 # ---------------------------------------------------------------- layer streaming (calibration + evaluation)
 
 
-def _embedded(source: ModelSource, tokens: torch.Tensor, batch_size: int, dtype: torch.dtype,
-              budget_bytes: int, spill_dir: Path) -> Activations:
-    table = source.embedding()
-    hidden = Activations(budget_bytes, spill_dir)
-    for batch in tokens.split(batch_size):
-        hidden.append(embed(batch, table, dtype))
-    return hidden
+def split_rows(rows: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """Contiguous, nearly equal shards (never an empty one) of (samples, seq) token ids."""
+    parts = max(1, min(parts, rows.shape[0]))
+    return [chunk for chunk in torch.tensor_split(rows, parts) if chunk.shape[0]]
 
 
-def stream_layers(source: ModelSource, hidden: Activations, dtype: torch.dtype, executor: LocalExecutor,
-                  stage: str, layout: ModelLayout | None = None,
-                  save_stats: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-                  budget_bytes: int = 2 << 30, spill_dir: Path | None = None,
-                  product_dtype: torch.dtype = torch.float64) -> Activations | None:
-    """Push `hidden` through every layer. With `save_stats`, each layer's input statistics are handed
-    to it (calibration); then the last layer's outputs are not kept."""
-    arch, config = source.architecture, runtime_config(source.config)
-    runner = LayerRunner(arch, config)
-    groups = arch.groups if save_stats is not None else ()
-    for i in executor.steps(range(source.num_layers), stage):
-        layer_layout = layout.by_layer[i] if layout else None
-        layer = materialize_layer(arch, config, i, source.layer_state(i), dtype, layout=layer_layout)
-        last = i == source.num_layers - 1
-        outputs = None if (save_stats is not None and last) else Activations(budget_bytes, spill_dir)
-        stats = propagate_layer(layer, runner, hidden, outputs, groups, product_dtype)
-        if save_stats is not None:
-            tensors = {}
-            for name, group_stats in stats.items():
-                tensors.update(group_stats.to_tensors(name))
-            save_stats(i, tensors)
-        hidden.release()
-        hidden = outputs
-    return hidden
+def stream_shards(executor: LocalExecutor, location: str, ids: torch.Tensor, spec_dtype: str, batch_size: int,
+                  stage: str, num_layers: int, budget_bytes: int, spill_dir: Path | None,
+                  layout: ModelLayout | None = None, product_dtype: str = "float64",
+                  on_stats: Callable[[int, dict[str, torch.Tensor]], None] | None = None):
+    """Push `ids` through every layer of the model at `location`, split over the executor's
+    workers (SequenceShards). With `on_stats`, each layer's input statistics, reduced over shards in
+    shard order, are handed to it (calibration). Returns the shards (their activations after the
+    last layer are kept only without `on_stats`) — release them with `executor.release`."""
+    parts = split_rows(ids, executor.workers)
+    shards = executor.actors(SequenceShard, [(location, spec_dtype, budget_bytes // len(parts),
+                                              str(spill_dir) if spill_dir else None, product_dtype,
+                                              executor.threads_per_worker)] * len(parts))
+    try:
+        executor.call_each(shards, "load", [(part, batch_size) for part in parts])
+        for i in executor.steps(range(num_layers), stage):
+            layer_layout = [m.to_json() for m in layout.by_layer[i]] if layout else None
+            last = i == num_layers - 1
+            partials = executor.call_all(shards, "advance", i, layer_layout, on_stats is not None,
+                                         not (on_stats is not None and last))
+            if on_stats is not None:
+                on_stats(i, sum_stats(partials))
+    except BaseException:
+        executor.release(shards)
+        raise
+    return shards
 
 
 def stats_key(layer: int, prefix: str = "stats") -> str:
@@ -147,17 +143,16 @@ def calibrate(spec: JobSpec, source: ModelSource, store: ArtifactStore, executor
     cal = spec.calibration
     tokens = tokenize(load_text(cal.data), source.tokenizer())
     samples = calibration_samples(tokens, cal.num_samples, cal.seq_len, cal.seed)
-    budget = cal.max_resident_mb << 20
-    dtype = getattr(torch, spec.model.dtype)
-    hidden = _embedded(source, samples, cal.batch_size, dtype, budget, scratch)
     artifacts: dict[str, str] = {}
 
     def save_stats(i: int, tensors: dict[str, torch.Tensor]) -> None:
         key = stats_key(i, prefix)
         artifacts[key] = store.put_tensors(key, tensors)
 
-    stream_layers(source, hidden, dtype, executor, "calibrate", save_stats=save_stats, budget_bytes=budget,
-                  spill_dir=scratch, product_dtype=getattr(torch, cal.gram_product_dtype))
+    shards = stream_shards(executor, source.location, samples, spec.model.dtype, cal.batch_size, "calibrate",
+                           source.num_layers, cal.max_resident_mb << 20, scratch,
+                           product_dtype=cal.gram_product_dtype, on_stats=save_stats)
+    executor.release(shards)
     return samples.numel(), artifacts
 
 
@@ -181,61 +176,64 @@ def plan_layout(spec: JobSpec, arch: Architecture, shapes: dict[int, dict[str, t
 def decompose(spec: JobSpec, source: ModelSource, layout: ModelLayout, stats_store: ArtifactStore,
               executor: LocalExecutor, factor_store: ArtifactStore | None = None, stats_prefix: str = "stats",
               factors_prefix: str = "factors") -> tuple[dict[str, float], dict[str, str]]:
-    """Factors of every compressed module, one call per (layer, input group), into `factor_store`
+    """Factors of every compressed module, one item per (layer, input group), into `factor_store`
     (default: the stats store; separate stores let one calibration serve many methods and ratios).
     A group whose factors already exist and verify is not recomputed (keys are content-addressed).
     Returns the decompositions' diagnostics keyed by full module path, and the artifacts."""
     arch = source.architecture
     factor_store = factor_store or stats_store
-    work = [(i, group) for i in range(source.num_layers) for group in arch.groups if layout.in_group(i, group)]
-
-    def run(item) -> tuple[dict[str, float], str, str]:
-        i, group = item
-        prefix, key = arch.layer_prefix.format(i=i), factors_key(i, group.name, factors_prefix)
-        if factor_store.verify(key):
-            diagnostics = json.loads(factor_store.get_metadata(key).get("diagnostics", "{}"))
-            sha = factor_store.checksum(key)
-        else:
-            modules = layout.in_group(i, group)
-            weights = {m: source.tensor(f"{prefix}{m}.weight") for module in modules for m in module.members}
-            stats = InputStats.from_tensors(stats_store.get_tensors(stats_key(i, stats_prefix)), group.name)
-            result = decompose_group(spec.method, weights, stats, modules)
-            tensors = {k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()}
-            diagnostics = result.diagnostics
-            sha = factor_store.put_tensors(key, tensors, metadata={"diagnostics": json.dumps(diagnostics)})
-        return {prefix + name: value for name, value in diagnostics.items()}, key, sha
-
+    items = [DecomposeItem(source.location, spec.method, arch.layer_prefix.format(i=i), group.name,
+                           tuple(m.to_json() for m in layout.in_group(i, group)), stats_store.ref(),
+                           stats_key(i, stats_prefix), factor_store.ref(), factors_key(i, group.name, factors_prefix))
+             for i in range(source.num_layers) for group in arch.groups if layout.in_group(i, group)]
     diagnostics: dict[str, float] = {}
     artifacts: dict[str, str] = {}
-    for part, key, sha in executor.map(run, work, "decompose"):
+    for part, key, sha in executor.map(run_decompose, items, "decompose"):
         diagnostics.update(part)
         artifacts[key] = sha
     return diagnostics, artifacts
 
 
 def assemble(spec: JobSpec, source: ModelSource, layout: ModelLayout, store: ArtifactStore, executor: LocalExecutor,
-             folder: Path, factors_prefix: str = "factors", digest: str | None = None) -> None:
-    """Write the compressed checkpoint: a shard per layer, globals, tokenizer, config; index last."""
-    arch, dtype = source.architecture, getattr(torch, spec.model.dtype)
+             folder: Path, factors_prefix: str = "factors", digest: str | None = None,
+             checkpoint_prefix: str | None = None) -> dict[str, str]:
+    """Write the compressed checkpoint into the store under `checkpoint_prefix` (a shard per layer,
+    written by the workers; globals, tokenizer, config; the index last), then place it in `folder`.
+    Returns the checkpoint's artifacts (key -> sha256)."""
+    arch = source.architecture
+    prefix = checkpoint_prefix or f"checkpoints/{digest or 'latest'}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / INDEX_NAME).unlink(missing_ok=True)  # whatever was here is not a finished checkpoint now
+    items = [AssembleItem(source.location, i, arch.layer_prefix.format(i=i),
+                          tuple(m.to_json() for m in layout.by_layer[i]), spec.model.dtype, store.ref(),
+                          tuple(factors_key(i, g.name, factors_prefix) for g in arch.groups if layout.in_group(i, g)),
+                          store.ref(), f"{prefix}/layers-{i:05d}.safetensors")
+             for i in range(source.num_layers)]
+    shards = executor.map(run_assemble, items, "assemble")
+    artifacts = {f"{prefix}/{shard.name}": shard.sha256 for shard in shards}
 
-    def layer_shard(i: int) -> ShardInfo:
-        fragment: dict[str, torch.Tensor] = {}
-        for group in arch.groups:
-            if layout.in_group(i, group):
-                fragment.update(store.get_tensors(factors_key(i, group.name, factors_prefix)))
-        state = assemble_layer_state(source.layer_state(i), fragment, layout.by_layer[i], dtype)
-        prefix = arch.layer_prefix.format(i=i)
-        return write_shard(folder, f"layers-{i:05d}.safetensors", {prefix + k: v for k, v in state.items()})
-
-    shards = executor.map(layer_shard, list(range(source.num_layers)), "assemble")
-    shards.append(write_shard(folder, "globals.safetensors", _global_tensors(source, dtype)))
-    source.tokenizer().save_pretrained(folder)
+    staging = folder / ".staging"  # small files made here, then stored
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    shards.append(write_shard(staging, "globals.safetensors", _global_tensors(source, getattr(torch, spec.model.dtype))))
+    source.tokenizer().save_pretrained(staging)
     meta = {"method": spec.method.model_dump(mode="json"), "target": spec.target.model_dump(mode="json"),
             "ratio_definition": RATIO_DEFINITION, "dtype": spec.model.dtype, "layout": layout.flat(arch),
             "ranks": layout.ranks(arch), "source": spec.model.source, "digest": digest}
-    write_index(folder, shards, _plain_config(source.config, spec.model.dtype), meta)
+    write_index(staging, shards, _plain_config(source.config, spec.model.dtype), meta)
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == INDEX_NAME):  # the index, last
+        artifacts[f"{prefix}/{path.name}"] = store.put_file(f"{prefix}/{path.name}", path)
+    shutil.rmtree(staging)
+    place_checkpoint(store, artifacts, folder)
+    return artifacts
+
+
+def place_checkpoint(store: ArtifactStore, artifacts: dict[str, str], folder: Path) -> None:
+    """Copy (local store: hard-link) a stored checkpoint into `folder`, its index last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / INDEX_NAME).unlink(missing_ok=True)
+    for key in sorted(artifacts, key=lambda k: k.endswith(INDEX_NAME)):
+        store.fetch(key, folder / key.rsplit("/", 1)[-1])
 
 
 RATIO_DEFINITION = ("compression = 1 - (parameters of the compressed matrices after / before), counted over the "
@@ -260,18 +258,16 @@ def _plain_config(config: PretrainedConfig, dtype: str) -> PretrainedConfig:
     return config
 
 
-def perplexity(source: ModelSource, windows: torch.Tensor, dtype: torch.dtype, batch_size: int,
+def perplexity(source: ModelSource, windows: torch.Tensor, dtype: str | torch.dtype, batch_size: int,
                executor: LocalExecutor, stage: str, layout: ModelLayout | None, scratch: Path) -> float:
-    """Streamed perplexity over non-overlapping windows (one layer resident at a time)."""
-    arch = source.architecture
-    hidden = _embedded(source, windows, batch_size, dtype, 2 << 30, scratch)
-    hidden = stream_layers(source, hidden, dtype, executor, stage, layout=layout, spill_dir=scratch)
-    norm = arch.build_final_norm(source.config)
-    norm.weight.data = source.final_norm().to(dtype)
-    head = source.lm_head().to(dtype)
-    total, count = 0.0, 0
-    for chunk, ids in zip(hidden, windows.split(batch_size)):
-        chunk_total, chunk_count = window_nll(chunk, norm, head, ids)
-        total, count = total + chunk_total, count + chunk_count
-    hidden.release()
+    """Streamed perplexity over non-overlapping windows: windows split over the executor's workers,
+    each streaming every layer (one resident at a time); summed NLL reduced on the driver."""
+    dtype = str(dtype).removeprefix("torch.")
+    shards = stream_shards(executor, source.location, windows, dtype, batch_size, stage, source.num_layers,
+                           2 << 30, scratch, layout=layout)
+    try:
+        parts = executor.call_all(shards, "nll")
+    finally:
+        executor.release(shards)
+    total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return float(torch.exp(torch.tensor(total / count, dtype=torch.float64)))

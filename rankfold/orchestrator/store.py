@@ -17,6 +17,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,8 +46,38 @@ def check_key(key: str) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class StoreRef:
+    """How to reopen a store in another process (a Ray worker): small, picklable, no credentials."""
+
+    kind: str  # "local" | "s3"
+    root: str = ""
+    bucket: str = ""
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+_OPEN: dict[StoreRef, "ArtifactStore"] = {}
+
+
+def open_ref(ref: StoreRef) -> "ArtifactStore":
+    """The store a ref names, opened once per process."""
+    if ref not in _OPEN:
+        if ref.kind == "local":
+            _OPEN[ref] = LocalStore(ref.root)
+        elif ref.kind == "s3":
+            _OPEN[ref] = S3Store(ref.bucket, ref.prefix, ref.endpoint_url, ref.region)
+        else:
+            raise ValueError(f"unknown store kind {ref.kind!r}")
+    return _OPEN[ref]
+
+
 class ArtifactStore(ABC):
     """Files in, files out; tensors and JSON on top. Subclasses move verified files."""
+
+    @abstractmethod
+    def ref(self) -> StoreRef: ...
 
     @abstractmethod
     def describe(self, key: str = "") -> str:
@@ -109,12 +140,20 @@ class ArtifactStore(ABC):
         with self.open_file(key) as path:
             return json.loads(path.read_text())
 
+    def fetch(self, key: str, destination: Path) -> None:
+        """Put `key`'s verified bytes at `destination` (a local file path)."""
+        with self.open_file(key) as path:
+            shutil.copyfile(path, destination)
+
 
 class LocalStore(ArtifactStore):
     """A folder. The checksum file is written after the data, so a crash in between reads as missing."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    def ref(self) -> StoreRef:
+        return StoreRef("local", root=str(self.root.resolve()))
 
     def describe(self, key: str = "") -> str:
         return str(self.root / key) if key else str(self.root)
@@ -169,6 +208,15 @@ class LocalStore(ArtifactStore):
             raise StoreError(f"artifact {self.describe(key)} is damaged: its sha256 differs from the recorded one")
         yield self.path(key)
 
+    def fetch(self, key: str, destination: Path) -> None:
+        """A hard link when on the same file system (no second copy of a large checkpoint)."""
+        with self.open_file(key) as path:
+            destination.unlink(missing_ok=True)
+            try:
+                os.link(path, destination)
+            except OSError:
+                shutil.copyfile(path, destination)
+
     def checksum(self, key: str) -> str | None:
         checksum_path = self._checksum_path(key)
         if not (checksum_path.is_file() and self.path(key).is_file()):
@@ -202,11 +250,15 @@ class S3Store(ArtifactStore):
         import boto3
         from botocore.config import Config
 
-        self.bucket, self.prefix, self.endpoint_url = bucket, prefix.strip("/"), endpoint_url
+        self.bucket, self.prefix, self.endpoint_url, self.region = bucket, prefix.strip("/"), endpoint_url, region
         self.client = client or boto3.client(
             "s3", endpoint_url=endpoint_url, region_name=region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
             config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60))
         self._check_access()
+
+    def ref(self) -> StoreRef:
+        return StoreRef("s3", bucket=self.bucket, prefix=self.prefix, endpoint_url=self.endpoint_url,
+                        region=self.region)
 
     def describe(self, key: str = "") -> str:
         where = f"s3://{self.bucket}/{self._object(key)}" if key else f"s3://{self.bucket}/{self.prefix}"

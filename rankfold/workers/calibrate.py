@@ -74,3 +74,14 @@ def propagate_layer(layer: nn.Module, runner: LayerRunner, inputs: Activations, 
         for handle in handles:
             handle.remove()
     return stats
+
+
+def sum_stats(partials: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Statistics tensors of several shards of the same layer, added in the given (shard) order."""
+    total = dict(partials[0])
+    for partial in partials[1:]:
+        if partial.keys() != total.keys():
+            raise ValueError("shards returned statistics of different groups")
+        for name, value in partial.items():
+            total[name] = total[name] + value
+    return total

@@ -1,0 +1,79 @@
+"""Stage work items as plain data, and the functions that run them — in this process or on a worker.
+
+An item names what it needs (model location, store refs, artifact keys) instead of holding it, so
+it pickles small and any process can run it; each process opens sources and stores once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from rankfold.checkpoint import ShardInfo
+from rankfold.jobs.spec import MethodSpec
+from rankfold.modules.layout import CompressedModule
+from rankfold.orchestrator.store import StoreRef, open_ref
+from rankfold.workers.assemble import assemble_layer_state
+from rankfold.workers.calibrate import InputStats
+from rankfold.workers.decompose import decompose_group
+from rankfold.workers.shard import cached_source
+
+
+@dataclass(frozen=True)
+class DecomposeItem:
+    source: str
+    method: MethodSpec
+    layer_prefix: str          # e.g. "model.layers.3."
+    group: str
+    modules: tuple[dict, ...]  # CompressedModule JSON, paths inside the layer
+    stats: StoreRef
+    stats_key: str
+    factors: StoreRef
+    factors_key: str
+
+
+def run_decompose(item: DecomposeItem) -> tuple[dict[str, float], str, str]:
+    """Factors of one (layer, input group) into the store; skipped when they already exist and verify.
+    Returns (diagnostics with full module paths, artifact key, sha256)."""
+    factor_store = open_ref(item.factors)
+    if factor_store.verify(item.factors_key):
+        diagnostics = json.loads(factor_store.get_metadata(item.factors_key).get("diagnostics", "{}"))
+        sha = factor_store.checksum(item.factors_key)
+    else:
+        source = cached_source(item.source)
+        modules = [CompressedModule.from_json(m) for m in item.modules]
+        weights = {m: source.tensor(f"{item.layer_prefix}{m}.weight") for module in modules for m in module.members}
+        stats = InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group)
+        result = decompose_group(item.method, weights, stats, modules)
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()}
+        diagnostics = result.diagnostics
+        sha = factor_store.put_tensors(item.factors_key, tensors, metadata={"diagnostics": json.dumps(diagnostics)})
+    return {item.layer_prefix + name: value for name, value in diagnostics.items()}, item.factors_key, sha
+
+
+@dataclass(frozen=True)
+class AssembleItem:
+    source: str
+    layer: int
+    layer_prefix: str
+    modules: tuple[dict, ...]
+    dtype: str
+    factors: StoreRef
+    factor_keys: tuple[str, ...]
+    checkpoint: StoreRef
+    shard_key: str             # where the shard goes; its file name is the shard's name in the index
+
+
+def run_assemble(item: AssembleItem) -> ShardInfo:
+    """One layer's checkpoint shard: dense tensors it keeps plus its factors, in the model dtype."""
+    source, factor_store = cached_source(item.source), open_ref(item.factors)
+    fragment: dict[str, torch.Tensor] = {}
+    for key in item.factor_keys:
+        fragment.update(factor_store.get_tensors(key))
+    modules = [CompressedModule.from_json(m) for m in item.modules]
+    state = assemble_layer_state(source.layer_state(item.layer), fragment, modules, getattr(torch, item.dtype))
+    tensors = {item.layer_prefix + k: v for k, v in state.items()}
+    sha = open_ref(item.checkpoint).put_tensors(item.shard_key, tensors)
+    return ShardInfo(item.shard_key.rsplit("/", 1)[-1], sha, tuple(sorted(tensors)))
