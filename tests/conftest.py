@@ -73,6 +73,12 @@ def tiny_spec_dict(model_dir: Path, out_dir: Path, method: str = "svd_llm", rati
     }
 
 
+# Credentials for the local S3 server; Ray workers get them from their node's environment, as a
+# cluster's nodes would from theirs (never shipped through Ray).
+TEST_AWS_ENV = {"AWS_ACCESS_KEY_ID": "rankfold-test", "AWS_SECRET_ACCESS_KEY": "rankfold-test",
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 def free_port() -> int:
     import socket
 
@@ -127,8 +133,7 @@ def s3_endpoint():
     """A real S3-compatible HTTP server on 127.0.0.1 (moto), with test credentials in the environment."""
     pytest.importorskip("moto")
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="rankfold-test", AWS_SECRET_ACCESS_KEY="rankfold-test",
-                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(TEST_AWS_ENV)
     process, endpoint = _start_s3()
     try:
         yield endpoint
@@ -161,3 +166,23 @@ def s3_bucket(s3_endpoint):
     name = f"rankfold-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A real local Ray cluster (`ray start --head`, 2 CPUs, 127.0.0.1 only); yields its address."""
+    import subprocess
+
+    pytest.importorskip("ray")
+    port = free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    env = {**os.environ, **TEST_AWS_ENV, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    start = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
+    result = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"ray start failed:\n{result.stdout}\n{result.stderr}")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)

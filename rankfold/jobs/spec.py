@@ -177,6 +177,18 @@ class OutputSpec(Strict):
     s3: S3Spec | None = None
 
 
+class ExecutionSpec(Strict):
+    """Where the stage work runs. Not part of the job's identity: the same job may resume elsewhere."""
+
+    # local: in this process. ray: Ray tasks and actors — embedded (`ray.init()`) without an address.
+    executor: Literal["local", "ray"] = "local"
+    # A Ray cluster: "host:6379" or "ray://host:10001"; also from RAY_ADDRESS.
+    address: str | None = None
+    # Data-parallel shards of the calibration and evaluation sequences (one actor each).
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: int = Field(1, ge=1)
+
+
 class JobSpec(Strict):
     version: Literal[1] = SPEC_VERSION
     model: ModelSpec
@@ -185,10 +197,11 @@ class JobSpec(Strict):
     calibration: CalibrationSpec
     evaluation: EvaluationSpec = EvaluationSpec()
     output: OutputSpec
+    execution: ExecutionSpec = ExecutionSpec()
 
     def canonical_json(self) -> str:
-        """Stable serialisation; its hash names the job's artifacts."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Stable serialisation of what the job computes (not where it runs); its hash is the job id."""
+        return json.dumps(self.model_dump(mode="json", exclude={"execution"}), sort_keys=True, separators=(",", ":"))
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:

@@ -19,11 +19,14 @@ Result = TypeVar("Result")
 
 
 class LocalExecutor:
-    workers = 1                          # one shard: exactly the sequential computation
     threads_per_worker: int | None = None  # keep this process's torch threads
 
-    def __init__(self, stream: TextIO | None = sys.stderr):
+    def __init__(self, stream: TextIO | None = sys.stderr, workers: int = 1):
         self.stream = stream
+        self.workers = workers  # shards, run one after another; 1 = the plain sequential computation
+
+    def describe(self) -> str:
+        return "local (in-process)"
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str) -> list[Result]:
         return [fn(item) for item in progress(items, stage, stream=self.stream)]

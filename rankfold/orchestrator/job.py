@@ -56,14 +56,33 @@ def _perplexity_digest(base: str, ppl: PerplexitySpec) -> str:
     return digest_of("ppl-v1", base, ppl.model_dump(mode="json", exclude={"name"}), text_fingerprint(ppl.data))
 
 
-def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr) -> dict:
-    """Compress, evaluate and report. Inputs (and the store) are checked before anything is written."""
+def make_executor(spec: JobSpec, stream: TextIO | None):
+    execution = spec.execution
+    if execution.executor == "local":
+        return LocalExecutor(stream)
+    from rankfold.orchestrator.ray_executor import RayExecutor
+
+    return RayExecutor(execution.address, execution.workers, execution.cpus_per_worker, stream)
+
+
+def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr, executor=None) -> dict:
+    """Compress, evaluate and report. Inputs (store and cluster too) are checked before anything is written."""
+    owns_executor = executor is None
+    executor = executor or make_executor(spec, stream)
+    try:
+        return _run_job(spec, stream, executor)
+    finally:
+        if owns_executor:
+            executor.close()
+
+
+def _run_job(spec: JobSpec, stream: TextIO | None, executor) -> dict:
     started = time.perf_counter()
     source = preflight(spec)
     store = open_store(spec)
     out = prepare_output(spec)
     scratch, checkpoint = out / "scratch", out / "model"
-    meter, executor = StageMeter(), LocalExecutor(stream)
+    meter = StageMeter()
     manifest = Manifest(store, digest_of(spec.canonical_json()))
     shapes = matrix_shapes(source, spec)
     layout = plan_layout(spec, source.architecture, shapes)
@@ -116,6 +135,7 @@ def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr) -> dict:
         "calibration_tokens": calibration["tokens"],
         "checkpoint": str(checkpoint),
         "artifacts": {"store": store.describe(), "manifest": manifest.key, "digests": digests},
+        "executor": executor.describe(),
         "reused_stages": reused,
         "perplexity": rows,
         "stages": meter.as_rows(),

@@ -1,0 +1,104 @@
+"""RayExecutor: the pipeline's stage work on Ray — embedded (`ray.init()`) or a cluster address.
+
+- `map` items become tasks (one per matrix group / layer), retried when their worker dies; they
+  read inputs from, and write results to, the artifact store, so a retry redoes one item only.
+- Shards become actors, one per worker, each holding its slice of the token sequences; the driver
+  calls them layer by layer and reduces what they return in shard order.
+Workers need rankfold importable: the same environment (local), or an image / runtime_env (cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Sequence, TextIO, TypeVar
+
+from rankfold.orchestrator.progress import progress
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached or used; the message names the address."""
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Ray retries an absent head for minutes; a plain TCP connect answers in seconds."""
+    import socket
+
+    host_port = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"Ray cluster address {address!r} is not HOST:PORT or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None
+
+
+class RayExecutor:
+    def __init__(self, address: str | None = None, workers: int = 2, cpus_per_worker: int = 1,
+                 stream: TextIO | None = sys.stderr, max_retries: int = 3):
+        import ray
+
+        self.ray, self.stream = ray, stream
+        self.workers, self.cpus_per_worker, self.max_retries = workers, cpus_per_worker, max_retries
+        self.threads_per_worker = cpus_per_worker
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self._started_here = False
+        if not ray.is_initialized():
+            if self.address and self.address != "auto":
+                _check_reachable(self.address)
+            try:
+                ray.init(address=self.address, include_dashboard=False, configure_logging=False,
+                         log_to_driver=stream is not None)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                where = self.address or "a new local Ray instance"
+                raise ClusterError(f"cannot reach the Ray cluster at {where}: {err}") from None
+            self._started_here = True
+
+    def describe(self) -> str:
+        return f"ray ({self.address or 'embedded'}, {self.workers} workers × {self.cpus_per_worker} CPU)"
+
+    def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str) -> list[Result]:
+        remote = self.ray.remote(num_cpus=self.cpus_per_worker, max_retries=self.max_retries)(fn)
+        refs = [remote.remote(item) for item in items]
+        for _ in progress(self._as_completed(refs), stage, total=len(refs), stream=self.stream):
+            pass
+        return self.ray.get(refs)  # in item order, whatever order they finished in
+
+    def _as_completed(self, refs: list) -> Any:
+        pending = list(refs)
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1)
+            self.ray.get(done)  # raise a task's error now, with its traceback
+            yield done[0]
+
+    def steps(self, items: Sequence[Item], stage: str):
+        return progress(items, stage, stream=self.stream)
+
+    def actors(self, cls: type, init_args: Sequence[tuple]) -> list[Any]:
+        actor = self.ray.remote(num_cpus=self.cpus_per_worker)(cls)
+        return [actor.remote(*args) for args in init_args]
+
+    def call_all(self, handles: Sequence[Any], method: str, *args) -> list[Any]:
+        return self.ray.get([getattr(handle, method).remote(*args) for handle in handles])
+
+    def call_each(self, handles: Sequence[Any], method: str, args_per_handle: Sequence[tuple]) -> list[Any]:
+        return self.ray.get([getattr(handle, method).remote(*args)
+                             for handle, args in zip(handles, args_per_handle, strict=True)])
+
+    def release(self, handles: Sequence[Any]) -> None:
+        """Let each shard delete its spilled activations, then end the actors."""
+        for handle in handles:
+            try:
+                self.ray.get(handle.release.remote())
+            except self.ray.exceptions.RayError:  # a dead actor has nothing left to release
+                pass
+            self.ray.kill(handle)
+
+    def close(self) -> None:
+        if self._started_here:
+            self.ray.shutdown()

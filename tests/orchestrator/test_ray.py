@@ -1,0 +1,120 @@
+"""The job through Ray, on a real local cluster (`ray start --head`, 2 CPUs on 127.0.0.1): the same
+compressed weights as in-process, artifacts in S3, and a clear error for an unreachable cluster."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rankfold.cli import EXIT_BAD_INPUT
+from rankfold.jobs.spec import parse_spec
+from rankfold.orchestrator.executor import LocalExecutor
+from rankfold.orchestrator.job import run_job
+from tests.conftest import tiny_spec_dict
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_executor(ray_cluster):
+    from rankfold.orchestrator.ray_executor import RayExecutor
+
+    executor = RayExecutor(address=ray_cluster, workers=2, cpus_per_worker=1, stream=None)
+    yield executor
+    executor.close()
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def test_ray_job_with_s3_matches_in_process(tmp_path, tiny_model_dir, ray_executor, s3_endpoint, s3_bucket):
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "ray", method="skipcat")
+    data["output"]["s3"] = {"bucket": s3_bucket, "endpoint_url": s3_endpoint}
+    ray_report = run_job(parse_spec(data), stream=None, executor=ray_executor)
+    assert ray_report["executor"].startswith("ray (127.0.0.1:")
+
+    data["output"] = {"dir": str(tmp_path / "local")}
+    local_report = run_job(parse_spec(data), stream=None, executor=LocalExecutor(None, workers=2))
+    assert ray_report["artifacts"]["digests"] == local_report["artifacts"]["digests"]
+    ray_weights, local_weights = _weights(tmp_path / "ray" / "model"), _weights(tmp_path / "local" / "model")
+    assert ray_weights.keys() == local_weights.keys()
+    for name in local_weights:  # same shards, same reduction order; only GEMM threading may differ
+        torch.testing.assert_close(ray_weights[name], local_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+    for ray_row, local_row in zip(ray_report["perplexity"], local_report["perplexity"]):
+        assert ray_row["compressed"] == pytest.approx(local_row["compressed"], rel=1e-6)
+        assert ray_row["dense"] == pytest.approx(local_row["dense"], rel=1e-6)
+
+
+def test_sharded_statistics_equal_sequential_ones(tmp_path, tiny_model_dir):
+    """Three shards reduced by addition give the one-pass statistics. Shards regroup the samples into
+    different batches, so float32 chunk products round differently: equal to ~1e-7, counts exactly."""
+    from rankfold.orchestrator.store import LocalStore
+
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "one")
+    data["evaluation"]["perplexity"] = []
+    one = run_job(parse_spec(data), stream=None, executor=LocalExecutor(None, workers=1))
+    data["output"]["dir"] = str(tmp_path / "three")
+    three = run_job(parse_spec(data), stream=None, executor=LocalExecutor(None, workers=3))
+    digest = one["artifacts"]["digests"]["calibrate"]
+    for layer in (0, 1):
+        key = f"stats/{digest}/layer-{layer:05d}.safetensors"
+        a, b = LocalStore(tmp_path / "one" / "artifacts").get_tensors(key), LocalStore(tmp_path / "three" / "artifacts").get_tensors(key)
+        for name in a:
+            if name.endswith(".count"):
+                assert torch.equal(a[name], b[name])
+            torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-6 * float(a[name].abs().max()), msg=name)
+    assert three["calibration_tokens"] == one["calibration_tokens"]
+
+
+def test_unreachable_cluster_is_named(tmp_path, tiny_model_dir):
+    """Through the real CLI in a fresh process (this one may already be connected to Ray)."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tiny_spec_dict(tiny_model_dir, tmp_path / "out")))
+    result = subprocess.run([sys.executable, "-m", "rankfold.cli", "run", str(tmp_path / "spec.yaml"),
+                             "--address", address], capture_output=True, text=True, timeout=120)
+    assert result.returncode == EXIT_BAD_INPUT
+    assert f"cannot reach the Ray cluster at {address}" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_smollm2_through_ray_gives_the_in_process_weights(tmp_path, ray_executor, shared_data):
+    """The real model: Ray (2 actors of 1 CPU, tasks on the cluster) vs in-process with the same 2
+    shards and 1 thread, so that even GEMM blocking matches: bit-identical weights."""
+    data = {
+        "model": {"source": "smollm2-135m"},
+        "method": {"name": "svd_llm"},
+        "target": {"ratio": 0.2},
+        "calibration": {"data": {"path": str(shared_data / "calibration" / "enwiki_excerpt.txt")},
+                        "num_samples": 16, "seq_len": 128, "batch_size": 4},
+        "evaluation": {"perplexity": [], "dense": False},
+        "output": {"dir": str(tmp_path / "ray")},
+    }
+    ray_report = run_job(parse_spec(data), stream=None, executor=ray_executor)
+    data["output"]["dir"] = str(tmp_path / "local")
+    threads = torch.get_num_threads()
+    local = LocalExecutor(None, workers=2)
+    local.threads_per_worker = 1
+    try:
+        local_report = run_job(parse_spec(data), stream=None, executor=local)
+    finally:
+        torch.set_num_threads(threads)
+    assert ray_report["ranks"] == local_report["ranks"]
+    ray_weights, local_weights = _weights(tmp_path / "ray" / "model"), _weights(tmp_path / "local" / "model")
+    assert ray_weights.keys() == local_weights.keys() and len(ray_weights) > 200
+    different = [k for k in local_weights if not torch.equal(ray_weights[k], local_weights[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
