@@ -44,7 +44,7 @@ class _GroupMath:
     @property
     def whitening(self) -> torch.Tensor:
         if self._factor is None:
-            self._factor = whitening_factor(self.stats.gram)
+            self._factor = whitening_factor(self.stats.symmetric_gram())
         return self._factor
 
 

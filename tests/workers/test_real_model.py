@@ -57,8 +57,8 @@ def test_whitened_svd_beats_plain_svd_on_real_activations(smollm2, shared_data):
     for i in range(2):
         state = smollm2.layer_state(i)
         for group in arch.groups:
-            stats, test_gram = fit[i][group.name], held_out[i][group.name].gram
-            factor = whitening_factor(stats.gram)
+            stats, test_gram = fit[i][group.name], held_out[i][group.name].symmetric_gram()
+            factor = whitening_factor(stats.symmetric_gram())
             for member in group.members:
                 weight = state[f"{member}.weight"]
                 rank = rank_for_ratio(*weight.shape, 0.4)
@@ -67,7 +67,7 @@ def test_whitened_svd_beats_plain_svd_on_real_activations(smollm2, shared_data):
                     "asvd": asvd_factors(weight, stats.mean_abs, rank),
                     "svd_llm": svd_llm_factors(weight, factor, rank),
                 }
-                fit_err = {k: _weighted_error(weight, *f, stats.gram) for k, f in errors.items()}
+                fit_err = {k: _weighted_error(weight, *f, stats.symmetric_gram()) for k, f in errors.items()}
                 test_err = {k: _weighted_error(weight, *f, test_gram) for k, f in errors.items()}
                 assert fit_err["svd_llm"] < fit_err["asvd"] < fit_err["svd"], (i, member, fit_err)
                 assert test_err["svd_llm"] < test_err["svd"], (i, member, test_err)
