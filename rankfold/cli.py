@@ -34,6 +34,52 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from rankfold.orchestrator.submit import job_api_address, submit
+
+    submission_id = submit(args.spec, args.address, args.workers)
+    where = f" --address {args.address}" if args.address else ""
+    print(submission_id)
+    print(f"submitted to {job_api_address(args.address)}; follow with: rankfold logs {submission_id} --follow{where}",
+          file=sys.stderr)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rankfold.orchestrator.submit import status
+
+    info = status(args.job, args.address)
+    print(f"{info['id']}  {info['status']}  {info['spec']}  -> {info['output']}" +
+          (f"\n  {info['message']}" if info["message"] else ""))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from rankfold.orchestrator.submit import logs
+
+    text = logs(args.job, args.address, follow=args.follow, stream=sys.stdout)
+    print(text, end="")
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from rankfold.orchestrator.submit import cancel
+
+    print(f"{args.job}: {'stop requested' if cancel(args.job, args.address) else 'already finished'}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from rankfold.orchestrator.submit import list_jobs
+
+    jobs = list_jobs(args.address)
+    for job in jobs:
+        print(f"{job['id']}  {job['status']:9s}  {job['started']}  {job['spec']}  -> {job['output']}")
+    if not jobs:
+        print("no rankfold jobs on this cluster", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankfold", description="Low-rank compression of LLMs, layer by layer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -44,6 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (implies --executor ray)")
     run.add_argument("--workers", type=int, help="override execution.workers")
     run.set_defaults(handler=_run)
+
+    api = "Ray Job API address (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS if http, or http://127.0.0.1:8265)"
+    submit = commands.add_parser("submit", help="submit a job to a Ray cluster (Job API)")
+    submit.add_argument("spec", help="job spec (YAML or JSON)")
+    submit.add_argument("--address", help=api)
+    submit.add_argument("--workers", type=int, help="override execution.workers")
+    submit.set_defaults(handler=_submit)
+    for name, handler, text in (("status", _status, "a submitted job's state"),
+                                ("logs", _logs, "a submitted job's log (progress lines, report)"),
+                                ("cancel", _cancel, "stop a submitted job")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("job", help="submission id printed by `rankfold submit`")
+        command.add_argument("--address", help=api)
+        if name == "logs":
+            command.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+        command.set_defaults(handler=handler)
+    listing = commands.add_parser("list", help="rankfold jobs on the cluster")
+    listing.add_argument("--address", help=api)
+    listing.set_defaults(handler=_list)
     return parser
 
 

@@ -170,19 +170,25 @@ def s3_bucket(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """A real local Ray cluster (`ray start --head`, 2 CPUs, 127.0.0.1 only); yields its address."""
+    """A real local Ray cluster (`ray start --head`, 2 CPUs, 127.0.0.1 only, Job API on a free port);
+    yields {"address": GCS HOST:PORT, "api": http://HOST:PORT}. Token auth is off on both sides
+    (RAY_AUTH_MODE=disabled), as Ray requires the setting to agree."""
     import subprocess
+    import sys
 
     pytest.importorskip("ray")
-    port = free_port()
+    port, dashboard = free_port(), free_port()
     temp = tmp_path_factory.mktemp("ray")
-    env = {**os.environ, **TEST_AWS_ENV, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
-    start = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
-    result = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+    bin_dir = str(Path(sys.executable).parent)  # jobs run `python -m rankfold.cli`: this environment's
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env = {**os.environ, **TEST_AWS_ENV, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    start = [str(Path(bin_dir) / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={temp}"]
+    result = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     if result.returncode != 0:
         raise RuntimeError(f"ray start failed:\n{result.stdout}\n{result.stderr}")
     try:
-        yield f"127.0.0.1:{port}"
+        yield {"address": f"127.0.0.1:{port}", "api": f"http://127.0.0.1:{dashboard}"}
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([str(Path(bin_dir) / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -23,14 +23,14 @@ class ClusterError(RuntimeError):
     """The Ray cluster cannot be reached or used; the message names the address."""
 
 
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Ray retries an absent head for minutes; a plain TCP connect answers in seconds."""
     import socket
 
-    host_port = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host_port = address.split("://", 1)[-1].split("/", 1)[0]
     host, _, port = host_port.rpartition(":")
     if not host or not port.isdigit():
-        raise ClusterError(f"Ray cluster address {address!r} is not HOST:PORT or ray://HOST:PORT")
+        raise ClusterError(f"Ray cluster address {address!r} is not HOST:PORT or SCHEME://HOST:PORT")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             pass
@@ -50,7 +50,7 @@ class RayExecutor:
         self._started_here = False
         if not ray.is_initialized():
             if self.address and self.address != "auto":
-                _check_reachable(self.address)
+                check_reachable(self.address)
             try:
                 ray.init(address=self.address, include_dashboard=False, configure_logging=False,
                          log_to_driver=stream is not None)

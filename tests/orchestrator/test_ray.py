@@ -20,7 +20,7 @@ ray = pytest.importorskip("ray")
 def ray_executor(ray_cluster):
     from rankfold.orchestrator.ray_executor import RayExecutor
 
-    executor = RayExecutor(address=ray_cluster, workers=2, cpus_per_worker=1, stream=None)
+    executor = RayExecutor(address=ray_cluster["address"], workers=2, cpus_per_worker=1, stream=None)
     yield executor
     executor.close()
 

@@ -1,0 +1,124 @@
+"""Jobs on a Ray cluster through Ray's Job API: submit, status, logs, cancel, list.
+
+`submit` checks the spec and its inputs here (a bad spec never reaches the cluster), makes every
+path in it absolute, and ships it as the job's working directory; the job runs `rankfold run` on the
+cluster with the Ray executor, so its progress lines are the job's log. Paths must be readable
+where the job runs (the same machine, or a shared file system); artifacts belong in S3 for clusters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from rankfold.jobs.spec import JobSpec, load_spec, parse_spec
+from rankfold.orchestrator.manifest import digest_of
+from rankfold.orchestrator.ray_executor import ClusterError, check_reachable
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+METADATA_KEY = "rankfold_job"
+
+
+def job_api_address(address: str | None = None) -> str:
+    """--address, else RAY_API_SERVER_ADDRESS, else an http RAY_ADDRESS, else the local dashboard."""
+    if address:
+        return address
+    for variable in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        value = os.environ.get(variable, "")
+        if value.startswith(("http://", "https://")):
+            return value
+    return DEFAULT_ADDRESS
+
+
+def job_client(address: str | None = None):
+    from ray.job_submission import JobSubmissionClient
+
+    url = job_api_address(address)
+    check_reachable(url.split("://", 1)[-1])
+    try:
+        return JobSubmissionClient(url)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ClusterError(f"cannot use the Ray Job API at {url}: {err}") from None
+
+
+def absolute_spec(spec: JobSpec) -> dict:
+    """The spec as data with every local path made absolute (the job runs in another directory)."""
+    data = spec.model_dump(mode="json")
+    source = Path(data["model"]["source"])
+    if source.exists():
+        data["model"]["source"] = str(source.resolve())
+    texts = [data["calibration"]["data"]] + [p["data"] for p in data["evaluation"]["perplexity"]]
+    for text in texts:
+        if text.get("path"):
+            text["path"] = str(Path(text["path"]).resolve())
+    data["output"]["dir"] = str(Path(data["output"]["dir"]).resolve())
+    return data
+
+
+def submit(spec_path: str | Path, address: str | None = None, workers: int | None = None) -> str:
+    """Validate and submit; returns the submission id."""
+    from rankfold.orchestrator.pipeline import preflight
+
+    spec = load_spec(spec_path)
+    preflight(spec)  # a missing model or data file is an error here, not on the cluster
+    data = absolute_spec(spec)
+    data["execution"].update(executor="ray", address=None)  # inside a Ray job, RAY_ADDRESS names the cluster
+    if workers is not None:
+        data["execution"]["workers"] = workers
+    spec = parse_spec(data, origin=str(spec_path))
+    client = job_client(address)
+    job_id = digest_of(spec.canonical_json())
+    with tempfile.TemporaryDirectory(prefix="rankfold-submit-") as folder:
+        (Path(folder) / "spec.json").write_text(json.dumps(data, indent=2))
+        return client.submit_job(
+            entrypoint="python -m rankfold.cli run spec.json",
+            runtime_env={"working_dir": folder},
+            submission_id=f"rankfold-{job_id[:12]}-{int(time.time())}",
+            metadata={METADATA_KEY: job_id, "spec": Path(spec_path).name, "output": data["output"]["dir"]})
+
+
+def _known(call, submission_id: str):
+    try:
+        return call()
+    except RuntimeError as err:  # the Job API answers an unknown id with a bare RuntimeError
+        raise ClusterError(f"job {submission_id}: {err}") from None
+
+
+def status(submission_id: str, address: str | None = None) -> dict:
+    client = job_client(address)
+    info = _known(lambda: client.get_job_info(submission_id), submission_id)
+    return {"id": submission_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+            "message": info.message or "", "spec": (info.metadata or {}).get("spec", ""),
+            "output": (info.metadata or {}).get("output", "")}
+
+
+def logs(submission_id: str, address: str | None = None, follow: bool = False, stream=None) -> str:
+    client = job_client(address)
+    if not follow:
+        return _known(lambda: client.get_job_logs(submission_id), submission_id)
+    import asyncio
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(submission_id):
+            print(lines, end="", file=stream, flush=True)
+
+    asyncio.run(tail())
+    return ""
+
+
+def cancel(submission_id: str, address: str | None = None) -> bool:
+    client = job_client(address)
+    return bool(_known(lambda: client.stop_job(submission_id), submission_id))
+
+
+def list_jobs(address: str | None = None) -> list[dict]:
+    """rankfold's jobs on the cluster, oldest first."""
+    jobs = [job for job in job_client(address).list_jobs() if METADATA_KEY in (job.metadata or {})]
+    jobs.sort(key=lambda job: job.start_time or 0)
+    return [{"id": job.submission_id, "status": str(job.status.value if hasattr(job.status, "value") else job.status),
+             "spec": job.metadata.get("spec", ""), "output": job.metadata.get("output", ""),
+             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((job.start_time or 0) / 1000))}
+            for job in jobs]

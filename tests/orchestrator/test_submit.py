@@ -1,0 +1,68 @@
+"""`rankfold submit | status | logs | list | cancel` against a real local Ray cluster's Job API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_spec_dict
+
+pytest.importorskip("ray")
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rankfold.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+
+
+def _wait(job: str, api: str, states: set[str], timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _cli("status", job, "--address", api).stdout.split()[1]
+        if state in states:
+            return state
+        time.sleep(2)
+    raise AssertionError(f"job {job} did not reach {states} in {timeout} s")
+
+
+def test_submit_status_logs_list(tmp_path, tiny_model_dir, ray_cluster):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec_dict(tiny_model_dir, tmp_path / "out")))
+    submitted = _cli("submit", str(spec), "--address", ray_cluster["api"])
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip()
+    assert job.startswith("rankfold-")
+    assert _wait(job, ray_cluster["api"], {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", \
+        _cli("logs", job, "--address", ray_cluster["api"]).stdout[-3000:]
+    log = _cli("logs", job, "--address", ray_cluster["api"]).stdout
+    assert "(2/2) calibrate" in log and "compressed ppl" in log  # progress lines and the report
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["executor"].startswith("ray (")
+    listing = _cli("list", "--address", ray_cluster["api"]).stdout
+    assert job in listing and "SUCCEEDED" in listing
+
+
+def test_cancel_stops_a_running_job(tmp_path, tiny_model_dir, ray_cluster):
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "out")
+    data["calibration"].update(num_samples=4000, seq_len=256)  # long enough to be cancelled mid-way
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    job = _cli("submit", str(tmp_path / "spec.yaml"), "--address", ray_cluster["api"]).stdout.strip()
+    _wait(job, ray_cluster["api"], {"RUNNING"}, timeout=120)
+    assert _cli("cancel", job, "--address", ray_cluster["api"]).returncode == 0
+    assert _wait(job, ray_cluster["api"], {"STOPPED", "SUCCEEDED", "FAILED"}) == "STOPPED"
+
+
+def test_bad_input_never_reaches_the_cluster(tmp_path, tiny_model_dir, ray_cluster):
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "out")
+    data["calibration"]["data"]["path"] = str(tmp_path / "missing.txt")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    result = _cli("submit", str(tmp_path / "spec.yaml"), "--address", ray_cluster["api"])
+    assert result.returncode == 2 and "missing.txt" in result.stderr and "file not found" in result.stderr
+    unknown = _cli("status", "rankfold-nope", "--address", ray_cluster["api"])
+    assert unknown.returncode == 2 and "rankfold-nope" in unknown.stderr
