@@ -192,3 +192,13 @@ def ray_cluster(tmp_path_factory):
         yield {"address": f"127.0.0.1:{port}", "api": f"http://127.0.0.1:{dashboard}"}
     finally:
         subprocess.run([str(Path(bin_dir) / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def ray_executor(ray_cluster):
+    """This process connected to the local cluster: 2 workers of 1 CPU."""
+    from rankfold.orchestrator.ray_executor import RayExecutor
+
+    executor = RayExecutor(address=ray_cluster["address"], workers=2, cpus_per_worker=1, stream=None)
+    yield executor
+    executor.close()

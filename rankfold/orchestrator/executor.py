@@ -41,6 +41,9 @@ class LocalExecutor:
     def call_all(self, handles: Sequence[Any], method: str, *args) -> list[Any]:
         return [getattr(handle, method)(*args) for handle in handles]
 
+    def call_all_settled(self, handles: Sequence[Any], method: str, *args) -> list[Any]:
+        return self.call_all(handles, method, *args)  # in-process, a failure is the job's failure
+
     def call_each(self, handles: Sequence[Any], method: str, args_per_handle: Sequence[tuple]) -> list[Any]:
         return [getattr(handle, method)(*args) for handle, args in zip(handles, args_per_handle, strict=True)]
 

@@ -8,6 +8,7 @@ never whole in memory: per layer, only its weights and the calibration activatio
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from rankfold.models.architecture import Architecture, LinearGroup
 from rankfold.modules.layout import CompressedModule, member_ranks
 from rankfold.models.sources import ModelSource, ModelSourceError, SafetensorsSource, open_source
 from rankfold.orchestrator.executor import LocalExecutor
+from rankfold.orchestrator.ray_executor import ShardLost
 from rankfold.orchestrator.metering import StageMeter
 from rankfold.orchestrator.store import ArtifactStore
 from rankfold.orchestrator.tasks import AssembleItem, DecomposeItem, run_assemble, run_decompose
@@ -31,6 +33,7 @@ from rankfold.workers.calibrate import sum_stats
 from rankfold.workers.shard import SequenceShard
 
 JOB_FILE = "job.json"
+log = logging.getLogger("rankfold.pipeline")
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,9 @@ def split_rows(rows: torch.Tensor, parts: int) -> list[torch.Tensor]:
     return [chunk for chunk in torch.tensor_split(rows, parts) if chunk.shape[0]]
 
 
+MAX_SHARD_REBUILDS = 3
+
+
 def stream_shards(executor: LocalExecutor, location: str, ids: torch.Tensor, spec_dtype: str, batch_size: int,
                   stage: str, num_layers: int, budget_bytes: int, spill_dir: Path | None,
                   layout: ModelLayout | None = None, product_dtype: str = "float64",
@@ -105,18 +111,37 @@ def stream_shards(executor: LocalExecutor, location: str, ids: torch.Tensor, spe
     """Push `ids` through every layer of the model at `location`, split over the executor's
     workers (SequenceShards). With `on_stats`, each layer's input statistics, reduced over shards in
     shard order, are handed to it (calibration). Returns the shards (their activations after the
-    last layer are kept only without `on_stats`) — release them with `executor.release`."""
+    last layer are kept only without `on_stats`) — release them with `executor.release`.
+
+    A shard whose worker dies is rebuilt: a new actor re-embeds its sequences and replays the layers
+    before the current one (no statistics), then runs it — same inputs, same results."""
     parts = split_rows(ids, executor.workers)
-    shards = executor.actors(SequenceShard, [(location, spec_dtype, budget_bytes // len(parts),
-                                              str(spill_dir) if spill_dir else None, product_dtype,
-                                              executor.threads_per_worker)] * len(parts))
+    init = (location, spec_dtype, budget_bytes // len(parts), str(spill_dir) if spill_dir else None, product_dtype,
+            executor.threads_per_worker)
+    shards = executor.actors(SequenceShard, [init] * len(parts))
+    rebuilds = [0] * len(parts)
+    layer_layout = lambda i: [m.to_json() for m in layout.by_layer[i]] if layout else None  # noqa: E731
+
+    def rebuild(k: int, upto: int, reason: str) -> None:
+        rebuilds[k] += 1
+        if rebuilds[k] > MAX_SHARD_REBUILDS:
+            raise RuntimeError(f"{stage}: shard {k} lost {rebuilds[k]} times (last: {reason}); giving up")
+        log.warning("%s: shard %d lost at layer %d (%s); rebuilding it", stage, k, upto, reason)
+        shards[k] = executor.actors(SequenceShard, [init])[0]
+        executor.call_each([shards[k]], "load", [(parts[k], batch_size)])
+        for j in range(upto):
+            executor.call_each([shards[k]], "advance", [(j, layer_layout(j), False, True)])
+
     try:
         executor.call_each(shards, "load", [(part, batch_size) for part in parts])
         for i in executor.steps(range(num_layers), stage):
-            layer_layout = [m.to_json() for m in layout.by_layer[i]] if layout else None
-            last = i == num_layers - 1
-            partials = executor.call_all(shards, "advance", i, layer_layout, on_stats is not None,
-                                         not (on_stats is not None and last))
+            args = (i, layer_layout(i), on_stats is not None, not (on_stats is not None and i == num_layers - 1))
+            partials = executor.call_all_settled(shards, "advance", *args)
+            for k, partial in enumerate(partials):
+                while isinstance(partial, ShardLost):
+                    rebuild(k, i, partial.reason)
+                    partial = executor.call_all_settled([shards[k]], "advance", *args)[0]
+                partials[k] = partial
             if on_stats is not None:
                 on_stats(i, sum_stats(partials))
     except BaseException:

@@ -23,6 +23,13 @@ class ClusterError(RuntimeError):
     """The Ray cluster cannot be reached or used; the message names the address."""
 
 
+class ShardLost:
+    """A shard's actor died (its process was killed, or its node lost); the driver rebuilds it."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Ray retries an absent head for minutes; a plain TCP connect answers in seconds."""
     import socket
@@ -85,6 +92,17 @@ class RayExecutor:
 
     def call_all(self, handles: Sequence[Any], method: str, *args) -> list[Any]:
         return self.ray.get([getattr(handle, method).remote(*args) for handle in handles])
+
+    def call_all_settled(self, handles: Sequence[Any], method: str, *args) -> list[Any]:
+        """Like call_all, but a shard whose worker died yields a ShardLost instead of raising."""
+        refs = [getattr(handle, method).remote(*args) for handle in handles]
+        results = []
+        for ref in refs:
+            try:
+                results.append(self.ray.get(ref))
+            except self.ray.exceptions.RayActorError as err:
+                results.append(ShardLost(str(err).splitlines()[0]))
+        return results
 
     def call_each(self, handles: Sequence[Any], method: str, args_per_handle: Sequence[tuple]) -> list[Any]:
         return self.ray.get([getattr(handle, method).remote(*args)

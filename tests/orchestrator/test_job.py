@@ -180,3 +180,22 @@ def test_ill_conditioned_skip_block_is_a_clear_error(tmp_path, tiny_model_dir, c
     assert main(["run", str(tmp_path / "spec.yaml")]) == EXIT_FAILED
     assert "cond(A₁)" in capsys.readouterr().err
     assert not (tmp_path / "out" / "model" / INDEX_NAME).exists()  # no finished checkpoint claimed
+
+
+def test_interrupted_job_resumes_at_its_first_unfinished_stage(tmp_path, tiny_model_dir, monkeypatch):
+    import rankfold.orchestrator.job as job_module
+
+    spec = parse_spec(tiny_spec_dict(tiny_model_dir, tmp_path / "out", method="skip"))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # the driver stopped (Ctrl-C) during assembly
+
+    monkeypatch.setattr(job_module, "assemble", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(spec, stream=None)
+    monkeypatch.undo()
+    resumed = run_job(spec, stream=None)
+    assert resumed["reused_stages"][:2] == ["calibrate", "decompose"] and "assemble" not in resumed["reused_stages"]
+    assert {row["stage"] for row in resumed["stages"]} >= {"assemble"} and "calibrate" not in {
+        row["stage"] for row in resumed["stages"]}
+    rankfold.load(tmp_path / "out" / "model")  # complete and verified

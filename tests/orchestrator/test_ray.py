@@ -16,15 +16,6 @@ from tests.conftest import tiny_spec_dict
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def ray_executor(ray_cluster):
-    from rankfold.orchestrator.ray_executor import RayExecutor
-
-    executor = RayExecutor(address=ray_cluster["address"], workers=2, cpus_per_worker=1, stream=None)
-    yield executor
-    executor.close()
-
-
 def _weights(folder) -> dict[str, torch.Tensor]:
     tensors = {}
     for shard in sorted(folder.glob("*.safetensors")):

@@ -1,0 +1,82 @@
+"""Faults on a real local Ray cluster: a worker process killed by pid mid-stage (a calibration
+shard's actor, a decomposition task) is replaced, and the job's artifacts are bit-identical to
+those of an undisturbed run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rankfold.jobs.spec import parse_spec
+from rankfold.orchestrator.job import run_job
+from tests.conftest import tiny_spec_dict
+
+pytest.importorskip("ray")
+
+
+def _killer(marker: Path, stop: threading.Event, killed: list[int]) -> threading.Thread:
+    """Kill (SIGKILL) the process whose pid appears in `marker`, once; record the pid."""
+    def watch() -> None:
+        while not stop.is_set():
+            if marker.is_file() and marker.read_text().strip():
+                pid = int(marker.read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _artifacts(report: dict, out: Path) -> dict[str, str]:
+    from rankfold.orchestrator.manifest import Manifest
+    from rankfold.orchestrator.store import LocalStore
+
+    manifest = Manifest(LocalStore(out / "artifacts"), report["artifacts"]["manifest"].split("/")[1])
+    return {key: sha for stage in ("calibrate", "decompose", "assemble")
+            for key, sha in manifest.stages[stage].artifacts.items()}
+
+
+def test_killed_workers_are_replaced_and_artifacts_bit_identical(tmp_path, tiny_model_dir, ray_executor, monkeypatch):
+    import rankfold.orchestrator.pipeline as pipeline
+    from rankfold.workers.shard import SequenceShard
+
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "clean", method="skipcat")
+    data["evaluation"]["perplexity"] = []
+    clean = run_job(parse_spec(data), stream=None, executor=ray_executor)
+
+    shard_marker, task_marker = tmp_path / "shard.pid", tmp_path / "task.pid"
+
+    class ShardKilledOnce(SequenceShard):  # pickled by value: the workers see this subclass
+        def advance(self, index, *args):
+            if index == 1 and not shard_marker.exists():
+                shard_marker.write_text(str(os.getpid()))
+                time.sleep(60)  # killed here, in the middle of layer 1
+            return super().advance(index, *args)
+
+    run_decompose = pipeline.run_decompose
+
+    def decompose_killed_once(item):
+        if not task_marker.exists():
+            task_marker.write_text(str(os.getpid()))
+            time.sleep(60)
+        return run_decompose(item)
+
+    monkeypatch.setattr(pipeline, "SequenceShard", ShardKilledOnce)
+    monkeypatch.setattr(pipeline, "run_decompose", decompose_killed_once)
+    stop, killed = threading.Event(), []
+    killers = [_killer(shard_marker, stop, killed), _killer(task_marker, stop, killed)]
+    data["output"]["dir"] = str(tmp_path / "killed")
+    try:
+        disturbed = run_job(parse_spec(data), stream=None, executor=ray_executor)
+    finally:
+        stop.set()
+    assert len(killed) == 2 and all(not k.is_alive() for k in killers)  # both workers died mid-stage
+    assert _artifacts(disturbed, tmp_path / "killed") == _artifacts(clean, tmp_path / "clean")
