@@ -157,3 +157,15 @@ def test_modules_give_the_same_logits_through_the_kernel(monkeypatch, skip):
     want = want[0] if isinstance(want, tuple) else want
     got = got[0] if isinstance(got, tuple) else got
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("skip", [False, True])
+def test_torch_path_matches_fp64_reference(dtype, skip):
+    """The CPU path of the compressed modules, in every dtype a model may run in."""
+    x, a, bs, permutation = _problem(72, 24, [40, 12], (3, 11), skip, seed=9)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    outputs = shared_lowrank(cast(x), cast(a), [cast(b) for b in bs], permutation, backend="torch")
+    for b, got in zip(bs, outputs):
+        assert got.dtype == dtype
+        assert _relative(got, shared_lowrank_torch(x, a, b, permutation)) < TOLERANCE[dtype]
