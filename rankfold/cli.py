@@ -11,6 +11,7 @@ from rankfold.data.text import DataError
 from rankfold.jobs.spec import SpecError, load_spec, parse_spec
 from rankfold.models.sources import ModelSourceError
 from rankfold.orchestrator.ray_executor import ClusterError
+from rankfold.orchestrator.cron import CronError
 from rankfold.orchestrator.store import StoreError
 from rankfold.workers.decompose import DecompositionError
 
@@ -80,6 +81,66 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule(args: argparse.Namespace) -> int:
+    from rankfold.orchestrator.schedule import Registry
+
+    entry = Registry(args.registry).add(args.spec, args.cron, args.address, args.name)
+    print(f"{entry.name}: '{entry.cron}' -> next run {entry.next_run} (run `rankfold scheduler` to submit runs)")
+    return 0
+
+
+def _schedules(args: argparse.Namespace) -> int:
+    from rankfold.orchestrator.schedule import Registry
+
+    registry = Registry(args.registry)
+    if args.remove:
+        return 0 if registry.remove(args.remove) else EXIT_BAD_INPUT
+    for entry in registry.entries():
+        print(f"{entry.name}  '{entry.cron}'  next {entry.next_run}  last {entry.last_run or '-'}  {entry.spec}")
+    return 0
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from rankfold.orchestrator.schedule import Registry, run_due, scheduler_loop
+    from rankfold.orchestrator.submit import submit
+
+    registry = Registry(args.registry)
+    if args.once:
+        now = datetime.fromisoformat(args.now) if args.now else datetime.now()
+        run_due(registry, now, submit, log=lambda line: print(line, flush=True))
+        return 0
+    scheduler_loop(registry, submit, args.poll, log=lambda line: print(line, flush=True))
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rankfold.orchestrator.history import PALETTE, format_history, load_history, plot_series
+    from rankfold.orchestrator.job import open_store
+    from rankfold.orchestrator.manifest import digest_of
+
+    spec = load_spec(args.spec)
+    records = load_history(open_store(spec), digest_of(spec.canonical_json()))
+    if not records:
+        print(f"no runs of {args.spec} recorded yet", file=sys.stderr)
+        return 0
+    print(format_history(records))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for record in records:
+        for row in record["perplexity"]:
+            for kind in ("dense", "compressed"):
+                if row.get(kind) is not None:
+                    series.setdefault(f"{row['name']} {kind}", []).append((record["finished_at"], row[kind]))
+    plot = Path(args.plot) if args.plot else Path(spec.output.dir) / "history.png"
+    plot_series(plot, series)
+    legend = ", ".join(f"{name}: rgb{PALETTE[i % len(PALETTE)]}" for i, name in enumerate(series))
+    print(f"plot: {plot} ({legend})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankfold", description="Low-rank compression of LLMs, layer by layer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -109,6 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="rankfold jobs on the cluster")
     listing.add_argument("--address", help=api)
     listing.set_defaults(handler=_list)
+
+    registry_help = "schedule registry (default $RANKFOLD_HOME/schedules.json, ~/.rankfold)"
+    schedule = commands.add_parser("schedule", help="register a spec to be submitted on a cron schedule")
+    schedule.add_argument("spec")
+    schedule.add_argument("--cron", required=True, help='five fields, e.g. "0 2 * * *" (02:00 daily, local time)')
+    schedule.add_argument("--name", help="entry name (default: the spec's file name)")
+    schedule.add_argument("--address", help=api)
+    schedule.add_argument("--registry", help=registry_help)
+    schedule.set_defaults(handler=_schedule)
+    schedules = commands.add_parser("schedules", help="list (or --remove NAME) registered schedules")
+    schedules.add_argument("--remove", metavar="NAME")
+    schedules.add_argument("--registry", help=registry_help)
+    schedules.set_defaults(handler=_schedules)
+    scheduler = commands.add_parser("scheduler", help="submit due scheduled runs (a long-running process)")
+    scheduler.add_argument("--registry", help=registry_help)
+    scheduler.add_argument("--poll", type=float, default=30.0, help="seconds between checks")
+    scheduler.add_argument("--once", action="store_true", help="check once and exit (cron-driven use, tests)")
+    scheduler.add_argument("--now", help="with --once: the time to check against (ISO), for tests")
+    scheduler.set_defaults(handler=_scheduler)
+    history = commands.add_parser("history", help="a spec's recorded runs: trend table and PNG plot")
+    history.add_argument("spec")
+    history.add_argument("--plot", help="PNG path (default OUTPUT_DIR/history.png)")
+    history.set_defaults(handler=_history)
     return parser
 
 
@@ -118,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (SpecError, ModelSourceError, DataError, CheckpointError, StoreError, ClusterError) as err:
+    except (SpecError, ModelSourceError, DataError, CheckpointError, StoreError, ClusterError, CronError) as err:
         print(f"rankfold: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except DecompositionError as err:

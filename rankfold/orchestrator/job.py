@@ -19,6 +19,7 @@ from rankfold.evaluation.report import format_report, model_parameter_total, par
 from rankfold.jobs.spec import JobSpec, PerplexitySpec
 from rankfold.models.sources import ModelSource, ModelSourceError, SafetensorsSource
 from rankfold.orchestrator.executor import LocalExecutor
+from rankfold.orchestrator.history import record_run
 from rankfold.orchestrator.manifest import Manifest, digest_of
 from rankfold.orchestrator.metering import StageMeter
 from rankfold.orchestrator.pipeline import (RATIO_DEFINITION, ModelLayout, assemble, calibrate, decompose,
@@ -142,6 +143,7 @@ def _run_job(spec: JobSpec, stream: TextIO | None, executor) -> dict:
         "total_wall_s": round(time.perf_counter() - started, 2),
     }
     LocalStore(out).put_json("report.json", report)
+    record_run(store, manifest.job_id, report)  # the trend `rankfold history` shows
     if stream is not None:
         print(format_report(report), file=stream)
     return report

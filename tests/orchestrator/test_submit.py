@@ -66,3 +66,20 @@ def test_bad_input_never_reaches_the_cluster(tmp_path, tiny_model_dir, ray_clust
     assert result.returncode == 2 and "missing.txt" in result.stderr and "file not found" in result.stderr
     unknown = _cli("status", "rankfold-nope", "--address", ray_cluster["api"])
     assert unknown.returncode == 2 and "rankfold-nope" in unknown.stderr
+
+
+def test_scheduler_submits_a_due_run_to_the_cluster(tmp_path, tiny_model_dir, ray_cluster):
+    spec = tmp_path / "nightly.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec_dict(tiny_model_dir, tmp_path / "out")))
+    registry = str(tmp_path / "schedules.json")
+    assert _cli("schedule", str(spec), "--cron", "0 2 * * *", "--address", ray_cluster["api"],
+                "--registry", registry).returncode == 0
+    early = _cli("scheduler", "--once", "--now", "2000-01-01T00:00", "--registry", registry)
+    assert early.returncode == 0 and "submitted" not in early.stdout  # not due yet
+    due = _cli("scheduler", "--once", "--now", "2099-01-01T02:00", "--registry", registry)
+    assert due.returncode == 0 and "nightly: submitted rankfold-" in due.stdout, due.stdout + due.stderr
+    job = due.stdout.split("submitted ")[1].split()[0]
+    assert _wait(job, ray_cluster["api"], {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED"
+    history = _cli("history", str(spec))
+    assert history.returncode == 0 and history.stdout.count("wikitext2") >= 1
+    assert (tmp_path / "out" / "history.png").is_file()

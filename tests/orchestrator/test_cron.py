@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+
+from rankfold.orchestrator.cron import CronError, parse_cron
+
+
+def test_daily_at_two():
+    cron = parse_cron("0 2 * * *")
+    assert cron.next_after(datetime(2026, 11, 24, 1, 0)) == datetime(2026, 11, 24, 2, 0)
+    assert cron.next_after(datetime(2026, 11, 24, 2, 0)) == datetime(2026, 11, 25, 2, 0)  # strictly after
+    assert cron.next_after(datetime(2026, 12, 31, 23, 59)) == datetime(2027, 1, 1, 2, 0)
+
+
+def test_steps_lists_and_ranges():
+    assert parse_cron("*/15 * * * *").next_after(datetime(2026, 1, 1, 10, 7, 30)) == datetime(2026, 1, 1, 10, 15)
+    assert parse_cron("5,35 8-9 * * *").next_after(datetime(2026, 1, 1, 9, 40)) == datetime(2026, 1, 2, 8, 5)
+    friday = datetime(2026, 11, 27, 10, 0)
+    assert friday.isoweekday() == 5
+    monday_nine = parse_cron("0 9 * * 1-5").next_after(friday)
+    assert monday_nine == datetime(2026, 11, 30, 9, 0) and monday_nine.isoweekday() == 1
+    assert parse_cron("0 0 * * 7").next_after(friday).isoweekday() == 7  # 7 is Sunday too
+
+
+def test_day_of_month_or_day_of_week_when_both_are_restricted():
+    cron = parse_cron("0 0 13 * 5")  # the 13th, or any Friday
+    start = datetime(2026, 11, 1)
+    hits = []
+    moment = start
+    while len(hits) < 10:  # November 13 2026 is a Friday; December 13 is not
+        moment = cron.next_after(moment)
+        hits.append(moment)
+    assert all(h.day == 13 or h.isoweekday() == 5 for h in hits)
+    assert any(h.day == 13 and h.isoweekday() != 5 for h in hits)
+    assert all(b - a <= timedelta(days=7) for a, b in zip(hits, hits[1:]))
+
+
+def test_february_thirtieth_never_matches():
+    with pytest.raises(CronError, match="never matches"):
+        parse_cron("0 0 30 2 *").next_after(datetime(2026, 1, 1))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("61 * * * *", "minute field"), ("* 24 * * *", "hour field"), ("* * *", "5 fields"),
+    ("a * * * *", "not a number"), ("*/0 * * * *", "step"), ("* * 0 * *", "day of month"),
+])
+def test_bad_expressions_name_the_field(text, message):
+    with pytest.raises(CronError, match=message):
+        parse_cron(text)
