@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rankfold.methods.whitening import mirror_upper_
 from rankfold.models.architecture import LinearGroup
 from rankfold.workers.activations import Activations
 from rankfold.workers.layers import LayerRunner
@@ -44,8 +45,8 @@ class InputStats:
         self.count += x.shape[0]
 
     def symmetric_gram(self) -> torch.Tensor:
-        """The full Gram from its upper triangle (exactly symmetric)."""
-        return torch.triu(self.gram) + torch.triu(self.gram, 1).T
+        """The full Gram, completed from its upper triangle in place (no n×n copies; exactly symmetric)."""
+        return mirror_upper_(self.gram)
 
     def merge(self, other: "InputStats") -> "InputStats":
         return InputStats(self.gram + other.gram, self.abs_sum + other.abs_sum, self.count + other.count)

@@ -81,3 +81,15 @@ def test_whitening_rejects_non_finite_gram():
     gram[0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         whitening_factor(gram)
+
+
+@pytest.mark.parametrize("n, block", [(7, 3), (64, 64), (100, 32)])
+def test_mirror_upper_completes_the_lower_triangle_in_place(n, block):
+    from rankfold.methods.whitening import mirror_upper_
+
+    gen = torch.Generator().manual_seed(n)
+    full = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    expected = torch.triu(full) + torch.triu(full, 1).T
+    matrix = torch.triu(full) + torch.tril(torch.randn(n, n, generator=gen, dtype=torch.float64), -1)  # junk below
+    result = mirror_upper_(matrix, block=block)
+    assert result.data_ptr() == matrix.data_ptr() and torch.equal(matrix, expected)
