@@ -73,11 +73,7 @@ def calibration_samples(tokens: torch.Tensor, num_samples: int, seq_len: int, se
 def text_fingerprint(source: TextSource) -> str:
     """Identity of a text source for artifact keys: a local file's sha256; a hub dataset's coordinates."""
     if source.path is not None:
-        import hashlib
+        from rankfold.checkpoint import sha256_file
 
-        digest = hashlib.sha256()
-        with open(source.path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return sha256_file(Path(source.path))
     return f"dataset:{source.dataset}:{source.dataset_config}:{source.split}"

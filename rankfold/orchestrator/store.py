@@ -24,19 +24,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from rankfold.checkpoint import sha256_file
+
 CHECKSUM_SUFFIX = ".sha256"
 
 
 class StoreError(RuntimeError):
     """Storage is unreachable, refuses us, or holds a damaged artifact; the message names which."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_key(key: str) -> str:
@@ -185,7 +179,7 @@ class LocalStore(ArtifactStore):
         def write_and_hash(temp: Path) -> None:
             nonlocal digest
             write(temp)
-            digest = file_sha256(temp)
+            digest = sha256_file(temp)
 
         self._checksum_path(key).unlink(missing_ok=True)  # the old checksum must not vouch for new bytes
         self._atomic_write(self.path(key), write_and_hash)
@@ -204,7 +198,7 @@ class LocalStore(ArtifactStore):
         recorded = self.checksum(key)
         if recorded is None:
             raise StoreError(f"artifact {self.describe(key)} is missing (or was never completed)")
-        if file_sha256(self.path(key)) != recorded:
+        if sha256_file(self.path(key)) != recorded:
             raise StoreError(f"artifact {self.describe(key)} is damaged: its sha256 differs from the recorded one")
         yield self.path(key)
 
@@ -225,7 +219,7 @@ class LocalStore(ArtifactStore):
 
     def actual_checksum(self, key: str) -> str | None:
         path = self.path(key)
-        return file_sha256(path) if path.is_file() else None
+        return sha256_file(path) if path.is_file() else None
 
     def delete(self, key: str) -> None:
         self._checksum_path(key).unlink(missing_ok=True)
@@ -292,7 +286,7 @@ class S3Store(ArtifactStore):
             raise self._error(err) from None
 
     def put_file(self, key: str, source: Path) -> str:
-        digest = file_sha256(source)
+        digest = sha256_file(source)
         try:  # upload_file: single PUT or multipart, visible only once complete
             self.client.upload_file(str(source), self.bucket, self._object(key),
                                     ExtraArgs={"Metadata": {self.CHECKSUM_META: digest}})
@@ -311,7 +305,7 @@ class S3Store(ArtifactStore):
                 self.client.download_file(self.bucket, self._object(key), str(path))
             except Exception as err:  # noqa: BLE001
                 raise self._error(err, key) from None
-            if file_sha256(path) != recorded:
+            if sha256_file(path) != recorded:
                 raise StoreError(f"artifact {self.describe(key)} is damaged: its sha256 differs from the recorded one")
             yield path
 
