@@ -17,16 +17,15 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from rankfold.checkpoint import INDEX_NAME, ShardInfo, write_index, write_shard
-from rankfold.data.text import DataError, calibration_samples, load_text, tokenize
+from rankfold.checkpoint import INDEX_NAME, write_index, write_shard
+from rankfold.data.text import calibration_samples, load_text, tokenize
 from rankfold.jobs.spec import JobSpec, SpecError
 from rankfold.methods.allocation import plan_layer
 from rankfold.models.architecture import Architecture, LinearGroup
 from rankfold.modules.layout import CompressedModule, member_ranks
-from rankfold.models.sources import ModelSource, ModelSourceError, SafetensorsSource, open_source
+from rankfold.models.sources import ModelSource, ModelSourceError, open_source
 from rankfold.orchestrator.executor import LocalExecutor
 from rankfold.orchestrator.ray_executor import ShardLost
-from rankfold.orchestrator.metering import StageMeter
 from rankfold.orchestrator.store import ArtifactStore
 from rankfold.orchestrator.tasks import AssembleItem, DecomposeItem, run_assemble, run_decompose
 from rankfold.workers.calibrate import sum_stats
