@@ -15,7 +15,7 @@ import weakref
 import torch
 from torch import nn
 
-from rankfold.kernels import project, shared_lowrank
+from rankfold.kernels import shared_lowrank
 
 
 class SharedProjection(nn.Module):
@@ -44,10 +44,6 @@ class SharedProjection(nn.Module):
             raise ValueError(f"shared projection already feeds its {self.consumers} members")
         self._members.append(member)
         return len(self._members) - 1
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """z alone (…, r): for analysis and tests; the forward fuses it with the members' B."""
-        return project(x, self.A_prime, self.permutation) if self.skip else project(x, self.A)
 
     def group_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         if len(self._members) != self.consumers:

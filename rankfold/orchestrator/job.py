@@ -40,9 +40,10 @@ def open_store(spec: JobSpec) -> ArtifactStore:
     return S3Store(s3.bucket, prefix=s3.prefix, endpoint_url=s3.endpoint_url, region=s3.region)
 
 
-def stage_digests(spec: JobSpec, source: ModelSource, layout: ModelLayout) -> dict[str, str]:
-    """What each stage's artifacts depend on, hashed. A change anywhere upstream changes every digest below."""
-    model = (source.fingerprint(), spec.model.dtype)
+def stage_digests(spec: JobSpec, source: ModelSource, layout: ModelLayout, model_id: str) -> dict[str, str]:
+    """What each stage's artifacts depend on, hashed (`model_id`: the source's fingerprint). A change
+    anywhere upstream changes every digest below."""
+    model = (model_id, spec.model.dtype)
     # max_resident_mb only decides what spills to disk, never a number: not part of the identity.
     calibration = spec.calibration.model_dump(mode="json", exclude={"max_resident_mb"})
     calibrate_digest = digest_of("stats-v1", model, calibration,
@@ -87,7 +88,8 @@ def _run_job(spec: JobSpec, stream: TextIO | None, executor) -> dict:
     manifest = Manifest(store, digest_of(spec.canonical_json()))
     shapes = matrix_shapes(source, spec)
     layout = plan_layout(spec, source.architecture, shapes)
-    digests = stage_digests(spec, source, layout)
+    model_id = source.fingerprint()  # reads the weights' leading bytes: once per job
+    digests = stage_digests(spec, source, layout, model_id)
     reused: list[str] = []
 
     def run_stage(name: str, work, extra_check=lambda record: True) -> dict:
@@ -113,7 +115,7 @@ def _run_job(spec: JobSpec, stream: TextIO | None, executor) -> dict:
         row = {"name": ppl.name, "window": ppl.window, "tokens": windows.numel(), "windows": windows.shape[0]}
         variants = [("compressed", compressed, layout, digests["assemble"])]
         if spec.evaluation.dense:
-            variants.insert(0, ("dense", source, None, digest_of(source.fingerprint(), spec.model.dtype)))
+            variants.insert(0, ("dense", source, None, digest_of(model_id, spec.model.dtype)))
         for label, model, model_layout, base in variants:
             stage = f"evaluate {label} {ppl.name}" + (f" #{k}" if k else "")
             digests[stage] = _perplexity_digest(base, ppl)

@@ -53,7 +53,7 @@ class Manifest:
         if record is None or record.digest != digest:
             return None
         for key, sha in record.artifacts.items():
-            if self.store.checksum(key) != sha or not self.store.verify(key):
+            if self.store.checksum(key) != sha or self.store.actual_checksum(key) != sha:
                 return None
         return record
 

@@ -14,7 +14,7 @@ import torch
 from rankfold.checkpoint import ShardInfo
 from rankfold.jobs.spec import MethodSpec
 from rankfold.modules.layout import CompressedModule
-from rankfold.orchestrator.store import StoreRef, open_ref
+from rankfold.orchestrator.store import StoreError, StoreRef, open_ref
 from rankfold.workers.assemble import assemble_layer_state
 from rankfold.workers.calibrate import InputStats
 from rankfold.workers.decompose import decompose_group
@@ -38,10 +38,13 @@ def run_decompose(item: DecomposeItem) -> tuple[dict[str, float], str, str]:
     """Factors of one (layer, input group) into the store; skipped when they already exist and verify.
     Returns (diagnostics with full module paths, artifact key, sha256)."""
     factor_store = open_ref(item.factors)
-    if factor_store.verify(item.factors_key):
-        diagnostics = json.loads(factor_store.get_metadata(item.factors_key).get("diagnostics", "{}"))
-        sha = factor_store.checksum(item.factors_key)
-    else:
+    sha, diagnostics = factor_store.checksum(item.factors_key), None
+    if sha is not None:
+        try:  # reading the metadata verifies the artifact: one pass over its bytes
+            diagnostics = json.loads(factor_store.get_metadata(item.factors_key).get("diagnostics", "{}"))
+        except StoreError:  # damaged: recompute it
+            diagnostics = None
+    if diagnostics is None:
         source = cached_source(item.source)
         modules = [CompressedModule.from_json(m) for m in item.modules]
         weights = {m: source.tensor(f"{item.layer_prefix}{m}.weight") for module in modules for m in module.members}
