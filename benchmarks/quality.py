@@ -7,6 +7,11 @@ Prints and writes (markdown + JSON) the table with wall time and peak RSS of eve
 
     python benchmarks/quality.py                       # defaults: ~10 min on 2 cores
     python benchmarks/quality.py --calib-samples 32 --eval-tokens 8192 --ratios 0.2
+    python benchmarks/quality.py --methods svd_llm skipcat --allocations uniform fisher   # FLRA vs uniform
+
+With `--allocations fisher`, one Fisher pass (streamed backward over the first --fisher-samples
+calibration sequences) serves every variant; each method's whitened spectra are computed once and
+every ratio's global allocation is solved from them.
 """
 
 from __future__ import annotations
@@ -25,12 +30,12 @@ sys.path.insert(0, str(REPO))
 
 from rankfold.data.text import load_text, tokenize  # noqa: E402
 from rankfold.evaluation.report import parameter_counts  # noqa: E402
-from rankfold.jobs.spec import JobSpec, parse_spec  # noqa: E402
+from rankfold.jobs.spec import WHITENED_METHODS, JobSpec, parse_spec  # noqa: E402
 from rankfold.models.sources import SafetensorsSource  # noqa: E402
 from rankfold.orchestrator.executor import LocalExecutor  # noqa: E402
 from rankfold.orchestrator.metering import StageMeter  # noqa: E402
-from rankfold.orchestrator.pipeline import (assemble, calibrate, decompose, matrix_shapes, perplexity,  # noqa: E402
-                                            plan_layout, preflight)
+from rankfold.orchestrator.pipeline import (assemble, calibrate, decompose, fisher, fisher_ranks,  # noqa: E402
+                                            matrix_shapes, perplexity, plan_layout, preflight, spectra)
 from rankfold.orchestrator.store import LocalStore  # noqa: E402
 from rankfold.workers.evaluate import make_windows  # noqa: E402
 
@@ -49,15 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--eval-tokens", type=int, default=32768, help="token budget of every evaluation")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--allocations", nargs="+", choices=["uniform", "fisher"], default=["uniform"])
+    parser.add_argument("--fisher-samples", type=int, default=32)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality")
     return parser.parse_args(argv)
 
 
-def variant_spec(args: argparse.Namespace, method: str, ratio: float, out: Path) -> JobSpec:
+def variant_spec(args: argparse.Namespace, method: str, ratio: float, out: Path, allocation: str = "uniform") -> JobSpec:
     return parse_spec({
         "model": {"source": args.model, "dtype": args.dtype},
         "method": {"name": method},
-        "target": {"ratio": ratio},
+        "target": {"ratio": ratio, "allocation": {"kind": allocation, "fisher_samples": args.fisher_samples}},
         "calibration": {"data": {"path": str(args.calib_data)}, "num_samples": args.calib_samples,
                         "seq_len": args.seq_len},
         "evaluation": {"perplexity": [{"name": "wikitext2", "window": args.window, "max_tokens": args.eval_tokens,
@@ -83,24 +90,41 @@ def main(argv: list[str] | None = None) -> dict:
     with shared_meter.stage("evaluate dense"):
         dense_ppl = perplexity(source, windows, args.dtype, 1, executor, "dense", None, scratch)
 
+    if "fisher" in args.allocations:
+        with shared_meter.stage("fisher"):
+            fisher_result, _ = fisher(variant_spec(args, "svd_llm", args.ratios[0], args.out, "fisher"), source,
+                                      shared_store, executor, scratch)
+
     rows = [{"method": "dense", "ratio": 0.0, "achieved": 0.0, "ppl": dense_ppl, "stages": shared_meter.as_rows()}]
     shapes = matrix_shapes(source, first)
+    spectra_done: set[str] = set()
     for ratio in args.ratios:
         for method in args.methods:
-            spec = variant_spec(args, method, ratio, args.out / f"{method}-{ratio:g}")
-            meter, factor_store = StageMeter(), LocalStore(args.out / f"{method}-{ratio:g}" / "artifacts")
-            layout = plan_layout(spec, source.architecture, shapes)
-            with meter.stage("decompose"):
-                decompose(spec, source, layout, shared_store, executor, factor_store)
-            with meter.stage("assemble"):
-                assemble(spec, source, layout, factor_store, executor, args.out / f"{method}-{ratio:g}" / "model")
-            with meter.stage("evaluate"):
-                ppl = perplexity(SafetensorsSource(args.out / f"{method}-{ratio:g}" / "model"), windows, args.dtype, 1,
-                                 executor, f"{method} {ratio:g}", layout, scratch)
-            counts = parameter_counts(shapes, layout.by_layer, model_total=0)
-            rows.append({"method": method, "ratio": ratio, "achieved": counts["achieved_compression"], "ppl": ppl,
-                         "stages": meter.as_rows()})
-            print(f"{method} @ {ratio:.0%}: ppl {ppl:.3f}", file=sys.stderr)
+            for allocation in args.allocations:
+                if allocation == "fisher" and method not in WHITENED_METHODS:
+                    continue
+                name = method if allocation == "uniform" else f"{method}+fisher"
+                spec = variant_spec(args, method, ratio, args.out / f"{name}-{ratio:g}", allocation)
+                meter, factor_store = StageMeter(), LocalStore(args.out / f"{name}-{ratio:g}" / "artifacts")
+                layout = plan_layout(spec, source.architecture, shapes)
+                if allocation == "fisher":
+                    with meter.stage("spectra + allocate"):
+                        if method not in spectra_done:  # the spectra depend on the method's structure only
+                            spectra(source, layout, shared_store, executor, "stats", f"spectra/{method}")
+                            spectra_done.add(method)
+                        ranks = fisher_ranks(spec, source, layout, shapes, shared_store, "fisher", f"spectra/{method}")
+                    layout = plan_layout(spec, source.architecture, shapes, ranks=ranks)
+                with meter.stage("decompose"):
+                    decompose(spec, source, layout, shared_store, executor, factor_store)
+                with meter.stage("assemble"):
+                    assemble(spec, source, layout, factor_store, executor, args.out / f"{name}-{ratio:g}" / "model")
+                with meter.stage("evaluate"):
+                    ppl = perplexity(SafetensorsSource(args.out / f"{name}-{ratio:g}" / "model"), windows, args.dtype,
+                                     1, executor, f"{name} {ratio:g}", layout, scratch)
+                counts = parameter_counts(shapes, layout.by_layer, model_total=0)
+                rows.append({"method": name, "ratio": ratio, "achieved": counts["achieved_compression"], "ppl": ppl,
+                             "stages": meter.as_rows()})
+                print(f"{name} @ {ratio:.0%}: ppl {ppl:.3f}", file=sys.stderr)
 
     result = {
         "model": args.model, "dtype": args.dtype, "calibration": {"data": str(args.calib_data),

@@ -87,8 +87,26 @@ class SkipOptions(_SkipCatBase):
     name: Literal["skip"]
 
 
+# Methods whose truncation error is the whitened spectrum's tail (the Fisher allocator trades it).
+WHITENED_METHODS = ("svd_llm", "cat", "skip", "skipcat")
+
 MethodSpec = Annotated[Union[SvdOptions, AsvdOptions, SvdLlmOptions, SkipCatOptions, CatOptions, SkipOptions],
                        Field(discriminator="name")]
+
+
+class AllocationSpec(Strict):
+    """How the parameter budget is split over the compressed matrices."""
+
+    # uniform: every matrix keeps the same fraction of its parameters. fisher (FLRA): one global
+    # budget; ranks go where the dense model's loss is most sensitive, from each matrix's empirical
+    # Fisher score and its whitened spectrum (needs a whitened method: svd_llm, cat, skip, skipcat).
+    kind: Literal["uniform", "fisher"] = "uniform"
+    # Calibration sequences the Fisher pass uses (the first ones of the calibration sample) and how
+    # many make one batch: F = mean over batches of Σ (∂ℒ_batch/∂W)².
+    fisher_samples: int = Field(32, ge=1)
+    fisher_batch_size: int = Field(1, ge=1)
+    # No matrix gets fewer than this fraction of its full rank min(m, n).
+    min_rank_fraction: float = Field(0.01, ge=0.0, lt=1.0)
 
 
 class TargetSpec(Strict):
@@ -97,6 +115,7 @@ class TargetSpec(Strict):
     # The projections of every decoder layer that are compressed and counted. Embeddings and lm_head
     # are never compressed nor counted.
     matrices: tuple[Projection, ...] = ALL_PROJECTIONS
+    allocation: AllocationSpec = AllocationSpec()
 
     @field_validator("matrices")
     @classmethod
@@ -198,6 +217,18 @@ class JobSpec(Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     output: OutputSpec
     execution: ExecutionSpec = ExecutionSpec()
+
+    @model_validator(mode="after")
+    def _allocation_fits(self) -> "JobSpec":
+        allocation = self.target.allocation
+        if allocation.kind == "fisher":
+            if self.method.name not in WHITENED_METHODS:
+                raise ValueError(f"target.allocation.kind 'fisher' needs a whitened method "
+                                 f"({', '.join(WHITENED_METHODS)}), not method.name {self.method.name!r}")
+            if allocation.fisher_samples > self.calibration.num_samples:
+                raise ValueError(f"target.allocation.fisher_samples = {allocation.fisher_samples} exceeds "
+                                 f"calibration.num_samples = {self.calibration.num_samples}")
+        return self
 
     def canonical_json(self) -> str:
         """Stable serialisation of what the job computes (not where it runs); its hash is the job id."""

@@ -1,6 +1,7 @@
 """`run_job(spec)`: the whole compression job, resumable, ending in a report.json.
 
-Stages: calibrate -> allocate -> decompose -> assemble -> evaluate. Each stage's inputs are hashed
+Stages: calibrate -> [fisher -> spectra -> allocate] -> decompose -> assemble -> evaluate (the
+bracketed ones for `target.allocation.kind: fisher`; otherwise ranks are uniform). Each stage's inputs are hashed
 into its digest (see manifest.py); a re-run of the same spec skips every stage whose recorded
 digest matches and whose artifacts verify, so an interrupted job resumes at its first unfinished stage.
 """
@@ -17,14 +18,15 @@ from rankfold.checkpoint import CheckpointError, verify_checkpoint
 from rankfold.data.text import load_text, text_fingerprint, tokenize
 from rankfold.evaluation.report import format_report, model_parameter_total, parameter_counts
 from rankfold.jobs.spec import JobSpec, PerplexitySpec
+from rankfold.models.architecture import Architecture
 from rankfold.models.sources import ModelSource, ModelSourceError, SafetensorsSource
 from rankfold.orchestrator.executor import LocalExecutor
 from rankfold.orchestrator.history import record_run
 from rankfold.orchestrator.manifest import Manifest, digest_of
 from rankfold.orchestrator.metering import StageMeter
-from rankfold.orchestrator.pipeline import (RATIO_DEFINITION, ModelLayout, assemble, calibrate, decompose,
-                                            matrix_shapes, perplexity, place_checkpoint, plan_layout, prepare_output,
-                                            preflight)
+from rankfold.orchestrator.pipeline import (RATIO_DEFINITION, ModelLayout, assemble, calibrate, decompose, fisher,
+                                            fisher_ranks, matrix_shapes, perplexity, place_checkpoint, plan_layout,
+                                            prepare_output, preflight, spectra)
 from rankfold.orchestrator.store import ArtifactStore, LocalStore, S3Store
 from rankfold.workers.evaluate import make_windows
 
@@ -40,18 +42,29 @@ def open_store(spec: JobSpec) -> ArtifactStore:
     return S3Store(s3.bucket, prefix=s3.prefix, endpoint_url=s3.endpoint_url, region=s3.region)
 
 
-def stage_digests(spec: JobSpec, source: ModelSource, layout: ModelLayout, model_id: str) -> dict[str, str]:
-    """What each stage's artifacts depend on, hashed (`model_id`: the source's fingerprint). A change
-    anywhere upstream changes every digest below."""
+def stage_digests(spec: JobSpec, arch: Architecture, uniform: ModelLayout, model_id: str) -> dict[str, str]:
+    """What the stages before the layout is fixed depend on, hashed (`model_id`: the source's
+    fingerprint). A change anywhere upstream changes every digest below."""
     model = (model_id, spec.model.dtype)
     # max_resident_mb only decides what spills to disk, never a number: not part of the identity.
     calibration = spec.calibration.model_dump(mode="json", exclude={"max_resident_mb"})
-    calibrate_digest = digest_of("stats-v1", model, calibration,
-                                 text_fingerprint(spec.calibration.data))
+    text = text_fingerprint(spec.calibration.data)
+    digests = {"calibrate": digest_of("stats-v1", model, calibration, text)}
+    allocation = spec.target.allocation
+    if allocation.kind == "fisher":
+        digests["fisher"] = digest_of("fisher-v1", model, calibration, text, allocation.fisher_samples,
+                                      allocation.fisher_batch_size)
+        digests["spectra"] = digest_of("spectra-v1", digests["calibrate"], uniform.flat(arch))
+        digests["allocate"] = digest_of("allocate-v1", digests["fisher"], digests["spectra"], spec.target.ratio,
+                                        allocation.min_rank_fraction)
+    return digests
+
+
+def layout_digests(spec: JobSpec, arch: Architecture, layout: ModelLayout, calibrate_digest: str) -> dict[str, str]:
+    """Digests of the stages that follow the (uniform or allocated) layout."""
     decompose_digest = digest_of("factors-v1", calibrate_digest, spec.method.model_dump(mode="json"),
-                                 layout.flat(source.architecture))
-    return {"calibrate": calibrate_digest, "decompose": decompose_digest,
-            "assemble": digest_of("checkpoint-v1", decompose_digest)}
+                                 layout.flat(arch))
+    return {"decompose": decompose_digest, "assemble": digest_of("checkpoint-v1", decompose_digest)}
 
 
 def _perplexity_digest(base: str, ppl: PerplexitySpec) -> str:
@@ -86,10 +99,11 @@ def _run_job(spec: JobSpec, stream: TextIO | None, executor) -> dict:
     scratch, checkpoint = out / "scratch", out / "model"
     meter = StageMeter()
     manifest = Manifest(store, digest_of(spec.canonical_json()))
+    arch = source.architecture
     shapes = matrix_shapes(source, spec)
-    layout = plan_layout(spec, source.architecture, shapes)
+    layout = plan_layout(spec, arch, shapes)  # uniform ranks; the module structure in every case
     model_id = source.fingerprint()  # reads the weights' leading bytes: once per job
-    digests = stage_digests(spec, source, layout, model_id)
+    digests = stage_digests(spec, arch, layout, model_id)
     reused: list[str] = []
 
     def run_stage(name: str, work, extra_check=lambda record: True) -> dict:
@@ -104,6 +118,16 @@ def _run_job(spec: JobSpec, stream: TextIO | None, executor) -> dict:
         return manifest.record(name, digests[name], artifacts, result).result
 
     calibration = run_stage("calibrate", lambda: _calibrate(spec, source, store, executor, scratch, digests))
+    allocation = {"kind": spec.target.allocation.kind}
+    if spec.target.allocation.kind == "fisher":
+        allocation.update(run_stage("fisher", lambda: fisher(spec, source, store, executor, scratch,
+                                                             prefix=f"fisher/{digests['fisher']}")))
+        stats_prefix, spectra_prefix = f"stats/{digests['calibrate']}", f"spectra/{digests['spectra']}"
+        run_stage("spectra", lambda: ({}, spectra(source, layout, store, executor, stats_prefix, spectra_prefix)))
+        ranks = run_stage("allocate", lambda: ({"ranks": {str(i): r for i, r in fisher_ranks(
+            spec, source, layout, shapes, store, f"fisher/{digests['fisher']}", spectra_prefix).items()}}, {}))["ranks"]
+        layout = plan_layout(spec, arch, shapes, ranks={int(i): r for i, r in ranks.items()})
+    digests.update(layout_digests(spec, arch, layout, digests["calibrate"]))
     decomposition = run_stage("decompose", lambda: _decompose(spec, source, layout, store, executor, digests))
     run_stage("assemble", lambda: _assemble(spec, source, layout, store, executor, checkpoint, digests),
               extra_check=lambda record: _restore_checkpoint(store, record, checkpoint, digests["assemble"]))
@@ -136,6 +160,7 @@ def _run_job(spec: JobSpec, stream: TextIO | None, executor) -> dict:
         "layout": layout.flat(source.architecture),
         "diagnostics": _summarise(decomposition["diagnostics"]),
         "calibration_tokens": calibration["tokens"],
+        "allocation": allocation,
         "checkpoint": str(checkpoint),
         "artifacts": {"store": store.describe(), "manifest": manifest.key, "digests": digests},
         "executor": executor.describe(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,14 +22,18 @@ from rankfold.checkpoint import INDEX_NAME, write_index, write_shard
 from rankfold.data.text import calibration_samples, load_text, tokenize
 from rankfold.jobs.spec import JobSpec, SpecError
 from rankfold.methods.allocation import plan_layer
+from rankfold.methods.flrc import RankUnit, allocate_ranks, loss_weight
 from rankfold.models.architecture import Architecture, LinearGroup
 from rankfold.modules.layout import CompressedModule, member_ranks
 from rankfold.models.sources import ModelSource, ModelSourceError, open_source
 from rankfold.orchestrator.executor import LocalExecutor
 from rankfold.orchestrator.ray_executor import ShardLost
 from rankfold.orchestrator.store import ArtifactStore
-from rankfold.orchestrator.tasks import AssembleItem, DecomposeItem, run_assemble, run_decompose
+from rankfold.orchestrator.tasks import (AssembleItem, DecomposeItem, SpectrumItem, run_assemble, run_decompose,
+                                         run_spectrum)
 from rankfold.workers.calibrate import sum_stats
+from rankfold.workers.decompose import GRAM_TRACE_KEY, unit_name
+from rankfold.workers.fisher import fisher_scores
 from rankfold.workers.shard import SequenceShard
 
 JOB_FILE = "job.json"
@@ -103,6 +108,29 @@ def split_rows(rows: torch.Tensor, parts: int) -> list[torch.Tensor]:
 MAX_SHARD_REBUILDS = 3
 
 
+class ShardRecovery:
+    """Calls shards in lockstep; a shard whose worker died is rebuilt by `replay(k)` (a new actor
+    brought to the state the lost one had, from the same inputs) and its call repeated."""
+
+    def __init__(self, executor: LocalExecutor, shards: list, stage: str, replay: Callable[[int, int], None]):
+        self.executor, self.shards, self.stage, self.replay = executor, shards, stage, replay
+        self.rebuilds = [0] * len(shards)
+
+    def call(self, step: int, method: str, *args) -> list:
+        partials = self.executor.call_all_settled(self.shards, method, *args)
+        for k, partial in enumerate(partials):
+            while isinstance(partial, ShardLost):
+                self.rebuilds[k] += 1
+                if self.rebuilds[k] > MAX_SHARD_REBUILDS:
+                    raise RuntimeError(f"{self.stage}: shard {k} lost {self.rebuilds[k]} times "
+                                       f"(last: {partial.reason}); giving up")
+                log.warning("%s: shard %d lost at step %d (%s); rebuilding it", self.stage, k, step, partial.reason)
+                self.replay(k, step)
+                partial = self.executor.call_all_settled([self.shards[k]], method, *args)[0]
+            partials[k] = partial
+        return partials
+
+
 def stream_shards(executor: LocalExecutor, location: str, ids: torch.Tensor, spec_dtype: str, batch_size: int,
                   stage: str, num_layers: int, budget_bytes: int, spill_dir: Path | None,
                   layout: ModelLayout | None = None, product_dtype: str = "float64",
@@ -118,35 +146,75 @@ def stream_shards(executor: LocalExecutor, location: str, ids: torch.Tensor, spe
     init = (location, spec_dtype, budget_bytes // len(parts), str(spill_dir) if spill_dir else None, product_dtype,
             executor.threads_per_worker)
     shards = executor.actors(SequenceShard, [init] * len(parts))
-    rebuilds = [0] * len(parts)
     layer_layout = lambda i: [m.to_json() for m in layout.by_layer[i]] if layout else None  # noqa: E731
 
-    def rebuild(k: int, upto: int, reason: str) -> None:
-        rebuilds[k] += 1
-        if rebuilds[k] > MAX_SHARD_REBUILDS:
-            raise RuntimeError(f"{stage}: shard {k} lost {rebuilds[k]} times (last: {reason}); giving up")
-        log.warning("%s: shard %d lost at layer %d (%s); rebuilding it", stage, k, upto, reason)
+    def replay(k: int, upto: int) -> None:
         shards[k] = executor.actors(SequenceShard, [init])[0]
         executor.call_each([shards[k]], "load", [(parts[k], batch_size)])
         for j in range(upto):
             executor.call_each([shards[k]], "advance", [(j, layer_layout(j), False, True)])
 
+    calls = ShardRecovery(executor, shards, stage, replay)
     try:
         executor.call_each(shards, "load", [(part, batch_size) for part in parts])
         for i in executor.steps(range(num_layers), stage):
             args = (i, layer_layout(i), on_stats is not None, not (on_stats is not None and i == num_layers - 1))
-            partials = executor.call_all_settled(shards, "advance", *args)
-            for k, partial in enumerate(partials):
-                while isinstance(partial, ShardLost):
-                    rebuild(k, i, partial.reason)
-                    partial = executor.call_all_settled([shards[k]], "advance", *args)[0]
-                partials[k] = partial
+            partials = calls.call(i, "advance", *args)
             if on_stats is not None:
                 on_stats(i, sum_stats(partials))
     except BaseException:
         executor.release(shards)
         raise
     return shards
+
+
+def split_batches(rows: torch.Tensor, batch_size: int, parts: int) -> list[torch.Tensor]:
+    """Contiguous shards made of whole batches, so a batch (whose gradient is squared) never spans
+    two shards and the result does not depend on the number of workers."""
+    starts = list(range(0, rows.shape[0], batch_size))
+    groups = [chunk for chunk in torch.tensor_split(torch.tensor(starts), max(1, min(parts, len(starts)))) if len(chunk)]
+    return [rows[int(group[0]):min(int(group[-1]) + batch_size, rows.shape[0])] for group in groups]
+
+
+FISHER_DTYPE = "float32"  # squared gradients in bf16 would lose most of their digits
+
+
+def stream_fisher(executor: LocalExecutor, location: str, ids: torch.Tensor, batch_size: int, num_layers: int,
+                  budget_bytes: int, spill_dir: Path | None,
+                  on_layer: Callable[[int, dict[str, torch.Tensor]], None]) -> dict:
+    """Forward `ids` through every layer keeping each layer's input, then walk the layers in reverse
+    (streamed backward): `on_layer(i, sums)` receives layer i's Fisher sums reduced over shards in
+    shard order. A lost shard is replayed to the step it was at (same batches, same numbers).
+    Returns {"batches", "loss"} (loss: mean over batches of the batch loss, for the log)."""
+    parts = split_batches(ids, batch_size, executor.workers)
+    init = (location, FISHER_DTYPE, budget_bytes // len(parts), str(spill_dir) if spill_dir else None, FISHER_DTYPE,
+            executor.threads_per_worker)
+    shards = executor.actors(SequenceShard, [init] * len(parts))
+    forward = lambda i: (i, None, False, True, True)  # noqa: E731  (no statistics, keep the input)
+
+    def replay(k: int, step: int) -> None:
+        """Steps 0..N-1 are the forward layers, N the head, N+1.. the backward layers N-1, N-2, ..."""
+        shards[k] = executor.actors(SequenceShard, [init])[0]
+        executor.call_each([shards[k]], "load", [(parts[k], batch_size)])
+        for j in range(min(step, num_layers)):
+            executor.call_each([shards[k]], "advance", [forward(j)])
+        if step > num_layers:
+            executor.call_each([shards[k]], "fisher_head", [()])
+        for j in range(num_layers - 1, 2 * num_layers - step, -1):
+            executor.call_each([shards[k]], "fisher_backward", [(j,)])
+
+    calls = ShardRecovery(executor, shards, "fisher", replay)
+    try:
+        executor.call_each(shards, "load", [(part, batch_size) for part in parts])
+        for i in executor.steps(range(num_layers), "fisher forward"):
+            calls.call(i, "advance", *forward(i))
+        losses = calls.call(num_layers, "fisher_head")
+        for i in executor.steps(range(num_layers - 1, -1, -1), "fisher backward"):
+            on_layer(i, sum_stats(calls.call(2 * num_layers - i, "fisher_backward", i)))
+    finally:
+        executor.release(shards)
+    batches = sum(-(-part.shape[0] // batch_size) for part in parts)
+    return {"batches": batches, "loss": sum(losses) / batches}
 
 
 def stats_key(layer: int, prefix: str = "stats") -> str:
@@ -165,8 +233,7 @@ def calibrate(spec: JobSpec, source: ModelSource, store: ArtifactStore, executor
     """Calibration statistics of every layer into the store under `prefix`; returns the number of
     tokens used and the artifacts written (key -> sha256)."""
     cal = spec.calibration
-    tokens = tokenize(load_text(cal.data), source.tokenizer())
-    samples = calibration_samples(tokens, cal.num_samples, cal.seq_len, cal.seed)
+    samples = calibration_ids(spec, source)
     artifacts: dict[str, str] = {}
 
     def save_stats(i: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -178,6 +245,85 @@ def calibrate(spec: JobSpec, source: ModelSource, store: ArtifactStore, executor
                            product_dtype=cal.gram_product_dtype, on_stats=save_stats)
     executor.release(shards)
     return samples.numel(), artifacts
+
+
+def calibration_ids(spec: JobSpec, source: ModelSource) -> torch.Tensor:
+    cal = spec.calibration
+    tokens = tokenize(load_text(cal.data), source.tokenizer())
+    return calibration_samples(tokens, cal.num_samples, cal.seq_len, cal.seed)
+
+
+def fisher_key(layer: int, prefix: str = "fisher") -> str:
+    return f"{prefix}/layer-{layer:05d}.safetensors"
+
+
+def fisher(spec: JobSpec, source: ModelSource, store: ArtifactStore, executor: LocalExecutor, scratch: Path,
+           prefix: str = "fisher") -> tuple[dict, dict[str, str]]:
+    """Fisher sums of every projection (streamed backward over the first `fisher_samples`
+    calibration sequences) into the store, a layer per artifact. Returns ({batches, loss}, artifacts)."""
+    allocation = spec.target.allocation
+    ids = calibration_ids(spec, source)[:allocation.fisher_samples]
+    artifacts: dict[str, str] = {}
+
+    def save(i: int, tensors: dict[str, torch.Tensor]) -> None:
+        artifacts[fisher_key(i, prefix)] = store.put_tensors(fisher_key(i, prefix), tensors)
+
+    result = stream_fisher(executor, source.location, ids, allocation.fisher_batch_size, source.num_layers,
+                           spec.calibration.max_resident_mb << 20, scratch, on_layer=save)
+    return result, artifacts
+
+
+def spectra_key(layer: int, group: str, prefix: str = "spectra") -> str:
+    return f"{prefix}/layer-{layer:05d}-{group}.safetensors"
+
+
+def spectra(source: ModelSource, layout: ModelLayout, store: ArtifactStore, executor: LocalExecutor,
+            stats_prefix: str, prefix: str) -> dict[str, str]:
+    """Whitened spectra of every module of `layout` (its structure; ranks are what is decided next),
+    one task per (layer, input group). Returns the artifacts."""
+    arch = source.architecture
+    items = [SpectrumItem(source.location, arch.layer_prefix.format(i=i), group.name,
+                          tuple(m.to_json() for m in layout.in_group(i, group)), store.ref(),
+                          stats_key(i, stats_prefix), store.ref(), spectra_key(i, group.name, prefix))
+             for i in range(source.num_layers) for group in arch.groups if layout.in_group(i, group)]
+    return dict(executor.map(run_spectrum, items, "spectra"))
+
+
+def fisher_ranks(spec: JobSpec, source: ModelSource, layout: ModelLayout,
+                 shapes: dict[int, dict[str, tuple[int, int]]], store: ArtifactStore, fisher_prefix: str,
+                 spectra_prefix: str) -> dict[int, dict[str, int]]:
+    """FLRA on the driver: every module of `layout` becomes a unit (spectrum, Fisher weight, cost)
+    and one budget — (1 − ratio) of the dense parameters — is split over all of them."""
+    arch, allocation = source.architecture, spec.target.allocation
+    units, members_of = [], {}
+    for i in range(source.num_layers):
+        scores = fisher_scores(store.get_tensors(fisher_key(i, fisher_prefix)))
+        for group in arch.groups:
+            modules = layout.in_group(i, group)
+            if not modules:
+                continue
+            tensors = store.get_tensors(spectra_key(i, group.name, spectra_prefix))
+            trace = float(tensors[GRAM_TRACE_KEY][0])
+            for module in modules:
+                rows = sum(shapes[i][m][0] for m in module.members)
+                cols = shapes[i][module.members[0]][1]
+                name = arch.layer_prefix.format(i=i) + unit_name(module)
+                members_of[name] = (i, module.members)
+                units.append(RankUnit(
+                    name, tensors[f"{unit_name(module)}.energy"],
+                    loss_weight(sum(scores[m] for m in module.members), rows, trace), rows, cols, module.skip,
+                    min_rank=max(1, math.ceil(allocation.min_rank_fraction * min(rows, cols)))))
+    dense = sum(m * n for layer_shapes in shapes.values() for m, n in layer_shapes.values())
+    try:
+        ranks = allocate_ranks(units, int((1.0 - spec.target.ratio) * dense))
+    except ValueError as err:
+        raise SpecError(f"target.ratio = {spec.target.ratio} with target.allocation.min_rank_fraction = "
+                        f"{allocation.min_rank_fraction}: {err}") from None
+    by_layer: dict[int, dict[str, int]] = {i: {} for i in shapes}
+    for name, rank in ranks.items():
+        i, members = members_of[name]
+        by_layer[i].update({m: rank for m in members})
+    return by_layer
 
 
 def matrix_shapes(source: ModelSource, spec: JobSpec) -> dict[int, dict[str, tuple[int, int]]]:

@@ -17,7 +17,7 @@ from rankfold.modules.layout import CompressedModule
 from rankfold.orchestrator.store import StoreError, StoreRef, open_ref
 from rankfold.workers.assemble import assemble_layer_state
 from rankfold.workers.calibrate import InputStats
-from rankfold.workers.decompose import decompose_group
+from rankfold.workers.decompose import decompose_group, group_spectra
 from rankfold.workers.shard import cached_source
 
 
@@ -54,6 +54,31 @@ def run_decompose(item: DecomposeItem) -> tuple[dict[str, float], str, str]:
         diagnostics = result.diagnostics
         sha = factor_store.put_tensors(item.factors_key, tensors, metadata={"diagnostics": json.dumps(diagnostics)})
     return {item.layer_prefix + name: value for name, value in diagnostics.items()}, item.factors_key, sha
+
+
+@dataclass(frozen=True)
+class SpectrumItem:
+    source: str
+    layer_prefix: str
+    group: str
+    modules: tuple[dict, ...]  # CompressedModule JSON: which members are factorised together
+    stats: StoreRef
+    stats_key: str
+    spectra: StoreRef
+    spectra_key: str
+
+
+def run_spectrum(item: SpectrumItem) -> tuple[str, str]:
+    """Whitened spectra of one (layer, input group) into the store; returns (key, sha256)."""
+    out = open_ref(item.spectra)
+    sha = out.checksum(item.spectra_key)
+    if sha is not None and out.actual_checksum(item.spectra_key) == sha:
+        return item.spectra_key, sha
+    source = cached_source(item.source)
+    modules = [CompressedModule.from_json(m) for m in item.modules]
+    weights = {m: source.tensor(f"{item.layer_prefix}{m}.weight") for module in modules for m in module.members}
+    stats = InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group)
+    return item.spectra_key, out.put_tensors(item.spectra_key, group_spectra(weights, stats, modules))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 
 from rankfold.jobs.spec import MethodSpec
 from rankfold.methods.asvd import asvd_factors
+from rankfold.methods.flrc import whitened_energy
 from rankfold.methods.skipcat import cat_factors, skip_reparameterize
 from rankfold.methods.svd import svd_factors
 from rankfold.methods.svd_llm import svd_llm_factors
@@ -88,3 +89,22 @@ def decompose_group(method: MethodSpec, weights: dict[str, torch.Tensor], stats:
         else:
             raise ValueError(f"unknown compressed module kind {module.kind!r}")
     return result
+
+
+def unit_name(module: CompressedModule) -> str:
+    """A compressed module's name for allocation: its members, joined (paths inside the layer)."""
+    return "+".join(module.members)
+
+
+GRAM_TRACE_KEY = "gram_trace"
+
+
+def group_spectra(weights: dict[str, torch.Tensor], stats: InputStats,
+                  modules: list[CompressedModule]) -> dict[str, torch.Tensor]:
+    """Whitened spectra σ² of this group's modules (members stacked, as Cat factorises them) and the
+    trace of the input Gram: what the global allocator trades (methods/flrc.py)."""
+    gram = stats.symmetric_gram()
+    spectra = {f"{unit_name(m)}.energy": whitened_energy(torch.cat([weights[p] for p in m.members]), gram)
+               for m in modules}
+    spectra[GRAM_TRACE_KEY] = gram.diagonal().sum().reshape(1)
+    return spectra

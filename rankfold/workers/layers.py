@@ -54,5 +54,11 @@ class LayerRunner:
 
     @torch.no_grad()
     def __call__(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return self.run(layer, hidden)
+
+    def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's output under the caller's grad mode (the Fisher stage backpropagates through it)."""
         positions = torch.arange(hidden.shape[1])[None]
-        return layer(hidden, position_ids=positions, position_embeddings=self.position_embeddings(hidden))
+        with torch.no_grad():
+            tables = self.position_embeddings(hidden)
+        return layer(hidden, position_ids=positions, position_embeddings=tables)

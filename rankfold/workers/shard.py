@@ -20,6 +20,7 @@ from rankfold.modules.layout import CompressedModule
 from rankfold.workers.activations import Activations
 from rankfold.workers.calibrate import propagate_layer
 from rankfold.workers.evaluate import window_nll
+from rankfold.workers.fisher import fisher_tensors, head_gradient, layer_backward, prepare_for_gradients
 from rankfold.workers.layers import LayerRunner, embed, materialize_layer, runtime_config
 
 _SOURCES: dict[str, ModelSource] = {}
@@ -44,6 +45,8 @@ class SequenceShard:
         self.runner = LayerRunner(self.source.architecture, self.config)
         self.hidden: Activations | None = None
         self.ids: torch.Tensor | None = None
+        self.saved_inputs: dict[int, Activations] = {}  # Fisher: each layer's input, for the backward pass
+        self.grads: Activations | None = None            # Fisher: ∂ℒ/∂(input of the layer above)
 
     def load(self, ids: torch.Tensor, batch_size: int) -> int:
         """Embed this shard's (samples, seq) token ids; returns the number of tokens."""
@@ -56,19 +59,23 @@ class SequenceShard:
         return ids.numel()
 
     def advance(self, index: int, layout: list[dict] | None = None, collect_stats: bool = True,
-                keep_outputs: bool = True) -> dict[str, torch.Tensor]:
+                keep_outputs: bool = True, keep_input: bool = False) -> dict[str, torch.Tensor]:
         """Run layer `index` (its compressed modules per `layout`, JSON) on the held activations.
-        Returns the layer's input statistics (empty unless `collect_stats`)."""
+        Returns the layer's input statistics (empty unless `collect_stats`). With `keep_input` the
+        layer's input stays held for `fisher_backward` (each layer's share of the memory budget)."""
         if self.hidden is None:
             raise RuntimeError("shard holds no activations: call load() first")
         arch = self.source.architecture
         modules = [CompressedModule.from_json(m) for m in layout] if layout else None
         layer = materialize_layer(arch, self.config, index, self.source.layer_state(index), self.dtype,
                                   layout=modules)
-        outputs = Activations(self.budget_bytes, self.spill_dir) if keep_outputs else None
+        outputs = Activations(self._budget(keep_input), self.spill_dir) if keep_outputs else None
         groups = arch.groups if collect_stats else ()
         stats = propagate_layer(layer, self.runner, self.hidden, outputs, groups, self.product_dtype)
-        self.hidden.release()
+        if keep_input:
+            self.saved_inputs[index] = self.hidden
+        else:
+            self.hidden.release()
         self.hidden = outputs
         tensors: dict[str, torch.Tensor] = {}
         for name, group_stats in stats.items():
@@ -88,10 +95,60 @@ class SequenceShard:
                 total, count = total + chunk_total, count + chunk_count
         return total, count
 
+    def _budget(self, per_layer: bool) -> int:
+        """Resident bytes for one activation buffer; split over all layers when every input is kept."""
+        return self.budget_bytes // (self.source.num_layers + 1) if per_layer else self.budget_bytes
+
+    def fisher_head(self) -> float:
+        """Start the backward pass: per batch (one held chunk), ∂ℒ/∂(last layer's output) of its mean
+        next-token loss. Returns the summed batch losses."""
+        if self.hidden is None:
+            raise RuntimeError("shard holds no activations: run the forward pass first")
+        model = self.source
+        norm = model.architecture.build_final_norm(model.config)
+        norm.weight.data = model.final_norm().to(self.dtype)
+        norm.requires_grad_(False)
+        head = model.lm_head().to(self.dtype)
+        self.grads = Activations(self._budget(True), self.spill_dir)
+        total = 0.0
+        for chunk, ids in zip(self.hidden, self.ids.split(self.batch_size)):
+            loss, grad = head_gradient(chunk, norm, head, ids)
+            self.grads.append(grad)
+            total += loss
+        self.hidden.release()
+        self.hidden = None
+        return total
+
+    def fisher_backward(self, index: int) -> dict[str, torch.Tensor]:
+        """Layer `index` of the backward pass (layers in reverse order): recompute it from its kept
+        input, backpropagate the held gradient, return Σ(∂ℒ/∂W)² sums of its projections and keep
+        ∂ℒ/∂input for layer index − 1."""
+        if self.grads is None or index not in self.saved_inputs:
+            raise RuntimeError(f"shard cannot run the backward pass of layer {index}: its forward "
+                               "pass (keep_input) or the gradient from the layer above is missing")
+        arch = self.source.architecture
+        paths = [member for group in arch.groups for member in group.members]
+        layer = materialize_layer(arch, self.config, index, self.source.layer_state(index), self.dtype)
+        prepare_for_gradients(layer, paths)
+        inputs = self.saved_inputs.pop(index)
+        below = Activations(self._budget(True), self.spill_dir) if index else None
+        sums: dict = {}
+        batches = 0
+        for hidden, grad in zip(inputs, self.grads):
+            grad_in = layer_backward(layer, self.runner, hidden, grad, sums, paths)
+            batches += 1
+            if below is not None:
+                below.append(grad_in)
+        inputs.release()
+        self.grads.release()
+        self.grads = below
+        return fisher_tensors(sums, batches)
+
     def release(self) -> None:
-        if self.hidden is not None:
-            self.hidden.release()
-        self.hidden, self.ids = None, None
+        for buffer in [self.hidden, self.grads, *self.saved_inputs.values()]:
+            if buffer is not None:
+                buffer.release()
+        self.hidden, self.ids, self.grads, self.saved_inputs = None, None, None, {}
 
     def pid(self) -> int:
         return os.getpid()

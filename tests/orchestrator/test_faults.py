@@ -80,3 +80,42 @@ def test_killed_workers_are_replaced_and_artifacts_bit_identical(tmp_path, tiny_
         stop.set()
     assert len(killed) == 2 and all(not k.is_alive() for k in killers)  # both workers died mid-stage
     assert _artifacts(disturbed, tmp_path / "killed") == _artifacts(clean, tmp_path / "clean")
+
+
+def test_shard_killed_in_the_fisher_backward_pass_is_replayed(tmp_path, tiny_model_dir, ray_executor, monkeypatch):
+    """The rebuilt shard redoes the forward pass, the head and the backward layers above, then the
+    layer it died in: the Fisher sums (hence the allocated ranks) are bit-identical."""
+    import rankfold.orchestrator.pipeline as pipeline
+    from rankfold.orchestrator.manifest import Manifest
+    from rankfold.orchestrator.store import LocalStore
+    from rankfold.workers.shard import SequenceShard
+
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "clean")
+    data["target"]["allocation"] = {"kind": "fisher", "fisher_samples": 4}
+    data["evaluation"]["perplexity"] = []
+    clean = run_job(parse_spec(data), stream=None, executor=ray_executor)
+    marker = tmp_path / "fisher.pid"
+
+    class ShardKilledInBackward(SequenceShard):
+        def fisher_backward(self, index):
+            if index == 0 and not marker.exists():
+                marker.write_text(str(os.getpid()))
+                time.sleep(60)  # killed here: layer 1 done, layer 0 in progress
+            return super().fisher_backward(index)
+
+    monkeypatch.setattr(pipeline, "SequenceShard", ShardKilledInBackward)
+    stop, killed = threading.Event(), []
+    killer = _killer(marker, stop, killed)
+    data["output"]["dir"] = str(tmp_path / "killed")
+    try:
+        disturbed = run_job(parse_spec(data), stream=None, executor=ray_executor)
+    finally:
+        stop.set()
+    assert len(killed) == 1 and not killer.is_alive()
+
+    def fisher_artifacts(report, out):
+        manifest = Manifest(LocalStore(out / "artifacts"), report["artifacts"]["manifest"].split("/")[1])
+        return manifest.stages["fisher"].artifacts
+
+    assert fisher_artifacts(disturbed, tmp_path / "killed") == fisher_artifacts(clean, tmp_path / "clean")
+    assert disturbed["ranks"] == clean["ranks"]

@@ -1,0 +1,93 @@
+"""Fisher stage, streamed: the empirical Fisher of every projection without the whole model in memory.
+
+F_W = mean over batches of Σ (∂ℒ_b/∂W)², ℒ_b the batch's mean next-token loss (the dense model's).
+The forward pass keeps each layer's input; the backward pass walks the layers in reverse, recomputes
+layer i from its stored input with autograd on, backpropagates the gradient arriving from layer i+1,
+squares the weight gradients (per batch: the square of a sum is not the sum of squares) and hands
+the input gradient down. Only the sums are returned, so shards reduce by addition:
+per projection Σ g² in total, per output row and per input column (a head group's share is a
+slice of the rows — q/k/v — or of the columns — o_proj).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankfold.workers.layers import LayerRunner
+
+
+@dataclass
+class FisherSums:
+    """Σ over batches of the squared batch gradient of one weight, and its row/column marginals."""
+
+    total: torch.Tensor  # () float64
+    rows: torch.Tensor   # (out,) float64
+    cols: torch.Tensor   # (in,) float64
+
+    @classmethod
+    def zeros(cls, shape: torch.Size) -> "FisherSums":
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        return cls(z(()), z(shape[0]), z(shape[1]))
+
+    def add_(self, grad: torch.Tensor) -> None:
+        squared = grad.to(torch.float64).square()
+        self.rows.add_(squared.sum(1))
+        self.cols.add_(squared.sum(0))
+        self.total.add_(squared.sum())
+
+    def to_tensors(self, path: str) -> dict[str, torch.Tensor]:
+        return {f"{path}.fisher": self.total, f"{path}.fisher_rows": self.rows, f"{path}.fisher_cols": self.cols}
+
+
+BATCHES_KEY = "batches"
+
+
+def head_gradient(hidden: torch.Tensor, final_norm: nn.Module, head: torch.Tensor,
+                  ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """ℒ = mean next-token cross-entropy of one batch from the last layer's output (batch, seq, hidden);
+    returns (ℒ, ∂ℒ/∂hidden). Same loss as transformers' `model(ids, labels=ids).loss`."""
+    hidden = hidden.detach().requires_grad_(True)
+    logits = F.linear(final_norm(hidden[:, :-1]), head).float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    (grad,) = torch.autograd.grad(loss, hidden)
+    return float(loss.detach()), grad
+
+
+def layer_backward(layer: nn.Module, runner: LayerRunner, hidden: torch.Tensor, grad_out: torch.Tensor,
+                   sums: dict[str, FisherSums], paths: list[str]) -> torch.Tensor:
+    """Recompute `layer` on one batch's stored input, backpropagate `grad_out` (∂ℒ/∂output), add the
+    squared weight gradients of `paths` to `sums`; returns ∂ℒ/∂input for the layer below."""
+    weights = [layer.get_submodule(path).weight for path in paths]
+    hidden = hidden.detach().requires_grad_(True)
+    with torch.enable_grad():
+        output = runner.run(layer, hidden)
+        grads = torch.autograd.grad(output, [hidden, *weights], grad_out)
+    for path, weight, grad in zip(paths, weights, grads[1:]):
+        sums.setdefault(path, FisherSums.zeros(weight.shape)).add_(grad)
+    return grads[0]
+
+
+def prepare_for_gradients(layer: nn.Module, paths: list[str]) -> None:
+    """Only the projections' weights need gradients (norms do not: they are not compressed)."""
+    for parameter in layer.parameters():
+        parameter.requires_grad_(False)
+    for path in paths:
+        layer.get_submodule(path).weight.requires_grad_(True)
+
+
+def fisher_tensors(sums: dict[str, FisherSums], batches: int) -> dict[str, torch.Tensor]:
+    tensors = {BATCHES_KEY: torch.tensor([batches], dtype=torch.int64)}
+    for path, entry in sums.items():
+        tensors.update(entry.to_tensors(path))
+    return tensors
+
+
+def fisher_scores(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{projection path: F = mean over batches of Σ (∂ℒ/∂W)²} from a layer's reduced sums."""
+    batches = int(tensors[BATCHES_KEY][0])
+    return {key.removesuffix(".fisher"): float(value) / batches
+            for key, value in tensors.items() if key.endswith(".fisher")}

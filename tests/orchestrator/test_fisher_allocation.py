@@ -1,0 +1,59 @@
+"""`target.allocation.kind: fisher`: Fisher + spectra + global allocation stages in the real job."""
+
+from __future__ import annotations
+
+import pytest
+
+from rankfold.jobs.spec import SpecError, parse_spec
+from rankfold.orchestrator.job import run_job
+from tests.conftest import tiny_spec_dict
+
+
+def fisher_spec(model_dir, out, method="svd_llm", ratio=0.3, **allocation):
+    data = tiny_spec_dict(model_dir, out, method=method, ratio=ratio)
+    data["target"]["allocation"] = {"kind": "fisher", "fisher_samples": 4, **allocation}
+    return data
+
+
+@pytest.mark.parametrize("method", ["svd_llm", "skipcat"])
+def test_fisher_allocation_meets_the_budget_with_uneven_ranks(tiny_model_dir, tmp_path, method):
+    report = run_job(parse_spec(fisher_spec(tiny_model_dir, tmp_path / "out", method)), stream=None)
+    parameters = report["parameters"]
+    assert 0.3 <= parameters["achieved_compression"] < 0.3 + 0.02  # within one rank of the budget
+    assert len(set(report["ranks"].values())) > 2  # the allocator differentiated the matrices
+    assert report["allocation"]["kind"] == "fisher" and report["allocation"]["batches"] == 4
+    stages = [row["stage"] for row in report["stages"]]
+    assert stages[:5] == ["calibrate", "fisher", "spectra", "allocate", "decompose"]
+    digests = report["artifacts"]["digests"]
+    keys = {str(p.relative_to(tmp_path / "out" / "artifacts")) for p in (tmp_path / "out" / "artifacts").rglob("*.safetensors")}
+    assert sum(k.startswith(f"fisher/{digests['fisher']}/") for k in keys) == 2
+    assert sum(k.startswith(f"spectra/{digests['spectra']}/") for k in keys) == 2 * 4  # layers × input groups
+    row = report["perplexity"][0]
+    assert row["compressed"] < 10 * row["dense"]
+
+
+def test_rerun_reuses_fisher_spectra_and_allocation(tiny_model_dir, tmp_path):
+    spec = parse_spec(fisher_spec(tiny_model_dir, tmp_path / "out"))
+    first = run_job(spec, stream=None)
+    again = run_job(spec, stream=None)
+    assert {"calibrate", "fisher", "spectra", "allocate", "decompose", "assemble"} <= set(again["reused_stages"])
+    assert again["ranks"] == first["ranks"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"method": {"name": "svd"}}, "needs a whitened method"),
+    ({"target": {"ratio": 0.3, "allocation": {"kind": "fisher", "fisher_samples": 99}}}, "exceeds calibration.num_samples"),
+    ({"target": {"ratio": 0.3, "allocation": {"kind": "fisher", "min_rank_fraction": 1.5}}}, "min_rank_fraction"),
+])
+def test_bad_allocation_specs_are_named(tiny_model_dir, tmp_path, change, message):
+    data = fisher_spec(tiny_model_dir, tmp_path / "out")
+    data.update(change)
+    with pytest.raises(SpecError, match=message):
+        parse_spec(data)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_budget_too_small_for_minimum_ranks_is_a_clear_error(tiny_model_dir, tmp_path):
+    spec = parse_spec(fisher_spec(tiny_model_dir, tmp_path / "out", ratio=0.99, min_rank_fraction=0.5))
+    with pytest.raises(SpecError, match="target.ratio = 0.99 with target.allocation.min_rank_fraction = 0.5"):
+        run_job(spec, stream=None)
