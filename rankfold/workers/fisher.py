@@ -91,3 +91,16 @@ def fisher_scores(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     batches = int(tensors[BATCHES_KEY][0])
     return {key.removesuffix(".fisher"): float(value) / batches
             for key, value in tensors.items() if key.endswith(".fisher")}
+
+
+def head_group_scores(tensors: dict[str, torch.Tensor], path: str, head_dim: int, heads_per_group: int,
+                      batches: int | None = None) -> torch.Tensor:
+    """Fisher score of each group of `heads_per_group` heads of one projection (Palu's rank search):
+    q/k/v heads are blocks of output rows, o_proj's are blocks of input columns."""
+    marginal = tensors[f"{path}.fisher_cols" if path.endswith("o_proj") else f"{path}.fisher_rows"]
+    width = head_dim * heads_per_group
+    if marginal.numel() % width:
+        raise ValueError(f"{path}: {marginal.numel()} channels do not split into groups of "
+                         f"{heads_per_group} heads × {head_dim}")
+    batches = batches if batches is not None else int(tensors[BATCHES_KEY][0])
+    return marginal.reshape(-1, width).sum(1) / batches

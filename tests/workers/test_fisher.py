@@ -102,3 +102,20 @@ def test_streamed_fisher_matches_autograd_on_smollm2(smollm2, shared_data, tmp_p
     scores = {i: fisher_scores(t) for i, t in layers.items()}
     assert all(v > 0 for s in scores.values() for v in s.values())
     assert 1.0 < result["loss"] < 10.0  # a sane next-token loss for a trained model
+
+
+def test_head_group_scores_slice_rows_for_kv_and_columns_for_o(tiny_model_dir, tmp_path):
+    source = open_source(tiny_model_dir)  # 4 query heads, 2 KV heads, head_dim 16
+    ids = torch.randint(0, source.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    _, layers = streamed_fisher(source, ids, 1, 1, tmp_path)
+    reference = autograd_fisher(whole_model(source), ids, 1, PATHS)
+    from rankfold.workers.fisher import head_group_scores
+
+    k = reference["model.layers.0.self_attn.k_proj"]
+    o = reference["model.layers.0.self_attn.o_proj"]
+    torch.testing.assert_close(head_group_scores(layers[0], "self_attn.k_proj", 16, 1),
+                               k.reshape(2, 16, -1).sum((1, 2)) / 2, rtol=1e-5, atol=0)
+    torch.testing.assert_close(head_group_scores(layers[0], "self_attn.o_proj", 16, 2),
+                               o.reshape(-1, 2, 32).sum((0, 2)) / 2, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="do not split"):
+        head_group_scores(layers[0], "self_attn.k_proj", 16, 3)
