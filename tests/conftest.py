@@ -181,7 +181,8 @@ def ray_cluster(tmp_path_factory):
     temp = tmp_path_factory.mktemp("ray")
     bin_dir = str(Path(sys.executable).parent)  # jobs run `python -m rankfold.cli`: this environment's
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    env = {**os.environ, **TEST_AWS_ENV, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    env = {**os.environ, **TEST_AWS_ENV, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "RANKFOLD_CACHE": str(temp / "cache")}  # checkpoints workers fetch from the store land here
     start = [str(Path(bin_dir) / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
              "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={temp}"]

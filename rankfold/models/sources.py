@@ -263,10 +263,12 @@ class GGUFSource(ModelSource):
                 del config.quantization_config
             config.save_pretrained(staging)
             AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name).save_pretrained(staging)
-            if folder.exists():  # another process converted it meanwhile
-                shutil.rmtree(staging)
-            else:
+            try:
                 os.replace(staging, folder)
+            except OSError:  # another process (a Ray actor beside this one) converted it meanwhile
+                if not (folder / "config.json").is_file():
+                    raise
+                shutil.rmtree(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -320,8 +322,13 @@ def builtin_gguf(name: str) -> Path:
 
 
 def open_source(source: str | Path) -> ModelSource:
-    """A built-in name, a .gguf file or a Hugging Face folder -> its ModelSource."""
+    """A built-in name, a .gguf file, a Hugging Face folder, or a checkpoint in an artifact store
+    ("store:{...}", see orchestrator/stored_model.py) -> its ModelSource."""
     text = str(source)
+    if text.startswith("store:"):
+        from rankfold.orchestrator.stored_model import open_stored  # the store layer sits above models
+
+        return open_stored(text)
     if text in BUILTIN_MODELS:
         return GGUFSource(builtin_gguf(text))
     path = Path(text)

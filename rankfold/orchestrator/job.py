@@ -28,6 +28,7 @@ from rankfold.orchestrator.pipeline import (RATIO_DEFINITION, ModelLayout, assem
                                             fisher_ranks, matrix_shapes, perplexity, place_checkpoint, plan_layout,
                                             prepare_output, preflight, spectra)
 from rankfold.orchestrator.store import ArtifactStore, LocalStore, S3Store
+from rankfold.orchestrator.stored_model import StoredCheckpointSource
 from rankfold.workers.evaluate import make_windows
 
 CHECKPOINT_FILES = "checkpoints"
@@ -132,7 +133,10 @@ def _run_job(spec: JobSpec, stream: TextIO | None, executor) -> dict:
     run_stage("assemble", lambda: _assemble(spec, source, layout, store, executor, checkpoint, digests),
               extra_check=lambda record: _restore_checkpoint(store, record, checkpoint, digests["assemble"]))
 
-    compressed = SafetensorsSource(checkpoint)  # evaluate the artifact as written, not an in-memory copy
+    # Evaluate the artifact as written, not an in-memory copy: in-process from output.dir; on Ray
+    # from the store, which every node can read (output.dir is on the driver's machine only).
+    compressed = (SafetensorsSource(checkpoint) if isinstance(executor, LocalExecutor)
+                  else StoredCheckpointSource(store.ref(), f"{CHECKPOINT_FILES}/{digests['assemble']}"))
     rows = []
     for k, ppl in enumerate(spec.evaluation.perplexity):
         windows = make_windows(tokenize(load_text(ppl.data), source.tokenizer()), ppl.window, ppl.max_tokens)

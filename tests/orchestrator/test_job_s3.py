@@ -12,7 +12,9 @@ import rankfold
 from rankfold.cli import EXIT_BAD_INPUT, main
 from rankfold.jobs.spec import parse_spec
 from rankfold.orchestrator.job import run_job
+from rankfold.models.sources import ModelSourceError, SafetensorsSource, open_source
 from rankfold.orchestrator.store import S3Store
+from rankfold.orchestrator.stored_model import StoredCheckpointSource
 
 from tests.conftest import tiny_spec_dict
 
@@ -23,7 +25,7 @@ def _s3_spec(tiny_model_dir, out, endpoint, bucket):
     return parse_spec(data)
 
 
-def test_job_with_s3_artifacts_resumes_from_the_bucket(tmp_path, tiny_model_dir, s3_endpoint, s3_bucket):
+def test_job_with_s3_artifacts_resumes_from_the_bucket(tmp_path, tiny_model_dir, s3_endpoint, s3_bucket, monkeypatch):
     spec = _s3_spec(tiny_model_dir, tmp_path / "out", s3_endpoint, s3_bucket)
     report = run_job(spec, stream=None)
     store = S3Store(s3_bucket, prefix="team/jobs", endpoint_url=s3_endpoint)
@@ -42,6 +44,19 @@ def test_job_with_s3_artifacts_resumes_from_the_bucket(tmp_path, tiny_model_dir,
     assert set(again["reused_stages"]) >= {"calibrate", "decompose", "assemble"}
     torch.testing.assert_close(rankfold.load(tmp_path / "out" / "model")(torch.arange(12)[None]).logits, logits,
                                rtol=0, atol=0)
+
+    # Any node reads the checkpoint from the store itself (Ray evaluation does): same tensors.
+    stored = StoredCheckpointSource(store.ref(), f"checkpoints/{digests['assemble']}", cache=tmp_path / "cache")
+    local = SafetensorsSource(tmp_path / "out" / "model")
+    assert not list((tmp_path / "cache").rglob("layers-*.safetensors"))  # shards fetched on first use only
+    assert sorted(stored.keys()) == sorted(local.keys())
+    monkeypatch.setenv("RANKFOLD_CACHE", str(tmp_path / "worker-cache"))
+    reopened = open_source(stored.location)  # as a worker does: the location string is all it gets
+    for index in range(stored.num_layers):
+        for name, tensor in reopened.layer_state(index).items():
+            assert torch.equal(tensor, local.layer_state(index)[name]), name
+    with pytest.raises(ModelSourceError, match="no checkpoint under"):
+        StoredCheckpointSource(store.ref(), "checkpoints/nothing-here", cache=tmp_path / "cache")
 
 
 def test_missing_bucket_stops_the_job_before_writing(tmp_path, tiny_model_dir, s3_endpoint, capsys):

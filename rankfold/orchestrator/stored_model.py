@@ -1,0 +1,70 @@
+"""A checkpoint read straight from the artifact store, so any node of a cluster can evaluate it.
+
+The compressed checkpoint is written into the store (a shard per layer); the driver also places a
+copy in output.dir, which other nodes cannot see. `StoredCheckpointSource` is that checkpoint as a
+model source on whichever process opens it: the small files (config, tokenizer, index) are fetched
+when it opens, each layer's shard when a tensor of it is first read, into a local cache named by
+the checkpoint's store location. Every fetch is verified against the store's sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from rankfold.models.sources import ModelSourceError, SafetensorsSource, cache_root
+from rankfold.orchestrator.manifest import digest_of
+from rankfold.orchestrator.store import StoreError, StoreRef, open_ref
+
+SCHEME = "store:"
+
+
+def stored_location(ref: StoreRef, prefix: str) -> str:
+    """A model source location (a string, as workers receive it) naming a checkpoint in a store."""
+    return SCHEME + json.dumps({"ref": asdict(ref), "prefix": prefix}, sort_keys=True)
+
+
+def open_stored(location: str) -> "StoredCheckpointSource":
+    try:
+        fields = json.loads(location[len(SCHEME):])
+        return StoredCheckpointSource(StoreRef(**fields["ref"]), fields["prefix"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ModelSourceError(f"{location!r}: not a stored checkpoint location ({err})") from None
+
+
+class StoredCheckpointSource(SafetensorsSource):
+    def __init__(self, ref: StoreRef, prefix: str, cache: Path | None = None):
+        self.store, self.prefix = open_ref(ref), prefix.rstrip("/")
+        folder = (cache or cache_root() / "stored") / digest_of(asdict(ref), self.prefix)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            keys = self.store.list_keys(self.prefix + "/")
+            for key in keys:
+                if not key.endswith(".safetensors"):  # small files now; shards on first use
+                    self._fetch(key, folder / Path(key).name)
+        except StoreError as err:
+            raise ModelSourceError(f"checkpoint {self.prefix} in {self.store.describe()}: {err}") from None
+        if not keys:
+            raise ModelSourceError(f"no checkpoint under {self.store.describe(self.prefix)}")
+        super().__init__(folder)
+        self.location = stored_location(ref, self.prefix)
+
+    def _fetch(self, key: str, path: Path) -> None:
+        """Verified bytes at `path`, atomically (actors on one node may fetch the same shard at once)."""
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        self.store.fetch(key, partial)
+        os.replace(partial, path)
+
+    def _file_of(self, key: str) -> Path:
+        path = super()._file_of(key)
+        if not path.is_file():
+            try:
+                self._fetch(f"{self.prefix}/{path.name}", path)
+            except StoreError as err:
+                raise ModelSourceError(f"checkpoint shard {path.name}: {err}") from None
+        return path
+
+    def fingerprint(self) -> str:
+        return digest_of("stored", self.prefix)  # the prefix is content-addressed already
