@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -115,3 +116,12 @@ def test_cli_bad_spec_exits_nonzero_and_writes_nothing(tmp_path, good, capsys, m
 def test_cli_missing_spec_file(tmp_path, capsys):
     assert main(["run", str(tmp_path / "absent.yaml")]) == EXIT_BAD_INPUT
     assert "job spec file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "jobs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_job_specs_are_valid_and_pass_preflight(path, monkeypatch):
+    monkeypatch.chdir(path.parents[1])  # their paths are written for the repository root
+    spec = load_spec(path)
+    preflight(spec)
+    assert spec.output.dir == Path("runs") / path.stem
