@@ -47,8 +47,10 @@ def format_report(report: dict) -> str:
             dense = f"{row['dense']:.3f}" if row.get("dense") is not None else "-"
             lines.append(f"  {row['name']:<14}{row['window']:>8}{row['tokens']:>9}{dense:>12}{row['compressed']:>16.3f}")
     lines.append("")
-    lines.append(f"  {'stage':<22}{'wall s':>9}{'peak RSS MiB':>14}")
+    workers = any("worker_peak_rss_mb" in row for row in report["stages"])
+    lines.append(f"  {'stage':<22}{'wall s':>9}{'peak RSS MiB':>14}" + (f"{'worker peak MiB':>17}" if workers else ""))
     for row in report["stages"]:
-        lines.append(f"  {row['stage']:<22}{row['wall_s']:>9.1f}{row['peak_rss_mb']:>14.0f}")
+        worker = f"{row['worker_peak_rss_mb']:>17.0f}" if "worker_peak_rss_mb" in row else ""
+        lines.append(f"  {row['stage']:<22}{row['wall_s']:>9.1f}{row['peak_rss_mb']:>14.0f}{worker}")
     lines.append(f"  {'total':<22}{report['total_wall_s']:>9.1f}")
     return "\n".join(lines)

@@ -51,5 +51,8 @@ class LocalExecutor:
         for handle in handles:
             handle.release()
 
+    def take_worker_peak_mb(self) -> float | None:
+        return None  # the workers are this process: the stage meter already sees them
+
     def close(self) -> None:
         pass

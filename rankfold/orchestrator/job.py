@@ -114,7 +114,7 @@ def _run_job(spec: JobSpec, stream: TextIO | None, executor) -> dict:
             reused.append(name)
             _say(stream, f"{name}: reusing verified artifacts ({digests[name]})")
             return record.result
-        with meter.stage(name):
+        with meter.stage(name, executor.take_worker_peak_mb):
             result, artifacts = work()
         return manifest.record(name, digests[name], artifacts, result).result
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import resource
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import psutil
 
@@ -17,6 +18,7 @@ class StageRecord:
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
     calls: int = 0
+    worker_peak_rss_mb: float | None = None  # the largest worker process's peak (Ray), if any
 
 
 class _PeakSampler(threading.Thread):
@@ -45,7 +47,8 @@ class StageMeter:
     records: dict[str, StageRecord] = field(default_factory=dict)
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str, worker_peak: Callable[[], float | None] = lambda: None) -> Iterator[None]:
+        """Meter the block; `worker_peak` (an executor's `take_worker_peak_mb`) adds what workers report."""
         record = self.records.setdefault(name, StageRecord(name))
         sampler = _PeakSampler(self.interval_s)
         sampler.start()
@@ -56,7 +59,17 @@ class StageMeter:
             record.wall_s += time.perf_counter() - start
             record.peak_rss_mb = max(record.peak_rss_mb, sampler.finish() / 2**20)
             record.calls += 1
+            workers = worker_peak()
+            if workers is not None:
+                record.worker_peak_rss_mb = max(record.worker_peak_rss_mb or 0.0, workers)
 
     def as_rows(self) -> list[dict]:
         return [{"stage": r.name, "wall_s": round(r.wall_s, 2), "peak_rss_mb": round(r.peak_rss_mb, 1)}
+                | ({} if r.worker_peak_rss_mb is None else {"worker_peak_rss_mb": round(r.worker_peak_rss_mb, 1)})
                 for r in self.records.values()]
+
+
+def process_peak_rss_mb() -> float:
+    """This process's peak resident memory over its lifetime (Linux reports KiB). A shard actor
+    lives for one stage, so for it this is the stage's peak; a task worker may serve several."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

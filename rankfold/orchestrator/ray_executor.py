@@ -19,6 +19,13 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+def _measured(fn: Callable[[Item], Result], item: Item) -> tuple[Result, float]:
+    """A task's result and its worker's peak RSS (MiB): the driver's meter cannot see workers."""
+    from rankfold.orchestrator.metering import process_peak_rss_mb
+
+    return fn(item), process_peak_rss_mb()
+
+
 class ClusterError(RuntimeError):
     """The Ray cluster cannot be reached or used; the message names the address."""
 
@@ -55,6 +62,7 @@ class RayExecutor:
         self.threads_per_worker = cpus_per_worker
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self._started_here = False
+        self._worker_peak_mb: float | None = None
         if not ray.is_initialized():
             if self.address and self.address != "auto":
                 check_reachable(self.address)
@@ -70,11 +78,21 @@ class RayExecutor:
         return f"ray ({self.address or 'embedded'}, {self.workers} workers × {self.cpus_per_worker} CPU)"
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str) -> list[Result]:
-        remote = self.ray.remote(num_cpus=self.cpus_per_worker, max_retries=self.max_retries)(fn)
-        refs = [remote.remote(item) for item in items]
+        remote = self.ray.remote(num_cpus=self.cpus_per_worker, max_retries=self.max_retries)(_measured)
+        refs = [remote.remote(fn, item) for item in items]
         for _ in progress(self._as_completed(refs), stage, total=len(refs), stream=self.stream):
             pass
-        return self.ray.get(refs)  # in item order, whatever order they finished in
+        results = self.ray.get(refs)  # in item order, whatever order they finished in
+        self._note_peak(*(peak for _, peak in results))
+        return [result for result, _ in results]
+
+    def _note_peak(self, *peaks_mb: float) -> None:
+        self._worker_peak_mb = max([self._worker_peak_mb or 0.0, *peaks_mb])
+
+    def take_worker_peak_mb(self) -> float | None:
+        """The largest peak RSS a worker reported since the last call (MiB), then reset."""
+        peak, self._worker_peak_mb = self._worker_peak_mb, None
+        return peak
 
     def _as_completed(self, refs: list) -> Any:
         pending = list(refs)
@@ -112,7 +130,7 @@ class RayExecutor:
         """Let each shard delete its spilled activations, then end the actors."""
         for handle in handles:
             try:
-                self.ray.get(handle.release.remote())
+                self._note_peak(self.ray.get(handle.release.remote()))
             except self.ray.exceptions.RayError:  # a dead actor has nothing left to release
                 pass
             self.ray.kill(handle)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rankfold.models.sources import ModelSource, open_source
+from rankfold.orchestrator.metering import process_peak_rss_mb
 from rankfold.modules.layout import CompressedModule
 from rankfold.workers.activations import Activations
 from rankfold.workers.calibrate import propagate_layer
@@ -144,11 +145,13 @@ class SequenceShard:
         self.grads = below
         return fisher_tensors(sums, batches)
 
-    def release(self) -> None:
+    def release(self) -> float:
+        """Drop every buffer (and spilled file); returns this process's peak RSS in MiB."""
         for buffer in [self.hidden, self.grads, *self.saved_inputs.values()]:
             if buffer is not None:
                 buffer.release()
         self.hidden, self.ids, self.grads, self.saved_inputs = None, None, None, {}
+        return process_peak_rss_mb()
 
     def pid(self) -> int:
         return os.getpid()

@@ -28,6 +28,9 @@ def test_ray_job_with_s3_matches_in_process(tmp_path, tiny_model_dir, ray_execut
     data["output"]["s3"] = {"bucket": s3_bucket, "endpoint_url": s3_endpoint}
     ray_report = run_job(parse_spec(data), stream=None, executor=ray_executor)
     assert ray_report["executor"].startswith("ray (127.0.0.1:")
+    stages = {row["stage"]: row for row in ray_report["stages"]}
+    for stage in ("calibrate", "decompose", "assemble", "evaluate compressed wikitext2"):  # workers' own peaks
+        assert 100 < stages[stage]["worker_peak_rss_mb"] < 4096, stages[stage]
 
     data["output"] = {"dir": str(tmp_path / "local")}
     local_report = run_job(parse_spec(data), stream=None, executor=LocalExecutor(None, workers=2))
