@@ -192,7 +192,36 @@ def ray_cluster(tmp_path_factory):
     try:
         yield {"address": f"127.0.0.1:{port}", "api": f"http://127.0.0.1:{dashboard}"}
     finally:
-        subprocess.run([str(Path(bin_dir) / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_ray_started_in(temp, port)
+
+
+def _stop_ray_started_in(temp: Path, port: int, grace_s: float = 15.0) -> None:
+    """Stop the Ray processes of the cluster this session started, and only those: `ray stop`
+    would kill every Ray instance on the machine (another user's embedded one too). Ours name
+    their temp dir or our GCS port on the command line; their children (workers) go with them."""
+    import psutil
+
+    marks = (str(temp), f":{port}\x00")  # e.g. the client server: --address=HOST:PORT
+    ours: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        command = "\x00".join(process.info["cmdline"] or []) + "\x00"
+        if any(mark in command for mark in marks):
+            try:
+                for member in [process, *process.children(recursive=True)]:
+                    ours[member.pid] = member
+            except psutil.Error:  # exited meanwhile
+                pass
+    for process in ours.values():
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(ours.values()), timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.fixture(scope="module")
