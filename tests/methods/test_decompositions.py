@@ -93,3 +93,17 @@ def test_mirror_upper_completes_the_lower_triangle_in_place(n, block):
     matrix = torch.triu(full) + torch.tril(torch.randn(n, n, generator=gen, dtype=torch.float64), -1)  # junk below
     result = mirror_upper_(matrix, block=block)
     assert result.data_ptr() == matrix.data_ptr() and torch.equal(matrix, expected)
+
+
+def test_whitening_gives_up_on_a_gram_no_small_ridge_can_fix():
+    gram = -torch.eye(6, dtype=torch.float64)  # not a Gram of any inputs: negative definite
+    with pytest.raises(ValueError, match="Cholesky failed even after shifting"):
+        whitening_factor(gram)
+
+
+def test_singular_gram_is_shifted_by_the_smallest_ridge_that_works():
+    x = _correlated_inputs(32, 10)
+    gram = x @ x.T
+    factor = whitening_factor(gram.clone())
+    ridge = float(((factor @ factor.T) - gram).diagonal().mean())
+    assert 0 < ridge <= 1e-6 * float(gram.diagonal().mean())
