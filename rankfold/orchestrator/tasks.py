@@ -48,8 +48,10 @@ def run_decompose(item: DecomposeItem) -> tuple[dict[str, float], str, str]:
         source = cached_source(item.source)
         modules = [CompressedModule.from_json(m) for m in item.modules]
         weights = {m: source.tensor(f"{item.layer_prefix}{m}.weight") for module in modules for m in module.members}
-        stats = InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group)
-        result = decompose_group(item.method, weights, stats, modules)
+        # Passed without a name here, so the Gram can be freed once it is factorised (see _GroupMath).
+        result = decompose_group(item.method, weights,
+                                 InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group),
+                                 modules)
         tensors = {k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()}
         diagnostics = result.diagnostics
         sha = factor_store.put_tensors(item.factors_key, tensors, metadata={"diagnostics": json.dumps(diagnostics)})

@@ -46,6 +46,9 @@ class _GroupMath:
     def whitening(self) -> torch.Tensor:
         if self._factor is None:
             self._factor = whitening_factor(self.stats.symmetric_gram())
+            # The Gram was consumed in place (symmetrised, maybe shifted) and is not read again: drop
+            # it before the SVD (a 70B down_proj's is 6.6 GB) — callers pass stats they do not keep.
+            self.stats = InputStats(torch.empty(0, 0, dtype=torch.float64), self.stats.abs_sum, self.stats.count)
         return self._factor
 
 
@@ -79,6 +82,7 @@ def decompose_group(method: MethodSpec, weights: dict[str, torch.Tensor], stats:
                     modules: list[CompressedModule]) -> GroupResult:
     """Tensors of `modules` (all reading this group's input); `weights` keyed by member path."""
     math, result = _GroupMath(stats), GroupResult({})
+    del stats  # only `math` holds the statistics now, so it can drop the Gram after factorising it
     for module in modules:
         if module.kind == "lowrank":
             (member,) = module.members
