@@ -610,8 +610,8 @@ def layer_main(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     print(f"layer: {dims}, {tokens} tokens in sequences of {args.seq_len}, forward {args.dtype}, "
           f"Gram products {args.gram_product_dtype}; {torch.get_num_threads()} threads", file=sys.stderr)
-    rates = gemm_rates()
-    print("  GEMM GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()), file=sys.stderr)
+    rates_before = gemm_rates()
+    print("  GEMM GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates_before.items()), file=sys.stderr)
 
     pieces = Pieces(args.interval)
     weights = layer_weights(config, torch.bfloat16)
@@ -651,6 +651,9 @@ def layer_main(args: argparse.Namespace) -> dict:
     for path in work.glob("stats-*.safetensors"):
         path.unlink()
     pieces.sampler.finish()
+    # The machine may be shared: the rates before and after the run, and their mean, which the model uses.
+    rates_after = gemm_rates()
+    rates = {k: (rates_before[k] + rates_after[k]) / 2 for k in rates_before}
 
     result = {
         "command": "python benchmarks/scale.py " + " ".join(args.argv),
@@ -659,7 +662,8 @@ def layer_main(args: argparse.Namespace) -> dict:
         "load_average_1_5_15": os.getloadavg(), "code": git_state(), "dims": dims, "scale": s, "tokens": tokens,
         "seq_len": args.seq_len, "dtype": args.dtype,
         "gram_product_dtype": args.gram_product_dtype, "ratio": args.ratio, "ranks": ranks, "shapes": args.shapes,
-        "gemm_gflops": rates, "pieces": pieces.rows, "layer_bytes_bf16": layer_bytes, "stats_bytes": stats_bytes,
+        "gemm_gflops": rates, "gemm_gflops_before_after": [rates_before, rates_after], "pieces": pieces.rows,
+        "layer_bytes_bf16": layer_bytes, "stats_bytes": stats_bytes,
         "activation_bytes": tokens * dims["hidden"] * dtype.itemsize,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10,
         "park_factor_mb": args.park_factor_mb,
@@ -753,16 +757,24 @@ def task_memory_note(r: dict) -> list[str]:
             f"≈ {'; '.join(notes)}."] if notes else []
 
 
+def ws_gflops(r: dict) -> float:
+    """The fp64 GEMM rate of the largest W·S product as it ran (0 when the down shape was skipped)."""
+    row = next((row for key, row in r["pieces"].items() if key.startswith("down ") and "W·S" in key), None)
+    return 2 * r["dims"]["hidden"] * r["dims"]["ffn"] ** 2 / row["wall_s"] / 1e9 if row else 0.0
+
+
 def layer_markdown(r: dict) -> str:
     d, p = r["dims"], r["prediction"]
+    before, after = r["gemm_gflops_before_after"]
     scaled = "" if r["scale"] == 1 else f" ÷ {r['scale']}"
     lines = [f"### Scale: one decoder layer of Llama-3-70B shape{scaled}", "",
              f"hidden {d['hidden']}, ffn {d['ffn']}, {d['heads']} heads / {d['kv_heads']} KV heads; "
              "random bf16 weights; "
              f"{r['tokens']} tokens (sequences of {r['seq_len']}), forward {r['dtype']}, Gram products "
              f"{r['gram_product_dtype']} into float64 sums; SVD-LLM at {r['ratio']:.0%} (ranks {r['ranks']}). "
-             "GEMM on this machine: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in r["gemm_gflops"].items())
-             + ".", "",
+             "GEMM on this machine (mean of before / after the run): "
+             + ", ".join(f"{k} {v:.0f} ({before[k]:.0f} / {after[k]:.0f}) GFLOP/s" for k, v in r["gemm_gflops"].items())
+             + f". In situ, W·S of down ran at {ws_gflops(r):.0f} GFLOP/s (fp64).", "",
              "| step | wall s | peak RSS of the process |", "|---|---|---|"]
     lines += [f"| {name} | {row['wall_s']:.1f} | {_gb(row['peak_rss'])} |" for name, row in r["pieces"].items()]
     lines += ["", f"Peak RSS (ru_maxrss): {_gb(r['peak_rss'])}. One shape's SVD-LLM is timed once and counted for "
