@@ -37,7 +37,7 @@ def whitening_factor(gram: torch.Tensor, rel_eps: float = 1e-8) -> torch.Tensor:
     gram = gram.to(torch.float64)
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"Gram matrix must be square, got shape {tuple(gram.shape)}")
-    if not torch.isfinite(gram).all():
+    if not all(torch.isfinite(rows).all() for rows in gram.split(1024)):  # by blocks: no n×n temporary
         raise ValueError("Gram matrix has non-finite entries: calibration activations overflowed")
     gram = mirror_upper_(gram)
     factor, info = torch.linalg.cholesky_ex(gram)

@@ -67,7 +67,8 @@ class RayExecutor:
             if self.address and self.address != "auto":
                 check_reachable(self.address)
             try:
-                ray.init(address=self.address, include_dashboard=False, configure_logging=False,
+                # "local": a new embedded instance, never a `ray start` cluster that ray.init() would find
+                ray.init(address=self.address or "local", include_dashboard=False, configure_logging=False,
                          log_to_driver=stream is not None)
             except (ConnectionError, RuntimeError, ValueError) as err:
                 where = self.address or "a new local Ray instance"

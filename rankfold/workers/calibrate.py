@@ -76,7 +76,9 @@ def propagate_layer(layer: nn.Module, runner: LayerRunner, inputs: Activations, 
 
         def hook(_module, args, name=group.name):
             x = args[0]
-            stats.setdefault(name, InputStats.zeros(x.shape[-1])).add_(x, product_dtype)
+            if name not in stats:  # not setdefault: its default would zero-fill a new n×n Gram every chunk
+                stats[name] = InputStats.zeros(x.shape[-1])
+            stats[name].add_(x, product_dtype)
 
         handles.append(reader.register_forward_pre_hook(hook))
     try:

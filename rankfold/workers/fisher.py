@@ -67,7 +67,9 @@ def layer_backward(layer: nn.Module, runner: LayerRunner, hidden: torch.Tensor, 
         output = runner.run(layer, hidden)
         grads = torch.autograd.grad(output, [hidden, *weights], grad_out)
     for path, weight, grad in zip(paths, weights, grads[1:]):
-        sums.setdefault(path, FisherSums.zeros(weight.shape)).add_(grad)
+        if path not in sums:
+            sums[path] = FisherSums.zeros(weight.shape)
+        sums[path].add_(grad)
     return grads[0]
 
 
