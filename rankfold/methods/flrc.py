@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rankfold.methods.whitening import whitening_factor
+
 
 @dataclass(frozen=True)
 class RankUnit:
@@ -53,16 +55,20 @@ def loss_weight(fisher: float, rows: int, gram_trace: float) -> float:
     return fisher / (rows * gram_trace)
 
 
-def whitened_energy(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def needs_factor(weight: torch.Tensor) -> bool:
+    """Whether `whitened_energy` of this (m, n) weight uses the Cholesky factor (m > n)."""
+    return weight.shape[0] > weight.shape[1]
+
+
+def whitened_energy(weight: torch.Tensor, gram: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
     """σ_i² of W·S (S Sᵀ = G), as eigenvalues instead of an SVD: of W G Wᵀ (m×m, no factorisation
-    of G) when m ≤ n, else of Sᵀ(WᵀW)S (n×n, S its Cholesky factor). Descending, float64, ≥ 0."""
+    of G) when m ≤ n, else of Sᵀ(WᵀW)S (n×n) with S = `factor` (computed here when not given; pass
+    it to share one Cholesky among the weights of a group). Descending, float64, ≥ 0."""
     weight, gram = weight.to(torch.float64), gram.to(torch.float64)
-    if weight.shape[0] <= weight.shape[1]:
+    if not needs_factor(weight):
         product = weight @ gram @ weight.T
     else:
-        from rankfold.methods.whitening import whitening_factor
-
-        factor = whitening_factor(gram.clone())
+        factor = whitening_factor(gram.clone()) if factor is None else factor
         product = factor.T @ (weight.T @ weight) @ factor
     product = (product + product.T) / 2
     return torch.linalg.eigvalsh(product).flip(0).clamp_min(0.0)

@@ -21,6 +21,14 @@ from rankfold.workers.decompose import decompose_group, group_spectra
 from rankfold.workers.shard import cached_source
 
 
+def _modules_and_weights(location: str, layer_prefix: str, modules_json: tuple[dict, ...],
+                         ) -> tuple[list[CompressedModule], dict[str, torch.Tensor]]:
+    """An item's compressed modules and the dense weight of each member (keyed by path in the layer)."""
+    source = cached_source(location)
+    modules = [CompressedModule.from_json(m) for m in modules_json]
+    return modules, {m: source.tensor(f"{layer_prefix}{m}.weight") for module in modules for m in module.members}
+
+
 @dataclass(frozen=True)
 class DecomposeItem:
     source: str
@@ -45,9 +53,7 @@ def run_decompose(item: DecomposeItem) -> tuple[dict[str, float], str, str]:
         except StoreError:  # damaged: recompute it
             diagnostics = None
     if diagnostics is None:
-        source = cached_source(item.source)
-        modules = [CompressedModule.from_json(m) for m in item.modules]
-        weights = {m: source.tensor(f"{item.layer_prefix}{m}.weight") for module in modules for m in module.members}
+        modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
         # Passed without a name here, so the Gram can be freed once it is factorised (see _GroupMath).
         result = decompose_group(item.method, weights,
                                  InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group),
@@ -76,9 +82,7 @@ def run_spectrum(item: SpectrumItem) -> tuple[str, str]:
     sha = out.checksum(item.spectra_key)
     if sha is not None and out.actual_checksum(item.spectra_key) == sha:
         return item.spectra_key, sha
-    source = cached_source(item.source)
-    modules = [CompressedModule.from_json(m) for m in item.modules]
-    weights = {m: source.tensor(f"{item.layer_prefix}{m}.weight") for module in modules for m in module.members}
+    modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
     stats = InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group)
     return item.spectra_key, out.put_tensors(item.spectra_key, group_spectra(weights, stats, modules))
 

@@ -14,7 +14,7 @@ import torch
 
 from rankfold.jobs.spec import MethodSpec
 from rankfold.methods.asvd import asvd_factors
-from rankfold.methods.flrc import whitened_energy
+from rankfold.methods.flrc import needs_factor, whitened_energy
 from rankfold.methods.skipcat import cat_factors, skip_reparameterize
 from rankfold.methods.svd import svd_factors
 from rankfold.methods.svd_llm import svd_llm_factors
@@ -108,7 +108,8 @@ def group_spectra(weights: dict[str, torch.Tensor], stats: InputStats,
     """Whitened spectra σ² of this group's modules (members stacked, as Cat factorises them) and the
     trace of the input Gram: what the global allocator trades (methods/flrc.py)."""
     gram = stats.symmetric_gram()
-    spectra = {f"{unit_name(m)}.energy": whitened_energy(torch.cat([weights[p] for p in m.members]), gram)
-               for m in modules}
+    stacked = {unit_name(m): torch.cat([weights[p] for p in m.members]) for m in modules}
+    factor = whitening_factor(gram.clone()) if any(map(needs_factor, stacked.values())) else None  # once a group
+    spectra = {f"{name}.energy": whitened_energy(weight, gram, factor) for name, weight in stacked.items()}
     spectra[GRAM_TRACE_KEY] = gram.diagonal().sum().reshape(1)
     return spectra

@@ -83,12 +83,16 @@ class SequenceShard:
             tensors.update(group_stats.to_tensors(name))
         return tensors
 
+    def _final_norm_and_head(self) -> tuple[torch.nn.Module, torch.Tensor]:
+        """What follows the last layer (neither needs gradients: they are not compressed)."""
+        model = self.source
+        norm = model.architecture.build_final_norm(model.config).requires_grad_(False)
+        norm.weight.data = model.final_norm().to(self.dtype)
+        return norm, model.lm_head().to(self.dtype)
+
     def nll(self) -> tuple[float, int]:
         """Summed next-token NLL of the held windows after the last layer."""
-        model = self.source
-        norm = model.architecture.build_final_norm(model.config)
-        norm.weight.data = model.final_norm().to(self.dtype)
-        head = model.lm_head().to(self.dtype)
+        norm, head = self._final_norm_and_head()
         total, count = 0.0, 0
         with torch.no_grad():
             for chunk, ids in zip(self.hidden, self.ids.split(self.batch_size)):
@@ -105,11 +109,7 @@ class SequenceShard:
         next-token loss. Returns the summed batch losses."""
         if self.hidden is None:
             raise RuntimeError("shard holds no activations: run the forward pass first")
-        model = self.source
-        norm = model.architecture.build_final_norm(model.config)
-        norm.weight.data = model.final_norm().to(self.dtype)
-        norm.requires_grad_(False)
-        head = model.lm_head().to(self.dtype)
+        norm, head = self._final_norm_and_head()
         self.grads = Activations(self._budget(True), self.spill_dir)
         total = 0.0
         for chunk, ids in zip(self.hidden, self.ids.split(self.batch_size)):
