@@ -53,7 +53,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rankfold.methods.ranks import rank_for_ratio  # noqa: E402
+from rankfold.evaluation.report import metric_table  # noqa: E402
+from rankfold.methods.structure import rank_for_ratio  # noqa: E402
 from rankfold.methods.svd import split_singular  # noqa: E402
 from rankfold.methods.svd_llm import svd_llm_factors  # noqa: E402
 from rankfold.methods.whitening import apply_inverse_right, whitening_factor  # noqa: E402
@@ -387,12 +388,12 @@ def checkpoint_main(args: argparse.Namespace) -> dict:
     report = json.loads((run_dir / "job" / "report.json").read_text())
 
     stages = []
-    job_stages = report["stages"] if len(report["stages"]) == len(stage_windows(lines)) - 1 else []
-    for k, (stage, start, stop) in enumerate(stage_windows(lines)):
+    job_stages = {row["stage"]: row for row in report["stages"]}  # progress lines carry the stage's name
+    for stage, start, stop in stage_windows(lines):
         row = {"stage": stage, "wall_s": round(stop - start, 1), **sampler.peak(start, stop)}
-        if k < len(job_stages):
-            row.update(report_stage=job_stages[k]["stage"], report_wall_s=job_stages[k]["wall_s"],
-                       driver_peak_rss_mb=job_stages[k]["peak_rss_mb"])
+        if stage in job_stages:
+            row.update(report_stage=stage, report_wall_s=job_stages[stage]["wall_s"],
+                       driver_peak_rss_mb=job_stages[stage]["peak_rss_mb"])
         stages.append(row)
     peak = sampler.peak()
     result = {
@@ -401,7 +402,7 @@ def checkpoint_main(args: argparse.Namespace) -> dict:
         "load_average_1_5_15": os.getloadavg(), "code": git_state(), "model": asdict(model),
         "checkpoint": str(model_dir), "checkpoint_bytes": size,
         "shards": shards, "spec": json.loads(spec_path.read_text()), "executor": report["executor"],
-        "calibration_tokens": report["calibration_tokens"], "perplexity": report["perplexity"],
+        "calibration_tokens": report["calibration_tokens"], "perplexity": metric_table(report["rows"]),
         "achieved_compression": report["parameters"]["achieved_compression"],
         "job_wall_s": round(lines[-1][0] - lines[0][0], 1), "interval_s": args.interval,
         "pss_interval_s": args.interval * args.pss_every, "sampler_cpu_s": round(sampler.cpu_s, 1),

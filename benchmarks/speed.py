@@ -35,8 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rankfold.kernels import shared_lowrank, triton_installed  # noqa: E402
-from rankfold.methods.ranks import rank_for_ratio  # noqa: E402
-from rankfold.methods.skipcat import cat_rank, skip_rank  # noqa: E402
+from rankfold.methods.structure import rank_for_ratio  # noqa: E402
 
 # (hidden, intermediate, q rows, kv rows) of the shapes we time layer by layer.
 SHAPES = {
@@ -99,13 +98,13 @@ def layer_variant(variant: str, n: int, rows: list[int], ratio: float, device: t
         skip = variant in ("skip", "skipcat")
         parts = []
         for m in rows:
-            rank = skip_rank(n, m, ratio) if skip else rank_for_ratio(m, n, ratio)
+            rank = rank_for_ratio(m, n, ratio, skip)
             parts.append((_rand(rank, n - rank if skip else n, device=device, dtype=dtype),
                           _rand(m, rank, device=device, dtype=dtype), perm() if skip else None))
         params = sum(a.numel() + b.numel() for a, b, _ in parts)
         return params, lambda x: [shared_lowrank(x, a, [b], p, backend=backend)[0] for a, b, p in parts]
     skip = variant == "skipcat"
-    rank = skip_rank(n, sum(rows), ratio) if skip else cat_rank(n, sum(rows), ratio)
+    rank = rank_for_ratio(sum(rows), n, ratio, skip)
     a = _rand(rank, n - rank if skip else n, device=device, dtype=dtype)
     bs = [_rand(m, rank, device=device, dtype=dtype) for m in rows]
     permutation = perm() if skip else None
@@ -139,7 +138,8 @@ def _structured_model(config, method: str, ratio: float, dtype: torch.dtype):
     """SmolLM2 with every decoder layer restructured as `method` would at `ratio`; random values."""
     from transformers import LlamaForCausalLM
 
-    from rankfold.methods.allocation import plan_layer
+    from rankfold.methods.registry import METHODS
+    from rankfold.methods.structure import plan_layer
     from rankfold.models.architecture import architecture_for
     from rankfold.modules.layout import apply_layout
 
@@ -151,7 +151,7 @@ def _structured_model(config, method: str, ratio: float, dtype: torch.dtype):
     groups = [(g.name, g.members) for g in arch.groups]
     for layer in model.model.layers:
         shapes = {m: tuple(layer.get_submodule(m).weight.shape) for _, members in groups for m in members}
-        apply_layout(layer, plan_layer(method, groups, shapes, ratio), dtype=dtype)
+        apply_layout(layer, plan_layer(METHODS.get(method).structure, groups, shapes, ratio), dtype=dtype)
         with torch.no_grad():
             for name, param in layer.named_parameters():
                 if name.endswith((".A", ".B", ".A_prime")):

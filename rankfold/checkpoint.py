@@ -15,9 +15,7 @@ folder as a dense model, initialise the missing dense weights at random and only
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +23,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from rankfold.core.files import atomic_write, atomic_write_text
+from rankfold.core.hashing import sha256_file
 from rankfold.models.architecture import architecture_for
 from rankfold.models.sources import RANKFOLD_INDEX_NAME, ModelSourceError, SafetensorsSource
-from rankfold.modules.layout import CompressedModule, apply_layout
+from rankfold.modules.layout import CompressedModule
+from rankfold.modules.transformers_hook import PREFIX, compressed_config
 
 FORMAT_VERSION = 1
 INDEX_NAME = RANKFOLD_INDEX_NAME
@@ -44,41 +45,30 @@ class ShardInfo:
     keys: tuple[str, ...]
 
 
-def sha256_file(path: Path, block: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> ShardInfo:
     """Write atomically (temp file, then rename) and return the shard's checksum."""
-    folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f".{name}.tmp"
-    save_file({key: value.contiguous() for key, value in tensors.items()}, temp)
-    digest = sha256_file(temp)
-    os.replace(temp, folder / name)
+    digest = ""
+
+    def write(temp: Path) -> None:
+        nonlocal digest
+        save_file({key: value.contiguous() for key, value in tensors.items()}, temp)
+        digest = sha256_file(temp)
+
+    atomic_write(folder / name, write)
     return ShardInfo(name, digest, tuple(sorted(tensors)))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
 
 
 def write_index(folder: Path, shards: list[ShardInfo], config: PretrainedConfig, rankfold_meta: dict) -> None:
     """Config first, index last: the index is the commit marker of a complete checkpoint."""
     config = copy.deepcopy(config)  # the source's config stays as it was
     config.rankfold = {"format_version": FORMAT_VERSION, **rankfold_meta}
-    _atomic_write_text(folder / "config.json", config.to_json_string(use_diff=False))
+    atomic_write_text(folder / "config.json", config.to_json_string(use_diff=False))
     index = {
         "metadata": {"format": "rankfold", "format_version": FORMAT_VERSION,
                      "sha256": {shard.name: shard.sha256 for shard in shards}},
         "weight_map": {key: shard.name for shard in shards for key in shard.keys},
     }
-    _atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True))
+    atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True))
 
 
 def read_index(folder: Path) -> dict:
@@ -115,21 +105,28 @@ def compressed_layout(config: PretrainedConfig) -> list[CompressedModule]:
 
 
 def load(path: str | Path, *, verify: bool = True, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A compressed checkpoint as a transformers causal LM whose compressed linears are LowRankLinear.
+    """A compressed checkpoint as a transformers causal LM (model type `rankfold_<base>`, a subclass of
+    the base model's class) whose compressed linears are LowRankLinear / SharedLowRankLinear.
 
     `verify` checks every shard's sha256 first, so a damaged file is an error, never wrong weights.
+    The model's `save_pretrained` output loads back with `rankfold.load` or transformers'
+    `AutoModelForCausalLM.from_pretrained` (with rankfold imported; see modules/transformers_hook.py).
     """
     folder = Path(path)
+    if not (folder / INDEX_NAME).is_file() and _saved_by_transformers(folder):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto").eval()
     if verify:
         verify_checkpoint(folder)
     source = SafetensorsSource(folder)
     config = source.config
-    layout = compressed_layout(config)
+    compressed_layout(config)  # a config without a readable layout is a CheckpointError
     arch = architecture_for(config)
+    if arch.lm_head_key in source.keys() and getattr(config, "tie_word_embeddings", False):
+        # The file's own head is the one the job evaluated (ModelSource.lm_head): never re-tie it away.
+        config.tie_word_embeddings = False
     dtype = dtype or getattr(torch, config.rankfold.get("dtype", "float32"))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    apply_layout(model, layout, dtype=dtype)
+    with torch.device("meta"):  # the compressed model type applies the layout as it is built
+        model = AutoModelForCausalLM.from_config(compressed_config(config), dtype=dtype)
     try:
         state = {key: _as(source.tensor(key), dtype) for key in source.keys()}
     except ModelSourceError as err:
@@ -143,6 +140,15 @@ def load(path: str | Path, *, verify: bool = True, dtype: torch.dtype | None = N
         model.tie_weights()
     arch.rebuild_buffers(model, config)  # non-persistent buffers were created on meta
     return model.eval()
+
+
+def _saved_by_transformers(folder: Path) -> bool:
+    """A compressed model's `save_pretrained` folder: config.json of a `rankfold_*` model type."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return str(config.get("model_type", "")).startswith(PREFIX)
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -7,13 +7,14 @@ import logging
 import sys
 
 from rankfold.checkpoint import CheckpointError
+from rankfold.core.errors import NumericalError
 from rankfold.data.text import DataError
 from rankfold.jobs.spec import SpecError, load_spec, parse_spec
 from rankfold.models.sources import ModelSourceError
-from rankfold.orchestrator.ray_executor import ClusterError
+from rankfold.execution.ray import ClusterError
 from rankfold.orchestrator.cron import CronError
-from rankfold.orchestrator.store import StoreError
-from rankfold.workers.decompose import DecompositionError
+from rankfold.storage.store import StoreError
+from rankfold.methods.decompose import DecompositionError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -118,26 +119,20 @@ def _scheduler(args: argparse.Namespace) -> int:
 def _history(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rankfold.orchestrator.history import PALETTE, format_history, load_history, plot_series
+    from rankfold.orchestrator.history import format_history, load_history, plot_history
     from rankfold.orchestrator.job import open_store
-    from rankfold.orchestrator.manifest import digest_of
+    from rankfold.orchestrator.preflight import job_id as id_of
 
     spec = load_spec(args.spec)
-    records = load_history(open_store(spec), digest_of(spec.canonical_json()))
+    job_id = id_of(spec)
+    records = load_history(open_store(spec), job_id)
     if not records:
         print(f"no runs of {args.spec} recorded yet", file=sys.stderr)
         return 0
     print(format_history(records))
-    series: dict[str, list[tuple[float, float]]] = {}
-    for record in records:
-        for row in record["perplexity"]:
-            for kind in ("dense", "compressed"):
-                if row.get(kind) is not None:
-                    series.setdefault(f"{row['name']} {kind}", []).append((record["finished_at"], row[kind]))
     plot = Path(args.plot) if args.plot else Path(spec.output.dir) / "history.png"
-    plot_series(plot, series)
-    legend = ", ".join(f"{name}: rgb{PALETTE[i % len(PALETTE)]}" for i, name in enumerate(series))
-    print(f"plot: {plot} ({legend})")
+    plot_history(plot, records, title=f"{Path(args.spec).name} ({job_id[:12]})")
+    print(f"plot: {plot}")
     return 0
 
 
@@ -207,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except DecompositionError as err:
         print(f"rankfold: decomposition failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except NumericalError as err:
+        print(f"rankfold: numerical failure: {err}", file=sys.stderr)
         return EXIT_FAILED
 
 

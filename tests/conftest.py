@@ -227,7 +227,7 @@ def _stop_ray_started_in(temp: Path, port: int, grace_s: float = 15.0) -> None:
 @pytest.fixture(scope="module")
 def ray_executor(ray_cluster):
     """This process connected to the local cluster: 2 workers of 1 CPU."""
-    from rankfold.orchestrator.ray_executor import RayExecutor
+    from rankfold.execution.ray import RayExecutor
 
     executor = RayExecutor(address=ray_cluster["address"], workers=2, cpus_per_worker=1, stream=None)
     yield executor

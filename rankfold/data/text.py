@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rankfold.jobs.spec import TextSource
+from rankfold.core.hashing import sha256_file
+
+from rankfold.data.source import TextSource
 
 
 class DataError(ValueError):
@@ -52,7 +54,14 @@ def load_text(source: TextSource) -> str:
     if path.suffix == ".jsonl":
         return source.row_separator.join(_jsonl_rows(path, source.text_field))
     text = path.read_text(encoding="utf-8")
-    return source.row_separator.join(text.splitlines(keepends=True)) if source.lines_as_rows else text
+    return source.row_separator.join(file_rows(text)) if source.lines_as_rows else text
+
+
+def file_rows(text: str) -> list[str]:
+    """A text file's lines as the rows of a Hugging Face text dataset built from it (WikiText's
+    builder, which GPTQ / SVD-LLM perplexities read): each line with its newline, a whitespace-only
+    line as the empty row."""
+    return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
 
 
 def tokenize(text: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
@@ -62,18 +71,25 @@ def tokenize(text: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
 
 
 def calibration_samples(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """(num_samples, seq_len) windows at seeded random offsets, the GPTQ / SVD-LLM convention."""
-    if tokens.numel() <= seq_len:
-        raise DataError(f"calibration text has {tokens.numel()} tokens, needs more than seq_len={seq_len}")
+    """(num_samples, seq_len) distinct windows at seeded random offsets, the GPTQ / SVD-LLM convention
+    (offsets drawn uniformly, as `torch.randint(0, len − seq_len)` does there; a repeated offset is
+    replaced by further draws, so every sample is a different window). Raises DataError when the text
+    holds fewer than `num_samples` distinct windows."""
+    possible = tokens.numel() - seq_len + 1
+    if possible < num_samples:
+        raise DataError(f"calibration text has {tokens.numel()} tokens: {max(possible, 0)} distinct windows of "
+                        f"seq_len={seq_len}, fewer than num_samples={num_samples}")
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seq_len, (num_samples,), generator=generator)
-    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+    first = torch.randint(0, max(possible - 1, 1), (num_samples,), generator=generator).tolist()
+    starts = list(dict.fromkeys(first))  # distinct, in draw order
+    while len(starts) < num_samples:  # only after a repeat: top up from every possible offset
+        more = torch.randint(0, possible, (num_samples,), generator=generator).tolist()
+        starts += [s for s in dict.fromkeys(more) if s not in set(starts)][:num_samples - len(starts)]
+    return torch.stack([tokens[s:s + seq_len] for s in starts])
 
 
 def text_fingerprint(source: TextSource) -> str:
     """Identity of a text source for artifact keys: a local file's sha256; a hub dataset's coordinates."""
     if source.path is not None:
-        from rankfold.checkpoint import sha256_file
-
         return sha256_file(Path(source.path))
     return f"dataset:{source.dataset}:{source.dataset_config}:{source.split}"

@@ -1,10 +1,15 @@
-"""The job report: parameter accounting (with the ratio's definition), perplexities, stage costs."""
+"""The job report: parameter accounting (with the ratio's definition), evaluation rows, stage costs."""
 
 from __future__ import annotations
 
 import math
 
+from rankfold.methods.structure import module_params
 from rankfold.modules.layout import CompressedModule
+
+RATIO_DEFINITION = ("compression = 1 - (parameters of the compressed matrices after / before), counted over the "
+                    "target's projections in every decoder layer; embeddings, lm_head and norms not counted")
+ROW_KEYS = ("evaluator", "name", "variant", "metric", "value")  # the rest of a row: its settings
 
 
 def parameter_counts(shapes: dict[int, dict[str, tuple[int, int]]], layout: dict[int, list[CompressedModule]],
@@ -12,7 +17,7 @@ def parameter_counts(shapes: dict[int, dict[str, tuple[int, int]]], layout: dict
     """Counted matrices before/after and the whole model before/after (embeddings included there).
     A skip block's identity and its permutation (an index, not a weight) are not parameters."""
     dense = sum(m * n for layer in shapes.values() for (m, n) in layer.values())
-    compressed = sum(module.parameters(shapes[i]) for i, modules in layout.items() for module in modules)
+    compressed = sum(module_params(module, shapes[i]) for i, modules in layout.items() for module in modules)
     return {
         "counted_dense": dense,
         "counted_compressed": compressed,
@@ -30,6 +35,32 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.2f}M"
 
 
+def evaluation_table(rows: list[dict]) -> list[str]:
+    """One line per (evaluator, name, metric, settings): the dense and compressed values side by side."""
+    table: dict[tuple, dict[str, float]] = {}
+    for row in rows:
+        settings = ", ".join(f"{k} {v}" for k, v in row.items() if k not in ROW_KEYS)
+        table.setdefault((row["evaluator"], row["name"], row["metric"], settings), {})[row["variant"]] = row["value"]
+    lines = [f"  {'evaluation':<26}{'metric':<14}{'dense':>12}{'compressed':>14}  settings"]
+    for (evaluator, name, metric, settings), values in table.items():
+        dense = f"{values['dense']:.3f}" if "dense" in values else "-"
+        compressed = f"{values['compressed']:.3f}" if "compressed" in values else "-"
+        lines.append(f"  {evaluator + ' ' + name:<26}{metric:<14}{dense:>12}{compressed:>14}  {settings}")
+    return lines
+
+
+def metric_table(rows: list[dict], metric: str = "perplexity") -> list[dict]:
+    """Rows of one metric merged per (evaluator, name, settings): {name, ...settings, dense, compressed}."""
+    table: dict[tuple, dict] = {}
+    for row in rows:
+        if row["metric"] == metric:
+            settings = {k: v for k, v in row.items() if k not in ROW_KEYS}
+            entry = table.setdefault((row["evaluator"], row["name"], tuple(sorted(settings.items()))),
+                                     {"name": row["name"], **settings})
+            entry[row["variant"]] = row["value"]
+    return list(table.values())
+
+
 def format_report(report: dict) -> str:
     params, target = report["parameters"], report["target"]
     lines = [
@@ -40,17 +71,13 @@ def format_report(report: dict) -> str:
         f"  whole model:         {_millions(params['model_dense'])} -> {_millions(params['model_compressed'])}",
         f"  calibration: {report['calibration_tokens']} tokens; checkpoint: {report['checkpoint']}",
     ]
-    if report["perplexity"]:
-        lines.append("")
-        lines.append(f"  {'dataset':<14}{'window':>8}{'tokens':>9}{'dense ppl':>12}{'compressed ppl':>16}")
-        for row in report["perplexity"]:
-            dense = f"{row['dense']:.3f}" if row.get("dense") is not None else "-"
-            lines.append(f"  {row['name']:<14}{row['window']:>8}{row['tokens']:>9}{dense:>12}{row['compressed']:>16.3f}")
+    if report["rows"]:
+        lines += [""] + evaluation_table(report["rows"])
     lines.append("")
     workers = any("worker_peak_rss_mb" in row for row in report["stages"])
-    lines.append(f"  {'stage':<22}{'wall s':>9}{'peak RSS MiB':>14}" + (f"{'worker peak MiB':>17}" if workers else ""))
+    lines.append(f"  {'stage':<30}{'wall s':>9}{'peak RSS MiB':>14}" + (f"{'worker peak MiB':>17}" if workers else ""))
     for row in report["stages"]:
         worker = f"{row['worker_peak_rss_mb']:>17.0f}" if "worker_peak_rss_mb" in row else ""
-        lines.append(f"  {row['stage']:<22}{row['wall_s']:>9.1f}{row['peak_rss_mb']:>14.0f}{worker}")
-    lines.append(f"  {'total':<22}{report['total_wall_s']:>9.1f}")
+        lines.append(f"  {row['stage']:<30}{row['wall_s']:>9.1f}{row['peak_rss_mb']:>14.0f}{worker}")
+    lines.append(f"  {'total':<30}{report['total_wall_s']:>9.1f}")
     return "\n".join(lines)

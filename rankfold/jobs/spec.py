@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, create_model, field_validator, model_validator
+
+import rankfold.allocators  # noqa: F401  (registers every allocator)
+import rankfold.evaluation  # noqa: F401  (registers every evaluator)
+import rankfold.methods  # noqa: F401  (registers every method)
+from rankfold.allocators.registry import ALLOCATORS
+from rankfold.allocators.uniform import UniformAllocation
+from rankfold.core.options import Strict
+from rankfold.data.source import TextSource
+from rankfold.evaluation.registry import EVALUATORS
+from rankfold.methods.registry import METHODS
 
 SPEC_VERSION = 1
 
@@ -33,10 +43,6 @@ class SpecError(ValueError):
     """A job spec that cannot run: names the field, the value and what is wrong."""
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class ModelSpec(Strict):
     # A Hugging Face folder with (sharded) safetensors, a .gguf file, or a built-in name (smollm2-135m).
     source: str
@@ -44,69 +50,34 @@ class ModelSpec(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
-class SvdOptions(Strict):
-    """Plain truncated SVD of W (no calibration data used in the math, but statistics are still collected)."""
-
-    name: Literal["svd"]
-
-
-class AsvdOptions(Strict):
-    """ASVD: SVD of W·D with D = diag(mean|x|)^alpha (arXiv:2312.05821)."""
-
-    name: Literal["asvd"]
-    alpha: float = Field(0.5, gt=0.0, le=2.0)
+def _union(options: dict[str, type], discriminator: Discriminator) -> object:
+    """A pydantic tagged union of registered option models, {tag: model} (a single one needs no union)."""
+    if len(options) == 1:
+        return next(iter(options.values()))
+    return Annotated[Union[tuple(Annotated[model, Tag(tag)] for tag, model in options.items())], discriminator]
 
 
-class SvdLlmOptions(Strict):
-    """SVD-LLM: truncation-aware whitening, SVD of W·S with S the Cholesky factor of X Xᵀ (arXiv:2403.07378)."""
-
-    name: Literal["svd_llm"]
+def _method_name(value: object) -> str | None:
+    return value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
 
 
-class _SkipCatBase(Strict):
-    # Guard on cond₂(A₁) of every skip block: above it the job stops with an error naming the matrix
-    # (column-pivoted QR keeps it small; a large value means fp16/bf16 forward would lose accuracy).
-    max_condition: float = Field(1e4, gt=1.0)
+def _tagged_by(field: str, tag, known: list[str]) -> Discriminator:
+    return Discriminator(tag, custom_error_type="unknown_tag",
+                         custom_error_message=f"'{field}' must be one of: {', '.join(known)}")
 
 
-class SkipCatOptions(_SkipCatBase):
-    """SkipCat: whitened shared projection per input group (q/k/v; gate/up) + block skipping."""
-
-    name: Literal["skipcat"]
-
-
-class CatOptions(_SkipCatBase):
-    """Ablation: the shared projection only (no skipping)."""
-
-    name: Literal["cat"]
+# Every registered method's options, tagged by `name`; an unknown name is an error listing the known ones.
+MethodSpec = _union({method.name: method.options for method in METHODS},
+                    _tagged_by("name", _method_name, METHODS.names()))
 
 
-class SkipOptions(_SkipCatBase):
-    """Ablation: block skipping on each matrix alone (no sharing)."""
-
-    name: Literal["skip"]
-
-
-# Methods whose truncation error is the whitened spectrum's tail (the Fisher allocator trades it).
-WHITENED_METHODS = ("svd_llm", "cat", "skip", "skipcat")
-
-MethodSpec = Annotated[Union[SvdOptions, AsvdOptions, SvdLlmOptions, SkipCatOptions, CatOptions, SkipOptions],
-                       Field(discriminator="name")]
+def _allocation_kind(value: object) -> str | None:
+    """`kind` may be left out: uniform."""
+    return value.get("kind", "uniform") if isinstance(value, dict) else getattr(value, "kind", None)
 
 
-class AllocationSpec(Strict):
-    """How the parameter budget is split over the compressed matrices."""
-
-    # uniform: every matrix keeps the same fraction of its parameters. fisher (FLRA): one global
-    # budget; ranks go where the dense model's loss is most sensitive, from each matrix's empirical
-    # Fisher score and its whitened spectrum (needs a whitened method: svd_llm, cat, skip, skipcat).
-    kind: Literal["uniform", "fisher"] = "uniform"
-    # Calibration sequences the Fisher pass uses (the first ones of the calibration sample) and how
-    # many make one batch: F = mean over batches of Σ (∂ℒ_batch/∂W)².
-    fisher_samples: int = Field(32, ge=1)
-    fisher_batch_size: int = Field(1, ge=1)
-    # No matrix gets fewer than this fraction of its full rank min(m, n).
-    min_rank_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+AllocationSpec = _union({a.kind: a.options for a in ALLOCATORS},
+                        _tagged_by("kind", _allocation_kind, ALLOCATORS.names()))
 
 
 class TargetSpec(Strict):
@@ -115,7 +86,7 @@ class TargetSpec(Strict):
     # The projections of every decoder layer that are compressed and counted. Embeddings and lm_head
     # are never compressed nor counted.
     matrices: tuple[Projection, ...] = ALL_PROJECTIONS
-    allocation: AllocationSpec = AllocationSpec()
+    allocation: AllocationSpec = UniformAllocation()
 
     @field_validator("matrices")
     @classmethod
@@ -123,31 +94,6 @@ class TargetSpec(Strict):
         if len(set(matrices)) != len(matrices) or not matrices:
             raise ValueError("must be a non-empty list without repeats")
         return matrices
-
-
-class TextSource(Strict):
-    """Text from a local file (.txt, or .jsonl with a text field) or a dataset name (needs a reachable hub)."""
-
-    path: Path | None = None
-    dataset: str | None = None
-    dataset_config: str | None = None
-    split: str = "train"
-    text_field: str = "text"
-    # Rows (jsonl records, dataset rows, or a text file's lines when lines_as_rows) are joined with
-    # this separator; WikiText-2 perplexity is conventionally measured on rows joined with "\n\n".
-    lines_as_rows: bool = False
-    row_separator: str = "\n\n"
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "TextSource":
-        if (self.path is None) == (self.dataset is None):
-            raise ValueError("give exactly one of 'path' (a local file) or 'dataset' (a dataset name)")
-        return self
-
-    def describe(self) -> str:
-        if self.path is not None:
-            return str(self.path)
-        return f"dataset {self.dataset}" + (f"/{self.dataset_config}" if self.dataset_config else "") + f" [{self.split}]"
 
 
 class CalibrationSpec(Strict):
@@ -164,19 +110,11 @@ class CalibrationSpec(Strict):
     max_resident_mb: int = Field(2048, ge=1)
 
 
-class PerplexitySpec(Strict):
-    name: str = Field(min_length=1)
-    data: TextSource
-    # Non-overlapping windows of this many tokens.
-    window: int = Field(2048, ge=8)
-    # Token budget: evaluate the first max_tokens tokens (whole windows); None = the whole text.
-    max_tokens: int | None = Field(32768, ge=8)
-    batch_size: int = Field(1, ge=1)
-
-
-class EvaluationSpec(Strict):
-    perplexity: tuple[PerplexitySpec, ...] = ()
-    dense: bool = True  # also evaluate the uncompressed model, for the comparison table
+# One list per registered evaluator (`evaluation: {perplexity: [...], ...}`), plus `dense`: also
+# evaluate the uncompressed model, for the comparison table.
+EvaluationSpec = create_model(
+    "EvaluationSpec", __base__=Strict, dense=(bool, True),
+    **{evaluator.name: (tuple[evaluator.options, ...], ()) for evaluator in EVALUATORS})
 
 
 class S3Spec(Strict):
@@ -221,18 +159,15 @@ class JobSpec(Strict):
     @model_validator(mode="after")
     def _allocation_fits(self) -> "JobSpec":
         allocation = self.target.allocation
-        if allocation.kind == "fisher":
-            if self.method.name not in WHITENED_METHODS:
-                raise ValueError(f"target.allocation.kind 'fisher' needs a whitened method "
-                                 f"({', '.join(WHITENED_METHODS)}), not method.name {self.method.name!r}")
-            if allocation.fisher_samples > self.calibration.num_samples:
-                raise ValueError(f"target.allocation.fisher_samples = {allocation.fisher_samples} exceeds "
-                                 f"calibration.num_samples = {self.calibration.num_samples}")
+        ALLOCATORS.get(allocation.kind).check_spec(allocation, METHODS.get(self.method.name),
+                                                   self.calibration.num_samples)
         return self
 
     def canonical_json(self) -> str:
-        """Stable serialisation of what the job computes (not where it runs); its hash is the job id."""
-        return json.dumps(self.model_dump(mode="json", exclude={"execution"}), sort_keys=True, separators=(",", ":"))
+        """Stable serialisation of what the job computes — not where it runs, nor how much memory it
+        may hold before spilling (`execution`, `calibration.max_resident_mb`): its hash is the job id."""
+        data = self.model_dump(mode="json", exclude={"execution": True, "calibration": {"max_resident_mb"}})
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:

@@ -7,17 +7,26 @@ Skip  — with the input permuted so that A = [A₁ A₂] (A₁ r×r, columns ch
         B A x = (B A₁)(x₁ + A₁⁻¹A₂ x₂) = B′(x₁ + A′x₂): the r×r block becomes the identity, never
         stored nor multiplied. Parameters r(n + M − r). Exact when A₁ is invertible.
 
-Pure tensor functions; factors in float64, largest singular directions first.
+Pure tensor functions; factors in float64, largest singular directions first. Three methods share
+this file: `skipcat`, and its ablations `cat` (sharing only) and `skip` (skipping only).
+
+    method: {name: skipcat, max_condition: 1e4}
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from rankfold.methods.svd_llm import svd_llm_factors
+from rankfold.methods.registry import Method, MethodOptions, register_method
+from rankfold.methods.structure import SHARED, SHARED_SKIP, SKIP
+from rankfold.methods.svd_llm import whitened_factor
+
+VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -28,40 +37,6 @@ class SkipFactors:
     a_prime: torch.Tensor      # (r, n − r) = A₁⁻¹ A₂
     b_prime: torch.Tensor      # (M, r) = B A₁
     condition: float           # cond₂(A₁): how much the reparameterisation amplifies rounding
-
-
-def cat_rank(n: int, rows: int, ratio: float) -> int:
-    """Largest r with r(n + M) ≤ (1 − ratio)·M·n: the shared projection without skipping."""
-    _check_ratio(ratio)
-    return max(1, min(n, rows, math.floor((1 - ratio) * rows * n / (n + rows) + 1e-9)))
-
-
-def skip_rank(n: int, rows: int, ratio: float) -> int:
-    """Largest r ≤ min(n, M) with r(n + M − r) ≤ (1 − ratio)·M·n (the smaller root of the quadratic)."""
-    _check_ratio(ratio)
-    total, budget = n + rows, (1 - ratio) * rows * n
-    rank = math.floor((total - math.sqrt(total * total - 4 * budget)) / 2 + 1e-9)
-    while rank + 1 <= min(n, rows) and skip_params(n, rows, rank + 1) <= budget:  # float rounding at the edge
-        rank += 1
-    while rank > 1 and skip_params(n, rows, rank) > budget:
-        rank -= 1
-    return max(1, min(rank, n, rows))
-
-
-def skip_params(n: int, rows: int, rank: int) -> int:
-    return rank * (n + rows - rank)
-
-
-def _check_ratio(ratio: float) -> None:
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"compression ratio must lie in (0, 1), got {ratio}")
-
-
-def cat_factors(weights: list[torch.Tensor], factor: torch.Tensor, rank: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Joint whitened factorisation of the stacked weights: ([B_1, …, B_C], shared A)."""
-    stacked = torch.cat([w.to(torch.float64) for w in weights], dim=0)  # (M, n)
-    b, a = svd_llm_factors(stacked, factor, rank)
-    return list(b.split([w.shape[0] for w in weights], dim=0)), a
 
 
 def pivoted_columns(matrix: torch.Tensor, count: int) -> torch.Tensor:
@@ -98,3 +73,32 @@ def skip_apply(factors: SkipFactors, x: torch.Tensor) -> torch.Tensor:
     x = x.to(factors.a_prime.dtype)
     inner = x[..., factors.permutation[:rank]] + x[..., factors.permutation[rank:]] @ factors.a_prime.T
     return inner @ factors.b_prime.T
+
+
+class _SkipCatOptions(MethodOptions):
+    # Guard on cond₂(A₁) of every skip block: above it the job stops with an error naming the matrix
+    # (column-pivoted QR keeps it small; a large value means fp16/bf16 forward would lose accuracy).
+    max_condition: float = Field(1e4, gt=1.0)
+
+
+class SkipCatOptions(_SkipCatOptions):
+    """SkipCat: whitened shared projection per input group (q/k/v; gate/up) + block skipping."""
+
+    name: Literal["skipcat"]
+
+
+class CatOptions(_SkipCatOptions):
+    """Ablation: the shared projection only (no skipping)."""
+
+    name: Literal["cat"]
+
+
+class SkipOptions(_SkipCatOptions):
+    """Ablation: block skipping on each matrix alone (no sharing)."""
+
+    name: Literal["skip"]
+
+
+for _options, _structure in ((SkipCatOptions, SHARED_SKIP), (CatOptions, SHARED), (SkipOptions, SKIP)):
+    register_method(Method(_options.model_fields["name"].annotation.__args__[0], _options, whitened_factor,
+                           needs=frozenset({"gram"}), structure=_structure, version=VERSION, whitened=True))

@@ -1,8 +1,24 @@
-"""Plain truncated SVD: W ≈ (U_r Σ_r^½)(Σ_r^½ V_rᵀ). The baseline that ignores activations."""
+"""Plain truncated SVD: W ≈ (U_r Σ_r^½)(Σ_r^½ V_rᵀ). The baseline that ignores activations.
+
+    method: {name: svd}
+"""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+from rankfold.methods.registry import Method, MethodOptions, register_method
+from rankfold.methods.structure import LOWRANK
+
+VERSION = "1"
+
+
+class SvdOptions(MethodOptions):
+    """Plain truncated SVD of W (no calibration data used)."""
+
+    name: Literal["svd"]
 
 
 def split_singular(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -15,3 +31,7 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     """(B, A) in float64 with B A the best rank-`rank` approximation of W in Frobenius norm."""
     u, s, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
     return split_singular(u, s, vh, rank)
+
+
+register_method(Method("svd", SvdOptions, lambda options, weight, rank, inputs: svd_factors(weight, rank),
+                       needs=frozenset(), structure=LOWRANK, version=VERSION))

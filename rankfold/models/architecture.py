@@ -38,12 +38,6 @@ class Architecture:
                     return member
         raise KeyError(f"{self.model_type} has no projection named {projection!r}")
 
-    def group_of(self, member: str) -> LinearGroup:
-        for group in self.groups:
-            if member in group.members:
-                return group
-        raise KeyError(member)
-
     def build_layer(self, config: PretrainedConfig, index: int) -> nn.Module:
         """An empty (meta-device) decoder layer; fill it with `load_state_dict(..., assign=True)`."""
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer

@@ -16,11 +16,14 @@ import tempfile
 from abc import ABC, abstractmethod
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from rankfold.core.files import atomic_write_text
+from rankfold.core.hashing import sha256_file
 from rankfold.models.architecture import Architecture, architecture_for
 
 # Hugging Face's sharded index, then rankfold's (same format, named so plain transformers refuses it).
@@ -55,7 +58,7 @@ class ModelSource(ABC):
 
     @abstractmethod
     def fingerprint(self) -> str:
-        """Cheap identity of the weights (sizes + leading bytes of each file): part of artifact keys."""
+        """Identity of the model's content (config and every weight byte): part of every artifact digest."""
 
     @abstractmethod
     def tensor(self, key: str) -> torch.Tensor: ...
@@ -116,12 +119,19 @@ class SafetensorsSource(ModelSource):
                 weight_map = json.loads(index_file.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:
                 raise ModelSourceError(f"{index_file}: unreadable index ({err})") from None
+            missing = self._missing(set(weight_map.values()))
+            if missing:
+                raise ModelSourceError(f"{index_file}: names shard files that are missing: {', '.join(missing)}")
             return {key: self.folder / name for key, name in weight_map.items()}
         if single.is_file():
             return {key: single for key in _safetensors_keys(single)}
         pickles = [p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         hint = f" (found pickle files {pickles}: convert them to safetensors; rankfold never unpickles)" if pickles else ""
         raise ModelSourceError(f"{self.folder}: no model.safetensors nor model.safetensors.index.json{hint}")
+
+    def _missing(self, names: set[str]) -> list[str]:
+        """Shard files the index names that are not there (a subclass may fetch them lazily)."""
+        return sorted(name for name in names if not (self.folder / name).is_file())
 
     @cached_property
     def config(self) -> PretrainedConfig:
@@ -151,7 +161,7 @@ class SafetensorsSource(ModelSource):
     def fingerprint(self) -> str:
         digest = hashlib.sha256((self.folder / "config.json").read_bytes())
         for path in self.files():
-            digest.update(f"{path.name}:{_file_fingerprint(path, head_bytes=1 << 20)}".encode())
+            digest.update(f"{path.name}:{content_digest(path)}".encode())
         return digest.hexdigest()[:16]
 
     def tensor(self, key: str) -> torch.Tensor:
@@ -179,32 +189,24 @@ def read_safetensor(path: Path, key: str) -> torch.Tensor:
         raise ModelSourceError(f"{path}: cannot read tensor {key!r} ({err}); the file is truncated or damaged") from None
 
 
-# GGUF tensor names (llama.cpp) -> Hugging Face keys, for Llama-family checkpoints.
-_GGUF_GLOBAL = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_GGUF_LAYER = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
+def _hf_to_gguf_names(config: PretrainedConfig, arch: Architecture) -> dict[str, str]:
+    """{GGUF tensor name: Hugging Face key} for every tensor of the model `config` describes, through
+    gguf's own tensor-name map (HF -> GGUF is unique; the reverse is not, so walk the HF keys)."""
+    import gguf
 
-
-def _gguf_to_hf_name(name: str) -> str | None:
-    if name in _GGUF_GLOBAL:
-        return _GGUF_GLOBAL[name]
-    parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_LAYER:
-        return f"model.layers.{int(parts[1])}.{_GGUF_LAYER[parts[2]]}"
-    return None  # e.g. rope_freqs: derived from the config, not needed
+    by_name = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}
+    if config.model_type not in by_name:
+        raise ModelSourceError(f"gguf has no tensor-name map for model_type {config.model_type!r}")
+    names = gguf.get_tensor_name_map(by_name[config.model_type], config.num_hidden_layers)
+    layer_keys = list(arch.build_layer(config, 0).state_dict())  # meta: no memory
+    keys = [arch.embedding_key, arch.final_norm_key, arch.lm_head_key] + [
+        arch.layer_prefix.format(i=i) + key for i in range(config.num_hidden_layers) for key in layer_keys]
+    mapping = {}
+    for key in keys:
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is not None:
+            mapping[name] = key
+    return mapping
 
 
 def _unpermute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -213,12 +215,17 @@ def _unpermute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half_dim, 2, *weight.shape[1:]).swapaxes(2, 1).reshape(weight.shape)
 
 
-def _file_fingerprint(path: Path, head_bytes: int = 16 << 20) -> str:
-    """Cheap identity of a large file: size + hash of its first 16 MiB (metadata and first tensors)."""
-    digest = hashlib.sha256(str(path.stat().st_size).encode())
-    with path.open("rb") as handle:
-        digest.update(handle.read(head_bytes))
-    return digest.hexdigest()[:16]
+def content_digest(path: Path) -> str:
+    """sha256 of a file's bytes, cached by (path, size, mtime, inode): a 140 GB model is hashed once,
+    and again whenever any of its files is rewritten (in place or replaced)."""
+    stat = path.stat()
+    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_dev}"
+    entry = cache_root() / "content" / hashlib.sha256(identity.encode()).hexdigest()
+    if entry.is_file():
+        return entry.read_text().strip()
+    digest = sha256_file(path)
+    atomic_write_text(entry, digest + "\n")
+    return digest
 
 
 def cache_root() -> Path:
@@ -239,19 +246,17 @@ class GGUFSource(ModelSource):
             self._reader = GGUFReader(self.path, "r")
         except Exception as err:  # the reader raises bare ValueError/struct errors on damaged files
             raise ModelSourceError(f"{self.path}: not a readable GGUF file ({err})") from None
-        self._tensors = {}
-        for tensor in self._reader.tensors:
-            hf_name = _gguf_to_hf_name(tensor.name)
-            if hf_name is not None:
-                self._tensors[hf_name] = tensor
         self._hf_folder = self._converted_metadata()
+        names = _hf_to_gguf_names(self.config, self.architecture)
+        # Tensors the model does not read (e.g. rope_freqs, derived from the config) are left out.
+        self._tensors = {names[t.name]: t for t in self._reader.tensors if t.name in names}
 
     def fingerprint(self) -> str:
-        return _file_fingerprint(self.path)
+        return content_digest(self.path)[:16]
 
     def _converted_metadata(self) -> Path:
         """Config and tokenizer converted once from the GGUF header (slow), cached by file fingerprint."""
-        folder = cache_root() / "gguf" / _file_fingerprint(self.path)
+        folder = cache_root() / "gguf" / content_digest(self.path)[:16]
         if (folder / "config.json").is_file():
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -321,14 +326,21 @@ def builtin_gguf(name: str) -> Path:
     raise ModelSourceError(f"package {package} is installed but holds no {stem}*.gguf")
 
 
-def open_source(source: str | Path) -> ModelSource:
-    """A built-in name, a .gguf file, a Hugging Face folder, or a checkpoint in an artifact store
-    ("store:{...}", see orchestrator/stored_model.py) -> its ModelSource."""
-    text = str(source)
-    if text.startswith("store:"):
-        from rankfold.orchestrator.stored_model import open_stored  # the store layer sits above models
+_SCHEMES: dict[str, Callable[[str], ModelSource]] = {}
 
-        return open_stored(text)
+
+def register_scheme(prefix: str, opener: Callable[[str], ModelSource]) -> None:
+    """Locations starting with `prefix` are opened by `opener` — registered from the layer that owns
+    them (e.g. "store:", a checkpoint in an artifact store: rankfold/storage/stored_model.py)."""
+    _SCHEMES[prefix] = opener
+
+
+def open_source(source: str | Path) -> ModelSource:
+    """A built-in name, a .gguf file, a Hugging Face folder, or a registered scheme's location -> its ModelSource."""
+    text = str(source)
+    for prefix, opener in _SCHEMES.items():
+        if text.startswith(prefix):
+            return opener(text)
     if text in BUILTIN_MODELS:
         return GGUFSource(builtin_gguf(text))
     path = Path(text)

@@ -19,20 +19,15 @@ from rankfold.modules.shared import replace_group
 @dataclass(frozen=True)
 class CompressedModule:
     """kind 'lowrank': `members` is one linear, y = B A x.
-    kind 'shared': one projection at `shared_path` (skip: identity block + A′) feeding every member's B."""
+    kind 'shared': one projection at `shared_path` (skip: identity block + A′) feeding every member's B.
+    `group`: the input group the members read (the architecture's name for it, e.g. 'attn_in')."""
 
     kind: str
     members: tuple[str, ...]
     rank: int
     shared_path: str | None = None
     skip: bool = False
-
-    def parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
-        """Stored parameters, given each member's dense (out, in) shape."""
-        n = shapes[self.members[0]][1]
-        rows = sum(shapes[m][0] for m in self.members)
-        projection = self.rank * (n - self.rank) if self.skip else self.rank * n
-        return projection + self.rank * rows
+    group: str | None = None
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, False)}
@@ -40,11 +35,11 @@ class CompressedModule:
     @classmethod
     def from_json(cls, data: dict) -> "CompressedModule":
         return cls(kind=data["kind"], members=tuple(data["members"]), rank=int(data["rank"]),
-                   shared_path=data.get("shared_path"), skip=bool(data.get("skip", False)))
+                   shared_path=data.get("shared_path"), skip=bool(data.get("skip", False)), group=data.get("group"))
 
     def prefixed(self, prefix: str) -> "CompressedModule":
         return CompressedModule(self.kind, tuple(prefix + m for m in self.members), self.rank,
-                                prefix + self.shared_path if self.shared_path else None, self.skip)
+                                prefix + self.shared_path if self.shared_path else None, self.skip, self.group)
 
 
 def apply_layout(root: nn.Module, layout: list[CompressedModule], dtype: torch.dtype | None = None) -> None:

@@ -19,17 +19,6 @@ class LowRankLinear(nn.Module):
         self.B = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
-    @classmethod
-    def from_factors(cls, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None = None,
-                     dtype: torch.dtype = torch.float32) -> "LowRankLinear":
-        module = cls(a.shape[1], b.shape[0], a.shape[0], bias=bias is not None, dtype=dtype)
-        with torch.no_grad():
-            module.A.copy_(a)
-            module.B.copy_(b)
-            if bias is not None:
-                module.bias.copy_(bias)
-        return module
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return shared_lowrank(x, self.A, [self.B], biases=[self.bias])[0]  # (..., n) -> (..., r) -> (..., m)
 

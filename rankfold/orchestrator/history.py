@@ -1,21 +1,25 @@
 """Run history: every finished job appends a record to the artifact store; `rankfold history` reads
-them back as a trend table and a PNG plot.
+them back as a trend table and a PNG plot (matplotlib, Agg).
 
 Records are one object per run (`history/<job id>/<UTC time>.json`): S3 has no append, and separate
-objects never race. The plot is drawn by hand (a few lines of rasterising) because the project's
-dependencies carry no plotting library.
+objects never race. A record holds generic evaluator `rows` ({evaluator, name, variant, metric, value,
+...settings}); records written before those existed hold only `perplexity` rows ({name, window,
+tokens, dense, compressed}), which are read as rows of the metric "perplexity".
 """
 
 from __future__ import annotations
 
-import struct
 import time
-import zlib
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+from rankfold.storage.store import ArtifactStore
 
-from rankfold.orchestrator.store import ArtifactStore
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+VARIANTS = ("dense", "compressed")
 
 
 def record_run(store: ArtifactStore, job_id: str, report: dict) -> str:
@@ -23,8 +27,7 @@ def record_run(store: ArtifactStore, job_id: str, report: dict) -> str:
     key = f"history/{job_id}/{stamp}-{time.time_ns() % 1_000_000:06d}.json"
     store.put_json(key, {
         "finished_at": time.time(),
-        "perplexity": [{k: row.get(k) for k in ("name", "window", "tokens", "dense", "compressed")}
-                       for row in report["perplexity"]],
+        "rows": [dict(row) for row in report.get("rows", [])],
         "achieved_compression": report["parameters"].get("achieved_compression"),
         "method": report["method"].get("name"),
         "total_wall_s": report["total_wall_s"],
@@ -38,64 +41,69 @@ def load_history(store: ArtifactStore, job_id: str) -> list[dict]:
     return [store.get_json(key) for key in store.list_keys(f"history/{job_id}/")]
 
 
+def record_rows(record: dict) -> list[dict]:
+    """A record's generic rows; its legacy `perplexity` rows are turned into rows unless `rows`
+    already carries the same (name, variant, metric)."""
+    rows = list(record.get("rows") or [])
+    known = {(row["name"], row["variant"], row["metric"]) for row in rows}
+    legacy = [{"evaluator": "perplexity", "name": row["name"], "variant": variant, "metric": "perplexity",
+               "value": row[variant], "window": row.get("window"), "tokens": row.get("tokens")}
+              for row in record.get("perplexity") or [] for variant in VARIANTS
+              if row.get(variant) is not None and (row["name"], variant, "perplexity") not in known]
+    return legacy + rows
+
+
 def format_history(records: list[dict]) -> str:
-    lines = [f"{'finished (UTC)':20s} {'dataset':10s} {'dense ppl':>10s} {'compressed':>11s} {'wall s':>8s}  reused"]
+    """One line per run and (name, metric), dense and compressed side by side."""
+    lines = [f"{'finished (UTC)':20s} {'name':10s} {'metric':12s} {'dense':>10s} {'compressed':>11s} "
+             f"{'wall s':>8s}  reused"]
     for record in records:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record["finished_at"]))
-        for row in record["perplexity"] or [{"name": "-", "dense": None, "compressed": None}]:
-            dense = f"{row['dense']:.3f}" if row.get("dense") is not None else "-"
-            compressed = f"{row['compressed']:.3f}" if row.get("compressed") is not None else "-"
-            lines.append(f"{when:20s} {row['name']:10s} {dense:>10s} {compressed:>11s} "
+        values: dict[tuple[str, str], dict[str, float]] = {}
+        for row in record_rows(record):
+            values.setdefault((row["name"], row["metric"]), {})[row["variant"]] = row["value"]
+        for (name, metric), by_variant in values.items() or [(("-", "-"), {})]:
+            dense, compressed = (f"{by_variant[v]:.3f}" if by_variant.get(v) is not None else "-" for v in VARIANTS)
+            lines.append(f"{when:20s} {name:10s} {metric:12s} {dense:>10s} {compressed:>11s} "
                          f"{record['total_wall_s']:8.1f}  {','.join(record['reused_stages']) or '-'}")
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- PNG line plot
-
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
-
-
-def _line(canvas: np.ndarray, x0: int, y0: int, x1: int, y1: int, color: tuple[int, int, int], width: int = 2) -> None:
-    steps = max(abs(x1 - x0), abs(y1 - y0), 1)
-    for t in np.linspace(0.0, 1.0, steps + 1):
-        x, y = round(x0 + (x1 - x0) * t), round(y0 + (y1 - y0) * t)
-        canvas[max(y - width // 2, 0):y + width - width // 2, max(x - width // 2, 0):x + width - width // 2] = color
-
-
-def plot_series(path: Path, series: dict[str, list[tuple[float, float]]], size: tuple[int, int] = (640, 360)) -> None:
-    """One polyline (with point markers) per series over a shared time axis; axes, no text. The legend
-    colours follow PALETTE in series order (printed by the CLI next to the table)."""
-    width, height = size
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    margin = 30
-    points = [p for values in series.values() for p in values]
-    if points:
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        x_low, x_high = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        y_low, y_high = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-        y_pad = 0.1 * (y_high - y_low)
-        y_low, y_high = y_low - y_pad, y_high + y_pad
-        to_px = lambda x, y: (margin + round((x - x_low) / (x_high - x_low) * (width - 2 * margin)),  # noqa: E731
-                              height - margin - round((y - y_low) / (y_high - y_low) * (height - 2 * margin)))
-        for index, values in enumerate(series.values()):
-            color = PALETTE[index % len(PALETTE)]
-            pixels = [to_px(x, y) for x, y in sorted(values)]
-            for (ax, ay), (bx, by) in zip(pixels, pixels[1:]):
-                _line(canvas, ax, ay, bx, by, color)
-            for px, py in pixels:
-                canvas[max(py - 3, 0):py + 4, max(px - 3, 0):px + 4] = color
-    _line(canvas, margin, height - margin, width - margin, height - margin, (0, 0, 0), 1)  # axes
-    _line(canvas, margin, margin, margin, height - margin, (0, 0, 0), 1)
-    _write_png(path, canvas)
+def history_series(records: list[dict]) -> dict[str, dict[str, list[tuple[datetime, float]]]]:
+    """metric -> "name variant" -> (finished time, value) points in time order."""
+    series: dict[str, dict[str, list[tuple[datetime, float]]]] = {}
+    for record in records:
+        when = datetime.fromtimestamp(record["finished_at"], timezone.utc)
+        for row in record_rows(record):
+            if row.get("value") is not None:
+                series.setdefault(row["metric"], {}).setdefault(f"{row['name']} {row['variant']}", []).append(
+                    (when, float(row["value"])))
+    return {metric: {label: sorted(points) for label, points in by_label.items()}
+            for metric, by_label in series.items()}
 
 
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    height, width, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[row].tobytes() for row in range(height))  # filter type 0 per row
+def plot_history(path: Path, records: list[dict], title: str) -> Figure:
+    """Write the trend PNG (one subplot per metric, one marked line per series) and return the Figure.
+    matplotlib is imported here, not at module level: every job imports this module to record a run.
+    Figure + FigureCanvasAgg, not pyplot, so no global state and no display is needed."""
+    from matplotlib import dates
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-                     + chunk(b"IEND", b""))
+    series = history_series(records)
+    figure = Figure(figsize=(8, 4.5 * max(len(series), 1)), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(max(len(series), 1), 1, squeeze=False)[:, 0]
+    for ax, (metric, by_label) in zip(axes, series.items()):
+        for label, points in by_label.items():
+            ax.plot([when for when, _ in points], [value for _, value in points], marker="o", label=label)
+        locator = dates.AutoDateLocator()
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(dates.ConciseDateFormatter(locator))
+        ax.set(title=f"{title}: {metric}", xlabel="finished (UTC)", ylabel=metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if not series:
+        axes[0].set_title(f"{title}: no metrics recorded")
+    figure.savefig(path, format="png")
+    return figure

@@ -10,20 +10,12 @@ whose record has the same digest and whose artifacts all verify; anything else i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from rankfold.orchestrator.store import ArtifactStore, StoreError
+from rankfold.storage.store import ArtifactStore, StoreError
 
 MANIFEST_VERSION = 1
-
-
-def digest_of(*parts: object) -> str:
-    """Stable 20-hex digest of JSON-able parts."""
-    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 @dataclass
@@ -62,10 +54,6 @@ class Manifest:
         self.stages[stage] = record
         self._write()
         return record
-
-    def forget(self, stage: str) -> None:
-        if self.stages.pop(stage, None) is not None:
-            self._write()
 
     def _write(self) -> None:
         self.store.put_json(self.key, {"version": MANIFEST_VERSION, "job": self.job_id,

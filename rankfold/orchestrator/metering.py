@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import threading
 import time
 from contextlib import contextmanager
@@ -67,9 +66,3 @@ class StageMeter:
         return [{"stage": r.name, "wall_s": round(r.wall_s, 2), "peak_rss_mb": round(r.peak_rss_mb, 1)}
                 | ({} if r.worker_peak_rss_mb is None else {"worker_peak_rss_mb": round(r.worker_peak_rss_mb, 1)})
                 for r in self.records.values()]
-
-
-def process_peak_rss_mb() -> float:
-    """This process's peak resident memory over its lifetime (Linux reports KiB). A shard actor
-    lives for one stage, so for it this is the stage's peak; a task worker may serve several."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from rankfold.core.files import atomic_write_text
 from rankfold.jobs.spec import load_spec
 from rankfold.orchestrator.cron import parse_cron
 
@@ -47,11 +47,7 @@ class Registry:
         return [ScheduleEntry(**entry) for entry in json.loads(self.path.read_text())["schedules"]]
 
     def save(self, entries: list[ScheduleEntry]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=".schedules.", dir=self.path.parent)
-        with os.fdopen(handle, "w") as out:
-            json.dump({"schedules": [asdict(e) for e in entries]}, out, indent=2)
-        os.replace(temp, self.path)
+        atomic_write_text(self.path, json.dumps({"schedules": [asdict(e) for e in entries]}, indent=2))
 
     def add(self, spec_path: str | Path, cron: str, address: str | None, name: str | None = None,
             now: datetime | None = None) -> ScheduleEntry:

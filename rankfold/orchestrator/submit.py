@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from rankfold.jobs.spec import JobSpec, load_spec, parse_spec
-from rankfold.orchestrator.manifest import digest_of
-from rankfold.orchestrator.ray_executor import ClusterError, check_reachable
+from rankfold.core.hashing import digest_of
+from rankfold.execution.ray import ClusterError, check_reachable
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 METADATA_KEY = "rankfold_job"
@@ -60,7 +60,7 @@ def absolute_spec(spec: JobSpec) -> dict:
 
 def submit(spec_path: str | Path, address: str | None = None, workers: int | None = None) -> str:
     """Validate and submit; returns the submission id."""
-    from rankfold.orchestrator.pipeline import preflight
+    from rankfold.orchestrator.preflight import preflight
 
     spec = load_spec(spec_path)
     preflight(spec)  # a missing model or data file is an error here, not on the cluster

@@ -6,69 +6,22 @@ the Gram matrix Σ x xᵀ, Σ|x| and the token count. They are sums, so shards r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from rankfold.methods.whitening import mirror_upper_
+from rankfold.core.errors import NumericalError
+from rankfold.methods.statistics import InputStats
 from rankfold.models.architecture import LinearGroup
 from rankfold.workers.activations import Activations
 from rankfold.workers.layers import LayerRunner
 
 
-GRAM_BLOCK = 256
-
-
-@dataclass
-class InputStats:
-    gram: torch.Tensor      # (n, n) float64, Σ x xᵀ over tokens
-    abs_sum: torch.Tensor   # (n,) float64, Σ |x| over tokens
-    count: int              # tokens seen
-
-    @classmethod
-    def zeros(cls, n: int) -> "InputStats":
-        return cls(torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0)
-
-    def add_(self, x: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> None:
-        """Add one chunk of inputs. The chunk's product may run in float32 (2x faster on CPU; measured
-        3e-8 relative difference on SmolLM2); the running sums are always float64.
-
-        Only the upper block triangle of x xᵀ is computed (a blocked SYRK: ~40 % fewer FLOPs at
-        n ≥ 576); `symmetric_gram` mirrors it, so read the Gram through that or `to_tensors`."""
-        x = x.reshape(-1, x.shape[-1]).to(product_dtype)  # (tokens, n)
-        n = x.shape[1]
-        block = -(-n // -(-n // GRAM_BLOCK))  # near-equal blocks of at most GRAM_BLOCK columns
-        for start in range(0, n, block):
-            self.gram[start:start + block, start:].add_(x[:, start:start + block].T @ x[:, start:])
-        self.abs_sum.add_(x.abs().sum(0))  # the chunk's sum in the product dtype (float64 casts cost 9x)
-        self.count += x.shape[0]
-
-    def symmetric_gram(self) -> torch.Tensor:
-        """The full Gram, completed from its upper triangle in place (no n×n copies; exactly symmetric)."""
-        return mirror_upper_(self.gram)
-
-    def merge(self, other: "InputStats") -> "InputStats":
-        return InputStats(self.gram + other.gram, self.abs_sum + other.abs_sum, self.count + other.count)
-
-    @property
-    def mean_abs(self) -> torch.Tensor:
-        return self.abs_sum / max(self.count, 1)
-
-    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.gram": self.symmetric_gram(), f"{prefix}.abs_sum": self.abs_sum,
-                f"{prefix}.count": torch.tensor([self.count], dtype=torch.int64)}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "InputStats":
-        return cls(tensors[f"{prefix}.gram"], tensors[f"{prefix}.abs_sum"], int(tensors[f"{prefix}.count"][0]))
-
-
 def propagate_layer(layer: nn.Module, runner: LayerRunner, inputs: Activations, outputs: Activations | None,
                     groups: tuple[LinearGroup, ...] = (), product_dtype: torch.dtype = torch.float64,
-                    ) -> dict[str, InputStats]:
+                    where: str = "layer") -> dict[str, InputStats]:
     """Run the layer on every chunk of `inputs`, appending to `outputs` (None: last layer of
-    calibration, nothing downstream); returns the input statistics of each group in `groups`."""
+    calibration, nothing downstream); returns the input statistics of each group in `groups`.
+    Raises NumericalError (naming `where`) when an output is not finite."""
     stats: dict[str, InputStats] = {}
     handles = []
     for group in groups:
@@ -84,12 +37,19 @@ def propagate_layer(layer: nn.Module, runner: LayerRunner, inputs: Activations, 
     try:
         for chunk in inputs:
             hidden = runner(layer, chunk)
+            check_finite(hidden, where)
             if outputs is not None:
                 outputs.append(hidden)
     finally:
         for handle in handles:
             handle.remove()
     return stats
+
+
+def check_finite(hidden: torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(hidden).all()):
+        raise NumericalError(f"{where}: the layer's output has non-finite values ({hidden.dtype} overflowed); "
+                             "run with model.dtype bfloat16 or float32")
 
 
 def sum_stats(partials: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankfold.allocators.flra import BATCHES_KEY
 from rankfold.workers.layers import LayerRunner
 
 
@@ -41,9 +42,6 @@ class FisherSums:
 
     def to_tensors(self, path: str) -> dict[str, torch.Tensor]:
         return {f"{path}.fisher": self.total, f"{path}.fisher_rows": self.rows, f"{path}.fisher_cols": self.cols}
-
-
-BATCHES_KEY = "batches"
 
 
 def head_gradient(hidden: torch.Tensor, final_norm: nn.Module, head: torch.Tensor,
@@ -86,13 +84,6 @@ def fisher_tensors(sums: dict[str, FisherSums], batches: int) -> dict[str, torch
     for path, entry in sums.items():
         tensors.update(entry.to_tensors(path))
     return tensors
-
-
-def fisher_scores(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-    """{projection path: F = mean over batches of Σ (∂ℒ/∂W)²} from a layer's reduced sums."""
-    batches = int(tensors[BATCHES_KEY][0])
-    return {key.removesuffix(".fisher"): float(value) / batches
-            for key, value in tensors.items() if key.endswith(".fisher")}
 
 
 def head_group_scores(tensors: dict[str, torch.Tensor], path: str, head_dim: int, heads_per_group: int,

@@ -11,12 +11,14 @@ In-process this class is used directly; the Ray executor runs one instance per w
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rankfold.models.sources import ModelSource, open_source
-from rankfold.orchestrator.metering import process_peak_rss_mb
+import rankfold.storage  # noqa: F401  (registers the "store:" source scheme: checkpoints read from a store)
+from rankfold.core.resources import process_peak_rss_mb
 from rankfold.modules.layout import CompressedModule
 from rankfold.workers.activations import Activations
 from rankfold.workers.calibrate import propagate_layer
@@ -34,14 +36,36 @@ def cached_source(location: str) -> ModelSource:
     return _SOURCES[location]
 
 
+@dataclass(frozen=True)
+class ShardConfig:
+    """What a shard is built from (small and picklable: it travels to a worker)."""
+
+    location: str               # model source location (open_source)
+    dtype: str                  # forward dtype, e.g. "float32"
+    budget_bytes: int           # resident activations before spilling to `spill_dir`
+    spill_dir: str | None = None
+    product_dtype: str = "float64"  # dtype of each chunk's x·xᵀ (statistics are float64 sums)
+    threads: int | None = None      # torch threads in this worker (None: keep the process's)
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """How `advance` runs one layer."""
+
+    layout: list[dict] | None = None  # the layer's compressed modules (CompressedModule JSON), None: dense
+    collect_stats: bool = True        # return the layer's input statistics
+    keep_outputs: bool = True         # keep the outputs as the next layer's inputs (False: last calibration layer)
+    keep_input: bool = False          # keep the input for `fisher_backward`
+
+
 class SequenceShard:
-    def __init__(self, source: str, dtype: str, budget_bytes: int, spill_dir: str | None = None,
-                 product_dtype: str = "float64", threads: int | None = None):
-        if threads:  # Ray sets OMP_NUM_THREADS=1 for 1-CPU workers: use the CPUs this worker was given
-            torch.set_num_threads(threads)
-        self.location, self.source = source, cached_source(source)
-        self.dtype, self.product_dtype = getattr(torch, dtype), getattr(torch, product_dtype)
-        self.budget_bytes, self.spill_dir = budget_bytes, Path(spill_dir) if spill_dir else None
+    def __init__(self, config: ShardConfig):
+        if config.threads:  # Ray sets OMP_NUM_THREADS=1 for 1-CPU workers: use the CPUs this worker was given
+            torch.set_num_threads(config.threads)
+        self.location, self.source = config.location, cached_source(config.location)
+        self.dtype, self.product_dtype = getattr(torch, config.dtype), getattr(torch, config.product_dtype)
+        self.budget_bytes = config.budget_bytes
+        self.spill_dir = Path(config.spill_dir) if config.spill_dir else None
         self.config = runtime_config(self.source.config)
         self.runner = LayerRunner(self.source.architecture, self.config)
         self.hidden: Activations | None = None
@@ -59,21 +83,21 @@ class SequenceShard:
         self.ids, self.batch_size = ids, batch_size
         return ids.numel()
 
-    def advance(self, index: int, layout: list[dict] | None = None, collect_stats: bool = True,
-                keep_outputs: bool = True, keep_input: bool = False) -> dict[str, torch.Tensor]:
-        """Run layer `index` (its compressed modules per `layout`, JSON) on the held activations.
-        Returns the layer's input statistics (empty unless `collect_stats`). With `keep_input` the
-        layer's input stays held for `fisher_backward` (each layer's share of the memory budget)."""
+    def advance(self, index: int, step: LayerStep = LayerStep()) -> dict[str, torch.Tensor]:
+        """Run layer `index` on the held activations, as `step` says. Returns the layer's input
+        statistics (empty unless `step.collect_stats`). With `step.keep_input` the layer's input stays
+        held for `fisher_backward` (each layer's share of the memory budget)."""
         if self.hidden is None:
             raise RuntimeError("shard holds no activations: call load() first")
         arch = self.source.architecture
-        modules = [CompressedModule.from_json(m) for m in layout] if layout else None
+        modules = [CompressedModule.from_json(m) for m in step.layout] if step.layout else None
         layer = materialize_layer(arch, self.config, index, self.source.layer_state(index), self.dtype,
                                   layout=modules)
-        outputs = Activations(self._budget(keep_input), self.spill_dir) if keep_outputs else None
-        groups = arch.groups if collect_stats else ()
-        stats = propagate_layer(layer, self.runner, self.hidden, outputs, groups, self.product_dtype)
-        if keep_input:
+        outputs = Activations(self._budget(step.keep_input), self.spill_dir) if step.keep_outputs else None
+        groups = arch.groups if step.collect_stats else ()
+        stats = propagate_layer(layer, self.runner, self.hidden, outputs, groups, self.product_dtype,
+                                where=f"layer {index} (model.dtype {str(self.dtype).removeprefix('torch.')})")
+        if step.keep_input:
             self.saved_inputs[index] = self.hidden
         else:
             self.hidden.release()

@@ -11,7 +11,9 @@ import yaml
 
 from rankfold.cli import EXIT_BAD_INPUT, main
 from rankfold.jobs.spec import SpecError, load_spec, parse_spec
-from rankfold.orchestrator.pipeline import preflight, prepare_output
+from rankfold.orchestrator.manifest import Manifest
+from rankfold.orchestrator.preflight import job_id, preflight, prepare_output
+from rankfold.storage.store import LocalStore
 from tests.conftest import tiny_spec_dict
 
 
@@ -82,14 +84,33 @@ def test_missing_model_fails_preflight(good):
 
 def test_output_dir_of_another_job_is_refused_and_kept(good):
     spec = parse_spec(good)
-    out = prepare_output(spec)
+    store = LocalStore(Path(good["output"]["dir"]) / "artifacts")
+    out = prepare_output(spec, store)
+    Manifest(store, job_id(spec)).record("calibrate", "d1", {})  # the first job completed a stage
     (out / "precious.txt").write_text("keep me")
     other = copy.deepcopy(good)
     other["target"]["ratio"] = 0.4
     with pytest.raises(SpecError, match="holds another job"):
-        prepare_output(parse_spec(other))
+        prepare_output(parse_spec(other), store)
     assert (out / "precious.txt").read_text() == "keep me"
     assert json.loads((out / "job.json").read_text())["target"]["ratio"] == good["target"]["ratio"]
+
+
+def test_a_folder_whose_job_completed_nothing_accepts_a_corrected_spec(good):
+    store = LocalStore(Path(good["output"]["dir"]) / "artifacts")
+    prepare_output(parse_spec(good), store)
+    corrected = copy.deepcopy(good)
+    corrected["target"]["ratio"] = 0.4
+    out = prepare_output(parse_spec(corrected), store)
+    assert json.loads((out / "job.json").read_text())["target"]["ratio"] == 0.4
+
+
+def test_memory_budget_is_not_part_of_the_job_identity(good):
+    spec = parse_spec(good)
+    more = copy.deepcopy(good)
+    more["calibration"]["max_resident_mb"] = 64
+    more["execution"] = {"workers": 3}
+    assert job_id(parse_spec(more)) == job_id(spec)
 
 
 def test_yaml_and_json_files_load(tmp_path, good):

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankfold.methods.skipcat import (cat_factors, cat_rank, pivoted_columns, skip_apply, skip_params, skip_rank,
+from rankfold.methods.structure import params, rank_for_ratio
+from rankfold.methods.decompose import decompose_group
+from rankfold.methods.statistics import InputStats
+from rankfold.modules.layout import CompressedModule
+from rankfold.methods.skipcat import (CatOptions, pivoted_columns, skip_apply,
                                       skip_reparameterize)
 from rankfold.methods.svd_llm import svd_llm_factors, whitened_spectrum
 from rankfold.methods.whitening import whitening_factor
@@ -46,15 +50,15 @@ def test_pivoted_columns_match_greedy_volume_choice():
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.4, 0.7])
 @pytest.mark.parametrize("n, rows", [(576, 960), (576, 3072), (1536, 576), (4096, 3 * 4096)])
 def test_skip_rank_is_largest_within_budget(n, rows, ratio):
-    rank = skip_rank(n, rows, ratio)
+    rank = rank_for_ratio(rows, n, ratio, skip=True)
     budget = (1 - ratio) * rows * n
-    assert skip_params(n, rows, rank) <= budget
-    assert rank == min(n, rows) or skip_params(n, rows, rank + 1) > budget
-    assert rank > cat_rank(n, rows, ratio)  # skipping keeps more rank at the same budget
+    assert params(rank, rows, n, True) <= budget
+    assert rank == min(n, rows) or params(rank + 1, rows, n, True) > budget
+    assert rank > rank_for_ratio(rows, n, ratio)  # skipping keeps more rank at the same budget
 
 
 def test_cat_rank_fits_budget():
-    assert cat_rank(576, 960, 0.2) * (576 + 960) <= 0.8 * 576 * 960 < (cat_rank(576, 960, 0.2) + 1) * (576 + 960)
+    assert rank_for_ratio(960, 576, 0.2) * (576 + 960) <= 0.8 * 576 * 960 < (rank_for_ratio(960, 576, 0.2) + 1) * (576 + 960)
 
 
 def test_cat_shares_one_projection_and_its_loss_is_the_joint_dropped_spectrum():
@@ -62,7 +66,11 @@ def test_cat_shares_one_projection_and_its_loss_is_the_joint_dropped_spectrum():
     x = _correlated_inputs(n, 300)
     factor = whitening_factor(x @ x.T)
     weights = [_random((24, n), 7), _random((8, n), 8), _random((8, n), 9)]
-    parts, shared = cat_factors(weights, factor, 10)
+    stats = InputStats.zeros(n)
+    stats.add_(x.T)
+    module = CompressedModule("shared", ("q", "k", "v"), 10, "qkv", group="attn_in")
+    tensors = decompose_group(CatOptions(name="cat"), dict(zip("qkv", weights)), stats, [module]).tensors
+    parts, shared = [tensors[f"{m}.B"] for m in "qkv"], tensors["qkv.A"]
     assert [p.shape for p in parts] == [(24, 10), (8, 10), (8, 10)] and shared.shape == (10, n)
     stacked = torch.cat(weights)
     error = float(((stacked - torch.cat(parts) @ shared) @ x).pow(2).sum())

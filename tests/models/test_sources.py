@@ -58,3 +58,22 @@ def test_unknown_source_and_damaged_gguf(tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(ModelSourceError, match="not a readable GGUF"):
         GGUFSource(bad)
+
+
+def test_fingerprint_follows_the_weights_content_and_is_cached(tiny_model_dir, tmp_path, monkeypatch):
+    """A weight rewritten in place (same size) changes the fingerprint; an unchanged file is hashed once."""
+    import rankfold.models.sources as sources
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    before = SafetensorsSource(folder).fingerprint()
+    hashed = []
+    monkeypatch.setattr(sources, "sha256_file", lambda path: hashed.append(path) or "x" * 64)
+    assert SafetensorsSource(folder).fingerprint() == before and not hashed  # from the cache
+    monkeypatch.undo()
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = bytes(4) if data[-4:] != bytes(4) else b"\x01\x02\x03\x04"  # the last tensor's last bytes
+    weights.write_bytes(bytes(data))
+    assert weights.stat().st_size == len(data)
+    assert SafetensorsSource(folder).fingerprint() != before

@@ -44,8 +44,16 @@ def test_february_thirtieth_never_matches():
 
 @pytest.mark.parametrize("text, message", [
     ("61 * * * *", "minute field"), ("* 24 * * *", "hour field"), ("* * *", "5 fields"),
-    ("a * * * *", "not a number"), ("*/0 * * * *", "step"), ("* * 0 * *", "day of month"),
+    ("a * * * *", "minute field 'a'"), ("*/0 * * * *", "step"), ("* * 0 * *", "day of month"),
+    ("* * * 13 *", "month field"), ("* * * * 8", "day of week field"),
 ])
 def test_bad_expressions_name_the_field(text, message):
     with pytest.raises(CronError, match=message):
+        parse_cron(text)
+
+
+@pytest.mark.parametrize("text", ["0 2 * * * 30", "0 0 2 * * * 2030", "@daily"])
+def test_seconds_years_and_nicknames_are_refused(text):
+    """croniter reads a 6th field as seconds and a 7th as years; schedules are minute-grained."""
+    with pytest.raises(CronError, match="expected 5 fields"):
         parse_cron(text)

@@ -37,7 +37,7 @@ def _killer(marker: Path, stop: threading.Event, killed: list[int]) -> threading
 
 def _artifacts(report: dict, out: Path) -> dict[str, str]:
     from rankfold.orchestrator.manifest import Manifest
-    from rankfold.orchestrator.store import LocalStore
+    from rankfold.storage.store import LocalStore
 
     manifest = Manifest(LocalStore(out / "artifacts"), report["artifacts"]["manifest"].split("/")[1])
     return {key: sha for stage in ("calibrate", "decompose", "assemble")
@@ -45,7 +45,8 @@ def _artifacts(report: dict, out: Path) -> dict[str, str]:
 
 
 def test_killed_workers_are_replaced_and_artifacts_bit_identical(tmp_path, tiny_model_dir, ray_executor, monkeypatch):
-    import rankfold.orchestrator.pipeline as pipeline
+    import rankfold.execution.streaming as streaming
+    import rankfold.orchestrator.stages as stages
     from rankfold.workers.shard import SequenceShard
 
     data = tiny_spec_dict(tiny_model_dir, tmp_path / "clean", method="skipcat")
@@ -61,16 +62,16 @@ def test_killed_workers_are_replaced_and_artifacts_bit_identical(tmp_path, tiny_
                 time.sleep(60)  # killed here, in the middle of layer 1
             return super().advance(index, *args)
 
-    run_decompose = pipeline.run_decompose
+    decompose_item = stages.decompose_item
 
     def decompose_killed_once(item):
         if not task_marker.exists():
             task_marker.write_text(str(os.getpid()))
             time.sleep(60)
-        return run_decompose(item)
+        return decompose_item(item)
 
-    monkeypatch.setattr(pipeline, "SequenceShard", ShardKilledOnce)
-    monkeypatch.setattr(pipeline, "run_decompose", decompose_killed_once)
+    monkeypatch.setattr(streaming, "SequenceShard", ShardKilledOnce)
+    monkeypatch.setattr(stages, "decompose_item", decompose_killed_once)
     stop, killed = threading.Event(), []
     killers = [_killer(shard_marker, stop, killed), _killer(task_marker, stop, killed)]
     data["output"]["dir"] = str(tmp_path / "killed")
@@ -85,9 +86,9 @@ def test_killed_workers_are_replaced_and_artifacts_bit_identical(tmp_path, tiny_
 def test_shard_killed_in_the_fisher_backward_pass_is_replayed(tmp_path, tiny_model_dir, ray_executor, monkeypatch):
     """The rebuilt shard redoes the forward pass, the head and the backward layers above, then the
     layer it died in: the Fisher sums (hence the allocated ranks) are bit-identical."""
-    import rankfold.orchestrator.pipeline as pipeline
+    import rankfold.execution.streaming as streaming
     from rankfold.orchestrator.manifest import Manifest
-    from rankfold.orchestrator.store import LocalStore
+    from rankfold.storage.store import LocalStore
     from rankfold.workers.shard import SequenceShard
 
     data = tiny_spec_dict(tiny_model_dir, tmp_path / "clean")
@@ -103,7 +104,7 @@ def test_shard_killed_in_the_fisher_backward_pass_is_replayed(tmp_path, tiny_mod
                 time.sleep(60)  # killed here: layer 1 done, layer 0 in progress
             return super().fisher_backward(index)
 
-    monkeypatch.setattr(pipeline, "SequenceShard", ShardKilledInBackward)
+    monkeypatch.setattr(streaming, "SequenceShard", ShardKilledInBackward)
     stop, killed = threading.Event(), []
     killer = _killer(marker, stop, killed)
     data["output"]["dir"] = str(tmp_path / "killed")

@@ -6,6 +6,7 @@ import pytest
 
 from rankfold.jobs.spec import SpecError, parse_spec
 from rankfold.orchestrator.job import run_job
+from rankfold.evaluation.report import metric_table
 from tests.conftest import tiny_spec_dict
 
 
@@ -28,7 +29,7 @@ def test_fisher_allocation_meets_the_budget_with_uneven_ranks(tiny_model_dir, tm
     keys = {str(p.relative_to(tmp_path / "out" / "artifacts")) for p in (tmp_path / "out" / "artifacts").rglob("*.safetensors")}
     assert sum(k.startswith(f"fisher/{digests['fisher']}/") for k in keys) == 2
     assert sum(k.startswith(f"spectra/{digests['spectra']}/") for k in keys) == 2 * 4  # layers × input groups
-    row = report["perplexity"][0]
+    row = metric_table(report["rows"])[0]
     assert row["compressed"] < 10 * row["dense"]
 
 

@@ -18,8 +18,9 @@ from rankfold.modules.layout import CompressedModule, apply_layout
 from rankfold.modules.lowrank import LowRankLinear
 from rankfold.modules.shared import SharedLowRankLinear
 from rankfold.orchestrator.job import run_job
-from rankfold.orchestrator.store import LocalStore
+from rankfold.storage.store import LocalStore
 from rankfold.workers.evaluate import make_windows, model_perplexity
+from rankfold.evaluation.report import metric_table
 from tests.conftest import tiny_spec_dict
 
 
@@ -53,7 +54,7 @@ def test_report_and_artifacts(finished_job):
     assert report["parameters"]["achieved_compression"] >= spec.target.ratio
     assert len(report["ranks"]) == 2 * 7
     assert {row["stage"] for row in report["stages"]} >= {"calibrate", "decompose", "assemble", "evaluate compressed wikitext2"}
-    row = report["perplexity"][0]
+    row = metric_table(report["rows"])[0]
     assert row["tokens"] == 512 and row["windows"] == 8
     assert 1 < row["dense"] < row["compressed"]
 
@@ -83,7 +84,7 @@ def test_streamed_perplexity_equals_whole_model_perplexity(finished_job, tiny_mo
     ppl = spec.evaluation.perplexity[0]
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     windows = make_windows(tokenize(load_text(ppl.data), dense_tokenizer(tiny_model_dir)), ppl.window, ppl.max_tokens)
-    row = report["perplexity"][0]
+    row = metric_table(report["rows"])[0]
     assert model_perplexity(dense, windows) == pytest.approx(row["dense"], rel=1e-5)
     assert model_perplexity(rankfold.load(out / "model"), windows) == pytest.approx(row["compressed"], rel=1e-5)
 
@@ -131,7 +132,7 @@ def test_rerun_reuses_verified_stages_and_recomputes_damaged_ones(finished_job):
     before = shards()
     again = run_job(spec, stream=None)
     assert set(again["reused_stages"]) >= {"calibrate", "decompose", "assemble"}
-    assert again["perplexity"] == report["perplexity"] and shards() == before
+    assert metric_table(again["rows"]) == metric_table(report["rows"]) and shards() == before
 
     # A damaged factor artifact: decompose runs again, recomputes it, and the checkpoint is bit-identical.
     store = LocalStore(out / "artifacts")
@@ -183,19 +184,78 @@ def test_ill_conditioned_skip_block_is_a_clear_error(tmp_path, tiny_model_dir, c
 
 
 def test_interrupted_job_resumes_at_its_first_unfinished_stage(tmp_path, tiny_model_dir, monkeypatch):
-    import rankfold.orchestrator.job as job_module
+    import rankfold.orchestrator.stages as stages
 
     spec = parse_spec(tiny_spec_dict(tiny_model_dir, tmp_path / "out", method="skip"))
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # the driver stopped (Ctrl-C) during assembly
 
-    monkeypatch.setattr(job_module, "assemble", interrupted)
+    monkeypatch.setattr(stages, "assemble_checkpoint", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_job(spec, stream=None)
     monkeypatch.undo()
     resumed = run_job(spec, stream=None)
-    assert resumed["reused_stages"][:2] == ["calibrate", "decompose"] and "assemble" not in resumed["reused_stages"]
+    assert resumed["reused_stages"][:3] == ["calibrate", "allocate", "decompose"]
+    assert "assemble" not in resumed["reused_stages"]
     assert {row["stage"] for row in resumed["stages"]} >= {"assemble"} and "calibrate" not in {
         row["stage"] for row in resumed["stages"]}
     rankfold.load(tmp_path / "out" / "model")  # complete and verified
+
+
+def test_a_new_method_version_recomputes_its_factors_and_reuses_the_calibration(tmp_path, tiny_model_dir, monkeypatch):
+    import dataclasses
+
+    from rankfold.methods.registry import METHODS
+
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "out")
+    data["evaluation"]["perplexity"] = []
+    spec = parse_spec(data)
+    first = run_job(spec, stream=None)
+    monkeypatch.setitem(METHODS._entries, "svd_llm", dataclasses.replace(METHODS.get("svd_llm"), version="bumped"))
+    again = run_job(spec, stream=None)
+    assert "calibrate" in again["reused_stages"]
+    assert not {"decompose", "assemble"} & set(again["reused_stages"])
+    digests, before = again["artifacts"]["digests"], first["artifacts"]["digests"]
+    assert digests["calibrate"] == before["calibrate"] and digests["decompose"] != before["decompose"]
+    assert digests["assemble"] != before["assemble"]
+
+
+def test_a_stored_head_under_tied_config_is_the_one_loaded_and_evaluated(tiny_model_dir, tmp_path):
+    """Config ties the head to the embeddings but the file carries its own: the report scores the
+    file's head, so `rankfold.load` must give that model too, not re-tie it."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "untied"
+    shutil.copytree(tiny_model_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    head = torch.randn(tensors["model.embed_tokens.weight"].shape, generator=torch.Generator().manual_seed(5))
+    save_file({**tensors, "lm_head.weight": head}, folder / "model.safetensors", metadata={"format": "pt"})
+    spec = parse_spec(tiny_spec_dict(folder, tmp_path / "out"))
+    report = run_job(spec, stream=None)
+    ppl = spec.evaluation.perplexity[0]
+    loaded = rankfold.load(tmp_path / "out" / "model")
+    assert torch.equal(loaded.lm_head.weight, head) and not loaded.config.tie_word_embeddings
+    windows = make_windows(tokenize(load_text(ppl.data), dense_tokenizer(folder)), ppl.window, ppl.max_tokens)
+    row = metric_table(report["rows"])[0]
+    assert model_perplexity(loaded, windows) == pytest.approx(row["compressed"], rel=1e-5)
+
+
+def test_save_pretrained_round_trips_through_transformers_or_is_refused(finished_job, tmp_path):
+    """A loaded compressed model saved with save_pretrained loads back (transformers and rankfold.load)
+    with equal logits; transformers without rankfold refuses the unknown model type instead of
+    initialising the dense projections at random."""
+    import subprocess
+    import sys
+
+    _, _, out = finished_job
+    model = rankfold.load(out / "model")
+    model.save_pretrained(tmp_path / "saved")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens).logits
+        for again in (AutoModelForCausalLM.from_pretrained(tmp_path / "saved"), rankfold.load(tmp_path / "saved")):
+            assert torch.equal(again(tokens).logits, expected)
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(tmp_path / 'saved')!r})"
+    refused = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert refused.returncode != 0 and "rankfold_llama" in refused.stderr

@@ -3,14 +3,17 @@ compressed weights as in-process, artifacts in S3, and a clear error for an unre
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from rankfold.cli import EXIT_BAD_INPUT
 from rankfold.jobs.spec import parse_spec
-from rankfold.orchestrator.executor import LocalExecutor
+from rankfold.execution.local import LocalExecutor
 from rankfold.orchestrator.job import run_job
+from rankfold.evaluation.report import metric_table
 from tests.conftest import tiny_spec_dict
 
 ray = pytest.importorskip("ray")
@@ -39,7 +42,7 @@ def test_ray_job_with_s3_matches_in_process(tmp_path, tiny_model_dir, ray_execut
     assert ray_weights.keys() == local_weights.keys()
     for name in local_weights:  # same shards, same reduction order; only GEMM threading may differ
         torch.testing.assert_close(ray_weights[name], local_weights[name], rtol=1e-5, atol=1e-6, msg=name)
-    for ray_row, local_row in zip(ray_report["perplexity"], local_report["perplexity"]):
+    for ray_row, local_row in zip(metric_table(ray_report["rows"]), metric_table(local_report["rows"])):
         assert ray_row["compressed"] == pytest.approx(local_row["compressed"], rel=1e-6)
         assert ray_row["dense"] == pytest.approx(local_row["dense"], rel=1e-6)
 
@@ -47,7 +50,7 @@ def test_ray_job_with_s3_matches_in_process(tmp_path, tiny_model_dir, ray_execut
 def test_sharded_statistics_equal_sequential_ones(tmp_path, tiny_model_dir):
     """Three shards reduced by addition give the one-pass statistics. Shards regroup the samples into
     different batches, so float32 chunk products round differently: equal to ~1e-7, counts exactly."""
-    from rankfold.orchestrator.store import LocalStore
+    from rankfold.storage.store import LocalStore
 
     data = tiny_spec_dict(tiny_model_dir, tmp_path / "one")
     data["evaluation"]["perplexity"] = []
@@ -112,3 +115,15 @@ def test_smollm2_through_ray_gives_the_in_process_weights(tmp_path, ray_executor
     assert ray_weights.keys() == local_weights.keys() and len(ray_weights) > 200
     different = [k for k in local_weights if not torch.equal(ray_weights[k], local_weights[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_shards_the_cluster_cannot_hold_are_an_error_after_a_bounded_wait(ray_executor):
+    """The test cluster has 2 CPUs: 3 shards × 1 CPU would wait forever for the third actor."""
+    from rankfold.execution.ray import ClusterError, RayExecutor
+
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"execution.workers = 3 × execution.cpus_per_worker = 1 needs 3 CPUs"):
+        RayExecutor(address=ray_executor.address, workers=3, cpus_per_worker=1, stream=None, resource_wait_s=1.0)
+    assert time.monotonic() - started < 30
+    with pytest.raises(ClusterError, match="4 on one node"):
+        RayExecutor(address=ray_executor.address, workers=1, cpus_per_worker=4, stream=None, resource_wait_s=0.0)

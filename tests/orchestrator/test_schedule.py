@@ -4,14 +4,13 @@ entry does not block the others; every finished job appends to the history, whic
 from __future__ import annotations
 
 import struct
-import zlib
 from datetime import datetime
 
 import pytest
 import yaml
 
 from rankfold.cli import EXIT_BAD_INPUT, main
-from rankfold.orchestrator.history import PALETTE
+from rankfold.orchestrator.history import format_history, plot_history
 from rankfold.orchestrator.schedule import Registry, run_due
 from tests.conftest import tiny_spec_dict
 
@@ -65,13 +64,10 @@ def test_schedule_command_validates_cron_and_spec(tmp_path, spec_file, capsys):
     assert "nightly  '0 2 * * *'" in capsys.readouterr().out
 
 
-def _png_pixels(path) -> tuple[int, int, bytes]:
+def _png_size(path) -> tuple[int, int]:
     data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    idat_length = struct.unpack(">I", data[33:37])[0]
-    assert data[37:41] == b"IDAT"
-    return width, height, zlib.decompress(data[41:41 + idat_length])
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data.endswith(b"IEND\xaeB`\x82")
+    return struct.unpack(">II", data[16:24])
 
 
 def test_history_prints_every_run_and_plots_it(tmp_path, spec_file, capsys):
@@ -81,7 +77,31 @@ def test_history_prints_every_run_and_plots_it(tmp_path, spec_file, capsys):
     assert main(["history", str(spec_file), "--plot", str(tmp_path / "trend.png")]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if "wikitext2" in line and not line.startswith("plot")]
-    assert len(rows) == 2 and "calibrate,decompose,assemble" in rows[1]
-    width, height, raw = _png_pixels(tmp_path / "trend.png")
-    assert (width, height) == (640, 360) and len(raw) == height * (1 + 3 * width)
-    assert bytes(PALETTE[0]) in raw and bytes(PALETTE[1]) in raw  # both series drawn
+    assert len(rows) == 2 and "calibrate,allocate,decompose,assemble" in rows[1]
+    assert f"plot: {tmp_path / 'trend.png'}" in out
+    width, height = _png_size(tmp_path / "trend.png")
+    assert width >= 400 and height >= 300
+
+
+def _record(finished_at: float, compressed: float, rows: list[dict] | None = None) -> dict:
+    return {"finished_at": finished_at, "total_wall_s": 12.5, "reused_stages": [],
+            "perplexity": [{"name": "wikitext2", "window": 128, "tokens": 4096, "dense": 20.0,
+                            "compressed": compressed}], **({"rows": rows} if rows is not None else {})}
+
+
+def test_history_plot_of_two_records_has_series_labels_and_a_legend(tmp_path):
+    accuracy = {"evaluator": "zeroshot", "name": "arc_easy", "metric": "accuracy", "shots": 0}
+    records = [_record(1_790_000_000.0, 23.5),  # an old record: perplexity rows only
+               _record(1_790_086_400.0, 22.9, rows=[{**accuracy, "variant": "dense", "value": 0.61},
+                                                   {**accuracy, "variant": "compressed", "value": 0.58}])]
+    figure = plot_history(tmp_path / "trend.png", records, title="nightly")
+    width, height = _png_size(tmp_path / "trend.png")
+    assert width >= 400 and height >= 600 and (tmp_path / "trend.png").stat().st_size > 10_000
+    perplexity, accuracy_axes = figure.axes  # one subplot per metric
+    assert perplexity.get_title() == "nightly: perplexity" and perplexity.get_ylabel() == "perplexity"
+    assert perplexity.get_xlabel() == "finished (UTC)" and accuracy_axes.get_ylabel() == "accuracy"
+    assert [t.get_text() for t in perplexity.get_legend().get_texts()] == ["wikitext2 dense", "wikitext2 compressed"]
+    assert [t.get_text() for t in accuracy_axes.get_legend().get_texts()] == ["arc_easy dense", "arc_easy compressed"]
+    assert [len(line.get_xdata()) for line in perplexity.get_lines()] == [2, 2]
+    table = format_history(records)
+    assert "arc_easy" in table and "accuracy" in table and "0.580" in table and table.count("wikitext2") == 2

@@ -7,7 +7,7 @@ import boto3
 import pytest
 import torch
 
-from rankfold.orchestrator.store import LocalStore, S3Store, StoreError
+from rankfold.storage.store import LocalStore, S3Store, StoreError
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -111,3 +111,14 @@ def test_s3_bad_credentials_are_named_not_printed(s3_endpoint_enforcing_auth):
     with pytest.raises(StoreError, match="credentials rejected") as info:
         S3Store("bucket", endpoint_url=s3_endpoint_enforcing_auth, client=client)
     assert secret not in str(info.value) and "AKIAWRONG" not in str(info.value)
+
+
+def test_s3_region_comes_from_the_aws_config_file(tmp_path, monkeypatch):
+    """No region passed and none in the environment: boto3 reads it from ~/.aws/config (AWS_CONFIG_FILE)."""
+    (tmp_path / "config").write_text("[default]\nregion = eu-west-2\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # a session made earlier caches its config
+    monkeypatch.setattr(S3Store, "_check_access", lambda self: None)  # no network
+    assert S3Store("bucket").client.meta.region_name == "eu-west-2"

@@ -41,7 +41,7 @@ def test_submit_status_logs_list(tmp_path, tiny_model_dir, ray_cluster):
     assert _wait(job, ray_cluster["api"], {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", \
         _cli("logs", job, "--address", ray_cluster["api"]).stdout[-3000:]
     log = _cli("logs", job, "--address", ray_cluster["api"]).stdout
-    assert "(2/2) calibrate" in log and "compressed ppl" in log  # progress lines and the report
+    assert "(2/2) calibrate" in log and "compressed" in log and "perplexity wikitext2" in log  # progress, report
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["executor"].startswith("ray (")
     listing = _cli("list", "--address", ray_cluster["api"]).stdout

@@ -7,10 +7,11 @@ import weakref
 
 import torch
 
-import rankfold.workers.decompose as decompose
-from rankfold.jobs.spec import SvdLlmOptions
+import rankfold.methods.svd_llm as svd_llm
+from rankfold.methods import decompose
+from rankfold.methods.svd_llm import SvdLlmOptions
 from rankfold.modules.layout import CompressedModule
-from rankfold.workers.calibrate import InputStats
+from rankfold.methods.statistics import InputStats
 
 
 def test_gram_is_released_before_the_svd(monkeypatch):
@@ -18,14 +19,14 @@ def test_gram_is_released_before_the_svd(monkeypatch):
     stats.add_(torch.randn(500, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
     gram = weakref.ref(stats.gram)
     alive_at_svd = []
-    factors = decompose.svd_llm_factors
+    factors = svd_llm.svd_llm_factors
 
     def spy(weight, factor, rank):
         gc.collect()
         alive_at_svd.append(gram() is not None)
         return factors(weight, factor, rank)
 
-    monkeypatch.setattr(decompose, "svd_llm_factors", spy)
+    monkeypatch.setattr(svd_llm, "svd_llm_factors", spy)
     weights = {"a": torch.randn(32, 64), "b": torch.randn(48, 64)}
     modules = [CompressedModule("lowrank", ("a",), 8), CompressedModule("lowrank", ("b",), 8)]
     holder = [stats]

@@ -7,11 +7,12 @@ import torch
 from transformers import LlamaForCausalLM
 
 from rankfold.data.text import calibration_samples, load_text, tokenize
-from rankfold.jobs.spec import TextSource
+from rankfold.data.source import TextSource
 from rankfold.models.sources import ModelSource, open_source
-from rankfold.orchestrator.executor import LocalExecutor
-from rankfold.orchestrator.pipeline import split_batches, stream_fisher
-from rankfold.workers.fisher import BATCHES_KEY, fisher_scores
+from rankfold.execution.local import LocalExecutor
+from rankfold.execution.streaming import split_batches, stream_fisher
+from rankfold.workers.shard import ShardConfig
+from rankfold.allocators.flra import BATCHES_KEY, fisher_scores
 from rankfold.workers.layers import runtime_config
 
 
@@ -45,8 +46,9 @@ def autograd_fisher(model: LlamaForCausalLM, ids: torch.Tensor, batch_size: int,
 
 def streamed_fisher(source: ModelSource, ids: torch.Tensor, batch_size: int, workers: int, tmp_path):
     layers: dict[int, dict[str, torch.Tensor]] = {}
-    result = stream_fisher(LocalExecutor(None, workers=workers), source.location, ids, batch_size,
-                           source.num_layers, 1 << 30, tmp_path, on_layer=lambda i, t: layers.__setitem__(i, t))
+    config = ShardConfig(source.location, "float32", 1 << 30, str(tmp_path), "float32")
+    result = stream_fisher(LocalExecutor(None, workers=workers), config, ids, batch_size, source.num_layers,
+                           on_layer=lambda i, t: layers.__setitem__(i, t))
     return result, layers
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Callable, Sequence, TextIO, TypeVar
 
-from rankfold.orchestrator.progress import progress
+from rankfold.execution.base import ShardLost
+from rankfold.execution.progress import progress
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -21,20 +23,17 @@ Result = TypeVar("Result")
 
 def _measured(fn: Callable[[Item], Result], item: Item) -> tuple[Result, float]:
     """A task's result and its worker's peak RSS (MiB): the driver's meter cannot see workers."""
-    from rankfold.orchestrator.metering import process_peak_rss_mb
+    from rankfold.core.resources import process_peak_rss_mb
 
     return fn(item), process_peak_rss_mb()
 
 
+# How long a job waits for an (autoscaling) cluster to offer the CPUs its shards need.
+RESOURCE_WAIT_S = float(os.environ.get("RANKFOLD_RAY_RESOURCE_WAIT_S", "300"))
+
+
 class ClusterError(RuntimeError):
     """The Ray cluster cannot be reached or used; the message names the address."""
-
-
-class ShardLost:
-    """A shard's actor died (its process was killed, or its node lost); the driver rebuilds it."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -54,7 +53,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 class RayExecutor:
     def __init__(self, address: str | None = None, workers: int = 2, cpus_per_worker: int = 1,
-                 stream: TextIO | None = sys.stderr, max_retries: int = 3):
+                 stream: TextIO | None = sys.stderr, max_retries: int = 3, resource_wait_s: float = RESOURCE_WAIT_S):
         import ray
 
         self.ray, self.stream = ray, stream
@@ -74,6 +73,37 @@ class RayExecutor:
                 where = self.address or "a new local Ray instance"
                 raise ClusterError(f"cannot reach the Ray cluster at {where}: {err}") from None
             self._started_here = True
+        embedded = self._started_here and not self.address
+        try:
+            self._check_resources(0.0 if embedded else resource_wait_s)
+        except ClusterError:
+            self.close()  # an instance started here is not left behind
+            raise
+
+    def _cpus(self) -> tuple[float, float]:
+        """(CPUs of all alive nodes, CPUs of the largest node)."""
+        cpus = [node["Resources"].get("CPU", 0.0) for node in self.ray.nodes() if node.get("Alive")]
+        return sum(cpus), max(cpus, default=0.0)
+
+    def _check_resources(self, wait_s: float) -> None:
+        """The shards run at once (lockstep), so the cluster needs workers × cpus_per_worker CPUs, and one
+        node cpus_per_worker. Embedded Ray cannot grow: checked once. A cluster may be autoscaling:
+        waited for up to `wait_s`, with progress, before the same error."""
+        need, deadline = self.workers * self.cpus_per_worker, time.monotonic() + wait_s
+        while True:
+            total, largest = self._cpus()
+            if total >= need and largest >= self.cpus_per_worker:
+                return
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"execution.workers = {self.workers} × execution.cpus_per_worker = {self.cpus_per_worker} needs "
+                    f"{need} CPUs ({self.cpus_per_worker} on one node); the Ray cluster at "
+                    f"{self.address or 'embedded (this machine)'} has {total:g} (largest node {largest:g})"
+                    + (f", after waiting {wait_s:g} s" if wait_s else ""))
+            if self.stream is not None:
+                print(f"waiting for Ray CPUs: {total:g} of {need} ({deadline - time.monotonic():.0f} s left)",
+                      file=self.stream, flush=True)
+            time.sleep(min(5.0, max(deadline - time.monotonic(), 0.0)))
 
     def describe(self) -> str:
         return f"ray ({self.address or 'embedded'}, {self.workers} workers × {self.cpus_per_worker} CPU)"
@@ -135,6 +165,9 @@ class RayExecutor:
             except self.ray.exceptions.RayError:  # a dead actor has nothing left to release
                 pass
             self.ray.kill(handle)
+
+    def model_location(self, local: str, stored: str) -> str:
+        return stored  # output.dir is on the driver's machine only; every node can read the store
 
     def close(self) -> None:
         if self._started_here:

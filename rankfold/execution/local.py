@@ -1,18 +1,12 @@
-"""Executors run stage work. LocalExecutor: in this process, in order, with progress lines.
-
-The pipeline hands an executor two kinds of work:
-- `map(fn, items)`: independent items (one per matrix group or layer) of a top-level function;
-- shards (`actors` + `call_all` / `call_each`): stateful workers that each hold a slice of the
-  token sequences and walk the layers in lockstep (calibration, evaluation).
-The Ray executor (ray_executor.py) runs the very same functions and classes on a cluster.
-"""
+"""LocalExecutor: stage work in this process, in order, with progress. The Ray executor (ray.py)
+runs the very same functions and classes on a cluster; both follow the protocol in base.py."""
 
 from __future__ import annotations
 
 import sys
 from typing import Any, Callable, Sequence, TextIO, TypeVar
 
-from rankfold.orchestrator.progress import progress
+from rankfold.execution.progress import progress
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -53,6 +47,9 @@ class LocalExecutor:
 
     def take_worker_peak_mb(self) -> float | None:
         return None  # the workers are this process: the stage meter already sees them
+
+    def model_location(self, local: str, stored: str) -> str:
+        return local  # the artifact as written in output.dir
 
     def close(self) -> None:
         pass

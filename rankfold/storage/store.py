@@ -24,7 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from rankfold.checkpoint import sha256_file
+from rankfold.core.files import atomic_write
+from rankfold.core.hashing import sha256_file
 
 CHECKSUM_SUFFIX = ".sha256"
 
@@ -161,14 +162,7 @@ class LocalStore(ArtifactStore):
 
     def _atomic_write(self, target: Path, write) -> None:
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            os.close(handle)
-            try:
-                write(Path(temp))
-                os.replace(temp, target)
-            finally:
-                Path(temp).unlink(missing_ok=True)
+            atomic_write(target, write)
         except OSError as err:
             raise StoreError(f"cannot write {target}: {err.strerror or err}") from None
 
@@ -246,7 +240,7 @@ class S3Store(ArtifactStore):
 
         self.bucket, self.prefix, self.endpoint_url, self.region = bucket, prefix.strip("/"), endpoint_url, region
         self.client = client or boto3.client(
-            "s3", endpoint_url=endpoint_url, region_name=region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            "s3", endpoint_url=endpoint_url, region_name=region,  # None: boto3's chain (env, ~/.aws/config, profile)
             config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60))
         self._check_access()
 

@@ -10,13 +10,13 @@ the checkpoint's store location. Every fetch is verified against the store's sha
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
-from rankfold.models.sources import ModelSourceError, SafetensorsSource, cache_root
-from rankfold.orchestrator.manifest import digest_of
-from rankfold.orchestrator.store import StoreError, StoreRef, open_ref
+from rankfold.core.files import atomic_write
+from rankfold.core.hashing import digest_of
+from rankfold.models.sources import ModelSourceError, SafetensorsSource, cache_root, register_scheme
+from rankfold.storage.store import StoreError, StoreRef, open_ref
 
 SCHEME = "store:"
 
@@ -48,14 +48,16 @@ class StoredCheckpointSource(SafetensorsSource):
             raise ModelSourceError(f"checkpoint {self.prefix} in {self.store.describe()}: {err}") from None
         if not keys:
             raise ModelSourceError(f"no checkpoint under {self.store.describe(self.prefix)}")
+        self._stored = {Path(key).name for key in keys}
         super().__init__(folder)
         self.location = stored_location(ref, self.prefix)
 
+    def _missing(self, names: set[str]) -> list[str]:
+        return sorted(names - self._stored)  # shards are fetched on first use: they must be in the store
+
     def _fetch(self, key: str, path: Path) -> None:
         """Verified bytes at `path`, atomically (actors on one node may fetch the same shard at once)."""
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        self.store.fetch(key, partial)
-        os.replace(partial, path)
+        atomic_write(path, lambda temp: self.store.fetch(key, temp))
 
     def _file_of(self, key: str) -> Path:
         path = super()._file_of(key)
@@ -68,3 +70,6 @@ class StoredCheckpointSource(SafetensorsSource):
 
     def fingerprint(self) -> str:
         return digest_of("stored", self.prefix)  # the prefix is content-addressed already
+
+
+register_scheme(SCHEME, open_stored)

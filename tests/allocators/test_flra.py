@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from rankfold.methods.flrc import RankUnit, allocate_ranks, loss_weight, whitened_energy
+from rankfold.allocators.flra import RankUnit, allocate_ranks, loss_weight, whitened_energy
 from rankfold.methods.whitening import whitening_factor
 
 

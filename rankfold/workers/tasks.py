@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from rankfold.allocators.flra import group_spectra
 from rankfold.checkpoint import ShardInfo
-from rankfold.jobs.spec import MethodSpec
+from rankfold.methods.decompose import decompose_group
+from rankfold.methods.registry import MethodOptions
+from rankfold.methods.statistics import InputStats
 from rankfold.modules.layout import CompressedModule
-from rankfold.orchestrator.store import StoreError, StoreRef, open_ref
+from rankfold.storage.store import StoreError, StoreRef, open_ref
 from rankfold.workers.assemble import assemble_layer_state
-from rankfold.workers.calibrate import InputStats
-from rankfold.workers.decompose import decompose_group, group_spectra
 from rankfold.workers.shard import cached_source
 
 
@@ -32,19 +33,25 @@ def _modules_and_weights(location: str, layer_prefix: str, modules_json: tuple[d
 @dataclass(frozen=True)
 class DecomposeItem:
     source: str
-    method: MethodSpec
+    method: MethodOptions
     layer_prefix: str          # e.g. "model.layers.3."
     group: str
     modules: tuple[dict, ...]  # CompressedModule JSON, paths inside the layer
     stats: StoreRef
-    stats_key: str
+    stats_key: str | None      # None: the method needs no calibration statistics
     factors: StoreRef
     factors_key: str
 
 
-def run_decompose(item: DecomposeItem) -> tuple[dict[str, float], str, str]:
+def _group_stats(item: DecomposeItem) -> InputStats | None:
+    if item.stats_key is None:
+        return None
+    return InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group)
+
+
+def decompose_item(item: DecomposeItem) -> tuple[dict[str, dict[str, float]], str, str]:
     """Factors of one (layer, input group) into the store; skipped when they already exist and verify.
-    Returns (diagnostics with full module paths, artifact key, sha256)."""
+    Returns (diagnostics {quantity: {full module path: value}}, artifact key, sha256)."""
     factor_store = open_ref(item.factors)
     sha, diagnostics = factor_store.checksum(item.factors_key), None
     if sha is not None:
@@ -54,14 +61,13 @@ def run_decompose(item: DecomposeItem) -> tuple[dict[str, float], str, str]:
             diagnostics = None
     if diagnostics is None:
         modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
-        # Passed without a name here, so the Gram can be freed once it is factorised (see _GroupMath).
-        result = decompose_group(item.method, weights,
-                                 InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group),
-                                 modules)
+        # Passed without a name here, so the Gram can be freed once it is factorised (see GroupInputs).
+        result = decompose_group(item.method, weights, _group_stats(item), modules)
         tensors = {k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()}
         diagnostics = result.diagnostics
         sha = factor_store.put_tensors(item.factors_key, tensors, metadata={"diagnostics": json.dumps(diagnostics)})
-    return {item.layer_prefix + name: value for name, value in diagnostics.items()}, item.factors_key, sha
+    return ({quantity: {item.layer_prefix + path: value for path, value in values.items()}
+             for quantity, values in diagnostics.items()}, item.factors_key, sha)
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class SpectrumItem:
     spectra_key: str
 
 
-def run_spectrum(item: SpectrumItem) -> tuple[str, str]:
+def spectrum_item(item: SpectrumItem) -> tuple[str, str]:
     """Whitened spectra of one (layer, input group) into the store; returns (key, sha256)."""
     out = open_ref(item.spectra)
     sha = out.checksum(item.spectra_key)
@@ -100,7 +106,7 @@ class AssembleItem:
     shard_key: str             # where the shard goes; its file name is the shard's name in the index
 
 
-def run_assemble(item: AssembleItem) -> ShardInfo:
+def assemble_item(item: AssembleItem) -> ShardInfo:
     """One layer's checkpoint shard: dense tensors it keeps plus its factors, in the model dtype."""
     source, factor_store = cached_source(item.source), open_ref(item.factors)
     fragment: dict[str, torch.Tensor] = {}

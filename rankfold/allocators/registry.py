@@ -1,0 +1,72 @@
+"""The allocator registry: each allocator file declares its spec options, the stages it needs before
+the `allocate` stage (e.g. Fisher scores, spectra), its checks and its solver, in one
+`register_allocator(Allocator(...))` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from rankfold.core.options import Strict
+from rankfold.core.registry import Registry
+from rankfold.methods.registry import Method
+from rankfold.modules.layout import CompressedModule
+
+Shapes = dict[int, dict[str, tuple[int, int]]]  # layer -> matrix path -> (out, in)
+Ranks = dict[int, dict[str, int]]               # layer -> matrix path -> rank
+
+
+class AllocationOptions(Strict):
+    """Base of an allocator's spec options; subclasses narrow `kind` to a Literal."""
+
+    kind: str
+
+
+@dataclass(frozen=True)
+class AllocationProblem:
+    """What every allocator sees: the method's structure (`layout`, with the uniform rule's ranks),
+    the dense shapes, the target ratio, and `read(stage, layer, group)` for its stages' artifacts."""
+
+    method: Method
+    layout: dict[int, list[CompressedModule]]
+    shapes: Shapes
+    ratio: float
+    layer_prefix: str
+    read: Callable[[str, int, str | None], dict[str, torch.Tensor]] = field(repr=False, default=None)
+
+    @property
+    def budget(self) -> int:
+        """(1 − ratio) × the dense parameters of every compressed matrix."""
+        dense = sum(m * n for layer in self.shapes.values() for m, n in layer.values())
+        return int((1.0 - self.ratio) * dense)
+
+
+@dataclass(frozen=True)
+class Allocator:
+    kind: str
+    options: type[AllocationOptions]
+    # allocate(options, problem) -> ranks of every compressed matrix; ValueError when infeasible
+    allocate: Callable[[AllocationOptions, AllocationProblem], Ranks]
+    version: str
+    stages: tuple[str, ...] = ()  # stage kinds whose artifacts `read` serves, run before `allocate`
+    # check_spec(options, method, calibration sample count): what the spec alone decides (at parsing);
+    # check(options, problem without `read`): what the shapes decide (in preflight). Both raise
+    # ValueError naming the spec field.
+    check_spec: Callable[[AllocationOptions, Method, int], None] = lambda options, method, samples: None
+    check: Callable[[AllocationOptions, AllocationProblem], None] = lambda options, problem: None
+
+
+ALLOCATORS: Registry[Allocator] = Registry("allocation kind")
+
+
+def register_allocator(allocator: Allocator) -> Allocator:
+    if allocator.options.model_fields["kind"].annotation == str:
+        raise ValueError(f"allocator {allocator.kind!r}: its options must narrow `kind` to a Literal")
+    return ALLOCATORS.register(allocator.kind, allocator)
+
+
+def ranks_of(layout: dict[int, list[CompressedModule]]) -> Ranks:
+    return {i: {m: module.rank for module in modules for m in module.members} for i, modules in layout.items()}

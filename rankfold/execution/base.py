@@ -1,0 +1,52 @@
+"""The `Executor` protocol: what the stages ask of an executor, whichever runs them.
+
+Two kinds of work:
+- `map(fn, items, stage)`: independent items (one per matrix group or layer) of a top-level function;
+- shards (`actors` + `call_all_settled` / `call_each`): stateful workers that each hold a slice of
+  the token sequences and walk the layers in lockstep (calibration, Fisher, evaluation).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class ShardLost:
+    """A shard's worker died (its process was killed, or its node lost); the driver rebuilds it."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class Executor(Protocol):
+    workers: int                    # data-parallel shards
+    threads_per_worker: int | None  # torch threads in each shard (None: keep the process's)
+
+    def describe(self) -> str: ...
+
+    def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str) -> list[Result]: ...
+
+    def steps(self, items: Sequence[Item], stage: str) -> Iterable[Item]:
+        """Sequential steps that depend on each other (layer i feeds layer i+1), with progress."""
+
+    def actors(self, cls: type, init_args: Sequence[tuple]) -> list[Any]: ...
+
+    def call_all(self, handles: Sequence[Any], method: str, *args) -> list[Any]: ...
+
+    def call_all_settled(self, handles: Sequence[Any], method: str, *args) -> list[Any]:
+        """Like call_all, but a shard whose worker died yields a ShardLost instead of raising."""
+
+    def call_each(self, handles: Sequence[Any], method: str, args_per_handle: Sequence[tuple]) -> list[Any]: ...
+
+    def release(self, handles: Sequence[Any]) -> None: ...
+
+    def take_worker_peak_mb(self) -> float | None:
+        """Largest peak RSS (MiB) a worker process reported since the last call; None in-process."""
+
+    def model_location(self, local: str, stored: str) -> str:
+        """Where workers read a checkpoint: the local folder in-process, the store on a cluster."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,123 @@
+"""Data-parallel shards of token sequences walking the model layer by layer (calibration, Fisher,
+streamed evaluation), driven from here whatever the executor.
+
+Every call made to the shards is recorded, so a shard whose worker dies is rebuilt by replaying the
+calls it had seen on a new worker — same inputs, same state, same numbers — and its call repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+
+from rankfold.execution.base import Executor, ShardLost
+from rankfold.workers.calibrate import sum_stats
+from rankfold.workers.shard import LayerStep, SequenceShard, ShardConfig
+
+log = logging.getLogger("rankfold.streaming")
+MAX_SHARD_REBUILDS = 3
+
+
+class ShardGroup:
+    """Shards in lockstep. `call` sends one call to every shard (in shard order) and records it —
+    with `replay_args`, if given, as the cheaper arguments a rebuilt shard replays it with."""
+
+    def __init__(self, executor: Executor, stage: str, config: ShardConfig, parts: int):
+        self.executor, self.stage, self.config = executor, stage, config
+        self.shards = executor.actors(SequenceShard, [(config,)] * parts)
+        self.history: list[list[tuple[str, tuple]]] = [[] for _ in range(parts)]
+        self.rebuilds = [0] * parts
+
+    def call_each(self, method: str, args_per_shard: list[tuple]) -> list[Any]:
+        for calls, args in zip(self.history, args_per_shard, strict=True):
+            calls.append((method, args))
+        return self.executor.call_each(self.shards, method, args_per_shard)
+
+    def call(self, method: str, *args, replay_args: tuple | None = None) -> list[Any]:
+        partials = self.executor.call_all_settled(self.shards, method, *args)
+        for k, partial in enumerate(partials):
+            while isinstance(partial, ShardLost):
+                self._rebuild(k, partial)
+                partial = self.executor.call_all_settled([self.shards[k]], method, *args)[0]
+            partials[k] = partial
+        for calls in self.history:
+            calls.append((method, args if replay_args is None else replay_args))
+        return partials
+
+    def _rebuild(self, k: int, lost: ShardLost) -> None:
+        self.rebuilds[k] += 1
+        if self.rebuilds[k] > MAX_SHARD_REBUILDS:
+            raise RuntimeError(f"{self.stage}: shard {k} lost {self.rebuilds[k]} times (last: {lost.reason}); giving up")
+        log.warning("%s: shard %d lost after %d calls (%s); rebuilding it", self.stage, k, len(self.history[k]),
+                    lost.reason)
+        self.shards[k] = self.executor.actors(SequenceShard, [(self.config,)])[0]
+        for method, args in self.history[k]:
+            self.executor.call_each([self.shards[k]], method, [args])
+
+    def release(self) -> None:
+        self.executor.release(self.shards)
+
+
+def split_rows(rows: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """Contiguous, nearly equal shards (never an empty one) of (samples, seq) token ids."""
+    parts = max(1, min(parts, rows.shape[0]))
+    return [chunk for chunk in torch.tensor_split(rows, parts) if chunk.shape[0]]
+
+
+def split_batches(rows: torch.Tensor, batch_size: int, parts: int) -> list[torch.Tensor]:
+    """Contiguous shards made of whole batches, so a batch (whose gradient is squared) never spans
+    two shards and the result does not depend on the number of workers."""
+    starts = list(range(0, rows.shape[0], batch_size))
+    groups = [chunk for chunk in torch.tensor_split(torch.tensor(starts), max(1, min(parts, len(starts)))) if len(chunk)]
+    return [rows[int(group[0]):min(int(group[-1]) + batch_size, rows.shape[0])] for group in groups]
+
+
+def _per_shard(config: ShardConfig, executor: Executor, parts: int) -> ShardConfig:
+    """Each shard's share of the memory budget, and the executor's threads per worker."""
+    return replace(config, budget_bytes=config.budget_bytes // parts, threads=executor.threads_per_worker)
+
+
+def stream_shards(executor: Executor, config: ShardConfig, ids: torch.Tensor, batch_size: int, stage: str,
+                  num_layers: int, layout: Callable[[int], list[dict] | None] = lambda i: None,
+                  on_stats: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> ShardGroup:
+    """Push `ids` through every layer, split over the executor's workers. With `on_stats`, each
+    layer's input statistics, reduced over shards in shard order, are handed to it (calibration);
+    otherwise the activations after the last layer are kept (evaluation). `layout(i)`: layer i's
+    compressed modules (JSON) or None. Returns the shards — call `release()` on them."""
+    parts = split_rows(ids, executor.workers)
+    shards = ShardGroup(executor, stage, _per_shard(config, executor, len(parts)), len(parts))
+    try:
+        shards.call_each("load", [(part, batch_size) for part in parts])
+        for i in executor.steps(range(num_layers), stage):
+            step = LayerStep(layout(i), collect_stats=on_stats is not None,
+                             keep_outputs=on_stats is None or i < num_layers - 1)
+            partials = shards.call("advance", i, step, replay_args=(i, replace(step, collect_stats=False)))
+            if on_stats is not None:
+                on_stats(i, sum_stats(partials))
+    except BaseException:
+        shards.release()
+        raise
+    return shards
+
+
+def stream_fisher(executor: Executor, config: ShardConfig, ids: torch.Tensor, batch_size: int, num_layers: int,
+                  on_layer: Callable[[int, dict[str, torch.Tensor]], None]) -> dict:
+    """Forward `ids` through every layer keeping each layer's input, then walk the layers in reverse
+    (streamed backward): `on_layer(i, sums)` receives layer i's Fisher sums reduced over shards in
+    shard order. Returns {"batches", "loss"} (loss: mean over batches of the batch loss, for the log)."""
+    parts = split_batches(ids, batch_size, executor.workers)
+    shards = ShardGroup(executor, "fisher", _per_shard(config, executor, len(parts)), len(parts))
+    try:
+        shards.call_each("load", [(part, batch_size) for part in parts])
+        for i in executor.steps(range(num_layers), "fisher forward"):
+            shards.call("advance", i, LayerStep(None, collect_stats=False, keep_input=True))
+        losses = shards.call("fisher_head")
+        for i in executor.steps(range(num_layers - 1, -1, -1), "fisher backward"):
+            on_layer(i, sum_stats(shards.call("fisher_backward", i)))
+    finally:
+        shards.release()
+    batches = sum(-(-part.shape[0] // batch_size) for part in parts)
+    return {"batches": batches, "loss": sum(losses) / batches}

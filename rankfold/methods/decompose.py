@@ -1,0 +1,96 @@
+"""One input group's decomposition: the compressed layer's tensors for the linears that read it.
+
+The group is the unit because methods share per-input work — the whitening factor is computed once
+per group, and a shared projection factorises the group's matrices jointly. The structure (low rank,
+shared, skip) is the method's; the factorisation of each (stacked) matrix is the method's `factor`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rankfold.methods.registry import MethodOptions, method_of
+from rankfold.methods.skipcat import skip_reparameterize
+from rankfold.methods.statistics import InputStats
+from rankfold.methods.whitening import whitening_factor
+from rankfold.modules.layout import CompressedModule
+
+
+class DecompositionError(ValueError):
+    """A decomposition that would give an inaccurate model: names the module and the quantity."""
+
+
+@dataclass
+class GroupResult:
+    tensors: dict[str, torch.Tensor]                            # compressed-layer state fragment
+    # {quantity: {module path: value}}, e.g. {"skip_condition": {path: cond₂(A₁)}}
+    diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class GroupInputs:
+    """A group's calibration statistics and what methods derive from them, computed at most once."""
+
+    def __init__(self, stats: InputStats | None):
+        self.stats = stats
+        self._factor: torch.Tensor | None = None
+
+    def _need(self) -> InputStats:
+        if self.stats is None:
+            raise ValueError("this method needs calibration statistics, and none were collected")
+        return self.stats
+
+    @property
+    def whitening(self) -> torch.Tensor:
+        """Cholesky factor S of the group's Gram (S Sᵀ = Σ x xᵀ), float64."""
+        if self._factor is None:
+            stats = self._need()
+            self._factor = whitening_factor(stats.symmetric_gram())
+            # The Gram was consumed in place (symmetrised, maybe shifted) and is not read again: drop
+            # it before the SVD (a 70B down_proj's is 6.6 GB) — callers pass stats they do not keep.
+            self.stats = InputStats(torch.empty(0, 0, dtype=torch.float64), stats.abs_sum, stats.count)
+        return self._factor
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """(n,) mean |x| per input channel over the calibration tokens, float64."""
+        return self._need().mean_abs
+
+
+def decompose_group(options: MethodOptions, weights: dict[str, torch.Tensor], stats: InputStats | None,
+                    modules: list[CompressedModule]) -> GroupResult:
+    """Tensors of `modules` (all reading this group's input); `weights` keyed by member path.
+    Raises DecompositionError when a skip block's cond(A₁) exceeds options.max_condition."""
+    factor = method_of(options).factor
+    inputs, result = GroupInputs(stats), GroupResult({})
+    del stats  # only `inputs` holds the statistics now, so it can drop the Gram after factorising it
+    for module in modules:
+        stacked = torch.cat([weights[m].to(torch.float64) for m in module.members])  # (M, n)
+        b, a = factor(options, stacked, module.rank, inputs)
+        if module.kind == "lowrank":
+            result.tensors.update({f"{module.members[0]}.A": a, f"{module.members[0]}.B": b})
+        elif not module.skip:
+            result.tensors[f"{module.shared_path}.A"] = a
+            result.tensors.update(_split_rows(module, weights, b))
+        else:
+            _add_skip(options, module, weights, b, a, result)
+    return result
+
+
+def _split_rows(module: CompressedModule, weights: dict[str, torch.Tensor], b: torch.Tensor) -> dict[str, torch.Tensor]:
+    rows = [weights[m].shape[0] for m in module.members]
+    return {f"{m}.B": part for m, part in zip(module.members, b.split(rows))}
+
+
+def _add_skip(options: MethodOptions, module: CompressedModule, weights: dict[str, torch.Tensor], b: torch.Tensor,
+              a: torch.Tensor, result: GroupResult) -> None:
+    skip = skip_reparameterize(b, a)
+    if skip.condition > options.max_condition:
+        raise DecompositionError(f"{module.shared_path}: cond(A₁) = {skip.condition:.3g} exceeds "
+                                 f"method.max_condition = {options.max_condition:g}; low-precision forward "
+                                 "would be inaccurate")
+    result.diagnostics.setdefault("skip_condition", {})[module.shared_path] = skip.condition
+    result.tensors[f"{module.shared_path}.A_prime"] = skip.a_prime
+    result.tensors[f"{module.shared_path}.permutation"] = skip.permutation
+    result.tensors.update(_split_rows(module, weights, skip.b_prime))

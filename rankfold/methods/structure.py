@@ -1,0 +1,117 @@
+"""Structures of a compressed input group, the parameter cost of a rank under each, and the layout
+of every layer (which linears become which low-rank modules, with what rank).
+
+A method declares a structure — baselines factor each matrix alone; Cat shares one projection per
+input group; Skip removes an identity block — and the structure decides what a rank costs. The one
+cost function `params` serves the uniform rule, the global allocators and the report alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from rankfold.modules.layout import CompressedModule
+
+
+def params(rank, rows: int, cols: int, skip: bool):
+    """Stored parameters of rank `rank` (an int or an integer tensor) replacing `rows`×`cols` of dense
+    matrices that read one input: r(n + M) for B A (a shared A counts once), r(n + M − r) with block
+    skipping (the r×r identity block and the permutation are not parameters)."""
+    return rank * (cols + rows - rank) if skip else rank * (cols + rows)
+
+
+def rank_for_ratio(rows: int, cols: int, ratio: float, skip: bool = False) -> int:
+    """Largest rank r ≤ min(rows, cols) whose parameters keep at most (1 − ratio)·rows·cols, at least 1
+    (a rank-0 matrix is not a low-rank layer, it is a deleted one). `params` increases up to
+    min(rows, cols) in both structures, so a bisection finds it; a 1e-9 rank of slack absorbs the
+    float rounding of (1 − ratio)·rows·cols."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"compression ratio must lie in (0, 1), got {ratio}")
+    budget = (1.0 - ratio) * rows * cols
+    fits = lambda r: params(r, rows, cols, skip) <= budget + 1e-9 * (params(r, rows, cols, skip)  # noqa: E731
+                                                                     - params(r - 1, rows, cols, skip))
+    low, high = 0, min(rows, cols)  # fits(low) holds; find the largest r that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return max(1, low)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """How a method lays out the linears of one input group."""
+
+    share: bool  # one projection A for every member of the group (Cat)
+    skip: bool   # the projection's identity block is neither stored nor multiplied (Skip)
+
+    def modules(self, group: str, members: list[str], shapes: dict[str, tuple[int, int]], ratio: float,
+                ranks: Mapping[str, int] | None = None) -> list[CompressedModule]:
+        """The group's compressed modules: the uniform rule's ranks, or a global allocator's `ranks`."""
+        units = [members] if self.share and len(members) > 1 else [[m] for m in members]
+        modules = []
+        for unit in units:
+            n, rows = shapes[unit[0]][1], sum(shapes[m][0] for m in unit)
+            rank = rank_for_ratio(rows, n, ratio, self.skip) if ranks is None else _given_rank(ranks, unit, n, rows)
+            if self.skip:
+                shared_path = f"{_parent(unit[0])}.{group}" if len(unit) > 1 else f"{unit[0]}_in"
+                modules.append(CompressedModule("shared", tuple(unit), rank, shared_path, True, group))
+            elif len(unit) > 1:
+                shared_path = f"{_parent(unit[0])}.{group}"
+                modules.append(CompressedModule("shared", tuple(unit), rank, shared_path, group=group))
+            else:
+                modules.append(CompressedModule("lowrank", tuple(unit), rank, group=group))
+        return modules
+
+
+LOWRANK, SHARED, SKIP, SHARED_SKIP = Structure(False, False), Structure(True, False), Structure(False, True), \
+    Structure(True, True)
+
+
+def module_params(module: CompressedModule, shapes: Mapping[str, tuple[int, int]]) -> int:
+    """Stored parameters of a compressed module, given each member's dense (out, in) shape."""
+    rows = sum(shapes[m][0] for m in module.members)
+    return params(module.rank, rows, shapes[module.members[0]][1], module.skip)
+
+
+def plan_layer(structure: Structure, groups: list[tuple[str, tuple[str, ...]]], shapes: dict[str, tuple[int, int]],
+               ratio: float, ranks: Mapping[str, int] | None = None) -> list[CompressedModule]:
+    """One layer's compressed modules. `groups`: (name, member paths) of linears that read one input;
+    `shapes`: (out, in) of every matrix to compress (members absent from it stay dense).
+
+    Without `ranks`, every module gets the largest rank that fits (1 − ratio) of its dense
+    parameters. With `ranks` (a global allocator's answer, keyed by matrix path), every compressed
+    matrix takes its given rank instead; members of one shared projection must agree on it.
+    Raises ValueError for a missing, disagreeing, out-of-range or unknown rank, naming the matrix."""
+    modules = []
+    for group_name, members in groups:
+        modules += structure.modules(group_name, [m for m in members if m in shapes], shapes, ratio, ranks)
+    if ranks is not None:
+        unknown = sorted(set(ranks) - {m for module in modules for m in module.members})
+        if unknown:
+            raise ValueError(f"ranks given for matrices that are not compressed here: {', '.join(unknown)}")
+    return modules
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+def _given_rank(ranks: Mapping[str, int], unit: list[str], n: int, rows: int) -> int:
+    """The allocator's rank for one module, checked: present, agreed by every member, 1 ≤ r ≤ min(n, M)."""
+    missing = [m for m in unit if m not in ranks]
+    if missing:
+        raise ValueError(f"no rank given for {', '.join(missing)}")
+    given = {m: ranks[m] for m in unit}
+    if len(set(given.values())) > 1:
+        raise ValueError(f"members of one shared projection need one rank; got {given}")
+    rank = given[unit[0]]
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(n, rows):
+        raise ValueError(f"rank of {', '.join(unit)} = {rank!r}: must be an integer in [1, {min(n, rows)}]")
+    return rank
+
+
+def max_useful_rank(rows: int, cols: int, skip: bool) -> int:
+    """Full rank with skipping; otherwise no more than the rank where B A stops storing fewer numbers."""
+    full = min(rows, cols)
+    return full if skip else min(full, rows * cols // (rows + cols))

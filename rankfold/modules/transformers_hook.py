@@ -1,0 +1,66 @@
+"""Compressed models as transformers model types, so `save_pretrained` / `from_pretrained` round-trip.
+
+A compressed model's tensors are factors (A, B, A′, a permutation), not dense weights: loaded as a
+plain Llama, its dense projections would be initialised at random and transformers would only warn.
+So a compressed model is saved as its own model type, `rankfold_<base>` (e.g. `rankfold_llama`),
+whose class turns the dense linears into the low-rank modules its config's `rankfold.layout` records
+before the weights load. With rankfold imported, `AutoModelForCausalLM.from_pretrained` loads it;
+without, transformers refuses the unknown model type — never silently random weights.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from rankfold.modules.layout import CompressedModule, apply_layout
+
+PREFIX = "rankfold_"
+_CLASSES: dict[str, tuple[type, type]] = {}  # base model_type -> (config class, model class)
+
+
+def _layout(config: PretrainedConfig) -> list[CompressedModule]:
+    meta = getattr(config, "rankfold", None)
+    if not isinstance(meta, dict) or "layout" not in meta:
+        raise ValueError(f"{config.model_type} config has no rankfold.layout: not a compressed model's config")
+    return [CompressedModule.from_json(entry) for entry in meta["layout"]]
+
+
+def register_compressed(base_type: str, base_config: type, base_model: type) -> tuple[type, type]:
+    """Define and register `rankfold_<base_type>`: the base classes with the layout applied at construction."""
+    model_type = PREFIX + base_type
+
+    config_class = type(f"Rankfold{base_config.__name__}", (base_config,), {"model_type": model_type})
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        base_model.__init__(self, config)
+        apply_layout(self, _layout(config))  # on transformers' meta device while loading: no memory
+
+    model_class = type(f"Rankfold{base_model.__name__}", (base_model,), {"config_class": config_class,
+                                                                           "__init__": __init__})
+    AutoConfig.register(model_type, config_class)
+    AutoModelForCausalLM.register(config_class, model_class)
+    _CLASSES[base_type] = (config_class, model_class)
+    return config_class, model_class
+
+
+def compressed_classes(base_type: str) -> tuple[type, type]:
+    """(config class, model class) of `rankfold_<base_type>`; KeyError when none is registered."""
+    if base_type not in _CLASSES:
+        raise KeyError(f"no compressed model type for model_type {base_type!r} (known: {', '.join(_CLASSES)})")
+    return _CLASSES[base_type]
+
+
+def compressed_config(config: PretrainedConfig) -> PretrainedConfig:
+    """A dense model's config (with its rankfold section) as the compressed model type's config."""
+    config_class, _ = compressed_classes(config.model_type.removeprefix(PREFIX))
+    fields = {k: v for k, v in config.to_dict().items() if k != "model_type"}
+    return config_class.from_dict(fields)
+
+
+def _register_llama() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    register_compressed("llama", LlamaConfig, LlamaForCausalLM)
+
+
+_register_llama()

@@ -1,0 +1,100 @@
+"""The plan: spec + the method's and allocator's declared needs + the model's shapes -> the ordered
+stages of a job, each with the digest of everything its output depends on.
+
+    calibrate -> [the allocator's stages, e.g. fisher, spectra] -> allocate -> decompose -> assemble
+      -> evaluate (one stage per evaluation entry and variant: dense, compressed)
+
+A digest hashes the stage kind and its VERSION, rankfold's version, the producing method's or
+allocator's or evaluator's VERSION, the spec fields the stage reads, the content of its input data
+and the digests of the stages it consumes. So a changed input or changed code is recomputed, and
+everything else is reused (two jobs that share a calibration share its statistics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rankfold.allocators.registry import ALLOCATORS
+from rankfold.core.hashing import digest_of
+from rankfold.core.version import __version__
+from rankfold.data.text import text_fingerprint
+from rankfold.evaluation.registry import EVALUATORS
+from rankfold.jobs.spec import JobSpec
+from rankfold.methods.registry import method_of
+from rankfold.orchestrator.stages import STAGES
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str                   # unique in the job, e.g. "decompose", "evaluate compressed wikitext2"
+    kind: str                   # key in STAGES (how it runs)
+    digest: str
+    params: dict = field(default_factory=dict)  # kind-specific: the evaluation entry, the variant, ...
+
+    def prefix(self, folder: str) -> str:
+        """Where its artifacts live in the store, e.g. 'stats/<digest>'."""
+        return f"{folder}/{self.digest}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[Stage, ...]
+
+    def __getitem__(self, name: str) -> Stage:
+        return next(stage for stage in self.stages if stage.name == name)
+
+    def __contains__(self, name: str) -> bool:
+        return any(stage.name == name for stage in self.stages)
+
+    def digests(self) -> dict[str, str]:
+        return {stage.name: stage.digest for stage in self.stages}
+
+
+def _digest(kind: str, *parts: object) -> str:
+    return digest_of(kind, STAGES.get(kind).version, __version__, *parts)
+
+
+def make_plan(spec: JobSpec, model_id: str, uniform_layout: list[dict]) -> Plan:
+    """The job's stages in order. `model_id`: the source's content fingerprint; `uniform_layout`: the
+    method's structure over every layer with the uniform ranks (JSON), which allocators start from."""
+    model = (model_id, spec.model.dtype)
+    method, allocation = method_of(spec.method), spec.target.allocation
+    allocator = ALLOCATORS.get(allocation.kind)
+    calibration = (spec.calibration.model_dump(mode="json", exclude={"max_resident_mb"}),
+                   text_fingerprint(spec.calibration.data))
+    stages = []
+    if method.needs or allocator.stages:
+        stages.append(Stage("calibrate", "calibrate", _digest("calibrate", model, calibration)))
+    upstream = {s.name: s.digest for s in stages}
+    if "fisher" in allocator.stages:
+        stages.append(Stage("fisher", "fisher", _digest("fisher", model, calibration, allocation.model_dump(
+            mode="json", include={"fisher_samples", "fisher_batch_size"}))))
+    if "spectra" in allocator.stages:
+        stages.append(Stage("spectra", "spectra", _digest("spectra", upstream["calibrate"], uniform_layout,
+                                                          allocator.version)))
+    allocate = _digest("allocate", model, [s.digest for s in stages if s.kind in allocator.stages], uniform_layout,
+                       spec.target.model_dump(mode="json"), allocator.version)
+    stages.append(Stage("allocate", "allocate", allocate))
+    decompose = _digest("decompose", model, upstream.get("calibrate"), allocate, spec.method.model_dump(mode="json"),
+                        method.version)
+    stages.append(Stage("decompose", "decompose", decompose))
+    stages.append(Stage("assemble", "assemble", _digest("assemble", model, decompose)))
+    return Plan(tuple(stages + _evaluations(spec, model, stages[-1].digest)))
+
+
+def _evaluations(spec: JobSpec, model: tuple, checkpoint: str) -> list[Stage]:
+    stages, seen = [], set()
+    variants = ([("dense", model)] if spec.evaluation.dense else []) + [("compressed", checkpoint)]
+    for evaluator in EVALUATORS:
+        for k, options in enumerate(getattr(spec.evaluation, evaluator.name)):
+            data = [text_fingerprint(source) for source in evaluator.inputs(options)]
+            settings = options.model_dump(mode="json", exclude={"name"})
+            for variant, base in variants:
+                name = f"evaluate {variant} {options.name}" if evaluator.name == "perplexity" else \
+                    f"evaluate {evaluator.name} {variant} {options.name}"
+                name += f" #{k}" if name in seen else ""
+                seen.add(name)
+                digest = _digest("evaluate", base, evaluator.name, evaluator.version, settings, data)
+                stages.append(Stage(name, "evaluate", digest, {"evaluator": evaluator.name, "entry": k,
+                                                               "variant": variant}))
+    return stages

@@ -1,0 +1,104 @@
+"""Preflight: everything decidable from the spec, the files' headers and the shapes is checked before
+anything is written or computed; then the output folder is claimed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rankfold.allocators.registry import ALLOCATORS, AllocationProblem
+from rankfold.core.hashing import digest_of
+from rankfold.data.text import DataError, calibration_samples, load_text, tokenize
+from rankfold.evaluation.registry import EVALUATORS
+from rankfold.jobs.spec import JobSpec, SpecError
+from rankfold.methods.registry import method_of
+from rankfold.models.sources import ModelSource, ModelSourceError, open_source
+from rankfold.orchestrator.layout import Shapes, matrix_shapes, plan_layout
+from rankfold.orchestrator.manifest import Manifest
+from rankfold.storage.store import ArtifactStore
+
+JOB_FILE = "job.json"
+
+
+def preflight(spec: JobSpec) -> tuple[ModelSource, Shapes]:
+    """Open the model, check every input file, the allocation's feasibility and every evaluation's
+    data; a SpecError names the field and value at fault. Returns the source and the matrix shapes."""
+    try:
+        source = open_source(spec.model.source)
+        arch = source.architecture
+    except (ModelSourceError, ValueError) as err:
+        raise SpecError(f"model.source = {spec.model.source!r}: {err}") from None
+    for field, text_source in _text_sources(spec):
+        if text_source.path is not None and not Path(text_source.path).is_file():
+            raise SpecError(f"{field}.path = {str(text_source.path)!r}: file not found")
+    for projection in spec.target.matrices:
+        try:
+            arch.projection_path(projection)
+        except KeyError as err:
+            raise SpecError(f"target.matrices: {err.args[0]}") from None
+    shapes = matrix_shapes(source, spec)
+    _check_allocation(spec, source, shapes)
+    _check_calibration(spec, source)
+    _check_evaluations(spec, source)
+    return source, shapes
+
+
+def _check_calibration(spec: JobSpec, source: ModelSource) -> None:
+    """The calibration text holds `num_samples` distinct windows of `seq_len` tokens."""
+    cal = spec.calibration
+    try:
+        calibration_samples(tokenize(load_text(cal.data), source.tokenizer()), cal.num_samples, cal.seq_len, cal.seed)
+    except DataError as err:
+        raise SpecError(f"calibration.data ({cal.data.describe()}): {err}") from None
+
+
+def _text_sources(spec: JobSpec) -> list[tuple[str, object]]:
+    sources = [("calibration.data", spec.calibration.data)]
+    for evaluator in EVALUATORS:
+        for k, options in enumerate(getattr(spec.evaluation, evaluator.name)):
+            sources += [(f"evaluation.{evaluator.name}[{k}].data", data) for data in evaluator.inputs(options)]
+    return sources
+
+
+def _check_allocation(spec: JobSpec, source: ModelSource, shapes: Shapes) -> None:
+    allocation = spec.target.allocation
+    layout = plan_layout(spec, source.architecture, shapes).by_layer
+    problem = AllocationProblem(method_of(spec.method), layout, shapes, spec.target.ratio,
+                                source.architecture.layer_prefix)
+    try:
+        ALLOCATORS.get(allocation.kind).check(allocation, problem)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
+
+
+def _check_evaluations(spec: JobSpec, source: ModelSource) -> None:
+    tokenizer = source.tokenizer()
+    for evaluator in EVALUATORS:
+        for k, options in enumerate(getattr(spec.evaluation, evaluator.name)):
+            try:
+                evaluator.check(options, tokenizer)
+            except (ValueError, DataError) as err:
+                raise SpecError(f"evaluation.{evaluator.name}[{k}] ({options.name}): {err}") from None
+
+
+def prepare_output(spec: JobSpec, store: ArtifactStore) -> Path:
+    """Create output.dir, refusing one that holds a different job with completed stages (its files
+    stay untouched). A folder whose job completed nothing accepts the corrected spec."""
+    out = Path(spec.output.dir)
+    job_file = out / JOB_FILE
+    if job_file.is_file():
+        previous = job_file.read_text()
+        if previous != spec.canonical_json() and Manifest(store, digest_of(previous)).stages:
+            raise SpecError(f"output.dir = {str(out)!r}: holds another job's results (see {job_file}); "
+                            "choose a new folder or delete it")
+    elif out.exists() and any(out.iterdir()):
+        raise SpecError(f"output.dir = {str(out)!r}: exists and is not empty; choose a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"output.dir = {str(out)!r}: cannot create ({err.strerror})") from None
+    job_file.write_text(spec.canonical_json())
+    return out
+
+
+def job_id(spec: JobSpec) -> str:
+    return digest_of(spec.canonical_json())

@@ -1,0 +1,219 @@
+"""How each stage kind runs: its driver-side work over the executor, the artifacts it writes and the
+small result the manifest records. One function per kind, registered in STAGES with its VERSION
+(bump it when a change could change a stage's output: the digests then change and nothing stale is reused).
+
+Artifact keys: `<folder>/<digest>/layer-00000[-group].safetensors` (stats, fisher, spectra, factors)
+and `checkpoints/<digest>/...` (the compressed checkpoint).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from rankfold.allocators.registry import ALLOCATORS, AllocationProblem
+from rankfold.core.errors import NumericalError
+from rankfold.core.registry import Registry
+from rankfold.data.text import calibration_samples, load_text, tokenize
+from rankfold.evaluation.registry import EVALUATORS, EvaluationContext
+from rankfold.execution.base import Executor
+from rankfold.execution.streaming import stream_fisher, stream_shards
+from rankfold.jobs.spec import JobSpec
+from rankfold.methods.registry import method_of
+from rankfold.models.sources import ModelSource
+from rankfold.orchestrator.checkpoints import assemble_checkpoint, checkpoint_is, place_checkpoint
+from rankfold.orchestrator.layout import ModelLayout, Shapes, plan_layout
+from rankfold.orchestrator.manifest import StageRecord
+from rankfold.storage.store import ArtifactStore
+from rankfold.storage.stored_model import stored_location
+from rankfold.workers.shard import ShardConfig
+from rankfold.workers.tasks import DecomposeItem, SpectrumItem, decompose_item, spectrum_item
+
+if TYPE_CHECKING:
+    from rankfold.orchestrator.plan import Plan, Stage
+
+Artifacts = dict[str, str]  # key -> sha256
+FISHER_DTYPE = "float32"    # squared gradients in bf16 would lose most of their digits
+FOLDERS = {"calibrate": "stats", "fisher": "fisher", "spectra": "spectra", "decompose": "factors"}
+
+
+@dataclass
+class JobContext:
+    spec: JobSpec
+    source: ModelSource
+    store: ArtifactStore
+    executor: Executor
+    scratch: Path
+    checkpoint: Path           # output.dir/model
+    shapes: Shapes
+    plan: "Plan"
+    results: dict[str, dict] = field(default_factory=dict)  # stage name -> its recorded result
+
+    @property
+    def layout(self) -> ModelLayout:
+        """The method's structure with the allocated ranks once `allocate` ran (uniform before)."""
+        ranks = self.results.get("allocate", {}).get("ranks")
+        return plan_layout(self.spec, self.source.architecture, self.shapes,
+                           None if ranks is None else {int(i): r for i, r in ranks.items()})
+
+    def key(self, stage: str, layer: int, group: str | None = None) -> str:
+        """Where `stage` keeps one layer's (and input group's) artifact: e.g. stats/<digest>/layer-00003.safetensors."""
+        planned = self.plan[stage]
+        return (f"{FOLDERS[planned.kind]}/{planned.digest}/layer-{layer:05d}" + (f"-{group}" if group else "")
+                + ".safetensors")
+
+    def items(self) -> list[tuple[int, str]]:
+        """(layer, input group) pairs that hold compressed modules."""
+        layout = self.layout
+        return [(i, g.name) for i in range(self.source.num_layers) for g in self.source.architecture.groups
+                if layout.in_group(i, g.name)]
+
+
+@dataclass(frozen=True)
+class StageKind:
+    kind: str
+    run: Callable[[JobContext, "Stage"], tuple[dict, Artifacts]]
+    version: str
+    # reusable(ctx, stage, record): a verified record may still need its outputs placed (checkpoint)
+    reusable: Callable[[JobContext, "Stage", StageRecord], bool] = lambda ctx, stage, record: True
+
+
+STAGES: Registry[StageKind] = Registry("stage kind")
+
+
+def calibration_ids(spec: JobSpec, source: ModelSource) -> torch.Tensor:
+    cal = spec.calibration
+    return calibration_samples(tokenize(load_text(cal.data), source.tokenizer()), cal.num_samples, cal.seq_len,
+                               cal.seed)
+
+
+def calibrate(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
+    """Input statistics of every layer's groups (streamed over the shards), one artifact per layer."""
+    cal, artifacts = ctx.spec.calibration, {}
+    samples = calibration_ids(ctx.spec, ctx.source)
+
+    def save(i: int, tensors: dict[str, torch.Tensor]) -> None:
+        check_statistics(i, tensors, cal.gram_product_dtype)
+        key = ctx.key(stage.name, i)
+        artifacts[key] = ctx.store.put_tensors(key, tensors)
+
+    config = ShardConfig(ctx.source.location, ctx.spec.model.dtype, cal.max_resident_mb << 20, str(ctx.scratch),
+                         cal.gram_product_dtype)
+    stream_shards(ctx.executor, config, samples, cal.batch_size, "calibrate", ctx.source.num_layers,
+                  on_stats=save).release()
+    return {"tokens": samples.numel()}, artifacts
+
+
+def check_statistics(layer: int, tensors: dict[str, torch.Tensor], product_dtype: str) -> None:
+    """Σ|x| and the Gram's diagonal bound every entry (|G_ij| ≤ √(G_ii G_jj)): cheap to check."""
+    for name, value in tensors.items():
+        if name.endswith((".abs_sum", ".gram")):
+            checked = value.diagonal() if value.ndim == 2 else value
+            if not bool(torch.isfinite(checked).all()):
+                raise NumericalError(f"layer {layer}: calibration statistic {name} is not finite (products in "
+                                     f"calibration.gram_product_dtype {product_dtype}); try float64 products or "
+                                     "model.dtype bfloat16 / float32")
+
+
+def fisher(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
+    """Fisher sums of every projection (streamed backward over the first `fisher_samples` sequences)."""
+    allocation, artifacts = ctx.spec.target.allocation, {}
+    ids = calibration_ids(ctx.spec, ctx.source)[:allocation.fisher_samples]
+
+    def save(i: int, tensors: dict[str, torch.Tensor]) -> None:
+        key = ctx.key(stage.name, i)
+        artifacts[key] = ctx.store.put_tensors(key, tensors)
+
+    config = ShardConfig(ctx.source.location, FISHER_DTYPE, ctx.spec.calibration.max_resident_mb << 20,
+                         str(ctx.scratch), FISHER_DTYPE)
+    result = stream_fisher(ctx.executor, config, ids, allocation.fisher_batch_size, ctx.source.num_layers, save)
+    return result, artifacts
+
+
+def spectra(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
+    """Whitened spectra of every module of the structure, one task per (layer, input group)."""
+    arch, layout, ref = ctx.source.architecture, ctx.layout, ctx.store.ref()
+    items = [SpectrumItem(ctx.source.location, arch.layer_prefix.format(i=i), group,
+                          tuple(m.to_json() for m in layout.in_group(i, group)), ref, ctx.key("calibrate", i),
+                          ref, ctx.key(stage.name, i, group)) for i, group in ctx.items()]
+    return {}, dict(ctx.executor.map(spectrum_item, items, "spectra"))
+
+
+def allocate(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
+    """Ranks of every compressed matrix from the spec's allocator (on the driver; recorded in the manifest)."""
+    allocation = ctx.spec.target.allocation
+    read = lambda stage, i, group: ctx.store.get_tensors(ctx.key(stage, i, group))  # noqa: E731
+    problem = AllocationProblem(method_of(ctx.spec.method), ctx.layout.by_layer, ctx.shapes, ctx.spec.target.ratio,
+                                ctx.source.architecture.layer_prefix, read)
+    ranks = ALLOCATORS.get(allocation.kind).allocate(allocation, problem)
+    return {"ranks": {str(i): r for i, r in ranks.items()}}, {}
+
+
+def decompose(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
+    """Factors of every compressed module, one task per (layer, input group)."""
+    arch, layout, ref = ctx.source.architecture, ctx.layout, ctx.store.ref()
+    with_stats = "calibrate" in ctx.plan
+    items = [DecomposeItem(ctx.source.location, ctx.spec.method, arch.layer_prefix.format(i=i), group,
+                           tuple(m.to_json() for m in layout.in_group(i, group)), ref,
+                           ctx.key("calibrate", i) if with_stats else None, ref,
+                           ctx.key(stage.name, i, group)) for i, group in ctx.items()]
+    diagnostics: dict[str, dict[str, float]] = {}
+    artifacts: Artifacts = {}
+    for part, key, sha in ctx.executor.map(decompose_item, items, "decompose"):
+        for quantity, values in part.items():
+            diagnostics.setdefault(quantity, {}).update(values)
+        artifacts[key] = sha
+    return {"diagnostics": diagnostics}, artifacts
+
+
+
+
+def assemble(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
+    """The compressed checkpoint into the store (workers write its layer shards) and placed in output.dir."""
+    layout, factor_keys = ctx.layout, {i: [] for i in range(ctx.source.num_layers)}
+    for i, group in ctx.items():
+        factor_keys[i].append(ctx.key("decompose", i, group))
+    meta = {"method": ctx.spec.method.model_dump(mode="json"), "target": ctx.spec.target.model_dump(mode="json"),
+            "source": ctx.spec.model.source, "digest": stage.digest}
+    artifacts = assemble_checkpoint(ctx.source, layout, ctx.spec.model.dtype, ctx.store, ctx.executor, factor_keys,
+                                    stage.prefix(CHECKPOINTS), ctx.checkpoint, meta)
+    return {"folder": str(ctx.checkpoint)}, artifacts
+
+
+def restore_checkpoint(ctx: JobContext, stage: "Stage", record: StageRecord) -> bool:
+    """A finished assembly counts only if output.dir holds its verified checkpoint — placed again
+    from the store when the folder is gone or damaged."""
+    if checkpoint_is(ctx.checkpoint, stage.digest):
+        return True
+    shutil.rmtree(ctx.checkpoint, ignore_errors=True)
+    place_checkpoint(ctx.store, record.artifacts, ctx.checkpoint)
+    return checkpoint_is(ctx.checkpoint, stage.digest)
+
+
+CHECKPOINTS = "checkpoints"
+
+
+def evaluate(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
+    """One evaluation entry on one variant (dense: the source; compressed: the written checkpoint)."""
+    evaluator = EVALUATORS.get(stage.params["evaluator"])
+    options = getattr(ctx.spec.evaluation, evaluator.name)[stage.params["entry"]]
+    if stage.params["variant"] == "dense":
+        location, layout = ctx.source.location, lambda i: None
+    else:  # the artifact as written, not an in-memory copy; on a cluster from the store
+        stored = stored_location(ctx.store.ref(), ctx.plan["assemble"].prefix(CHECKPOINTS))
+        location, compressed = ctx.executor.model_location(str(ctx.checkpoint), stored), ctx.layout
+        layout = compressed.layer_json
+    context = EvaluationContext(ctx.executor, location, ctx.source.num_layers, layout, ctx.source.tokenizer(),
+                                ctx.spec.model.dtype, ctx.scratch, stage.name)
+    return {"rows": evaluator.evaluate(options, context)}, {}
+
+
+for _kind in (StageKind("calibrate", calibrate, "1"), StageKind("fisher", fisher, "1"),
+              StageKind("spectra", spectra, "1"), StageKind("allocate", allocate, "1"),
+              StageKind("decompose", decompose, "1"), StageKind("assemble", assemble, "1", restore_checkpoint),
+              StageKind("evaluate", evaluate, "1")):
+    STAGES.register(_kind.kind, _kind)
