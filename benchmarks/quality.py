@@ -59,7 +59,8 @@ def variant_spec(args: argparse.Namespace, method: str, ratio: float, out: Path,
     return parse_spec({
         "model": {"source": args.model, "dtype": args.dtype},
         "method": {"name": method},
-        "target": {"ratio": ratio, "allocation": {"kind": allocation, "fisher_samples": args.fisher_samples}},
+        "target": {"ratio": ratio, "allocation": {"kind": allocation} | (
+            {"fisher_samples": args.fisher_samples} if allocation == "fisher" else {})},
         "calibration": {"data": {"path": str(args.calib_data)}, "num_samples": args.calib_samples,
                         "seq_len": args.seq_len},
         "evaluation": {"perplexity": [{"name": "wikitext2", "window": args.window, "max_tokens": args.eval_tokens,

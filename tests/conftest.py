@@ -13,6 +13,28 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+
+def _enter_loopback_only_network() -> bool:
+    """Servers the tests start (moto's S3, a `ray start` cluster) must be reachable from this machine
+    only, and Ray binds its node's address, not 127.0.0.1 alone (ray-project/ray#26293). So, as root
+    on Linux, this test process — and with it every server and worker it starts — moves into a new
+    network namespace whose only interface is loopback (unshare(2) CLONE_NEWNET, then `lo` up).
+    Done at import, before any thread exists. RANKFOLD_TEST_NETNS=0 opts out; False when not possible."""
+    import ctypes
+    import subprocess
+    import sys
+
+    if os.environ.get("RANKFOLD_TEST_NETNS") == "0" or sys.platform != "linux" or os.geteuid() != 0:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
+        return False
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    return True
+
+
+LOOPBACK_ONLY = _enter_loopback_only_network()
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RANKFOLD_SHARED_DATA", REPO.parent / "shared" / "data"))
 CALIBRATION_TEXT = SHARED_DATA / "calibration" / "enwiki_excerpt.txt"

@@ -127,3 +127,20 @@ def test_shards_the_cluster_cannot_hold_are_an_error_after_a_bounded_wait(ray_ex
     assert time.monotonic() - started < 30
     with pytest.raises(ClusterError, match="4 on one node"):
         RayExecutor(address=ray_executor.address, workers=1, cpus_per_worker=4, stream=None, resource_wait_s=0.0)
+
+
+def test_the_test_cluster_listens_on_loopback_only(ray_cluster, s3_endpoint):
+    """Every listening socket of this test network (the Ray cluster's GCS, raylet, client server,
+    dashboard and agents; the S3 server) is on 127.0.0.1, and the only interface is loopback."""
+    import socket
+
+    import psutil
+
+    from tests.conftest import LOOPBACK_ONLY
+
+    if not LOOPBACK_ONLY:
+        pytest.skip("needs root on Linux to give the tests a loopback-only network namespace")
+    assert [name for _, name in socket.if_nameindex()] == ["lo"]
+    listening = [c.laddr for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert len(listening) >= 4  # GCS, raylet, client server, S3 at least
+    assert {address.ip for address in listening} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
