@@ -84,7 +84,8 @@ def calibration_samples(tokens: torch.Tensor, num_samples: int, seq_len: int, se
     starts = list(dict.fromkeys(first))  # distinct, in draw order
     while len(starts) < num_samples:  # only after a repeat: top up from every possible offset
         more = torch.randint(0, possible, (num_samples,), generator=generator).tolist()
-        starts += [s for s in dict.fromkeys(more) if s not in set(starts)][:num_samples - len(starts)]
+        seen = set(starts)
+        starts += [s for s in dict.fromkeys(more) if s not in seen][:num_samples - len(starts)]
     return torch.stack([tokens[s:s + seq_len] for s in starts])
 
 

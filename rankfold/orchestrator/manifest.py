@@ -18,6 +18,11 @@ from rankfold.storage.store import ArtifactStore, StoreError
 MANIFEST_VERSION = 1
 
 
+def shared_key(digest: str) -> str:
+    """Where any job's record of a stage with this digest lives (artifacts + small result)."""
+    return f"stages/{digest}.json"
+
+
 @dataclass
 class StageRecord:
     digest: str
@@ -40,20 +45,35 @@ class Manifest:
                 self.load_error = str(err)
 
     def completed(self, stage: str, digest: str) -> StageRecord | None:
-        """The stage's record if it finished with these inputs and every artifact still verifies."""
+        """The stage's record if it finished with these inputs — in this job, or in any job on this
+        store (records are content-addressed: same digest, same output) — and every artifact still
+        verifies. Another job's record is adopted into this manifest."""
         record = self.stages.get(stage)
         if record is None or record.digest != digest:
+            record = self._shared(digest)
+        if record is None:
             return None
         for key, sha in record.artifacts.items():
             if self.store.checksum(key) != sha or self.store.actual_checksum(key) != sha:
                 return None
+        if self.stages.get(stage) != record:
+            self.stages[stage] = record
+            self._write()
         return record
 
     def record(self, stage: str, digest: str, artifacts: dict[str, str], result: dict | None = None) -> StageRecord:
         record = StageRecord(digest, dict(artifacts), result or {}, time.time())
         self.stages[stage] = record
+        self.store.put_json(shared_key(digest), asdict(record))  # first: other jobs may reuse it
         self._write()
         return record
+
+    def _shared(self, digest: str) -> StageRecord | None:
+        try:
+            return StageRecord(**self.store.get_json(shared_key(digest))) if self.store.exists(shared_key(digest)) \
+                else None
+        except (StoreError, TypeError):  # a damaged record only costs recomputation
+            return None
 
     def _write(self) -> None:
         self.store.put_json(self.key, {"version": MANIFEST_VERSION, "job": self.job_id,

@@ -1,8 +1,10 @@
 """The plan: spec + the method's and allocator's declared needs + the model's shapes -> the ordered
 stages of a job, each with the digest of everything its output depends on.
 
-    calibrate -> [the allocator's stages, e.g. fisher, spectra] -> allocate -> decompose -> assemble
+    [calibrate] -> [the allocator's stages, e.g. fisher, spectra] -> allocate -> decompose -> assemble
       -> evaluate (one stage per evaluation entry and variant: dense, compressed)
+
+calibrate runs when the method needs statistics or the allocator has stages (svd needs neither).
 
 A digest hashes the stage kind and its VERSION, rankfold's version, the producing method's or
 allocator's or evaluator's VERSION, the spec fields the stage reads, the content of its input data
@@ -21,7 +23,7 @@ from rankfold.data.text import text_fingerprint
 from rankfold.evaluation.registry import EVALUATORS
 from rankfold.jobs.spec import JobSpec
 from rankfold.methods.registry import method_of
-from rankfold.orchestrator.stages import STAGES
+from rankfold.orchestrator.stages import STAGES, PlanInputs
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,10 @@ class Plan:
     stages: tuple[Stage, ...]
 
     def __getitem__(self, name: str) -> Stage:
-        return next(stage for stage in self.stages if stage.name == name)
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"the plan has no stage {name!r}")
 
     def __contains__(self, name: str) -> bool:
         return any(stage.name == name for stage in self.stages)
@@ -60,26 +65,33 @@ def make_plan(spec: JobSpec, model_id: str, uniform_layout: list[dict]) -> Plan:
     model = (model_id, spec.model.dtype)
     method, allocation = method_of(spec.method), spec.target.allocation
     allocator = ALLOCATORS.get(allocation.kind)
-    calibration = (spec.calibration.model_dump(mode="json", exclude={"max_resident_mb"}),
-                   text_fingerprint(spec.calibration.data))
+    cal = spec.calibration
+    calibration = (cal.model_dump(mode="json", exclude={"max_resident_mb"}), text_fingerprint(cal.data))
     stages = []
-    if method.needs or allocator.stages:
+    if needs_calibration(spec):
         stages.append(Stage("calibrate", "calibrate", _digest("calibrate", model, calibration)))
-    upstream = {s.name: s.digest for s in stages}
-    if "fisher" in allocator.stages:
-        stages.append(Stage("fisher", "fisher", _digest("fisher", model, calibration, allocation.model_dump(
-            mode="json", include={"fisher_samples", "fisher_batch_size"}))))
-    if "spectra" in allocator.stages:
-        stages.append(Stage("spectra", "spectra", _digest("spectra", upstream["calibrate"], uniform_layout,
-                                                          allocator.version)))
+    structure = [{k: v for k, v in module.items() if k != "rank"} for module in uniform_layout]
+    sample = (calibration[1], cal.num_samples, cal.seq_len, cal.seed)
+    for kind in allocator.stages:  # e.g. FLRA's fisher and spectra, in the allocator's order
+        declared = STAGES.get(kind).inputs
+        if declared is None:
+            raise ValueError(f"allocator {allocator.kind!r} asks for stage {kind!r}, which declares no inputs")
+        inputs = PlanInputs(spec, model_id, sample, structure, {s.name: s.digest for s in stages})
+        stages.append(Stage(kind, kind, _digest(kind, *declared(inputs), allocator.version)))
     allocate = _digest("allocate", model, [s.digest for s in stages if s.kind in allocator.stages], uniform_layout,
                        spec.target.model_dump(mode="json"), allocator.version)
+    upstream = {s.name: s.digest for s in stages}
     stages.append(Stage("allocate", "allocate", allocate))
     decompose = _digest("decompose", model, upstream.get("calibrate"), allocate, spec.method.model_dump(mode="json"),
                         method.version)
     stages.append(Stage("decompose", "decompose", decompose))
     stages.append(Stage("assemble", "assemble", _digest("assemble", model, decompose)))
     return Plan(tuple(stages + _evaluations(spec, model, stages[-1].digest)))
+
+
+def needs_calibration(spec: JobSpec) -> bool:
+    """Calibration statistics are collected when the method or the allocator's stages read them."""
+    return bool(method_of(spec.method).needs or ALLOCATORS.get(spec.target.allocation.kind).stages)
 
 
 def _evaluations(spec: JobSpec, model: tuple, checkpoint: str) -> list[Stage]:

@@ -14,6 +14,7 @@ from rankfold.methods.registry import method_of
 from rankfold.models.sources import ModelSource, ModelSourceError, open_source
 from rankfold.orchestrator.layout import Shapes, matrix_shapes, plan_layout
 from rankfold.orchestrator.manifest import Manifest
+from rankfold.orchestrator.plan import needs_calibration
 from rankfold.storage.store import ArtifactStore
 
 JOB_FILE = "job.json"
@@ -37,7 +38,8 @@ def preflight(spec: JobSpec) -> tuple[ModelSource, Shapes]:
             raise SpecError(f"target.matrices: {err.args[0]}") from None
     shapes = matrix_shapes(source, spec)
     _check_allocation(spec, source, shapes)
-    _check_calibration(spec, source)
+    if needs_calibration(spec):
+        _check_calibration(spec, source)
     _check_evaluations(spec, source)
     return source, shapes
 

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 Artifacts = dict[str, str]  # key -> sha256
 FISHER_DTYPE = "float32"    # squared gradients in bf16 would lose most of their digits
-FOLDERS = {"calibrate": "stats", "fisher": "fisher", "spectra": "spectra", "decompose": "factors"}
 
 
 @dataclass
@@ -63,7 +62,7 @@ class JobContext:
     def key(self, stage: str, layer: int, group: str | None = None) -> str:
         """Where `stage` keeps one layer's (and input group's) artifact: e.g. stats/<digest>/layer-00003.safetensors."""
         planned = self.plan[stage]
-        return (f"{FOLDERS[planned.kind]}/{planned.digest}/layer-{layer:05d}" + (f"-{group}" if group else "")
+        return (f"{STAGES.get(planned.kind).folder}/{planned.digest}/layer-{layer:05d}" + (f"-{group}" if group else "")
                 + ".safetensors")
 
     def items(self) -> list[tuple[int, str]]:
@@ -74,12 +73,26 @@ class JobContext:
 
 
 @dataclass(frozen=True)
+class PlanInputs:
+    """What a stage's digest may draw on when the plan is made (see StageKind.inputs)."""
+
+    spec: JobSpec
+    model_id: str                # the source's content fingerprint
+    sample: tuple                # the calibration sample's identity: (text sha256, num_samples, seq_len, seed)
+    structure: list[dict]        # the method's compressed modules over every layer, ranks left out
+    upstream: dict[str, str]     # digests of the stages planned so far
+
+
+@dataclass(frozen=True)
 class StageKind:
     kind: str
     run: Callable[[JobContext, "Stage"], tuple[dict, Artifacts]]
     version: str
     # reusable(ctx, stage, record): a verified record may still need its outputs placed (checkpoint)
     reusable: Callable[[JobContext, "Stage", StageRecord], bool] = lambda ctx, stage, record: True
+    folder: str | None = None   # store folder of its per-layer artifacts
+    # For stages an allocator asks for: what the stage's output depends on (hashed into its digest).
+    inputs: Callable[[PlanInputs], tuple] | None = None
 
 
 STAGES: Registry[StageKind] = Registry("stage kind")
@@ -212,8 +225,16 @@ def evaluate(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
     return {"rows": evaluator.evaluate(options, context)}, {}
 
 
-for _kind in (StageKind("calibrate", calibrate, "1"), StageKind("fisher", fisher, "1"),
-              StageKind("spectra", spectra, "1"), StageKind("allocate", allocate, "1"),
-              StageKind("decompose", decompose, "1"), StageKind("assemble", assemble, "1", restore_checkpoint),
-              StageKind("evaluate", evaluate, "1")):
+def _fisher_inputs(plan: PlanInputs) -> tuple:
+    """Float32 whatever model.dtype; the first fisher_samples sequences of the calibration sample."""
+    allocation = plan.spec.target.allocation
+    return plan.model_id, plan.sample, allocation.fisher_samples, allocation.fisher_batch_size
+
+
+for _kind in (StageKind("calibrate", calibrate, "1", folder="stats"),
+              StageKind("fisher", fisher, "1", folder="fisher", inputs=_fisher_inputs),
+              StageKind("spectra", spectra, "1", folder="spectra",
+                        inputs=lambda plan: (plan.upstream["calibrate"], plan.structure)),
+              StageKind("allocate", allocate, "1"), StageKind("decompose", decompose, "1", folder="factors"),
+              StageKind("assemble", assemble, "1", restore_checkpoint), StageKind("evaluate", evaluate, "1")):
     STAGES.register(_kind.kind, _kind)

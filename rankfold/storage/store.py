@@ -245,8 +245,9 @@ class S3Store(ArtifactStore):
         self._check_access()
 
     def ref(self) -> StoreRef:
+        # The region the driver resolved: a worker's own environment may name another.
         return StoreRef("s3", bucket=self.bucket, prefix=self.prefix, endpoint_url=self.endpoint_url,
-                        region=self.region)
+                        region=self.region or self.client.meta.region_name)
 
     def describe(self, key: str = "") -> str:
         where = f"s3://{self.bucket}/{self._object(key)}" if key else f"s3://{self.bucket}/{self.prefix}"

@@ -146,3 +146,9 @@ def test_example_job_specs_are_valid_and_pass_preflight(path, monkeypatch):
     spec = load_spec(path)
     preflight(spec)
     assert spec.output.dir == Path("runs") / path.stem
+
+
+def test_evaluation_entries_of_one_evaluator_need_distinct_names(good):
+    good["evaluation"]["perplexity"].append(dict(good["evaluation"]["perplexity"][0]))
+    with pytest.raises(SpecError, match="evaluation.perplexity: names must differ .*repeated: wikitext2"):
+        parse_spec(good)

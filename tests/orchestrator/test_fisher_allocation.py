@@ -58,3 +58,17 @@ def test_a_budget_too_small_for_minimum_ranks_is_a_clear_error(tiny_model_dir, t
     spec = parse_spec(fisher_spec(tiny_model_dir, tmp_path / "out", ratio=0.99, min_rank_fraction=0.5))
     with pytest.raises(SpecError, match="target.ratio = 0.99 with target.allocation.min_rank_fraction = 0.5"):
         run_job(spec, stream=None)
+
+
+def test_two_jobs_on_one_store_share_calibration_fisher_and_spectra(tiny_model_dir, tmp_path):
+    """Stage records are content-addressed in the store: a second job at another ratio reuses the
+    first one's calibration, Fisher sums and spectra (they do not depend on the ratio)."""
+    from rankfold.storage.store import LocalStore
+
+    store = LocalStore(tmp_path / "shared")
+    first = run_job(parse_spec(fisher_spec(tiny_model_dir, tmp_path / "a")), stream=None, store=store)
+    data = fisher_spec(tiny_model_dir, tmp_path / "b")
+    data["target"]["ratio"] = 0.4
+    second = run_job(parse_spec(data), stream=None, store=store)
+    assert {"calibrate", "fisher", "spectra", "evaluate dense wikitext2"} <= set(second["reused_stages"])
+    assert "allocate" not in second["reused_stages"] and second["ranks"] != first["ranks"]
