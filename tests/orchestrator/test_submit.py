@@ -31,9 +31,15 @@ def _wait(job: str, api: str, states: set[str], timeout: float = 300) -> str:
     raise AssertionError(f"job {job} did not reach {states} in {timeout} s")
 
 
+def _quick_spec(tiny_model_dir, out) -> dict:
+    data = tiny_spec_dict(tiny_model_dir, out)
+    data["evaluation"]["dense"] = False  # the compressed model's row is enough here
+    return data
+
+
 def test_submit_status_logs_list(tmp_path, tiny_model_dir, ray_cluster):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(tiny_spec_dict(tiny_model_dir, tmp_path / "out")))
+    spec.write_text(yaml.safe_dump(_quick_spec(tiny_model_dir, tmp_path / "out")))
     submitted = _cli("submit", str(spec), "--address", ray_cluster["api"])
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip()
@@ -70,7 +76,7 @@ def test_bad_input_never_reaches_the_cluster(tmp_path, tiny_model_dir, ray_clust
 
 def test_scheduler_submits_a_due_run_to_the_cluster(tmp_path, tiny_model_dir, ray_cluster):
     spec = tmp_path / "nightly.yaml"
-    spec.write_text(yaml.safe_dump(tiny_spec_dict(tiny_model_dir, tmp_path / "out")))
+    spec.write_text(yaml.safe_dump(_quick_spec(tiny_model_dir, tmp_path / "out")))
     registry = str(tmp_path / "schedules.json")
     assert _cli("schedule", str(spec), "--cron", "0 2 * * *", "--address", ray_cluster["api"],
                 "--registry", registry).returncode == 0
