@@ -25,7 +25,10 @@ def _enter_loopback_only_network() -> bool:
     import subprocess
     import sys
 
-    if os.environ.get("RANKFOLD_TEST_NETNS") == "0" or sys.platform != "linux" or os.geteuid() != 0:
+    import shutil
+
+    if os.environ.get("RANKFOLD_TEST_NETNS") == "0" or sys.platform != "linux" or os.geteuid() != 0 \
+            or shutil.which("ip") is None:  # without `ip`, lo could not be brought up: stay put
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
