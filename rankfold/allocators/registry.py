@@ -13,6 +13,7 @@ import torch
 from rankfold.core.options import Strict
 from rankfold.core.registry import Registry
 from rankfold.methods.registry import Method
+from rankfold.methods.structure import dense_params
 from rankfold.modules.layout import CompressedModule
 
 Shapes = dict[int, dict[str, tuple[int, int]]]  # layer -> matrix path -> (out, in)
@@ -40,8 +41,7 @@ class AllocationProblem:
     @property
     def budget(self) -> int:
         """(1 − ratio) × the dense parameters of every compressed matrix."""
-        dense = sum(m * n for layer in self.shapes.values() for m, n in layer.values())
-        return int((1.0 - self.ratio) * dense)
+        return int((1.0 - self.ratio) * dense_params(self.shapes))
 
 
 @dataclass(frozen=True)

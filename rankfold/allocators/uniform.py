@@ -11,7 +11,7 @@ from typing import Literal
 
 from rankfold.allocators.registry import (AllocationOptions, AllocationProblem, Allocator, Ranks, ranks_of,
                                           register_allocator)
-from rankfold.methods.structure import module_params
+from rankfold.methods.structure import dense_params, module_params
 
 VERSION = "1"
 
@@ -30,7 +30,7 @@ def check_uniform(options: UniformAllocation, problem: AllocationProblem) -> Non
     kept = sum(module_params(m, problem.shapes[i]) for i, modules in problem.layout.items() for m in modules)
     slack = sum(len(modules) for modules in problem.layout.values())  # float rounding of each module's share
     if kept > problem.budget + slack:
-        dense = sum(m * n for layer in problem.shapes.values() for m, n in layer.values())
+        dense = dense_params(problem.shapes)
         floor = sum(module_params(replace(m, rank=1), problem.shapes[i])
                     for i, modules in problem.layout.items() for m in modules)
         raise ValueError(f"target.ratio = {problem.ratio}: method {problem.method.name!r} cannot meet it — the "

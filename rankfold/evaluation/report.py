@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from rankfold.methods.structure import module_params
+from rankfold.methods.structure import dense_params, module_params
 from rankfold.modules.layout import CompressedModule
 
 RATIO_DEFINITION = ("compression = 1 - (parameters of the compressed matrices after / before), counted over the "
@@ -16,7 +16,7 @@ def parameter_counts(shapes: dict[int, dict[str, tuple[int, int]]], layout: dict
                      model_total: int) -> dict:
     """Counted matrices before/after and the whole model before/after (embeddings included there).
     A skip block's identity and its permutation (an index, not a weight) are not parameters."""
-    dense = sum(m * n for layer in shapes.values() for (m, n) in layer.values())
+    dense = dense_params(shapes)
     compressed = sum(module_params(module, shapes[i]) for i, modules in layout.items() for module in modules)
     return {
         "counted_dense": dense,
@@ -37,27 +37,29 @@ def _millions(count: int) -> str:
 
 def evaluation_table(rows: list[dict]) -> list[str]:
     """One line per (evaluator, name, metric, settings): the dense and compressed values side by side."""
-    table: dict[tuple, dict[str, float]] = {}
-    for row in rows:
-        settings = ", ".join(f"{k} {v}" for k, v in row.items() if k not in ROW_KEYS)
-        table.setdefault((row["evaluator"], row["name"], row["metric"], settings), {})[row["variant"]] = row["value"]
     lines = [f"  {'evaluation':<26}{'metric':<14}{'dense':>12}{'compressed':>14}  settings"]
-    for (evaluator, name, metric, settings), values in table.items():
+    for (evaluator, name, metric), settings, values in _merged(rows):
         dense = f"{values['dense']:.3f}" if "dense" in values else "-"
         compressed = f"{values['compressed']:.3f}" if "compressed" in values else "-"
-        lines.append(f"  {evaluator + ' ' + name:<26}{metric:<14}{dense:>12}{compressed:>14}  {settings}")
+        shown = ", ".join(f"{k} {v}" for k, v in settings.items())
+        lines.append(f"  {evaluator + ' ' + name:<26}{metric:<14}{dense:>12}{compressed:>14}  {shown}")
     return lines
 
 
 def metric_table(rows: list[dict], metric: str = "perplexity") -> list[dict]:
     """Rows of one metric merged per (evaluator, name, settings): {name, ...settings, dense, compressed}."""
-    table: dict[tuple, dict] = {}
+    return [{"name": name, **settings, **values} for (_, name, kind), settings, values in _merged(rows)
+            if kind == metric]
+
+
+def _merged(rows: list[dict]) -> list[tuple[tuple[str, str, str], dict, dict[str, float]]]:
+    """Rows grouped by (evaluator, name, metric, settings): ((evaluator, name, metric), settings, {variant: value})."""
+    table: dict[tuple, tuple[tuple[str, str, str], dict, dict[str, float]]] = {}
     for row in rows:
-        if row["metric"] == metric:
-            settings = {k: v for k, v in row.items() if k not in ROW_KEYS}
-            entry = table.setdefault((row["evaluator"], row["name"], tuple(sorted(settings.items()))),
-                                     {"name": row["name"], **settings})
-            entry[row["variant"]] = row["value"]
+        settings = {k: v for k, v in row.items() if k not in ROW_KEYS}
+        label = (row["evaluator"], row["name"], row["metric"])
+        entry = table.setdefault((label, tuple(sorted(settings.items()))), (label, settings, {}))
+        entry[2][row["variant"]] = row["value"]
     return list(table.values())
 
 

@@ -68,6 +68,11 @@ LOWRANK, SHARED, SKIP, SHARED_SKIP = Structure(False, False), Structure(True, Fa
     Structure(True, True)
 
 
+def dense_params(shapes: Mapping[int, Mapping[str, tuple[int, int]]]) -> int:
+    """Parameters of every compressed matrix before compression; shapes: layer -> path -> (out, in)."""
+    return sum(m * n for layer in shapes.values() for m, n in layer.values())
+
+
 def module_params(module: CompressedModule, shapes: Mapping[str, tuple[int, int]]) -> int:
     """Stored parameters of a compressed module, given each member's dense (out, in) shape."""
     rows = sum(shapes[m][0] for m in module.members)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rankfold.allocators.registry import ALLOCATORS, AllocationProblem
 from rankfold.core.hashing import digest_of
-from rankfold.data.text import DataError, calibration_samples, load_text, tokenize
+from rankfold.data.text import DataError
 from rankfold.evaluation.registry import EVALUATORS
 from rankfold.jobs.spec import JobSpec, SpecError
 from rankfold.methods.registry import method_of
@@ -15,6 +15,7 @@ from rankfold.models.sources import ModelSource, ModelSourceError, open_source
 from rankfold.orchestrator.layout import Shapes, matrix_shapes, plan_layout
 from rankfold.orchestrator.manifest import Manifest
 from rankfold.orchestrator.plan import needs_calibration
+from rankfold.orchestrator.stages import calibration_ids
 from rankfold.storage.store import ArtifactStore
 
 JOB_FILE = "job.json"
@@ -46,11 +47,10 @@ def preflight(spec: JobSpec) -> tuple[ModelSource, Shapes]:
 
 def _check_calibration(spec: JobSpec, source: ModelSource) -> None:
     """The calibration text holds `num_samples` distinct windows of `seq_len` tokens."""
-    cal = spec.calibration
     try:
-        calibration_samples(tokenize(load_text(cal.data), source.tokenizer()), cal.num_samples, cal.seq_len, cal.seed)
+        calibration_ids(spec, source)
     except DataError as err:
-        raise SpecError(f"calibration.data ({cal.data.describe()}): {err}") from None
+        raise SpecError(f"calibration.data ({spec.calibration.data.describe()}): {err}") from None
 
 
 def _text_sources(spec: JobSpec) -> list[tuple[str, object]]:

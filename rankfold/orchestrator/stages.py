@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 Artifacts = dict[str, str]  # key -> sha256
 FISHER_DTYPE = "float32"    # squared gradients in bf16 would lose most of their digits
+CHECKPOINTS = "checkpoints"  # store folder of compressed checkpoints
 
 
 @dataclass
@@ -183,8 +184,6 @@ def decompose(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
     return {"diagnostics": diagnostics}, artifacts
 
 
-
-
 def assemble(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
     """The compressed checkpoint into the store (workers write its layer shards) and placed in output.dir."""
     layout, factor_keys = ctx.layout, {i: [] for i in range(ctx.source.num_layers)}
@@ -205,9 +204,6 @@ def restore_checkpoint(ctx: JobContext, stage: "Stage", record: StageRecord) -> 
     shutil.rmtree(ctx.checkpoint, ignore_errors=True)
     place_checkpoint(ctx.store, record.artifacts, ctx.checkpoint)
     return checkpoint_is(ctx.checkpoint, stage.digest)
-
-
-CHECKPOINTS = "checkpoints"
 
 
 def evaluate(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
