@@ -8,6 +8,12 @@ Prints and writes (markdown + JSON) the table with wall time and peak RSS of eve
     python benchmarks/quality.py                       # defaults: ~10 min on 2 cores
     python benchmarks/quality.py --calib-samples 32 --eval-tokens 8192 --ratios 0.2
     python benchmarks/quality.py --methods svd_llm skipcat --allocations uniform fisher   # FLRA vs uniform
+    python benchmarks/quality.py --methods svd_llm skipcat --allocations uniform fisher --ratios 0.2 \
+        --suite --suite-limit 500 --xsum-limit 200 --suite-dtype bfloat16       # + zero-shot suite, XSum
+
+With `--suite`, every variant also runs lm-eval's seven zero-shot tasks (first --suite-limit
+documents each, from ../shared/data) and XSum summaries (first --xsum-limit, ROUGE), and a PNG
+beside the table plots perplexity and the zero-shot average against compression, one line per method.
 
 With `--allocations fisher`, one Fisher pass (streamed backward over the first --fisher-samples
 calibration sequences) serves every variant; each method structure's whitened spectra are computed
@@ -51,8 +57,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--allocations", nargs="+", choices=["uniform", "fisher"], default=["uniform"])
     parser.add_argument("--fisher-samples", type=int, default=32)
+    parser.add_argument("--suite", action="store_true", help="also the zero-shot suite and XSum ROUGE")
+    parser.add_argument("--suite-limit", type=int, default=500, help="documents per zero-shot task")
+    parser.add_argument("--xsum-limit", type=int, default=200, help="XSum documents (0: no generation)")
+    parser.add_argument("--suite-dtype", default=None, help="dtype of the suite (default: --dtype)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality")
     return parser.parse_args(argv)
+
+
+SUITE_FILES = {"piqa": "piqa/valid.jsonl", "arc_easy": "arc/ARC-Easy-Test.jsonl",
+               "arc_challenge": "arc/ARC-Challenge-Test.jsonl", "hellaswag": "hellaswag/hellaswag_val.llamacpp.jsonl",
+               "winogrande": "winogrande/dev.jsonl", "boolq": "boolq/val.jsonl", "openbookqa": "openbookqa/test.jsonl"}
+
+
+def suite_evaluations(args: argparse.Namespace) -> dict:
+    if not args.suite:
+        return {}
+    tasks = {task: {"path": str(DATA / path), "limit": args.suite_limit} for task, path in SUITE_FILES.items()}
+    out = {"zeroshot": [{"name": "suite", "tasks": tasks, "dtype": args.suite_dtype}]}
+    if args.xsum_limit:
+        out["generation"] = [{"name": "xsum", "data": str(DATA / "xsum" / "test_1000.jsonl"), "limit": args.xsum_limit,
+                              "dtype": args.suite_dtype}]
+    return out
 
 
 def variant_spec(args: argparse.Namespace, method: str, ratio: float, out: Path, allocation: str = "uniform") -> JobSpec:
@@ -64,7 +90,8 @@ def variant_spec(args: argparse.Namespace, method: str, ratio: float, out: Path,
         "calibration": {"data": {"path": str(args.calib_data)}, "num_samples": args.calib_samples,
                         "seq_len": args.seq_len},
         "evaluation": {"perplexity": [{"name": "wikitext2", "window": args.window, "max_tokens": args.eval_tokens,
-                                       "data": {"path": str(args.eval_data), "lines_as_rows": True}}]},
+                                       "data": {"path": str(args.eval_data), "lines_as_rows": True}}]}
+                      | suite_evaluations(args),
         "output": {"dir": str(out)},
     })
 
@@ -86,11 +113,13 @@ def main(argv: list[str] | None = None) -> dict:
                 report = run_job(spec, stream=sys.stderr, store=store)
                 (ppl,) = metric_table(report["rows"])
                 if not rows:
-                    rows.append({"method": "dense", "ratio": 0.0, "achieved": 0.0, "ppl": ppl["dense"], "stages": []})
+                    rows.append({"method": "dense", "ratio": 0.0, "achieved": 0.0, "ppl": ppl["dense"], "stages": [],
+                                 "metrics": suite_metrics(report, "dense")})
                     windows = {"tokens": ppl["tokens"], "windows": ppl["windows"]}
                 tokens = report["calibration_tokens"] or tokens
                 rows.append({"method": name, "ratio": ratio, "ppl": ppl["compressed"], "stages": report["stages"],
-                             "achieved": report["parameters"]["achieved_compression"]})
+                             "achieved": report["parameters"]["achieved_compression"],
+                             "metrics": suite_metrics(report, "compressed")})
                 print(f"{name} @ {ratio:.0%}: ppl {ppl['compressed']:.3f}", file=sys.stderr)
     result = {
         "model": args.model, "dtype": args.dtype, "calibration": {"data": str(args.calib_data),
@@ -102,8 +131,43 @@ def main(argv: list[str] | None = None) -> dict:
     }
     (args.out / "quality.json").write_text(json.dumps(result, indent=2))
     (args.out / "quality.md").write_text(to_markdown(result))
+    if args.suite:
+        plot_suite(result, args.out / "quality.png")
     print(to_markdown(result))
     return result
+
+
+def suite_metrics(report: dict, variant: str) -> dict[str, float]:
+    """Zero-shot and ROUGE values of one variant: {"piqa acc_norm": ..., "average": ..., "rougeL": ...}."""
+    return {row["metric"]: row["value"] for row in report["rows"]
+            if row["evaluator"] in ("zeroshot", "generation") and row["variant"] == variant}
+
+
+def plot_suite(result: dict, path: Path) -> None:
+    """Perplexity (log scale) and zero-shot average against achieved compression, one line per method
+    (every line starts at the dense model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = result["rows"][0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(r["method"] for r in result["rows"][1:]):
+        points = [dense] + sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["achieved"])
+        x = [100 * r["achieved"] for r in points]
+        left.plot(x, [r["ppl"] for r in points], marker="o", label=method)
+        right.plot(x, [100 * r["metrics"]["average"] for r in points], marker="o", label=method)
+    left.set(yscale="log", xlabel="achieved compression (%)", ylabel="WikiText-2 perplexity",
+             title=f"{result['model']}: perplexity")
+    right.set(xlabel="achieved compression (%)", ylabel="zero-shot average accuracy (%)",
+              title="zero-shot average (7 tasks)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def to_markdown(result: dict) -> str:
@@ -124,8 +188,24 @@ def to_markdown(result: dict) -> str:
         target = "—" if row["method"] == "dense" else f"{row['ratio']:.0%}"
         achieved = "—" if row["method"] == "dense" else f"{row['achieved']:.2%}"
         lines.append(f"| {row['method']} | {target} | {achieved} | {row['ppl']:.2f} | {stages} |")
+    lines += suite_markdown(result["rows"])
     lines += ["", f"Total {result['total_wall_s']:.0f} s on {result['machine']}.", f"Rerun: `{result['command']}`", ""]
     return "\n".join(lines)
+
+
+def suite_markdown(rows: list[dict]) -> list[str]:
+    """The zero-shot tasks (the metric the average takes from each), the average and ROUGE per variant."""
+    if not rows[0].get("metrics"):
+        return []
+    shown = [m for m in rows[0]["metrics"] if m != "average" and (m.endswith("acc_norm") or m.startswith("rouge") or (
+        m.endswith(" acc") and m.replace(" acc", " acc_norm") not in rows[0]["metrics"]))]
+    lines = ["", "| method | target | " + " | ".join(shown) + " | zero-shot average |",
+             "|---|---|" + "---|" * (len(shown) + 1)]
+    for row in rows:
+        target = "—" if row["method"] == "dense" else f"{row['ratio']:.0%}"
+        values = " | ".join(f"{100 * row['metrics'][m]:.2f}" for m in shown)
+        lines.append(f"| {row['method']} | {target} | {values} | {100 * row['metrics']['average']:.2f} |")
+    return lines
 
 
 if __name__ == "__main__":

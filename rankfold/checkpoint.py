@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from rankfold.core.files import atomic_write, atomic_write_text
 from rankfold.core.hashing import sha256_file
 from rankfold.models.architecture import architecture_for
-from rankfold.models.sources import RANKFOLD_INDEX_NAME, ModelSourceError, SafetensorsSource
+from rankfold.models.sources import RANKFOLD_INDEX_NAME, ModelSource, ModelSourceError, SafetensorsSource
 from rankfold.modules.layout import CompressedModule
 from rankfold.modules.transformers_hook import PREFIX, compressed_config
 
@@ -104,6 +104,21 @@ def compressed_layout(config: PretrainedConfig) -> list[CompressedModule]:
         raise CheckpointError(f"config.json: damaged rankfold layout ({err})") from None
 
 
+def layer_layouts(config: PretrainedConfig) -> dict[int, list[dict]]:
+    """Per decoder layer, its compressed modules with layer-relative paths (CompressedModule JSON, as
+    the streamed layer runners take them); empty for a dense config."""
+    if not isinstance(getattr(config, "rankfold", None), dict):
+        return {}
+    arch, out = architecture_for(config), {}
+    for i in range(config.num_hidden_layers):
+        prefix = arch.layer_prefix.format(i=i)
+        mine = [m for m in compressed_layout(config) if all(p.startswith(prefix) for p in m.members)]
+        out[i] = [CompressedModule(m.kind, tuple(p[len(prefix):] for p in m.members), m.rank,
+                                   m.shared_path[len(prefix):] if m.shared_path else None, m.skip, m.group).to_json()
+                  for m in mine]
+    return out
+
+
 def load(path: str | Path, *, verify: bool = True, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """A compressed checkpoint as a transformers causal LM (model type `rankfold_<base>`, a subclass of
     the base model's class) whose compressed linears are LowRankLinear / SharedLowRankLinear.
@@ -118,15 +133,26 @@ def load(path: str | Path, *, verify: bool = True, dtype: torch.dtype | None = N
     if verify:
         verify_checkpoint(folder)
     source = SafetensorsSource(folder)
-    config = source.config
-    compressed_layout(config)  # a config without a readable layout is a CheckpointError
+    compressed_layout(source.config)  # a config without a readable layout is a CheckpointError
+    return model_from_source(source, dtype)
+
+
+def model_from_source(source: ModelSource, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The whole model of any source (a GGUF, a Hugging Face folder, a rankfold checkpoint, in a store
+    or not) as a transformers causal LM, in eval mode: compressed when its config records a rankfold
+    layout, dense otherwise. `dtype`: default the checkpoint's recorded dtype, else float32.
+
+    Raises CheckpointError when the tensors do not fit the config (missing or unexpected names).
+    """
+    config = copy.deepcopy(source.config)
+    compressed = isinstance(getattr(config, "rankfold", None), dict)
     arch = architecture_for(config)
     if arch.lm_head_key in source.keys() and getattr(config, "tie_word_embeddings", False):
         # The file's own head is the one the job evaluated (ModelSource.lm_head): never re-tie it away.
         config.tie_word_embeddings = False
-    dtype = dtype or getattr(torch, config.rankfold.get("dtype", "float32"))
+    dtype = dtype or getattr(torch, config.rankfold.get("dtype", "float32") if compressed else "float32")
     with torch.device("meta"):  # the compressed model type applies the layout as it is built
-        model = AutoModelForCausalLM.from_config(compressed_config(config), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(compressed_config(config) if compressed else config, dtype=dtype)
     try:
         state = {key: _as(source.tensor(key), dtype) for key in source.keys()}
     except ModelSourceError as err:
@@ -134,7 +160,7 @@ def load(path: str | Path, *, verify: bool = True, dtype: torch.dtype | None = N
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {arch.lm_head_key} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise CheckpointError(f"{folder}: tensors do not fit the recorded ranks "
+        raise CheckpointError(f"{source.location}: tensors do not fit the recorded ranks "
                               f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
     if tied:
         model.tie_weights()

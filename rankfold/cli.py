@@ -9,7 +9,7 @@ import sys
 from rankfold.checkpoint import CheckpointError
 from rankfold.core.errors import NumericalError
 from rankfold.data.text import DataError
-from rankfold.jobs.spec import SpecError, load_spec, parse_spec
+from rankfold.jobs.spec import JobSpec, SpecError, load_any_spec, parse_any_spec, parse_spec
 from rankfold.models.sources import ModelSourceError
 from rankfold.execution.ray import ClusterError
 from rankfold.orchestrator.cron import CronError
@@ -23,7 +23,9 @@ EXIT_FAILED = 1
 def _run(args: argparse.Namespace) -> int:
     from rankfold.orchestrator.job import run_job
 
-    spec = load_spec(args.spec)
+    spec = load_any_spec(args.spec)
+    if not isinstance(spec, JobSpec):
+        raise SpecError(f"{args.spec}: an evaluation spec (no `method`): run it with `rankfold eval`")
     overrides = {k: v for k, v in (("executor", args.executor), ("address", args.address),
                                    ("workers", args.workers)) if v is not None}
     if args.address and "executor" not in overrides:
@@ -33,6 +35,22 @@ def _run(args: argparse.Namespace) -> int:
         data["execution"] = {**data["execution"], **overrides}
         spec = parse_spec(data, origin=f"{args.spec} (with command-line options)")
     run_job(spec, stream=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rankfold.orchestrator.evaluation_run import require_eval_spec, run_evaluation
+
+    spec = require_eval_spec(load_any_spec(args.spec), args.spec)
+    overrides = {k: v for k, v in (("executor", args.executor), ("address", args.address),
+                                   ("workers", args.workers)) if v is not None}
+    if args.address and "executor" not in overrides:
+        overrides["executor"] = "ray"
+    if overrides:
+        data = spec.model_dump(mode="json")
+        data["execution"] = {**data["execution"], **overrides}
+        spec = require_eval_spec(parse_any_spec(data, origin=f"{args.spec} (with command-line options)"), args.spec)
+    run_evaluation(spec, stream=sys.stderr)
     return 0
 
 
@@ -123,7 +141,7 @@ def _history(args: argparse.Namespace) -> int:
     from rankfold.orchestrator.job import open_store
     from rankfold.orchestrator.preflight import job_id as id_of
 
-    spec = load_spec(args.spec)
+    spec = load_any_spec(args.spec)
     job_id = id_of(spec)
     records = load_history(open_store(spec), job_id)
     if not records:
@@ -146,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (implies --executor ray)")
     run.add_argument("--workers", type=int, help="override execution.workers")
     run.set_defaults(handler=_run)
+    evaluate = commands.add_parser("eval", help="evaluate an existing model or checkpoint (a spec without `method`)")
+    evaluate.add_argument("spec", help="evaluation spec (YAML or JSON): model, evaluation, output")
+    evaluate.add_argument("--executor", choices=["local", "ray"], help="override execution.executor")
+    evaluate.add_argument("--address", help="Ray cluster address (implies --executor ray)")
+    evaluate.add_argument("--workers", type=int, help="override execution.workers")
+    evaluate.set_defaults(handler=_eval)
 
     api = "Ray Job API address (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS if http, or http://127.0.0.1:8265)"
     submit = commands.add_parser("submit", help="submit a job to a Ray cluster (Job API)")

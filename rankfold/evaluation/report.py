@@ -9,7 +9,9 @@ from rankfold.modules.layout import CompressedModule
 
 RATIO_DEFINITION = ("compression = 1 - (parameters of the compressed matrices after / before), counted over the "
                     "target's projections in every decoder layer; embeddings, lm_head and norms not counted")
-ROW_KEYS = ("evaluator", "name", "variant", "metric", "value")  # the rest of a row: its settings
+ROW_KEYS = ("evaluator", "name", "variant", "metric", "value")
+# Measured beside the value (they differ between variants), not settings of the measurement.
+MEASURED_KEYS = ("stderr", "samples", "wall_s")
 
 
 def parameter_counts(shapes: dict[int, dict[str, tuple[int, int]]], layout: dict[int, list[CompressedModule]],
@@ -37,13 +39,19 @@ def _millions(count: int) -> str:
 
 def evaluation_table(rows: list[dict]) -> list[str]:
     """One line per (evaluator, name, metric, settings): the dense and compressed values side by side."""
-    lines = [f"  {'evaluation':<26}{'metric':<14}{'dense':>12}{'compressed':>14}  settings"]
+    lines = [f"  {'evaluation':<26}{'metric':<24}{'dense':>16}{'compressed':>16}  settings"]
     for (evaluator, name, metric), settings, values in _merged(rows):
-        dense = f"{values['dense']:.3f}" if "dense" in values else "-"
-        compressed = f"{values['compressed']:.3f}" if "compressed" in values else "-"
+        dense, compressed = (_shown(values.get(variant), values.get(variant + " stderr"))
+                             for variant in ("dense", "compressed"))
         shown = ", ".join(f"{k} {v}" for k, v in settings.items())
-        lines.append(f"  {evaluator + ' ' + name:<26}{metric:<14}{dense:>12}{compressed:>14}  {shown}")
+        lines.append(f"  {evaluator + ' ' + name:<26}{metric:<24}{dense:>16}{compressed:>16}  {shown}")
     return lines
+
+
+def _shown(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + (f" ±{stderr:.4f}" if stderr is not None and math.isfinite(stderr) else "")
 
 
 def metric_table(rows: list[dict], metric: str = "perplexity") -> list[dict]:
@@ -56,10 +64,12 @@ def _merged(rows: list[dict]) -> list[tuple[tuple[str, str, str], dict, dict[str
     """Rows grouped by (evaluator, name, metric, settings): ((evaluator, name, metric), settings, {variant: value})."""
     table: dict[tuple, tuple[tuple[str, str, str], dict, dict[str, float]]] = {}
     for row in rows:
-        settings = {k: v for k, v in row.items() if k not in ROW_KEYS}
+        settings = {k: v for k, v in row.items() if k not in ROW_KEYS + MEASURED_KEYS}
         label = (row["evaluator"], row["name"], row["metric"])
         entry = table.setdefault((label, tuple(sorted(settings.items()))), (label, settings, {}))
         entry[2][row["variant"]] = row["value"]
+        if "stderr" in row:
+            entry[2][row["variant"] + " stderr"] = row["stderr"]
     return list(table.values())
 
 

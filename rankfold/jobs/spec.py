@@ -110,11 +110,23 @@ class CalibrationSpec(Strict):
     max_resident_mb: int = Field(2048, ge=1)
 
 
-# One list per registered evaluator (`evaluation: {perplexity: [...], ...}`), plus `dense`: also
-# evaluate the uncompressed model, for the comparison table.
-EvaluationSpec = create_model(
-    "EvaluationSpec", __base__=Strict, dense=(bool, True),
+# One list per registered evaluator (`evaluation: {perplexity: [...], zeroshot: [...], generation: [...]}`).
+EvaluatorsSpec = create_model(
+    "EvaluatorsSpec", __base__=Strict,
     **{evaluator.name: (tuple[evaluator.options, ...], ()) for evaluator in EVALUATORS})
+
+
+class EvaluationSpec(EvaluatorsSpec):
+    dense: bool = True  # also evaluate the uncompressed model, for the comparison table
+
+
+def _names_differ(evaluation: Strict) -> None:
+    for evaluator in EVALUATORS:
+        names = [options.name for options in getattr(evaluation, evaluator.name)]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"evaluation.{evaluator.name}: names must differ (their rows are labelled by "
+                             f"name); repeated: {', '.join(repeated)}")
 
 
 class S3Spec(Strict):
@@ -158,12 +170,7 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _distinct_evaluation_names(self) -> "JobSpec":
-        for evaluator in EVALUATORS:
-            names = [options.name for options in getattr(self.evaluation, evaluator.name)]
-            repeated = sorted({name for name in names if names.count(name) > 1})
-            if repeated:
-                raise ValueError(f"evaluation.{evaluator.name}: names must differ (their rows are labelled by "
-                                 f"name); repeated: {', '.join(repeated)}")
+        _names_differ(self.evaluation)
         return self
 
     @model_validator(mode="after")
@@ -178,6 +185,34 @@ class JobSpec(Strict):
         may hold before spilling (`execution`, `calibration.max_resident_mb`): its hash is the job id."""
         data = self.model_dump(mode="json", exclude={"execution": True, "calibration": {"max_resident_mb"}})
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+class EvalSpec(Strict):
+    """Evaluate an existing model, no compression (`rankfold eval`): `model.source` is a rankfold
+    checkpoint folder, a `store:` location, a Hugging Face folder, a GGUF or a built-in name (its
+    dense model). A spec without `method` is one of these.
+
+        model: {source: runs/smollm2-svdllm-20/model}
+        evaluation: {zeroshot: [{name: suite, tasks: {piqa: {path: ../shared/data/piqa/valid.jsonl}}}]}
+        output: {dir: runs/eval-svdllm-20}
+    """
+
+    version: Literal[1] = SPEC_VERSION
+    model: ModelSpec
+    evaluation: EvaluatorsSpec
+    output: OutputSpec
+    execution: ExecutionSpec = ExecutionSpec()
+
+    @model_validator(mode="after")
+    def _something_to_evaluate(self) -> "EvalSpec":
+        if not any(getattr(self.evaluation, e.name) for e in EVALUATORS):
+            raise ValueError(f"evaluation: no entries (give at least one of: {', '.join(EVALUATORS.names())})")
+        _names_differ(self.evaluation)
+        return self
+
+    def canonical_json(self) -> str:
+        """What the evaluation computes, not where it runs: its hash is the run's id."""
+        return json.dumps(self.model_dump(mode="json", exclude={"execution"}), sort_keys=True, separators=(",", ":"))
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:
@@ -200,8 +235,27 @@ def parse_spec(data: object, origin: str = "<dict>") -> JobSpec:
         raise SpecError(_format_validation_error(err, origin)) from None
 
 
+def parse_any_spec(data: object, origin: str = "<dict>") -> JobSpec | EvalSpec:
+    """A compression job (a mapping with `method`) or an evaluation-only spec (without)."""
+    if isinstance(data, dict) and "method" not in data:
+        try:
+            return EvalSpec.model_validate(data)
+        except ValidationError as err:
+            raise SpecError(_format_validation_error(err, origin).replace("job spec", "evaluation spec", 1)) from None
+    return parse_spec(data, origin)
+
+
 def load_spec(path: str | Path) -> JobSpec:
     """Read a YAML or JSON job spec from disk (JSON is YAML, so one parser serves both)."""
+    return parse_spec(_read(path), origin=str(path))
+
+
+def load_any_spec(path: str | Path) -> JobSpec | EvalSpec:
+    """Read a compression job or an evaluation-only spec (`parse_any_spec`) from disk."""
+    return parse_any_spec(_read(path), origin=str(path))
+
+
+def _read(path: str | Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"job spec file not found: {path}")
@@ -209,4 +263,4 @@ def load_spec(path: str | Path) -> JobSpec:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise SpecError(f"job spec {path} is not valid YAML/JSON: {err}") from None
-    return parse_spec(data, origin=str(path))
+    return data

@@ -28,8 +28,8 @@ def record_run(store: ArtifactStore, job_id: str, report: dict) -> str:
     store.put_json(key, {
         "finished_at": time.time(),
         "rows": [dict(row) for row in report.get("rows", [])],
-        "achieved_compression": report["parameters"].get("achieved_compression"),
-        "method": report["method"].get("name"),
+        "achieved_compression": report.get("parameters", {}).get("achieved_compression"),
+        "method": report.get("method", {}).get("name"),  # none for `rankfold eval` runs
         "total_wall_s": report["total_wall_s"],
         "reused_stages": report["reused_stages"],
         "executor": report.get("executor", ""),

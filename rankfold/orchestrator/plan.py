@@ -94,19 +94,26 @@ def needs_calibration(spec: JobSpec) -> bool:
     return bool(method_of(spec.method).needs or ALLOCATORS.get(spec.target.allocation.kind).stages)
 
 
+def evaluation_digest(model: object, evaluator_name: str, options) -> str:
+    """Identity of one evaluation entry's result on one model (`model`: its content identity): the
+    evaluator's VERSION, its settings (not its label) and its data files' content."""
+    evaluator = EVALUATORS.get(evaluator_name)
+    data = [text_fingerprint(source) for source in evaluator.inputs(options)]
+    settings = options.model_dump(mode="json", exclude={"name"})
+    return _digest("evaluate", model, evaluator.name, evaluator.version, settings, data)
+
+
 def _evaluations(spec: JobSpec, model: tuple, checkpoint: str) -> list[Stage]:
     stages, seen = [], set()
     variants = ([("dense", model)] if spec.evaluation.dense else []) + [("compressed", checkpoint)]
     for evaluator in EVALUATORS:
         for k, options in enumerate(getattr(spec.evaluation, evaluator.name)):
-            data = [text_fingerprint(source) for source in evaluator.inputs(options)]
-            settings = options.model_dump(mode="json", exclude={"name"})
             for variant, base in variants:
                 name = f"evaluate {variant} {options.name}" if evaluator.name == "perplexity" else \
                     f"evaluate {evaluator.name} {variant} {options.name}"
                 name += f" #{k}" if name in seen else ""
                 seen.add(name)
-                digest = _digest("evaluate", base, evaluator.name, evaluator.version, settings, data)
+                digest = evaluation_digest(base, evaluator.name, options)
                 stages.append(Stage(name, "evaluate", digest, {"evaluator": evaluator.name, "entry": k,
                                                                "variant": variant}))
     return stages

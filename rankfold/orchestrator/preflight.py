@@ -41,7 +41,7 @@ def preflight(spec: JobSpec) -> tuple[ModelSource, Shapes]:
     _check_allocation(spec, source, shapes)
     if needs_calibration(spec):
         _check_calibration(spec, source)
-    _check_evaluations(spec, source)
+    check_evaluations(spec, source)
     return source, shapes
 
 
@@ -72,7 +72,7 @@ def _check_allocation(spec: JobSpec, source: ModelSource, shapes: Shapes) -> Non
         raise SpecError(str(err)) from None
 
 
-def _check_evaluations(spec: JobSpec, source: ModelSource) -> None:
+def check_evaluations(spec: JobSpec, source: ModelSource) -> None:
     tokenizer = source.tokenizer()
     for evaluator in EVALUATORS:
         for k, options in enumerate(getattr(spec.evaluation, evaluator.name)):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from rankfold.core.files import atomic_write_text
-from rankfold.jobs.spec import load_spec
+from rankfold.jobs.spec import load_any_spec
 from rankfold.orchestrator.cron import parse_cron
 
 
@@ -53,7 +53,7 @@ class Registry:
             now: datetime | None = None) -> ScheduleEntry:
         """Register a spec (validated now) under a cron expression (validated now)."""
         expression = parse_cron(cron)
-        load_spec(spec_path)
+        load_any_spec(spec_path)  # a compression job or an evaluation-only spec
         spec = str(Path(spec_path).resolve())
         name = name or Path(spec_path).stem
         entries = [e for e in self.entries() if e.name != name]  # re-scheduling replaces

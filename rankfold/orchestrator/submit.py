@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rankfold.jobs.spec import JobSpec, load_spec, parse_spec
+from rankfold.jobs.spec import EvalSpec, JobSpec, load_any_spec, parse_any_spec
 from rankfold.core.hashing import digest_of
 from rankfold.execution.ray import ClusterError, check_reachable
 
@@ -44,37 +44,54 @@ def job_client(address: str | None = None):
         raise ClusterError(f"cannot use the Ray Job API at {url}: {err}") from None
 
 
-def absolute_spec(spec: JobSpec) -> dict:
+def absolute_spec(spec: JobSpec | EvalSpec) -> dict:
     """The spec as data with every local path made absolute (the job runs in another directory)."""
     data = spec.model_dump(mode="json")
     source = Path(data["model"]["source"])
     if source.exists():
         data["model"]["source"] = str(source.resolve())
-    texts = [data["calibration"]["data"]] + [p["data"] for p in data["evaluation"]["perplexity"]]
-    for text in texts:
-        if text.get("path"):
-            text["path"] = str(Path(text["path"]).resolve())
+    if "calibration" in data:
+        _absolute_paths(data["calibration"])
+    _absolute_paths(data["evaluation"])
     data["output"]["dir"] = str(Path(data["output"]["dir"]).resolve())
     return data
+
+
+def _absolute_paths(node: object) -> None:
+    """Every `path` (and evaluators' `data` given as a path) in a nested spec section, made absolute."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for key, value in list(items):
+        if key in ("path", "data") and isinstance(value, str):
+            node[key] = str(Path(value).resolve())
+        else:
+            _absolute_paths(value)
 
 
 def submit(spec_path: str | Path, address: str | None = None, workers: int | None = None) -> str:
     """Validate and submit; returns the submission id."""
     from rankfold.orchestrator.preflight import preflight
 
-    spec = load_spec(spec_path)
-    preflight(spec)  # a missing model or data file is an error here, not on the cluster
+    from rankfold.orchestrator.evaluation_run import open_evaluated
+    from rankfold.orchestrator.preflight import check_evaluations
+
+    spec = load_any_spec(spec_path)
+    # a missing model or data file is an error here, not on the cluster
+    if isinstance(spec, EvalSpec):
+        check_evaluations(spec, open_evaluated(spec))
+    else:
+        preflight(spec)
     data = absolute_spec(spec)
     data["execution"].update(executor="ray", address=None)  # inside a Ray job, RAY_ADDRESS names the cluster
     if workers is not None:
         data["execution"]["workers"] = workers
-    spec = parse_spec(data, origin=str(spec_path))
+    spec = parse_any_spec(data, origin=str(spec_path))
+    command = "eval" if isinstance(spec, EvalSpec) else "run"
     client = job_client(address)
     job_id = digest_of(spec.canonical_json())
     with tempfile.TemporaryDirectory(prefix="rankfold-submit-") as folder:
         (Path(folder) / "spec.json").write_text(json.dumps(data, indent=2))
         return client.submit_job(
-            entrypoint="python -m rankfold.cli run spec.json",
+            entrypoint=f"python -m rankfold.cli {command} spec.json",
             runtime_env={"working_dir": folder},
             submission_id=f"rankfold-{job_id[:12]}-{int(time.time())}",
             metadata={METADATA_KEY: job_id, "spec": Path(spec_path).name, "output": data["output"]["dir"]})
