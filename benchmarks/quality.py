@@ -197,14 +197,15 @@ def suite_markdown(rows: list[dict]) -> list[str]:
     """The zero-shot tasks (the metric the average takes from each), the average and ROUGE per variant."""
     if not rows[0].get("metrics"):
         return []
-    shown = [m for m in rows[0]["metrics"] if m != "average" and (m.endswith("acc_norm") or m.startswith("rouge") or (
-        m.endswith(" acc") and m.replace(" acc", " acc_norm") not in rows[0]["metrics"]))]
-    lines = ["", "| method | target | " + " | ".join(shown) + " | zero-shot average |",
-             "|---|---|" + "---|" * (len(shown) + 1)]
+    metrics = rows[0]["metrics"]
+    tasks = [m for m in metrics if m.endswith(" acc_norm") or (m.endswith(" acc") and f"{m}_norm" not in metrics)]
+    rouges = [m for m in metrics if m.startswith("rouge")]
+    lines = ["", "| method | target | " + " | ".join(tasks + ["zero-shot average"] + rouges) + " |",
+             "|---|---|" + "---|" * (len(tasks) + 1 + len(rouges))]
     for row in rows:
         target = "—" if row["method"] == "dense" else f"{row['ratio']:.0%}"
-        values = " | ".join(f"{100 * row['metrics'][m]:.2f}" for m in shown)
-        lines.append(f"| {row['method']} | {target} | {values} | {100 * row['metrics']['average']:.2f} |")
+        values = " | ".join(f"{100 * row['metrics'][m]:.2f}" for m in tasks + ["average"] + rouges)
+        lines.append(f"| {row['method']} | {target} | {values} |")
     return lines
 
 

@@ -55,7 +55,7 @@ def record_rows(record: dict) -> list[dict]:
 
 def format_history(records: list[dict]) -> str:
     """One line per run and (name, metric), dense and compressed side by side."""
-    lines = [f"{'finished (UTC)':20s} {'name':10s} {'metric':12s} {'dense':>10s} {'compressed':>11s} "
+    lines = [f"{'finished (UTC)':20s} {'name':10s} {'metric':22s} {'dense':>10s} {'compressed':>11s} "
              f"{'wall s':>8s}  reused"]
     for record in records:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record["finished_at"]))
@@ -64,7 +64,7 @@ def format_history(records: list[dict]) -> str:
             values.setdefault((row["name"], row["metric"]), {})[row["variant"]] = row["value"]
         for (name, metric), by_variant in values.items() or [(("-", "-"), {})]:
             dense, compressed = (f"{by_variant[v]:.3f}" if by_variant.get(v) is not None else "-" for v in VARIANTS)
-            lines.append(f"{when:20s} {name:10s} {metric:12s} {dense:>10s} {compressed:>11s} "
+            lines.append(f"{when:20s} {name:10s} {metric:22s} {dense:>10s} {compressed:>11s} "
                          f"{record['total_wall_s']:8.1f}  {','.join(record['reused_stages']) or '-'}")
     return "\n".join(lines)
 
@@ -91,9 +91,14 @@ def plot_history(path: Path, records: list[dict], title: str) -> Figure:
     from matplotlib.figure import Figure
 
     series = history_series(records)
-    figure = Figure(figsize=(8, 4.5 * max(len(series), 1)), dpi=100, layout="constrained")
+    count = max(len(series), 1)
+    columns = min(count, 3)  # a zero-shot suite brings ~15 metrics: a grid, not one tall column
+    rows = -(-count // columns)
+    figure = Figure(figsize=(6.5 * columns, 4.2 * rows), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(max(len(series), 1), 1, squeeze=False)[:, 0]
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
     for ax, (metric, by_label) in zip(axes, series.items()):
         for label, points in by_label.items():
             ax.plot([when for when, _ in points], [value for _, value in points], marker="o", label=label)

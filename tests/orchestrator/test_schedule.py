@@ -96,7 +96,7 @@ def test_history_plot_of_two_records_has_series_labels_and_a_legend(tmp_path):
                                                    {**accuracy, "variant": "compressed", "value": 0.58}])]
     figure = plot_history(tmp_path / "trend.png", records, title="nightly")
     width, height = _png_size(tmp_path / "trend.png")
-    assert width >= 400 and height >= 600 and (tmp_path / "trend.png").stat().st_size > 10_000
+    assert width >= 1200 and height >= 400 and (tmp_path / "trend.png").stat().st_size > 10_000  # side by side
     perplexity, accuracy_axes = figure.axes  # one subplot per metric
     assert perplexity.get_title() == "nightly: perplexity" and perplexity.get_ylabel() == "perplexity"
     assert perplexity.get_xlabel() == "finished (UTC)" and accuracy_axes.get_ylabel() == "accuracy"

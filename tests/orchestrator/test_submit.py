@@ -74,9 +74,14 @@ def test_bad_input_never_reaches_the_cluster(tmp_path, tiny_model_dir, ray_clust
     assert unknown.returncode == 2 and "rankfold-nope" in unknown.stderr
 
 
-def test_scheduler_submits_a_due_run_to_the_cluster(tmp_path, tiny_model_dir, ray_cluster):
+def test_scheduler_submits_a_due_evaluation_to_the_cluster(tmp_path, tiny_model_dir, ray_cluster, shared_data):
+    """A nightly evaluation-only spec (`rankfold eval` on the cluster): perplexity and a zero-shot task
+    on Ray actors; its metrics reach the history and its plot."""
+    job = _quick_spec(tiny_model_dir, tmp_path / "out")
+    piqa = {"path": str(shared_data / "piqa" / "valid.jsonl"), "limit": 3}
+    evaluation = {"perplexity": job["evaluation"]["perplexity"], "zeroshot": [{"name": "suite", "tasks": {"piqa": piqa}}]}
     spec = tmp_path / "nightly.yaml"
-    spec.write_text(yaml.safe_dump(_quick_spec(tiny_model_dir, tmp_path / "out")))
+    spec.write_text(yaml.safe_dump({"model": job["model"], "evaluation": evaluation, "output": job["output"]}))
     registry = str(tmp_path / "schedules.json")
     assert _cli("schedule", str(spec), "--cron", "0 2 * * *", "--address", ray_cluster["api"],
                 "--registry", registry).returncode == 0
@@ -86,6 +91,8 @@ def test_scheduler_submits_a_due_run_to_the_cluster(tmp_path, tiny_model_dir, ra
     assert due.returncode == 0 and "nightly: submitted rankfold-" in due.stdout, due.stdout + due.stderr
     job = due.stdout.split("submitted ")[1].split()[0]
     assert _wait(job, ray_cluster["api"], {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED"
+    log = _cli("logs", job, "--address", ray_cluster["api"]).stdout
+    assert "rankfold eval" in log and "piqa acc_norm" in log, log[-3000:]
     history = _cli("history", str(spec))
-    assert history.returncode == 0 and history.stdout.count("wikitext2") >= 1
+    assert history.returncode == 0 and "perplexity" in history.stdout and "piqa acc" in history.stdout
     assert (tmp_path / "out" / "history.png").is_file()
