@@ -142,9 +142,16 @@ def test_cli_missing_spec_file(tmp_path, capsys):
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "jobs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_example_job_specs_are_valid_and_pass_preflight(path, monkeypatch):
+    from rankfold.jobs.spec import EvalSpec, load_any_spec
+    from rankfold.orchestrator.evaluation_run import open_evaluated
+    from rankfold.orchestrator.preflight import check_evaluations
+
     monkeypatch.chdir(path.parents[1])  # their paths are written for the repository root
-    spec = load_spec(path)
-    preflight(spec)
+    spec = load_any_spec(path)
+    if isinstance(spec, EvalSpec):  # `rankfold eval` specs: the model opens, every evaluation's data checks
+        check_evaluations(spec, open_evaluated(spec))
+    else:
+        preflight(spec)
     assert spec.output.dir == Path("runs") / path.stem
 
 
