@@ -48,6 +48,16 @@ def evaluation_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def generated_samples(rows: list[dict], count: int = 2, width: int = 150) -> list[str]:
+    """The first generated outputs of each generation entry and variant, beside their references."""
+    lines = []
+    for row in rows:
+        for sample in row.get("samples", [])[:count]:
+            lines += [f"  {row['name']} {row['variant']}: reference: {sample['reference'][:width]}",
+                      f"  {' ' * len(row['name'] + row['variant'])}   output:    {sample['output'][:width]}"]
+    return [""] + lines if lines else []
+
+
 def _shown(value: float | None, stderr: float | None) -> str:
     if value is None:
         return "-"
@@ -84,12 +94,12 @@ def format_report(report: dict) -> str:
         f"  calibration: {report['calibration_tokens']} tokens; checkpoint: {report['checkpoint']}",
     ]
     if report["rows"]:
-        lines += [""] + evaluation_table(report["rows"])
+        lines += [""] + evaluation_table(report["rows"]) + generated_samples(report["rows"])
     lines.append("")
     workers = any("worker_peak_rss_mb" in row for row in report["stages"])
-    lines.append(f"  {'stage':<30}{'wall s':>9}{'peak RSS MiB':>14}" + (f"{'worker peak MiB':>17}" if workers else ""))
+    lines.append(f"  {'stage':<38}{'wall s':>9}{'peak RSS MiB':>14}" + (f"{'worker peak MiB':>17}" if workers else ""))
     for row in report["stages"]:
         worker = f"{row['worker_peak_rss_mb']:>17.0f}" if "worker_peak_rss_mb" in row else ""
-        lines.append(f"  {row['stage']:<30}{row['wall_s']:>9.1f}{row['peak_rss_mb']:>14.0f}{worker}")
-    lines.append(f"  {'total':<30}{report['total_wall_s']:>9.1f}")
+        lines.append(f"  {row['stage']:<38}{row['wall_s']:>9.1f}{row['peak_rss_mb']:>14.0f}{worker}")
+    lines.append(f"  {'total':<38}{report['total_wall_s']:>9.1f}")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from typing import TextIO
 
 from rankfold.checkpoint import layer_layouts
 from rankfold.evaluation.registry import EVALUATORS, EvaluationContext
-from rankfold.evaluation.report import evaluation_table
+from rankfold.evaluation.report import evaluation_table, generated_samples
 from rankfold.execution.base import Executor
 from rankfold.jobs.spec import EvalSpec, SpecError
 from rankfold.models.sources import ModelSource, ModelSourceError, open_source
@@ -102,7 +102,7 @@ def _evaluate_all(spec: EvalSpec, source: ModelSource, executor: Executor, manif
 
 def format_evaluation(report: dict) -> str:
     lines = [f"rankfold eval · {report['model']} ({report['variant']}, fingerprint {report['fingerprint'][:12]})", ""]
-    lines += evaluation_table(report["rows"]) + [""]
+    lines += evaluation_table(report["rows"]) + generated_samples(report["rows"]) + [""]
     lines += [f"  {row['stage']:<40}{row['wall_s']:>9.1f} s" for row in report["stages"]]
     lines.append(f"  {'total':<40}{report['total_wall_s']:>9.1f} s")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ aggregates with lm-eval's own aggregation functions.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -32,7 +33,9 @@ class ModelWorker:
             torch.set_num_threads(threads)
         source = cached_source(location)
         self.model = model_from_source(source, getattr(torch, dtype))
-        self.tokenizer = source.tokenizer()
+        if torch.cuda.is_available():  # a worker given a GPU evaluates there (Ray hides GPUs it did not grant)
+            self.model.cuda()
+        self.tokenizer = copy.deepcopy(source.tokenizer())  # padding settings below stay this worker's
 
     def zeroshot(self, indices: list[int], task: str, path: str, limit: int | None, batch_size: int) -> list[dict]:
         """Per-document metrics of `task` over the documents `indices` (of the file's first `limit`):
@@ -74,7 +77,7 @@ class ModelWorker:
         tok.padding_side = "left"  # generation continues from the last position of every row
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        enc = tok(prompts, return_tensors="pt", padding=True)
+        enc = tok(prompts, return_tensors="pt", padding=True).to(self.model.device)
         ids = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         return [first_line(text) for text in tok.batch_decode(ids[:, enc.input_ids.shape[1]:], skip_special_tokens=True)]
 
