@@ -9,7 +9,7 @@ import sys
 from rankfold.checkpoint import CheckpointError
 from rankfold.core.errors import NumericalError
 from rankfold.data.text import DataError
-from rankfold.jobs.spec import JobSpec, SpecError, load_any_spec, parse_any_spec, parse_spec
+from rankfold.jobs.spec import JobSpec, SpecError, load_any_spec, parse_any_spec
 from rankfold.models.sources import ModelSourceError
 from rankfold.execution.ray import ClusterError
 from rankfold.orchestrator.cron import CronError
@@ -20,20 +20,25 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
-def _run(args: argparse.Namespace) -> int:
-    from rankfold.orchestrator.job import run_job
-
-    spec = load_any_spec(args.spec)
-    if not isinstance(spec, JobSpec):
-        raise SpecError(f"{args.spec}: an evaluation spec (no `method`): run it with `rankfold eval`")
+def _with_overrides(spec, args: argparse.Namespace):
+    """The spec with --executor / --address / --workers applied, validated like the file itself."""
     overrides = {k: v for k, v in (("executor", args.executor), ("address", args.address),
                                    ("workers", args.workers)) if v is not None}
     if args.address and "executor" not in overrides:
         overrides["executor"] = "ray"
-    if overrides:  # validated like the file itself
-        data = spec.model_dump(mode="json")
-        data["execution"] = {**data["execution"], **overrides}
-        spec = parse_spec(data, origin=f"{args.spec} (with command-line options)")
+    if not overrides:
+        return spec
+    data = spec.model_dump(mode="json")
+    data["execution"] = {**data["execution"], **overrides}
+    return parse_any_spec(data, origin=f"{args.spec} (with command-line options)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rankfold.orchestrator.job import run_job
+
+    spec = _with_overrides(load_any_spec(args.spec), args)
+    if not isinstance(spec, JobSpec):
+        raise SpecError(f"{args.spec}: an evaluation spec (no `method`): run it with `rankfold eval`")
     run_job(spec, stream=sys.stderr)
     return 0
 
@@ -41,16 +46,7 @@ def _run(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from rankfold.orchestrator.evaluation_run import require_eval_spec, run_evaluation
 
-    spec = require_eval_spec(load_any_spec(args.spec), args.spec)
-    overrides = {k: v for k, v in (("executor", args.executor), ("address", args.address),
-                                   ("workers", args.workers)) if v is not None}
-    if args.address and "executor" not in overrides:
-        overrides["executor"] = "ray"
-    if overrides:
-        data = spec.model_dump(mode="json")
-        data["execution"] = {**data["execution"], **overrides}
-        spec = require_eval_spec(parse_any_spec(data, origin=f"{args.spec} (with command-line options)"), args.spec)
-    run_evaluation(spec, stream=sys.stderr)
+    run_evaluation(require_eval_spec(_with_overrides(load_any_spec(args.spec), args), args.spec), stream=sys.stderr)
     return 0
 
 
@@ -158,18 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankfold", description="Low-rank compression of LLMs, layer by layer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run a compression job in this process")
-    run.add_argument("spec", help="job spec (YAML or JSON)")
-    run.add_argument("--executor", choices=["local", "ray"], help="override execution.executor")
-    run.add_argument("--address", help="Ray cluster address (implies --executor ray)")
-    run.add_argument("--workers", type=int, help="override execution.workers")
-    run.set_defaults(handler=_run)
-    evaluate = commands.add_parser("eval", help="evaluate an existing model or checkpoint (a spec without `method`)")
-    evaluate.add_argument("spec", help="evaluation spec (YAML or JSON): model, evaluation, output")
-    evaluate.add_argument("--executor", choices=["local", "ray"], help="override execution.executor")
-    evaluate.add_argument("--address", help="Ray cluster address (implies --executor ray)")
-    evaluate.add_argument("--workers", type=int, help="override execution.workers")
-    evaluate.set_defaults(handler=_eval)
+    for name, handler, text, what in (
+            ("run", _run, "run a compression job in this process", "job spec (YAML or JSON)"),
+            ("eval", _eval, "evaluate an existing model or checkpoint (a spec without `method`)",
+             "evaluation spec (YAML or JSON): model, evaluation, output")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("spec", help=what)
+        command.add_argument("--executor", choices=["local", "ray"], help="override execution.executor")
+        command.add_argument("--address", help="Ray cluster address (implies --executor ray)")
+        command.add_argument("--workers", type=int, help="override execution.workers")
+        command.set_defaults(handler=handler)
 
     api = "Ray Job API address (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS if http, or http://127.0.0.1:8265)"
     submit = commands.add_parser("submit", help="submit a job to a Ray cluster (Job API)")
