@@ -189,8 +189,9 @@ class JobSpec(Strict):
 
 class EvalSpec(Strict):
     """Evaluate an existing model, no compression (`rankfold eval`): `model.source` is a rankfold
-    checkpoint folder, a `store:` location, a Hugging Face folder, a GGUF or a built-in name (its
-    dense model). A spec without `method` is one of these.
+    checkpoint folder, `store:checkpoints/<digest>` (a job's checkpoint in this spec's artifact
+    store), a Hugging Face folder, a GGUF or a built-in name (its dense model). A spec without
+    `method` is one of these.
 
         model: {source: runs/smollm2-svdllm-20/model}
         evaluation: {zeroshot: [{name: suite, tasks: {piqa: {path: ../shared/data/piqa/valid.jsonl}}}]}

@@ -1,5 +1,5 @@
 """`rankfold eval SPEC`: the spec's evaluators on an existing model, without compressing anything —
-a rankfold checkpoint (a folder, or `store:` in an artifact store), a Hugging Face folder, a GGUF or a
+a rankfold checkpoint (a folder, or `store:checkpoints/<digest>` in the spec's artifact store), a Hugging Face folder, a GGUF or a
 built-in name's dense model.
 
 Each evaluation entry is a stage whose digest hashes the model's content fingerprint and dtype,
@@ -30,6 +30,7 @@ from rankfold.orchestrator.metering import StageMeter
 from rankfold.orchestrator.plan import evaluation_digest
 from rankfold.orchestrator.preflight import check_evaluations, job_id, prepare_output
 from rankfold.storage.store import ArtifactStore, LocalStore
+from rankfold.storage.stored_model import SCHEME, stored_location
 
 
 def run_evaluation(spec: EvalSpec, stream: TextIO | None = sys.stderr, executor: Executor | None = None,
@@ -37,9 +38,9 @@ def run_evaluation(spec: EvalSpec, stream: TextIO | None = sys.stderr, executor:
     """Evaluate `spec.model.source` with every entry of `spec.evaluation`; returns the report (also
     written to output.dir/report.json). Inputs are checked before any model is loaded."""
     started = time.perf_counter()
-    source = open_evaluated(spec)
-    check_evaluations(spec, source)
     store = store or open_store(spec)
+    source = open_evaluated(spec, store)
+    check_evaluations(spec, source)
     out = prepare_output(spec, store)
     owns_executor = executor is None
     executor = executor or make_executor(spec, stream)
@@ -61,10 +62,15 @@ def run_evaluation(spec: EvalSpec, stream: TextIO | None = sys.stderr, executor:
     return report
 
 
-def open_evaluated(spec: EvalSpec) -> ModelSource:
-    """The model to evaluate; SpecError naming model.source when it cannot be opened."""
+def open_evaluated(spec: EvalSpec, store: ArtifactStore | None = None) -> ModelSource:
+    """The model to evaluate; SpecError naming model.source when it cannot be opened.
+    `store:checkpoints/<digest>` names a checkpoint in the spec's artifact store (a job's report lists
+    the digest under artifacts.digests.assemble); any node of a cluster can read it."""
+    location = str(spec.model.source)
+    if location.startswith(SCHEME) and not location[len(SCHEME):].lstrip().startswith("{"):
+        location = stored_location((store or open_store(spec)).ref(), location[len(SCHEME):])
     try:
-        source = open_source(spec.model.source)
+        source = open_source(location)
         source.architecture  # noqa: B018  (an unsupported architecture is an error now)
     except (ModelSourceError, ValueError) as err:
         raise SpecError(f"model.source = {spec.model.source!r}: {err}") from None

@@ -36,11 +36,15 @@ def test_eval_reuses_its_records_and_shares_the_dense_ones(tiny_model_dir, tmp_p
     assert "evaluate dense wikitext2" in report["reused_stages"]
     history = main(["history", str(_write(tmp_path / "e.yaml", _eval_spec(tiny_model_dir, tmp_path / "eval", job)))])
     assert history == 0 and (tmp_path / "eval" / "history.png").is_file()
-    # The compressed checkpoint evaluated on its own: labelled compressed, same value as in the job.
-    compressed = run_evaluation(parse_any_spec(_eval_spec(report["checkpoint"], tmp_path / "eval-c", job)), stream=None)
+    # The compressed checkpoint evaluated on its own, as a folder and from the store: labelled
+    # compressed, the job's value.
     in_job = [r for r in report["rows"] if r["variant"] == "compressed"][0]
-    assert compressed["rows"][0]["variant"] == "compressed"
-    assert compressed["rows"][0]["value"] == pytest.approx(in_job["value"], rel=1e-6)
+    stored = f"store:checkpoints/{report['artifacts']['digests']['assemble']}"
+    for k, model in enumerate((report["checkpoint"], stored)):
+        spec = parse_any_spec(_eval_spec(model, tmp_path / f"eval-{k}", job))
+        compressed = run_evaluation(spec, stream=None, store=_store_of(tmp_path / "eval"))
+        assert compressed["rows"][0]["variant"] == "compressed"
+        assert compressed["rows"][0]["value"] == pytest.approx(in_job["value"], rel=1e-6)
 
 
 def _store_of(folder: Path):
