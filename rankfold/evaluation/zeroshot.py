@@ -97,7 +97,7 @@ def evaluate_zeroshot(options: ZeroShotOptions, context: EvaluationContext) -> l
     documents = {task: len(read_documents(task, e.path, e.limit)) for task, e in options.tasks.items()}
     rows, chosen = [], {}
     with ModelWorkers(context, max(documents.values()), options.dtype) as workers:
-        for task, entry in options.tasks.items():
+        for task, entry in context.executor.steps(list(options.tasks.items()), context.label):  # progress per task
             started = time.perf_counter()
             records = workers.map("zeroshot", range(documents[task]), task, str(entry.path), entry.limit,
                                   options.batch_size)
