@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -64,10 +66,23 @@ def file_rows(text: str) -> list[str]:
     return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
 
 
+_TOKENIZED: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # the last few texts tokenized in this process
+_TOKENIZED_KEPT = 4
+
+
 def tokenize(text: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """The whole text as one 1-D token tensor (no special tokens: windows are cut from it)."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    """The whole text as one 1-D token tensor (no special tokens: windows are cut from it). Shared,
+    read-only: the last few results are kept, since preflight, calibration and Fisher read the same
+    text (a 3 MB text takes seconds to tokenize)."""
+    key = (hashlib.sha256(text.encode("utf-8")).hexdigest(), type(tokenizer).__name__, tokenizer.name_or_path,
+           len(tokenizer), tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else None)
+    if key not in _TOKENIZED:
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        _TOKENIZED[key] = torch.tensor(ids, dtype=torch.long)
+        while len(_TOKENIZED) > _TOKENIZED_KEPT:
+            _TOKENIZED.popitem(last=False)
+    _TOKENIZED.move_to_end(key)
+    return _TOKENIZED[key]
 
 
 def calibration_samples(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:

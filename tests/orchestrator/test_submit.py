@@ -37,6 +37,7 @@ def _quick_spec(tiny_model_dir, out) -> dict:
     return data
 
 
+@pytest.mark.slow  # ~80 s; the default run covers submit/status/logs/list with the scheduled evaluation below
 def test_submit_status_logs_list(tmp_path, tiny_model_dir, ray_cluster):
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(_quick_spec(tiny_model_dir, tmp_path / "out")))
@@ -81,7 +82,8 @@ def test_scheduler_submits_a_due_evaluation_to_the_cluster(tmp_path, tiny_model_
     piqa = {"path": str(shared_data / "piqa" / "valid.jsonl"), "limit": 3}
     evaluation = {"zeroshot": [{"name": "suite", "tasks": {"piqa": piqa}}]}
     spec = tmp_path / "nightly.yaml"
-    spec.write_text(yaml.safe_dump({"model": job["model"], "evaluation": evaluation, "output": job["output"]}))
+    spec.write_text(yaml.safe_dump({"model": job["model"], "evaluation": evaluation, "output": job["output"],
+                                    "execution": {"workers": 1}}))  # one model actor: its start-up is the cost
     registry = str(tmp_path / "schedules.json")
     assert _cli("schedule", str(spec), "--cron", "0 2 * * *", "--address", ray_cluster["api"],
                 "--registry", registry).returncode == 0
@@ -93,6 +95,10 @@ def test_scheduler_submits_a_due_evaluation_to_the_cluster(tmp_path, tiny_model_
     assert _wait(job, ray_cluster["api"], {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED"
     log = _cli("logs", job, "--address", ray_cluster["api"]).stdout
     assert "rankfold eval" in log and "piqa acc_norm" in log, log[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["executor"].startswith("ray (") and report["variant"] == "dense"
+    listing = _cli("list", "--address", ray_cluster["api"]).stdout
+    assert job in listing and "SUCCEEDED" in listing
     history = _cli("history", str(spec))
     assert history.returncode == 0 and "piqa acc_norm" in history.stdout
     assert (tmp_path / "out" / "history.png").is_file()
