@@ -121,6 +121,14 @@ def main(argv: list[str] | None = None) -> dict:
                              "achieved": report["parameters"]["achieved_compression"],
                              "metrics": suite_metrics(report, "compressed")})
                 print(f"{name} @ {ratio:.0%}: ppl {ppl['compressed']:.3f}", file=sys.stderr)
+                result = write_results(args, argv, rows, tokens, windows, started)  # after every variant
+    print(to_markdown(result))
+    return result
+
+
+def write_results(args: argparse.Namespace, argv: list[str] | None, rows: list[dict], tokens: int, windows: dict,
+                  started: float) -> dict:
+    """quality.json / .md (and the PNG with --suite) of the rows so far: a long run keeps what it measured."""
     result = {
         "model": args.model, "dtype": args.dtype, "calibration": {"data": str(args.calib_data),
         "samples": args.calib_samples, "seq_len": args.seq_len, "tokens": tokens},
@@ -133,7 +141,6 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "quality.md").write_text(to_markdown(result))
     if args.suite:
         plot_suite(result, args.out / "quality.png")
-    print(to_markdown(result))
     return result
 
 
