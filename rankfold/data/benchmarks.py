@@ -24,36 +24,24 @@ Errors: `BenchmarkDataError` (a ValueError) naming the file and the line.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
+
+from rankfold.data import text
+from rankfold.data.text import DataError
 
 Document = dict[str, object]
 
 
-class BenchmarkDataError(ValueError):
+class BenchmarkDataError(DataError):
     """A benchmark file is missing or malformed; the message names the file and line."""
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[tuple[int, dict]]:
-    """(line number, record) of the first `limit` non-blank lines of a JSON-lines file."""
+    """(line number, record) of the first `limit` records of a benchmark's JSON-lines file."""
     if not path.is_file():
         raise BenchmarkDataError(f"{path}: no such file")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BenchmarkDataError(f"{path}:{number}: not JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise BenchmarkDataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append((number, record))
-    return records
+    return text.read_jsonl(path, limit, BenchmarkDataError)
 
 
 def _field(path: Path, number: int, record: dict, name: str, kind: type | tuple[type, ...] = str) -> object:

@@ -19,19 +19,32 @@ class DataError(ValueError):
     """Text that cannot be read or is unfit for its use: names the source and the problem."""
 
 
-def _jsonl_rows(path: Path, field: str) -> list[str]:
-    rows = []
+def read_jsonl(path: Path, limit: int | None = None, error: type[ValueError] = DataError) -> list[tuple[int, dict]]:
+    """(line number, record) of the first `limit` non-blank lines of a JSON-lines file; `error`
+    (naming the file and line) for a line that is not a JSON object."""
+    records = []
     with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+        for number, line in enumerate(handle, start=1):
+            if limit is not None and len(records) >= limit:
+                break
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                raise DataError(f"{path}:{number}: no field {field!r} (set text_field)")
-            rows.append(str(record[field]))
+                raise error(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise error(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            records.append((number, record))
+    return records
+
+
+def _jsonl_rows(path: Path, field: str) -> list[str]:
+    rows = []
+    for number, record in read_jsonl(path):
+        if field not in record:
+            raise DataError(f"{path}:{number}: no field {field!r} (set text_field)")
+        rows.append(str(record[field]))
     return rows
 
 

@@ -61,7 +61,7 @@ def test_openbookqa_stem(shared_data):
 def test_malformed_line_is_named(tmp_path):
     bad = tmp_path / "val.jsonl"
     bad.write_text('{"question": "q", "passage": "p", "label": "true"}\n\n{"question": "q", "passage": \n')
-    with pytest.raises(BenchmarkDataError, match=r"val\.jsonl:3: not JSON"):
+    with pytest.raises(BenchmarkDataError, match=r"val\.jsonl:3: not valid JSON"):
         read_documents("boolq", bad)
     bad.write_text('{"question": "q", "passage": "p", "label": "maybe"}\n')
     with pytest.raises(BenchmarkDataError, match=r"val\.jsonl:1: label 'maybe'"):
