@@ -108,8 +108,8 @@ def shared_lowrank_triton(x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.T
     lead = x.shape[:-1]
     flat = x.reshape(-1, n_in).contiguous()
     tokens = flat.shape[0]
-    a = a.contiguous()
-    bs = [b.contiguous() for b in bs]
+    a = a if a.stride(-1) == 1 else a.contiguous()  # row strides are kernel arguments: prefix views need
+    bs = [b if b.stride(-1) == 1 else b.contiguous() for b in bs]  # no copy (progressive decoding)
     perm = permutation.to(device=x.device, dtype=torch.int64).contiguous() if permutation is not None else a
     blocks = blocks or default_blocks(tokens, rank)
     rank_slices = triton.cdiv(rank, blocks["BLOCK_R"])

@@ -1,4 +1,9 @@
-"""LowRankLinear: y = B (A x) + bias — a dense linear replaced by two thin matmuls."""
+"""LowRankLinear: y = B (A x) + bias — a dense linear replaced by two thin matmuls.
+
+Factors are ordered by singular value, so the first r′ ≤ r directions are again a rank-r′ model:
+`active_rank` runs the module at r′ on views A[:r′], B[:, :r′] (no copy) — FLRC's progressive
+low-rank decoding sets it per decode step (modules/progressive.py).
+"""
 
 from __future__ import annotations
 
@@ -18,12 +23,28 @@ class LowRankLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self.active_rank: int | None = None      # None: the stored rank
+        self.rank_log: list[int] | None = None   # when a list, every forward appends the rank it ran at
+
+    def set_active_rank(self, rank: int | None) -> None:
+        self.active_rank = check_active_rank(rank, self.rank, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return shared_lowrank(x, self.A, [self.B], biases=[self.bias])[0]  # (..., n) -> (..., r) -> (..., m)
+        rank = self.active_rank or self.rank
+        if self.rank_log is not None:
+            self.rank_log.append(rank)
+        # (..., n) -> (..., r′) -> (..., m); prefixes are views of the stored factors
+        return shared_lowrank(x, self.A[:rank], [self.B[:, :rank]], biases=[self.bias])[0]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+def check_active_rank(rank: int | None, stored: int, what: str) -> int | None:
+    """`rank` if 1 ≤ rank ≤ stored (None: the stored rank); ValueError otherwise."""
+    if rank is not None and not 1 <= rank <= stored:
+        raise ValueError(f"{what}: active rank {rank} outside [1, {stored}] (its stored rank)")
+    return rank
 
 
 def replace_linears(root: nn.Module, ranks: dict[str, int], dtype: torch.dtype | None = None) -> None:

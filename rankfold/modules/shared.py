@@ -6,6 +6,9 @@ SharedLowRankLinear per member computing y = B z. transformers calls q_proj, k_p
 after another on the same tensor; the first call computes every member's output in one kernel call
 and the projection keeps them for that tensor until every member has taken its own, so A x is
 computed once per token without changing transformers' attention code.
+
+`active_rank` (on the projection: its members share it) runs the group at the first r′ directions,
+views A[:r′] and B_c[:, :r′]; a skip projection refuses r′ < r — see `SKIP_TRUNCATION`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,14 @@ import torch
 from torch import nn
 
 from rankfold.kernels import shared_lowrank
+from rankfold.modules.lowrank import check_active_rank
+
+# Why a skip layout has no nested ranks (and PLRD refuses it).
+SKIP_TRUNCATION = (
+    "a skip layout (identity block + permutation) has no nested ranks: its latent z = A_P1⁻¹ A x mixes all r "
+    "singular directions into every coordinate, so no prefix of z is a lower-rank model, and truncating correctly "
+    "needs the whole z plus an r×r change of basis — more work than the stored rank. Use a layout without "
+    "skipping (method.skip false, or svd_llm) for progressive low-rank decoding")
 
 
 class SharedProjection(nn.Module):
@@ -38,6 +49,13 @@ class SharedProjection(nn.Module):
         self._cached_input: weakref.ref | None = None
         self._cached_outputs: list[torch.Tensor] | None = None
         self._uses_left = 0
+        self.active_rank: int | None = None      # None: the stored rank
+        self.rank_log: list[int] | None = None   # when a list, every computation of z appends its rank
+
+    def set_active_rank(self, rank: int | None) -> None:
+        if self.skip and rank is not None and rank != self.rank:
+            raise ValueError(f"SharedProjection: active rank {rank} < {self.rank}: {SKIP_TRUNCATION}")
+        self.active_rank = check_active_rank(rank, self.rank, type(self).__name__)
 
     def attach(self, member: "SharedLowRankLinear") -> int:
         if len(self._members) == self.consumers:
@@ -48,8 +66,14 @@ class SharedProjection(nn.Module):
     def group_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         if len(self._members) != self.consumers:
             raise RuntimeError(f"shared projection has {len(self._members)} of its {self.consumers} members")
-        a, permutation = (self.A_prime, self.permutation) if self.skip else (self.A, None)
-        return shared_lowrank(x, a, [m.B for m in self._members], permutation, [m.bias for m in self._members])
+        if self.skip:
+            return shared_lowrank(x, self.A_prime, [m.B for m in self._members], self.permutation,
+                                  [m.bias for m in self._members])
+        rank = self.active_rank or self.rank
+        if self.rank_log is not None:
+            self.rank_log.append(rank)
+        return shared_lowrank(x, self.A[:rank], [m.B[:, :rank] for m in self._members], None,
+                              [m.bias for m in self._members])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         cached = self._cached_input() if self._cached_input is not None else None
