@@ -5,6 +5,8 @@ Layout of a checkpoint folder:
                                      definition, rank of every compressed matrix, format version)
     rankfold.safetensors.index.json  HF index format: weight_map + sha256 of every shard
     layers-00000.safetensors ...     one shard per decoder layer; `globals.safetensors` for the rest
+    rank_gains.safetensors           (FLRA only) loss removed per parameter of every kept direction,
+                                     by module path: progressive decoding's order; checksummed, no weights
     tokenizer files
 
 The index is deliberately not named model.safetensors.index.json: plain transformers would load the
@@ -32,6 +34,7 @@ from rankfold.modules.transformers_hook import PREFIX, compressed_config
 
 FORMAT_VERSION = 1
 INDEX_NAME = RANKFOLD_INDEX_NAME
+RANK_GAINS = "rank_gains.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -91,6 +94,14 @@ def verify_checkpoint(folder: Path) -> None:
         actual = sha256_file(shard)
         if actual != expected:
             raise CheckpointError(f"{folder}: shard {name} is corrupted (sha256 {actual[:12]}…, index says {expected[:12]}…)")
+
+
+def rank_gains(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's FLRA decode gains (module path -> (rank,) float32), None when it has none."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / RANK_GAINS
+    return load_file(path) if path.is_file() else None
 
 
 def compressed_layout(config: PretrainedConfig) -> list[CompressedModule]:

@@ -38,7 +38,7 @@ from rankfold.methods.structure import max_useful_rank, params
 from rankfold.methods.whitening import whitening_factor
 from rankfold.modules.layout import CompressedModule
 
-VERSION = "1"
+VERSION = "2"  # 2: records decode_gains for progressive decoding
 BATCHES_KEY = "batches"    # Fisher artifacts: how many batches the sums run over
 GRAM_TRACE_KEY = "gram_trace"
 
@@ -178,10 +178,9 @@ def _dims(module: CompressedModule, shapes: dict[str, tuple[int, int]]) -> tuple
     return sum(shapes[m][0] for m in module.members), shapes[module.members[0]][1]
 
 
-def allocate_fisher(options: FisherAllocation, problem: AllocationProblem) -> Ranks:
-    """Every module of the layout becomes a unit (spectrum, Fisher weight, cost); one budget —
-    (1 − ratio) of the dense parameters — is split over all of them."""
-    units, members_of = [], {}
+def _units(options: FisherAllocation, problem: AllocationProblem) -> list[tuple[RankUnit, int, CompressedModule]]:
+    """Every module of the layout as a unit (spectrum, Fisher weight, cost), with its layer and module."""
+    out = []
     for i, modules in problem.layout.items():
         scores = fisher_scores(problem.read("fisher", i, None))
         for group in dict.fromkeys(m.group for m in modules):
@@ -189,16 +188,37 @@ def allocate_fisher(options: FisherAllocation, problem: AllocationProblem) -> Ra
             trace = float(spectra[GRAM_TRACE_KEY][0])
             for module in (m for m in modules if m.group == group):
                 rows, cols = _dims(module, problem.shapes[i])
-                name = problem.layer_prefix.format(i=i) + unit_name(module)
-                members_of[name] = (i, module.members)
-                units.append(RankUnit(name, spectra[f"{unit_name(module)}.energy"],
-                                      loss_weight(sum(scores[m] for m in module.members), rows, trace), rows, cols,
-                                      module.skip, min_rank=_min_rank(options, rows, cols)))
+                unit = RankUnit(problem.layer_prefix.format(i=i) + unit_name(module),
+                                spectra[f"{unit_name(module)}.energy"],
+                                loss_weight(sum(scores[m] for m in module.members), rows, trace), rows, cols,
+                                module.skip, min_rank=_min_rank(options, rows, cols))
+                out.append((unit, i, module))
+    return out
+
+
+def allocate_fisher(options: FisherAllocation, problem: AllocationProblem) -> Ranks:
+    """Every module of the layout becomes a unit (spectrum, Fisher weight, cost); one budget —
+    (1 − ratio) of the dense parameters — is split over all of them."""
+    units = _units(options, problem)
     by_layer: Ranks = {i: {} for i in problem.shapes}
-    for name, rank in allocate_ranks(units, problem.budget).items():
-        i, members = members_of[name]
-        by_layer[i].update({m: rank for m in members})
+    ranks = allocate_ranks([unit for unit, _, _ in units], problem.budget)
+    for unit, i, module in units:
+        by_layer[i].update({m: ranks[unit.name] for m in module.members})
     return by_layer
+
+
+def decode_gains(options: FisherAllocation, problem: AllocationProblem, ranks: Ranks) -> dict[str, torch.Tensor]:
+    """FLRA's loss removed per parameter, w · σ_i² / (params(i) − params(i − 1)), of directions 1 … r of
+    every module at its allocated rank r, keyed by the path of the module that holds the rank (the
+    linear, or the shared projection): the order in which PLRD (methods/plrd.py) keeps directions."""
+    out = {}
+    for unit, i, module in _units(options, problem):
+        rank = ranks[i][module.members[0]]
+        steps = torch.arange(1, rank + 1)
+        cost = (unit.params(steps) - unit.params(steps - 1)).clamp_min(1).to(torch.float64)
+        path = problem.layer_prefix.format(i=i) + (module.shared_path or module.members[0])
+        out[path] = (unit.weight * unit.energy[:rank] / cost).to(torch.float32)
+    return out
 
 
 def check_spec(options: FisherAllocation, method: Method, calibration_samples: int) -> None:
@@ -223,4 +243,4 @@ def check_budget(options: FisherAllocation, problem: AllocationProblem) -> None:
 
 
 register_allocator(Allocator("fisher", FisherAllocation, allocate_fisher, VERSION, stages=("fisher", "spectra"),
-                             check_spec=check_spec, check=check_budget))
+                             check_spec=check_spec, check=check_budget, gains=decode_gains))

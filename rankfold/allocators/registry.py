@@ -57,6 +57,9 @@ class Allocator:
     # ValueError naming the spec field.
     check_spec: Callable[[AllocationOptions, Method, int], None] = lambda options, method, samples: None
     check: Callable[[AllocationOptions, AllocationProblem], None] = lambda options, problem: None
+    # gains(options, problem, ranks) -> {module path: loss removed per parameter of each kept direction},
+    # the order progressive decoding keeps directions in; recorded in the checkpoint (rank_gains.safetensors)
+    gains: Callable[[AllocationOptions, AllocationProblem, Ranks], dict[str, torch.Tensor]] | None = None
 
 
 ALLOCATORS: Registry[Allocator] = Registry("allocation kind")

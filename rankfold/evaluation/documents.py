@@ -34,6 +34,10 @@ class ModelWorkers:
                                           [(list(items[p.start:p.stop]), *args) for p in parts])
         return [x for part in results for x in part]
 
+    def call_first(self, method: str, *args) -> Any:
+        """`method(*args)` on the first worker (what every worker would answer alike)."""
+        return self.executor.call_each(self.handles[:1], method, [args])[0]
+
     def __enter__(self) -> "ModelWorkers":
         return self
 

@@ -12,6 +12,15 @@ Documents are split over the executor's workers; outputs come back in document o
 Defaults: the prompt below (the article cut to its first `max_document_tokens` tokens), 64 new
 tokens at most, generation stopped at the first newline. The first `keep_outputs` summaries are kept
 in the report beside their references for a person to read.
+
+`progressive:` decodes a compressed model with FLRC's progressive low-rank decoding (methods/plrd.py):
+the active rank shrinks with the decode step, e.g. to the average decode cost of a 20 % model:
+
+        progressive: {shape: exponential, decay_tokens: 8, target_ratio: 0.2, order: fisher}
+
+Rows then carry the solved schedule and `decode_cost` (parameters of the compressed matrices touched
+per generated token / their dense parameters). The dense variant of a job decodes as it is. A skip
+layout has no nested ranks and is refused before any model loads.
 """
 
 from __future__ import annotations
@@ -27,8 +36,10 @@ from rankfold.data.benchmarks import read_documents
 from rankfold.data.source import TextSource
 from rankfold.evaluation.documents import ModelWorkers
 from rankfold.evaluation.registry import EvaluationContext, Evaluator, EvaluatorOptions, Row, register_evaluator
+from rankfold.methods.plrd import DecodeSchedule
+from rankfold.modules.shared import SKIP_TRUNCATION
 
-VERSION = f"1+rouge_score-{importlib.metadata.version('rouge_score')}"
+VERSION = f"2+rouge_score-{importlib.metadata.version('rouge_score')}"
 DEFAULT_PROMPT = "Summarize the following article in one sentence.\n\nArticle: {document}\n\nOne-sentence summary:"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -44,6 +55,7 @@ class GenerationOptions(EvaluatorOptions):
     # README gives its measured difference from float32.
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     keep_outputs: int = Field(5, ge=0)
+    progressive: DecodeSchedule | None = None   # FLRC's PLRD (compressed models; see the module doc)
 
     @field_validator("prompt")
     @classmethod
@@ -76,13 +88,28 @@ def rouge(references: list[str], predictions: list[str]) -> dict[str, float]:
     return {kind: sum(s[kind].fmeasure for s in scores) / len(scores) for kind in ROUGE_TYPES}
 
 
+def _progressive(options: GenerationOptions, context: EvaluationContext) -> dict | None:
+    """The schedule to decode with: none for a dense model; ValueError for a skip layout."""
+    layers = [context.layout(i) for i in range(context.num_layers)]
+    if options.progressive is None or all(layer is None for layer in layers):
+        return None
+    if any(module.get("skip") for layer in layers for module in layer or []):
+        raise ValueError(f"evaluation.generation[{options.name}].progressive: {SKIP_TRUNCATION}")
+    return options.progressive.model_dump(mode="json")
+
+
 def evaluate_generation(options: GenerationOptions, context: EvaluationContext) -> list[Row]:
+    progressive = _progressive(options, context)
     prompts, references = prompts_of(options, context.tokenizer)
     with ModelWorkers(context, len(prompts), options.dtype) as workers:
-        outputs = workers.map("generate", prompts, options.max_new_tokens, options.batch_size)
+        plan = workers.call_first("decode_plan", progressive, options.max_new_tokens) if progressive else None
+        outputs = workers.map("generate", prompts, options.max_new_tokens, options.batch_size, progressive)
     kept = [{"reference": ref, "output": out} for ref, out in zip(references, outputs)][:options.keep_outputs]
+    decoding = {} if plan is None else {"schedule": plan["schedule"], "decode_cost": plan["decode_cost"],
+                                        "stored_cost": plan["stored_cost"]}
     return [{"metric": kind, "value": value, "documents": len(prompts), "max_new_tokens": options.max_new_tokens,
-             **({"samples": kept} if kind == "rougeL" else {})} for kind, value in rouge(references, outputs).items()]
+             **decoding, **({"samples": kept} if kind == "rougeL" else {})}
+            for kind, value in rouge(references, outputs).items()]
 
 
 def check_documents(options: GenerationOptions, tokenizer: PreTrainedTokenizerBase) -> None:

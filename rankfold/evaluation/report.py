@@ -11,7 +11,7 @@ RATIO_DEFINITION = ("compression = 1 - (parameters of the compressed matrices af
                     "target's projections in every decoder layer; embeddings, lm_head and norms not counted")
 ROW_KEYS = ("evaluator", "name", "variant", "metric", "value")
 # Measured beside the value (they differ between variants), not settings of the measurement.
-MEASURED_KEYS = ("stderr", "samples", "wall_s")
+MEASURED_KEYS = ("stderr", "samples", "wall_s", "schedule", "decode_cost", "stored_cost")
 
 
 def parameter_counts(shapes: dict[int, dict[str, tuple[int, int]]], layout: dict[int, list[CompressedModule]],

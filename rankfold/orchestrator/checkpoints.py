@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from rankfold.checkpoint import INDEX_NAME, CheckpointError, verify_checkpoint, write_index, write_shard
+from rankfold.checkpoint import INDEX_NAME, CheckpointError, ShardInfo, verify_checkpoint, write_index, write_shard
+from rankfold.core.hashing import sha256_file
 from rankfold.evaluation.report import RATIO_DEFINITION
 from rankfold.execution.base import Executor
 from rankfold.models.sources import ModelSource, ModelSourceError, SafetensorsSource
@@ -21,9 +22,10 @@ from rankfold.workers.tasks import AssembleItem, assemble_item
 
 def assemble_checkpoint(source: ModelSource, layout: ModelLayout, dtype: str, store: ArtifactStore,
                         executor: Executor, factor_keys: dict[int, list[str]], prefix: str, folder: Path,
-                        meta: dict) -> dict[str, str]:
+                        meta: dict, extras: dict[str, str] | None = None) -> dict[str, str]:
     """Write the checkpoint under `prefix` in the store, then place it in `folder`; `meta` goes into
-    config.json's rankfold section. Returns its artifacts (key -> sha256)."""
+    config.json's rankfold section; `extras` (file name -> store key) are copied in and checksummed
+    by the index without being weights (e.g. rank_gains.safetensors). Returns its artifacts (key -> sha256)."""
     arch = source.architecture
     folder.mkdir(parents=True, exist_ok=True)
     (folder / INDEX_NAME).unlink(missing_ok=True)  # whatever was here is not a finished checkpoint now
@@ -37,6 +39,9 @@ def assemble_checkpoint(source: ModelSource, layout: ModelLayout, dtype: str, st
     staging.mkdir()
     shards.append(write_shard(staging, "globals.safetensors", _global_tensors(source, getattr(torch, dtype))))
     source.tokenizer().save_pretrained(staging)
+    for name, key in (extras or {}).items():
+        store.fetch(key, staging / name)
+        shards.append(ShardInfo(name, sha256_file(staging / name), ()))  # checksummed, not in the weight map
     meta = {**meta, "ratio_definition": RATIO_DEFINITION, "dtype": dtype, "layout": layout.flat(arch),
             "ranks": layout.ranks(arch)}
     write_index(staging, shards, _plain_config(source, dtype), meta)

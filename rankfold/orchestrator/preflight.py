@@ -12,6 +12,7 @@ from rankfold.evaluation.registry import EVALUATORS
 from rankfold.jobs.spec import JobSpec, SpecError
 from rankfold.methods.registry import method_of
 from rankfold.models.sources import ModelSource, ModelSourceError, open_source
+from rankfold.modules.shared import SKIP_TRUNCATION
 from rankfold.orchestrator.layout import Shapes, matrix_shapes, plan_layout
 from rankfold.orchestrator.manifest import Manifest
 from rankfold.orchestrator.plan import needs_calibration
@@ -80,6 +81,12 @@ def check_evaluations(spec: JobSpec, source: ModelSource) -> None:
                 evaluator.check(options, tokenizer)
             except (ValueError, DataError) as err:
                 raise SpecError(f"evaluation.{evaluator.name}[{k}] ({options.name}): {err}") from None
+    method = getattr(spec, "method", None)  # an evaluation spec has none: its layout is checked at evaluation
+    if method is not None and method_of(method).structure.skip:
+        for k, options in enumerate(spec.evaluation.generation):
+            if options.progressive is not None:
+                raise SpecError(f"evaluation.generation[{k}].progressive with method.name {method.name!r}: "
+                                f"{SKIP_TRUNCATION}")
 
 
 def prepare_output(spec: JobSpec, store: ArtifactStore) -> Path:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from rankfold.allocators.registry import ALLOCATORS, AllocationProblem
+from rankfold.checkpoint import RANK_GAINS
 from rankfold.core.errors import NumericalError
 from rankfold.core.registry import Registry
 from rankfold.data.text import calibration_samples, load_text, tokenize
@@ -163,8 +164,14 @@ def allocate(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
     read = lambda stage, i, group: ctx.store.get_tensors(ctx.key(stage, i, group))  # noqa: E731
     problem = AllocationProblem(method_of(ctx.spec.method), ctx.layout.by_layer, ctx.shapes, ctx.spec.target.ratio,
                                 ctx.source.architecture.layer_prefix, read)
-    ranks = ALLOCATORS.get(allocation.kind).allocate(allocation, problem)
-    return {"ranks": {str(i): r for i, r in ranks.items()}}, {}
+    allocator = ALLOCATORS.get(allocation.kind)
+    ranks = allocator.allocate(allocation, problem)
+    result, artifacts = {"ranks": {str(i): r for i, r in ranks.items()}}, {}
+    if allocator.gains is not None:  # the decode order progressive decoding reads from the checkpoint
+        key = f"{stage.prefix('gains')}/{RANK_GAINS}"
+        artifacts[key] = ctx.store.put_tensors(key, allocator.gains(allocation, problem, ranks))
+        result["gains"] = key
+    return result, artifacts
 
 
 def decompose(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
@@ -191,8 +198,9 @@ def assemble(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
         factor_keys[i].append(ctx.key("decompose", i, group))
     meta = {"method": ctx.spec.method.model_dump(mode="json"), "target": ctx.spec.target.model_dump(mode="json"),
             "source": ctx.spec.model.source, "digest": stage.digest}
+    extras = {RANK_GAINS: ctx.results["allocate"]["gains"]} if "gains" in ctx.results.get("allocate", {}) else {}
     artifacts = assemble_checkpoint(ctx.source, layout, ctx.spec.model.dtype, ctx.store, ctx.executor, factor_keys,
-                                    stage.prefix(CHECKPOINTS), ctx.checkpoint, meta)
+                                    stage.prefix(CHECKPOINTS), ctx.checkpoint, meta, extras)
     return {"folder": str(ctx.checkpoint)}, artifacts
 
 

@@ -15,7 +15,9 @@ import logging
 
 import torch
 
-from rankfold.checkpoint import model_from_source
+from rankfold.checkpoint import model_from_source, rank_gains
+from rankfold.methods.plrd import DecodeSchedule, average_cost, full_cost, solve_floor, step_ranks
+from rankfold.modules.progressive import ProgressiveDecoding, decode_units
 from rankfold.core.resources import process_peak_rss_mb
 from rankfold.data.zeroshot_tasks import zeroshot_task
 from rankfold.workers.shard import cached_source
@@ -36,6 +38,7 @@ class ModelWorker:
         if torch.cuda.is_available():  # a worker given a GPU evaluates there (Ray hides GPUs it did not grant)
             self.model.cuda()
         self.tokenizer = copy.deepcopy(source.tokenizer())  # padding settings below stay this worker's
+        self.gains = rank_gains(source.folder) if hasattr(source, "folder") else None
 
     def zeroshot(self, indices: list[int], task: str, path: str, limit: int | None, batch_size: int) -> list[dict]:
         """Per-document metrics of `task` over the documents `indices` (of the file's first `limit`):
@@ -58,18 +61,36 @@ class ModelWorker:
         return sorted(({"doc_id": int(r["doc_id"]), "metrics": {m: float(r[m]) for m in metrics}} for r in records),
                       key=lambda r: r["doc_id"])
 
+    def decode_plan(self, progressive: dict, max_new_tokens: int) -> dict:
+        """A progressive schedule (DecodeSchedule fields) solved for this model: the schedule, the active
+        ranks of every step, and decode costs as fractions of the compressed matrices' dense parameters."""
+        units = decode_units(self.model, self.gains)
+        schedule = solve_floor(DecodeSchedule(**progressive), units, max_new_tokens)
+        dense = sum(u.dense_params for u in units)
+        return {"schedule": schedule.model_dump(mode="json"),
+                "ranks": step_ranks(schedule, units, max_new_tokens),
+                "decode_cost": average_cost(schedule, units, max_new_tokens) / dense,
+                "stored_cost": full_cost(units) / dense}
+
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int,
+                 progressive: dict | None = None) -> list[str]:
         """Greedy continuations of `prompts` (transformers' generate with its KV cache, at most
         `max_new_tokens`, until EOS), each cut to its first non-blank line (`first_line`); prompts are
-        batched by length (left padding), results in prompt order."""
+        batched by length (left padding), results in prompt order. `progressive`: a DecodeSchedule's
+        fields — the active ranks then follow it per decode step (methods/plrd.py)."""
         tok = self.tokenizer
         order = sorted(range(len(prompts)), key=lambda k: len(tok(prompts[k]).input_ids))
         outputs: dict[int, str] = {}
+        plan = self.decode_plan(progressive, max_new_tokens)["ranks"] if progressive else None
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            for k, text in zip(batch, self._generate_batch([prompts[k] for k in batch], max_new_tokens)):
-                outputs[k] = text
+            if plan is None:
+                texts = self._generate_batch([prompts[k] for k in batch], max_new_tokens)
+            else:
+                with ProgressiveDecoding(self.model, plan):
+                    texts = self._generate_batch([prompts[k] for k in batch], max_new_tokens)
+            outputs.update(zip(batch, texts))
         return [outputs[k] for k in range(len(prompts))]
 
     def _generate_batch(self, prompts: list[str], max_new_tokens: int) -> list[str]:
