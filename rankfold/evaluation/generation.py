@@ -39,7 +39,7 @@ from rankfold.evaluation.registry import EvaluationContext, Evaluator, Evaluator
 from rankfold.methods.plrd import DecodeSchedule
 from rankfold.modules.shared import SKIP_TRUNCATION
 
-VERSION = f"2+rouge_score-{importlib.metadata.version('rouge_score')}"
+VERSION = f"1+rouge_score-{importlib.metadata.version('rouge_score')}"
 DEFAULT_PROMPT = "Summarize the following article in one sentence.\n\nArticle: {document}\n\nOne-sentence summary:"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 

@@ -99,7 +99,9 @@ def evaluation_digest(model: object, evaluator_name: str, options) -> str:
     evaluator's VERSION, its settings (not its label) and its data files' content."""
     evaluator = EVALUATORS.get(evaluator_name)
     data = [text_fingerprint(source) for source in evaluator.inputs(options)]
-    settings = options.model_dump(mode="json", exclude={"name"})
+    # An optional field left unset (None) stays out: adding one (e.g. generation's `progressive`) keeps
+    # every stored result of the entries that do not use it.
+    settings = {k: v for k, v in options.model_dump(mode="json", exclude={"name"}).items() if v is not None}
     return _digest("evaluate", model, evaluator.name, evaluator.version, settings, data)
 
 
