@@ -94,9 +94,9 @@ def variants(args: argparse.Namespace) -> list[tuple[str, float, str, list[dict]
                 (f"flra-{ratio:g}", ratio, "fisher", [xsum(args)])]
     for pair in args.pairs:
         stored, target = (float(x) for x in pair.split(":"))
-        out.append((f"svd_llm-{stored:g}", stored, "uniform",
+        out.append((f"svd_llm-{stored:g}-plrd", stored, "uniform",  # its own folder: the static job's differs
                     [xsum(args, f"plrd-{target:g}-uniform", schedule(args, target, "uniform"))]))
-        out.append((f"flra-{stored:g}", stored, "fisher",
+        out.append((f"flra-{stored:g}-plrd", stored, "fisher",
                     [xsum(args, f"plrd-{target:g}-{order}", schedule(args, target, order))
                      for order in ("uniform", "fisher")]))
     return out
@@ -104,9 +104,10 @@ def variants(args: argparse.Namespace) -> list[tuple[str, float, str, list[dict]
 
 def run_rows(args: argparse.Namespace, store: LocalStore, write) -> list[dict]:
     rows: list[dict] = []
-    for label, ratio, allocation, generation in variants(args):
-        report = run_job(parse_spec(job_spec(args, ratio, allocation, generation, args.out / label)), stream=sys.stderr,
-                         store=store)
+    for k, (label, ratio, allocation, generation) in enumerate(variants(args)):
+        spec = job_spec(args, ratio, allocation, generation, args.out / label)
+        spec["evaluation"]["dense"] = k == 0  # the dense XSum once (a progressive entry decodes dense as it is)
+        report = run_job(parse_spec(spec), stream=sys.stderr, store=store)
         achieved = report["parameters"]["achieved_compression"]
         for row in report["rows"]:
             if row["evaluator"] != "generation" or row["metric"] != "rougeL":
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.latency_only:
         run_rows(args, store, write)
     if not args.skip_latency:
-        spec = job_spec(args, args.latency_ratio, "uniform", [], args.out / f"svd_llm-{args.latency_ratio:g}")
+        spec = job_spec(args, args.latency_ratio, "uniform", [], args.out / f"latency-svd_llm-{args.latency_ratio:g}")
         checkpoint = run_job(parse_spec(spec), stream=sys.stderr, store=store)["checkpoint"]
         result["latency"] = decode_latency(args, Path(checkpoint))
     write(result["rows"])

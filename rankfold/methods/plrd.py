@@ -1,6 +1,7 @@
 """PLRD — FLRC's progressive low-rank decoding (arXiv:2510.09332; METHODS.md "FLRC"): the active rank
 of every compressed module shrinks as tokens are generated. Pure math: schedules, decode cost, the
-ranks of one step, and the cost-matched solve. modules/progressive.py applies it inside `generate`.
+ranks of one step, and the cost-matched solve (`decode_units` reads a compressed model's modules as
+their input). modules/progressive.py applies the ranks inside `generate`.
 
 Decode steps. Generated token t (t = 0 … T−1, T = max_new_tokens) comes from the forward pass that
 produces it: t = 0 is the prefill, always at the stored rank; step t ≥ 1 runs at fraction f(t):
@@ -31,8 +32,11 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 
 from rankfold.core.options import Strict
+from rankfold.modules.progressive import rank_modules
+from rankfold.modules.shared import SharedProjection
 
 
 class DecodeSchedule(Strict):
@@ -57,6 +61,17 @@ class DecodeUnit:
     cost_per_rank: int              # n + M: parameters touched per direction
     dense_params: int               # Σ m·n of its dense members
     gains: torch.Tensor | None = None  # FLRA's loss removed per parameter of directions 1 … rank (fisher order)
+
+
+def decode_units(model: nn.Module, gains: dict | None = None) -> list[DecodeUnit]:
+    """The model's rank modules as DecodeUnits (cost r′(n + M), dense Σ m·n); `gains` by module path."""
+    units = []
+    for name, module in rank_modules(model).items():
+        rows = (sum(m.out_features for m in module._members) if isinstance(module, SharedProjection)
+                else module.out_features)
+        units.append(DecodeUnit(name, module.rank, module.in_features + rows, rows * module.in_features,
+                                None if gains is None else gains.get(name)))
+    return units
 
 
 def fraction(schedule: DecodeSchedule, t: int, steps: int) -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from rankfold.methods.plrd import DecodeUnit
 from rankfold.modules.lowrank import LowRankLinear
 from rankfold.modules.shared import SKIP_TRUNCATION, SharedProjection
 
@@ -30,17 +29,6 @@ def rank_modules(model: nn.Module) -> dict[str, LowRankLinear | SharedProjection
     if not found:
         raise ValueError("progressive decoding needs a compressed model; this one has no low-rank modules")
     return found
-
-
-def decode_units(model: nn.Module, gains: dict | None = None) -> list[DecodeUnit]:
-    """The model's rank modules as DecodeUnits (cost r′(n + M), dense Σ m·n); `gains` by module path."""
-    units = []
-    for name, module in rank_modules(model).items():
-        rows = (sum(m.out_features for m in module._members) if isinstance(module, SharedProjection)
-                else module.out_features)
-        units.append(DecodeUnit(name, module.rank, module.in_features + rows, rows * module.in_features,
-                                None if gains is None else gains.get(name)))
-    return units
 
 
 class ProgressiveDecoding:

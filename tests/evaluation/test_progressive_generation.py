@@ -76,6 +76,7 @@ def test_cost_matched_schedule_is_solved_and_reported(in_process, flra_checkpoin
     assert "decode_cost" not in plain[0]
 
 
+@pytest.mark.slow  # ~45 s of actor start-up; the sharding itself is ModelWorkers', Ray-tested with zero-shot
 def test_ray_actors_decode_alike(in_process, ray_executor, flra_checkpoint, shared_data, tmp_path):
     on_ray = evaluate_generation(_options(shared_data, progressive=SCHEDULE),
                                  _context(ray_executor, flra_checkpoint, tmp_path))

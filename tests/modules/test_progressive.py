@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rankfold.methods.plrd import DecodeSchedule, step_ranks
+from rankfold.methods.plrd import DecodeSchedule, decode_units, step_ranks
 from rankfold.modules.layout import CompressedModule, apply_layout
-from rankfold.modules.progressive import ProgressiveDecoding, decode_units, rank_modules
+from rankfold.modules.progressive import ProgressiveDecoding, rank_modules
 
 ATTN = ("q_proj", "k_proj", "v_proj")
 
