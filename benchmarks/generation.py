@@ -10,7 +10,8 @@ calibration, the Fisher pass and the dense XSum run once; --store shares another
   dense; static SVD-LLM and FLRA (+ SVD-LLM) at each --static ratio;
   PLRD: a model stored at ratio a decoding with a schedule whose average decode cost equals the
   static ratio-b model's (--pairs a:b), for uniform and FLRA ranks; FLRA-ranked models decode
-  with both orders (every module the same fraction; FLRA's loss model: low-Fisher modules first).
+  with both orders (every module the same fraction; FLRA's loss model: low-Fisher modules first);
+  ablation: the uniform model decoding at one constant rank after the same full-rank prefill.
 Decode cost = parameters of the compressed matrices touched per generated token / their dense count.
 
 Latency: SmolLM2 stored at --latency-ratio, batch 1, a --latency-prompt-token prompt, greedy decode of
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--static", nargs="+", type=float, default=[0.2, 0.3])
     parser.add_argument("--pairs", nargs="+", default=["0.1:0.2", "0.2:0.3"], help="stored:target ratio pairs")
-    parser.add_argument("--shape", default="exponential", choices=["linear", "step", "exponential"])
+    parser.add_argument("--shape", default="exponential", choices=["linear", "step", "exponential", "constant"])
     parser.add_argument("--decay-tokens", type=float, default=8.0)
     parser.add_argument("--step-at", type=int, default=8)
     parser.add_argument("--xsum-limit", type=int, default=200)
@@ -96,6 +97,10 @@ def variants(args: argparse.Namespace) -> list[tuple[str, float, str, list[dict]
         stored, target = (float(x) for x in pair.split(":"))
         out.append((f"svd_llm-{stored:g}-plrd", stored, "uniform",  # its own folder: the static job's differs
                     [xsum(args, f"plrd-{target:g}-uniform", schedule(args, target, "uniform"))]))
+        # Ablation: the same prefill at the stored rank, then one constant decode rank at the same cost —
+        # what the front-loaded schedule adds beyond a better prefill.
+        out.append((f"svd_llm-{stored:g}-constant", stored, "uniform",
+                    [xsum(args, f"constant-{target:g}", schedule(args, target, "uniform") | {"shape": "constant"})]))
         out.append((f"flra-{stored:g}-plrd", stored, "fisher",
                     [xsum(args, f"plrd-{target:g}-{order}", schedule(args, target, order))
                      for order in ("uniform", "fisher")]))

@@ -8,6 +8,7 @@ produces it: t = 0 is the prefill, always at the stored rank; step t ≥ 1 runs 
     linear        f(t) = 1 − (1 − floor) · t / (T − 1)
     step          f(t) = 1 for t < step_at, else floor
     exponential   f(t) = floor + (1 − floor) · exp(−t / decay_tokens)
+    constant      f(t) = floor (the ablation: a better prefill, then a static decode rank)
 f is non-increasing with f(0) = 1. FLRC publishes no schedule: these shapes and their defaults are ours.
 
 Ranks of a step (`order`):
@@ -42,7 +43,7 @@ from rankfold.modules.shared import SharedProjection
 class DecodeSchedule(Strict):
     """The schedule of the generation evaluator's `progressive:` entry (see the module doc)."""
 
-    shape: Literal["linear", "step", "exponential"] = "exponential"
+    shape: Literal["linear", "step", "exponential", "constant"] = "exponential"
     floor: float = Field(0.5, ge=0.0, le=1.0)         # f's lowest value; solved when target_ratio is set
     step_at: int = Field(8, ge=1)                     # step: full rank for tokens 0 … step_at − 1
     decay_tokens: float = Field(8.0, gt=0.0)          # exponential: 1/e decay length, in tokens
@@ -80,6 +81,8 @@ def fraction(schedule: DecodeSchedule, t: int, steps: int) -> float:
         return 1.0
     if schedule.shape == "linear":
         return 1.0 - (1.0 - schedule.floor) * min(t, steps - 1) / max(steps - 1, 1)
+    if schedule.shape == "constant":
+        return schedule.floor
     if schedule.shape == "step":
         return 1.0 if t < schedule.step_at else schedule.floor
     return schedule.floor + (1.0 - schedule.floor) * math.exp(-t / schedule.decay_tokens)

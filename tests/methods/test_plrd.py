@@ -21,7 +21,7 @@ def _units(gains: bool = False) -> list[DecodeUnit]:
     return out
 
 
-@pytest.mark.parametrize("shape", ["linear", "step", "exponential"])
+@pytest.mark.parametrize("shape", ["linear", "step", "exponential", "constant"])
 def test_shapes_start_at_one_and_never_increase(shape):
     schedule = DecodeSchedule(shape=shape, floor=0.3, step_at=5, decay_tokens=4.0)
     values = [fraction(schedule, t, 32) for t in range(32)]
@@ -33,6 +33,8 @@ def test_shapes_start_at_one_and_never_increase(shape):
         assert values[4] == 1.0 and values[5] == 0.3
     if shape == "exponential":
         assert values[4] == pytest.approx(0.3 + 0.7 * math.exp(-1))
+    if shape == "constant":
+        assert set(values[1:]) == {0.3}
 
 
 def test_uniform_ranks_are_the_ceiling_of_r_f():
@@ -45,7 +47,7 @@ def test_uniform_ranks_are_the_ceiling_of_r_f():
     assert ranks[-1]["gate"] == 3  # 30 · 0.1 exactly: no rounding up
 
 
-@pytest.mark.parametrize("shape", ["linear", "step", "exponential"])
+@pytest.mark.parametrize("shape", ["linear", "step", "exponential", "constant"])
 @pytest.mark.parametrize("order", ["uniform", "fisher"])
 def test_cost_matched_floor_hits_the_target_within_one_rank_step(shape, order):
     units = _units(gains=True)
