@@ -140,6 +140,22 @@ def _rouge(report: dict, variant: str, name: str) -> dict:
             "wall_s": stage["wall_s"] if stage else None}
 
 
+def _cache_arg() -> str:
+    """transformers 5.x names the forward's KV cache `cache` (4.x: `past_key_values`)."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+CACHE_ARG = _cache_arg()
+
+
+def _cache_of(output):
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 def decode_latency(args: argparse.Namespace, checkpoint: Path) -> dict:
     """Median per-token decode time at r′/r ∈ {1, 0.75, 0.5}, and the compressed matrices' share of it."""
     import rankfold
@@ -166,13 +182,13 @@ def decode_latency(args: argparse.Namespace, checkpoint: Path) -> dict:
         timed = [m for name, m in model.named_modules() if type(m).__name__ in ("LowRankLinear", "SharedProjection")]
         for repeat in range(4):  # the first is a warm-up
             with torch.no_grad():
-                cache = model(prompt, use_cache=True).past_key_values
+                cache = _cache_of(model(prompt, use_cache=True))
                 token = prompt[:, -1:]
                 handles = [h for m in timed for h in (m.register_forward_pre_hook(enter),
                                                       m.register_forward_hook(leave))] if repeat == 3 else []
                 inside[0], begin = 0.0, time.perf_counter()
                 for _ in range(args.latency_tokens):
-                    logits = model(token, past_key_values=cache, use_cache=True).logits
+                    logits = model(token, use_cache=True, **{CACHE_ARG: cache}).logits
                     token = logits[:, -1:].argmax(-1)
                 elapsed = time.perf_counter() - begin
                 for h in handles:
