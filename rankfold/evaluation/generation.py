@@ -103,7 +103,8 @@ def evaluate_generation(options: GenerationOptions, context: EvaluationContext) 
     prompts, references = prompts_of(options, context.tokenizer)
     with ModelWorkers(context, len(prompts), options.dtype) as workers:
         plan = workers.call_first("decode_plan", progressive, options.max_new_tokens) if progressive else None
-        outputs = workers.map("generate", prompts, options.max_new_tokens, options.batch_size, progressive)
+        outputs = workers.map("generate", prompts, options.max_new_tokens, options.batch_size,
+                              plan["ranks"] if plan else None)  # solved once, on the first worker
     kept = [{"reference": ref, "output": out} for ref, out in zip(references, outputs)][:options.keep_outputs]
     decoding = {} if plan is None else {"schedule": plan["schedule"], "decode_cost": plan["decode_cost"],
                                         "stored_cost": plan["stored_cost"]}

@@ -167,8 +167,9 @@ def solve_floor(schedule: DecodeSchedule, units: list[DecodeUnit], steps: int, i
     if stored <= target:
         raise ValueError(f"progressive.target_ratio = {schedule.target_ratio}: the stored model already costs "
                          f"{stored} ≤ the target {target:.0f} parameters per token; store a more compressed model")
-    if at(0.0) > target:
-        raise ValueError(f"progressive.target_ratio = {schedule.target_ratio}: even floor 0 costs {at(0.0):.0f} > "
+    lowest = at(0.0)
+    if lowest > target:
+        raise ValueError(f"progressive.target_ratio = {schedule.target_ratio}: even floor 0 costs {lowest:.0f} > "
                          f"{target:.0f} parameters per token with shape {schedule.shape!r} over {steps} tokens; "
                          "decay sooner (step_at / decay_tokens) or target less")
     low, high = 0.0, 1.0

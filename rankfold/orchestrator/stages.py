@@ -8,6 +8,7 @@ and `checkpoints/<digest>/...` (the compressed checkpoint).
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +162,8 @@ def spectra(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
 def allocate(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
     """Ranks of every compressed matrix from the spec's allocator (on the driver; recorded in the manifest)."""
     allocation = ctx.spec.target.allocation
-    read = lambda stage, i, group: ctx.store.get_tensors(ctx.key(stage, i, group))  # noqa: E731
+    # Cached: the allocator and its decode gains read the same Fisher sums and spectra.
+    read = functools.cache(lambda stage, i, group: ctx.store.get_tensors(ctx.key(stage, i, group)))
     problem = AllocationProblem(method_of(ctx.spec.method), ctx.layout.by_layer, ctx.shapes, ctx.spec.target.ratio,
                                 ctx.source.architecture.layer_prefix, read)
     allocator = ALLOCATORS.get(allocation.kind)

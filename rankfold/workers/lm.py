@@ -74,21 +74,20 @@ class ModelWorker:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int,
-                 progressive: dict | None = None) -> list[str]:
+                 ranks: list[dict[str, int]] | None = None) -> list[str]:
         """Greedy continuations of `prompts` (transformers' generate with its KV cache, at most
         `max_new_tokens`, until EOS), each cut to its first non-blank line (`first_line`); prompts are
-        batched by length (left padding), results in prompt order. `progressive`: a DecodeSchedule's
-        fields — the active ranks then follow it per decode step (methods/plrd.py)."""
+        batched by length (left padding), results in prompt order. `ranks`: active ranks per decode
+        step (`decode_plan(...)["ranks"]`, solved once for every worker) — progressive decoding."""
         tok = self.tokenizer
         order = sorted(range(len(prompts)), key=lambda k: len(tok(prompts[k]).input_ids))
         outputs: dict[int, str] = {}
-        plan = self.decode_plan(progressive, max_new_tokens)["ranks"] if progressive else None
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            if plan is None:
+            if ranks is None:
                 texts = self._generate_batch([prompts[k] for k in batch], max_new_tokens)
             else:
-                with ProgressiveDecoding(self.model, plan):
+                with ProgressiveDecoding(self.model, ranks):
                     texts = self._generate_batch([prompts[k] for k in batch], max_new_tokens)
             outputs.update(zip(batch, texts))
         return [outputs[k] for k in range(len(prompts))]

@@ -69,7 +69,7 @@ def test_cost_matched_schedule_is_solved_and_reported(in_process, flra_checkpoin
     assert 0.0 <= row["schedule"]["floor"] < 1.0
     worker = ModelWorker(flra_checkpoint, "float32")
     prompts, _ = prompts_of(_options(shared_data), worker.tokenizer)
-    whole = worker.generate(prompts, 6, 3, SCHEDULE)  # one worker, one batch: the same summaries
+    whole = worker.generate(prompts, 6, 3, worker.decode_plan(SCHEDULE, 6)["ranks"])  # one worker, one batch
     assert [s["output"] for s in row["samples"]] == whole
     plain = evaluate_generation(_options(shared_data), _context(LocalExecutor(None, workers=1), flra_checkpoint,
                                                                  tmp_path))
