@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from rankfold.allocators.registry import ALLOCATORS, AllocationProblem
 from rankfold.core.hashing import digest_of
 from rankfold.data.text import DataError
@@ -96,7 +98,7 @@ def prepare_output(spec: JobSpec, store: ArtifactStore) -> Path:
     job_file = out / JOB_FILE
     if job_file.is_file():
         previous = job_file.read_text()
-        if previous != spec.canonical_json() and Manifest(store, digest_of(previous)).stages:
+        if not _same_job(previous, spec) and Manifest(store, digest_of(previous)).stages:
             raise SpecError(f"output.dir = {str(out)!r}: holds another job's results (see {job_file}); "
                             "choose a new folder or delete it")
     elif out.exists() and any(out.iterdir()):
@@ -107,6 +109,17 @@ def prepare_output(spec: JobSpec, store: ArtifactStore) -> Path:
         raise SpecError(f"output.dir = {str(out)!r}: cannot create ({err.strerror})") from None
     job_file.write_text(spec.canonical_json())
     return out
+
+
+def _same_job(previous: str, spec: JobSpec) -> bool:
+    """`previous` (a job.json) describes this job — also when written by an older rankfold whose spec lacked
+    an optional field since added (its JSON then differs only by that field's default)."""
+    if previous == spec.canonical_json():
+        return True
+    try:
+        return type(spec).model_validate_json(previous).canonical_json() == spec.canonical_json()
+    except (ValidationError, ValueError):
+        return False
 
 
 def job_id(spec: JobSpec) -> str:

@@ -159,3 +159,17 @@ def test_evaluation_entries_of_one_evaluator_need_distinct_names(good):
     good["evaluation"]["perplexity"].append(dict(good["evaluation"]["perplexity"][0]))
     with pytest.raises(SpecError, match="evaluation.perplexity: names must differ .*repeated: wikitext2"):
         parse_spec(good)
+
+
+def test_a_job_written_before_an_optional_field_existed_is_the_same_job(good):
+    """An older rankfold's job.json lacks a field added since (its default None): same job, folder reused."""
+    good["evaluation"]["generation"] = [{"name": "xsum", "data": good["calibration"]["data"]["path"]}]
+    spec = parse_spec(good)
+    store = LocalStore(Path(good["output"]["dir"]) / "artifacts")
+    out = prepare_output(spec, store)
+    Manifest(store, job_id(spec)).record("calibrate", "d1", {})
+    older = json.loads((out / "job.json").read_text())
+    del older["evaluation"]["generation"][0]["progressive"]  # the field an upgrade added
+    (out / "job.json").write_text(json.dumps(older, sort_keys=True, separators=(",", ":")))
+    assert prepare_output(spec, store) == out
+    assert json.loads((out / "job.json").read_text())["evaluation"]["generation"][0]["progressive"] is None
