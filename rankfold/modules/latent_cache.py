@@ -1,0 +1,184 @@
+"""A KV cache of latents in transformers' cache interface (Palu): one `LatentLayer` per decoder layer.
+
+A layer keeps, per token, the key latents and the value latents of every head group (r numbers per
+group, all groups side by side: (batch, tokens, Σr)), never K or V. With `bits` < 16 the tokens older
+than the newest `residual` are kept as packed b-bit codes with a float16 minimum and step per
+`group` numbers (kernels/latent_quant.py); the newest `residual` tokens stay in the model dtype.
+
+`update` returns what attention reads: every cached token's latents, dequantised. In a prefill the
+new tokens are stored first, so a one-pass perplexity reads them exactly as later decode steps would.
+
+A transformers `DynamicCache` made by `generate` gets its layers swapped for LatentLayers by the
+attention module on first use (`latent_layer`), so `model.generate` needs no extra argument;
+`LatentCache(config, cache_config)` builds one explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from rankfold.kernels.latent_quant import QuantizedLatents, check_quantization, concat, dequantize, quantize
+
+
+@dataclass(frozen=True)
+class LatentCacheConfig:
+    """bits: 16 keeps latents in the model dtype; 1..8 quantises (per token, asymmetric RTN) in groups
+    of `group` numbers; `residual`: the newest tokens kept unquantised."""
+
+    bits: int = 16
+    group: int = 32
+    residual: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bits != 16:
+            check_quantization(self.bits, self.group)
+        if self.residual < 0:
+            raise ValueError(f"residual must be ≥ 0 tokens, got {self.residual}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != 16
+
+
+class LatentLayer(CacheLayerMixin):
+    """One decoder layer's latent cache. `keys` / `values` hold the unquantised tokens (batch, t, Σr);
+    `quantized_keys` / `quantized_values` the older ones (QuantizedLatents), when quantising."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, config: LatentCacheConfig = LatentCacheConfig()):
+        super().__init__()
+        self.config = config
+        self.quantized_keys: QuantizedLatents | None = None
+        self.quantized_values: QuantizedLatents | None = None
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys, self.values = key_states[:, :0], value_states[:, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (batch, t, Σr_k) key and (batch, t, Σr_v) value latents; returns all cached latents."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.length += key_states.shape[1]
+        self.keys = torch.cat([self.keys, key_states], dim=1)
+        self.values = torch.cat([self.values, value_states], dim=1)
+        if not self.config.quantized:
+            return self.keys, self.values
+        spill = self.keys.shape[1] - self.config.residual
+        if spill > 0:  # the oldest unquantised tokens leave the window
+            self.quantized_keys = self._append(self.quantized_keys, self.keys[:, :spill])
+            self.quantized_values = self._append(self.quantized_values, self.values[:, :spill])
+            self.keys, self.values = self.keys[:, spill:], self.values[:, spill:]
+        return self._read(self.quantized_keys, self.keys), self._read(self.quantized_values, self.values)
+
+    def _append(self, store: QuantizedLatents | None, latents: torch.Tensor) -> QuantizedLatents:
+        new = quantize(latents, self.config.bits, self.config.group)
+        return new if store is None else concat([store, new], dim=1)
+
+    def _read(self, store: QuantizedLatents | None, recent: torch.Tensor) -> torch.Tensor:
+        return recent if store is None else torch.cat([dequantize(store, self.dtype), recent], dim=1)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the layer holds: latents, codes, minimums and steps."""
+        if not self.is_initialized:
+            return 0
+        parts = [self.keys, self.values]
+        total = sum(t.numel() * t.element_size() for t in parts)
+        return total + sum(q.nbytes for q in (self.quantized_keys, self.quantized_values) if q is not None)
+
+    def _map(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.quantized_keys is not None:
+            self.quantized_keys = self.quantized_keys.map(fn)
+            self.quantized_values = self.quantized_values.map(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.quantized_keys = self.quantized_values = None
+        self.length, self.is_initialized = 0, False
+
+
+class LatentCache(Cache):
+    """A cache whose every layer is a LatentLayer (for `generate(past_key_values=...)` or a forward's `cache`)."""
+
+    def __init__(self, num_layers: int, config: LatentCacheConfig = LatentCacheConfig()):
+        super().__init__(layers=[LatentLayer(config) for _ in range(num_layers)])
+
+    @property
+    def nbytes(self) -> int:
+        return cache_nbytes(self)
+
+
+def latent_layer(cache: Cache, layer_idx: int, config: LatentCacheConfig) -> LatentLayer:
+    """Layer `layer_idx` of any transformers Cache as a LatentLayer: an empty layer of another kind (a
+    DynamicCache made by `generate`) is replaced; one already holding K/V is an error."""
+    layers = cache.layers
+    while len(layers) <= layer_idx:  # a cache that creates its layers lazily
+        layers.append(LatentLayer(config))
+    layer = layers[layer_idx]
+    if isinstance(layer, LatentLayer):
+        return layer
+    if getattr(layer, "is_initialized", False) and layer.get_seq_length() > 0:
+        raise ValueError(f"cache layer {layer_idx} ({type(layer).__name__}) already holds keys and values; a "
+                         "latent-KV model needs an empty cache or a LatentCache")
+    layers[layer_idx] = LatentLayer(config)
+    return layers[layer_idx]
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes held by every layer of a cache: latent layers count codes and scales, others K and V."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, LatentLayer):
+            total += layer.nbytes
+        else:
+            total += sum(t.numel() * t.element_size() for t in _tensors(layer))
+    return total
+
+
+def _tensors(layer) -> list[torch.Tensor]:
+    """Every tensor a non-latent cache layer holds (dynamic, or transformers' quantised layers)."""
+    found = []
+    for value in vars(layer).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (tuple, list)):
+            found += [v for v in value if isinstance(v, torch.Tensor)]
+        elif hasattr(value, "__dict__") and not isinstance(value, (torch.device, torch.dtype)):
+            found += [v for v in vars(value).values() if isinstance(v, torch.Tensor)]
+    return found

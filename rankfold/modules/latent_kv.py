@@ -1,0 +1,240 @@
+"""Palu's attention (arXiv:2407.21118): a decoder layer's self-attention whose cache holds latents.
+
+Per head group k (g KV heads of head_dim d; rank r_k):
+    key latent    h_k = R_k x              (k_down, all groups in one linear)
+    keys          K_k = RoPE(L_k h_k + b)  rebuilt from the cache at every step — RoPE depends on the
+                                           position, so L_k cannot be folded into the query
+    value latent  u_k = Q_k x              (v_down)
+    output        o_h = (p_h · u_k) L_v,h  for each query head h of the group: the attention weights act
+                                           on the latents; L_v (d × r_k per head) is applied after
+Folding rule for values: when o_proj is a dense linear and Σ_h r_(group of h) ≤ H·d (the folded
+o_proj is no larger than the original), L_v is folded into o_proj offline, o_proj′ = [W_o,h L_v,h]_h,
+and the value bias into its bias; otherwise L_v is applied per head after the weighted sum (r·d per
+head and token — V is never rebuilt over the cached tokens either way).
+
+Keys of cached token j sit at position j + (p − past) with p the first new token's position and past
+the cached length: positions are contiguous in a sequence, so the cache needs no position record
+(left padding shifts p per row; pad keys are masked).
+
+Attention runs through torch's SDPA with the model's mask (boolean or additive); without a mask it is
+causal. The cache is a LatentLayer (modules/latent_cache.py); without one (a plain forward, the
+streamed perplexity), the layer uses a fresh LatentLayer, so its numbers are the cache's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankfold.modules.latent_cache import LatentCacheConfig, LatentLayer, latent_layer
+
+
+@dataclass(frozen=True)
+class LatentKVShape:
+    """Head layout and ranks of one layer's latent KV: ranks per head group, k then v."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    group_heads: int
+    key_ranks: tuple[int, ...]
+    value_ranks: tuple[int, ...]
+    fold_values: bool
+
+    @property
+    def groups(self) -> int:
+        return self.num_kv_heads // self.group_heads
+
+    @property
+    def heads_per_group(self) -> int:
+        """Query heads reading one group."""
+        return self.num_heads // self.groups
+
+    def folded_width(self) -> int:
+        """o_proj's input width with L_v folded in: Σ over query heads of their group's rank."""
+        return self.heads_per_group * sum(self.value_ranks)
+
+    @classmethod
+    def from_options(cls, config, options: dict) -> "LatentKVShape":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_attention_heads, config.num_key_value_heads, head_dim, int(options["group_heads"]),
+                   tuple(options["key_ranks"]), tuple(options["value_ranks"]), bool(options["fold_values"]))
+
+
+def fold_allowed(shape: LatentKVShape, o_proj: nn.Module) -> bool:
+    """The folding rule (module docstring): a dense o_proj that does not grow."""
+    return isinstance(o_proj, nn.Linear) and shape.folded_width() <= shape.num_heads * shape.head_dim
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LatentKVAttention(nn.Module):
+    """Drop-in for a Llama-style attention (same forward signature), q_proj and o_proj kept (dense
+    or compressed by the weight method; o_proj folded per the rule). Parameters: k_down (Σr_k, n),
+    k_up.{k} (g·d, r_k), v_down (Σr_v, n), v_up.{k} (g·d, r_v) unless folded; k_bias / v_bias
+    (num_kv_heads·d) when the model has q/k/v biases (a folded v_bias lives in o_proj's bias)."""
+
+    def __init__(self, config, layer_idx: int, shape: LatentKVShape, q_proj: nn.Module, o_proj: nn.Module,
+                 bias: bool, cache_config: LatentCacheConfig, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.config, self.layer_idx, self.shape, self.cache_config = config, layer_idx, shape, cache_config
+        self.head_dim, self.scaling = shape.head_dim, shape.head_dim ** -0.5
+        hidden, width = config.hidden_size, shape.group_heads * shape.head_dim
+        self.q_proj, self.o_proj = q_proj, o_proj
+        kw = {"dtype": dtype, "device": device}
+        self.k_down = nn.Linear(hidden, sum(shape.key_ranks), bias=False, **kw)
+        self.k_up = nn.ParameterList([nn.Parameter(torch.empty(width, r, **kw)) for r in shape.key_ranks])
+        self.v_down = nn.Linear(hidden, sum(shape.value_ranks), bias=False, **kw)
+        if not shape.fold_values:
+            self.v_up = nn.ParameterList([nn.Parameter(torch.empty(width, r, **kw)) for r in shape.value_ranks])
+        self.k_bias = nn.Parameter(torch.empty(shape.num_kv_heads * shape.head_dim, **kw)) if bias else None
+        self.v_bias = nn.Parameter(torch.empty(shape.num_kv_heads * shape.head_dim, **kw)) \
+            if bias and not shape.fold_values else None
+        self._rope = None  # built on first use (the model may be built on the meta device)
+
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None:
+            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+            object.__setattr__(self, "_rope", LlamaRotaryEmbedding(self.config).to(x.device))
+        return self._rope(x, positions)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, cache=None, position_ids: torch.Tensor | None = None,
+                **kwargs) -> tuple[torch.Tensor, None]:
+        batch, length, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        query = query * cos[:, None] + rotate_half(query) * sin[:, None]
+        layer = latent_layer(cache, self.layer_idx, self.cache_config) if cache is not None \
+            else LatentLayer(self.cache_config)
+        past = layer.get_seq_length()
+        key_latents, value_latents = layer.update(self.k_down(hidden_states), self.v_down(hidden_states))
+        keys = self._keys(key_latents)
+        if past == 0:
+            key_cos, key_sin = cos, sin
+        else:
+            first = position_ids[:, :1] if position_ids is not None else torch.full((batch, 1), past)
+            positions = (torch.arange(keys.shape[2], device=keys.device)[None] + (first.to(keys.device) - past))
+            key_cos, key_sin = self._rotary(keys, positions.clamp_min(0))
+        keys = keys * key_cos[:, None] + rotate_half(keys) * key_sin[:, None]
+        heads = self._attend(query, keys, value_latents, attention_mask)
+        return self.o_proj(heads), None
+
+    def _keys(self, latents: torch.Tensor) -> torch.Tensor:
+        """(batch, S, Σr_k) latents -> (batch, num_kv_heads, S, d) keys before RoPE."""
+        parts = [h @ up.T for h, up in zip(latents.split(list(self.shape.key_ranks), dim=-1), self.k_up)]
+        keys = torch.cat(parts, dim=-1)
+        if self.k_bias is not None:
+            keys = keys + self.k_bias
+        return keys.view(*keys.shape[:2], -1, self.head_dim).transpose(1, 2)
+
+    def _attend(self, query: torch.Tensor, keys: torch.Tensor, value_latents: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Per group: SDPA of its query heads on its keys with the value latents as values; returns
+        (batch, T, o_proj's input width)."""
+        shape, (batch, _, length, _) = self.shape, query.shape
+        causal, mask = _mask(mask, length, keys.shape[2], query.device)
+        rep = shape.num_heads // shape.num_kv_heads
+        outputs = []
+        for k, latents in enumerate(value_latents.split(list(shape.value_ranks), dim=-1)):
+            heads = slice(k * shape.heads_per_group, (k + 1) * shape.heads_per_group)
+            group_keys = keys[:, k * shape.group_heads:(k + 1) * shape.group_heads].repeat_interleave(rep, dim=1)
+            values = latents[:, None].expand(-1, shape.heads_per_group, -1, -1)
+            out = F.scaled_dot_product_attention(query[:, heads], group_keys, values, attn_mask=mask,
+                                                 is_causal=causal, scale=self.scaling)  # (B, h, T, r)
+            if not shape.fold_values:
+                up = self.v_up[k].view(shape.group_heads, self.head_dim, -1).repeat_interleave(rep, dim=0)
+                out = torch.einsum("bhtr,hdr->bhtd", out, up)
+                if self.v_bias is not None:
+                    bias = self.v_bias.view(-1, self.head_dim)[k * shape.group_heads:(k + 1) * shape.group_heads]
+                    out = out + bias.repeat_interleave(rep, dim=0)[None, :, None]
+            outputs.append(out.transpose(1, 2).reshape(batch, length, -1))
+        return torch.cat(outputs, dim=-1)
+
+
+def _mask(mask: torch.Tensor | None, length: int, keys: int, device) -> tuple[bool, torch.Tensor | None]:
+    """(is_causal, attn_mask) for SDPA: the model's mask as given; none: causal, bottom-right aligned."""
+    if mask is not None:
+        return False, mask[..., :keys]
+    if length == 1:
+        return False, None
+    if length == keys:
+        return True, None
+    rows = torch.arange(length, device=device)[:, None] + (keys - length)
+    return False, rows >= torch.arange(keys, device=device)[None]
+
+
+Factor = tuple[torch.Tensor, torch.Tensor]  # (up (g·d, r), down (r, n)) of one head group
+
+
+def latent_kv_state(shape: LatentKVShape, keys: list[Factor], values: list[Factor], k_bias: torch.Tensor | None,
+                    v_bias: torch.Tensor | None, o_weight: torch.Tensor | None = None,
+                    o_bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The attention's tensors (names relative to it) from the groups' factors; with `shape.fold_values`,
+    L_v and the value bias go into o_proj (`o_weight` (hidden, H·d) dense, `o_bias` or None)."""
+    state = {"k_down.weight": torch.cat([down for _, down in keys]),
+             "v_down.weight": torch.cat([down for _, down in values])}
+    state.update({f"k_up.{k}": up for k, (up, _) in enumerate(keys)})
+    if k_bias is not None:
+        state["k_bias"] = k_bias
+    if not shape.fold_values:
+        state.update({f"v_up.{k}": up for k, (up, _) in enumerate(values)})
+        if v_bias is not None:
+            state["v_bias"] = v_bias
+        return state
+    if o_weight is None:
+        raise ValueError("folding values into o_proj needs its dense weight")
+    state["o_proj.weight"], bias = fold_values(shape, [up for up, _ in values], o_weight, v_bias)
+    if o_bias is not None or bias is not None:
+        state["o_proj.bias"] = (o_bias if o_bias is not None else 0) + (bias if bias is not None else 0)
+    return state
+
+
+def fold_values(shape: LatentKVShape, ups: list[torch.Tensor], o_weight: torch.Tensor,
+                v_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """o_proj′ = [W_o,h L_v,h] over query heads h (hidden, Σ_h r), and Σ_h W_o,h b_v,h (or None)."""
+    d, rep = shape.head_dim, shape.num_heads // shape.num_kv_heads
+    columns, bias = [], None
+    for h in range(shape.num_heads):
+        kv = h // rep
+        k, j = divmod(kv, shape.group_heads)
+        block = o_weight[:, h * d:(h + 1) * d]
+        columns.append(block @ ups[k][j * d:(j + 1) * d])
+        if v_bias is not None:
+            term = block @ v_bias[kv * d:(kv + 1) * d]
+            bias = term if bias is None else bias + term
+    return torch.cat(columns, dim=1), bias
+
+
+def replace_attention(root: nn.Module, path: str, options: dict, dtype: torch.dtype | None = None) -> None:
+    """Swap the Llama-style attention at `path` for an empty LatentKVAttention described by `options`
+    (the layout's JSON: group_heads, key_ranks, value_ranks, fold_values, bits, group, residual); its
+    q_proj and o_proj (whatever the weight method made them) are kept, o_proj resized when folded."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    dense = getattr(parent, name)
+    shape = LatentKVShape.from_options(dense.config, options)
+    weight = dense.k_proj.weight
+    dtype = dtype or weight.dtype
+    o_proj = dense.o_proj
+    if shape.fold_values:
+        if not fold_allowed(shape, o_proj):
+            raise ValueError(f"{path}: values cannot be folded into a {type(o_proj).__name__} o_proj of "
+                             f"{shape.num_heads * shape.head_dim} inputs (folded width {shape.folded_width()})")
+        o_proj = nn.Linear(shape.folded_width(), o_proj.out_features, bias=_has_bias(options, o_proj),
+                           dtype=dtype, device=weight.device)
+    cache = LatentCacheConfig(int(options.get("bits", 16)), int(options.get("group", 32)),
+                              int(options.get("residual", 0)))
+    setattr(parent, name, LatentKVAttention(dense.config, dense.layer_idx, shape, dense.q_proj, o_proj,
+                                            dense.k_proj.bias is not None, cache, dtype, weight.device))
+
+
+def _has_bias(options: dict, o_proj: nn.Linear) -> bool:
+    return o_proj.bias is not None or bool(options.get("value_bias", False))
