@@ -124,9 +124,7 @@ def layer_layouts(config: PretrainedConfig) -> dict[int, list[dict]]:
     for i in range(config.num_hidden_layers):
         prefix = arch.layer_prefix.format(i=i)
         mine = [m for m in compressed_layout(config) if all(p.startswith(prefix) for p in m.members)]
-        out[i] = [CompressedModule(m.kind, tuple(p[len(prefix):] for p in m.members), m.rank,
-                                   m.shared_path[len(prefix):] if m.shared_path else None, m.skip, m.group).to_json()
-                  for m in mine]
+        out[i] = [m.relocated(lambda path: path[len(prefix):]).to_json() for m in mine]
     return out
 
 

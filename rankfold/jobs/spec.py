@@ -31,6 +31,7 @@ from rankfold.allocators.uniform import UniformAllocation
 from rankfold.core.options import Strict
 from rankfold.data.source import TextSource
 from rankfold.evaluation.registry import EVALUATORS
+from rankfold.methods.palu import PaluOptions
 from rankfold.methods.registry import METHODS
 
 SPEC_VERSION = 1
@@ -167,6 +168,17 @@ class JobSpec(Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     output: OutputSpec
     execution: ExecutionSpec = ExecutionSpec()
+    # A low-rank KV cache (Palu) beside the weight method; None: the model's own K/V cache.
+    kv_cache: PaluOptions | None = None
+
+    @model_validator(mode="after")
+    def _kv_projections_are_palus(self) -> "JobSpec":
+        taken = [p for p in ("k_proj", "v_proj") if p in self.target.matrices]
+        if self.kv_cache is not None and taken:
+            kept = [m for m in self.target.matrices if m not in taken]
+            raise ValueError(f"kv_cache factors k_proj and v_proj itself: leave {', '.join(taken)} out of "
+                             f"target.matrices (e.g. matrices: [{', '.join(kept)}])")
+        return self
 
     @model_validator(mode="after")
     def _distinct_evaluation_names(self) -> "JobSpec":
@@ -183,7 +195,10 @@ class JobSpec(Strict):
     def canonical_json(self) -> str:
         """Stable serialisation of what the job computes — not where it runs, nor how much memory it
         may hold before spilling (`execution`, `calibration.max_resident_mb`): its hash is the job id."""
-        data = self.model_dump(mode="json", exclude={"execution": True, "calibration": {"max_resident_mb"}})
+        exclude = {"execution": True, "calibration": {"max_resident_mb"}}
+        if self.kv_cache is None:  # jobs from before the kv_cache part keep their ids
+            exclude["kv_cache"] = True
+        data = self.model_dump(mode="json", exclude=exclude)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 

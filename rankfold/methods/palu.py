@@ -28,11 +28,56 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
+
+from rankfold.core.options import Strict
 
 from rankfold.methods.svd import split_singular
 from rankfold.methods.whitening import apply_inverse_right
+
+
+VERSION = "1"
+
+
+class PaluOptions(Strict):
+    """The job spec's `kv_cache` part: Palu's low-rank KV cache (k_proj and v_proj are Palu's: leave them
+    out of target.matrices; the weight method compresses the rest).
+
+        kv_cache: {name: palu, ratio: 0.5, group_heads: 1, bits: 3, hadamard: true}
+    """
+
+    name: Literal["palu"] = "palu"
+    # Fraction of the cache's hidden size removed, over all layers, keys and values together.
+    ratio: float = Field(gt=0.0, lt=1.0)
+    # KV heads per decomposition group; must divide num_key_value_heads (1: per head, all: joint).
+    group_heads: int = Field(1, ge=1)
+    # fisher: chunks of rank go where w·σ² is largest (module docstring); uniform: one fraction everywhere.
+    rank_search: Literal["fisher", "uniform"] = "fisher"
+    # Ranks are multiples of this (or a group's full rank): hardware tiles want 8-32.
+    rank_multiple: int = Field(8, ge=1)
+    # Latent bits in the cache: 16 keeps the model dtype; 2, 3, 4 (1..8) quantise per token.
+    bits: int = Field(16, ge=1, le=16)
+    quant_group: int = Field(32, ge=8)   # numbers sharing one float16 minimum and step
+    residual: int = Field(0, ge=0)       # newest tokens kept unquantised
+    hadamard: bool = False               # fold a Walsh–Hadamard rotation into the factors
+    # Fisher pass for the rank search when the weight allocation has none of its own (FLRA's settings win).
+    fisher_samples: int = Field(32, ge=1)
+    fisher_batch_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PaluOptions":
+        if 8 < self.bits < 16:
+            raise ValueError(f"bits = {self.bits}: use 1..8 to quantise latents or 16 to keep them unquantised")
+        if self.bits < 16 and (self.quant_group % 8 or self.rank_multiple % self.quant_group):
+            raise ValueError(f"quant_group = {self.quant_group} must be a multiple of 8 dividing rank_multiple = "
+                             f"{self.rank_multiple} (every rank splits into whole quantisation groups)")
+        if self.hadamard and self.rank_multiple & (self.rank_multiple - 1):
+            raise ValueError(f"hadamard needs a power-of-two rank_multiple (its blocks divide every rank), got "
+                             f"{self.rank_multiple}")
+        return self
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,12 @@ Paths are relative to the module the layout is applied to.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from rankfold.modules.latent_kv import replace_attention
 from rankfold.modules.lowrank import replace_linears
 from rankfold.modules.shared import replace_group
 
@@ -20,6 +21,9 @@ from rankfold.modules.shared import replace_group
 class CompressedModule:
     """kind 'lowrank': `members` is one linear, y = B A x.
     kind 'shared': one projection at `shared_path` (skip: identity block + A′) feeding every member's B.
+    kind 'latent_kv': the attention at `shared_path` keeps a latent KV cache (Palu, modules/latent_kv.py);
+    `members` are its k_proj and v_proj, `rank` the latent numbers per token, `options` the per-group
+    ranks and cache settings (LatentKVShape.from_options, replace_attention).
     `group`: the input group the members read (the architecture's name for it, e.g. 'attn_in')."""
 
     kind: str
@@ -28,6 +32,7 @@ class CompressedModule:
     shared_path: str | None = None
     skip: bool = False
     group: str | None = None
+    options: dict | None = field(default=None, hash=False)
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, False)}
@@ -35,17 +40,26 @@ class CompressedModule:
     @classmethod
     def from_json(cls, data: dict) -> "CompressedModule":
         return cls(kind=data["kind"], members=tuple(data["members"]), rank=int(data["rank"]),
-                   shared_path=data.get("shared_path"), skip=bool(data.get("skip", False)), group=data.get("group"))
+                   shared_path=data.get("shared_path"), skip=bool(data.get("skip", False)), group=data.get("group"),
+                   options=data.get("options"))
 
     def prefixed(self, prefix: str) -> "CompressedModule":
-        return CompressedModule(self.kind, tuple(prefix + m for m in self.members), self.rank,
-                                prefix + self.shared_path if self.shared_path else None, self.skip, self.group)
+        return self.relocated(lambda path: prefix + path)
+
+    def relocated(self, move) -> "CompressedModule":
+        """The same module with every path passed through `move` (add or strip a layer prefix)."""
+        return CompressedModule(self.kind, tuple(move(m) for m in self.members), self.rank,
+                                move(self.shared_path) if self.shared_path else None, self.skip, self.group,
+                                self.options)
 
 
 def apply_layout(root: nn.Module, layout: list[CompressedModule], dtype: torch.dtype | None = None) -> None:
-    """Replace dense linears under `root` by the (empty) modules the layout describes."""
-    for module in layout:
-        if module.kind == "lowrank":
+    """Replace dense linears under `root` by the (empty) modules the layout describes; a latent-KV
+    attention last, as it takes over whatever q_proj and o_proj became."""
+    for module in sorted(layout, key=lambda m: m.kind == "latent_kv"):
+        if module.kind == "latent_kv":
+            replace_attention(root, module.shared_path, module.options, dtype=dtype)
+        elif module.kind == "lowrank":
             replace_linears(root, {module.members[0]: module.rank}, dtype=dtype)
         elif module.kind == "shared":
             out_features = {m: root.get_submodule(m).out_features for m in module.members}
@@ -55,5 +69,6 @@ def apply_layout(root: nn.Module, layout: list[CompressedModule], dtype: torch.d
 
 
 def member_ranks(layout: list[CompressedModule]) -> dict[str, int]:
-    """Rank of every compressed linear (members of a shared projection share its rank)."""
-    return {member: module.rank for module in layout for member in module.members}
+    """Rank of every compressed linear (members of a shared projection share its rank); a latent KV
+    cache's k/v are not low-rank linears and are left out."""
+    return {member: module.rank for module in layout if module.kind != "latent_kv" for member in module.members}

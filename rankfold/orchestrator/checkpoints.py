@@ -22,15 +22,18 @@ from rankfold.workers.tasks import AssembleItem, assemble_item
 
 def assemble_checkpoint(source: ModelSource, layout: ModelLayout, dtype: str, store: ArtifactStore,
                         executor: Executor, factor_keys: dict[int, list[str]], prefix: str, folder: Path,
-                        meta: dict, extras: dict[str, str] | None = None) -> dict[str, str]:
+                        meta: dict, extras: dict[str, str] | None = None,
+                        kv_keys: dict[int, str] | None = None) -> dict[str, str]:
     """Write the checkpoint under `prefix` in the store, then place it in `folder`; `meta` goes into
     config.json's rankfold section; `extras` (file name -> store key) are copied in and checksummed
-    by the index without being weights (e.g. rank_gains.safetensors). Returns its artifacts (key -> sha256)."""
+    by the index without being weights (e.g. rank_gains.safetensors); `kv_keys`: each layer's Palu
+    factors when the cache is latent. Returns its artifacts (key -> sha256)."""
     arch = source.architecture
     folder.mkdir(parents=True, exist_ok=True)
     (folder / INDEX_NAME).unlink(missing_ok=True)  # whatever was here is not a finished checkpoint now
     items = [AssembleItem(source.location, i, arch.layer_prefix.format(i=i), tuple(layout.layer_json(i)), dtype,
-                          store.ref(), tuple(factor_keys[i]), store.ref(), f"{prefix}/layers-{i:05d}.safetensors")
+                          store.ref(), tuple(factor_keys[i]), store.ref(), f"{prefix}/layers-{i:05d}.safetensors",
+                          (kv_keys or {}).get(i))
              for i in range(source.num_layers)]
     shards = executor.map(assemble_item, items, "assemble")
     artifacts = {f"{prefix}/{shard.name}": shard.sha256 for shard in shards}

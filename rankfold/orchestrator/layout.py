@@ -3,13 +3,14 @@ ranks (the uniform rule's or an allocator's)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rankfold.jobs.spec import JobSpec
 from rankfold.methods.registry import method_of
 from rankfold.methods.structure import plan_layer
 from rankfold.models.architecture import Architecture
 from rankfold.models.sources import ModelSource
+from rankfold.modules.latent_kv import LatentKVShape
 from rankfold.modules.layout import CompressedModule, member_ranks
 
 Shapes = dict[int, dict[str, tuple[int, int]]]
@@ -17,13 +18,18 @@ Shapes = dict[int, dict[str, tuple[int, int]]]
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """{layer index: [CompressedModule, paths inside the layer]}."""
+    """{layer index: [CompressedModule, paths inside the layer]}: the weight method's modules, and
+    `kv` the layers' latent-KV attentions (kept apart: they are not part of the weight ratio)."""
 
     by_layer: dict[int, list[CompressedModule]]
+    kv: dict[int, CompressedModule] = field(default_factory=dict)
 
     def flat(self, arch: Architecture) -> list[dict]:
         return [module.prefixed(arch.layer_prefix.format(i=i)).to_json()
-                for i, modules in self.by_layer.items() for module in modules]
+                for i in self.by_layer for module in self._all(i)]
+
+    def _all(self, index: int) -> list[CompressedModule]:
+        return self.by_layer[index] + ([self.kv[index]] if index in self.kv else [])
 
     def ranks(self, arch: Architecture) -> dict[str, int]:
         return {arch.layer_prefix.format(i=i) + path: rank
@@ -33,7 +39,7 @@ class ModelLayout:
         return [module for module in self.by_layer[index] if module.group == group]
 
     def layer_json(self, index: int) -> list[dict]:
-        return [module.to_json() for module in self.by_layer[index]]
+        return [module.to_json() for module in self._all(index)]
 
 
 def matrix_shapes(source: ModelSource, spec: JobSpec) -> Shapes:
@@ -52,3 +58,20 @@ def plan_layout(spec: JobSpec, arch: Architecture, shapes: Shapes,
     return ModelLayout({i: plan_layer(structure, groups, layer_shapes, spec.target.ratio,
                                       ranks=None if ranks is None else ranks.get(i, {}))
                         for i, layer_shapes in shapes.items()})
+
+
+def kv_layout(spec: JobSpec, config, ranks: dict[int, dict[str, list[int]]]) -> dict[int, CompressedModule]:
+    """Every layer's latent-KV attention at the searched ranks ({layer: {"k": [...], "v": [...]}}); values
+    fold into o_proj when the weight method leaves it dense and it does not grow (modules/latent_kv.py)."""
+    kv = spec.kv_cache
+    modules = {}
+    for i, layer in ranks.items():
+        options = {"group_heads": kv.group_heads, "key_ranks": list(layer["k"]), "value_ranks": list(layer["v"]),
+                   "fold_values": False, "bits": kv.bits, "group": kv.quant_group, "residual": kv.residual,
+                   "hadamard": kv.hadamard, "value_bias": bool(getattr(config, "attention_bias", False))}
+        shape = LatentKVShape.from_options(config, options)
+        options["fold_values"] = ("o_proj" not in spec.target.matrices
+                                  and shape.folded_width() <= shape.num_heads * shape.head_dim)
+        modules[int(i)] = CompressedModule("latent_kv", ("self_attn.k_proj", "self_attn.v_proj"),
+                                           sum(layer["k"]) + sum(layer["v"]), "self_attn", options=options)
+    return modules

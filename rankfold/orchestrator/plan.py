@@ -22,6 +22,7 @@ from rankfold.core.version import __version__
 from rankfold.data.text import text_fingerprint
 from rankfold.evaluation.registry import EVALUATORS
 from rankfold.jobs.spec import JobSpec
+from rankfold.methods.palu import VERSION as PALU_VERSION
 from rankfold.methods.registry import method_of
 from rankfold.orchestrator.stages import STAGES, PlanInputs
 
@@ -85,13 +86,39 @@ def make_plan(spec: JobSpec, model_id: str, uniform_layout: list[dict]) -> Plan:
     decompose = _digest("decompose", model, upstream.get("calibrate"), allocate, spec.method.model_dump(mode="json"),
                         method.version)
     stages.append(Stage("decompose", "decompose", decompose))
-    stages.append(Stage("assemble", "assemble", _digest("assemble", model, decompose)))
+    kv = _kv_stages(spec, model, stages, sample, structure) if spec.kv_cache is not None else []
+    stages += kv
+    assemble = _digest("assemble", model, decompose, *([kv[-1].digest, _kv_cache_settings(spec)] if kv else []))
+    stages.append(Stage("assemble", "assemble", assemble))
     return Plan(tuple(stages + _evaluations(spec, model, stages[-1].digest)))
 
 
+def _kv_stages(spec: JobSpec, model: tuple, stages: list[Stage], sample: tuple, structure: list) -> list[Stage]:
+    """Palu: [fisher, unless planned already] -> kv_factors (per layer) -> kv_allocate (the rank search)."""
+    kv, planned = spec.kv_cache, {s.name: s.digest for s in stages}
+    out = []
+    if kv.rank_search == "fisher" and "fisher" not in planned:
+        inputs = PlanInputs(spec, model[0], sample, structure, planned)
+        out.append(Stage("fisher", "fisher", _digest("fisher", *STAGES.get("fisher").inputs(inputs), PALU_VERSION)))
+    factors = _digest("kv_factors", model, planned["calibrate"], kv.group_heads, PALU_VERSION)
+    out.append(Stage("kv_factors", "kv_factors", factors))
+    fisher = ([s.digest for s in out if s.name == "fisher"] or [planned.get("fisher")])[0] \
+        if kv.rank_search == "fisher" else None
+    search = kv.model_dump(mode="json", include={"ratio", "group_heads", "rank_search", "rank_multiple"})
+    out.append(Stage("kv_allocate", "kv_allocate", _digest("kv_allocate", factors, fisher, search, PALU_VERSION)))
+    return out
+
+
+def _kv_cache_settings(spec: JobSpec) -> dict:
+    """What the assembled checkpoint takes from the kv_cache part beyond the ranks."""
+    return spec.kv_cache.model_dump(mode="json", include={"bits", "quant_group", "residual", "hadamard"})
+
+
 def needs_calibration(spec: JobSpec) -> bool:
-    """Calibration statistics are collected when the method or the allocator's stages read them."""
-    return bool(method_of(spec.method).needs or ALLOCATORS.get(spec.target.allocation.kind).stages)
+    """Calibration statistics are collected when the method, the allocator's stages or a latent KV
+    cache (its whitening) read them."""
+    return bool(method_of(spec.method).needs or ALLOCATORS.get(spec.target.allocation.kind).stages
+                or spec.kv_cache is not None)
 
 
 def evaluation_digest(model: object, evaluator_name: str, options) -> str:

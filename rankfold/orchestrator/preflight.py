@@ -12,9 +12,11 @@ from rankfold.core.hashing import digest_of
 from rankfold.data.text import DataError
 from rankfold.evaluation.registry import EVALUATORS
 from rankfold.jobs.spec import JobSpec, SpecError
+from rankfold.methods.palu import check_group_heads, kv_budget
 from rankfold.methods.registry import method_of
 from rankfold.models.sources import ModelSource, ModelSourceError, open_source
 from rankfold.modules.shared import SKIP_TRUNCATION
+from rankfold.orchestrator.kv import head_dim
 from rankfold.orchestrator.layout import Shapes, matrix_shapes, plan_layout
 from rankfold.orchestrator.manifest import Manifest
 from rankfold.orchestrator.plan import needs_calibration
@@ -42,10 +44,31 @@ def preflight(spec: JobSpec) -> tuple[ModelSource, Shapes]:
             raise SpecError(f"target.matrices: {err.args[0]}") from None
     shapes = matrix_shapes(source, spec)
     _check_allocation(spec, source, shapes)
+    if spec.kv_cache is not None:
+        _check_kv_cache(spec, source.config)
     if needs_calibration(spec):
         _check_calibration(spec, source)
     check_evaluations(spec, source)
     return source, shapes
+
+
+def _check_kv_cache(spec: JobSpec, config) -> None:
+    """Head groups divide the KV heads; full-rank groups split into quantisation groups; the budget
+    holds one rank multiple per head group, k and v."""
+    kv, d = spec.kv_cache, head_dim(config)
+    try:
+        check_group_heads(kv.group_heads, config.num_key_value_heads)
+    except ValueError as err:
+        raise SpecError(f"kv_cache.group_heads: {err}") from None
+    width = d * kv.group_heads
+    if kv.bits < 16 and width % kv.quant_group:
+        raise SpecError(f"kv_cache.quant_group = {kv.quant_group}: does not divide a head group's width {width} "
+                        f"({kv.group_heads} heads × {d})")
+    units = 2 * config.num_hidden_layers * (config.num_key_value_heads // kv.group_heads)
+    budget = kv_budget(units * width, kv.ratio)
+    if units * min(kv.rank_multiple, width) > budget:
+        raise SpecError(f"kv_cache.ratio = {kv.ratio}: keeps {budget} latent dimensions, fewer than one rank "
+                        f"multiple ({kv.rank_multiple}) for each of the {units} head groups' keys and values")
 
 
 def _check_calibration(spec: JobSpec, source: ModelSource) -> None:

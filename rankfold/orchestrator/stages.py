@@ -28,11 +28,13 @@ from rankfold.jobs.spec import JobSpec
 from rankfold.methods.registry import method_of
 from rankfold.models.sources import ModelSource
 from rankfold.orchestrator.checkpoints import assemble_checkpoint, checkpoint_is, place_checkpoint
-from rankfold.orchestrator.layout import ModelLayout, Shapes, plan_layout
+from rankfold.orchestrator.layout import ModelLayout, Shapes, kv_layout, plan_layout
 from rankfold.orchestrator.manifest import StageRecord
 from rankfold.storage.store import ArtifactStore
 from rankfold.storage.stored_model import stored_location
 from rankfold.workers.shard import ShardConfig
+from rankfold.orchestrator.kv import head_dim, search_kv_ranks
+from rankfold.workers.kv import KVFactorsItem, kv_factors_item
 from rankfold.workers.tasks import DecomposeItem, SpectrumItem, decompose_item, spectrum_item
 
 if TYPE_CHECKING:
@@ -57,10 +59,15 @@ class JobContext:
 
     @property
     def layout(self) -> ModelLayout:
-        """The method's structure with the allocated ranks once `allocate` ran (uniform before)."""
+        """The method's structure with the allocated ranks once `allocate` ran (uniform before), and
+        the latent-KV attentions once `kv_allocate` ran."""
         ranks = self.results.get("allocate", {}).get("ranks")
-        return plan_layout(self.spec, self.source.architecture, self.shapes,
-                           None if ranks is None else {int(i): r for i, r in ranks.items()})
+        layout = plan_layout(self.spec, self.source.architecture, self.shapes,
+                             None if ranks is None else {int(i): r for i, r in ranks.items()})
+        kv_ranks = self.results.get("kv_allocate", {}).get("ranks")
+        if kv_ranks is not None:
+            layout.kv.update(kv_layout(self.spec, self.source.config, {int(i): r for i, r in kv_ranks.items()}))
+        return layout
 
     def key(self, stage: str, layer: int, group: str | None = None) -> str:
         """Where `stage` keeps one layer's (and input group's) artifact: e.g. stats/<digest>/layer-00003.safetensors."""
@@ -137,8 +144,8 @@ def check_statistics(layer: int, tensors: dict[str, torch.Tensor], product_dtype
 
 def fisher(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
     """Fisher sums of every projection (streamed backward over the first `fisher_samples` sequences)."""
-    allocation, artifacts = ctx.spec.target.allocation, {}
-    ids = calibration_ids(ctx.spec, ctx.source)[:allocation.fisher_samples]
+    (samples, batch_size), artifacts = fisher_settings(ctx.spec), {}
+    ids = calibration_ids(ctx.spec, ctx.source)[:samples]
 
     def save(i: int, tensors: dict[str, torch.Tensor]) -> None:
         key = ctx.key(stage.name, i)
@@ -146,7 +153,7 @@ def fisher(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
 
     config = ShardConfig(ctx.source.location, FISHER_DTYPE, ctx.spec.calibration.max_resident_mb << 20,
                          str(ctx.scratch), FISHER_DTYPE)
-    result = stream_fisher(ctx.executor, config, ids, allocation.fisher_batch_size, ctx.source.num_layers, save)
+    result = stream_fisher(ctx.executor, config, ids, batch_size, ctx.source.num_layers, save)
     return result, artifacts
 
 
@@ -201,8 +208,11 @@ def assemble(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
     meta = {"method": ctx.spec.method.model_dump(mode="json"), "target": ctx.spec.target.model_dump(mode="json"),
             "source": ctx.spec.model.source, "digest": stage.digest}
     extras = {RANK_GAINS: ctx.results["allocate"]["gains"]} if "gains" in ctx.results.get("allocate", {}) else {}
+    kv_keys = {i: ctx.key("kv_factors", i) for i in layout.kv}
+    if ctx.spec.kv_cache is not None:
+        meta["kv_cache"] = {**ctx.spec.kv_cache.model_dump(mode="json"), **ctx.results["kv_allocate"]["summary"]}
     artifacts = assemble_checkpoint(ctx.source, layout, ctx.spec.model.dtype, ctx.store, ctx.executor, factor_keys,
-                                    stage.prefix(CHECKPOINTS), ctx.checkpoint, meta, extras)
+                                    stage.prefix(CHECKPOINTS), ctx.checkpoint, meta, extras, kv_keys)
     return {"folder": str(ctx.checkpoint)}, artifacts
 
 
@@ -231,10 +241,35 @@ def evaluate(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
     return {"rows": evaluator.evaluate(options, context)}, {}
 
 
+def kv_factors(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
+    """Palu's full-rank G-LRD factors and spectra of every layer's k/v, one task per layer."""
+    kv, arch, ref = ctx.spec.kv_cache, ctx.source.architecture, ctx.store.ref()
+    items = [KVFactorsItem(ctx.source.location, arch.layer_prefix.format(i=i), head_dim(ctx.source.config),
+                           kv.group_heads, ref, ctx.key("calibrate", i), ref, ctx.key(stage.name, i))
+             for i in range(ctx.source.num_layers)]
+    return {}, dict(ctx.executor.map(kv_factors_item, items, "kv_factors"))
+
+
+def kv_allocate(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
+    """Palu's ranks under the KV budget (on the driver; recorded in the manifest)."""
+    read = lambda name, i: ctx.store.get_tensors(ctx.key(name, i))  # noqa: E731
+    fisher = read if "fisher" in ctx.plan else None
+    ranks, summary = search_kv_ranks(ctx.spec.kv_cache, ctx.source.config, ctx.source.architecture, read, fisher)
+    return {"ranks": {str(i): r for i, r in ranks.items()}, "summary": summary}, {}
+
+
+def fisher_settings(spec: JobSpec) -> tuple[int, int]:
+    """(samples, batch size) of the Fisher pass: FLRA's when the weight allocation is Fisher's, else the
+    KV rank search's — one pass serves both."""
+    allocation = spec.target.allocation
+    if hasattr(allocation, "fisher_samples"):
+        return allocation.fisher_samples, allocation.fisher_batch_size
+    return spec.kv_cache.fisher_samples, spec.kv_cache.fisher_batch_size
+
+
 def _fisher_inputs(plan: PlanInputs) -> tuple:
     """Float32 whatever model.dtype; the first fisher_samples sequences of the calibration sample."""
-    allocation = plan.spec.target.allocation
-    return plan.model_id, plan.sample, allocation.fisher_samples, allocation.fisher_batch_size
+    return plan.model_id, plan.sample, *fisher_settings(plan.spec)
 
 
 for _kind in (StageKind("calibrate", calibrate, "1", folder="stats"),
@@ -242,5 +277,6 @@ for _kind in (StageKind("calibrate", calibrate, "1", folder="stats"),
               StageKind("spectra", spectra, "1", folder="spectra",
                         inputs=lambda plan: (plan.upstream["calibrate"], plan.structure)),
               StageKind("allocate", allocate, "1"), StageKind("decompose", decompose, "1", folder="factors"),
+              StageKind("kv_factors", kv_factors, "1", folder="kv_factors"), StageKind("kv_allocate", kv_allocate, "1"),
               StageKind("assemble", assemble, "1", restore_checkpoint), StageKind("evaluate", evaluate, "1")):
     STAGES.register(_kind.kind, _kind)

@@ -9,13 +9,16 @@ from rankfold.modules.layout import CompressedModule
 
 def assemble_layer_state(dense_state: dict[str, torch.Tensor], fragment: dict[str, torch.Tensor],
                          layout: list[CompressedModule], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Drop `{member}.weight` of every compressed linear (biases and norms stay), add the fragment's
+    """Drop `{member}.weight` of every compressed linear (biases and norms stay, except a latent KV
+    cache's k/v biases, which the fragment holds), add the fragment's
     factors in `dtype` (integer tensors such as permutations keep their type)."""
     state = dict(dense_state)
     for module in layout:
         for member in module.members:
             if state.pop(f"{member}.weight", None) is None:
                 raise KeyError(f"layer has no dense weight {member}.weight to replace")
+            if module.kind == "latent_kv":  # its biases move into the latent attention (k_bias, v_bias)
+                state.pop(f"{member}.bias", None)
     for key, value in fragment.items():
         state[key] = value
     return {key: (value.to(dtype) if value.is_floating_point() else value).contiguous() for key, value in state.items()}

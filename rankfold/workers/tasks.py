@@ -16,9 +16,11 @@ from rankfold.checkpoint import ShardInfo
 from rankfold.methods.decompose import decompose_group
 from rankfold.methods.registry import MethodOptions
 from rankfold.methods.statistics import InputStats
+from rankfold.modules.latent_kv import LatentKVShape
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreError, StoreRef, open_ref
 from rankfold.workers.assemble import assemble_layer_state
+from rankfold.workers.kv import layer_kv_tensors
 from rankfold.workers.shard import cached_source
 
 
@@ -104,6 +106,7 @@ class AssembleItem:
     factor_keys: tuple[str, ...]
     checkpoint: StoreRef
     shard_key: str             # where the shard goes; its file name is the shard's name in the index
+    kv_key: str | None = None  # the layer's full-rank Palu factors (workers/kv.py), when the cache is latent
 
 
 def assemble_item(item: AssembleItem) -> ShardInfo:
@@ -113,7 +116,13 @@ def assemble_item(item: AssembleItem) -> ShardInfo:
     for key in item.factor_keys:
         fragment.update(factor_store.get_tensors(key))
     modules = [CompressedModule.from_json(m) for m in item.modules]
-    state = assemble_layer_state(source.layer_state(item.layer), fragment, modules, getattr(torch, item.dtype))
+    dense = source.layer_state(item.layer)
+    for module in modules:
+        if module.kind == "latent_kv":
+            shape = LatentKVShape.from_options(source.config, module.options)
+            fragment.update(layer_kv_tensors(factor_store.get_tensors(item.kv_key), dense, shape,
+                                             bool(module.options.get("hadamard", False))))
+    state = assemble_layer_state(dense, fragment, modules, getattr(torch, item.dtype))
     tensors = {item.layer_prefix + k: v for k, v in state.items()}
     sha = open_ref(item.checkpoint).put_tensors(item.shard_key, tensors)
     return ShardInfo(item.shard_key.rsplit("/", 1)[-1], sha, tuple(sorted(tensors)))

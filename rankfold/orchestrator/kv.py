@@ -1,0 +1,64 @@
+"""Palu's rank search over a whole model, on the driver: the kv_factors stage's spectra (and the Fisher
+stage's head-group sums) of every layer -> the ranks of every head group's keys and values."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from rankfold.methods.palu import PaluOptions, RankUnit, kv_budget, loss_weight, search_ranks, uniform_ranks
+from rankfold.models.architecture import Architecture
+from rankfold.workers.fisher import head_group_scores
+from rankfold.workers.kv import GRAM_TRACE, PROJECTIONS
+
+Read = Callable[[str, int], dict[str, torch.Tensor]]  # (stage name, layer) -> the layer's artifact
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_units(options: PaluOptions, config, read: Read, fisher: Read | None) -> list[RankUnit]:
+    """One RankUnit per (layer, k|v, group); weight 1 without Fisher sums (plain whitened energy)."""
+    d, g = head_dim(config), options.group_heads
+    units = []
+    for i in range(config.num_hidden_layers):
+        factors = read("kv_factors", i)
+        trace = float(factors[GRAM_TRACE][0])
+        sums = fisher("fisher", i) if fisher is not None else None
+        for kind, path in PROJECTIONS.items():
+            scores = head_group_scores(sums, path, d, g) if sums is not None else None
+            for k in range(config.num_key_value_heads // g):
+                weight = loss_weight(float(scores[k]), d * g, trace) if scores is not None else 1.0
+                units.append(RankUnit((i, kind, k), factors[f"{kind}.{k}.energy"], weight))
+    return units
+
+
+def search_kv_ranks(options: PaluOptions, config, arch: Architecture, read: Read,
+                    fisher: Read | None) -> tuple[dict[int, dict[str, list[int]]], dict]:
+    """Ranks {layer: {"k": [per group], "v": [...]}} and a summary (budget, kept fraction, bytes per token,
+    the modelled loss Σ w·σ² dropped by this allocation and by the uniform one)."""
+    units = kv_units(options, config, read, fisher)
+    full = sum(u.full for u in units)
+    budget = kv_budget(full, options.ratio)
+    uniform = uniform_ranks(units, 1.0 - options.ratio, options.rank_multiple)
+    chosen = uniform if options.rank_search == "uniform" else search_ranks(units, budget, options.rank_multiple)
+    ranks: dict[int, dict[str, list[int]]] = {}
+    for (i, kind, _), rank in sorted(chosen.items()):
+        ranks.setdefault(i, {"k": [], "v": []})[kind].append(rank)
+    dropped = lambda r: sum(u.weight * float(u.energy[r[u.key]:].sum()) for u in units)  # noqa: E731
+    kept = sum(chosen.values())
+    summary = {"budget_dims": budget, "kept_dims": kept, "full_dims": full, "kept_fraction": kept / full,
+               "modelled_loss": dropped(chosen), "modelled_loss_uniform": dropped(uniform),
+               "latent_bytes_per_token": latent_bytes(kept, options),
+               "dense_kv_numbers_per_token": 2 * config.num_key_value_heads * head_dim(config) * config.num_hidden_layers}
+    return ranks, summary
+
+
+def latent_bytes(numbers: int, options: PaluOptions, dtype_bytes: int = 2) -> float:
+    """Bytes per token of `numbers` cached latents: b/8 each plus a float16 minimum and step per
+    quant_group when quantised, else `dtype_bytes` each."""
+    if options.bits == 16:
+        return float(numbers * dtype_bytes)
+    return numbers * options.bits / 8 + numbers / options.quant_group * 4
