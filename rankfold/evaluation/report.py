@@ -23,7 +23,7 @@ def parameter_counts(shapes: dict[int, dict[str, tuple[int, int]]], layout: dict
     return {
         "counted_dense": dense,
         "counted_compressed": compressed,
-        "achieved_compression": 1.0 - compressed / dense,
+        "achieved_compression": 1.0 - compressed / dense if dense else 0.0,  # 0: a cache-only job
         "model_dense": model_total,
         "model_compressed": model_total - dense + compressed,
     }
@@ -83,16 +83,28 @@ def _merged(rows: list[dict]) -> list[tuple[tuple[str, str, str], dict, dict[str
     return list(table.values())
 
 
+def kv_cache_line(kv: dict) -> str:
+    """The latent KV cache in one line: kept hidden size, bits, bytes per token (all layers, k and v)."""
+    dense = kv["dense_kv_numbers_per_token"]
+    bits = "unquantised" if kv["bits"] == 16 else f"{kv['bits']}-bit, groups of {kv['quant_group']}"
+    return (f"  KV cache ({kv['name']}, {kv['rank_search']} ranks, {kv['group_heads']} head(s) per group): keeps "
+            f"{kv['kept_dims']}/{dense} numbers per token ({kv['kept_fraction']:.1%}), {bits}: "
+            f"{kv['latent_bytes_per_token']:.0f} bytes/token vs {2 * dense} dense at 16 bits")
+
+
 def format_report(report: dict) -> str:
     params, target = report["parameters"], report["target"]
     lines = [
-        f"rankfold · {report['method']['name']} · target compression {target['ratio']:.1%} of {', '.join(target['matrices'])}",
+        f"rankfold · {report['method']['name']} · target compression {target['ratio']:.1%} of "
+        f"{', '.join(target['matrices']) or 'no matrices (cache only)'}",
         f"  ratio: {report['ratio_definition']}",
         f"  compressed matrices: {_millions(params['counted_dense'])} -> {_millions(params['counted_compressed'])} "
         f"(achieved compression {params['achieved_compression']:.2%})",
         f"  whole model:         {_millions(params['model_dense'])} -> {_millions(params['model_compressed'])}",
         f"  calibration: {report['calibration_tokens']} tokens; checkpoint: {report['checkpoint']}",
     ]
+    if report.get("kv_cache"):
+        lines.insert(4, kv_cache_line(report["kv_cache"]))
     if report["rows"]:
         lines += [""] + evaluation_table(report["rows"]) + generated_samples(report["rows"])
     lines.append("")

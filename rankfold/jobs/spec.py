@@ -85,15 +85,16 @@ class TargetSpec(Strict):
     # Compression ratio = 1 - (compressed params / dense params) over the counted matrices below.
     ratio: float = Field(gt=0.0, lt=1.0)
     # The projections of every decoder layer that are compressed and counted. Embeddings and lm_head
-    # are never compressed nor counted.
+    # are never compressed nor counted. Empty (with a kv_cache part): only the KV cache is compressed,
+    # the weights stay dense and `ratio` is not used.
     matrices: tuple[Projection, ...] = ALL_PROJECTIONS
     allocation: AllocationSpec = UniformAllocation()
 
     @field_validator("matrices")
     @classmethod
     def _distinct(cls, matrices: tuple[str, ...]) -> tuple[str, ...]:
-        if len(set(matrices)) != len(matrices) or not matrices:
-            raise ValueError("must be a non-empty list without repeats")
+        if len(set(matrices)) != len(matrices):
+            raise ValueError("must be a list without repeats")
         return matrices
 
 
@@ -173,6 +174,9 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _kv_projections_are_palus(self) -> "JobSpec":
+        if not self.target.matrices and self.kv_cache is None:
+            raise ValueError("target.matrices is empty: name the projections to compress (an empty list is a "
+                             "cache-only job, which needs a kv_cache part)")
         taken = [p for p in ("k_proj", "v_proj") if p in self.target.matrices]
         if self.kv_cache is not None and taken:
             kept = [m for m in self.target.matrices if m not in taken]

@@ -124,6 +124,8 @@ def make_report(ctx: JobContext, manifest: Manifest, meter: StageMeter, reused: 
         "calibration_tokens": ctx.results.get("calibrate", {}).get("tokens", 0),
         "allocation": {"kind": spec.target.allocation.kind,
                        **{k: v for k, v in ctx.results.get("fisher", {}).items()}},
+        "kv_cache": None if spec.kv_cache is None else {**spec.kv_cache.model_dump(mode="json"),
+                                                        **ctx.results["kv_allocate"]["summary"]},
         "checkpoint": str(ctx.checkpoint),
         "artifacts": {"store": ctx.store.describe(), "manifest": manifest.key, "digests": ctx.plan.digests()},
         "executor": ctx.executor.describe(),

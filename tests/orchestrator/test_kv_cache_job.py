@@ -85,3 +85,18 @@ def test_kv_cache_spec_errors(kv_spec):
     bad["kv_cache"].update({"bits": 3, "quant_group": 16, "rank_multiple": 8})
     with pytest.raises(SpecError, match="quant_group"):
         parse_spec(bad)
+
+
+def test_cache_only_job_keeps_every_weight_dense(kv_spec):
+    kv_spec["target"]["matrices"] = []
+    kv_spec["kv_cache"]["rank_search"] = "uniform"
+    report = run_job(parse_spec(kv_spec), stream=None)
+    assert report["parameters"]["counted_dense"] == 0 and report["ranks"] == {}
+    model = rankfold.load(parse_spec(kv_spec).output.dir / "model")
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention, LatentKVAttention) and isinstance(attention.q_proj, torch.nn.Linear)
+    assert attention.shape.key_ranks == (8, 8)  # half of each 16-dim head
+    empty = copy.deepcopy(kv_spec)
+    del empty["kv_cache"]
+    with pytest.raises(SpecError, match="target.matrices is empty"):
+        parse_spec(empty)
