@@ -60,7 +60,7 @@ class PaluOptions(Strict):
     rank_multiple: int = Field(8, ge=1)
     # Latent bits in the cache: 16 keeps the model dtype; 2, 3, 4 (1..8) quantise per token.
     bits: int = Field(16, ge=1, le=16)
-    quant_group: int = Field(32, ge=8)   # numbers sharing one float16 minimum and step
+    quant_group: int = Field(32, ge=8)   # numbers of a token's latent sharing one float16 minimum and step
     residual: int = Field(0, ge=0)       # newest tokens kept unquantised
     hadamard: bool = False               # fold a Walsh–Hadamard rotation into the factors
     # Fisher pass for the rank search when the weight allocation has none of its own (FLRA's settings win).
@@ -71,9 +71,8 @@ class PaluOptions(Strict):
     def _consistent(self) -> "PaluOptions":
         if 8 < self.bits < 16:
             raise ValueError(f"bits = {self.bits}: use 1..8 to quantise latents or 16 to keep them unquantised")
-        if self.bits < 16 and (self.quant_group % 8 or self.rank_multiple % self.quant_group):
-            raise ValueError(f"quant_group = {self.quant_group} must be a multiple of 8 dividing rank_multiple = "
-                             f"{self.rank_multiple} (every rank splits into whole quantisation groups)")
+        if self.bits < 16 and self.quant_group % 8:
+            raise ValueError(f"quant_group = {self.quant_group} must be a multiple of 8 (codes pack 8 per byte)")
         if self.hadamard and self.rank_multiple & (self.rank_multiple - 1):
             raise ValueError(f"hadamard needs a power-of-two rank_multiple (its blocks divide every rank), got "
                              f"{self.rank_multiple}")

@@ -51,14 +51,16 @@ def search_kv_ranks(options: PaluOptions, config, arch: Architecture, read: Read
     kept = sum(chosen.values())
     summary = {"budget_dims": budget, "kept_dims": kept, "full_dims": full, "kept_fraction": kept / full,
                "modelled_loss": dropped(chosen), "modelled_loss_uniform": dropped(uniform),
-               "latent_bytes_per_token": latent_bytes(kept, options),
+               "latent_bytes_per_token": latent_bytes(ranks, options),
                "dense_kv_numbers_per_token": 2 * config.num_key_value_heads * head_dim(config) * config.num_hidden_layers}
     return ranks, summary
 
 
-def latent_bytes(numbers: int, options: PaluOptions, dtype_bytes: int = 2) -> float:
-    """Bytes per token of `numbers` cached latents: b/8 each plus a float16 minimum and step per
-    quant_group when quantised, else `dtype_bytes` each."""
+def latent_bytes(ranks: dict[int, dict[str, list[int]]], options: PaluOptions, dtype_bytes: int = 2) -> float:
+    """Bytes per token of the cached latents: per layer and k|v, b/8 per number (rounded up to whole
+    quantisation groups) plus a float16 minimum and step per group when quantised, else `dtype_bytes` each."""
+    widths = [sum(layer[kind]) for layer in ranks.values() for kind in ("k", "v")]
     if options.bits == 16:
-        return float(numbers * dtype_bytes)
-    return numbers * options.bits / 8 + numbers / options.quant_group * 4
+        return float(sum(widths) * dtype_bytes)
+    groups = sum(-(-w // options.quant_group) for w in widths)
+    return groups * (options.quant_group * options.bits / 8 + 4)

@@ -99,7 +99,9 @@ def _kv_stages(spec: JobSpec, model: tuple, stages: list[Stage], sample: tuple, 
     out = []
     if kv.rank_search == "fisher" and "fisher" not in planned:
         inputs = PlanInputs(spec, model[0], sample, structure, planned)
-        out.append(Stage("fisher", "fisher", _digest("fisher", *STAGES.get("fisher").inputs(inputs), PALU_VERSION)))
+        # The same pass FLRA's allocator plans (same digest for the same settings): one serves both.
+        flra_version = ALLOCATORS.get("fisher").version
+        out.append(Stage("fisher", "fisher", _digest("fisher", *STAGES.get("fisher").inputs(inputs), flra_version)))
     factors = _digest("kv_factors", model, planned["calibrate"], kv.group_heads, PALU_VERSION)
     out.append(Stage("kv_factors", "kv_factors", factors))
     fisher = ([s.digest for s in out if s.name == "fisher"] or [planned.get("fisher")])[0] \

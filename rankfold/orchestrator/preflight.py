@@ -53,17 +53,13 @@ def preflight(spec: JobSpec) -> tuple[ModelSource, Shapes]:
 
 
 def _check_kv_cache(spec: JobSpec, config) -> None:
-    """Head groups divide the KV heads; full-rank groups split into quantisation groups; the budget
-    holds one rank multiple per head group, k and v."""
+    """Head groups divide the KV heads; the budget holds one rank multiple per head group, k and v."""
     kv, d = spec.kv_cache, head_dim(config)
     try:
         check_group_heads(kv.group_heads, config.num_key_value_heads)
     except ValueError as err:
         raise SpecError(f"kv_cache.group_heads: {err}") from None
     width = d * kv.group_heads
-    if kv.bits < 16 and width % kv.quant_group:
-        raise SpecError(f"kv_cache.quant_group = {kv.quant_group}: does not divide a head group's width {width} "
-                        f"({kv.group_heads} heads × {d})")
     units = 2 * config.num_hidden_layers * (config.num_key_value_heads // kv.group_heads)
     budget = kv_budget(units * width, kv.ratio)
     if units * min(kv.rank_multiple, width) > budget:

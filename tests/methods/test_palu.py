@@ -97,3 +97,12 @@ def test_bit_planes_round_trip_and_quantisation_error_is_within_half_a_step():
         bound = q.step.float()[..., None] / 2 + 2e-3 * x.abs().amax()  # + float16 rounding of min and step
         assert bool((error <= bound).all())
         assert q.nbytes == x[..., 0].numel() * (64 * bits // 8 + 2 * 2 * 2)
+
+
+def test_a_width_off_the_group_is_padded_with_the_last_number_and_trimmed_on_read():
+    x = torch.randn(3, 28)
+    q = quantize(x, 4, 8)
+    assert q.planes.shape == (3, 4, 4) and q.minimum.shape == (3, 4)  # 32 codes, 4 groups
+    y = dequantize(q, torch.float32)
+    assert y.shape == (3, 28)
+    assert bool(((x - y).abs() <= q.step.float().repeat_interleave(8, dim=-1)[:, :28] / 2 + 1e-2).all())

@@ -82,7 +82,7 @@ def test_kv_cache_spec_errors(kv_spec):
     with pytest.raises(SpecError, match="kv_cache.ratio = 0.95"):
         preflight(parse_spec(bad))
     bad = copy.deepcopy(kv_spec)
-    bad["kv_cache"].update({"bits": 3, "quant_group": 16, "rank_multiple": 8})
+    bad["kv_cache"].update({"bits": 3, "quant_group": 12})
     with pytest.raises(SpecError, match="quant_group"):
         parse_spec(bad)
 
