@@ -65,19 +65,32 @@ class LatentLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (batch, t, Σr_k) key and (batch, t, Σr_v) value latents; returns all cached latents."""
+        self.append(key_states, value_states)
+        return self.read_keys(), self.read_values()
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store new latents; tokens leaving the unquantised window are quantised."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.length += key_states.shape[1]
         self.keys = torch.cat([self.keys, key_states], dim=1)
         self.values = torch.cat([self.values, value_states], dim=1)
-        if not self.config.quantized:
-            return self.keys, self.values
         spill = self.keys.shape[1] - self.config.residual
-        if spill > 0:  # the oldest unquantised tokens leave the window
+        if self.config.quantized and spill > 0:  # the oldest unquantised tokens leave the window
             self.quantized_keys = self._append(self.quantized_keys, self.keys[:, :spill])
             self.quantized_values = self._append(self.quantized_values, self.values[:, :spill])
             self.keys, self.values = self.keys[:, spill:], self.values[:, spill:]
-        return self._read(self.quantized_keys, self.keys), self._read(self.quantized_values, self.values)
+
+    def read_keys(self) -> torch.Tensor:
+        return self._read(self.quantized_keys, self.keys)
+
+    def read_values(self) -> torch.Tensor:
+        return self._read(self.quantized_values, self.values)
+
+    def key_parts(self) -> list[torch.Tensor | QuantizedLatents]:
+        """The stored key latents as they are held, oldest first: quantised codes, then the window."""
+        return ([self.quantized_keys] if self.quantized_keys is not None else []) + \
+            ([self.keys] if self.keys.shape[1] else [])
 
     def _append(self, store: QuantizedLatents | None, latents: torch.Tensor) -> QuantizedLatents:
         new = quantize(latents, self.config.bits, self.config.group)

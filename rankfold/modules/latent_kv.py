@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankfold.kernels import choose_backend
 from rankfold.modules.latent_cache import LatentCacheConfig, LatentLayer, latent_layer
 
 
@@ -115,17 +116,59 @@ class LatentKVAttention(nn.Module):
         layer = latent_layer(cache, self.layer_idx, self.cache_config) if cache is not None \
             else LatentLayer(self.cache_config)
         past = layer.get_seq_length()
-        key_latents, value_latents = layer.update(self.k_down(hidden_states), self.v_down(hidden_states))
-        keys = self._keys(key_latents)
+        first = position_ids[:, :1] if position_ids is not None else torch.full((batch, 1), past)
+        offsets = first.to(query.device).expand(batch, 1)[:, 0] - past  # position of cache index 0, per row
+        layer.append(self.k_down(hidden_states), self.v_down(hidden_states))
+        if length == 1 and past > 0 and choose_backend(query) == "triton":
+            return self.o_proj(self._decode_with_kernel(query, layer, offsets, attention_mask)), None
+        keys = self._keys(layer.read_keys())
         if past == 0:
             key_cos, key_sin = cos, sin
         else:
-            first = position_ids[:, :1] if position_ids is not None else torch.full((batch, 1), past)
-            positions = (torch.arange(keys.shape[2], device=keys.device)[None] + (first.to(keys.device) - past))
+            positions = torch.arange(keys.shape[2], device=keys.device)[None] + offsets[:, None]
             key_cos, key_sin = self._rotary(keys, positions.clamp_min(0))
         keys = keys * key_cos[:, None] + rotate_half(keys) * key_sin[:, None]
-        heads = self._attend(query, keys, value_latents, attention_mask)
+        heads = self._attend(query, keys, layer.read_values(), attention_mask)
         return self.o_proj(heads), None
+
+    def _decode_with_kernel(self, query: torch.Tensor, layer: LatentLayer, offsets: torch.Tensor,
+                            mask: torch.Tensor | None) -> torch.Tensor:
+        """One decode step with scores from the fused kernel (kernels/latent_scores.py): keys are rebuilt
+        and rotated tile by tile from the stored latents (codes dequantised on load), never materialised."""
+        from rankfold.kernels.latent_scores import latent_key_scores
+
+        shape, rope = self.shape, self._rotary_module(query)
+        up, ranks, starts = self._kernel_factors()
+        scores, start = [], 0
+        for part in layer.key_parts():
+            scores.append(latent_key_scores(query[:, :, 0], part, up, ranks, starts, shape.group_heads,
+                                            offsets + start, rope.inv_freq, self.scaling, self.k_bias,
+                                            float(rope.attention_scaling), backend="triton"))
+            start += scores[-1].shape[-1]
+        scores = torch.cat(scores, dim=-1)[:, :, None]  # (B, H, 1, S)
+        if mask is not None:
+            mask = mask[..., :scores.shape[-1]]
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+        outputs = []
+        for k, latents in enumerate(layer.read_values().split(list(shape.value_ranks), dim=-1)):
+            heads = slice(k * shape.heads_per_group, (k + 1) * shape.heads_per_group)
+            outputs.append(self._values_out(probs[:, heads] @ latents[:, None], k))
+        return torch.cat(outputs, dim=-1)
+
+    def _rotary_module(self, x: torch.Tensor):
+        self._rotary(x, torch.zeros(1, 1, dtype=torch.long, device=x.device))
+        return self._rope
+
+    def _kernel_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k_up as the kernel reads it: (num_kv_heads·d, max rank), each group's rows zero-padded; ranks, starts."""
+        if getattr(self, "_kernel_cache", None) is None:
+            width = max(self.shape.key_ranks)
+            up = torch.cat([F.pad(u.detach(), (0, width - u.shape[1])) for u in self.k_up])
+            ranks = torch.tensor(self.shape.key_ranks, device=up.device)
+            starts = torch.cumsum(ranks, 0) - ranks
+            object.__setattr__(self, "_kernel_cache", (up, ranks, starts))
+        return self._kernel_cache
 
     def _keys(self, latents: torch.Tensor) -> torch.Tensor:
         """(batch, S, Σr_k) latents -> (batch, num_kv_heads, S, d) keys before RoPE."""
@@ -139,7 +182,7 @@ class LatentKVAttention(nn.Module):
                 mask: torch.Tensor | None) -> torch.Tensor:
         """Per group: SDPA of its query heads on its keys with the value latents as values; returns
         (batch, T, o_proj's input width)."""
-        shape, (batch, _, length, _) = self.shape, query.shape
+        shape, length = self.shape, query.shape[2]
         causal, mask = _mask(mask, length, keys.shape[2], query.device)
         rep = shape.num_heads // shape.num_kv_heads
         outputs = []
@@ -149,14 +192,21 @@ class LatentKVAttention(nn.Module):
             values = latents[:, None].expand(-1, shape.heads_per_group, -1, -1)
             out = F.scaled_dot_product_attention(query[:, heads], group_keys, values, attn_mask=mask,
                                                  is_causal=causal, scale=self.scaling)  # (B, h, T, r)
-            if not shape.fold_values:
-                up = self.v_up[k].view(shape.group_heads, self.head_dim, -1).repeat_interleave(rep, dim=0)
-                out = torch.einsum("bhtr,hdr->bhtd", out, up)
-                if self.v_bias is not None:
-                    bias = self.v_bias.view(-1, self.head_dim)[k * shape.group_heads:(k + 1) * shape.group_heads]
-                    out = out + bias.repeat_interleave(rep, dim=0)[None, :, None]
-            outputs.append(out.transpose(1, 2).reshape(batch, length, -1))
+            outputs.append(self._values_out(out, k))
         return torch.cat(outputs, dim=-1)
+
+    def _values_out(self, out: torch.Tensor, k: int) -> torch.Tensor:
+        """Group k's attention-weighted value latents (B, h, T, r) -> its part of o_proj's input (B, T, ·):
+        as they are when L_v is folded into o_proj, else through L_v (and the value bias) per head."""
+        shape, (batch, _, length, _) = self.shape, out.shape
+        rep = shape.num_heads // shape.num_kv_heads
+        if not shape.fold_values:
+            up = self.v_up[k].view(shape.group_heads, self.head_dim, -1).repeat_interleave(rep, dim=0)
+            out = torch.einsum("bhtr,hdr->bhtd", out, up)
+            if self.v_bias is not None:
+                bias = self.v_bias.view(-1, self.head_dim)[k * shape.group_heads:(k + 1) * shape.group_heads]
+                out = out + bias.repeat_interleave(rep, dim=0)[None, :, None]
+        return out.transpose(1, 2).reshape(batch, length, -1)
 
 
 def _mask(mask: torch.Tensor | None, length: int, keys: int, device) -> tuple[bool, torch.Tensor | None]:

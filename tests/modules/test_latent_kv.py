@@ -171,3 +171,32 @@ def test_a_cache_already_holding_keys_is_refused():
     simulated(ids, cache=cache, use_cache=True)
     with pytest.raises(ValueError, match="already holds keys"):
         latent(ids[:, :1], cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("cache", [LatentCacheConfig(), LatentCacheConfig(bits=4, group=8, residual=3)])
+def test_decode_through_the_fused_score_kernel_equals_the_torch_path(cache, monkeypatch):
+    """RANKFOLD_KERNELS=triton (interpreted on CPU): decode steps score keys in the kernel."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    import rankfold.kernels.triton_latent_scores as kernel
+
+    calls, launch = [], kernel.latent_key_scores_triton
+    monkeypatch.setattr(kernel, "latent_key_scores_triton", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    latent, _ = _palu(_dense(), 1, [8, 16, 8], [16, 8, 8], cache=cache)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    runs = []
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("RANKFOLD_KERNELS", backend)
+        kv = DynamicCache(config=latent.config)
+        step_mask, logits = mask, [latent(ids, attention_mask=mask, cache=kv, use_cache=True).logits[:, -1]]
+        for step in range(4):
+            token = torch.full((2, 1), 5 + step)
+            step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            logits.append(latent(token, attention_mask=step_mask, cache=kv, use_cache=True).logits[:, -1])
+        runs.append(torch.stack(logits))
+    assert len(calls) >= 4 * 2  # every decode step of both layers went through the kernel
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)
