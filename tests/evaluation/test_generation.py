@@ -29,21 +29,25 @@ def test_prompt_needs_the_placeholder(prompt):
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_model_dir, tmp_path_factory):
-    """Tiny compressed checkpoints of two layouts: svd (plain low rank) and skipcat (shared + skip)."""
+    """Tiny compressed checkpoints of three layouts: svd (plain low rank), skipcat (shared + skip) and
+    palu (svd weights + a 4-bit latent KV cache)."""
 
     from rankfold.jobs.spec import parse_spec
     from rankfold.orchestrator.job import run_job
     from tests.conftest import tiny_spec_dict
 
     out = {}
-    for method in ("svd", "skipcat"):
-        spec = tiny_spec_dict(tiny_model_dir, tmp_path_factory.mktemp(method), method)
+    for method in ("svd", "skipcat", "palu"):
+        spec = tiny_spec_dict(tiny_model_dir, tmp_path_factory.mktemp(method), "svd" if method == "palu" else method)
         spec["evaluation"] = {"dense": False}
+        if method == "palu":
+            spec["target"]["matrices"] = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            spec["kv_cache"] = {"ratio": 0.5, "rank_search": "uniform", "bits": 4, "quant_group": 8, "residual": 2}
         out[method] = run_job(parse_spec(spec), stream=None)["checkpoint"]
     return out
 
 
-@pytest.mark.parametrize("method", ["svd", "skipcat"])
+@pytest.mark.parametrize("method", ["svd", "skipcat", "palu"])
 def test_greedy_generation_equals_model_generate(method, checkpoints, shared_data):
     import rankfold
     from rankfold.workers.lm import ModelWorker, first_line
@@ -56,6 +60,7 @@ def test_greedy_generation_equals_model_generate(method, checkpoints, shared_dat
     ours = worker.generate(prompts, options.max_new_tokens, batch_size=1)
     model = rankfold.load(checkpoints[method])
     assert any("LowRank" in type(m).__name__ for m in model.modules())
+    assert any(type(m).__name__ == "LatentKVAttention" for m in model.modules()) == (method == "palu")
     for prompt, text in zip(prompts, ours):
         ids = worker.tokenizer(prompt, return_tensors="pt").input_ids
         reference = model.generate(ids, max_new_tokens=6, do_sample=False)
