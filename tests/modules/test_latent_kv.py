@@ -193,10 +193,10 @@ def test_decode_through_the_fused_score_kernel_equals_the_torch_path(cache, monk
         monkeypatch.setenv("RANKFOLD_KERNELS", backend)
         kv = DynamicCache(config=latent.config)
         step_mask, logits = mask, [latent(ids, attention_mask=mask, cache=kv, use_cache=True).logits[:, -1]]
-        for step in range(4):
+        for step in range(2):
             token = torch.full((2, 1), 5 + step)
             step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
             logits.append(latent(token, attention_mask=step_mask, cache=kv, use_cache=True).logits[:, -1])
         runs.append(torch.stack(logits))
-    assert len(calls) >= 4 * 2  # every decode step of both layers went through the kernel
+    assert len(calls) >= 2 * 2  # every decode step of both layers went through the kernel
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)
