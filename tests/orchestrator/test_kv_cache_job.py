@@ -11,9 +11,10 @@ import torch
 from transformers import DynamicCache
 
 import rankfold
-from rankfold.jobs.spec import SpecError, parse_spec
+from rankfold.jobs.spec import SpecError, parse_any_spec, parse_spec
 from rankfold.modules.latent_cache import LatentLayer
 from rankfold.modules.latent_kv import LatentKVAttention
+from rankfold.orchestrator.evaluation_run import run_evaluation
 from rankfold.orchestrator.job import run_job
 from rankfold.orchestrator.preflight import preflight
 from tests.conftest import tiny_spec_dict
@@ -53,6 +54,11 @@ def test_palu_job_writes_a_latent_cache_checkpoint_within_budget(kv_spec, monkey
     assert latent.keys.shape[-1] + latent.values.shape[-1] == sum(attention.shape.key_ranks + attention.shape.value_ranks)
     rows = {r["variant"]: r["value"] for r in report["rows"] if r["metric"] == "perplexity"}
     assert rows["compressed"] > rows["dense"] * 0.9 and torch.isfinite(torch.tensor(rows["compressed"]))
+    # `rankfold eval` of the checkpoint folder (layers built from its config) gives the job's value
+    evaluation = parse_any_spec({"model": {"source": str(report_dir.parent)}, "output": {"dir": str(report_dir.parents[1] / "eval")},
+                                 "evaluation": {"perplexity": kv_spec["evaluation"]["perplexity"]}})
+    (row,) = run_evaluation(evaluation, stream=None)["rows"]
+    assert row["variant"] == "compressed" and row["value"] == pytest.approx(rows["compressed"], rel=1e-6)
 
 
 def test_quantised_hadamard_cache_with_dense_o_proj_folds_values(kv_spec):
