@@ -42,16 +42,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import rankfold  # noqa: E402
-from rankfold.data.source import TextSource  # noqa: E402
-from rankfold.data.text import load_text, tokenize  # noqa: E402
-from rankfold.jobs.spec import parse_spec  # noqa: E402
-from rankfold.kernels.latent_quant import dequantize, quantize  # noqa: E402
-from rankfold.models.sources import open_source  # noqa: E402
-from rankfold.modules.latent_cache import cache_nbytes  # noqa: E402
-from rankfold.orchestrator.job import run_job  # noqa: E402
-from rankfold.storage.store import LocalStore  # noqa: E402
-from rankfold.workers.evaluate import make_windows  # noqa: E402
+import rankfold
+from rankfold.data.source import TextSource
+from rankfold.data.text import load_text, tokenize
+from rankfold.jobs.spec import parse_spec
+from rankfold.kernels.latent_quant import dequantize, quantize
+from rankfold.models.sources import open_source
+from rankfold.modules.latent_cache import cache_nbytes
+from rankfold.orchestrator.job import run_job
+from rankfold.storage.store import LocalStore
+from rankfold.workers.evaluate import make_windows
 
 DATA = REPO.parent / "shared" / "data"
 WEIGHTS = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -228,11 +228,11 @@ def run_quality(args, store: LocalStore) -> list[dict]:
 
     add("dense", dense, lambda: DynamicCache(config=config), {"weight_bytes": weight_bytes(dense)})
     for bits in (4, 3, 2):
-        add(f"RTN K/V {bits}-bit", dense, lambda: rtn_cache(config, bits, args.quant_group), {"bits": bits})
+        add(f"RTN K/V {bits}-bit", dense, lambda bits=bits: rtn_cache(config, bits, args.quant_group), {"bits": bits})
     for bits in (4, 2):
         try:
             add(f"transformers QuantizedCache quanto {bits}-bit", dense,
-                lambda: quanto_cache(config, bits, args.quanto_chunk), {"bits": bits}, chunk=args.quanto_chunk)
+                lambda bits=bits: quanto_cache(config, bits, args.quanto_chunk), {"bits": bits}, chunk=args.quanto_chunk)
         except Exception as err:  # noqa: BLE001  (a peer that does not run here is reported, not fatal)
             rows.append({"row": f"transformers QuantizedCache quanto {bits}-bit", "error": repr(err)})
             print(f"QuantizedCache (quanto) does not run here: {err!r}", flush=True)
@@ -247,7 +247,7 @@ def run_quality(args, store: LocalStore) -> list[dict]:
                               "rank_search": search}
                         name = f"palu-{ratio:g}-g{g}-{bits}b{'-had' if hadamard else ''}-{search}"
                         model, summary, job_s = palu_model(args, store, name, kv)
-                        add(name, model, lambda: DynamicCache(config=model.config),
+                        add(name, model, lambda model=model: DynamicCache(config=model.config),
                             {"kv": kv, "kept_fraction": summary["kept_fraction"], "job_s": job_s})
     model, summary, job_s = palu_model(args, store, "skipcat-0.2+palu-0.5-g1-3b-had",
                                        {"ratio": 0.5, "group_heads": 1, "bits": 3, "hadamard": True},

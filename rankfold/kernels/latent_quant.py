@@ -36,7 +36,7 @@ class QuantizedLatents:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.planes, self.minimum, self.step))
 
-    def map(self, fn) -> "QuantizedLatents":
+    def map(self, fn) -> QuantizedLatents:
         """The same codes with `fn` applied to every tensor's leading (token) dimensions, e.g. a batch index."""
         return QuantizedLatents(fn(self.planes), fn(self.minimum), fn(self.step), self.bits, self.group, self.width)
 

@@ -29,7 +29,7 @@ def latent_key_scores_torch(q: torch.Tensor, latents: torch.Tensor | QuantizedLa
                             ranks: torch.Tensor, starts: torch.Tensor, group_heads: int, offsets: torch.Tensor,
                             inv_freq: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
                             rope_scaling: float = 1.0) -> torch.Tensor:
-    batch, heads, d = q.shape
+    heads, d = q.shape[1:]
     if isinstance(latents, QuantizedLatents):
         latents = dequantize(latents, torch.float32)
     latents = latents.float()

@@ -98,12 +98,12 @@ def latent_key_scores_triton(q: torch.Tensor, latents: torch.Tensor | QuantizedL
         planes, lo, step = latents.planes.contiguous(), latents.minimum.contiguous(), latents.step.contiguous()
         lat = lo  # unused pointer
         lat_strides = (0, 0)
-        extra = dict(BITS=latents.bits, QGROUP=latents.group)
+        extra = {"BITS": latents.bits, "QGROUP": latents.group}
     else:
         lat = latents if latents.stride(-1) == 1 else latents.contiguous()
         planes = lo = step = lat
         lat_strides = (lat.stride(0), lat.stride(1))
-        extra = dict(BITS=1, QGROUP=8)
+        extra = {"BITS": 1, "QGROUP": 8}
     p_strides = (planes.stride(0), planes.stride(1), planes.stride(2)) if quant else (0, 0, 0)
     m_strides = (lo.stride(0), lo.stride(1)) if quant else (0, 0)
     max_rank = int(ranks.max())

@@ -34,10 +34,8 @@ import torch
 from pydantic import Field, model_validator
 
 from rankfold.core.options import Strict
-
 from rankfold.methods.svd import split_singular
 from rankfold.methods.whitening import apply_inverse_right
-
 
 VERSION = "1"
 
@@ -68,7 +66,7 @@ class PaluOptions(Strict):
     fisher_batch_size: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PaluOptions":
+    def _consistent(self) -> PaluOptions:
         if 8 < self.bits < 16:
             raise ValueError(f"bits = {self.bits}: use 1..8 to quantise latents or 16 to keep them unquantised")
         if self.bits < 16 and self.quant_group % 8:

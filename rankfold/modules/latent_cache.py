@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from rankfold.kernels.latent_quant import QuantizedLatents, check_quantization, concat, dequantize, quantize
+from rankfold.kernels.latent_quant import (
+    QuantizedLatents,
+    check_quantization,
+    concat,
+    dequantize,
+    quantize,
+)
 
 
 @dataclass(frozen=True)

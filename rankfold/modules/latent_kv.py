@@ -59,7 +59,7 @@ class LatentKVShape:
         return self.heads_per_group * sum(self.value_ranks)
 
     @classmethod
-    def from_options(cls, config, options: dict) -> "LatentKVShape":
+    def from_options(cls, config, options: dict) -> LatentKVShape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(config.num_attention_heads, config.num_key_value_heads, head_dim, int(options["group_heads"]),
                    tuple(options["key_ranks"]), tuple(options["value_ranks"]), bool(options["fold_values"]))

@@ -3,11 +3,18 @@ stage's head-group sums) of every layer -> the ranks of every head group's keys 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from rankfold.methods.palu import PaluOptions, RankUnit, kv_budget, loss_weight, search_ranks, uniform_ranks
+from rankfold.methods.palu import (
+    PaluOptions,
+    RankUnit,
+    kv_budget,
+    loss_weight,
+    search_ranks,
+    uniform_ranks,
+)
 from rankfold.models.architecture import Architecture
 from rankfold.workers.fisher import head_group_scores
 from rankfold.workers.kv import GRAM_TRACE, PROJECTIONS
@@ -47,7 +54,7 @@ def search_kv_ranks(options: PaluOptions, config, arch: Architecture, read: Read
     ranks: dict[int, dict[str, list[int]]] = {}
     for (i, kind, _), rank in sorted(chosen.items()):
         ranks.setdefault(i, {"k": [], "v": []})[kind].append(rank)
-    dropped = lambda r: sum(u.weight * float(u.energy[r[u.key]:].sum()) for u in units)  # noqa: E731
+    dropped = lambda r: sum(u.weight * float(u.energy[r[u.key]:].sum()) for u in units)
     kept = sum(chosen.values())
     summary = {"budget_dims": budget, "kept_dims": kept, "full_dims": full, "kept_fraction": kept / full,
                "modelled_loss": dropped(chosen), "modelled_loss_uniform": dropped(uniform),

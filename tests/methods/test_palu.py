@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from rankfold.kernels.latent_quant import dequantize, pack_bits, quantize, unpack_bits
-from rankfold.methods.palu import (RankUnit, check_group_heads, group_factors, group_spectra, hadamard, kv_budget,
-                                   rotate, search_ranks, uniform_ranks)
+from rankfold.methods.palu import (
+    RankUnit,
+    check_group_heads,
+    group_factors,
+    group_spectra,
+    hadamard,
+    kv_budget,
+    rotate,
+    search_ranks,
+    uniform_ranks,
+)
 
 
 def _whitening(n: int, seed: int = 0) -> torch.Tensor:
@@ -75,7 +84,7 @@ def test_search_never_exceeds_the_budget_rounds_and_lands_within_one_chunk(ratio
 def test_search_beats_uniform_on_the_weighted_loss_it_models():
     units = _units(1)
     budget = kv_budget(sum(u.full for u in units), 0.5)
-    loss = lambda ranks: sum(u.weight * float(u.energy[ranks[u.key]:].sum()) for u in units)  # noqa: E731
+    loss = lambda ranks: sum(u.weight * float(u.energy[ranks[u.key]:].sum()) for u in units)
     searched, uniform = search_ranks(units, budget, 8), uniform_ranks(units, 0.5, 8)
     assert sum(uniform.values()) <= budget
     assert loss(searched) < loss(uniform)

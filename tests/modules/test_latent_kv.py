@@ -11,8 +11,19 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from rankfold.methods.palu import GroupFactors, group_factors, rotate
-from rankfold.modules.latent_cache import LatentCache, LatentCacheConfig, LatentLayer, cache_nbytes
-from rankfold.modules.latent_kv import LatentKVAttention, LatentKVShape, fold_allowed, latent_kv_state, replace_attention
+from rankfold.modules.latent_cache import (
+    LatentCache,
+    LatentCacheConfig,
+    LatentLayer,
+    cache_nbytes,
+)
+from rankfold.modules.latent_kv import (
+    LatentKVAttention,
+    LatentKVShape,
+    fold_allowed,
+    latent_kv_state,
+    replace_attention,
+)
 
 
 def _config(bias: bool = False) -> LlamaConfig:
@@ -56,13 +67,13 @@ def _palu(dense: LlamaForCausalLM, group_heads: int, key_ranks: list[int], value
                    "fold_values": folding, "bits": cache.bits, "group": cache.group, "residual": cache.residual,
                    "value_bias": attention.v_proj.bias is not None}
         shape = LatentKVShape.from_options(attention.config, options)
-        bias = lambda m: None if m.bias is None else m.bias.detach().double()  # noqa: E731
+        bias = lambda m: None if m.bias is None else m.bias.detach().double()
         state = latent_kv_state(shape, [(f.up, f.down) for f in keys], [(f.up, f.down) for f in values],
                                 bias(attention.k_proj), bias(attention.v_proj), attention.o_proj.weight.detach().double(),
                                 bias(attention.o_proj))
         replace_attention(layer, "self_attn", options)
         missing, unexpected = layer.self_attn.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-        assert not unexpected and all(k.startswith("q_proj") or k.startswith("o_proj") for k in missing)
+        assert not unexpected and all(k.startswith(("q_proj", "o_proj")) for k in missing)
         sim = simulated.model.layers[i].self_attn
         with torch.no_grad():
             sim.k_proj.weight.copy_(torch.cat([f.up @ f.down for f in keys]))
