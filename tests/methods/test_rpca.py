@@ -53,6 +53,7 @@ def test_bad_options_and_inputs_are_errors(bad):
         robust_pca(torch.zeros(3, 3))
 
 
+@pytest.mark.slow  # reads the real model
 def test_on_a_real_smollm2_weight_the_residual_falls(smollm2):
     weight = smollm2.tensor("model.layers.3.self_attn.q_proj.weight")
     result = robust_pca(weight, iterations=5)
