@@ -15,12 +15,15 @@ from torch import nn
 from rankfold.modules.latent_kv import replace_attention
 from rankfold.modules.lowrank import replace_linears
 from rankfold.modules.shared import replace_group
+from rankfold.modules.sparse import replace_with_sparse
 
 
 @dataclass(frozen=True)
 class CompressedModule:
     """kind 'lowrank': `members` is one linear, y = B A x.
     kind 'shared': one projection at `shared_path` (skip: identity block + A′) feeding every member's B.
+    kind 'lowrank_sparse': `members` is one linear, y = B A x + S x, `options["nnz"]` entries of S
+    (modules/sparse.py; rank 0: sparse only).
     kind 'latent_kv': the attention at `shared_path` keeps a latent KV cache (Palu, modules/latent_kv.py);
     `members` are its k_proj and v_proj, `rank` the latent numbers per token, `options` the per-group
     ranks and cache settings (LatentKVShape.from_options, replace_attention).
@@ -59,6 +62,8 @@ def apply_layout(root: nn.Module, layout: list[CompressedModule], dtype: torch.d
     for module in sorted(layout, key=lambda m: m.kind == "latent_kv"):
         if module.kind == "latent_kv":
             replace_attention(root, module.shared_path, module.options, dtype=dtype)
+        elif module.kind == "lowrank_sparse":
+            replace_with_sparse(root, module.members[0], module.rank, int(module.options["nnz"]), dtype=dtype)
         elif module.kind == "lowrank":
             replace_linears(root, {module.members[0]: module.rank}, dtype=dtype)
         elif module.kind == "shared":

@@ -1,0 +1,93 @@
+"""Low rank + sparse linear (CAP, seed 001): y = B (A x) + S x + bias, S stored as packed values and
+flat indices — the form a safetensors checkpoint holds (no pickled sparse tensors).
+
+S has `nnz` entries: `S_values` (nnz,) in the model dtype and `S_indices` (nnz,) int32, the row-major
+flat position row·n + col, sorted ascending (so rows are contiguous: a CSR matrix without a row
+pointer). rank 0 is sparse only (Wanda-style pruning); nnz 0 is plain low rank. The torch path
+multiplies with a CSR tensor built once from the stored pair (float32 products; on CPU torch's sparse
+kernels do not take bfloat16).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+
+class LowRankSparseLinear(nn.Module):
+    """A: (rank, in), B: (out, rank), S_values: (nnz,), S_indices: (nnz,) int32 flat row-major, sorted."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, nnz: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        if in_features * out_features >= 2 ** 31:
+            raise ValueError(f"{out_features}×{in_features} has too many entries for int32 flat indices")
+        self.in_features, self.out_features, self.rank, self.nnz = in_features, out_features, rank, nnz
+        self.A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
+        self.S_values = nn.Parameter(torch.empty(nnz, dtype=dtype, device=device))
+        self.register_buffer("S_indices", torch.empty(nnz, dtype=torch.int32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self._csr: torch.Tensor | None = None
+
+    def sparse_matrix(self) -> torch.Tensor:
+        """S as a float32 CSR tensor (out, in), built on first use."""
+        if self._csr is None:
+            self._csr = csr_from_flat(self.S_values.detach().float(), self.S_indices, self.out_features,
+                                      self.in_features)
+        return self._csr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = torch.zeros(flat.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        if self.rank:
+            y = (flat @ self.A.T) @ self.B.T
+        if self.nnz:
+            y = y + (self.sparse_matrix() @ flat.float().T).T.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dense(self) -> torch.Tensor:
+        """B A + S as a dense (out, in) float32 matrix."""
+        return (self.B.float() @ self.A.float()) + self.sparse_matrix().to_dense()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"nnz={self.nnz}, bias={self.bias is not None}")
+
+
+def csr_from_flat(values: torch.Tensor, indices: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """CSR (rows, cols) from sorted row-major flat indices; ValueError when unsorted, repeated or out of range."""
+    indices = indices.long()
+    if indices.numel() and (bool((indices[1:] <= indices[:-1]).any()) or int(indices[0]) < 0
+                            or int(indices[-1]) >= rows * cols):
+        raise ValueError(f"sparse indices must be strictly increasing within [0, {rows * cols})")
+    row, col = indices // cols, indices % cols
+    crow = torch.zeros(rows + 1, dtype=torch.long, device=indices.device)
+    crow[1:] = torch.bincount(row, minlength=rows).cumsum(0)
+    with warnings.catch_warnings():  # torch flags CSR as beta; the invariants were checked above
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=(rows, cols), check_invariants=False)
+
+
+def flat_sparse(matrix: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `keep` largest-magnitude entries of `matrix` (out, in) as (values, sorted int32 flat indices)."""
+    flat = matrix.reshape(-1)
+    keep = min(keep, int((flat != 0).sum()))
+    chosen = flat.abs().topk(keep).indices.sort().values if keep else flat.new_zeros(0, dtype=torch.long)
+    return flat[chosen], chosen.to(torch.int32)
+
+
+def replace_with_sparse(root: nn.Module, path: str, rank: int, nnz: int, dtype: torch.dtype | None = None) -> None:
+    """Swap the nn.Linear at `path` for an empty LowRankSparseLinear."""
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    dense = getattr(parent, child)
+    if not isinstance(dense, nn.Linear):
+        raise TypeError(f"{path} is {type(dense).__name__}, not nn.Linear")
+    setattr(parent, child, LowRankSparseLinear(dense.in_features, dense.out_features, rank, nnz,
+                                               bias=dense.bias is not None, dtype=dtype or dense.weight.dtype,
+                                               device=dense.weight.device))
