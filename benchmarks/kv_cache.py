@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import statistics
 import sys
 import time
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096])
     parser.add_argument("--latency-repeats", type=int, default=30)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default=None, help="regex: run only the rows it matches (others kept from OUT)")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--latency-only", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "kv_cache")
@@ -212,6 +214,10 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def wanted(args, name: str) -> bool:
+    return args.only is None or re.search(args.only, name) is not None
+
+
 def run_quality(args, store: LocalStore) -> list[dict]:
     from transformers import DynamicCache
 
@@ -221,6 +227,8 @@ def run_quality(args, store: LocalStore) -> list[dict]:
     config = dense.config
 
     def add(name: str, model, make_cache, extra: dict | None = None, chunk: int | None = None) -> None:
+        if not wanted(args, name):
+            return
         ppl, per_token, wall = perplexity(model, windows, make_cache, chunk)
         rows.append({"row": name, "ppl": ppl, "kv_bytes_per_token": per_token, "eval_s": wall} | (extra or {}))
         print(f"{name:<44} ppl {ppl:9.3f}  KV {per_token:8.0f} B/token  ({wall:.0f} s)", flush=True)
@@ -246,9 +254,13 @@ def run_quality(args, store: LocalStore) -> list[dict]:
                         kv = {"ratio": ratio, "group_heads": g, "bits": bits, "hadamard": hadamard,
                               "rank_search": search}
                         name = f"palu-{ratio:g}-g{g}-{bits}b{'-had' if hadamard else ''}-{search}"
+                        if not wanted(args, name):
+                            continue
                         model, summary, job_s = palu_model(args, store, name, kv)
                         add(name, model, lambda model=model: DynamicCache(config=model.config),
                             {"kv": kv, "kept_fraction": summary["kept_fraction"], "job_s": job_s})
+    if not wanted(args, "SkipCat 20% + Palu 50% 3-bit (g=1, Hadamard)"):
+        return rows
     model, summary, job_s = palu_model(args, store, "skipcat-0.2+palu-0.5-g1-3b-had",
                                        {"ratio": 0.5, "group_heads": 1, "bits": 3, "hadamard": True},
                                        method="skipcat", matrices=WEIGHTS, ratio=0.2)
@@ -314,6 +326,8 @@ def _restore(cache, snapshot) -> None:
 def write(args, rows: list[dict], latency: list[dict] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     previous = json.loads((args.out / "kv_cache.json").read_text()) if (args.out / "kv_cache.json").is_file() else {}
+    fresh = {row["row"] for row in rows}
+    rows = rows if args.only is None else [r for r in previous.get("rows", []) if r["row"] not in fresh] + rows
     data = {"rows": rows or previous.get("rows", []), "latency": latency or previous.get("latency", []),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
             "rerun": "python benchmarks/kv_cache.py " + " ".join(sys.argv[1:])}

@@ -178,10 +178,18 @@ def _chunks(full: int, multiple: int) -> list[int]:
     return steps + [full]
 
 
-def uniform_ranks(units: list[RankUnit], keep: float, multiple: int) -> dict[tuple, int]:
-    """Every unit at the same kept fraction of its full rank, rounded down to `multiple` (at least one
-    multiple): the baseline the search is compared with."""
-    return {u.key: min(u.full, max(multiple, int(keep * u.full) // multiple * multiple)) for u in units}
+def uniform_ranks(units: list[RankUnit], budget: int, multiple: int) -> dict[tuple, int]:
+    """The same split everywhere, blind to the spectra: every unit at the kept fraction of its full rank
+    rounded down to `multiple` (at least one), then the chunks left in the budget one each to the
+    units in order — the baseline the search is compared with, at the same budget (≤, within one chunk)."""
+    keep = budget / sum(u.full for u in units)
+    ranks = {u.key: min(u.full, max(multiple, int(keep * u.full + 1e-9) // multiple * multiple)) for u in units}
+    left = budget - sum(ranks.values())
+    for u in units:
+        step = min(multiple, u.full - ranks[u.key])
+        if 0 < step <= left:
+            ranks[u.key], left = ranks[u.key] + step, left - step
+    return ranks
 
 
 def search_ranks(units: list[RankUnit], budget: int, multiple: int) -> dict[tuple, int]:

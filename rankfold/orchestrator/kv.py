@@ -49,7 +49,7 @@ def search_kv_ranks(options: PaluOptions, config, arch: Architecture, read: Read
     units = kv_units(options, config, read, fisher)
     full = sum(u.full for u in units)
     budget = kv_budget(full, options.ratio)
-    uniform = uniform_ranks(units, 1.0 - options.ratio, options.rank_multiple)
+    uniform = uniform_ranks(units, budget, options.rank_multiple)
     chosen = uniform if options.rank_search == "uniform" else search_ranks(units, budget, options.rank_multiple)
     ranks: dict[int, dict[str, list[int]]] = {}
     for (i, kind, _), rank in sorted(chosen.items()):

@@ -277,6 +277,6 @@ for _kind in (StageKind("calibrate", calibrate, "1", folder="stats"),
               StageKind("spectra", spectra, "1", folder="spectra",
                         inputs=lambda plan: (plan.upstream["calibrate"], plan.structure)),
               StageKind("allocate", allocate, "1"), StageKind("decompose", decompose, "1", folder="factors"),
-              StageKind("kv_factors", kv_factors, "1", folder="kv_factors"), StageKind("kv_allocate", kv_allocate, "1"),
+              StageKind("kv_factors", kv_factors, "1", folder="kv_factors"), StageKind("kv_allocate", kv_allocate, "2"),
               StageKind("assemble", assemble, "1", restore_checkpoint), StageKind("evaluate", evaluate, "1")):
     STAGES.register(_kind.kind, _kind)

@@ -85,9 +85,18 @@ def test_search_beats_uniform_on_the_weighted_loss_it_models():
     units = _units(1)
     budget = kv_budget(sum(u.full for u in units), 0.5)
     loss = lambda ranks: sum(u.weight * float(u.energy[ranks[u.key]:].sum()) for u in units)
-    searched, uniform = search_ranks(units, budget, 8), uniform_ranks(units, 0.5, 8)
-    assert sum(uniform.values()) <= budget
+    searched, uniform = search_ranks(units, budget, 8), uniform_ranks(units, budget, 8)
+    assert budget - 8 < sum(uniform.values()) <= budget
     assert loss(searched) < loss(uniform)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.65])
+def test_uniform_split_fills_the_same_budget_and_differs_by_at_most_one_chunk(ratio):
+    units = _units()
+    budget = kv_budget(sum(u.full for u in units), ratio)
+    ranks = uniform_ranks(units, budget, 8)
+    assert budget - 8 < sum(ranks.values()) <= budget
+    assert max(ranks.values()) - min(ranks.values()) <= 8 and all(r % 8 == 0 for r in ranks.values())
 
 
 def test_search_budget_below_one_chunk_each_is_an_error():
