@@ -17,7 +17,7 @@ Rows:
   the quantiser Palu's latents use), and transformers' QuantizedCache (quanto backend) at 4 and 2 bits
   — it returns a chunk's own K/V unquantised, so it is fed in chunks of --quanto-chunk tokens (its
   residual length): every token reads its own chunk in full precision, which favours it;
-  seed 002: SkipCat 20 % on the weights (q, o, gate, up, down) + Palu 50 % 3-bit cache.
+  seed 002: SkipCat 20 % on the weights (q, o, gate, up, down) + Palu 50 % 3-bit cache (joint, g = 3).
 KV bytes per token: every tensor the cache holds after a window (codes, minimums, steps included),
 over the window's tokens, all 30 layers, keys and values.
 
@@ -259,12 +259,12 @@ def run_quality(args, store: LocalStore) -> list[dict]:
                         model, summary, job_s = palu_model(args, store, name, kv)
                         add(name, model, lambda model=model: DynamicCache(config=model.config),
                             {"kv": kv, "kept_fraction": summary["kept_fraction"], "job_s": job_s})
-    if not wanted(args, "SkipCat 20% + Palu 50% 3-bit (g=1, Hadamard)"):
+    if not wanted(args, "SkipCat 20% + Palu 50% 3-bit (g=3)"):
         return rows
-    model, summary, job_s = palu_model(args, store, "skipcat-0.2+palu-0.5-g1-3b-had",
-                                       {"ratio": 0.5, "group_heads": 1, "bits": 3, "hadamard": True},
+    model, summary, job_s = palu_model(args, store, "skipcat-0.2+palu-0.5-g3-3b",
+                                       {"ratio": 0.5, "group_heads": 3, "bits": 3},
                                        method="skipcat", matrices=WEIGHTS, ratio=0.2)
-    add("SkipCat 20% + Palu 50% 3-bit (g=1, Hadamard)", model, lambda: DynamicCache(config=model.config),
+    add("SkipCat 20% + Palu 50% 3-bit (g=3)", model, lambda: DynamicCache(config=model.config),
         {"weight_bytes": weight_bytes(model), "job_s": job_s})
     return rows
 
