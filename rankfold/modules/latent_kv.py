@@ -266,7 +266,8 @@ def fold_values(shape: LatentKVShape, ups: list[torch.Tensor], o_weight: torch.T
 def replace_attention(root: nn.Module, path: str, options: dict, dtype: torch.dtype | None = None) -> None:
     """Swap the Llama-style attention at `path` for an empty LatentKVAttention described by `options`
     (the layout's JSON: group_heads, key_ranks, value_ranks, fold_values, bits, group, residual); its
-    q_proj and o_proj (whatever the weight method made them) are kept, o_proj resized when folded."""
+    q_proj and o_proj (whatever the weight method made them) are kept, o_proj resized when folded, and
+    so are the other modules registered on it (a skip layout's shared projections)."""
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     dense = getattr(parent, name)
@@ -282,8 +283,12 @@ def replace_attention(root: nn.Module, path: str, options: dict, dtype: torch.dt
                            dtype=dtype, device=weight.device)
     cache = LatentCacheConfig(int(options.get("bits", 16)), int(options.get("group", 32)),
                               int(options.get("residual", 0)))
-    setattr(parent, name, LatentKVAttention(dense.config, dense.layer_idx, shape, dense.q_proj, o_proj,
-                                            dense.k_proj.bias is not None, cache, dtype, weight.device))
+    latent = LatentKVAttention(dense.config, dense.layer_idx, shape, dense.q_proj, o_proj,
+                               dense.k_proj.bias is not None, cache, dtype, weight.device)
+    for child, module in dense.named_children():  # e.g. a skip layout's q_proj_in / o_proj_in projections
+        if child not in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            latent.add_module(child, module)
+    setattr(parent, name, latent)
 
 
 def _has_bias(options: dict, o_proj: nn.Linear) -> bool:

@@ -75,6 +75,23 @@ def test_quantised_hadamard_cache_with_dense_o_proj_folds_values(kv_spec):
     assert out.shape == (2, 10)
 
 
+def test_skipcat_weights_with_a_latent_cache_load_and_generate(kv_spec):
+    """Seed 002: a skip layout registers its projections on the attention the latent one replaces."""
+    kv_spec["method"] = {"name": "skipcat"}
+    kv_spec["kv_cache"].update({"group_heads": 2, "bits": 4, "quant_group": 8})
+    report = run_job(parse_spec(kv_spec), stream=None)
+    model = rankfold.load(report["checkpoint"])
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention, LatentKVAttention) and hasattr(attention, "q_proj_in")
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.no_grad():
+        logits = model(ids).logits
+    (row,) = [r for r in report["rows"] if r["variant"] == "compressed"]
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    assert torch.isfinite(nll) and torch.isfinite(torch.tensor(row["value"]))
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 12)
+
+
 def test_kv_cache_spec_errors(kv_spec):
     bad = copy.deepcopy(kv_spec)
     bad["target"]["matrices"] = MATRICES + ["k_proj"]
