@@ -47,7 +47,7 @@ import rankfold
 from rankfold.data.source import TextSource
 from rankfold.data.text import load_text, tokenize
 from rankfold.jobs.spec import parse_spec
-from rankfold.kernels.latent_quant import dequantize, quantize
+from rankfold.kernels.latent_quant import concat, dequantize, quantize
 from rankfold.models.sources import open_source
 from rankfold.modules.latent_cache import cache_nbytes
 from rankfold.orchestrator.job import run_job
@@ -132,7 +132,7 @@ def rtn_cache(config, bits: int, group: int):
             out = []
             for i, states in enumerate((key_states, value_states)):
                 q = quantize(states, bits, min(group, states.shape[-1]))
-                self.stored[i] = q if self.stored[i] is None else _cat(self.stored[i], q)
+                self.stored[i] = q if self.stored[i] is None else concat([self.stored[i], q], dim=2)
                 out.append(dequantize(self.stored[i], states.dtype))
             self.keys = out[0][..., :0, :]  # get_seq_length reads the stored codes below
             self.length = out[0].shape[-2]
@@ -145,13 +145,6 @@ def rtn_cache(config, bits: int, group: int):
             return sum(q.nbytes for q in self.stored)
 
     return Cache(layers=[RTNLayer() for _ in range(config.num_hidden_layers)])
-
-
-def _cat(a, b):
-    from rankfold.kernels.latent_quant import QuantizedLatents
-
-    return QuantizedLatents(*(torch.cat([getattr(a, n), getattr(b, n)], dim=-3 if n == "planes" else -2)
-                              for n in ("planes", "minimum", "step")), a.bits, a.group, a.width)
 
 
 def cache_bytes(cache) -> int:

@@ -10,7 +10,7 @@ new tokens are stored first, so a one-pass perplexity reads them exactly as late
 
 A transformers `DynamicCache` made by `generate` gets its layers swapped for LatentLayers by the
 attention module on first use (`latent_layer`), so `model.generate` needs no extra argument;
-`LatentCache(config, cache_config)` builds one explicitly.
+`LatentCache(num_layers, cache_config)` builds one explicitly.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from rankfold.methods.palu import (
     search_ranks,
     uniform_ranks,
 )
-from rankfold.models.architecture import Architecture
 from rankfold.workers.fisher import head_group_scores
 from rankfold.workers.kv import GRAM_TRACE, PROJECTIONS
 
@@ -42,7 +41,7 @@ def kv_units(options: PaluOptions, config, read: Read, fisher: Read | None) -> l
     return units
 
 
-def search_kv_ranks(options: PaluOptions, config, arch: Architecture, read: Read,
+def search_kv_ranks(options: PaluOptions, config, read: Read,
                     fisher: Read | None) -> tuple[dict[int, dict[str, list[int]]], dict]:
     """Ranks {layer: {"k": [per group], "v": [...]}} and a summary (budget, kept fraction, bytes per token,
     the modelled loss Σ w·σ² dropped by this allocation and by the uniform one)."""

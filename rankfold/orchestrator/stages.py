@@ -253,8 +253,9 @@ def kv_factors(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
 def kv_allocate(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
     """Palu's ranks under the KV budget (on the driver; recorded in the manifest)."""
     read = lambda name, i: ctx.store.get_tensors(ctx.key(name, i))  # noqa: E731
-    fisher = read if "fisher" in ctx.plan else None
-    ranks, summary = search_kv_ranks(ctx.spec.kv_cache, ctx.source.config, ctx.source.architecture, read, fisher)
+    # Only the fisher search reads the Fisher sums (and only then are they in this stage's digest).
+    fisher = read if ctx.spec.kv_cache.rank_search == "fisher" else None
+    ranks, summary = search_kv_ranks(ctx.spec.kv_cache, ctx.source.config, read, fisher)
     return {"ranks": {str(i): r for i, r in ranks.items()}, "summary": summary}, {}
 
 
