@@ -17,7 +17,7 @@ from rankfold.methods.structure import dense_params
 from rankfold.modules.layout import CompressedModule
 
 Shapes = dict[int, dict[str, tuple[int, int]]]  # layer -> matrix path -> (out, in)
-Ranks = dict[int, dict[str, int]]               # layer -> matrix path -> rank
+Ranks = dict[int, dict[str, int]]               # layer -> matrix path -> rank ([rank, nnz] when sparse)
 
 
 class AllocationOptions(Strict):
@@ -72,4 +72,6 @@ def register_allocator(allocator: Allocator) -> Allocator:
 
 
 def ranks_of(layout: dict[int, list[CompressedModule]]) -> Ranks:
-    return {i: {m: module.rank for module in modules for m in module.members} for i, modules in layout.items()}
+    """What an allocator answers for this layout: every member's rank, or [rank, nnz] of a sparse module."""
+    return {i: {m: [module.rank, int(module.options["nnz"])] if module.kind == "lowrank_sparse" else module.rank
+                for module in modules for m in module.members} for i, modules in layout.items()}

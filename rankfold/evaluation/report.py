@@ -20,13 +20,22 @@ def parameter_counts(shapes: dict[int, dict[str, tuple[int, int]]], layout: dict
     A skip block's identity and its permutation (an index, not a weight) are not parameters."""
     dense = dense_params(shapes)
     compressed = sum(module_params(module, shapes[i]) for i, modules in layout.items() for module in modules)
-    return {
+    counts = {
         "counted_dense": dense,
         "counted_compressed": compressed,
         "achieved_compression": 1.0 - compressed / dense if dense else 0.0,  # 0: a cache-only job
         "model_dense": model_total,
         "model_compressed": model_total - dense + compressed,
     }
+    sparse = [(i, m) for i, modules in layout.items() for m in modules if m.kind == "lowrank_sparse"]
+    if sparse:  # both conventions: a sparse entry as value + index, and as the papers' one parameter
+        entries = sum(int(m.options["nnz"]) for _, m in sparse)
+        value_only = compressed - sum(module_params(m, shapes[i]) - module_params(m, shapes[i], cost=1)
+                                      for i, m in sparse)
+        counts.update({"sparse_entries": entries, "entry_cost": int(sparse[0][1].options["entry_cost"]),
+                       "compression_indices_counted": 1.0 - (value_only + entries) / dense,
+                       "compression_values_only": 1.0 - value_only / dense})
+    return counts
 
 
 def model_parameter_total(shapes: list[tuple[int, ...]]) -> int:
@@ -105,6 +114,11 @@ def format_report(report: dict) -> str:
     ]
     if report.get("kv_cache"):
         lines.insert(4, kv_cache_line(report["kv_cache"]))
+    if "sparse_entries" in params:
+        lines.insert(3, f"  sparse entries: {params['sparse_entries']:,} (budget counted {params['entry_cost']} "
+                        f"parameter(s) each); compression {params['compression_indices_counted']:.2%} counting "
+                        f"value + int32 index, {params['compression_values_only']:.2%} counting values only "
+                        "(the papers' convention)")
     if report["rows"]:
         lines += [""] + evaluation_table(report["rows"]) + generated_samples(report["rows"])
     lines.append("")

@@ -191,9 +191,11 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _allocation_fits(self) -> "JobSpec":
-        allocation = self.target.allocation
-        ALLOCATORS.get(allocation.kind).check_spec(allocation, METHODS.get(self.method.name),
-                                                   self.calibration.num_samples)
+        allocation, method = self.target.allocation, METHODS.get(self.method.name)
+        if method.allocations is not None and allocation.kind not in method.allocations:
+            raise ValueError(f"target.allocation.kind {allocation.kind!r} does not apply to method.name "
+                             f"{method.name!r}; it takes {', '.join(repr(k) for k in method.allocations)}")
+        ALLOCATORS.get(allocation.kind).check_spec(allocation, method, self.calibration.num_samples)
         return self
 
     def canonical_json(self) -> str:

@@ -32,9 +32,16 @@ class GroupResult:
 class GroupInputs:
     """A group's calibration statistics and what methods derive from them, computed at most once."""
 
-    def __init__(self, stats: InputStats | None):
+    def __init__(self, stats: InputStats | None, artifact=None):
         self.stats = stats
         self._factor: torch.Tensor | None = None
+        # artifact(stage kind, member path) -> that stage's tensors for the matrix (Method.reads)
+        self._artifact = artifact
+
+    def artifact(self, stage: str, member: str) -> dict[str, torch.Tensor]:
+        if self._artifact is None:
+            raise ValueError(f"this method reads the {stage!r} stage's artifacts, and none were given")
+        return self._artifact(stage, member)
 
     def _need(self) -> InputStats:
         if self.stats is None:
@@ -53,21 +60,31 @@ class GroupInputs:
         return self._factor
 
     @property
+    def input_norms(self) -> torch.Tensor:
+        """(n,) ‖x_j‖₂ per input channel over the calibration tokens (√ of the Gram's diagonal), float64."""
+        return self._need().gram.diagonal().clamp_min(0.0).sqrt()
+
+    @property
     def mean_abs(self) -> torch.Tensor:
         """(n,) mean |x| per input channel over the calibration tokens, float64."""
         return self._need().mean_abs
 
 
 def decompose_group(options: MethodOptions, weights: dict[str, torch.Tensor], stats: InputStats | None,
-                    modules: list[CompressedModule]) -> GroupResult:
-    """Tensors of `modules` (all reading this group's input); `weights` keyed by member path.
-    Raises DecompositionError when a skip block's cond(A₁) exceeds options.max_condition."""
-    factor = method_of(options).factor
-    inputs, result = GroupInputs(stats), GroupResult({})
+                    modules: list[CompressedModule], artifact=None) -> GroupResult:
+    """Tensors of `modules` (all reading this group's input); `weights` keyed by member path;
+    `artifact(stage, member)`: the upstream artifacts a method reads (Method.reads).
+    Raises DecompositionError when a skip block's cond(A₁) exceeds options.max_condition, or when a
+    sparse factorisation disagrees with its module's rank and nnz."""
+    method = method_of(options)
+    inputs, result = GroupInputs(stats, artifact), GroupResult({})
     del stats  # only `inputs` holds the statistics now, so it can drop the Gram after factorising it
     for module in modules:
         stacked = torch.cat([weights[m].to(torch.float64) for m in module.members])  # (M, n)
-        b, a = factor(options, stacked, module.rank, inputs)
+        if module.kind == "lowrank_sparse":
+            result.tensors.update(_sparse_tensors(module, method.sparse_factor(options, stacked, module, inputs)))
+            continue
+        b, a = method.factor(options, stacked, module.rank, inputs)
         if module.kind == "lowrank":
             result.tensors.update({f"{module.members[0]}.A": a, f"{module.members[0]}.B": b})
         elif not module.skip:
@@ -76,6 +93,15 @@ def decompose_group(options: MethodOptions, weights: dict[str, torch.Tensor], st
         else:
             _add_skip(options, module, weights, b, a, result)
     return result
+
+
+def _sparse_tensors(module: CompressedModule, factors) -> dict[str, torch.Tensor]:
+    b, a, values, indices = factors
+    path, nnz = module.members[0], int(module.options["nnz"])
+    if a.shape[0] != module.rank or values.numel() != nnz or indices.numel() != nnz:
+        raise DecompositionError(f"{path}: factorised to rank {a.shape[0]} with {values.numel()} sparse entries; "
+                                 f"its layout says rank {module.rank} with {nnz}")
+    return {f"{path}.A": a, f"{path}.B": b, f"{path}.S_values": values, f"{path}.S_indices": indices.to(torch.int32)}
 
 
 def _split_rows(module: CompressedModule, weights: dict[str, torch.Tensor], b: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -2,8 +2,14 @@
 of every layer (which linears become which low-rank modules, with what rank).
 
 A method declares a structure — baselines factor each matrix alone; Cat shares one projection per
-input group; Skip removes an identity block — and the structure decides what a rank costs. The one
-cost function `params` serves the uniform rule, the global allocators and the report alike.
+input group; Skip removes an identity block; Sparse adds a sparse matrix to a low-rank one (Wanda,
+CAP) — and the structure decides what a rank costs. The one cost function `params` (with
+`sparse_params` for the sparse part) serves the uniform rule, the global allocators and the report alike.
+
+A sparse entry costs its value plus its position. rankfold stores a position as an int32 flat index,
+so by default an entry counts as 2 parameters (its exact storage in a float32 checkpoint; in bf16 the
+index is worth two parameters' bytes, so the default still under-counts there). The convention of the
+papers (Wanda, SparseGPT, CAP) counts 1 — `count_indices: false`; the report prints both.
 """
 
 from __future__ import annotations
@@ -19,6 +25,16 @@ def params(rank, rows: int, cols: int, skip: bool):
     matrices that read one input: r(n + M) for B A (a shared A counts once), r(n + M − r) with block
     skipping (the r×r identity block and the permutation are not parameters)."""
     return rank * (cols + rows - rank) if skip else rank * (cols + rows)
+
+
+def entry_cost(count_indices: bool) -> int:
+    """Parameters one stored sparse entry counts as: value + int32 index (2), or the papers' 1."""
+    return 2 if count_indices else 1
+
+
+def sparse_params(rank: int, rows: int, cols: int, nnz: int, cost: int) -> int:
+    """Stored parameters of B A + S: r(m + n) + nnz · cost."""
+    return rank * (rows + cols) + nnz * cost
 
 
 def rank_for_ratio(rows: int, cols: int, ratio: float, skip: bool = False) -> int:
@@ -44,10 +60,18 @@ class Structure:
 
     share: bool  # one projection A for every member of the group (Cat)
     skip: bool   # the projection's identity block is neither stored nor multiplied (Skip)
+    sparse: bool = False  # each matrix becomes B A + S (kind lowrank_sparse)
 
     def modules(self, group: str, members: list[str], shapes: dict[str, tuple[int, int]], ratio: float,
-                ranks: Mapping[str, int] | None = None) -> list[CompressedModule]:
-        """The group's compressed modules: the uniform rule's ranks, or a global allocator's `ranks`."""
+                ranks: Mapping[str, int] | None = None, cost: int = 2) -> list[CompressedModule]:
+        """The group's compressed modules: the uniform rule's ranks, or a global allocator's `ranks`
+        (for a sparse structure: [rank, nnz] per matrix; `cost`: parameters per sparse entry)."""
+        if self.sparse:
+            missing = [m for m in members if ranks is not None and m not in ranks]
+            if missing:
+                raise ValueError(f"no allocation given for {', '.join(missing)}")
+            return [_sparse_module(group, m, shapes[m], ratio, None if ranks is None else ranks.get(m), cost)
+                    for m in members]
         units = [members] if self.share and len(members) > 1 else [[m] for m in members]
         modules = []
         for unit in units:
@@ -66,6 +90,25 @@ class Structure:
 
 LOWRANK, SHARED, SKIP, SHARED_SKIP = Structure(False, False), Structure(True, False), Structure(False, True), \
     Structure(True, True)
+SPARSE = Structure(False, False, sparse=True)
+
+
+def _sparse_module(group: str, path: str, shape: tuple[int, int], ratio: float, given, cost: int) -> CompressedModule:
+    """B A + S for one matrix. The uniform rule is unstructured pruning per output row (Wanda's
+    comparison group): rank 0 and the same ⌊(1 − ratio)·n / cost⌋ entries in every row. `given`: an
+    allocator's [rank, nnz], checked against the matrix."""
+    rows, cols = shape
+    if given is None:
+        rank, nnz = 0, rows * min(cols, int((1.0 - ratio) * cols / cost + 1e-9))
+    else:
+        if not (isinstance(given, (list, tuple)) and len(given) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in given)):
+            raise ValueError(f"allocation of {path} = {given!r}: a sparse structure needs [rank, nnz] integers")
+        rank, nnz = given
+        if not (0 <= rank <= min(rows, cols) and 0 <= nnz <= rows * cols):
+            raise ValueError(f"allocation of {path} = {given!r}: rank must lie in [0, {min(rows, cols)}] "
+                             f"and nnz in [0, {rows * cols}]")
+    return CompressedModule("lowrank_sparse", (path,), rank, group=group, options={"nnz": nnz, "entry_cost": cost})
 
 
 def dense_params(shapes: Mapping[int, Mapping[str, tuple[int, int]]]) -> int:
@@ -73,14 +116,18 @@ def dense_params(shapes: Mapping[int, Mapping[str, tuple[int, int]]]) -> int:
     return sum(m * n for layer in shapes.values() for m, n in layer.values())
 
 
-def module_params(module: CompressedModule, shapes: Mapping[str, tuple[int, int]]) -> int:
-    """Stored parameters of a compressed module, given each member's dense (out, in) shape."""
+def module_params(module: CompressedModule, shapes: Mapping[str, tuple[int, int]], cost: int | None = None) -> int:
+    """Stored parameters of a compressed module, given each member's dense (out, in) shape. A sparse
+    entry counts as the module's recorded cost, or as `cost` when given (the other convention)."""
     rows = sum(shapes[m][0] for m in module.members)
+    if module.kind == "lowrank_sparse":
+        cost = cost if cost is not None else int(module.options["entry_cost"])
+        return sparse_params(module.rank, rows, shapes[module.members[0]][1], int(module.options["nnz"]), cost)
     return params(module.rank, rows, shapes[module.members[0]][1], module.skip)
 
 
 def plan_layer(structure: Structure, groups: list[tuple[str, tuple[str, ...]]], shapes: dict[str, tuple[int, int]],
-               ratio: float, ranks: Mapping[str, int] | None = None) -> list[CompressedModule]:
+               ratio: float, ranks: Mapping[str, int] | None = None, cost: int = 2) -> list[CompressedModule]:
     """One layer's compressed modules. `groups`: (name, member paths) of linears that read one input;
     `shapes`: (out, in) of every matrix to compress (members absent from it stay dense).
 
@@ -90,7 +137,7 @@ def plan_layer(structure: Structure, groups: list[tuple[str, tuple[str, ...]]], 
     Raises ValueError for a missing, disagreeing, out-of-range or unknown rank, naming the matrix."""
     modules = []
     for group_name, members in groups:
-        modules += structure.modules(group_name, [m for m in members if m in shapes], shapes, ratio, ranks)
+        modules += structure.modules(group_name, [m for m in members if m in shapes], shapes, ratio, ranks, cost)
     if ranks is not None:
         unknown = sorted(set(ranks) - {m for module in modules for m in module.members})
         if unknown:

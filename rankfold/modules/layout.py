@@ -38,7 +38,7 @@ class CompressedModule:
     options: dict | None = field(default=None, hash=False)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v not in (None, False)}
+        return {k: v for k, v in asdict(self).items() if v is not None and v is not False}  # keeps rank 0
 
     @classmethod
     def from_json(cls, data: dict) -> "CompressedModule":

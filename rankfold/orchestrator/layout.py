@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rankfold.jobs.spec import JobSpec
-from rankfold.methods.registry import method_of
+from rankfold.methods.registry import method_of, sparse_entry_cost
 from rankfold.methods.structure import plan_layer
 from rankfold.models.architecture import Architecture
 from rankfold.models.sources import ModelSource
@@ -55,8 +55,9 @@ def plan_layout(spec: JobSpec, arch: Architecture, shapes: Shapes,
     """The method's structure with the uniform rule's ranks, or with `ranks` (layer -> matrix -> rank)."""
     structure = method_of(spec.method).structure
     groups = [(group.name, group.members) for group in arch.groups]
+    cost = sparse_entry_cost(spec.method)
     return ModelLayout({i: plan_layer(structure, groups, layer_shapes, spec.target.ratio,
-                                      ranks=None if ranks is None else ranks.get(i, {}))
+                                      ranks=None if ranks is None else ranks.get(i, {}), cost=cost)
                         for i, layer_shapes in shapes.items()})
 
 
