@@ -33,6 +33,8 @@ class ShardGroup:
 
     def call_each(self, method: str, args_per_shard: list[tuple]) -> list[Any]:
         for calls, args in zip(self.history, args_per_shard, strict=True):
+            if method == "load":  # a load starts the shard afresh: nothing before it needs replaying
+                calls.clear()
             calls.append((method, args))
         return self.executor.call_each(self.shards, method, args_per_shard)
 
@@ -75,7 +77,7 @@ def split_batches(rows: torch.Tensor, batch_size: int, parts: int) -> list[torch
     return [rows[int(group[0]):min(int(group[-1]) + batch_size, rows.shape[0])] for group in groups]
 
 
-def _per_shard(config: ShardConfig, executor: Executor, parts: int) -> ShardConfig:
+def per_shard_config(config: ShardConfig, executor: Executor, parts: int) -> ShardConfig:
     """Each shard's share of the memory budget, and the executor's threads per worker."""
     return replace(config, budget_bytes=config.budget_bytes // parts, threads=executor.threads_per_worker)
 
@@ -88,7 +90,7 @@ def stream_shards(executor: Executor, config: ShardConfig, ids: torch.Tensor, ba
     otherwise the activations after the last layer are kept (evaluation). `layout(i)`: layer i's
     compressed modules (JSON) or None. Returns the shards — call `release()` on them."""
     parts = split_rows(ids, executor.workers)
-    shards = ShardGroup(executor, stage, _per_shard(config, executor, len(parts)), len(parts))
+    shards = ShardGroup(executor, stage, per_shard_config(config, executor, len(parts)), len(parts))
     try:
         shards.call_each("load", [(part, batch_size) for part in parts])
         for i in executor.steps(range(num_layers), stage):
@@ -109,7 +111,7 @@ def stream_fisher(executor: Executor, config: ShardConfig, ids: torch.Tensor, ba
     (streamed backward): `on_layer(i, sums)` receives layer i's Fisher sums reduced over shards in
     shard order. Returns {"batches", "loss"} (loss: mean over batches of the batch loss, for the log)."""
     parts = split_batches(ids, batch_size, executor.workers)
-    shards = ShardGroup(executor, "fisher", _per_shard(config, executor, len(parts)), len(parts))
+    shards = ShardGroup(executor, "fisher", per_shard_config(config, executor, len(parts)), len(parts))
     try:
         shards.call_each("load", [(part, batch_size) for part in parts])
         for i in executor.steps(range(num_layers), "fisher forward"):

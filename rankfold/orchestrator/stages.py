@@ -34,6 +34,8 @@ from rankfold.storage.store import ArtifactStore
 from rankfold.storage.stored_model import stored_location
 from rankfold.workers.shard import ShardConfig
 from rankfold.orchestrator.kv import head_dim, search_kv_ranks
+from rankfold.orchestrator.search import search_masks
+from rankfold.workers.cap import SCORE_SUFFIX, RPCAItem, rpca_item
 from rankfold.workers.kv import KVFactorsItem, kv_factors_item
 from rankfold.workers.tasks import DecomposeItem, SpectrumItem, decompose_item, spectrum_item
 
@@ -186,11 +188,14 @@ def allocate(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
 def decompose(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
     """Factors of every compressed module, one task per (layer, input group)."""
     arch, layout, ref = ctx.source.architecture, ctx.layout, ctx.store.ref()
-    with_stats = "calibrate" in ctx.plan
+    with_stats, reads = "calibrate" in ctx.plan, method_of(ctx.spec.method).reads
     items = [DecomposeItem(ctx.source.location, ctx.spec.method, arch.layer_prefix.format(i=i), group,
                            tuple(m.to_json() for m in layout.in_group(i, group)), ref,
                            ctx.key("calibrate", i) if with_stats else None, ref,
-                           ctx.key(stage.name, i, group)) for i, group in ctx.items()]
+                           ctx.key(stage.name, i, group),
+                           tuple((kind, m, ctx.key(kind, i, m)) for kind in reads
+                                 for module in layout.in_group(i, group) for m in module.members))
+             for i, group in ctx.items()]
     diagnostics: dict[str, dict[str, float]] = {}
     artifacts: Artifacts = {}
     for part, key, sha in ctx.executor.map(decompose_item, items, "decompose"):
@@ -241,6 +246,36 @@ def evaluate(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
     return {"rows": evaluator.evaluate(options, context)}, {}
 
 
+def rpca(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
+    """CAP: robust PCA units of every compressed matrix, one task per matrix (workers/cap.py)."""
+    arch, ref = ctx.source.architecture, ctx.store.ref()
+    items = [RPCAItem(ctx.source.location, ctx.spec.method, arch.layer_prefix.format(i=i), module.members[0],
+                      module.group, ref, ctx.key("calibrate", i), ref, ctx.key(stage.name, i, module.members[0]),
+                      ctx.key(stage.name, i, module.members[0] + SCORE_SUFFIX))
+             for i, modules in ctx.layout.by_layer.items() for module in modules]
+    artifacts: Artifacts = {}
+    for pairs in ctx.executor.map(rpca_item, items, "rpca"):
+        artifacts.update(pairs)
+    return {}, artifacts
+
+
+def search(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
+    """CAP: which triples and sparse entries every matrix keeps, under the global budget."""
+    return search_masks(ctx, stage, calibration_ids(ctx.spec, ctx.source))
+
+
+def _rpca_inputs(plan: PlanInputs) -> tuple:
+    fields = {"iterations", "lam_scale", "rho", "whiten", "max_density"}
+    return plan.model_id, plan.upstream["calibrate"], plan.spec.method.model_dump(mode="json", include=fields), \
+        plan.structure
+
+
+def _search_inputs(plan: PlanInputs) -> tuple:
+    """The units (rpca), the budget and its convention, the search's settings and its calibration rows."""
+    return (plan.upstream["rpca"], plan.spec.target.ratio, plan.spec.method.count_indices, plan.spec.model.dtype,
+            plan.spec.target.allocation.model_dump(mode="json"), plan.sample)
+
+
 def kv_factors(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
     """Palu's full-rank G-LRD factors and spectra of every layer's k/v, one task per layer."""
     kv, arch, ref = ctx.spec.kv_cache, ctx.source.architecture, ctx.store.ref()
@@ -279,5 +314,7 @@ for _kind in (StageKind("calibrate", calibrate, "1", folder="stats"),
                         inputs=lambda plan: (plan.upstream["calibrate"], plan.structure)),
               StageKind("allocate", allocate, "1"), StageKind("decompose", decompose, "1", folder="factors"),
               StageKind("kv_factors", kv_factors, "1", folder="kv_factors"), StageKind("kv_allocate", kv_allocate, "2"),
+              StageKind("rpca", rpca, "1", folder="rpca", inputs=_rpca_inputs),
+              StageKind("search", search, "1", folder="search", inputs=_search_inputs),
               StageKind("assemble", assemble, "1", restore_checkpoint), StageKind("evaluate", evaluate, "1")):
     STAGES.register(_kind.kind, _kind)

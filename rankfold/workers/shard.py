@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from rankfold.methods.cap import masked_weight
 from rankfold.models.sources import ModelSource, open_source
 import rankfold.storage  # noqa: F401  (registers the "store:" source scheme: checkpoints read from a store)
+from rankfold.storage.store import StoreRef, open_ref
 from rankfold.core.resources import process_peak_rss_mb
 from rankfold.modules.layout import CompressedModule
 from rankfold.workers.activations import Activations
@@ -72,6 +74,7 @@ class SequenceShard:
         self.ids: torch.Tensor | None = None
         self.saved_inputs: dict[int, Activations] = {}  # Fisher: each layer's input, for the backward pass
         self.grads: Activations | None = None            # Fisher: ∂ℒ/∂(input of the layer above)
+        self.units: dict[str, dict[str, torch.Tensor]] = {}  # CAP search: robust PCA units kept between steps
 
     def load(self, ids: torch.Tensor, batch_size: int) -> int:
         """Embed this shard's (samples, seq) token ids; returns the number of tokens."""
@@ -106,6 +109,34 @@ class SequenceShard:
         for name, group_stats in stats.items():
             tensors.update(group_stats.to_tensors(name))
         return tensors
+
+    def advance_masked(self, index: int, units: StoreRef, keys: dict[str, str],
+                       masks: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """CAP's search: run layer `index` with every matrix in `keys` (path -> its robust PCA units'
+        key) replaced by W̃ = U diag(σ⊙m_σ) Vᵀ + S⊙m_S under its (triple, entry) masks. Units stay
+        cached between steps while they fit half this shard's memory budget. Returns the tokens run."""
+        if self.hidden is None:
+            raise RuntimeError("shard holds no activations: call load() first")
+        state = self.source.layer_state(index)
+        for path, key in keys.items():
+            name = f"{path}.weight"
+            triples, entries = masks[path]
+            state[name] = masked_weight(self._units(units, key), triples, entries, tuple(state[name].shape), self.dtype)
+        layer = materialize_layer(self.source.architecture, self.config, index, state, self.dtype)
+        outputs = Activations(self.budget_bytes // 2, self.spill_dir)
+        propagate_layer(layer, self.runner, self.hidden, outputs, where=f"layer {index} (masked by the search)")
+        self.hidden.release()
+        self.hidden = outputs
+        return int(self.ids.numel())
+
+    def _units(self, ref: StoreRef, key: str) -> dict[str, torch.Tensor]:
+        if key not in self.units:
+            tensors = open_ref(ref).get_tensors(key)
+            held = sum(t.numel() * t.element_size() for cached in self.units.values() for t in cached.values())
+            if held + sum(t.numel() * t.element_size() for t in tensors.values()) > self.budget_bytes // 2:
+                return tensors
+            self.units[key] = tensors
+        return self.units[key]
 
     def _final_norm_and_head(self) -> tuple[torch.nn.Module, torch.Tensor]:
         """What follows the last layer (neither needs gradients: they are not compressed)."""

@@ -43,6 +43,7 @@ class DecomposeItem:
     stats_key: str | None      # None: the method needs no calibration statistics
     factors: StoreRef
     factors_key: str
+    reads: tuple[tuple[str, str, str], ...] = ()  # (stage kind, member path, key) of artifacts the method reads
 
 
 def _group_stats(item: DecomposeItem) -> InputStats | None:
@@ -64,7 +65,9 @@ def decompose_item(item: DecomposeItem) -> tuple[dict[str, dict[str, float]], st
     if diagnostics is None:
         modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
         # Passed without a name here, so the Gram can be freed once it is factorised (see GroupInputs).
-        result = decompose_group(item.method, weights, _group_stats(item), modules)
+        keys = {(kind, member): key for kind, member, key in item.reads}
+        artifact = lambda kind, member: factor_store.get_tensors(keys[kind, member])  # noqa: E731
+        result = decompose_group(item.method, weights, _group_stats(item), modules, artifact)
         tensors = {k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()}
         diagnostics = result.diagnostics
         sha = factor_store.put_tensors(item.factors_key, tensors, metadata={"diagnostics": json.dumps(diagnostics)})

@@ -1,0 +1,145 @@
+"""CAP's search stage on the driver: the unit table from every matrix's robust PCA scores, then either
+the uniform keep rule or the REINFORCE search (allocators/search.py), whose losses come from forward
+passes streamed layer by layer over the shard actors; the final masks go to the store per matrix.
+
+The search saves its state (probabilities, losses, step) every `save_every` steps under its digest,
+and a rerun of the same stage resumes from there. Every random draw is seeded by (seed, step), so a
+resumed search draws what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from rankfold.allocators.search import (SearchAllocation, UnitTable, baselines, entry_masks, initial_probabilities,
+                                        project_to_budget, reinforce_gradient, top_k, uniform_keep, unit_table)
+from rankfold.execution.progress import progress
+from rankfold.execution.streaming import ShardGroup, per_shard_config, split_rows
+from rankfold.methods.registry import sparse_entry_cost
+from rankfold.methods.structure import dense_params
+from rankfold.storage.store import StoreError
+from rankfold.workers.cap import SCORE_SUFFIX
+from rankfold.workers.shard import ShardConfig
+
+if TYPE_CHECKING:
+    from rankfold.orchestrator.plan import Stage
+    from rankfold.orchestrator.stages import JobContext
+
+
+def search_masks(ctx: "JobContext", stage: "Stage", calibration: torch.Tensor) -> tuple[dict, dict[str, str]]:
+    """The search stage: masks of every matrix into the store; returns (result, artifacts).
+    Raises ValueError (naming target.ratio) when the budget exceeds what every unit together costs."""
+    options: SearchAllocation = ctx.spec.target.allocation
+    matrices = [(i, module.members[0]) for i, modules in ctx.layout.by_layer.items() for module in modules]
+    scores = {(i, p): ctx.store.get_tensors(ctx.key("rpca", i, p + SCORE_SUFFIX)) for i, p in matrices}
+    table = unit_table(scores, ctx.shapes, sparse_entry_cost(ctx.spec.method), options.sparse_block)
+    ratio, budget = ctx.spec.target.ratio, (1.0 - ctx.spec.target.ratio) * dense_params(ctx.shapes)
+    if budget > float(table.cost.sum()):
+        raise ValueError(f"target.ratio = {ratio}: the budget ({budget:.0f} parameters) exceeds every robust PCA "
+                         f"unit together ({float(table.cost.sum()):.0f}); raise target.ratio or method.max_density")
+    if options.rule == "uniform":
+        keep, result = uniform_keep(table, ratio), {}
+    else:
+        keep, result = _reinforce(ctx, stage, table, budget, calibration)
+    artifacts = {}
+    for j, (i, path) in enumerate(table.matrices):
+        triples, entries = scores[i, path]["triple_score"].numel(), scores[i, path]["sparse_score"].numel()
+        triple_mask, entry_mask = entry_masks(table, keep, j, triples, entries)
+        key = ctx.key(stage.name, i, path)
+        artifacts[key] = ctx.store.put_tensors(key, {"keep_triples": triple_mask, "keep_sparse": entry_mask})
+    kept = float(table.cost[keep].sum())
+    result.update({"units": len(table), "budget": budget, "kept": kept, "rule": options.rule,
+                   "kept_triples": int(keep[table.kind == 0].sum()),
+                   "kept_entries": int(table.size[keep & (table.kind == 1)].sum())})
+    return result, artifacts
+
+
+def _reinforce(ctx: "JobContext", stage: "Stage", table: UnitTable, budget: float,
+               calibration: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    options: SearchAllocation = ctx.spec.target.allocation
+    state_key = f"{stage.prefix('search')}/state.safetensors"
+    s, losses, start = _resume(ctx, state_key, len(table))
+    if s is None:
+        s = initial_probabilities(table, ctx.spec.target.ratio, options.temperature, budget)
+    initial = s.clone() if start == 0 else None
+    rows = calibration[:options.samples]
+    shards = _SearchShards(ctx, table)
+    started, running = time.perf_counter(), [float("nan")]
+    status = lambda: f"loss {running[0]:.4f}"  # noqa: E731
+    try:
+        for step in progress(range(start, options.steps), "search", total=options.steps - start,
+                             stream=ctx.executor.stream, status=status):
+            generator = torch.Generator().manual_seed(options.seed * 1_000_003 + step)
+            masks = torch.rand(options.masks_per_step, len(table), generator=generator, dtype=torch.float64) < s
+            batch = rows[_batch_rows(options, step, rows.shape[0])]
+            step_losses = torch.tensor([shards.loss(batch, mask) for mask in masks], dtype=torch.float64)
+            base = baselines(step_losses, losses, options.baseline_window)
+            s = project_to_budget(s - options.lr * reinforce_gradient(s, masks, step_losses, base), table.cost, budget)
+            losses += step_losses.tolist()
+            running[0] = float(step_losses.mean())
+            if (step + 1) % options.save_every == 0 or step + 1 == options.steps:
+                ctx.store.put_tensors(state_key, {"s": s, "losses": torch.tensor(losses, dtype=torch.float64)},
+                                      metadata={"step": str(step + 1)})
+    finally:
+        shards.release()
+    moved = float((s - initial).abs().mean()) if initial is not None else None
+    per_step = [sum(losses[k:k + options.masks_per_step]) / options.masks_per_step
+                for k in range(0, len(losses), options.masks_per_step)]
+    return top_k(s, table.cost, budget), {"steps": options.steps, "resumed_at": start, "loss_per_step": per_step,
+                                          "search_s": time.perf_counter() - started, "mean_probability_change": moved}
+
+
+def _batch_rows(options: SearchAllocation, step: int, samples: int) -> torch.Tensor:
+    """The step's calibration rows: passes over a per-pass permutation of the sample, full batches only."""
+    per_pass = max(1, samples // options.batch_size)
+    epoch, slot = divmod(step, per_pass)
+    order = torch.randperm(samples, generator=torch.Generator().manual_seed(options.seed * 7919 + epoch))
+    return order[slot * options.batch_size:(slot + 1) * options.batch_size]
+
+
+def _resume(ctx: "JobContext", key: str, units: int) -> tuple[torch.Tensor | None, list[float], int]:
+    """The last saved state of this stage (same digest: same computation), or a fresh start."""
+    if ctx.store.checksum(key) is None:
+        return None, [], 0
+    try:
+        tensors, step = ctx.store.get_tensors(key), int(ctx.store.get_metadata(key)["step"])
+    except (StoreError, KeyError, ValueError):  # damaged or foreign: start over
+        return None, [], 0
+    if tensors["s"].numel() != units:
+        return None, [], 0
+    return tensors["s"], tensors["losses"].tolist(), step
+
+
+class _SearchShards:
+    """Shards that run a batch through the model with masked matrices and return its mean NLL."""
+
+    def __init__(self, ctx: "JobContext", table: UnitTable):
+        options = ctx.spec.target.allocation
+        self.ctx, self.table, self.ref = ctx, table, ctx.store.ref()
+        self.parts = len(split_rows(torch.zeros(options.batch_size, 1), ctx.executor.workers))
+        config = ShardConfig(ctx.source.location, ctx.spec.model.dtype, ctx.spec.calibration.max_resident_mb << 20,
+                             str(ctx.scratch), ctx.spec.calibration.gram_product_dtype)
+        self.group = ShardGroup(ctx.executor, "search", per_shard_config(config, ctx.executor, self.parts), self.parts)
+        self.keys: dict[int, dict[str, tuple[int, str]]] = {}
+        for j, (i, path) in enumerate(table.matrices):
+            self.keys.setdefault(i, {})[path] = (j, ctx.key("rpca", i, path))
+        self.sizes = {j: (int((table.kind[table.offsets[j]:table.offsets[j + 1]] == 0).sum()),
+                          int(table.size[table.offsets[j]:table.offsets[j + 1]][
+                              table.kind[table.offsets[j]:table.offsets[j + 1]] == 1].sum()))
+                      for j in range(len(table.matrices))}
+
+    def loss(self, batch: torch.Tensor, mask: torch.Tensor) -> float:
+        parts = split_rows(batch, self.parts)
+        self.group.call_each("load", [(part, part.shape[0]) for part in parts])
+        for i in range(self.ctx.source.num_layers):
+            paths = self.keys.get(i, {})
+            masks = {path: entry_masks(self.table, mask, j, *self.sizes[j]) for path, (j, _) in paths.items()}
+            self.group.call("advance_masked", i, self.ref, {path: key for path, (_, key) in paths.items()}, masks)
+        totals = self.group.call("nll")
+        return sum(t for t, _ in totals) / sum(c for _, c in totals)
+
+    def release(self) -> None:
+        self.group.release()

@@ -1,0 +1,103 @@
+"""A CAP job (robust PCA + global search) on the tiny model: budget, checkpoint round trip, the
+ranks-only case, resuming an interrupted search, and a budget the units cannot meet."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import rankfold
+from rankfold.jobs.spec import SpecError, parse_spec
+from rankfold.methods.cap import masked_weight
+from rankfold.modules.sparse import LowRankSparseLinear
+from rankfold.orchestrator import search as search_stage
+from rankfold.orchestrator.job import run_job
+from rankfold.storage.store import LocalStore
+from tests.conftest import tiny_spec_dict
+
+
+def _spec(model_dir, out, **allocation) -> dict:
+    spec = tiny_spec_dict(model_dir, out, method="cap", ratio=0.5)
+    spec["target"]["allocation"] = {"kind": "search", "samples": 8, "batch_size": 4, "steps": 4, "save_every": 2,
+                                    "sparse_block": 8, **allocation}
+    spec["evaluation"]["dense"] = False
+    return spec
+
+
+def _search_result(out) -> dict:
+    """The search stage's recorded result (stage records in the job's local store)."""
+    records = [json.loads(p.read_text()) for p in (out / "artifacts" / "stages").glob("*.json")]
+    return next(r["result"] for r in records if "rule" in r.get("result", {}))
+
+
+def test_cap_job_meets_its_budget_and_its_checkpoint_is_the_searched_masks(tiny_model_dir, tmp_path):
+    report = run_job(parse_spec(_spec(tiny_model_dir, tmp_path / "out")), stream=None)
+    params = report["parameters"]
+    budget = 0.5 * params["counted_dense"]
+    largest_unit = 64 + 160  # a gate/up/down triple
+    assert params["counted_compressed"] <= budget < params["counted_compressed"] + largest_unit
+    model = rankfold.load(tmp_path / "out" / "model")
+    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    layout = {m["members"][0]: m for m in config["rankfold"]["layout"]}
+    store = LocalStore(tmp_path / "out" / "artifacts")
+    # the loaded layer computes with W̃ = U diag(σ⊙m_σ) Vᵀ + S⊙m_S, the masks the search stored
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, LowRankSparseLinear)
+    units = next(k for k in store.list_keys("rpca/") if k.endswith("layer-00000-mlp.up_proj.safetensors"))
+    masks = next(k for k in store.list_keys("search/") if k.endswith("layer-00000-mlp.up_proj.safetensors"))
+    keep = store.get_tensors(masks)
+    expected = masked_weight(store.get_tensors(units), keep["keep_triples"], keep["keep_sparse"], (160, 64),
+                             torch.float32)
+    assert up.rank == int(keep["keep_triples"].sum()) and up.nnz == layout["model.layers.0.mlp.up_proj"]["options"]["nnz"]
+    assert torch.allclose(up.dense(), expected, atol=1e-5)
+    x = torch.randn(3, 64)
+    assert torch.allclose(up(x), x @ expected.T, atol=1e-4)
+
+
+def test_without_sparse_candidates_cap_selects_ranks_of_the_low_rank_part(tiny_model_dir, tmp_path):
+    spec = _spec(tiny_model_dir, tmp_path / "out", rule="uniform")
+    spec["method"]["max_density"] = 0.0
+    report = run_job(parse_spec(spec), stream=None)
+    assert "sparse_entries" in report["parameters"] and report["parameters"]["sparse_entries"] == 0
+    model = rankfold.load(tmp_path / "out" / "model")
+    q = model.model.layers[1].self_attn.q_proj
+    assert q.nnz == 0 and 0 < q.rank <= 64 * 64 // (2 * 128)  # its (1 − ratio) share of triples, no more
+
+
+def test_an_interrupted_search_resumes_where_it_saved_and_ends_as_an_uninterrupted_one(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch):
+    whole = run_job(parse_spec(_spec(tiny_model_dir, tmp_path / "whole", steps=6)), stream=None)
+    spec = parse_spec(_spec(tiny_model_dir, tmp_path / "cut", steps=6))
+    calls, loss = [], search_stage._SearchShards.loss
+
+    def failing(self, batch, mask):
+        calls.append(1)
+        if len(calls) == 9:  # the first mask of step 5 (two masks a step): after the state saved at step 4
+            raise KeyboardInterrupt
+        return loss(self, batch, mask)
+
+    monkeypatch.setattr(search_stage._SearchShards, "loss", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(spec, stream=None)
+    monkeypatch.setattr(search_stage._SearchShards, "loss", loss)
+    resumed = run_job(spec, stream=None)
+    assert _search_result(tmp_path / "cut")["resumed_at"] == 4 and _search_result(tmp_path / "whole")["resumed_at"] == 0
+    assert _search_result(tmp_path / "cut")["loss_per_step"] == _search_result(tmp_path / "whole")["loss_per_step"]
+    assert resumed["parameters"] == whole["parameters"]
+    assert [r["value"] for r in resumed["rows"]] == pytest.approx([r["value"] for r in whole["rows"]])
+
+
+def test_a_budget_the_units_cannot_meet_names_the_ratio(tiny_model_dir, tmp_path):
+    spec = _spec(tiny_model_dir, tmp_path / "out")
+    spec["target"]["ratio"] = 0.01
+    spec["method"].update({"max_density": 0.01, "lam_scale": 0.001})  # λ → 0: S takes all, L keeps little
+    with pytest.raises(ValueError, match="target.ratio = 0.01"):
+        run_job(parse_spec(spec), stream=None)
+
+
+def test_cap_needs_the_search_allocation(tiny_model_dir, tmp_path):
+    spec = tiny_spec_dict(tiny_model_dir, tmp_path / "out", method="cap")
+    with pytest.raises(SpecError, match="allocation.kind 'uniform' does not apply to method.name 'cap'"):
+        parse_spec(spec)
