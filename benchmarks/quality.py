@@ -15,6 +15,11 @@ With `--suite`, every variant also runs lm-eval's seven zero-shot tasks (first -
 documents each, from ../shared/data) and XSum summaries (first --xsum-limit, ROUGE), and a PNG
 beside the table plots perplexity and the zero-shot average against compression, one line per method.
 
+CAP and its baselines at one budget (seed 001): `--methods svd_llm wanda cap --allocations uniform fisher
+search search-uniform --ratios 0.2 0.4 0.5` — `search` is CAP's REINFORCE search over the robust PCA
+units (`--search-*` settings), `search-uniform` the same units under the uniform keep rule; sparse
+entries count value + index unless `--values-only` (the papers' convention; the table shows both).
+
 With `--allocations fisher`, one Fisher pass (streamed backward over the first --fisher-samples
 calibration sequences) serves every variant; each method structure's whitened spectra are computed
 once and every ratio's global allocation is solved from them.
@@ -55,14 +60,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--eval-tokens", type=int, default=32768, help="token budget of every evaluation")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--allocations", nargs="+", choices=["uniform", "fisher"], default=["uniform"])
+    parser.add_argument("--allocations", nargs="+", choices=list(ALLOCATION_NAMES), default=["uniform"])
     parser.add_argument("--fisher-samples", type=int, default=32)
+    parser.add_argument("--search-steps", type=int, default=64, help="CAP: REINFORCE steps")
+    parser.add_argument("--search-samples", type=int, default=32, help="CAP: calibration sequences searched on")
+    parser.add_argument("--search-batch", type=int, default=4, help="CAP: sequences per step")
+    parser.add_argument("--rpca-iterations", type=int, default=3, help="CAP: robust PCA iterations")
+    parser.add_argument("--whiten", action="store_true", help="CAP: robust PCA of W·S (whitened)")
+    parser.add_argument("--values-only", action="store_true",
+                        help="sparse entries cost 1 parameter (the papers' convention), not value + index")
     parser.add_argument("--suite", action="store_true", help="also the zero-shot suite and XSum ROUGE")
     parser.add_argument("--suite-limit", type=int, default=500, help="documents per zero-shot task")
     parser.add_argument("--xsum-limit", type=int, default=200, help="XSum documents (0: no generation)")
     parser.add_argument("--suite-dtype", default=None, help="dtype of the suite (default: --dtype)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality")
     return parser.parse_args(argv)
+
+
+# --allocations name -> (allocation kind, suffix of the row's name)
+ALLOCATION_NAMES = {"uniform": ("uniform", ""), "fisher": ("fisher", "+fisher"), "search": ("search", ""),
+                    "search-uniform": ("search", "+uniform-keep")}
+
+
+def allocation_spec(args: argparse.Namespace, name: str) -> dict:
+    if name == "fisher":
+        return {"kind": "fisher", "fisher_samples": args.fisher_samples}
+    if name.startswith("search"):
+        return {"kind": "search", "rule": "uniform" if name == "search-uniform" else "reinforce",
+                "steps": args.search_steps, "samples": args.search_samples, "batch_size": args.search_batch}
+    return {"kind": "uniform"}
+
+
+def applies(method: str, allocation: str) -> bool:
+    """Whether a --methods × --allocations pair is a variant (FLRA needs a whitened method; CAP its search)."""
+    kind, entry = ALLOCATION_NAMES[allocation][0], METHODS.get(method)
+    if entry.allocations is not None:
+        return kind in entry.allocations
+    return kind != "search" and (kind != "fisher" or entry.whitened)
+
+
+def method_spec(args: argparse.Namespace, method: str) -> dict:
+    options = {"name": method}
+    if METHODS.get(method).structure.sparse:
+        options["count_indices"] = not args.values_only
+    if method == "cap":
+        options.update({"iterations": args.rpca_iterations, "whiten": args.whiten})
+    return options
 
 
 SUITE_FILES = {"piqa": "piqa/valid.jsonl", "arc_easy": "arc/ARC-Easy-Test.jsonl",
@@ -84,9 +127,8 @@ def suite_evaluations(args: argparse.Namespace) -> dict:
 def variant_spec(args: argparse.Namespace, method: str, ratio: float, out: Path, allocation: str = "uniform") -> JobSpec:
     return parse_spec({
         "model": {"source": args.model, "dtype": args.dtype},
-        "method": {"name": method},
-        "target": {"ratio": ratio, "allocation": {"kind": allocation} | (
-            {"fisher_samples": args.fisher_samples} if allocation == "fisher" else {})},
+        "method": method_spec(args, method),
+        "target": {"ratio": ratio, "allocation": allocation_spec(args, allocation)},
         "calibration": {"data": {"path": str(args.calib_data)}, "num_samples": args.calib_samples,
                         "seq_len": args.seq_len},
         "evaluation": {"perplexity": [{"name": "wikitext2", "window": args.window, "max_tokens": args.eval_tokens,
@@ -106,9 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
     for ratio in args.ratios:
         for method in args.methods:
             for allocation in args.allocations:
-                if allocation == "fisher" and not METHODS.get(method).whitened:
+                if not applies(method, allocation):
                     continue
-                name = method if allocation == "uniform" else f"{method}+fisher"
+                name = method + ALLOCATION_NAMES[allocation][1]
                 spec = variant_spec(args, method, ratio, args.out / f"{name}-{ratio:g}", allocation)
                 report = run_job(spec, stream=sys.stderr, store=store)
                 (ppl,) = metric_table(report["rows"])
@@ -117,9 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
                                  "metrics": suite_metrics(report, "dense")})
                     windows = {"tokens": ppl["tokens"], "windows": ppl["windows"]}
                 tokens = report["calibration_tokens"] or tokens
+                params = report["parameters"]
                 rows.append({"method": name, "ratio": ratio, "ppl": ppl["compressed"], "stages": report["stages"],
-                             "achieved": report["parameters"]["achieved_compression"],
-                             "metrics": suite_metrics(report, "compressed")})
+                             "achieved": params["achieved_compression"], "metrics": suite_metrics(report, "compressed"),
+                             **{k: params[k] for k in ("compression_indices_counted", "compression_values_only")
+                                if k in params}})
                 print(f"{name} @ {ratio:.0%}: ppl {ppl['compressed']:.3f}", file=sys.stderr)
                 result = write_results(args, argv, rows, tokens, windows, started)  # after every variant
     print(to_markdown(result))
@@ -194,6 +238,9 @@ def to_markdown(result: dict) -> str:
         stages = ", ".join(f"{s['stage']} {s['wall_s']:.1f} ({s['peak_rss_mb']:.0f})" for s in row["stages"])
         target = "—" if row["method"] == "dense" else f"{row['ratio']:.0%}"
         achieved = "—" if row["method"] == "dense" else f"{row['achieved']:.2%}"
+        if "compression_values_only" in row:  # sparse entries: both conventions
+            achieved += (f" ({row['compression_indices_counted']:.2%} value + index, "
+                         f"{row['compression_values_only']:.2%} values only)")
         lines.append(f"| {row['method']} | {target} | {achieved} | {row['ppl']:.2f} | {stages} |")
     lines += suite_markdown(result["rows"])
     lines += ["", f"Total {result['total_wall_s']:.0f} s on {result['machine']}.", f"Rerun: `{result['command']}`", ""]
