@@ -51,7 +51,9 @@ class Allocator:
     # allocate(options, problem) -> ranks of every compressed matrix; ValueError when infeasible
     allocate: Callable[[AllocationOptions, AllocationProblem], Ranks]
     version: str
-    stages: tuple[str, ...] = ()  # stage kinds whose artifacts `read` serves, run before `allocate`
+    # stage kinds whose artifacts `read` serves, run before `allocate` — or a function of the options
+    # giving them (use `stages_for`)
+    stages: tuple[str, ...] | Callable[[AllocationOptions], tuple[str, ...]] = ()
     # check_spec(options, method, calibration sample count): what the spec alone decides (at parsing);
     # check(options, problem without `read`): what the shapes decide (in preflight). Both raise
     # ValueError naming the spec field.
@@ -60,6 +62,10 @@ class Allocator:
     # gains(options, problem, ranks) -> {module path: loss removed per parameter of each kept direction},
     # the order progressive decoding keeps directions in; recorded in the checkpoint (rank_gains.safetensors)
     gains: Callable[[AllocationOptions, AllocationProblem, Ranks], dict[str, torch.Tensor]] | None = None
+
+
+    def stages_for(self, options: AllocationOptions) -> tuple[str, ...]:
+        return self.stages(options) if callable(self.stages) else self.stages
 
 
 ALLOCATORS: Registry[Allocator] = Registry("allocation kind")

@@ -11,8 +11,9 @@ W̃ = U diag(σ⊙m_σ) Vᵀ + S⊙m_S, and the search minimises E[ℒ(W̃)] on 
 
 with b the leave-one-out mean of the other masks drawn on the same batch (`masks_per_step` ≥ 2), or
 the moving average of the last `baseline_window` losses (the paper's, with one mask per step). It
-starts from the uniform keep rule, smoothed (`temperature`), and ends with a global top-K of s that
-meets the budget to within one unit's cost. `rule: uniform` skips the search: every matrix keeps
+starts from a keep rule, smoothed (`temperature`) — `init: fisher`, FLRA's loss model (a unit's output
+energy times its matrix's Fisher weight F/(m·tr G), ranked per parameter over all matrices), or
+`init: uniform` — and ends with a global top-K of s that meets the budget to within one unit's cost. `rule: uniform` skips the search: every matrix keeps
 (1 − ratio) of its dense parameters, units taken by score per parameter — the baseline the search must beat.
 
 The loss comes from forward passes streamed layer by layer over the shard actors
@@ -39,13 +40,19 @@ EPS = 1e-3  # keeps 1 / (s (1 − s)) finite at s ∈ {0, 1}
 class SearchAllocation(AllocationOptions):
     kind: Literal["search"] = "search"
     rule: Literal["reinforce", "uniform"] = "reinforce"
+    # The search's starting point: FLRA's loss model over all matrices (a unit's score times its matrix's
+    # Fisher weight, ranked globally per parameter; needs the Fisher pass), or the uniform keep rule.
+    # With steps: 0 the result is that starting point's top-K.
+    init: Literal["fisher", "uniform"] = "fisher"
+    fisher_samples: int = Field(32, ge=1)
+    fisher_batch_size: int = Field(1, ge=1)
     samples: int = Field(32, ge=1)           # calibration sequences the search draws its batches from
     batch_size: int = Field(4, ge=1)         # sequences per step
     steps: int = Field(64, ge=0)             # REINFORCE steps (each draws masks_per_step masks)
     masks_per_step: int = Field(2, ge=1)     # masks per batch; ≥ 2 uses the leave-one-out baseline
     baseline_window: int = Field(5, ge=1)    # moving-average baseline (one mask per step)
     lr: float = Field(0.05, gt=0)
-    temperature: float = Field(0.1, gt=0)    # smoothing of the starting point (fraction of a matrix's budget)
+    temperature: float = Field(0.1, gt=0)    # smoothing of the starting point (a fraction of the budget)
     sparse_block: int = Field(64, ge=1)      # sparse candidates per unit
     seed: int = 0
     save_every: int = Field(8, ge=1)         # steps between saved search states (resume point)
@@ -111,6 +118,15 @@ def matrix_positions(table: UnitTable) -> torch.Tensor:
     return position
 
 
+def global_positions(table: UnitTable, budget: float) -> torch.Tensor:
+    """Each unit's place in the global budget, units ranked by score per parameter over all matrices."""
+    order = torch.argsort(-(table.score / table.cost), stable=True)
+    cost = table.cost[order]
+    position = torch.empty_like(cost)
+    position[order] = (cost.cumsum(0) - cost / 2) / budget
+    return position
+
+
 def uniform_keep(table: UnitTable, ratio: float) -> torch.Tensor:
     """Every matrix keeps its best units (score per parameter) up to (1 − ratio) of its dense parameters."""
     position = matrix_positions(table)
@@ -118,10 +134,16 @@ def uniform_keep(table: UnitTable, ratio: float) -> torch.Tensor:
     return end <= (1.0 - ratio) + 1e-12
 
 
-def initial_probabilities(table: UnitTable, ratio: float, temperature: float, budget: float) -> torch.Tensor:
-    """The uniform keep rule, smoothed: s = sigmoid((1 − ratio − position) / temperature), on the budget."""
-    position = matrix_positions(table)
-    return project_to_budget(torch.sigmoid(((1.0 - ratio) - position) / temperature), table.cost, budget)
+def initial_probabilities(table: UnitTable, ratio: float, temperature: float, budget: float,
+                          init: str = "uniform") -> torch.Tensor:
+    """A keep rule, smoothed, on the budget: s = sigmoid((1 − position) / temperature) with the unit's
+    position in the budget — its matrix's share (1 − ratio) under `init` "uniform", the global budget
+    under "fisher" (scores already weighted by the Fisher loss model)."""
+    if init == "uniform":
+        position = matrix_positions(table) / (1.0 - ratio)
+    else:
+        position = global_positions(table, budget)
+    return project_to_budget(torch.sigmoid((1.0 - position) / temperature), table.cost, budget)
 
 
 def project_to_budget(s: torch.Tensor, cost: torch.Tensor, budget: float, iterations: int = 100) -> torch.Tensor:
@@ -195,7 +217,16 @@ def allocate_from_masks(options: SearchAllocation, problem: AllocationProblem) -
     return ranks
 
 
+def search_stages(options: SearchAllocation) -> tuple[str, ...]:
+    """The Fisher pass only when the search starts from the Fisher loss model."""
+    fisher = options.rule == "reinforce" and options.init == "fisher"
+    return ("fisher",) * fisher + ("rpca", "search")
+
+
 def check_spec(options: SearchAllocation, method: Method, calibration_samples: int) -> None:
+    if options.fisher_samples > calibration_samples:
+        raise ValueError(f"target.allocation.fisher_samples = {options.fisher_samples} exceeds "
+                         f"calibration.num_samples = {calibration_samples}")
     if options.samples > calibration_samples:
         raise ValueError(f"target.allocation.samples = {options.samples} exceeds calibration.num_samples = "
                          f"{calibration_samples}")
@@ -204,5 +235,5 @@ def check_spec(options: SearchAllocation, method: Method, calibration_samples: i
                          f"{options.samples}")
 
 
-register_allocator(Allocator("search", SearchAllocation, allocate_from_masks, VERSION, stages=("rpca", "search"),
+register_allocator(Allocator("search", SearchAllocation, allocate_from_masks, VERSION, stages=search_stages,
                              check_spec=check_spec))

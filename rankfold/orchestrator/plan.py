@@ -73,13 +73,15 @@ def make_plan(spec: JobSpec, model_id: str, uniform_layout: list[dict]) -> Plan:
         stages.append(Stage("calibrate", "calibrate", _digest("calibrate", model, calibration)))
     structure = [{k: v for k, v in module.items() if k != "rank"} for module in uniform_layout]
     sample = (calibration[1], cal.num_samples, cal.seq_len, cal.seed)
-    for kind in allocator.stages:  # e.g. FLRA's fisher and spectra, in the allocator's order
-        declared = STAGES.get(kind).inputs
+    for kind in allocator.stages_for(allocation):  # e.g. FLRA's fisher and spectra, in the allocator's order
+        declared, owner = STAGES.get(kind).inputs, STAGES.get(kind).shared_by
         if declared is None:
             raise ValueError(f"allocator {allocator.kind!r} asks for stage {kind!r}, which declares no inputs")
         inputs = PlanInputs(spec, model_id, sample, structure, {s.name: s.digest for s in stages})
-        stages.append(Stage(kind, kind, _digest(kind, *declared(inputs), allocator.version)))
-    allocate = _digest("allocate", model, [s.digest for s in stages if s.kind in allocator.stages], uniform_layout,
+        version = ALLOCATORS.get(owner).version if owner else allocator.version
+        stages.append(Stage(kind, kind, _digest(kind, *declared(inputs), version)))
+    allocate = _digest("allocate", model, [s.digest for s in stages if s.kind in allocator.stages_for(allocation)],
+                       uniform_layout,
                        spec.target.model_dump(mode="json"), allocator.version)
     upstream = {s.name: s.digest for s in stages}
     stages.append(Stage("allocate", "allocate", allocate))
@@ -100,8 +102,8 @@ def _kv_stages(spec: JobSpec, model: tuple, stages: list[Stage], sample: tuple, 
     if kv.rank_search == "fisher" and "fisher" not in planned:
         inputs = PlanInputs(spec, model[0], sample, structure, planned)
         # The same pass FLRA's allocator plans (same digest for the same settings): one serves both.
-        flra_version = ALLOCATORS.get("fisher").version
-        out.append(Stage("fisher", "fisher", _digest("fisher", *STAGES.get("fisher").inputs(inputs), flra_version)))
+        owner = ALLOCATORS.get(STAGES.get("fisher").shared_by).version
+        out.append(Stage("fisher", "fisher", _digest("fisher", *STAGES.get("fisher").inputs(inputs), owner)))
     factors = _digest("kv_factors", model, planned["calibrate"], kv.group_heads, PALU_VERSION)
     out.append(Stage("kv_factors", "kv_factors", factors))
     fisher = ([s.digest for s in out if s.name == "fisher"] or [planned.get("fisher")])[0] \
@@ -119,7 +121,8 @@ def _kv_cache_settings(spec: JobSpec) -> dict:
 def needs_calibration(spec: JobSpec) -> bool:
     """Calibration statistics are collected when the method, the allocator's stages or a latent KV
     cache (its whitening) read them."""
-    return bool(method_of(spec.method).needs or ALLOCATORS.get(spec.target.allocation.kind).stages
+    allocation = spec.target.allocation
+    return bool(method_of(spec.method).needs or ALLOCATORS.get(allocation.kind).stages_for(allocation)
                 or spec.kv_cache is not None)
 
 

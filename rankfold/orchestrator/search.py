@@ -16,6 +16,7 @@ import torch
 
 from rankfold.allocators.search import (SearchAllocation, UnitTable, baselines, entry_masks, initial_probabilities,
                                         project_to_budget, reinforce_gradient, top_k, uniform_keep, unit_table)
+from rankfold.allocators.flra import fisher_scores, loss_weight
 from rankfold.execution.progress import progress
 from rankfold.execution.streaming import ShardGroup, per_shard_config, split_rows
 from rankfold.methods.registry import sparse_entry_cost
@@ -35,6 +36,8 @@ def search_masks(ctx: "JobContext", stage: "Stage", calibration: torch.Tensor) -
     options: SearchAllocation = ctx.spec.target.allocation
     matrices = [(i, module.members[0]) for i, modules in ctx.layout.by_layer.items() for module in modules]
     scores = {(i, p): ctx.store.get_tensors(ctx.key("rpca", i, p + SCORE_SUFFIX)) for i, p in matrices}
+    if "fisher" in ctx.plan:  # FLRA's loss model: a unit's energy times its matrix's Fisher weight
+        scores = _fisher_weighted(ctx, scores)
     table = unit_table(scores, ctx.shapes, sparse_entry_cost(ctx.spec.method), options.sparse_block)
     ratio, budget = ctx.spec.target.ratio, (1.0 - ctx.spec.target.ratio) * dense_params(ctx.shapes)
     if budget > float(table.cost.sum()):
@@ -57,16 +60,29 @@ def search_masks(ctx: "JobContext", stage: "Stage", calibration: torch.Tensor) -
     return result, artifacts
 
 
+def _fisher_weighted(ctx: "JobContext", scores: dict) -> dict:
+    """Scores times w = F / (m · tr G) (allocators/flra.py), so they compare across matrices."""
+    weighted = {}
+    for layer in sorted({i for i, _ in scores}):
+        fisher = fisher_scores(ctx.store.get_tensors(ctx.key("fisher", layer)))
+        for (i, path), tensors in scores.items():
+            if i == layer:
+                w = loss_weight(fisher[path], ctx.shapes[i][path][0], float(tensors["gram_trace"][0]))
+                weighted[i, path] = {k: v.double() * w if k.endswith("_score") else v for k, v in tensors.items()}
+    return weighted
+
+
 def _reinforce(ctx: "JobContext", stage: "Stage", table: UnitTable, budget: float,
                calibration: torch.Tensor) -> tuple[torch.Tensor, dict]:
     options: SearchAllocation = ctx.spec.target.allocation
     state_key = f"{stage.prefix('search')}/state.safetensors"
     s, losses, start = _resume(ctx, state_key, len(table))
     if s is None:
-        s = initial_probabilities(table, ctx.spec.target.ratio, options.temperature, budget)
+        s = initial_probabilities(table, ctx.spec.target.ratio, options.temperature, budget,
+                                  "fisher" if "fisher" in ctx.plan else "uniform")
     initial = s.clone() if start == 0 else None
     rows = calibration[:options.samples]
-    shards = _SearchShards(ctx, table)
+    shards = _SearchShards(ctx, table) if start < options.steps else None
     started, running = time.perf_counter(), [float("nan")]
     status = lambda: f"loss {running[0]:.4f}"  # noqa: E731
     try:
@@ -84,7 +100,8 @@ def _reinforce(ctx: "JobContext", stage: "Stage", table: UnitTable, budget: floa
                 ctx.store.put_tensors(state_key, {"s": s, "losses": torch.tensor(losses, dtype=torch.float64)},
                                       metadata={"step": str(step + 1)})
     finally:
-        shards.release()
+        if shards is not None:
+            shards.release()
     moved = float((s - initial).abs().mean()) if initial is not None else None
     per_step = [sum(losses[k:k + options.masks_per_step]) / options.masks_per_step
                 for k in range(0, len(losses), options.masks_per_step)]

@@ -105,6 +105,9 @@ class StageKind:
     folder: str | None = None   # store folder of its per-layer artifacts
     # For stages an allocator asks for: what the stage's output depends on (hashed into its digest).
     inputs: Callable[[PlanInputs], tuple] | None = None
+    # The allocator whose VERSION the digest carries, when several plan the stage and should share
+    # its output (the Fisher pass: FLRA's, CAP's search and Palu's rank search); None: the planner's.
+    shared_by: str | None = None
 
 
 STAGES: Registry[StageKind] = Registry("stage kind")
@@ -309,12 +312,12 @@ def _fisher_inputs(plan: PlanInputs) -> tuple:
 
 
 for _kind in (StageKind("calibrate", calibrate, "1", folder="stats"),
-              StageKind("fisher", fisher, "1", folder="fisher", inputs=_fisher_inputs),
+              StageKind("fisher", fisher, "1", folder="fisher", inputs=_fisher_inputs, shared_by="fisher"),
               StageKind("spectra", spectra, "1", folder="spectra",
                         inputs=lambda plan: (plan.upstream["calibrate"], plan.structure)),
               StageKind("allocate", allocate, "1"), StageKind("decompose", decompose, "1", folder="factors"),
               StageKind("kv_factors", kv_factors, "1", folder="kv_factors"), StageKind("kv_allocate", kv_allocate, "2"),
-              StageKind("rpca", rpca, "1", folder="rpca", inputs=_rpca_inputs),
+              StageKind("rpca", rpca, "2", folder="rpca", inputs=_rpca_inputs),
               StageKind("search", search, "1", folder="search", inputs=_search_inputs),
               StageKind("assemble", assemble, "1", restore_checkpoint), StageKind("evaluate", evaluate, "1")):
     STAGES.register(_kind.kind, _kind)

@@ -42,6 +42,7 @@ def rpca_item(item: RPCAItem) -> list[tuple[str, str]]:
     whitening = whitening_factor(gram.clone()) if item.options.whiten else None
     units, history = rpca_units(item.options, weight, gram, stats.count, whitening)
     scores = {k: units.pop(k).float() for k in ("triple_score", "sparse_score")}
+    scores["gram_trace"] = gram.diagonal().sum().reshape(1)  # tr G: the Fisher weight's denominator
     stored = {k: v.to(torch.int32) if k == "sparse_indices" else v.float() for k, v in units.items()}
     return [(item.units_key, store.put_tensors(item.units_key, stored, metadata=history_metadata(history))),
             (item.scores_key, store.put_tensors(item.scores_key, scores))]

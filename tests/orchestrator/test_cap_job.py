@@ -15,13 +15,13 @@ from rankfold.modules.sparse import LowRankSparseLinear
 from rankfold.orchestrator import search as search_stage
 from rankfold.orchestrator.job import run_job
 from rankfold.storage.store import LocalStore
-from tests.conftest import tiny_spec_dict
+from tests.conftest import CALIBRATION_TEXT, tiny_spec_dict
 
 
 def _spec(model_dir, out, **allocation) -> dict:
     spec = tiny_spec_dict(model_dir, out, method="cap", ratio=0.5)
     spec["target"]["allocation"] = {"kind": "search", "samples": 8, "batch_size": 4, "steps": 4, "save_every": 2,
-                                    "sparse_block": 8, **allocation}
+                                    "sparse_block": 8, "fisher_samples": 4, **allocation}
     spec["evaluation"]["dense"] = False
     return spec
 
@@ -101,3 +101,21 @@ def test_cap_needs_the_search_allocation(tiny_model_dir, tmp_path):
     spec = tiny_spec_dict(tiny_model_dir, tmp_path / "out", method="cap")
     with pytest.raises(SpecError, match="allocation.kind 'uniform' does not apply to method.name 'cap'"):
         parse_spec(spec)
+
+
+def test_the_search_shares_flras_fisher_pass_and_the_uniform_rule_plans_none():
+    from rankfold.orchestrator.plan import make_plan
+
+    def plan(method: str, allocation: dict):
+        spec = parse_spec({"model": {"source": "smollm2-135m"}, "method": {"name": method},
+                           "target": {"ratio": 0.5, "allocation": allocation}, "output": {"dir": "/tmp/unused"},
+                           "calibration": {"data": {"path": str(CALIBRATION_TEXT)}}})
+        return make_plan(spec, "model-id", [])
+
+    search = plan("cap", {"kind": "search"})
+    assert [s.kind for s in search.stages[:5]] == ["calibrate", "fisher", "rpca", "search", "allocate"]
+    assert search["fisher"].digest == plan("svd_llm", {"kind": "fisher"})["fisher"].digest
+    assert "fisher" not in plan("cap", {"kind": "search", "rule": "uniform"})
+    # the same robust PCA serves every ratio and rule; the search does not
+    other = plan("cap", {"kind": "search", "rule": "uniform"})
+    assert other["rpca"].digest == search["rpca"].digest and other["search"].digest != search["search"].digest
