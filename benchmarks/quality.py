@@ -17,7 +17,8 @@ beside the table plots perplexity and the zero-shot average against compression,
 
 CAP and its baselines at one budget (seed 001): `--methods svd_llm wanda cap --allocations uniform fisher
 search search-uniform --ratios 0.2 0.4 0.5` — `search` is CAP's REINFORCE search over the robust PCA
-units (`--search-*` settings), `search-uniform` the same units under the uniform keep rule; sparse
+units (`--search-*` settings), `search-start` its starting point (FLRA's loss model) with no step taken,
+`search-uniform` the same units under the uniform keep rule; sparse
 entries count value + index unless `--values-only` (the papers' convention; the table shows both).
 
 With `--allocations fisher`, one Fisher pass (streamed backward over the first --fisher-samples
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--search-steps", type=int, default=64, help="CAP: REINFORCE steps")
     parser.add_argument("--search-samples", type=int, default=32, help="CAP: calibration sequences searched on")
     parser.add_argument("--search-batch", type=int, default=4, help="CAP: sequences per step")
+    parser.add_argument("--search-temperature", type=float, default=0.1, help="CAP: smoothing of the start")
     parser.add_argument("--rpca-iterations", type=int, default=3, help="CAP: robust PCA iterations")
     parser.add_argument("--whiten", action="store_true", help="CAP: robust PCA of W·S (whitened)")
     parser.add_argument("--values-only", action="store_true",
@@ -79,15 +81,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --allocations name -> (allocation kind, suffix of the row's name)
 ALLOCATION_NAMES = {"uniform": ("uniform", ""), "fisher": ("fisher", "+fisher"), "search": ("search", ""),
-                    "search-uniform": ("search", "+uniform-keep")}
+                    "search-uniform": ("search", "+uniform-keep"), "search-start": ("search", "+fisher-keep")}
 
 
 def allocation_spec(args: argparse.Namespace, name: str) -> dict:
     if name == "fisher":
         return {"kind": "fisher", "fisher_samples": args.fisher_samples}
-    if name.startswith("search"):
+    if name.startswith("search"):  # search-start: the search's starting point alone (no step taken)
         return {"kind": "search", "rule": "uniform" if name == "search-uniform" else "reinforce",
-                "steps": args.search_steps, "samples": args.search_samples, "batch_size": args.search_batch}
+                "steps": 0 if name == "search-start" else args.search_steps, "samples": args.search_samples,
+                "batch_size": args.search_batch, "temperature": args.search_temperature,
+                "fisher_samples": args.fisher_samples}
     return {"kind": "uniform"}
 
 

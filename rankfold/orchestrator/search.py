@@ -62,13 +62,12 @@ def search_masks(ctx: "JobContext", stage: "Stage", calibration: torch.Tensor) -
 
 def _fisher_weighted(ctx: "JobContext", scores: dict) -> dict:
     """Scores times w = F / (m · tr G) (allocators/flra.py), so they compare across matrices."""
-    weighted = {}
-    for layer in sorted({i for i, _ in scores}):
-        fisher = fisher_scores(ctx.store.get_tensors(ctx.key("fisher", layer)))
-        for (i, path), tensors in scores.items():
-            if i == layer:
-                w = loss_weight(fisher[path], ctx.shapes[i][path][0], float(tensors["gram_trace"][0]))
-                weighted[i, path] = {k: v.double() * w if k.endswith("_score") else v for k, v in tensors.items()}
+    weighted, fisher = {}, {}
+    for (i, path), tensors in scores.items():
+        if i not in fisher:
+            fisher[i] = fisher_scores(ctx.store.get_tensors(ctx.key("fisher", i)))
+        w = loss_weight(fisher[i][path], ctx.shapes[i][path][0], float(tensors["gram_trace"][0]))
+        weighted[i, path] = {k: v.double() * w if k.endswith("_score") else v for k, v in tensors.items()}
     return weighted
 
 
@@ -143,10 +142,11 @@ class _SearchShards:
         self.keys: dict[int, dict[str, tuple[int, str]]] = {}
         for j, (i, path) in enumerate(table.matrices):
             self.keys.setdefault(i, {})[path] = (j, ctx.key("rpca", i, path))
-        self.sizes = {j: (int((table.kind[table.offsets[j]:table.offsets[j + 1]] == 0).sum()),
-                          int(table.size[table.offsets[j]:table.offsets[j + 1]][
-                              table.kind[table.offsets[j]:table.offsets[j + 1]] == 1].sum()))
-                      for j in range(len(table.matrices))}
+        self.sizes = {}  # matrix -> (its triples, its sparse candidates)
+        for j in range(len(table.matrices)):
+            part = slice(table.offsets[j], table.offsets[j + 1])
+            kinds = table.kind[part]
+            self.sizes[j] = (int((kinds == 0).sum()), int(table.size[part][kinds == 1].sum()))
 
     def loss(self, batch: torch.Tensor, mask: torch.Tensor) -> float:
         parts = split_rows(batch, self.parts)

@@ -76,3 +76,15 @@ def test_reinforce_raises_the_probability_of_units_whose_dropping_costs_loss():
     # one mask per step: the moving average of earlier losses is the baseline, none on the first step
     assert baselines(torch.tensor([3.0]), [1.0, 2.0, 9.0], 2).item() == 5.5
     assert baselines(torch.tensor([3.0]), [], 2).item() == 3.0
+
+
+def test_the_fisher_start_is_the_global_greedy_by_score_per_parameter():
+    table = _table(block=1)
+    budget = 0.4 * float(table.dense.sum())
+    start = initial_probabilities(table, 0.6, temperature=0.01, budget=budget, init="fisher")
+    keep = top_k(start, table.cost, budget)
+    density = table.score / table.cost
+    order = torch.argsort(-density)
+    greedy = torch.zeros_like(keep)
+    greedy[order[table.cost[order].cumsum(0) <= budget]] = True
+    assert (keep & greedy).sum() >= greedy.sum() - 1  # the greedy prefix is kept (up to the boundary unit)
