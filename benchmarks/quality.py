@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--search-batch", type=int, default=4, help="CAP: sequences per step")
     parser.add_argument("--search-temperature", type=float, default=0.1, help="CAP: smoothing of the start")
     parser.add_argument("--rpca-iterations", type=int, default=3, help="CAP: robust PCA iterations")
-    parser.add_argument("--whiten", action="store_true", help="CAP: robust PCA of W·S (whitened)")
+    parser.add_argument("--no-whiten", action="store_true", help="CAP: robust PCA of W, not W·S (whitened)")
+    parser.add_argument("--no-debias", action="store_true", help="CAP: keep SVT's shrunk singular values")
     parser.add_argument("--values-only", action="store_true",
                         help="sparse entries cost 1 parameter (the papers' convention), not value + index")
     parser.add_argument("--suite", action="store_true", help="also the zero-shot suite and XSum ROUGE")
@@ -108,7 +109,8 @@ def method_spec(args: argparse.Namespace, method: str) -> dict:
     if METHODS.get(method).structure.sparse:
         options["count_indices"] = not args.values_only
     if method == "cap":
-        options.update({"iterations": args.rpca_iterations, "whiten": args.whiten})
+        options.update({"iterations": args.rpca_iterations, "whiten": not args.no_whiten,
+                        "debias": not args.no_debias})
     return options
 
 

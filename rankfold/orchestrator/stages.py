@@ -268,7 +268,7 @@ def search(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
 
 
 def _rpca_inputs(plan: PlanInputs) -> tuple:
-    fields = {"iterations", "lam_scale", "rho", "whiten", "max_density"}
+    fields = {"iterations", "lam_scale", "rho", "whiten", "debias", "max_density"}
     return plan.model_id, plan.upstream["calibrate"], plan.spec.method.model_dump(mode="json", include=fields), \
         plan.structure
 

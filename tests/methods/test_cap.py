@@ -1,0 +1,43 @@
+"""CAP's units: keeping every one gives W back; debiasing restores the scale thresholding took."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rankfold.methods.cap import CapOptions, masked_weight, rpca_units
+from rankfold.methods.whitening import whitening_factor
+
+
+def _matrix_and_gram(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.randn(40, 3, generator=generator, dtype=torch.float64) @ torch.randn(3, 30, generator=generator,
+                                                                                     dtype=torch.float64)
+    spikes = torch.zeros(40 * 30, dtype=torch.float64)
+    spikes[torch.randperm(1200, generator=generator)[:30]] = 5.0
+    x = torch.randn(200, 30, generator=generator, dtype=torch.float64) * torch.linspace(0.2, 3.0, 30)
+    return low + spikes.view(40, 30), x.T @ x, 200
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_keeping_every_unit_gives_the_weight_back(whiten):
+    weight, gram, count = _matrix_and_gram()
+    options = CapOptions(name="cap", whiten=whiten, max_density=1.0)
+    units, history = rpca_units(options, weight, gram, count, whitening_factor(gram.clone()) if whiten else None)
+    assert len(history) == 3
+    every = masked_weight(units, torch.ones_like(units["sigma"], dtype=torch.bool),
+                          torch.ones_like(units["sparse_values"], dtype=torch.bool), (40, 30), torch.float64)
+    assert torch.allclose(every, weight, atol=1e-9)
+    assert bool((units["triple_score"][1:] <= units["triple_score"][:-1]).all())
+    assert bool((units["sparse_score"][1:] <= units["sparse_score"][:-1]).all())
+
+
+def test_debiasing_gives_each_triple_its_least_squares_scale():
+    weight, gram, count = _matrix_and_gram(1)
+    shrunk, _ = rpca_units(CapOptions(name="cap", whiten=False, debias=False), weight, gram, count)
+    debiased, _ = rpca_units(CapOptions(name="cap", whiten=False), weight, gram, count)
+    u, vh = debiased["u"], debiased["vh"]
+    assert torch.allclose(debiased["sigma"], ((u.T @ weight) * vh).sum(1))
+    # the leading triple (the planted low rank) keeps more of W after debiasing than after thresholding
+    top = lambda units: (units["u"][:, :3] * units["sigma"][:3]) @ units["vh"][:3]  # noqa: E731
+    assert (weight - top(debiased)).norm() < (weight - top(shrunk)).norm()
