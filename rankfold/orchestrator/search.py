@@ -19,6 +19,7 @@ from rankfold.allocators.search import (SearchAllocation, UnitTable, baselines, 
 from rankfold.allocators.flra import fisher_scores, loss_weight
 from rankfold.execution.progress import progress
 from rankfold.execution.streaming import ShardGroup, per_shard_config, split_rows
+from rankfold.jobs.spec import SpecError
 from rankfold.methods.registry import sparse_entry_cost
 from rankfold.methods.structure import dense_params
 from rankfold.storage.store import StoreError
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 
 def search_masks(ctx: "JobContext", stage: "Stage", calibration: torch.Tensor) -> tuple[dict, dict[str, str]]:
     """The search stage: masks of every matrix into the store; returns (result, artifacts).
-    Raises ValueError (naming target.ratio) when the budget exceeds what every unit together costs."""
+    Raises SpecError (naming target.ratio) when the budget exceeds what every unit together costs —
+    known only once the robust PCA units exist, so after the stages before it."""
     options: SearchAllocation = ctx.spec.target.allocation
     matrices = [(i, module.members[0]) for i, modules in ctx.layout.by_layer.items() for module in modules]
     scores = {(i, p): ctx.store.get_tensors(ctx.key("rpca", i, p + SCORE_SUFFIX)) for i, p in matrices}
@@ -41,7 +43,7 @@ def search_masks(ctx: "JobContext", stage: "Stage", calibration: torch.Tensor) -
     table = unit_table(scores, ctx.shapes, sparse_entry_cost(ctx.spec.method), options.sparse_block)
     ratio, budget = ctx.spec.target.ratio, (1.0 - ctx.spec.target.ratio) * dense_params(ctx.shapes)
     if budget > float(table.cost.sum()):
-        raise ValueError(f"target.ratio = {ratio}: the budget ({budget:.0f} parameters) exceeds every robust PCA "
+        raise SpecError(f"target.ratio = {ratio}: the budget ({budget:.0f} parameters) exceeds every robust PCA "
                          f"unit together ({float(table.cost.sum()):.0f}); raise target.ratio or method.max_density")
     if options.rule == "uniform":
         keep, result = uniform_keep(table, ratio), {}

@@ -93,7 +93,7 @@ def test_a_budget_the_units_cannot_meet_names_the_ratio(tiny_model_dir, tmp_path
     spec = _spec(tiny_model_dir, tmp_path / "out")
     spec["target"]["ratio"] = 0.01
     spec["method"].update({"max_density": 0.01, "lam_scale": 0.001})  # λ → 0: S takes all, L keeps little
-    with pytest.raises(ValueError, match="target.ratio = 0.01"):
+    with pytest.raises(SpecError, match="target.ratio = 0.01: the budget"):
         run_job(parse_spec(spec), stream=None)
 
 
