@@ -106,16 +106,18 @@ def test_cap_needs_the_search_allocation(tiny_model_dir, tmp_path):
 def test_the_search_shares_flras_fisher_pass_and_the_uniform_rule_plans_none():
     from rankfold.orchestrator.plan import make_plan
 
-    def plan(method: str, allocation: dict):
+    def plan(method: str, allocation: dict, ratio: float = 0.5):
         spec = parse_spec({"model": {"source": "smollm2-135m"}, "method": {"name": method},
-                           "target": {"ratio": 0.5, "allocation": allocation}, "output": {"dir": "/tmp/unused"},
+                           "target": {"ratio": ratio, "allocation": allocation}, "output": {"dir": "/tmp/unused"},
                            "calibration": {"data": {"path": str(CALIBRATION_TEXT)}}})
-        return make_plan(spec, "model-id", [])
+        layout = [{"kind": "lowrank_sparse", "members": ["model.layers.0.mlp.up_proj"], "rank": 0,
+                   "options": {"nnz": int(1000 * (1 - ratio)), "entry_cost": 2}}]  # nnz: the ratio's uniform rule
+        return make_plan(spec, "model-id", layout)
 
     search = plan("cap", {"kind": "search"})
     assert [s.kind for s in search.stages[:5]] == ["calibrate", "fisher", "rpca", "search", "allocate"]
     assert search["fisher"].digest == plan("svd_llm", {"kind": "fisher"})["fisher"].digest
     assert "fisher" not in plan("cap", {"kind": "search", "rule": "uniform"})
     # the same robust PCA serves every ratio and rule; the search does not
-    other = plan("cap", {"kind": "search", "rule": "uniform"})
+    other = plan("cap", {"kind": "search", "rule": "uniform"}, ratio=0.2)
     assert other["rpca"].digest == search["rpca"].digest and other["search"].digest != search["search"].digest
