@@ -76,6 +76,12 @@ class UnitTable:
     def __len__(self) -> int:
         return self.matrix.numel()
 
+    def counts(self, matrix: int) -> tuple[int, int]:
+        """(triples, sparse candidates) of one matrix."""
+        part = slice(self.offsets[matrix], self.offsets[matrix + 1])
+        kinds = self.kind[part]
+        return int((kinds == 0).sum()), int(self.size[part][kinds == 1].sum())
+
 
 def unit_table(scores: dict[tuple[int, str], dict[str, torch.Tensor]], shapes: dict[int, dict[str, tuple[int, int]]],
                entry_cost: int, block: int) -> UnitTable:
@@ -183,8 +189,11 @@ def top_k(s: torch.Tensor, cost: torch.Tensor, budget: float) -> torch.Tensor:
     cost_sorted = cost[order]
     keep_sorted = cost_sorted.cumsum(0) <= budget + 1e-9
     left = budget - float(cost_sorted[keep_sorted].sum())
-    for position in torch.nonzero(~keep_sorted).flatten().tolist():  # fill the remainder in s order
-        if left < float(cost_sorted[~keep_sorted].min()):
+    unkept = torch.nonzero(~keep_sorted).flatten()
+    # The cheapest unkept cost only grows as units are kept: its first value is a valid stopping bound.
+    cheapest = float(cost_sorted[unkept].min()) if unkept.numel() else 0.0
+    for position in unkept.tolist():  # fill the remainder in s order
+        if left < cheapest:
             break
         if float(cost_sorted[position]) <= left + 1e-9:
             keep_sorted[position] = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from rankfold.methods.structure import dense_params, module_params
+from rankfold.methods.structure import dense_params, entry_cost, module_params
 from rankfold.modules.layout import CompressedModule
 
 RATIO_DEFINITION = ("compression = 1 - (parameters of the compressed matrices after / before), counted over the "
@@ -27,14 +27,13 @@ def parameter_counts(shapes: dict[int, dict[str, tuple[int, int]]], layout: dict
         "model_dense": model_total,
         "model_compressed": model_total - dense + compressed,
     }
-    sparse = [(i, m) for i, modules in layout.items() for m in modules if m.kind == "lowrank_sparse"]
+    sparse = [m for modules in layout.values() for m in modules if m.kind == "lowrank_sparse"]
     if sparse:  # both conventions: a sparse entry as value + index, and as the papers' one parameter
-        entries = sum(int(m.options["nnz"]) for _, m in sparse)
-        value_only = compressed - sum(module_params(m, shapes[i]) - module_params(m, shapes[i], cost=1)
-                                      for i, m in sparse)
-        counts.update({"sparse_entries": entries, "entry_cost": int(sparse[0][1].options["entry_cost"]),
-                       "compression_indices_counted": 1.0 - (value_only + entries) / dense,
-                       "compression_values_only": 1.0 - value_only / dense})
+        kept = lambda cost: sum(module_params(m, shapes[i], cost) for i, ms in layout.items() for m in ms)  # noqa: E731
+        counts.update({"sparse_entries": sum(int(m.options["nnz"]) for m in sparse),
+                       "entry_cost": int(sparse[0].options["entry_cost"]),
+                       "compression_indices_counted": 1.0 - kept(entry_cost(True)) / dense,
+                       "compression_values_only": 1.0 - kept(entry_cost(False)) / dense})
     return counts
 
 

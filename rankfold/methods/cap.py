@@ -18,7 +18,7 @@ score, squared). Units are stored in descending score order, so a keep rule read
 
 The decomposition (`cap_factor`) keeps the units the search stage's masks select.
 
-    method: {name: cap, iterations: 3, whiten: false}
+    method: {name: cap, iterations: 3, whiten: true, debias: true}
     target: {ratio: 0.5, allocation: {kind: search}}
 """
 
@@ -83,29 +83,33 @@ def history_metadata(history: list[dict]) -> dict[str, str]:
     return {"rpca_history": json.dumps(history)}
 
 
+def kept_units(units: dict[str, torch.Tensor], triples: torch.Tensor, entries: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What masks (triples (k,), entries (c,) bool) keep of a matrix's units: B = U_kept diag(σ_kept),
+    A = Vᵀ_kept, and the kept sparse entries' flat indices and values (in score order)."""
+    b = units["u"][:, triples] * units["sigma"][triples]
+    return b, units["vh"][triples], units["sparse_indices"][entries], units["sparse_values"][entries]
+
+
 def cap_factor(options: CapOptions, weight: torch.Tensor, module: CompressedModule, inputs) -> SparseFactors:
     """B A + S from the matrix's robust PCA units and the search's keep masks (`keep_triples` (k,),
-    `keep_sparse` (c,) bool). B = U_kept diag(σ_kept), A = Vᵀ_kept; S's entries sorted by position."""
+    `keep_sparse` (c,) bool), float64; S's entries sorted by position."""
     path = module.members[0]
-    units, masks = inputs.artifact("rpca", path), inputs.artifact("search", path)
-    triples, entries = masks["keep_triples"].bool(), masks["keep_sparse"].bool()
-    b = units["u"].to(torch.float64)[:, triples] * units["sigma"].to(torch.float64)[triples]
-    a = units["vh"].to(torch.float64)[triples]
-    indices, order = units["sparse_indices"][entries].sort()
-    values = units["sparse_values"].to(torch.float64)[entries][order]
-    return b, a, values, indices.to(torch.int32)
+    units = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in inputs.artifact("rpca", path).items()}
+    masks = inputs.artifact("search", path)
+    b, a, indices, values = kept_units(units, masks["keep_triples"].bool(), masks["keep_sparse"].bool())
+    indices, order = indices.sort()
+    return b, a, values[order], indices.to(torch.int32)
 
 
 def masked_weight(units: dict[str, torch.Tensor], triples: torch.Tensor, entries: torch.Tensor,
                   shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """W̃ (m, n) in `dtype` from a matrix's units and its masks (triples (k,), entries (c,) bool): only
     the kept triples are multiplied (the cost falls with the rank kept)."""
-    u, sigma, vh = units["u"], units["sigma"], units["vh"]
-    weight = (u[:, triples] * sigma[triples]) @ vh[triples]
-    flat = weight.reshape(-1)
-    flat.index_add_(0, units["sparse_indices"][entries].long(), units["sparse_values"][entries].to(flat.dtype))
+    b, a, indices, values = kept_units(units, triples, entries)
+    flat = (b @ a).reshape(-1)
+    flat.index_add_(0, indices.long(), values.to(flat.dtype))
     return flat.view(shape).to(dtype)
-
 
 register_method(Method("cap", CapOptions, None, needs=frozenset({"gram"}), structure=SPARSE, version=VERSION,
                        sparse_factor=cap_factor, reads=("rpca", "search"), allocations=("search",)))

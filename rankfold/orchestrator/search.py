@@ -51,8 +51,7 @@ def search_masks(ctx: "JobContext", stage: "Stage", calibration: torch.Tensor) -
         keep, result = _reinforce(ctx, stage, table, budget, calibration)
     artifacts = {}
     for j, (i, path) in enumerate(table.matrices):
-        triples, entries = scores[i, path]["triple_score"].numel(), scores[i, path]["sparse_score"].numel()
-        triple_mask, entry_mask = entry_masks(table, keep, j, triples, entries)
+        triple_mask, entry_mask = entry_masks(table, keep, j, *table.counts(j))
         key = ctx.key(stage.name, i, path)
         artifacts[key] = ctx.store.put_tensors(key, {"keep_triples": triple_mask, "keep_sparse": entry_mask})
     kept = float(table.cost[keep].sum())
@@ -144,18 +143,14 @@ class _SearchShards:
         self.keys: dict[int, dict[str, tuple[int, str]]] = {}
         for j, (i, path) in enumerate(table.matrices):
             self.keys.setdefault(i, {})[path] = (j, ctx.key("rpca", i, path))
-        self.sizes = {}  # matrix -> (its triples, its sparse candidates)
-        for j in range(len(table.matrices)):
-            part = slice(table.offsets[j], table.offsets[j + 1])
-            kinds = table.kind[part]
-            self.sizes[j] = (int((kinds == 0).sum()), int(table.size[part][kinds == 1].sum()))
+        self.counts = [table.counts(j) for j in range(len(table.matrices))]
 
     def loss(self, batch: torch.Tensor, mask: torch.Tensor) -> float:
         parts = split_rows(batch, self.parts)
         self.group.call_each("load", [(part, part.shape[0]) for part in parts])
         for i in range(self.ctx.source.num_layers):
             paths = self.keys.get(i, {})
-            masks = {path: entry_masks(self.table, mask, j, *self.sizes[j]) for path, (j, _) in paths.items()}
+            masks = {path: entry_masks(self.table, mask, j, *self.counts[j]) for path, (j, _) in paths.items()}
             self.group.call("advance_masked", i, self.ref, {path: key for path, (_, key) in paths.items()}, masks)
         totals = self.group.call("nll")
         return sum(t for t, _ in totals) / sum(c for _, c in totals)

@@ -32,10 +32,9 @@ class RPCAItem:
 def rpca_item(item: RPCAItem) -> list[tuple[str, str]]:
     """Units of one matrix into the store (skipped when both artifacts exist and verify);
     returns [(key, sha256)] of the units and their scores."""
-    store = open_ref(item.out)
-    done = [(key, store.checksum(key)) for key in (item.units_key, item.scores_key)]
-    if all(sha is not None and store.actual_checksum(key) == sha for key, sha in done):
-        return done
+    store, keys = open_ref(item.out), (item.units_key, item.scores_key)
+    if all(store.verify(key) for key in keys):
+        return [(key, store.checksum(key)) for key in keys]
     weight = cached_source(item.source).tensor(f"{item.layer_prefix}{item.path}.weight")
     stats = InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group)
     gram = stats.symmetric_gram()
