@@ -226,10 +226,14 @@ def allocate_from_masks(options: SearchAllocation, problem: AllocationProblem) -
     return ranks
 
 
+def uses_fisher(options: SearchAllocation) -> bool:
+    """Whether the search starts from the Fisher loss model (and so reads the Fisher pass)."""
+    return options.rule == "reinforce" and options.init == "fisher"
+
+
 def search_stages(options: SearchAllocation) -> tuple[str, ...]:
     """The Fisher pass only when the search starts from the Fisher loss model."""
-    fisher = options.rule == "reinforce" and options.init == "fisher"
-    return ("fisher",) * fisher + ("rpca", "search")
+    return ("fisher",) * uses_fisher(options) + ("rpca", "search")
 
 
 def check_spec(options: SearchAllocation, method: Method, calibration_samples: int) -> None:

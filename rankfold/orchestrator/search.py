@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from rankfold.allocators.search import (SearchAllocation, UnitTable, baselines, entry_masks, initial_probabilities,
-                                        project_to_budget, reinforce_gradient, top_k, uniform_keep, unit_table)
+                                        project_to_budget, reinforce_gradient, top_k, uniform_keep, unit_table,
+                                        uses_fisher)
 from rankfold.allocators.flra import fisher_scores, loss_weight
 from rankfold.execution.progress import progress
 from rankfold.execution.streaming import ShardGroup, per_shard_config, split_rows
@@ -38,7 +39,9 @@ def search_masks(ctx: "JobContext", stage: "Stage", calibration: torch.Tensor) -
     options: SearchAllocation = ctx.spec.target.allocation
     matrices = [(i, module.members[0]) for i, modules in ctx.layout.by_layer.items() for module in modules]
     scores = {(i, p): ctx.store.get_tensors(ctx.key("rpca", i, p + SCORE_SUFFIX)) for i, p in matrices}
-    if "fisher" in ctx.plan:  # FLRA's loss model: a unit's energy times its matrix's Fisher weight
+    # FLRA's loss model: a unit's energy times its matrix's Fisher weight. Asked of the options, not the
+    # plan: a Palu KV cache plans a Fisher pass of its own.
+    if uses_fisher(options):
         scores = _fisher_weighted(ctx, scores)
     table = unit_table(scores, ctx.shapes, sparse_entry_cost(ctx.spec.method), options.sparse_block)
     ratio, budget = ctx.spec.target.ratio, (1.0 - ctx.spec.target.ratio) * dense_params(ctx.shapes)
@@ -79,7 +82,7 @@ def _reinforce(ctx: "JobContext", stage: "Stage", table: UnitTable, budget: floa
     s, losses, start = _resume(ctx, state_key, len(table))
     if s is None:
         s = initial_probabilities(table, ctx.spec.target.ratio, options.temperature, budget,
-                                  "fisher" if "fisher" in ctx.plan else "uniform")
+                                  options.init)
     initial = s.clone() if start == 0 else None
     rows = calibration[:options.samples]
     shards = _SearchShards(ctx, table) if start < options.steps else None

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from rankfold.allocators.registry import ALLOCATORS, AllocationProblem
+from rankfold.allocators.search import uses_fisher
 from rankfold.checkpoint import RANK_GAINS
 from rankfold.core.errors import NumericalError
 from rankfold.core.registry import Registry
@@ -277,9 +278,11 @@ def _rpca_inputs(plan: PlanInputs) -> tuple:
 
 
 def _search_inputs(plan: PlanInputs) -> tuple:
-    """The units (rpca), the budget and its convention, the search's settings and its calibration rows."""
-    return (plan.upstream["rpca"], plan.spec.target.ratio, plan.spec.method.count_indices, plan.spec.model.dtype,
-            plan.spec.target.allocation.model_dump(mode="json"), plan.sample)
+    """The units (rpca), the Fisher pass it starts from (if it does), the budget and its convention, the
+    search's settings and its calibration rows."""
+    fisher = plan.upstream["fisher"] if uses_fisher(plan.spec.target.allocation) else None
+    return (plan.upstream["rpca"], fisher, plan.spec.target.ratio, plan.spec.method.count_indices,
+            plan.spec.model.dtype, plan.spec.target.allocation.model_dump(mode="json"), plan.sample)
 
 
 def kv_factors(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:

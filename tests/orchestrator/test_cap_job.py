@@ -121,3 +121,19 @@ def test_the_search_shares_flras_fisher_pass_and_the_uniform_rule_plans_none():
     # the same robust PCA serves every ratio and rule; the search does not
     other = plan("cap", {"kind": "search", "rule": "uniform"}, ratio=0.2)
     assert other["rpca"].digest == search["rpca"].digest and other["search"].digest != search["search"].digest
+
+
+def test_a_uniform_start_stays_uniform_beside_a_palu_cache_that_plans_a_fisher_pass(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch):
+    spec = _spec(tiny_model_dir, tmp_path / "out", init="uniform", steps=0)
+    spec["target"]["matrices"] = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    spec["kv_cache"] = {"ratio": 0.5, "group_heads": 1, "rank_multiple": 4, "fisher_samples": 2}
+    parsed = parse_spec(spec)
+
+    def weighted(*args):
+        raise AssertionError("the search read the Fisher pass it was told not to start from")
+
+    monkeypatch.setattr(search_stage, "_fisher_weighted", weighted)
+    report = run_job(parsed, stream=None)
+    assert "fisher" in [row["stage"] for row in report["stages"]]  # Palu's Fisher pass ran in this job
+    assert report["parameters"]["counted_compressed"] <= 0.5 * report["parameters"]["counted_dense"]
