@@ -5,7 +5,9 @@ S has `nnz` entries: `S_values` (nnz,) in the model dtype and `S_indices` (nnz,)
 flat position row·n + col, sorted ascending (so rows are contiguous: a CSR matrix without a row
 pointer). rank 0 is sparse only (Wanda-style pruning); nnz 0 is plain low rank. The torch path
 multiplies with a CSR tensor built once from the stored pair (float32 products; on CPU torch's sparse
-kernels do not take bfloat16).
+kernels do not take bfloat16). `dense_product` swaps that for one dense W̃ = B A + S in the module's
+dtype: the same function at dense memory, which evaluation uses on CPU, where torch's CSR product is
+slower than the dense one at every density measured (benchmarks/sparse_linear.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class LowRankSparseLinear(nn.Module):
         self.register_buffer("S_indices", torch.empty(nnz, dtype=torch.int32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self._csr: torch.Tensor | None = None
+        self.register_buffer("_dense", None, persistent=False)  # set by dense_product; never saved
 
     def sparse_matrix(self) -> torch.Tensor:
         """S as a float32 CSR tensor (out, in), built on first use."""
@@ -39,7 +42,14 @@ class LowRankSparseLinear(nn.Module):
                                       self.in_features)
         return self._csr
 
+    def dense_product(self) -> None:
+        """Multiply with W̃ = B A + S held dense in the module's dtype from now on (memory of a dense linear)."""
+        self._dense = self.dense().to(self.S_values.dtype)
+        self._csr = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None:
+            return nn.functional.linear(x, self._dense, self.bias)
         flat = x.reshape(-1, self.in_features)
         y = torch.zeros(flat.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         if self.rank:
@@ -57,6 +67,14 @@ class LowRankSparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"nnz={self.nnz}, bias={self.bias is not None}")
+
+
+def dense_products(root: nn.Module) -> int:
+    """`dense_product` on every LowRankSparseLinear under `root`; returns how many."""
+    modules = [m for m in root.modules() if isinstance(m, LowRankSparseLinear)]
+    for module in modules:
+        module.dense_product()
+    return len(modules)
 
 
 def csr_from_flat(values: torch.Tensor, indices: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

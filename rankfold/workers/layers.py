@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 from rankfold.models.architecture import Architecture
 from rankfold.modules.layout import CompressedModule, apply_layout
+from rankfold.modules.sparse import dense_products
 
 
 def runtime_config(config: PretrainedConfig) -> PretrainedConfig:
@@ -30,6 +31,7 @@ def materialize_layer(arch: Architecture, config: PretrainedConfig, index: int, 
     if missing or unexpected:
         raise ValueError(f"layer {index}: state does not fit the architecture "
                          f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
+    dense_products(layer)  # one layer at a time: a dense W̃ costs little and beats the CSR product
     return layer.eval()
 
 

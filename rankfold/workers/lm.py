@@ -18,6 +18,7 @@ import torch
 from rankfold.checkpoint import model_from_source, rank_gains
 from rankfold.methods.plrd import DecodeSchedule, average_cost, decode_units, full_cost, solve_floor, step_ranks
 from rankfold.modules.progressive import ProgressiveDecoding
+from rankfold.modules.sparse import dense_products
 from rankfold.core.resources import process_peak_rss_mb
 from rankfold.data.zeroshot_tasks import zeroshot_task
 from rankfold.workers.shard import cached_source
@@ -37,6 +38,8 @@ class ModelWorker:
         self.model = model_from_source(source, getattr(torch, dtype))
         if torch.cuda.is_available():  # a worker given a GPU evaluates there (Ray hides GPUs it did not grant)
             self.model.cuda()
+        else:  # torch's CPU CSR product is slower than dense and has no bfloat16: multiply with W̃ dense
+            dense_products(self.model)
         self.tokenizer = copy.deepcopy(source.tokenizer())  # padding settings below stay this worker's
         self.gains = rank_gains(source.folder) if hasattr(source, "folder") else None
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rankfold.modules.sparse import LowRankSparseLinear, csr_from_flat, flat_sparse, replace_with_sparse
+from rankfold.modules.sparse import LowRankSparseLinear, csr_from_flat, dense_products, flat_sparse, replace_with_sparse
 
 
 def _filled(rank: int, nnz_keep: int, bias: bool = True, seed: int = 0) -> tuple[LowRankSparseLinear, torch.Tensor]:
@@ -32,6 +32,18 @@ def test_output_equals_the_dense_product_of_its_parts(rank, keep):
     x = torch.randn(3, 7, 40)
     torch.testing.assert_close(module(x), x @ weight.T + module.bias, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(module.dense(), weight, rtol=1e-6, atol=1e-6)
+
+
+def test_dense_product_is_the_same_function_and_is_never_saved():
+    module, weight = _filled(5, 30)
+    root = nn.Sequential(module, nn.ReLU())
+    x = torch.randn(3, 7, 40)
+    sparse_out = module(x)
+    assert dense_products(root) == 1
+    torch.testing.assert_close(module(x), sparse_out, rtol=1e-5, atol=1e-5)
+    assert "0._dense" not in root.state_dict() and module._dense is not None
+    root.to(torch.bfloat16)  # the dense W̃ follows the module's dtype
+    torch.testing.assert_close(module(x.bfloat16()).float(), sparse_out, rtol=0.05, atol=0.1)
 
 
 def test_flat_sparse_keeps_the_largest_entries_sorted():
