@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--search-batch", type=int, default=4, help="CAP: sequences per step")
     parser.add_argument("--search-temperature", type=float, default=0.1, help="CAP: smoothing of the start")
     parser.add_argument("--rpca-iterations", type=int, default=3, help="CAP: robust PCA iterations")
+    parser.add_argument("--rpca-triples", choices=["residual_svd", "rpca"], default="residual_svd",
+                        help="CAP: triples from the SVD of W − S (default) or robust PCA's own L")
     parser.add_argument("--rpca-lam-scale", type=float, default=1.0, help="CAP: λ = scale/√max(m, n)")
     parser.add_argument("--no-whiten", action="store_true", help="CAP: robust PCA of W, not W·S (whitened)")
     parser.add_argument("--no-debias", action="store_true", help="CAP: keep SVT's shrunk singular values")
@@ -110,7 +112,8 @@ def method_spec(args: argparse.Namespace, method: str) -> dict:
     if METHODS.get(method).structure.sparse:
         options["count_indices"] = not args.values_only
     if method == "cap":
-        options.update({"iterations": args.rpca_iterations, "lam_scale": args.rpca_lam_scale, "whiten": not args.no_whiten,
+        options.update({"iterations": args.rpca_iterations, "lam_scale": args.rpca_lam_scale,
+                        "triples": args.rpca_triples, "whiten": not args.no_whiten,
                         "debias": not args.no_debias})
     return options
 

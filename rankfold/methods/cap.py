@@ -1,24 +1,28 @@
 """CAP (seed 001; METHODS.md "CAP"): every matrix as low rank + sparse, W ≈ U diag(σ⊙m_σ) Vᵀ + S⊙m_S,
 with the masks chosen over all layers at once under one parameter budget (allocators/search.py).
 
-Stage `rpca` (this file's `rpca_units`, one task per matrix) splits W = L + R by robust PCA
-(methods/rpca.py) — with `whiten` (default) on X = W·S (S the Cholesky factor of the calibration
-Gram, SVD-LLM's whitening) so that L's triples carry the output error they remove, or on X = W.
-Singular-value thresholding shrinks every kept σ by 1/μ, which a truncated L would inherit; with
-`debias` (default; rankfold's, not the paper's) each triple takes its least-squares scale on X,
-σ_i = u_iᵀ X v_i. Measured on SmolLM2 at 50 % (README): whitening and debiasing each lower the
-perplexity of the same keep rule. Its units:
-- L's singular triples (U_i, σ_i, V_i), cost m + n parameters each;
-- the largest entries of R = W − L, cost `entry_cost` each. R is what robust PCA left outside L (its
-  sparse part plus the unconverged residual after a few iterations), so keeping every unit gives W
-  back exactly. At most ⌊max_density · m·n⌋ entries are candidates, which keeps artifacts small.
-Every unit carries a score, the calibration output energy it carries alone: σ_i² · v_iᵀ G v_i / N for a
-triple (v_i the i-th row of Vᵀ, G = Σ x xᵀ over N tokens) and R_ij² · G_jj / N for an entry (Wanda's
-score, squared). Units are stored in descending score order, so a keep rule reads prefixes.
+Stage `rpca` (this file's `rpca_units`, one task per matrix) splits W into triples and sparse entries.
+`triples: residual_svd` (default; rankfold's reading of the paper):
+- robust PCA (methods/rpca.py) of W·D, D = diag(√G_jj), gives the sparse part S. Weighting each
+  column by its input's norm ranks entries as Wanda does, and a column scaling keeps S sparse in W
+  (a full whitening would not). S is capped at its ⌊max_density · m·n⌋ highest-scoring entries;
+- the triples are the full SVD of W − S — of (W − S)·S_G with `whiten` (S_G the Gram's Cholesky
+  factor, SVD-LLM's whitening), so that each carries the output error it removes. Robust PCA's own L
+  after 3 iterations keeps only the directions above its last threshold (rank 2 of 576 on a SmolLM2
+  q_proj, whitened), so the search could not choose a deeper rank; here it can, and with S = 0 (λ
+  large) the units are SVD-LLM's triples. Exact SVD: no thresholding shrinkage to undo.
+`triples: rpca` (the literal reading): L = robust PCA's low-rank part of W·S_G (`whiten`) or W, with
+`debias` (rankfold's) giving each triple its least-squares scale σ_i = u_iᵀ X v_i instead of SVT's
+σ − 1/μ; the entries are the largest of R = W − L.
+Units: triples (U_i, σ_i, V_i), cost m + n parameters each, and sparse entries, cost `entry_cost` each;
+keeping every unit gives W back exactly. Every unit carries a score, the calibration output energy it
+carries alone: σ_i² · v_iᵀ G v_i / N for a triple (v_i the i-th row of Vᵀ, G = Σ x xᵀ over N tokens)
+and S_ij² · G_jj / N for an entry (Wanda's score, squared). Units are stored in descending score
+order, so a keep rule reads prefixes. Measured on SmolLM2 (README): the two readings side by side.
 
 The decomposition (`cap_factor`) keeps the units the search stage's masks select.
 
-    method: {name: cap, iterations: 3, whiten: true, debias: true}
+    method: {name: cap, triples: residual_svd, iterations: 3, lam_scale: 1.0, whiten: true}
     target: {ratio: 0.5, allocation: {kind: search}}
 """
 
@@ -47,8 +51,9 @@ class CapOptions(MethodOptions):
     iterations: int = Field(3, ge=1)         # robust PCA iterations (CAP: 3 suffice)
     lam_scale: float = Field(1.0, gt=0)      # λ = lam_scale / √max(m, n)
     rho: float = Field(1.5, gt=1)            # μ growth per iteration (μ₀ = 1.25/‖W‖₂)
-    whiten: bool = True                      # robust PCA of W·S instead of W (triples ordered by output error)
-    debias: bool = True                      # σ_i ← u_iᵀ X v_i: undo singular-value thresholding's shrinkage
+    triples: Literal["residual_svd", "rpca"] = "residual_svd"  # the SVD of W − S, or robust PCA's own L
+    whiten: bool = True                      # triples from (·)·S, S the Gram's Cholesky factor (output error)
+    debias: bool = True                      # rpca: σ_i ← u_iᵀ X v_i, undo singular-value thresholding's shrinkage
     max_density: float = Field(0.5, ge=0, le=1)  # sparse candidates per matrix, as a fraction of m·n (0: ranks only)
     count_indices: bool = True               # a sparse entry costs value + int32 index (false: the paper's 1)
 
@@ -61,22 +66,64 @@ def rpca_units(options: CapOptions, weight: torch.Tensor, gram: torch.Tensor, co
     int64 flat row-major, and triple_score (k,), sparse_score (c,) float64 — each kind sorted by
     descending score. Floats are float64."""
     w = weight.to(torch.float64)
+    split = _residual_svd_split if options.triples == "residual_svd" else _rpca_split
+    u, sigma, vh, sparse, history = split(options, w, gram, whitening)
+    triple_score = sigma ** 2 * ((vh @ gram) * vh).sum(1) / count
+    order = triple_score.argsort(descending=True)
+    sparse_score, indices = _entry_scores(sparse, gram, count)
+    return {"u": u[:, order].contiguous(), "sigma": sigma[order], "vh": vh[order].contiguous(),
+            "triple_score": triple_score[order], "sparse_values": sparse.reshape(-1)[indices],
+            "sparse_indices": indices, "sparse_score": sparse_score}, history
+
+
+def _entry_scores(sparse: torch.Tensor, gram: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score, flat index) of the non-zero entries of `sparse` (m, n), by descending score S_ij² G_jj / N."""
+    flat = sparse.reshape(-1)
+    indices = flat.nonzero().squeeze(1)
+    score = flat[indices] ** 2 * gram.diagonal().repeat(sparse.shape[0])[indices] / count
+    order = score.argsort(descending=True)
+    return score[order], indices[order]
+
+
+def _largest_entries(matrix: torch.Tensor, gram: torch.Tensor, keep: int) -> torch.Tensor:
+    """`matrix` with all but its `keep` highest-scoring (M_ij² G_jj) entries set to zero."""
+    score = matrix ** 2 * gram.diagonal()
+    if keep >= int((score > 0).sum()):
+        return matrix
+    out = torch.zeros_like(matrix).reshape(-1)
+    chosen = score.reshape(-1).topk(keep).indices
+    out[chosen] = matrix.reshape(-1)[chosen]
+    return out.view_as(matrix)
+
+
+def _residual_svd_split(options: CapOptions, w: torch.Tensor, gram: torch.Tensor, whitening: torch.Tensor | None):
+    """S from robust PCA of W·D, D = diag(√G_jj) (each column weighted by its input's norm, as Wanda
+    weighs an entry; a column scaling keeps S sparse in W), capped at `max_density`; the triples are the
+    full SVD of W − S (of (W − S)·S with `whiten`), so the search decides the rank, not where three
+    thresholding steps stopped."""
+    scale = gram.diagonal().clamp_min(0).sqrt()
+    scale = scale.clamp_min(float(scale.max()) * 1e-6 + 1e-30)  # a dead input channel: no division by 0
+    lam = options.lam_scale / math.sqrt(max(w.shape))
+    result = robust_pca(w * scale, lam=lam, iterations=options.iterations, rho=options.rho)
+    sparse = _largest_entries(result.sparse / scale, gram, int(options.max_density * w.numel()))
+    rest = w - sparse
+    u, sigma, vh = torch.linalg.svd(rest @ whitening if options.whiten else rest, full_matrices=False)
+    keep = int((sigma > 0).sum())
+    vh = apply_inverse_right(vh[:keep], whitening) if options.whiten else vh[:keep]
+    return u[:, :keep], sigma[:keep], vh, sparse, result.history
+
+
+def _rpca_split(options: CapOptions, w: torch.Tensor, gram: torch.Tensor, whitening: torch.Tensor | None):
+    """L = robust PCA's low-rank part of X = W·S (`whiten`) or W, debiased; the entries of R = W − L."""
     target = w @ whitening if options.whiten else w
     lam = options.lam_scale / math.sqrt(max(w.shape))
     result = robust_pca(target, lam=lam, iterations=options.iterations, rho=options.rho)
     if options.debias:  # the least-squares scale of each triple on the matrix itself, not SVT's σ − 1/μ
         result.sigma = ((result.u.T @ target) * result.vh).sum(1)
     vh = apply_inverse_right(result.vh, whitening) if options.whiten else result.vh
-    low = (result.u * result.sigma) @ vh
-    triple_score = result.sigma ** 2 * ((vh @ gram) * vh).sum(1) / count
-    order = triple_score.argsort(descending=True)
-    residual = (w - low).reshape(-1)
-    entry_score = residual ** 2 * gram.diagonal().repeat(w.shape[0]) / count
-    keep = min(int(options.max_density * w.numel()), int((residual != 0).sum()))
-    sparse_score, indices = entry_score.topk(keep)
-    return {"u": result.u[:, order].contiguous(), "sigma": result.sigma[order], "vh": vh[order].contiguous(),
-            "triple_score": triple_score[order], "sparse_values": residual[indices], "sparse_indices": indices,
-            "sparse_score": sparse_score}, result.history
+    residual = w - (result.u * result.sigma) @ vh
+    return result.u, result.sigma, vh, _largest_entries(residual, gram, int(options.max_density * w.numel())), \
+        result.history
 
 
 def history_metadata(history: list[dict]) -> dict[str, str]:

@@ -271,7 +271,7 @@ def search(ctx: JobContext, stage: "Stage") -> tuple[dict, Artifacts]:
 def _rpca_inputs(plan: PlanInputs) -> tuple:
     """The matrices and robust PCA's settings — not the ratio (a sparse module's nnz), so one robust PCA
     serves every ratio and keep rule."""
-    fields = {"iterations", "lam_scale", "rho", "whiten", "debias", "max_density"}
+    fields = {"iterations", "lam_scale", "rho", "triples", "whiten", "debias", "max_density"}
     matrices = [{k: v for k, v in module.items() if k != "options"} for module in plan.structure]
     return plan.model_id, plan.upstream["calibrate"], plan.spec.method.model_dump(mode="json", include=fields), \
         matrices

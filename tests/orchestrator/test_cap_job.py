@@ -92,7 +92,8 @@ def test_an_interrupted_search_resumes_where_it_saved_and_ends_as_an_uninterrupt
 def test_a_budget_the_units_cannot_meet_names_the_ratio(tiny_model_dir, tmp_path):
     spec = _spec(tiny_model_dir, tmp_path / "out")
     spec["target"]["ratio"] = 0.01
-    spec["method"].update({"max_density": 0.01, "lam_scale": 0.001})  # λ → 0: S takes all, L keeps little
+    # robust PCA's own L (λ → 0: S takes all, L keeps little); the default's full-rank triples cover any ratio > 0
+    spec["method"].update({"triples": "rpca", "max_density": 0.01, "lam_scale": 0.001})
     with pytest.raises(SpecError, match="target.ratio = 0.01: the budget"):
         run_job(parse_spec(spec), stream=None)
 
