@@ -35,7 +35,7 @@ def test_output_equals_the_dense_product_of_its_parts(rank, keep):
 
 
 def test_dense_product_is_the_same_function_and_is_never_saved():
-    module, weight = _filled(5, 30)
+    module, _ = _filled(5, 30)
     root = nn.Sequential(module, nn.ReLU())
     x = torch.randn(3, 7, 40)
     sparse_out = module(x)
