@@ -80,18 +80,17 @@ def _entry_scores(sparse: torch.Tensor, gram: torch.Tensor, count: int) -> tuple
     """(score, flat index) of the non-zero entries of `sparse` (m, n), by descending score S_ij² G_jj / N."""
     flat = sparse.reshape(-1)
     indices = flat.nonzero().squeeze(1)
-    score = flat[indices] ** 2 * gram.diagonal().repeat(sparse.shape[0])[indices] / count
+    score = flat[indices] ** 2 * gram.diagonal()[indices % sparse.shape[1]] / count
     order = score.argsort(descending=True)
     return score[order], indices[order]
 
 
 def _largest_entries(matrix: torch.Tensor, gram: torch.Tensor, keep: int) -> torch.Tensor:
-    """`matrix` with all but its `keep` highest-scoring (M_ij² G_jj) entries set to zero."""
-    score = matrix ** 2 * gram.diagonal()
-    if keep >= int((score > 0).sum()):
+    """`matrix` with all but its `keep` highest-scoring (M_ij² G_jj) non-zero entries set to zero."""
+    if keep >= int((matrix != 0).sum()):
         return matrix
     out = torch.zeros_like(matrix).reshape(-1)
-    chosen = score.reshape(-1).topk(keep).indices
+    chosen = (matrix ** 2 * gram.diagonal()).reshape(-1).topk(keep).indices
     out[chosen] = matrix.reshape(-1)[chosen]
     return out.view_as(matrix)
 

@@ -6,7 +6,7 @@ flat position row·n + col, sorted ascending (so rows are contiguous: a CSR matr
 pointer). rank 0 is sparse only (Wanda-style pruning); nnz 0 is plain low rank. The torch path
 multiplies with a CSR tensor built once from the stored pair (float32 products; on CPU torch's sparse
 kernels do not take bfloat16). `dense_product` swaps that for one dense W̃ = B A + S in the module's
-dtype: the same function at dense memory, which evaluation uses on CPU, where torch's CSR product is
+dtype: the same function with a dense copy beside the factors, which evaluation uses on CPU, where torch's CSR product is
 slower than the dense one at every density measured (benchmarks/sparse_linear.py).
 """
 
@@ -42,8 +42,10 @@ class LowRankSparseLinear(nn.Module):
                                       self.in_features)
         return self._csr
 
+    @torch.no_grad()
     def dense_product(self) -> None:
-        """Multiply with W̃ = B A + S held dense in the module's dtype from now on (memory of a dense linear)."""
+        """Multiply with W̃ = B A + S held dense in the module's dtype from now on (adds a dense copy;
+        for inference: no gradient reaches A, B or S through it)."""
         self._dense = self.dense().to(self.S_values.dtype)
         self._csr = None
 

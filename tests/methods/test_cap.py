@@ -66,3 +66,14 @@ def test_with_no_sparse_part_the_triples_are_the_whitened_svd():
     torch.testing.assert_close(units["sigma"].sort(descending=True).values, torch.linalg.svdvals(weight @ whitening))
     # each triple's score is its share of the calibration output energy σ² / N (whitened: vᵀ G v = 1)
     torch.testing.assert_close(units["triple_score"], units["sigma"] ** 2 / count)
+
+
+@pytest.mark.parametrize("triples", ["residual_svd", "rpca"])
+def test_the_candidate_cap_holds_with_dead_input_channels(triples):
+    weight, gram, count = _matrix_and_gram()
+    gram[:, :28] = 0.0  # 28 of 30 inputs never fire: their entries score 0 but are not zero
+    gram[:28, :] = 0.0  # whitening_factor shifts its own copy until Cholesky succeeds, as the stage does
+    options = CapOptions(name="cap", triples=triples, max_density=0.1, lam_scale=0.3)  # cap 120 > 80 live entries
+    units, _ = rpca_units(options, weight, gram, count, whitening_factor(gram.clone()))
+    assert 0 < units["sparse_values"].numel() <= int(0.1 * weight.numel())
+    assert bool(torch.isfinite(units["sigma"]).all()) and bool(torch.isfinite(units["sparse_values"]).all())

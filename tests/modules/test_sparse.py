@@ -42,6 +42,7 @@ def test_dense_product_is_the_same_function_and_is_never_saved():
     assert dense_products(root) == 1
     torch.testing.assert_close(module(x), sparse_out, rtol=1e-5, atol=1e-5)
     assert "0._dense" not in root.state_dict() and module._dense is not None
+    assert not module._dense.requires_grad  # inference only: no graph holding float32 copies of A and B
     root.to(torch.bfloat16)  # the dense W̃ follows the module's dtype
     torch.testing.assert_close(module(x.bfloat16()).float(), sparse_out, rtol=0.05, atol=0.1)
 
