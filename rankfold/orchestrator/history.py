@@ -23,10 +23,11 @@ VARIANTS = ("dense", "compressed")
 
 
 def record_run(store: ArtifactStore, job_id: str, report: dict) -> str:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    key = f"history/{job_id}/{stamp}-{time.time_ns() % 1_000_000:06d}.json"
+    now = time.time_ns()  # one reading: the key's second, its microseconds, and finished_at agree
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now // 1_000_000_000))
+    key = f"history/{job_id}/{stamp}-{now // 1000 % 1_000_000:06d}.json"
     store.put_json(key, {
-        "finished_at": time.time(),
+        "finished_at": now / 1e9,
         "rows": [dict(row) for row in report.get("rows", [])],
         "achieved_compression": report.get("parameters", {}).get("achieved_compression"),
         "method": report.get("method", {}).get("name"),  # none for `rankfold eval` runs
@@ -38,7 +39,9 @@ def record_run(store: ArtifactStore, job_id: str, report: dict) -> str:
 
 
 def load_history(store: ArtifactStore, job_id: str) -> list[dict]:
-    return [store.get_json(key) for key in store.list_keys(f"history/{job_id}/")]
+    """Every run's record, oldest first (by finish time: keys of runs in one second sort by microsecond)."""
+    records = [store.get_json(key) for key in store.list_keys(f"history/{job_id}/")]
+    return sorted(records, key=lambda record: record["finished_at"])
 
 
 def record_rows(record: dict) -> list[dict]:
