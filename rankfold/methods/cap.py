@@ -95,6 +95,12 @@ def _largest_entries(matrix: torch.Tensor, gram: torch.Tensor, keep: int) -> tor
     return out.view_as(matrix)
 
 
+def _robust_pca(options: CapOptions, x: torch.Tensor):
+    """Robust PCA of `x` with the options' λ = lam_scale/√max(m, n), iterations and ρ."""
+    return robust_pca(x, lam=options.lam_scale / math.sqrt(max(x.shape)), iterations=options.iterations,
+                      rho=options.rho)
+
+
 def _residual_svd_split(options: CapOptions, w: torch.Tensor, gram: torch.Tensor, whitening: torch.Tensor | None):
     """S from robust PCA of W·D, D = diag(√G_jj) (each column weighted by its input's norm, as Wanda
     weighs an entry; a column scaling keeps S sparse in W), capped at `max_density`; the triples are the
@@ -102,8 +108,7 @@ def _residual_svd_split(options: CapOptions, w: torch.Tensor, gram: torch.Tensor
     thresholding steps stopped."""
     scale = gram.diagonal().clamp_min(0).sqrt()
     scale = scale.clamp_min(float(scale.max()) * 1e-6 + 1e-30)  # a dead input channel: no division by 0
-    lam = options.lam_scale / math.sqrt(max(w.shape))
-    result = robust_pca(w * scale, lam=lam, iterations=options.iterations, rho=options.rho)
+    result = _robust_pca(options, w * scale)
     sparse = _largest_entries(result.sparse / scale, gram, int(options.max_density * w.numel()))
     rest = w - sparse
     u, sigma, vh = torch.linalg.svd(rest @ whitening if options.whiten else rest, full_matrices=False)
@@ -115,8 +120,7 @@ def _residual_svd_split(options: CapOptions, w: torch.Tensor, gram: torch.Tensor
 def _rpca_split(options: CapOptions, w: torch.Tensor, gram: torch.Tensor, whitening: torch.Tensor | None):
     """L = robust PCA's low-rank part of X = W·S (`whiten`) or W, debiased; the entries of R = W − L."""
     target = w @ whitening if options.whiten else w
-    lam = options.lam_scale / math.sqrt(max(w.shape))
-    result = robust_pca(target, lam=lam, iterations=options.iterations, rho=options.rho)
+    result = _robust_pca(options, target)
     if options.debias:  # the least-squares scale of each triple on the matrix itself, not SVT's σ − 1/μ
         result.sigma = ((result.u.T @ target) * result.vh).sum(1)
     vh = apply_inverse_right(result.vh, whitening) if options.whiten else result.vh

@@ -6,8 +6,8 @@ flat position row·n + col, sorted ascending (so rows are contiguous: a CSR matr
 pointer). rank 0 is sparse only (Wanda-style pruning); nnz 0 is plain low rank. The torch path
 multiplies with a CSR tensor built once from the stored pair (float32 products; on CPU torch's sparse
 kernels do not take bfloat16). `dense_product` swaps that for one dense W̃ = B A + S in the module's
-dtype: the same function with a dense copy beside the factors, which evaluation uses on CPU, where torch's CSR product is
-slower than the dense one at every density measured (benchmarks/sparse_linear.py).
+dtype: the same function with a dense copy beside the factors, which evaluation uses on CPU, where
+torch's CSR product is slower than the dense one at every density measured (benchmarks/sparse_linear.py).
 """
 
 from __future__ import annotations
