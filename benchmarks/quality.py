@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--search-samples", type=int, default=32, help="CAP: calibration sequences searched on")
     parser.add_argument("--search-batch", type=int, default=4, help="CAP: sequences per step")
     parser.add_argument("--search-temperature", type=float, default=0.1, help="CAP: smoothing of the start")
+    parser.add_argument("--search-estimator", choices=["score", "natural"], default="score",
+                        help="CAP: the paper's score-function step or its natural-gradient form")
+    parser.add_argument("--search-lr", type=float, default=0.05, help="CAP: learning rate of the search")
+    parser.add_argument("--search-holdout", type=int, default=16,
+                        help="CAP: held-out calibration sequences that choose among the top-Ks (0: the last)")
+    parser.add_argument("--search-validate-every", type=int, default=16, help="CAP: steps between held-out scores")
     parser.add_argument("--rpca-iterations", type=int, default=3, help="CAP: robust PCA iterations")
     parser.add_argument("--rpca-triples", choices=["residual_svd", "rpca"], default="residual_svd",
                         help="CAP: triples from the SVD of W − S (default) or robust PCA's own L")
@@ -95,7 +101,8 @@ def allocation_spec(args: argparse.Namespace, name: str) -> dict:
         return {"kind": "search", "rule": "uniform" if name == "search-uniform" else "reinforce",
                 "steps": 0 if name == "search-start" else args.search_steps, "samples": args.search_samples,
                 "batch_size": args.search_batch, "temperature": args.search_temperature,
-                "fisher_samples": args.fisher_samples}
+                "fisher_samples": args.fisher_samples, "estimator": args.search_estimator, "lr": args.search_lr,
+                "holdout": args.search_holdout, "validate_every": args.search_validate_every}
     return {"kind": "uniform"}
 
 

@@ -13,8 +13,15 @@ with b the leave-one-out mean of the other masks drawn on the same batch (`masks
 the moving average of the last `baseline_window` losses (the paper's, with one mask per step). It
 starts from a keep rule, smoothed (`temperature`) — `init: fisher`, FLRA's loss model (a unit's output
 energy times its matrix's Fisher weight F/(m·tr G), ranked per parameter over all matrices), or
-`init: uniform` — and ends with a global top-K of s that meets the budget to within one unit's cost. `rule: uniform` skips the search: every matrix keeps
-(1 − ratio) of its dense parameters, units taken by score per parameter — the baseline the search must beat.
+`init: uniform` — and ends with a global top-K of s that meets the budget to within one unit's cost.
+`estimator: natural` preconditions g by s(1 − s), the Bernoulli's inverse Fisher information.
+
+The steps can make the start worse (measured on SmolLM2, README: with ≈ 3·10⁵ units and two masks a
+step the gradient is mostly noise), so the search validates: the start's top-K and the top-K every
+`validate_every` steps are scored on `holdout` calibration sequences it never draws batches from, and
+the lowest held-out loss wins (the start on a tie) — early stopping, on calibration data only.
+`rule: uniform` skips the search: every matrix keeps (1 − ratio) of its dense parameters, units taken
+by score per parameter — the baseline the search must beat.
 
 The loss comes from forward passes streamed layer by layer over the shard actors
 (orchestrator/search.py), so no process holds the whole model. This file is the math.
@@ -33,7 +40,7 @@ from pydantic import Field
 from rankfold.allocators.registry import AllocationOptions, AllocationProblem, Allocator, Ranks, register_allocator
 from rankfold.methods.registry import Method
 
-VERSION = "1"
+VERSION = "2"  # 2: the held-out choice among top-Ks
 EPS = 1e-3  # keeps 1 / (s (1 − s)) finite at s ∈ {0, 1}
 
 
@@ -47,11 +54,19 @@ class SearchAllocation(AllocationOptions):
     fisher_samples: int = Field(32, ge=1)
     fisher_batch_size: int = Field(1, ge=1)
     samples: int = Field(32, ge=1)           # calibration sequences the search draws its batches from
+    # Calibration sequences after `samples`, never searched on: the start's top-K and the top-K every
+    # `validate_every` steps are scored on them, and the best is the result (0: the last top-K, unchecked).
+    holdout: int = Field(16, ge=0)
+    validate_every: int = Field(16, ge=1)
     batch_size: int = Field(4, ge=1)         # sequences per step
     steps: int = Field(64, ge=0)             # REINFORCE steps (each draws masks_per_step masks)
     masks_per_step: int = Field(2, ge=1)     # masks per batch; ≥ 2 uses the leave-one-out baseline
     baseline_window: int = Field(5, ge=1)    # moving-average baseline (one mask per step)
     lr: float = Field(0.05, gt=0)
+    # score: the paper's step, g = (ℒ − b)(m − s)/(s(1 − s) + ε); natural: that gradient preconditioned by
+    # the inverse Fisher information of the Bernoulli, s(1 − s), i.e. (ℒ − b)(m − s) — bounded, where the
+    # score step grows as 1/s for a rarely drawn unit and one draw can move it across the top-K boundary.
+    estimator: Literal["score", "natural"] = "score"
     temperature: float = Field(0.1, gt=0)    # smoothing of the starting point (a fraction of the budget)
     sparse_block: int = Field(64, ge=1)      # sparse candidates per unit
     seed: int = 0
@@ -166,10 +181,16 @@ def project_to_budget(s: torch.Tensor, cost: torch.Tensor, budget: float, iterat
     return (s - high * cost).clamp(0.0, 1.0)
 
 
-def reinforce_gradient(s: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor, baselines: torch.Tensor) -> torch.Tensor:
-    """Mean over the K drawn masks (K, U) of (ℒ_k − b_k)(m_k − s)/(s(1 − s) + ε)."""
+def reinforce_gradient(s: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor, baselines: torch.Tensor,
+                       estimator: str = "score") -> torch.Tensor:
+    """Mean over the K drawn masks (K, U) of (ℒ_k − b_k)(m_k − s)/(s(1 − s) + ε) ("score", the
+    score-function gradient of E[ℒ]), or of (ℒ_k − b_k)(m_k − s) ("natural": the same gradient times the
+    Bernoulli's inverse Fisher information s(1 − s), Amari's natural gradient)."""
     advantage = (losses - baselines).to(s.dtype)[:, None]
-    return (advantage * (masks.to(s.dtype) - s) / (s * (1 - s) + EPS)).mean(0)
+    direction = masks.to(s.dtype) - s
+    if estimator == "score":
+        direction = direction / (s * (1 - s) + EPS)
+    return (advantage * direction).mean(0)
 
 
 def baselines(losses: torch.Tensor, history: list[float], window: int) -> torch.Tensor:
@@ -231,6 +252,11 @@ def uses_fisher(options: SearchAllocation) -> bool:
     return options.rule == "reinforce" and options.init == "fisher"
 
 
+def validates(options: SearchAllocation) -> bool:
+    """Whether the search scores its top-Ks on held-out sequences (REINFORCE steps to choose among)."""
+    return options.rule == "reinforce" and options.steps > 0 and options.holdout > 0
+
+
 def search_stages(options: SearchAllocation) -> tuple[str, ...]:
     """The Fisher pass only when the search starts from the Fisher loss model."""
     return ("fisher",) * uses_fisher(options) + ("rpca", "search")
@@ -243,6 +269,10 @@ def check_spec(options: SearchAllocation, method: Method, calibration_samples: i
     if options.samples > calibration_samples:
         raise ValueError(f"target.allocation.samples = {options.samples} exceeds calibration.num_samples = "
                          f"{calibration_samples}")
+    if validates(options) and options.samples + options.holdout > calibration_samples:
+        raise ValueError(f"target.allocation.samples + holdout = {options.samples} + {options.holdout} exceeds "
+                         f"calibration.num_samples = {calibration_samples}: the held-out sequences come after the "
+                         f"searched ones (lower holdout, 0 to keep the last top-K unchecked)")
     if options.batch_size > options.samples:
         raise ValueError(f"target.allocation.batch_size = {options.batch_size} exceeds target.allocation.samples = "
                          f"{options.samples}")

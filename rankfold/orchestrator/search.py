@@ -2,9 +2,9 @@
 the uniform keep rule or the REINFORCE search (allocators/search.py), whose losses come from forward
 passes streamed layer by layer over the shard actors; the final masks go to the store per matrix.
 
-The search saves its state (probabilities, losses, step) every `save_every` steps under its digest,
-and a rerun of the same stage resumes from there. Every random draw is seeded by (seed, step), so a
-resumed search draws what an uninterrupted one would have.
+The search saves its state (probabilities, losses, step, held-out scores and the best top-K so far)
+every `save_every` steps under its digest, and a rerun of the same stage resumes from there. Every
+random draw is seeded by (seed, step), so a resumed search draws what an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from rankfold.allocators.search import (SearchAllocation, UnitTable, baselines, entry_masks, initial_probabilities,
                                         project_to_budget, reinforce_gradient, top_k, uniform_keep, unit_table,
-                                        uses_fisher)
+                                        uses_fisher, validates)
 from rankfold.allocators.flra import fisher_scores, loss_weight
 from rankfold.execution.progress import progress
 from rankfold.execution.streaming import ShardGroup, per_shard_config, split_rows
@@ -79,37 +79,89 @@ def _reinforce(ctx: "JobContext", stage: "Stage", table: UnitTable, budget: floa
                calibration: torch.Tensor) -> tuple[torch.Tensor, dict]:
     options: SearchAllocation = ctx.spec.target.allocation
     state_key = f"{stage.prefix('search')}/state.safetensors"
-    s, losses, start = _resume(ctx, state_key, len(table))
-    if s is None:
-        s = initial_probabilities(table, ctx.spec.target.ratio, options.temperature, budget,
-                                  options.init)
-    initial = s.clone() if start == 0 else None
+    state = _resume(ctx, state_key, len(table))
+    if state is None:
+        state = _State(initial_probabilities(table, ctx.spec.target.ratio, options.temperature, budget,
+                                             options.init))
+    initial, start = (state.s.clone() if state.step == 0 else None), state.step
     rows = calibration[:options.samples]
+    held = calibration[options.samples:options.samples + options.holdout] if validates(options) else None
     shards = _SearchShards(ctx, table) if start < options.steps else None
     started, running = time.perf_counter(), [float("nan")]
     status = lambda: f"loss {running[0]:.4f}"  # noqa: E731
     try:
+        if held is not None and start == 0:
+            keep = top_k(state.s, table.cost, budget)
+            state.validate(0, _held_out_loss(shards, held, keep, options.batch_size), keep)
         for step in progress(range(start, options.steps), "search", total=options.steps - start,
                              stream=ctx.executor.stream, status=status):
-            generator = torch.Generator().manual_seed(options.seed * 1_000_003 + step)
-            masks = torch.rand(options.masks_per_step, len(table), generator=generator, dtype=torch.float64) < s
-            batch = rows[_batch_rows(options, step, rows.shape[0])]
-            step_losses = torch.tensor([shards.loss(batch, mask) for mask in masks], dtype=torch.float64)
-            base = baselines(step_losses, losses, options.baseline_window)
-            s = project_to_budget(s - options.lr * reinforce_gradient(s, masks, step_losses, base), table.cost, budget)
-            losses += step_losses.tolist()
-            running[0] = float(step_losses.mean())
+            running[0] = _step(state, shards, options, table, budget, rows, step)
+            if held is not None and ((step + 1) % options.validate_every == 0 or step + 1 == options.steps):
+                keep = top_k(state.s, table.cost, budget)
+                state.validate(step + 1, _held_out_loss(shards, held, keep, options.batch_size), keep)
             if (step + 1) % options.save_every == 0 or step + 1 == options.steps:
-                ctx.store.put_tensors(state_key, {"s": s, "losses": torch.tensor(losses, dtype=torch.float64)},
-                                      metadata={"step": str(step + 1)})
+                ctx.store.put_tensors(state_key, state.tensors(), metadata={"step": str(step + 1)})
     finally:
         if shards is not None:
             shards.release()
-    moved = float((s - initial).abs().mean()) if initial is not None else None
-    per_step = [sum(losses[k:k + options.masks_per_step]) / options.masks_per_step
-                for k in range(0, len(losses), options.masks_per_step)]
-    return top_k(s, table.cost, budget), {"steps": options.steps, "resumed_at": start, "loss_per_step": per_step,
-                                          "search_s": time.perf_counter() - started, "mean_probability_change": moved}
+    moved = float((state.s - initial).abs().mean()) if initial is not None else None
+    k = options.masks_per_step
+    per_step = [sum(state.losses[i:i + k]) / k for i in range(0, len(state.losses), k)]
+    keep = state.best_keep if held is not None else top_k(state.s, table.cost, budget)
+    result = {"steps": options.steps, "resumed_at": start, "loss_per_step": per_step,
+              "search_s": time.perf_counter() - started, "mean_probability_change": moved}
+    if held is not None:
+        result.update({"held_out_loss": state.validation, "kept_step": state.best_step})
+    return keep, result
+
+
+def _step(state: "_State", shards: "_SearchShards", options: SearchAllocation, table: UnitTable, budget: float,
+          rows: torch.Tensor, step: int) -> float:
+    """One REINFORCE step: masks drawn (seeded by step), their losses on the step's batch, s updated and
+    projected onto the budget. Returns the step's mean loss."""
+    generator = torch.Generator().manual_seed(options.seed * 1_000_003 + step)
+    masks = torch.rand(options.masks_per_step, len(table), generator=generator, dtype=torch.float64) < state.s
+    batch = rows[_batch_rows(options, step, rows.shape[0])]
+    losses = torch.tensor([shards.loss(batch, mask) for mask in masks], dtype=torch.float64)
+    base = baselines(losses, state.losses, options.baseline_window)
+    gradient = reinforce_gradient(state.s, masks, losses, base, options.estimator)
+    state.s = project_to_budget(state.s - options.lr * gradient, table.cost, budget)
+    state.losses += losses.tolist()
+    state.step = step + 1
+    return float(losses.mean())
+
+
+def _held_out_loss(shards: "_SearchShards", held: torch.Tensor, keep: torch.Tensor, batch_size: int) -> float:
+    """Mean NLL per token of the model under the unit mask `keep` on the held-out sequences, streamed in
+    the search's batch size (every sequence has the same length: the batches' means average evenly)."""
+    chunks = held.split(batch_size)
+    return sum(shards.loss(chunk, keep) * chunk.shape[0] for chunk in chunks) / held.shape[0]
+
+
+class _State:
+    """What a search saves: probabilities, every mask's loss, the step, the held-out losses so far
+    ([step, loss] rows) and the best top-K among them (the earliest on a tie)."""
+
+    def __init__(self, s: torch.Tensor, losses: list[float] | None = None, step: int = 0,
+                 validation: list[list[float]] | None = None, best_keep: torch.Tensor | None = None):
+        self.s, self.losses, self.step = s, losses or [], step
+        self.validation, self.best_keep = validation or [], best_keep
+
+    @property
+    def best_step(self) -> int:
+        return int(min(self.validation, key=lambda row: row[1])[0])  # min keeps the first of equals
+
+    def validate(self, step: int, loss: float, keep: torch.Tensor) -> None:
+        if not self.validation or loss < min(row[1] for row in self.validation):
+            self.best_keep = keep
+        self.validation.append([step, loss])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"s": self.s, "losses": torch.tensor(self.losses, dtype=torch.float64)}
+        if self.validation:
+            tensors.update({"validation": torch.tensor(self.validation, dtype=torch.float64),
+                            "best_keep": self.best_keep.to(torch.uint8)})
+        return tensors
 
 
 def _batch_rows(options: SearchAllocation, step: int, samples: int) -> torch.Tensor:
@@ -120,17 +172,19 @@ def _batch_rows(options: SearchAllocation, step: int, samples: int) -> torch.Ten
     return order[slot * options.batch_size:(slot + 1) * options.batch_size]
 
 
-def _resume(ctx: "JobContext", key: str, units: int) -> tuple[torch.Tensor | None, list[float], int]:
-    """The last saved state of this stage (same digest: same computation), or a fresh start."""
+def _resume(ctx: "JobContext", key: str, units: int) -> "_State | None":
+    """The last saved state of this stage (same digest: same computation), or None: a fresh start."""
     if ctx.store.checksum(key) is None:
-        return None, [], 0
+        return None
     try:
         tensors, step = ctx.store.get_tensors(key), int(ctx.store.get_metadata(key)["step"])
     except (StoreError, KeyError, ValueError):  # damaged or foreign: start over
-        return None, [], 0
+        return None
     if tensors["s"].numel() != units:
-        return None, [], 0
-    return tensors["s"], tensors["losses"].tolist(), step
+        return None
+    validation = tensors["validation"].tolist() if "validation" in tensors else []
+    best = tensors["best_keep"].bool() if "best_keep" in tensors else None
+    return _State(tensors["s"], tensors["losses"].tolist(), step, validation, best)
 
 
 class _SearchShards:

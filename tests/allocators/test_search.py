@@ -88,3 +88,15 @@ def test_the_fisher_start_is_the_global_greedy_by_score_per_parameter():
     greedy = torch.zeros_like(keep)
     greedy[order[table.cost[order].cumsum(0) <= budget]] = True
     assert (keep & greedy).sum() >= greedy.sum() - 1  # the greedy prefix is kept (up to the boundary unit)
+
+
+def test_the_natural_step_is_the_score_step_times_the_bernoulli_fisher_inverse_and_bounded():
+    s = torch.tensor([0.5, 1e-4, 0.9], dtype=torch.float64)
+    masks = torch.tensor([[1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    losses = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    base = baselines(losses, [], 5)
+    score = reinforce_gradient(s, masks, losses, base, "score")
+    natural = reinforce_gradient(s, masks, losses, base, "natural")
+    assert torch.allclose(natural, score * (s * (1 - s) + 1e-3))
+    # one draw of a rarely kept unit: the score step is ~ 1/(s + ε) times the advantage, the natural one ≤ it
+    assert score[1] < -400 and natural.abs().max() <= (losses - base).abs().max()

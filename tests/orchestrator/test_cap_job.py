@@ -20,7 +20,8 @@ from tests.conftest import CALIBRATION_TEXT, tiny_spec_dict
 
 def _spec(model_dir, out, **allocation) -> dict:
     spec = tiny_spec_dict(model_dir, out, method="cap", ratio=0.5)
-    spec["target"]["allocation"] = {"kind": "search", "samples": 8, "batch_size": 4, "steps": 4, "save_every": 2,
+    spec["target"]["allocation"] = {"kind": "search", "samples": 4, "holdout": 4, "batch_size": 4, "steps": 4,
+                                    "save_every": 2,
                                     "sparse_block": 8, "fisher_samples": 4, **allocation}
     spec["evaluation"]["dense"] = False
     return spec
@@ -68,13 +69,15 @@ def test_without_sparse_candidates_cap_selects_ranks_of_the_low_rank_part(tiny_m
 
 def test_an_interrupted_search_resumes_where_it_saved_and_ends_as_an_uninterrupted_one(tiny_model_dir, tmp_path,
                                                                                       monkeypatch):
-    whole = run_job(parse_spec(_spec(tiny_model_dir, tmp_path / "whole", steps=6)), stream=None)
-    spec = parse_spec(_spec(tiny_model_dir, tmp_path / "cut", steps=6))
+    whole = run_job(parse_spec(_spec(tiny_model_dir, tmp_path / "whole", steps=6, validate_every=2)), stream=None)
+    spec = parse_spec(_spec(tiny_model_dir, tmp_path / "cut", steps=6, validate_every=2))
     calls, loss = [], search_stage._SearchShards.loss
 
     def failing(self, batch, mask):
         calls.append(1)
-        if len(calls) == 9:  # the first mask of step 5 (two masks a step): after the state saved at step 4
+        # the start's held-out score, then per step two masks and after every second step a held-out
+        # score: call 12 is the first mask of step 5, after the state saved at step 4
+        if len(calls) == 12:
             raise KeyboardInterrupt
         return loss(self, batch, mask)
 
@@ -83,10 +86,41 @@ def test_an_interrupted_search_resumes_where_it_saved_and_ends_as_an_uninterrupt
         run_job(spec, stream=None)
     monkeypatch.setattr(search_stage._SearchShards, "loss", loss)
     resumed = run_job(spec, stream=None)
-    assert _search_result(tmp_path / "cut")["resumed_at"] == 4 and _search_result(tmp_path / "whole")["resumed_at"] == 0
-    assert _search_result(tmp_path / "cut")["loss_per_step"] == _search_result(tmp_path / "whole")["loss_per_step"]
+    cut, uncut = _search_result(tmp_path / "cut"), _search_result(tmp_path / "whole")
+    assert cut["resumed_at"] == 4 and uncut["resumed_at"] == 0
+    assert cut["loss_per_step"] == uncut["loss_per_step"]
+    assert [row[0] for row in uncut["held_out_loss"]] == [0, 2, 4, 6]
+    assert cut["held_out_loss"] == uncut["held_out_loss"] and cut["kept_step"] == uncut["kept_step"]
     assert resumed["parameters"] == whole["parameters"]
     assert [r["value"] for r in resumed["rows"]] == pytest.approx([r["value"] for r in whole["rows"]])
+
+
+def _masks(out) -> dict[str, torch.Tensor]:
+    store = LocalStore(out / "artifacts")
+    return {key.rsplit("/", 1)[1]: torch.cat([t.flatten() for t in store.get_tensors(key).values()])
+            for key in store.list_keys("search/") if not key.endswith("state.safetensors")}
+
+
+def test_the_held_out_choice_keeps_the_top_k_that_scored_best(tiny_model_dir, tmp_path, monkeypatch):
+    """Held-out scores at steps 0, 2, 4, 6 (patched; step 4 best): the stored masks are the top-K at step
+    4, as a search stopped there stores them, not the last one (a large lr: the top-Ks differ)."""
+    scores = iter([2.0, 3.0, 1.0, 4.0])
+    monkeypatch.setattr(search_stage, "_held_out_loss", lambda *args: next(scores))
+    spec = lambda out, **options: parse_spec(_spec(tiny_model_dir, tmp_path / out, lr=20.0, **options))  # noqa: E731
+    run_job(spec("held", steps=6, validate_every=2), stream=None)
+    result = _search_result(tmp_path / "held")
+    assert result["held_out_loss"] == [[0, 2.0], [2, 3.0], [4, 1.0], [6, 4.0]] and result["kept_step"] == 4
+    run_job(spec("stopped", steps=4, holdout=0), stream=None)
+    run_job(spec("last", steps=6, holdout=0), stream=None)
+    chosen, stopped, last = (_masks(tmp_path / out) for out in ("held", "stopped", "last"))
+    assert chosen.keys() == stopped.keys() and all(torch.equal(chosen[k], stopped[k]) for k in chosen)
+    assert any(not torch.equal(chosen[k], last[k]) for k in chosen)
+
+
+def test_the_held_out_sequences_must_follow_the_searched_ones(tiny_model_dir, tmp_path):
+    with pytest.raises(SpecError, match=r"samples \+ holdout = 4 \+ 5 exceeds calibration.num_samples = 8"):
+        parse_spec(_spec(tiny_model_dir, tmp_path / "out", holdout=5))
+    parse_spec(_spec(tiny_model_dir, tmp_path / "out", holdout=5, steps=0))  # no steps: nothing to choose
 
 
 def test_a_budget_the_units_cannot_meet_names_the_ratio(tiny_model_dir, tmp_path):
