@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--search-temperature", type=float, default=0.1, help="CAP: smoothing of the start")
     parser.add_argument("--search-estimator", choices=["score", "natural"], default="score",
                         help="CAP: the paper's score-function step or its natural-gradient form")
+    parser.add_argument("--search-window", type=int, default=1,
+                        help="CAP: units in score order the search's gradient is averaged over (1: per unit)")
     parser.add_argument("--search-lr", type=float, default=0.05, help="CAP: learning rate of the search")
     parser.add_argument("--search-holdout", type=int, default=16,
                         help="CAP: held-out calibration sequences that choose among the top-Ks (0: the last)")
@@ -102,6 +104,7 @@ def allocation_spec(args: argparse.Namespace, name: str) -> dict:
                 "steps": 0 if name == "search-start" else args.search_steps, "samples": args.search_samples,
                 "batch_size": args.search_batch, "temperature": args.search_temperature,
                 "fisher_samples": args.fisher_samples, "estimator": args.search_estimator, "lr": args.search_lr,
+                "gradient_window": args.search_window,
                 "holdout": args.search_holdout, "validate_every": args.search_validate_every}
     return {"kind": "uniform"}
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from rankfold.allocators.search import (SearchAllocation, UnitTable, baselines, entry_masks, initial_probabilities,
-                                        project_to_budget, reinforce_gradient, top_k, uniform_keep, unit_table,
-                                        uses_fisher, validates)
+                                        project_to_budget, reinforce_gradient, smooth_gradient, top_k,
+                                        uniform_keep, unit_table, uses_fisher, validates)
 from rankfold.allocators.flra import fisher_scores, loss_weight
 from rankfold.execution.progress import progress
 from rankfold.execution.streaming import ShardGroup, per_shard_config, split_rows
@@ -124,7 +124,8 @@ def _step(state: "_State", shards: "_SearchShards", options: SearchAllocation, t
     batch = rows[_batch_rows(options, step, rows.shape[0])]
     losses = torch.tensor([shards.loss(batch, mask) for mask in masks], dtype=torch.float64)
     base = baselines(losses, state.losses, options.baseline_window)
-    gradient = reinforce_gradient(state.s, masks, losses, base, options.estimator)
+    gradient = smooth_gradient(reinforce_gradient(state.s, masks, losses, base, options.estimator), table,
+                               options.gradient_window)
     state.s = project_to_budget(state.s - options.lr * gradient, table.cost, budget)
     state.losses += losses.tolist()
     state.step = step + 1

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rankfold.allocators.search import (baselines, entry_masks, initial_probabilities, project_to_budget,
-                                        reinforce_gradient, top_k, uniform_keep, unit_table)
+                                        reinforce_gradient, smooth_gradient, top_k, uniform_keep, unit_table)
 
 
 def _table(block: int = 4):
@@ -100,3 +100,20 @@ def test_the_natural_step_is_the_score_step_times_the_bernoulli_fisher_inverse_a
     assert torch.allclose(natural, score * (s * (1 - s) + 1e-3))
     # one draw of a rarely kept unit: the score step is ~ 1/(s + ε) times the advantage, the natural one ≤ it
     assert score[1] < -400 and natural.abs().max() <= (losses - base).abs().max()
+
+
+def test_the_gradient_window_averages_neighbours_within_a_matrix_and_kind_only():
+    table = _table(block=4)
+    g = torch.randn(len(table), dtype=torch.float64)
+    assert torch.equal(smooth_gradient(g, table, 1), g)
+    smoothed = smooth_gradient(g, table, 3)
+    segment = (table.matrix * 2 + table.kind).tolist()
+    for u in range(len(table)):  # a brute-force reference: the 3 nearest units of u's segment
+        mine = [v for v in range(len(table)) if segment[v] == segment[u]]
+        k = mine.index(u)
+        start = max(0, min(k - 1, len(mine) - 3))
+        window = mine[start:start + 3]
+        assert smoothed[u].item() == pytest.approx(float(g[window].mean()))
+    # a constant gradient per segment is unchanged: the average never reaches into another matrix or kind
+    constant = torch.tensor(segment, dtype=torch.float64)
+    assert torch.allclose(smooth_gradient(constant, table, 5), constant)
