@@ -14,7 +14,8 @@ the moving average of the last `baseline_window` losses (the paper's, with one m
 starts from a keep rule, smoothed (`temperature`) — `init: fisher`, FLRA's loss model (a unit's output
 energy times its matrix's Fisher weight F/(m·tr G), ranked per parameter over all matrices), or
 `init: uniform` — and ends with a global top-K of s that meets the budget to within one unit's cost.
-`estimator: natural` preconditions g by s(1 − s), the Bernoulli's inverse Fisher information.
+`estimator: natural` preconditions g by 4 s(1 − s), the Bernoulli's inverse Fisher information scaled
+to leave the step at s = ½ unchanged.
 
 The steps can make the start worse (measured on SmolLM2, README: with ≈ 3·10⁵ units and two masks a
 step the gradient is mostly noise), so the search validates: the start's top-K and the top-K every
@@ -64,8 +65,9 @@ class SearchAllocation(AllocationOptions):
     baseline_window: int = Field(5, ge=1)    # moving-average baseline (one mask per step)
     lr: float = Field(0.05, gt=0)
     # score: the paper's step, g = (ℒ − b)(m − s)/(s(1 − s) + ε); natural: that gradient preconditioned by
-    # the inverse Fisher information of the Bernoulli, s(1 − s), i.e. (ℒ − b)(m − s) — bounded, where the
-    # score step grows as 1/s for a rarely drawn unit and one draw can move it across the top-K boundary.
+    # the Bernoulli's inverse Fisher information s(1 − s), scaled by 4 to equal it at s = ½ (same lr),
+    # i.e. 4 (ℒ − b)(m − s) — bounded, where the score step grows as 1/s for a rarely drawn unit and one
+    # draw can carry it across the top-K boundary.
     estimator: Literal["score", "natural"] = "score"
     # The gradient averaged over this many units nearest in score order within a matrix's triples or its
     # sparse blocks (1: per unit, the paper's): neighbours carry nearly the same energy, and the average
@@ -188,12 +190,11 @@ def project_to_budget(s: torch.Tensor, cost: torch.Tensor, budget: float, iterat
 def reinforce_gradient(s: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor, baselines: torch.Tensor,
                        estimator: str = "score") -> torch.Tensor:
     """Mean over the K drawn masks (K, U) of (ℒ_k − b_k)(m_k − s)/(s(1 − s) + ε) ("score", the
-    score-function gradient of E[ℒ]), or of (ℒ_k − b_k)(m_k − s) ("natural": the same gradient times the
-    Bernoulli's inverse Fisher information s(1 − s), Amari's natural gradient)."""
+    score-function gradient of E[ℒ]), or of 4 (ℒ_k − b_k)(m_k − s) ("natural": that gradient times the
+    Bernoulli's inverse Fisher information s(1 − s), Amari's natural gradient, scaled to equal it at s = ½)."""
     advantage = (losses - baselines).to(s.dtype)[:, None]
     direction = masks.to(s.dtype) - s
-    if estimator == "score":
-        direction = direction / (s * (1 - s) + EPS)
+    direction = direction / (s * (1 - s) + EPS) if estimator == "score" else 4 * direction
     return (advantage * direction).mean(0)
 
 

@@ -97,9 +97,10 @@ def test_the_natural_step_is_the_score_step_times_the_bernoulli_fisher_inverse_a
     base = baselines(losses, [], 5)
     score = reinforce_gradient(s, masks, losses, base, "score")
     natural = reinforce_gradient(s, masks, losses, base, "natural")
-    assert torch.allclose(natural, score * (s * (1 - s) + 1e-3))
-    # one draw of a rarely kept unit: the score step is ~ 1/(s + ε) times the advantage, the natural one ≤ it
-    assert score[1] < -400 and natural.abs().max() <= (losses - base).abs().max()
+    assert torch.allclose(natural, 4 * score * (s * (1 - s) + 1e-3))
+    assert natural[0].item() == pytest.approx(score[0].item(), rel=1e-2)  # the same step at s = ½
+    # one draw of a rarely kept unit: the score step is ~ 1/(s + ε) times the advantage, the natural ≤ 4×
+    assert score[1] < -400 and natural.abs().max() <= 4 * (losses - base).abs().max()
 
 
 def test_the_gradient_window_averages_neighbours_within_a_matrix_and_kind_only():
