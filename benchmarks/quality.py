@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--search-samples", type=int, default=32, help="CAP: calibration sequences searched on")
     parser.add_argument("--search-batch", type=int, default=4, help="CAP: sequences per step")
     parser.add_argument("--search-temperature", type=float, default=0.1, help="CAP: smoothing of the start")
-    parser.add_argument("--search-estimator", choices=["score", "natural"], default="score",
+    parser.add_argument("--search-estimator", choices=["score", "natural"], default="natural",
                         help="CAP: the paper's score-function step or its natural-gradient form")
     parser.add_argument("--search-window", type=int, default=1,
                         help="CAP: units in score order the search's gradient is averaged over (1: per unit)")

@@ -68,7 +68,7 @@ class SearchAllocation(AllocationOptions):
     # the Bernoulli's inverse Fisher information s(1 − s), scaled by 4 to equal it at s = ½ (same lr),
     # i.e. 4 (ℒ − b)(m − s) — bounded, where the score step grows as 1/s for a rarely drawn unit and one
     # draw can carry it across the top-K boundary.
-    estimator: Literal["score", "natural"] = "score"
+    estimator: Literal["score", "natural"] = "natural"
     # The gradient averaged over this many units nearest in score order within a matrix's triples or its
     # sparse blocks (1: per unit, the paper's): neighbours carry nearly the same energy, and the average
     # cuts the variance by up to the window while a matrix's boundary can still move (rankfold's).
