@@ -17,10 +17,11 @@ energy times its matrix's Fisher weight F/(m·tr G), ranked per parameter over a
 `estimator: natural` preconditions g by 4 s(1 − s), the Bernoulli's inverse Fisher information scaled
 to leave the step at s = ½ unchanged.
 
-The steps can make the start worse (measured on SmolLM2, README: with ≈ 3·10⁵ units and two masks a
-step the gradient is mostly noise), so the search validates: the start's top-K and the top-K every
-`validate_every` steps are scored on `holdout` calibration sequences it never draws batches from, and
-the lowest held-out loss wins (the start on a tie) — early stopping, on calibration data only.
+The steps can make the start worse (measured on SmolLM2, README: the paper's step drifts, and with
+≈ 3·10⁵ units and two masks a step the gradient is mostly noise), so the search validates: the start's
+top-K and the top-K every `validate_every` steps are scored on `holdout` calibration sequences it
+never draws batches from, and the lowest held-out loss wins (the start on a tie) — early stopping, on
+calibration data only.
 `rule: uniform` skips the search: every matrix keeps (1 − ratio) of its dense parameters, units taken
 by score per parameter — the baseline the search must beat.
 
@@ -41,7 +42,7 @@ from pydantic import Field
 from rankfold.allocators.registry import AllocationOptions, AllocationProblem, Allocator, Ranks, register_allocator
 from rankfold.methods.registry import Method
 
-VERSION = "2"  # 2: the held-out choice among top-Ks
+VERSION = "2"  # 2: the held-out choice among top-Ks; the natural step by default
 EPS = 1e-3  # keeps 1 / (s (1 − s)) finite at s ∈ {0, 1}
 
 
