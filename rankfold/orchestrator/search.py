@@ -91,14 +91,12 @@ def _reinforce(ctx: "JobContext", stage: "Stage", table: UnitTable, budget: floa
     status = lambda: f"loss {running[0]:.4f}"  # noqa: E731
     try:
         if held is not None and start == 0:
-            keep = top_k(state.s, table.cost, budget)
-            state.validate(0, _held_out_loss(shards, held, keep, options.batch_size), keep)
+            _validate(state, shards, held, table, budget, options.batch_size)
         for step in progress(range(start, options.steps), "search", total=options.steps - start,
                              stream=ctx.executor.stream, status=status):
             running[0] = _step(state, shards, options, table, budget, rows, step)
             if held is not None and ((step + 1) % options.validate_every == 0 or step + 1 == options.steps):
-                keep = top_k(state.s, table.cost, budget)
-                state.validate(step + 1, _held_out_loss(shards, held, keep, options.batch_size), keep)
+                _validate(state, shards, held, table, budget, options.batch_size)
             if (step + 1) % options.save_every == 0 or step + 1 == options.steps:
                 ctx.store.put_tensors(state_key, state.tensors(), metadata={"step": str(step + 1)})
     finally:
@@ -130,6 +128,13 @@ def _step(state: "_State", shards: "_SearchShards", options: SearchAllocation, t
     state.losses += losses.tolist()
     state.step = step + 1
     return float(losses.mean())
+
+
+def _validate(state: "_State", shards: "_SearchShards", held: torch.Tensor, table: UnitTable, budget: float,
+              batch_size: int) -> None:
+    """The held-out score of the top-K of the probabilities at `state.step`, recorded in the state."""
+    keep = top_k(state.s, table.cost, budget)
+    state.validate(state.step, _held_out_loss(shards, held, keep, batch_size), keep)
 
 
 def _held_out_loss(shards: "_SearchShards", held: torch.Tensor, keep: torch.Tensor, batch_size: int) -> float:

@@ -21,8 +21,7 @@ from tests.conftest import CALIBRATION_TEXT, tiny_spec_dict
 def _spec(model_dir, out, **allocation) -> dict:
     spec = tiny_spec_dict(model_dir, out, method="cap", ratio=0.5)
     spec["target"]["allocation"] = {"kind": "search", "samples": 4, "holdout": 4, "batch_size": 4, "steps": 4,
-                                    "save_every": 2,
-                                    "sparse_block": 8, "fisher_samples": 4, **allocation}
+                                    "save_every": 2, "sparse_block": 8, "fisher_samples": 4, **allocation}
     spec["evaluation"]["dense"] = False
     return spec
 
