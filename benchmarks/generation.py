@@ -74,7 +74,7 @@ def job_spec(args: argparse.Namespace, ratio: float, allocation: str, generation
         "model": {"source": args.model, "dtype": "float32"},
         "method": {"name": "svd_llm"},
         "target": {"ratio": ratio, "allocation": {"kind": allocation} | (
-            {"fisher_samples": args.fisher_samples} if allocation == "fisher" else {})},
+            {"fisher_samples": args.fisher_samples} if allocation == "flra" else {})},
         "calibration": {"data": {"path": str(DATA / "calibration" / "enwiki_excerpt.txt")},
                         "num_samples": args.calib_samples, "seq_len": args.seq_len},
         "evaluation": {"generation": generation},
@@ -92,7 +92,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, float, str, list[dict]
     out = []
     for ratio in args.static:
         out += [(f"svd_llm-{ratio:g}", ratio, "uniform", [xsum(args)]),
-                (f"flra-{ratio:g}", ratio, "fisher", [xsum(args)])]
+                (f"flra-{ratio:g}", ratio, "flra", [xsum(args)])]
     for pair in args.pairs:
         stored, target = (float(x) for x in pair.split(":"))
         out.append((f"svd_llm-{stored:g}-plrd", stored, "uniform",  # its own folder: the static job's differs
@@ -101,7 +101,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, float, str, list[dict]
         # what the front-loaded schedule adds beyond a better prefill.
         out.append((f"svd_llm-{stored:g}-constant", stored, "uniform",
                     [xsum(args, f"constant-{target:g}", schedule(args, target, "uniform") | {"shape": "constant"})]))
-        out.append((f"flra-{stored:g}-plrd", stored, "fisher",
+        out.append((f"flra-{stored:g}-plrd", stored, "flra",
                     [xsum(args, f"plrd-{target:g}-{order}", schedule(args, target, order))
                      for order in ("uniform", "fisher")]))
     return out

@@ -92,13 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --allocations name -> (allocation kind, suffix of the row's name)
-ALLOCATION_NAMES = {"uniform": ("uniform", ""), "fisher": ("fisher", "+fisher"), "search": ("search", ""),
+ALLOCATION_NAMES = {"uniform": ("uniform", ""), "fisher": ("flra", "+fisher"), "search": ("search", ""),
                     "search-uniform": ("search", "+uniform-keep"), "search-start": ("search", "+fisher-keep")}
 
 
 def allocation_spec(args: argparse.Namespace, name: str) -> dict:
     if name == "fisher":
-        return {"kind": "fisher", "fisher_samples": args.fisher_samples}
+        return {"kind": "flra", "fisher_samples": args.fisher_samples}
     if name.startswith("search"):  # search-start: the search's starting point alone (no step taken)
         return {"kind": "search", "rule": "uniform" if name == "search-uniform" else "reinforce",
                 "steps": 0 if name == "search-start" else args.search_steps, "samples": args.search_samples,
@@ -114,7 +114,7 @@ def applies(method: str, allocation: str) -> bool:
     kind, entry = ALLOCATION_NAMES[allocation][0], METHODS.get(method)
     if entry.allocations is not None:
         return kind in entry.allocations
-    return kind != "search" and (kind != "fisher" or entry.whitened)
+    return kind != "search" and (kind != "flra" or entry.whitened)
 
 
 def method_spec(args: argparse.Namespace, method: str) -> dict:

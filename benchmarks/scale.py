@@ -567,7 +567,7 @@ def svd_llm_steps(weight: torch.Tensor, holder: dict, rank: int, park: Path | No
     ws = pieces.run(f"{label}: W·S (fp64 GEMM)", lambda: weight.to(torch.float64) @ holder["factor"])
     if park is not None:  # LAPACK returns S column-major: Sᵀ is the contiguous tensor to save
         save_file({"factor_t": holder.pop("factor").mT}, park)
-    u, s, vh = pieces.run(f"{label}: SVD {tuple(ws.shape)}", lambda: torch.linalg.svd(ws, full_matrices=False))
+    u, s, vh = pieces.run(f"{label}: SVD {tuple(ws.shape)}", lambda: torch.linalg.svd(ws, full_matrices=False))  # noqa: F821 (called at once)
     del ws
     b, a_white = split_singular(u, s, vh, rank)
     del u, s, vh
@@ -630,7 +630,7 @@ def layer_main(args: argparse.Namespace) -> dict:
     stats_bytes = sum(8 * (st.gram.numel() + st.abs_sum.numel() + 1) for st in stats.values())
     for name in list(stats):
         path = work / f"stats-{name}.safetensors"
-        pieces.run(f"symmetrise + store {name}", lambda: save_file(stats[name].to_tensors(name), path))
+        pieces.run(f"symmetrise + store {name}", lambda: save_file(stats[name].to_tensors(name), path))  # noqa: B023 (called at once)
         del stats[name]
 
     ranks = {}

@@ -126,7 +126,7 @@ def time_layers(args: argparse.Namespace, device: torch.device, backends: list[s
                                "backend": backend, "params": params}
                         with torch.inference_mode():
                             for phase, x in inputs.items():
-                                row[f"{phase}_ms"] = 1e3 * median_seconds(lambda: forward(x), device, args.repeats)
+                                row[f"{phase}_ms"] = 1e3 * median_seconds(lambda: forward(x), device, args.repeats)  # noqa: B023 (called at once)
                         rows_out.append(row)
                         print(f"{shape_name:9s} {dtype_name:8s} {group:7s} {variant:8s} {backend:6s} "
                               f"params {params / 1e6:7.2f}M  prefill {row['prefill_ms']:8.3f} ms  "
@@ -177,7 +177,7 @@ def time_model(args: argparse.Namespace) -> list[dict]:
             layers_params = sum(p.numel() for p in model.model.layers.parameters())
             prompt = torch.randint(0, config.vocab_size, (1, args.prefill))
             with torch.inference_mode():
-                prefill = median_seconds(lambda: model(prompt, use_cache=False), torch.device("cpu"), args.repeats)
+                prefill = median_seconds(lambda: model(prompt, use_cache=False), torch.device("cpu"), args.repeats)  # noqa: B023 (called at once)
                 decode = _decode_seconds(model, prompt[:, :128], args.decode_steps, DynamicCache, config)
             rows.append({"dtype": dtype_name, "method": method, "layer_params": layers_params,
                          "prefill_ms": 1e3 * prefill, "decode_ms_per_token": 1e3 * decode})

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from rankfold.core.errors import BadInput
 from rankfold.core.files import atomic_write, atomic_write_text
 from rankfold.core.hashing import sha256_file
 from rankfold.models.architecture import architecture_for
@@ -37,7 +38,7 @@ INDEX_NAME = RANKFOLD_INDEX_NAME
 RANK_GAINS = "rank_gains.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput, ValueError):
     """A compressed checkpoint that is incomplete, damaged or not a rankfold checkpoint."""
 
 
@@ -124,7 +125,7 @@ def layer_layouts(config: PretrainedConfig) -> dict[int, list[dict]]:
     for i in range(config.num_hidden_layers):
         prefix = arch.layer_prefix.format(i=i)
         mine = [m for m in compressed_layout(config) if all(p.startswith(prefix) for p in m.members)]
-        out[i] = [m.relocated(lambda path: path[len(prefix):]).to_json() for m in mine]
+        out[i] = [m.relocated(lambda path, cut=len(prefix): path[cut:]).to_json() for m in mine]  # noqa: B008 (called at once)
     return out
 
 

@@ -6,18 +6,10 @@ import argparse
 import logging
 import sys
 
-from rankfold.checkpoint import CheckpointError
-from rankfold.core.errors import NumericalError
-from rankfold.data.text import DataError
+from rankfold.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, RankfoldError
 from rankfold.jobs.spec import JobSpec, SpecError, load_any_spec, parse_any_spec
-from rankfold.models.sources import ModelSourceError
-from rankfold.execution.ray import ClusterError
-from rankfold.orchestrator.cron import CronError
-from rankfold.storage.store import StoreError
-from rankfold.methods.decompose import DecompositionError
 
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "build_parser", "main"]
 
 
 def _with_overrides(spec, args: argparse.Namespace):
@@ -150,6 +142,13 @@ def _history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from rankfold.orchestrator.verify import verify
+
+    problems = verify(args.target, stream=sys.stdout)
+    return EXIT_FAILED if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankfold", description="Low-rank compression of LLMs, layer by layer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -206,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("spec")
     history.add_argument("--plot", help="PNG path (default OUTPUT_DIR/history.png)")
     history.set_defaults(handler=_history)
+    verify = commands.add_parser("verify", help="hash every artifact of a job (SPEC) or every shard of a checkpoint "
+                                                "folder (PATH) against its recorded sha256")
+    verify.add_argument("target", help="job or evaluation spec, or checkpoint folder")
+    verify.set_defaults(handler=_verify)
     return parser
 
 
@@ -215,15 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (SpecError, ModelSourceError, DataError, CheckpointError, StoreError, ClusterError, CronError) as err:
-        print(f"rankfold: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except DecompositionError as err:
-        print(f"rankfold: decomposition failed: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    except NumericalError as err:
-        print(f"rankfold: numerical failure: {err}", file=sys.stderr)
-        return EXIT_FAILED
+    except RankfoldError as err:  # each error class carries its exit code and label (core/errors.py)
+        print(f"rankfold: {err.label}: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

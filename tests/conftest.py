@@ -22,10 +22,9 @@ def _enter_loopback_only_network() -> bool:
     network namespace whose only interface is loopback (unshare(2) CLONE_NEWNET, then `lo` up).
     Done at import, before any thread exists. RANKFOLD_TEST_NETNS=0 opts out; False when not possible."""
     import ctypes
+    import shutil
     import subprocess
     import sys
-
-    import shutil
 
     if os.environ.get("RANKFOLD_TEST_NETNS") == "0" or sys.platform != "linux" or os.geteuid() != 0 \
             or shutil.which("ip") is None:  # without `ip`, lo could not be brought up: stay put
@@ -257,3 +256,17 @@ def ray_executor(ray_cluster):
     executor = RayExecutor(address=ray_cluster["address"], workers=2, cpus_per_worker=1, stream=None)
     yield executor
     executor.close()
+
+
+# What a test needs, read from the fixtures it uses (so the markers cannot drift from the tests):
+# `-m "not ray and not s3"` runs without starting Ray or an S3 server, `-m "not realmodel"` without the GGUF.
+_NEEDS = {"ray": {"ray_cluster", "ray_executor"}, "s3": {"s3_endpoint", "s3_bucket", "s3_endpoint_enforcing_auth"},
+          "realmodel": {"smollm2", "tiny_model_dir"}}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for marker, fixtures in _NEEDS.items():
+            if used & fixtures:
+                item.add_marker(getattr(pytest.mark, marker))

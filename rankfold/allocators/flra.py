@@ -19,14 +19,14 @@ within one rank's cost of the budget and never exceeds it.
 Stages: `fisher` (streamed backward, workers/fisher.py) and `spectra` (`group_spectra` below, one
 task per input group), then this allocator on the driver.
 
-    target: {ratio: 0.2, allocation: {kind: fisher, fisher_samples: 32, fisher_batch_size: 1, min_rank_fraction: 0.01}}
+    target: {ratio: 0.2, allocation: {kind: flra, fisher_samples: 32, fisher_batch_size: 1, min_rank_fraction: 0.01}}
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -46,7 +46,8 @@ GRAM_TRACE_KEY = "gram_trace"
 class FisherAllocation(AllocationOptions):
     """FLRA: ranks go where the dense model's loss is most sensitive (needs a whitened method)."""
 
-    kind: Literal["fisher"]
+    kind: Literal["flra"]
+    renamed_from: ClassVar[tuple[str, ...]] = ("fisher",)  # the stage kind `fisher` is its Fisher pass
     # Calibration sequences the Fisher pass uses (the first ones of the calibration sample) and how
     # many make one batch: F = mean over batches of Σ (∂ℒ_batch/∂W)².
     fisher_samples: int = Field(32, ge=1)
@@ -225,7 +226,7 @@ def check_spec(options: FisherAllocation, method: Method, calibration_samples: i
     """A whitened method (the loss model is its spectrum's tail) and enough calibration sequences."""
     if not method.whitened:
         whitened = ", ".join(m.name for m in METHODS if m.whitened)
-        raise ValueError(f"target.allocation.kind 'fisher' needs a whitened method ({whitened}), not "
+        raise ValueError(f"target.allocation.kind 'flra' needs a whitened method ({whitened}), not "
                          f"method.name {method.name!r}")
     if options.fisher_samples > calibration_samples:
         raise ValueError(f"target.allocation.fisher_samples = {options.fisher_samples} exceeds "
@@ -242,5 +243,5 @@ def check_budget(options: FisherAllocation, problem: AllocationProblem) -> None:
                          f"over the budget of {problem.budget}")
 
 
-register_allocator(Allocator("fisher", FisherAllocation, allocate_fisher, VERSION, stages=("fisher", "spectra"),
+register_allocator(Allocator("flra", FisherAllocation, allocate_fisher, VERSION, stages=("fisher", "spectra"),
                              check_spec=check_spec, check=check_budget, gains=decode_gains))

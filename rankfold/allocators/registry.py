@@ -5,10 +5,13 @@ the `allocate` stage (e.g. Fisher scores, spectra), its checks and its solver, i
 
 from __future__ import annotations
 
+import typing
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
+from pydantic import model_validator
 
 from rankfold.core.options import Strict
 from rankfold.core.registry import Registry
@@ -21,9 +24,21 @@ Ranks = dict[int, dict[str, int]]               # layer -> matrix path -> rank (
 
 
 class AllocationOptions(Strict):
-    """Base of an allocator's spec options; subclasses narrow `kind` to a Literal."""
+    """Base of an allocator's spec options; subclasses narrow `kind` to a Literal. `renamed_from`: former
+    names of that kind, still read (with a FutureWarning naming the new one)."""
 
     kind: str
+    renamed_from: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_kind(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("kind") in cls.renamed_from:
+            kind = typing.get_args(cls.model_fields["kind"].annotation)[0]
+            warnings.warn(f"target.allocation.kind {data['kind']!r} is now {kind!r}; the old name will be "
+                          "removed", FutureWarning, stacklevel=2)
+            data = {**data, "kind": kind}
+        return data
 
 
 @dataclass(frozen=True)
@@ -71,8 +86,16 @@ class Allocator:
 ALLOCATORS: Registry[Allocator] = Registry("allocation kind")
 
 
+def current_kind(kind: object) -> object:
+    """A former allocation kind's current name (AllocationOptions.renamed_from); any other value as is."""
+    for allocator in ALLOCATORS:
+        if kind in allocator.options.renamed_from:
+            return allocator.kind
+    return kind
+
+
 def register_allocator(allocator: Allocator) -> Allocator:
-    if allocator.options.model_fields["kind"].annotation == str:
+    if allocator.options.model_fields["kind"].annotation is str:
         raise ValueError(f"allocator {allocator.kind!r}: its options must narrow `kind` to a Literal")
     return ALLOCATORS.register(allocator.kind, allocator)
 

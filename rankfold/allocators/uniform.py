@@ -9,8 +9,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Literal
 
-from rankfold.allocators.registry import (AllocationOptions, AllocationProblem, Allocator, Ranks, ranks_of,
-                                          register_allocator)
+from rankfold.allocators.registry import (
+    AllocationOptions,
+    AllocationProblem,
+    Allocator,
+    Ranks,
+    ranks_of,
+    register_allocator,
+)
 from rankfold.methods.structure import dense_params, module_params
 
 VERSION = "1"

@@ -14,6 +14,12 @@ def sha256_file(path: str | Path) -> str:
 
 
 def digest_of(*parts: object) -> str:
-    """Stable 20-hex digest of JSON-able parts (dict keys sorted; other objects by str())."""
-    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    """Stable 20-hex digest of JSON-able parts (dict keys sorted; an object with `identity()`, e.g. a
+    spec model, by that; other objects by str())."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=_identity)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _identity(value: object) -> object:
+    identity = getattr(value, "identity", None)
+    return identity() if callable(identity) else str(value)

@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from rankfold.core.errors import BadInput
 from rankfold.core.hashing import sha256_file
-
+from rankfold.core.options import Strict
 from rankfold.data.source import TextSource
 
 
-class DataError(ValueError):
+class DataError(BadInput, ValueError):
     """Text that cannot be read or is unfit for its use: names the source and the problem."""
 
 
@@ -122,3 +123,24 @@ def text_fingerprint(source: TextSource) -> str:
     if source.path is not None:
         return sha256_file(Path(source.path))
     return f"dataset:{source.dataset}:{source.dataset_config}:{source.split}"
+
+
+class CalibrationSample(Strict):
+    """Which token windows a calibration pass reads: `num_samples` distinct windows of `seq_len` tokens of
+    `data`, drawn with `seed` (calibration_samples); `text` is the data's fingerprint (text_fingerprint),
+    so a changed file is a different sample."""
+
+    data: TextSource
+    text: str
+    num_samples: int
+    seq_len: int
+    seed: int
+
+    @classmethod
+    def of(cls, data: TextSource, num_samples: int, seq_len: int, seed: int) -> "CalibrationSample":
+        return cls(data=data, text=text_fingerprint(data), num_samples=num_samples, seq_len=seq_len, seed=seed)
+
+    def ids(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+        """(num_samples, seq_len) token ids; DataError when the text is too short."""
+        return calibration_samples(tokenize(load_text(self.data), tokenizer), self.num_samples, self.seq_len,
+                                   self.seed)

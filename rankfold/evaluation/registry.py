@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from pydantic import Field
 from transformers import PreTrainedTokenizerBase
@@ -25,6 +25,7 @@ class EvaluatorOptions(Strict):
     """Base of one evaluation entry in the spec: `name` labels its rows (e.g. "wikitext2")."""
 
     name: str = Field(min_length=1)
+    unhashed: ClassVar[frozenset[str]] = frozenset({"name"})  # a label: renaming keeps the result
 
 
 @dataclass(frozen=True)

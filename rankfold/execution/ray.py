@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence, TextIO, TypeVar
 
+from rankfold.core.errors import BadInput
 from rankfold.execution.base import ShardLost
 from rankfold.execution.progress import progress
 
@@ -32,7 +33,7 @@ def _measured(fn: Callable[[Item], Result], item: Item) -> tuple[Result, float]:
 RESOURCE_WAIT_S = float(os.environ.get("RANKFOLD_RAY_RESOURCE_WAIT_S", "300"))
 
 
-class ClusterError(RuntimeError):
+class ClusterError(BadInput, RuntimeError):
     """The Ray cluster cannot be reached or used; the message names the address."""
 
 

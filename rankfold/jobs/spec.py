@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
 from pydantic import Discriminator, Field, Tag, ValidationError, create_model, field_validator, model_validator
@@ -26,8 +26,9 @@ from pydantic import Discriminator, Field, Tag, ValidationError, create_model, f
 import rankfold.allocators  # noqa: F401  (registers every allocator)
 import rankfold.evaluation  # noqa: F401  (registers every evaluator)
 import rankfold.methods  # noqa: F401  (registers every method)
-from rankfold.allocators.registry import ALLOCATORS
+from rankfold.allocators.registry import ALLOCATORS, current_kind
 from rankfold.allocators.uniform import UniformAllocation
+from rankfold.core.errors import BadInput
 from rankfold.core.options import Strict
 from rankfold.data.source import TextSource
 from rankfold.evaluation.registry import EVALUATORS
@@ -40,7 +41,7 @@ Projection = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 ALL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class SpecError(ValueError):
+class SpecError(BadInput, ValueError):
     """A job spec that cannot run: names the field, the value and what is wrong."""
 
 
@@ -73,8 +74,8 @@ MethodSpec = _union({method.name: method.options for method in METHODS},
 
 
 def _allocation_kind(value: object) -> str | None:
-    """`kind` may be left out: uniform."""
-    return value.get("kind", "uniform") if isinstance(value, dict) else getattr(value, "kind", None)
+    """`kind` may be left out: uniform; a former name selects its kind (and warns, in the options)."""
+    return current_kind(value.get("kind", "uniform")) if isinstance(value, dict) else getattr(value, "kind", None)
 
 
 AllocationSpec = _union({a.kind: a.options for a in ALLOCATORS},
@@ -99,6 +100,8 @@ class TargetSpec(Strict):
 
 
 class CalibrationSpec(Strict):
+    unhashed: ClassVar[frozenset[str]] = frozenset({"max_resident_mb"})  # where it spills, not what
+
     data: TextSource
     num_samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=8)

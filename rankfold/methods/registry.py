@@ -20,7 +20,7 @@ from rankfold.methods.structure import Structure, entry_cost
 from rankfold.modules.layout import CompressedModule
 
 if TYPE_CHECKING:
-    from rankfold.methods.decompose import GroupInputs
+    from rankfold.methods.group_inputs import GroupInputs
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (B: m×r, A: r×n), float64, largest directions first
 # (B: m×r, A: r×n, S values: (nnz,), S flat row-major indices: (nnz,) int32 ascending); floats float64
@@ -64,7 +64,7 @@ def register_method(method: Method) -> Method:
     unknown = set(method.needs) - STATISTICS
     if unknown:
         raise ValueError(f"method {method.name!r} needs unknown statistics {sorted(unknown)}")
-    if method.options.model_fields["name"].annotation == str:
+    if method.options.model_fields["name"].annotation is str:
         raise ValueError(f"method {method.name!r}: its options must narrow `name` to Literal[{method.name!r}]")
     if method.structure.sparse != (method.sparse_factor is not None) or (method.factor is None) == (
             method.sparse_factor is None):

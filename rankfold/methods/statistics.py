@@ -11,7 +11,6 @@ import torch
 
 from rankfold.methods.whitening import mirror_upper_
 
-
 GRAM_BLOCK = 256
 
 

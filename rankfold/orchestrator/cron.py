@@ -13,10 +13,12 @@ from datetime import datetime
 
 from croniter import CroniterBadDateError, CroniterError, croniter
 
+from rankfold.core.errors import BadInput
+
 FIELDS = ("minute", "hour", "day of month", "month", "day of week")
 
 
-class CronError(ValueError):
+class CronError(BadInput, ValueError):
     """A cron expression that cannot be parsed or never matches; names the expression and the field."""
 
 

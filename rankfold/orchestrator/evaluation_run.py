@@ -2,11 +2,11 @@
 a rankfold checkpoint (a folder, or `store:checkpoints/<digest>` in the spec's artifact store), a Hugging Face folder, a GGUF or a
 built-in name's dense model.
 
-Each evaluation entry is a stage whose digest hashes the model's content fingerprint and dtype,
-the evaluator's VERSION, its settings and its data files' content, recorded under the same manifest
-and shared records as a compression job's stages: re-running reuses every finished result, and the
-dense model of a source shares its results with the dense evaluations of compression jobs on the same
-store. Every run's rows go to the history (`rankfold history SPEC`).
+A plan of evaluate stages (plan.eval_plan), named and run as a compression job's evaluations are
+(runner.py): each digest hashes the model's content fingerprint and dtype, the evaluator's VERSION,
+its settings and its data files' content, so re-running reuses every finished result, and a source's
+dense evaluations share their results with those of compression jobs on the same store. Every run's
+rows go to the history (`rankfold history SPEC`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from pathlib import Path
 from typing import TextIO
 
 from rankfold.checkpoint import layer_layouts
-from rankfold.evaluation.registry import EVALUATORS, EvaluationContext
 from rankfold.evaluation.report import evaluation_table, generated_samples
 from rankfold.execution.base import Executor
 from rankfold.jobs.spec import EvalSpec, SpecError
@@ -27,8 +25,10 @@ from rankfold.orchestrator.history import record_run
 from rankfold.orchestrator.job import make_executor, open_store
 from rankfold.orchestrator.manifest import Manifest
 from rankfold.orchestrator.metering import StageMeter
-from rankfold.orchestrator.plan import evaluation_digest
+from rankfold.orchestrator.plan import eval_plan
 from rankfold.orchestrator.preflight import check_evaluations, job_id, prepare_output
+from rankfold.orchestrator.runner import evaluation_rows, run_plan
+from rankfold.orchestrator.stages import Env
 from rankfold.storage.store import ArtifactStore, LocalStore
 from rankfold.storage.stored_model import SCHEME, stored_location
 
@@ -42,19 +42,21 @@ def run_evaluation(spec: EvalSpec, stream: TextIO | None = sys.stderr, executor:
     source = open_evaluated(spec, store)
     check_evaluations(spec, source)
     out = prepare_output(spec, store)
+    plan = eval_plan(spec, source.fingerprint(), _variant(source))
     owns_executor = executor is None
     executor = executor or make_executor(spec, stream)
     try:
         manifest, meter = Manifest(store, job_id(spec)), StageMeter()
-        rows, reused = _evaluate_all(spec, source, executor, manifest, meter, out / "scratch", stream)
+        outputs, reused = run_plan(plan, Env(source, {}, store, executor, out / "scratch"), manifest, meter, stream)
     finally:
         if owns_executor:
             executor.close()
     shutil.rmtree(out / "scratch", ignore_errors=True)
     report = {"spec": spec.model_dump(mode="json"), "model": str(spec.model.source), "fingerprint": source.fingerprint(),
-              "variant": _variant(source), "executor": executor.describe(), "rows": rows, "reused_stages": reused,
-              "artifacts": {"store": store.describe(), "manifest": manifest.key}, "stages": meter.as_rows(),
-              "total_wall_s": round(time.perf_counter() - started, 2)}
+              "variant": _variant(source), "executor": executor.describe(), "rows": evaluation_rows(plan, outputs),
+              "reused_stages": reused, "artifacts": {"store": store.describe(), "manifest": manifest.key,
+                                                     "digests": plan.digests()},
+              "stages": meter.as_rows(), "total_wall_s": round(time.perf_counter() - started, 2)}
     LocalStore(out).put_json("report.json", report)
     record_run(store, manifest.job_id, report)
     if stream is not None:
@@ -79,31 +81,6 @@ def open_evaluated(spec: EvalSpec, store: ArtifactStore | None = None) -> ModelS
 
 def _variant(source: ModelSource) -> str:
     return "compressed" if layer_layouts(source.config) else "dense"
-
-
-def _evaluate_all(spec: EvalSpec, source: ModelSource, executor: Executor, manifest: Manifest, meter: StageMeter,
-                  scratch: Path, stream: TextIO | None) -> tuple[list[dict], list[str]]:
-    layouts, variant = layer_layouts(source.config), _variant(source)
-    model = (source.fingerprint(), spec.model.dtype)
-    rows, reused = [], []
-    for evaluator in EVALUATORS:
-        for options in getattr(spec.evaluation, evaluator.name):
-            name, digest = f"evaluate {evaluator.name} {options.name}", evaluation_digest(model, evaluator.name, options)
-            record = manifest.completed(name, digest)
-            if record is not None:
-                reused.append(name)
-                if stream is not None:
-                    print(f"{name}: reusing the recorded result ({digest})", file=stream)
-            else:
-                context = EvaluationContext(executor, source.location, source.num_layers,
-                                            lambda i: layouts.get(i) or None, source.tokenizer(), spec.model.dtype,
-                                            scratch, name)
-                with meter.stage(name, executor.take_worker_peak_mb):
-                    result = {"rows": evaluator.evaluate(options, context)}
-                record = manifest.record(name, digest, {}, result)
-            label = {"evaluator": evaluator.name, "name": options.name, "variant": variant}
-            rows += [{**label, **row} for row in record.result["rows"]]
-    return rows, reused
 
 
 def format_evaluation(report: dict) -> str:

@@ -13,13 +13,16 @@ from rankfold.evaluation.report import RATIO_DEFINITION, format_report, model_pa
 from rankfold.execution.base import Executor
 from rankfold.execution.local import LocalExecutor
 from rankfold.jobs.spec import JobSpec
+from rankfold.orchestrator.graph import Plan
 from rankfold.orchestrator.history import record_run
-from rankfold.orchestrator.layout import plan_layout
 from rankfold.orchestrator.manifest import Manifest
 from rankfold.orchestrator.metering import StageMeter
-from rankfold.orchestrator.plan import Plan, make_plan
+from rankfold.orchestrator.model_layout import plan_layout
+from rankfold.orchestrator.plan import make_plan
 from rankfold.orchestrator.preflight import job_id, preflight, prepare_output
-from rankfold.orchestrator.stages import STAGES, JobContext
+from rankfold.orchestrator.runner import evaluation_rows, run_plan
+from rankfold.orchestrator.stages import Env
+from rankfold.orchestrator.stages.assemble import compressed_layout
 from rankfold.storage.store import ArtifactStore, LocalStore, S3Store
 
 
@@ -56,8 +59,8 @@ def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr, executor: Executo
 
 
 def job_plan(spec: JobSpec, source, shapes) -> Plan:
-    uniform = plan_layout(spec, source.architecture, shapes)  # the method's structure, uniform ranks
-    return make_plan(spec, source.fingerprint(), uniform.flat(source.architecture))
+    uniform = plan_layout(spec.method, spec.target.ratio, source.architecture, shapes)  # uniform ranks
+    return make_plan(spec, source.fingerprint(), uniform)
 
 
 def _run_job(spec: JobSpec, stream: TextIO | None, executor: Executor, store: ArtifactStore | None) -> dict:
@@ -66,11 +69,11 @@ def _run_job(spec: JobSpec, stream: TextIO | None, executor: Executor, store: Ar
     store = store or open_store(spec)
     out = prepare_output(spec, store)
     plan = job_plan(spec, source, shapes)
-    ctx = JobContext(spec, source, store, executor, out / "scratch", out / "model", shapes, plan)
+    env = Env(source, shapes, store, executor, out / "scratch", out / "model", spec.calibration.max_resident_mb)
     manifest, meter = Manifest(store, job_id(spec)), StageMeter()
-    reused = run_plan(ctx, manifest, meter, stream)
-    shutil.rmtree(ctx.scratch, ignore_errors=True)
-    report = make_report(ctx, manifest, meter, reused, time.perf_counter() - started)
+    outputs, reused = run_plan(plan, env, manifest, meter, stream)
+    shutil.rmtree(env.scratch, ignore_errors=True)
+    report = make_report(spec, env, plan, outputs, manifest, meter, reused, time.perf_counter() - started)
     LocalStore(out).put_json("report.json", report)
     record_run(store, manifest.job_id, report)  # the trend `rankfold history` shows
     if stream is not None:
@@ -78,59 +81,30 @@ def _run_job(spec: JobSpec, stream: TextIO | None, executor: Executor, store: Ar
     return report
 
 
-def run_plan(ctx: JobContext, manifest: Manifest, meter: StageMeter, stream: TextIO | None) -> list[str]:
-    """Every stage of the plan in order: reused when its record verifies, run otherwise. Returns the
-    names of the reused stages."""
-    reused = []
-    for stage in ctx.plan.stages:
-        kind = STAGES.get(stage.kind)
-        record = manifest.completed(stage.name, stage.digest)
-        if record is not None and kind.reusable(ctx, stage, record):
-            reused.append(stage.name)
-            if stream is not None:
-                print(f"{stage.name}: reusing verified artifacts ({stage.digest})", file=stream)
-        else:
-            with meter.stage(stage.name, ctx.executor.take_worker_peak_mb):
-                result, artifacts = kind.run(ctx, stage)
-            record = manifest.record(stage.name, stage.digest, artifacts, result)
-        ctx.results[stage.name] = record.result
-    return reused
-
-
-def evaluation_rows(ctx: JobContext) -> list[dict]:
-    """Every evaluate stage's rows, labelled with the evaluator, the entry's name and the variant."""
-    rows = []
-    for stage in ctx.plan.stages:
-        if stage.kind == "evaluate":
-            options = getattr(ctx.spec.evaluation, stage.params["evaluator"])[stage.params["entry"]]
-            label = {"evaluator": stage.params["evaluator"], "name": options.name, "variant": stage.params["variant"]}
-            rows += [{**label, **row} for row in ctx.results[stage.name]["rows"]]
-    return rows
-
-
-def make_report(ctx: JobContext, manifest: Manifest, meter: StageMeter, reused: list[str], wall_s: float) -> dict:
-    spec, source, layout = ctx.spec, ctx.source, ctx.layout
-    arch = source.architecture
+def make_report(spec: JobSpec, env: Env, plan: Plan, outputs: dict, manifest: Manifest, meter: StageMeter,
+                reused: list[str], wall_s: float) -> dict:
+    source, arch = env.source, env.source.architecture
+    layout = compressed_layout(env, plan["assemble"].params, outputs["allocate"], outputs.get("kv_allocate"))
+    result = lambda name: outputs[name].result if name in outputs else {}  # noqa: E731
     return {
         "spec": spec.model_dump(mode="json"),
         "method": spec.method.model_dump(mode="json"),
         "target": spec.target.model_dump(mode="json"),
         "ratio_definition": RATIO_DEFINITION,
-        "parameters": parameter_counts(ctx.shapes, layout.by_layer,
+        "parameters": parameter_counts(env.shapes, layout.by_layer,
                                        model_parameter_total([source.shape(k) for k in source.keys()])),
         "ranks": layout.ranks(arch),
         "layout": layout.flat(arch),
-        "diagnostics": _summarise(ctx.results["decompose"].get("diagnostics", {})),
-        "calibration_tokens": ctx.results.get("calibrate", {}).get("tokens", 0),
-        "allocation": {"kind": spec.target.allocation.kind,
-                       **{k: v for k, v in ctx.results.get("fisher", {}).items()}},
+        "diagnostics": _summarise(result("decompose").get("diagnostics", {})),
+        "calibration_tokens": result("calibrate").get("tokens", 0),
+        "allocation": {"kind": spec.target.allocation.kind, **result("fisher")},
         "kv_cache": None if spec.kv_cache is None else {**spec.kv_cache.model_dump(mode="json"),
-                                                        **ctx.results["kv_allocate"]["summary"]},
-        "checkpoint": str(ctx.checkpoint),
-        "artifacts": {"store": ctx.store.describe(), "manifest": manifest.key, "digests": ctx.plan.digests()},
-        "executor": ctx.executor.describe(),
+                                                        **outputs["kv_allocate"].summary},
+        "checkpoint": str(env.checkpoint),
+        "artifacts": {"store": env.store.describe(), "manifest": manifest.key, "digests": plan.digests()},
+        "executor": env.executor.describe(),
         "reused_stages": reused,
-        "rows": evaluation_rows(ctx),
+        "rows": evaluation_rows(plan, outputs),
         "stages": meter.as_rows(),
         "total_wall_s": round(wall_s, 2),
     }

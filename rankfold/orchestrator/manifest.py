@@ -4,14 +4,20 @@ Every stage's artifacts live under a key derived from a digest of everything tha
 (model fingerprint, the spec fields the stage reads, the digests of the stages it consumed), so two
 jobs that share a calibration share its statistics, and a changed input can never be served a stale
 artifact. The manifest (`jobs/<job id>/manifest.json`, written by the driver only) records, per
-stage, the digest, the sha256 of each artifact and the stage's small results. A re-run skips a stage
-whose record has the same digest and whose artifacts all verify; anything else is recomputed.
+stage, the digest, the sha256 of each artifact, a version token of each (ArtifactStore.version: size
+and mtime, or the S3 ETag) and the stage's small results. A re-run skips a stage whose record has the
+same digest and whose artifacts are all still there, unchanged; anything else is recomputed.
+
+Deciding that reads no artifact: an artifact whose recorded sha256 and version token are unchanged is
+taken as written (its bytes are verified where a later stage reads them anyway). Only one whose token
+changed — a store copied elsewhere, a file touched — is hashed, and its token refreshed when the bytes
+still match. `rankfold verify` hashes everything on demand.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from rankfold.storage.store import ArtifactStore, StoreError
 
@@ -29,6 +35,7 @@ class StageRecord:
     artifacts: dict[str, str]  # key -> sha256
     result: dict = field(default_factory=dict)
     finished_at: float = 0.0
+    versions: dict[str, str] = field(default_factory=dict)  # key -> ArtifactStore.version token when recorded
 
 
 class Manifest:
@@ -51,18 +58,34 @@ class Manifest:
         record = self.stages.get(stage)
         if record is None or record.digest != digest:
             record = self._shared(digest)
-        if record is None:
+        refreshed = self._refreshed(record) if record is not None else None
+        if refreshed is None:
             return None
-        for key, sha in record.artifacts.items():
-            if self.store.checksum(key) != sha or self.store.actual_checksum(key) != sha:
-                return None
-        if self.stages.get(stage) != record:
-            self.stages[stage] = record
+        if self.stages.get(stage) != refreshed:
+            if refreshed != record:  # tokens moved, bytes did not: record the new tokens for everyone
+                self.store.put_json(shared_key(digest), asdict(refreshed))
+            self.stages[stage] = refreshed
             self._write()
-        return record
+        return refreshed
+
+    def _refreshed(self, record: StageRecord) -> StageRecord | None:
+        """`record` when every artifact is there with its recorded sha256 and version token; an artifact
+        whose token moved is hashed, and the record comes back with its new token if the bytes match.
+        None when any artifact is missing or changed."""
+        versions = dict(record.versions)
+        for key, sha in record.artifacts.items():
+            found = self.store.version(key)
+            if found is None or found[0] != sha:
+                return None
+            if versions.get(key) != found[1]:
+                if self.store.actual_checksum(key) != sha:
+                    return None
+                versions[key] = found[1]
+        return record if versions == record.versions else replace(record, versions=versions)
 
     def record(self, stage: str, digest: str, artifacts: dict[str, str], result: dict | None = None) -> StageRecord:
-        record = StageRecord(digest, dict(artifacts), result or {}, time.time())
+        versions = {key: found[1] for key in artifacts if (found := self.store.version(key)) is not None}
+        record = StageRecord(digest, dict(artifacts), result or {}, time.time(), versions)
         self.stages[stage] = record
         self.store.put_json(shared_key(digest), asdict(record))  # first: other jobs may reuse it
         self._write()

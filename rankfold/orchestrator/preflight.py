@@ -9,18 +9,17 @@ from pydantic import ValidationError
 
 from rankfold.allocators.registry import ALLOCATORS, AllocationProblem
 from rankfold.core.hashing import digest_of
-from rankfold.data.text import DataError
+from rankfold.data.text import CalibrationSample, DataError
 from rankfold.evaluation.registry import EVALUATORS
 from rankfold.jobs.spec import JobSpec, SpecError
 from rankfold.methods.palu import check_group_heads, kv_budget
 from rankfold.methods.registry import method_of
 from rankfold.models.sources import ModelSource, ModelSourceError, open_source
 from rankfold.modules.shared import SKIP_TRUNCATION
-from rankfold.orchestrator.kv import head_dim
-from rankfold.orchestrator.layout import Shapes, matrix_shapes, plan_layout
 from rankfold.orchestrator.manifest import Manifest
+from rankfold.orchestrator.model_layout import Shapes, matrix_shapes, plan_layout
 from rankfold.orchestrator.plan import needs_calibration
-from rankfold.orchestrator.stages import calibration_ids
+from rankfold.orchestrator.stages.kv_allocate import head_dim
 from rankfold.storage.store import ArtifactStore
 
 JOB_FILE = "job.json"
@@ -42,7 +41,7 @@ def preflight(spec: JobSpec) -> tuple[ModelSource, Shapes]:
             arch.projection_path(projection)
         except KeyError as err:
             raise SpecError(f"target.matrices: {err.args[0]}") from None
-    shapes = matrix_shapes(source, spec)
+    shapes = matrix_shapes(source, spec.target.matrices)
     _check_allocation(spec, source, shapes)
     if spec.kv_cache is not None:
         _check_kv_cache(spec, source.config)
@@ -69,8 +68,9 @@ def _check_kv_cache(spec: JobSpec, config) -> None:
 
 def _check_calibration(spec: JobSpec, source: ModelSource) -> None:
     """The calibration text holds `num_samples` distinct windows of `seq_len` tokens."""
+    cal = spec.calibration
     try:
-        calibration_ids(spec, source)
+        CalibrationSample.of(cal.data, cal.num_samples, cal.seq_len, cal.seed).ids(source.tokenizer())
     except DataError as err:
         raise SpecError(f"calibration.data ({spec.calibration.data.describe()}): {err}") from None
 
@@ -85,7 +85,7 @@ def _text_sources(spec: JobSpec) -> list[tuple[str, object]]:
 
 def _check_allocation(spec: JobSpec, source: ModelSource, shapes: Shapes) -> None:
     allocation = spec.target.allocation
-    layout = plan_layout(spec, source.architecture, shapes).by_layer
+    layout = plan_layout(spec.method, spec.target.ratio, source.architecture, shapes).by_layer
     problem = AllocationProblem(method_of(spec.method), layout, shapes, spec.target.ratio,
                                 source.architecture.layer_prefix)
     try:

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from rankfold.jobs.spec import EvalSpec, JobSpec, load_any_spec, parse_any_spec
 from rankfold.core.hashing import digest_of
 from rankfold.execution.ray import ClusterError, check_reachable
+from rankfold.jobs.spec import EvalSpec, JobSpec, load_any_spec, parse_any_spec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 METADATA_KEY = "rankfold_job"
@@ -69,10 +69,8 @@ def _absolute_paths(node: object) -> None:
 
 def submit(spec_path: str | Path, address: str | None = None, workers: int | None = None) -> str:
     """Validate and submit; returns the submission id."""
-    from rankfold.orchestrator.preflight import preflight
-
     from rankfold.orchestrator.evaluation_run import open_evaluated
-    from rankfold.orchestrator.preflight import check_evaluations
+    from rankfold.orchestrator.preflight import check_evaluations, preflight
 
     spec = load_any_spec(spec_path)
     # a missing model or data file is an error here, not on the cluster

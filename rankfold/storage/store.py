@@ -24,13 +24,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from rankfold.core.errors import BadInput
 from rankfold.core.files import atomic_write
 from rankfold.core.hashing import sha256_file
 
 CHECKSUM_SUFFIX = ".sha256"
 
 
-class StoreError(RuntimeError):
+class StoreError(BadInput, RuntimeError):
     """Storage is unreachable, refuses us, or holds a damaged artifact; the message names which."""
 
 
@@ -94,6 +95,11 @@ class ArtifactStore(ABC):
     @abstractmethod
     def actual_checksum(self, key: str) -> str | None:
         """sha256 of the bytes stored under `key` now (None when absent)."""
+
+    @abstractmethod
+    def version(self, key: str) -> tuple[str | None, str] | None:
+        """(recorded sha256, a token that changes whenever the stored bytes change) without reading them
+        — a local file's size and mtime, an S3 object's ETag; None when absent. What resume compares."""
 
     @abstractmethod
     def delete(self, key: str) -> None: ...
@@ -215,6 +221,13 @@ class LocalStore(ArtifactStore):
         path = self.path(key)
         return sha256_file(path) if path.is_file() else None
 
+    def version(self, key: str) -> tuple[str | None, str] | None:
+        try:
+            stat = self.path(key).stat()
+        except FileNotFoundError:
+            return None
+        return self.checksum(key), f"{stat.st_size}:{stat.st_mtime_ns}"
+
     def delete(self, key: str) -> None:
         self._checksum_path(key).unlink(missing_ok=True)
         self.path(key).unlink(missing_ok=True)
@@ -304,18 +317,28 @@ class S3Store(ArtifactStore):
                 raise StoreError(f"artifact {self.describe(key)} is damaged: its sha256 differs from the recorded one")
             yield path
 
-    def checksum(self, key: str) -> str | None:
+    def _head(self, key: str) -> dict | None:
         from botocore.exceptions import ClientError
 
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._object(key))
+            return self.client.head_object(Bucket=self.bucket, Key=self._object(key))
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise self._error(err, key) from None
         except Exception as err:  # noqa: BLE001
             raise self._error(err, key) from None
-        return head.get("Metadata", {}).get(self.CHECKSUM_META)
+
+    def checksum(self, key: str) -> str | None:
+        head = self._head(key)
+        return None if head is None else head.get("Metadata", {}).get(self.CHECKSUM_META)
+
+    def version(self, key: str) -> tuple[str | None, str] | None:
+        """One HEAD: an object is replaced, never edited, and every upload gets a new ETag."""
+        head = self._head(key)
+        if head is None:
+            return None
+        return head.get("Metadata", {}).get(self.CHECKSUM_META), f"{head['ContentLength']}:{head['ETag']}"
 
     def actual_checksum(self, key: str) -> str | None:
         if self.checksum(key) is None:

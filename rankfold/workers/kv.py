@@ -66,7 +66,9 @@ def layer_kv_tensors(factors: dict[str, torch.Tensor], dense: dict[str, torch.Te
             out.append((f.up, f.down))
         return out
 
-    get = lambda name: None if name not in dense else dense[name].double()
+    def get(name: str) -> torch.Tensor | None:
+        return None if name not in dense else dense[name].double()
+
     state = latent_kv_state(shape, cut("k", shape.key_ranks), cut("v", shape.value_ranks),
                             get("self_attn.k_proj.bias"), get("self_attn.v_proj.bias"),
                             get("self_attn.o_proj.weight") if shape.fold_values else None,

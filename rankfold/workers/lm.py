@@ -16,11 +16,11 @@ import logging
 import torch
 
 from rankfold.checkpoint import model_from_source, rank_gains
+from rankfold.core.resources import process_peak_rss_mb
+from rankfold.data.zeroshot_tasks import zeroshot_task
 from rankfold.methods.plrd import DecodeSchedule, average_cost, decode_units, full_cost, solve_floor, step_ranks
 from rankfold.modules.progressive import ProgressiveDecoding
 from rankfold.modules.sparse import dense_products
-from rankfold.core.resources import process_peak_rss_mb
-from rankfold.data.zeroshot_tasks import zeroshot_task
 from rankfold.workers.shard import cached_source
 
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
+import rankfold.storage  # noqa: F401  (registers the "store:" source scheme: checkpoints read from a store)
+from rankfold.core.resources import process_peak_rss_mb
 from rankfold.methods.cap import masked_weight
 from rankfold.models.sources import ModelSource, open_source
-import rankfold.storage  # noqa: F401  (registers the "store:" source scheme: checkpoints read from a store)
-from rankfold.storage.store import StoreRef, open_ref
-from rankfold.core.resources import process_peak_rss_mb
 from rankfold.modules.layout import CompressedModule
+from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.activations import Activations
 from rankfold.workers.calibrate import propagate_layer
 from rankfold.workers.evaluate import window_nll

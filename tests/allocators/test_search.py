@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankfold.allocators.search import (baselines, entry_masks, initial_probabilities, project_to_budget,
-                                        reinforce_gradient, smooth_gradient, top_k, uniform_keep, unit_table)
+from rankfold.allocators.search import (
+    baselines,
+    entry_masks,
+    initial_probabilities,
+    project_to_budget,
+    reinforce_gradient,
+    smooth_gradient,
+    top_k,
+    uniform_keep,
+    unit_table,
+)
 
 
 def _table(block: int = 4):

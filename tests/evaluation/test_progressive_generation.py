@@ -20,7 +20,7 @@ def flra_checkpoint(tiny_model_dir, tmp_path_factory) -> str:
     from tests.conftest import tiny_spec_dict
 
     spec = tiny_spec_dict(tiny_model_dir, tmp_path_factory.mktemp("flra"), "svd_llm", ratio=0.3)
-    spec["target"]["allocation"] = {"kind": "fisher", "fisher_samples": 4}
+    spec["target"]["allocation"] = {"kind": "flra", "fisher_samples": 4}
     spec["evaluation"] = {"dense": False}
     return run_job(parse_spec(spec), stream=None)["checkpoint"]
 

@@ -142,7 +142,7 @@ def test_modules_give_the_same_logits_through_the_kernel(monkeypatch, skip):
                          CompressedModule("lowrank", ("mlp.down_proj",), 10)])
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for name, param in layer.named_parameters():
+        for name, param in layer.named_parameters():  # noqa: B007
             param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
         for name, buffer in layer.named_buffers():
             if name.endswith("permutation"):

@@ -84,7 +84,7 @@ def test_search_never_exceeds_the_budget_rounds_and_lands_within_one_chunk(ratio
 def test_search_beats_uniform_on_the_weighted_loss_it_models():
     units = _units(1)
     budget = kv_budget(sum(u.full for u in units), 0.5)
-    loss = lambda ranks: sum(u.weight * float(u.energy[ranks[u.key]:].sum()) for u in units)
+    loss = lambda ranks: sum(u.weight * float(u.energy[ranks[u.key]:].sum()) for u in units)  # noqa: E731
     searched, uniform = search_ranks(units, budget, 8), uniform_ranks(units, budget, 8)
     assert budget - 8 < sum(uniform.values()) <= budget
     assert loss(searched) < loss(uniform)

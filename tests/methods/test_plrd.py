@@ -7,8 +7,17 @@ import math
 import pytest
 import torch
 
-from rankfold.methods.plrd import (DecodeSchedule, DecodeUnit, FisherOrder, average_cost, cost_of, fraction,
-                                   solve_floor, step_ranks, target_cost)
+from rankfold.methods.plrd import (
+    DecodeSchedule,
+    DecodeUnit,
+    FisherOrder,
+    average_cost,
+    cost_of,
+    fraction,
+    solve_floor,
+    step_ranks,
+    target_cost,
+)
 
 
 def _units(gains: bool = False) -> list[DecodeUnit]:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from rankfold.evaluation.report import parameter_counts
 import rankfold.methods  # noqa: F401  (registers the methods)
+from rankfold.evaluation.report import parameter_counts
 from rankfold.methods.registry import METHODS
 from rankfold.methods.structure import plan_layer as _plan_layer
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankfold.methods.structure import params, rank_for_ratio
 from rankfold.methods.decompose import decompose_group
+from rankfold.methods.skipcat import CatOptions, pivoted_columns, skip_apply, skip_reparameterize
 from rankfold.methods.statistics import InputStats
-from rankfold.modules.layout import CompressedModule
-from rankfold.methods.skipcat import (CatOptions, pivoted_columns, skip_apply,
-                                      skip_reparameterize)
+from rankfold.methods.structure import params, rank_for_ratio
 from rankfold.methods.svd_llm import svd_llm_factors, whitened_spectrum
 from rankfold.methods.whitening import whitening_factor
+from rankfold.modules.layout import CompressedModule
 from tests.methods.test_decompositions import _correlated_inputs
 
 

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from rankfold.methods.structure import module_params
 import rankfold.methods  # noqa: F401  (registers the methods)
 from rankfold.methods.registry import METHODS
+from rankfold.methods.structure import module_params
 from rankfold.methods.structure import plan_layer as _plan_layer
 
 

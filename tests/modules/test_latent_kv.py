@@ -53,7 +53,7 @@ def _factors(weight: torch.Tensor, group_heads: int, ranks: list[int], hadamard:
 
 
 def _palu(dense: LlamaForCausalLM, group_heads: int, key_ranks: list[int], value_ranks: list[int],
-          cache: LatentCacheConfig = LatentCacheConfig(), fold: bool | None = None, hadamard: bool = False
+          cache: LatentCacheConfig = LatentCacheConfig(), fold: bool | None = None, hadamard: bool = False  # noqa: B008 (a frozen default)
           ) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
     """(latent model, simulation: k_proj/v_proj replaced by the dense products L R of the same factors)."""
     latent, simulated = copy.deepcopy(dense), copy.deepcopy(dense)
@@ -67,7 +67,7 @@ def _palu(dense: LlamaForCausalLM, group_heads: int, key_ranks: list[int], value
                    "fold_values": folding, "bits": cache.bits, "group": cache.group, "residual": cache.residual,
                    "value_bias": attention.v_proj.bias is not None}
         shape = LatentKVShape.from_options(attention.config, options)
-        bias = lambda m: None if m.bias is None else m.bias.detach().double()
+        bias = lambda m: None if m.bias is None else m.bias.detach().double()  # noqa: E731
         state = latent_kv_state(shape, [(f.up, f.down) for f in keys], [(f.up, f.down) for f in values],
                                 bias(attention.k_proj), bias(attention.v_proj), attention.o_proj.weight.detach().double(),
                                 bias(attention.o_proj))

@@ -12,8 +12,8 @@ import rankfold
 from rankfold.jobs.spec import SpecError, parse_spec
 from rankfold.methods.cap import masked_weight
 from rankfold.modules.sparse import LowRankSparseLinear
-from rankfold.orchestrator import search as search_stage
 from rankfold.orchestrator.job import run_job
+from rankfold.orchestrator.stages import search as search_stage
 from rankfold.storage.store import LocalStore
 from tests.conftest import CALIBRATION_TEXT, tiny_spec_dict
 
@@ -138,19 +138,21 @@ def test_cap_needs_the_search_allocation(tiny_model_dir, tmp_path):
 
 
 def test_the_search_shares_flras_fisher_pass_and_the_uniform_rule_plans_none():
+    from rankfold.modules.layout import CompressedModule
+    from rankfold.orchestrator.model_layout import ModelLayout
     from rankfold.orchestrator.plan import make_plan
 
     def plan(method: str, allocation: dict, ratio: float = 0.5):
         spec = parse_spec({"model": {"source": "smollm2-135m"}, "method": {"name": method},
                            "target": {"ratio": ratio, "allocation": allocation}, "output": {"dir": "/tmp/unused"},
                            "calibration": {"data": {"path": str(CALIBRATION_TEXT)}}})
-        layout = [{"kind": "lowrank_sparse", "members": ["model.layers.0.mlp.up_proj"], "rank": 0,
-                   "options": {"nnz": int(1000 * (1 - ratio)), "entry_cost": 2}}]  # nnz: the ratio's uniform rule
-        return make_plan(spec, "model-id", layout)
+        module = CompressedModule("lowrank_sparse", ("mlp.up_proj",), 0, group="mlp_in",
+                                  options={"nnz": int(1000 * (1 - ratio)), "entry_cost": 2})  # the ratio's rule
+        return make_plan(spec, "model-id", ModelLayout({0: [module]}))
 
     search = plan("cap", {"kind": "search"})
     assert [s.kind for s in search.stages[:5]] == ["calibrate", "fisher", "rpca", "search", "allocate"]
-    assert search["fisher"].digest == plan("svd_llm", {"kind": "fisher"})["fisher"].digest
+    assert search["fisher"].digest == plan("svd_llm", {"kind": "flra"})["fisher"].digest
     assert "fisher" not in plan("cap", {"kind": "search", "rule": "uniform"})
     # the same robust PCA serves every ratio and rule; the search does not
     other = plan("cap", {"kind": "search", "rule": "uniform"}, ratio=0.2)

@@ -30,10 +30,10 @@ def test_eval_reuses_its_records_and_shares_the_dense_ones(tiny_model_dir, tmp_p
     (row,) = first["rows"]
     assert (row["evaluator"], row["variant"], row["metric"]) == ("perplexity", "dense", "perplexity")
     again = run_evaluation(spec, stream=None)
-    assert again["reused_stages"] == ["evaluate perplexity wikitext2"] and again["rows"] == first["rows"]
+    assert again["reused_stages"] == ["evaluate perplexity dense wikitext2"] and again["rows"] == first["rows"]
     # A compression job on the same store: its dense evaluation is the one recorded above.
     report = run_job(parse_spec(job), stream=None, store=_store_of(tmp_path / "eval"))
-    assert "evaluate dense wikitext2" in report["reused_stages"]
+    assert "evaluate perplexity dense wikitext2" in report["reused_stages"]
     history = main(["history", str(_write(tmp_path / "e.yaml", _eval_spec(tiny_model_dir, tmp_path / "eval", job)))])
     assert history == 0 and (tmp_path / "eval" / "history.png").is_file()
     # The compressed checkpoint evaluated on its own, as a folder and from the store: labelled

@@ -46,7 +46,7 @@ def _artifacts(report: dict, out: Path) -> dict[str, str]:
 
 def test_killed_workers_are_replaced_and_artifacts_bit_identical(tmp_path, tiny_model_dir, ray_executor, monkeypatch):
     import rankfold.execution.streaming as streaming
-    import rankfold.orchestrator.stages as stages
+    import rankfold.orchestrator.stages.decompose as stages
     from rankfold.workers.shard import SequenceShard
 
     data = tiny_spec_dict(tiny_model_dir, tmp_path / "clean", method="skipcat")
@@ -92,7 +92,7 @@ def test_shard_killed_in_the_fisher_backward_pass_is_replayed(tmp_path, tiny_mod
     from rankfold.workers.shard import SequenceShard
 
     data = tiny_spec_dict(tiny_model_dir, tmp_path / "clean")
-    data["target"]["allocation"] = {"kind": "fisher", "fisher_samples": 4}
+    data["target"]["allocation"] = {"kind": "flra", "fisher_samples": 4}
     data["evaluation"]["perplexity"] = []
     clean = run_job(parse_spec(data), stream=None, executor=ray_executor)
     marker = tmp_path / "fisher.pid"

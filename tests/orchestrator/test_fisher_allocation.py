@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from rankfold.evaluation.report import metric_table
 from rankfold.jobs.spec import SpecError, parse_spec
 from rankfold.orchestrator.job import run_job
-from rankfold.evaluation.report import metric_table
 from tests.conftest import tiny_spec_dict
 
 
 def fisher_spec(model_dir, out, method="svd_llm", ratio=0.3, **allocation):
     data = tiny_spec_dict(model_dir, out, method=method, ratio=ratio)
-    data["target"]["allocation"] = {"kind": "fisher", "fisher_samples": 4, **allocation}
+    data["target"]["allocation"] = {"kind": "flra", "fisher_samples": 4, **allocation}
     return data
 
 
@@ -22,7 +22,7 @@ def test_fisher_allocation_meets_the_budget_with_uneven_ranks(tiny_model_dir, tm
     parameters = report["parameters"]
     assert 0.3 <= parameters["achieved_compression"] < 0.3 + 0.02  # within one rank of the budget
     assert len(set(report["ranks"].values())) > 2  # the allocator differentiated the matrices
-    assert report["allocation"]["kind"] == "fisher" and report["allocation"]["batches"] == 4
+    assert report["allocation"]["kind"] == "flra" and report["allocation"]["batches"] == 4
     stages = [row["stage"] for row in report["stages"]]
     assert stages[:5] == ["calibrate", "fisher", "spectra", "allocate", "decompose"]
     digests = report["artifacts"]["digests"]
@@ -43,8 +43,8 @@ def test_rerun_reuses_fisher_spectra_and_allocation(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"method": {"name": "svd"}}, "needs a whitened method"),
-    ({"target": {"ratio": 0.3, "allocation": {"kind": "fisher", "fisher_samples": 99}}}, "exceeds calibration.num_samples"),
-    ({"target": {"ratio": 0.3, "allocation": {"kind": "fisher", "min_rank_fraction": 1.5}}}, "min_rank_fraction"),
+    ({"target": {"ratio": 0.3, "allocation": {"kind": "flra", "fisher_samples": 99}}}, "exceeds calibration.num_samples"),
+    ({"target": {"ratio": 0.3, "allocation": {"kind": "flra", "min_rank_fraction": 1.5}}}, "min_rank_fraction"),
 ])
 def test_bad_allocation_specs_are_named(tiny_model_dir, tmp_path, change, message):
     data = fisher_spec(tiny_model_dir, tmp_path / "out")
@@ -70,5 +70,5 @@ def test_two_jobs_on_one_store_share_calibration_fisher_and_spectra(tiny_model_d
     data = fisher_spec(tiny_model_dir, tmp_path / "b")
     data["target"]["ratio"] = 0.4
     second = run_job(parse_spec(data), stream=None, store=store)
-    assert {"calibrate", "fisher", "spectra", "evaluate dense wikitext2"} <= set(second["reused_stages"])
+    assert {"calibrate", "fisher", "spectra", "evaluate perplexity dense wikitext2"} <= set(second["reused_stages"])
     assert "allocate" not in second["reused_stages"] and second["ranks"] != first["ranks"]

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import rankfold
 from rankfold.checkpoint import INDEX_NAME, CheckpointError
 from rankfold.data.text import load_text, tokenize
+from rankfold.evaluation.report import metric_table
 from rankfold.jobs.spec import parse_spec
 from rankfold.modules.layout import CompressedModule, apply_layout
 from rankfold.modules.lowrank import LowRankLinear
@@ -20,7 +21,6 @@ from rankfold.modules.shared import SharedLowRankLinear
 from rankfold.orchestrator.job import run_job
 from rankfold.storage.store import LocalStore
 from rankfold.workers.evaluate import make_windows, model_perplexity
-from rankfold.evaluation.report import metric_table
 from tests.conftest import tiny_spec_dict
 
 
@@ -53,7 +53,7 @@ def test_report_and_artifacts(finished_job):
     assert json.loads((out / "report.json").read_text())["parameters"] == report["parameters"]
     assert report["parameters"]["achieved_compression"] >= spec.target.ratio
     assert len(report["ranks"]) == 2 * 7
-    assert {row["stage"] for row in report["stages"]} >= {"calibrate", "decompose", "assemble", "evaluate compressed wikitext2"}
+    assert {row["stage"] for row in report["stages"]} >= {"calibrate", "decompose", "assemble", "evaluate perplexity compressed wikitext2"}
     row = metric_table(report["rows"])[0]
     assert row["tokens"] == 512 and row["windows"] == 8
     assert 1 < row["dense"] < row["compressed"]
@@ -184,7 +184,7 @@ def test_ill_conditioned_skip_block_is_a_clear_error(tmp_path, tiny_model_dir, c
 
 
 def test_interrupted_job_resumes_at_its_first_unfinished_stage(tmp_path, tiny_model_dir, monkeypatch):
-    import rankfold.orchestrator.stages as stages
+    import rankfold.orchestrator.stages.assemble as stages
 
     spec = parse_spec(tiny_spec_dict(tiny_model_dir, tmp_path / "out", method="skip"))
 

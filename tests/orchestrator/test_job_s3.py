@@ -11,11 +11,10 @@ import torch
 import rankfold
 from rankfold.cli import EXIT_BAD_INPUT, main
 from rankfold.jobs.spec import parse_spec
-from rankfold.orchestrator.job import run_job
 from rankfold.models.sources import ModelSourceError, SafetensorsSource, open_source
+from rankfold.orchestrator.job import run_job
 from rankfold.storage.store import S3Store
 from rankfold.storage.stored_model import StoredCheckpointSource
-
 from tests.conftest import tiny_spec_dict
 
 

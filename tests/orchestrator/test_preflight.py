@@ -23,7 +23,7 @@ def _refused(data: dict, match: str) -> None:
     (lambda d: d["evaluation"]["perplexity"][0].update(window=256, max_tokens=200),
      r"evaluation.perplexity\[0\] \(wikitext2\): .*fewer than one window of 256"),
     (lambda d: d["target"].update(ratio=0.99), r"target.ratio = 0.99: .*cannot meet it .*largest ratio"),
-    (lambda d: d["target"].update(ratio=0.9, allocation={"kind": "fisher", "fisher_samples": 4,
+    (lambda d: d["target"].update(ratio=0.9, allocation={"kind": "flra", "fisher_samples": 4,
                                                          "min_rank_fraction": 0.5}),
      r"min_rank_fraction = 0.5: the minimum ranks alone need"),
 ])

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from rankfold.cli import EXIT_BAD_INPUT
-from rankfold.jobs.spec import parse_spec
-from rankfold.execution.local import LocalExecutor
-from rankfold.orchestrator.job import run_job
 from rankfold.evaluation.report import metric_table
+from rankfold.execution.local import LocalExecutor
+from rankfold.jobs.spec import parse_spec
+from rankfold.orchestrator.job import run_job
 from tests.conftest import tiny_spec_dict
 
 ray = pytest.importorskip("ray")
@@ -32,7 +32,7 @@ def test_ray_job_with_s3_matches_in_process(tmp_path, tiny_model_dir, ray_execut
     ray_report = run_job(parse_spec(data), stream=None, executor=ray_executor)
     assert ray_report["executor"].startswith("ray (127.0.0.1:")
     stages = {row["stage"]: row for row in ray_report["stages"]}
-    for stage in ("calibrate", "decompose", "assemble", "evaluate compressed wikitext2"):  # workers' own peaks
+    for stage in ("calibrate", "decompose", "assemble", "evaluate perplexity compressed wikitext2"):  # workers' own peaks
         assert 100 < stages[stage]["worker_peak_rss_mb"] < 4096, stages[stage]
 
     data["output"] = {"dir": str(tmp_path / "local")}

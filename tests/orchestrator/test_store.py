@@ -75,7 +75,7 @@ def test_keys_stay_inside_the_store(tmp_path, key):
 def test_local_failed_write_keeps_the_previous_artifact(tmp_path):
     store = LocalStore(tmp_path)
     store.put_tensors("t.safetensors", {"x": torch.zeros(2)})
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017
         store.put_tensors("t.safetensors", {"x": "not a tensor"})  # fails while serialising
     assert torch.equal(store.get_tensors("t.safetensors")["x"], torch.zeros(2))
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

@@ -9,9 +9,9 @@ import torch
 
 import rankfold.methods.svd_llm as svd_llm
 from rankfold.methods import decompose
+from rankfold.methods.statistics import InputStats
 from rankfold.methods.svd_llm import SvdLlmOptions
 from rankfold.modules.layout import CompressedModule
-from rankfold.methods.statistics import InputStats
 
 
 def test_gram_is_released_before_the_svd(monkeypatch):

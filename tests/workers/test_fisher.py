@@ -6,14 +6,14 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from rankfold.data.text import calibration_samples, load_text, tokenize
+from rankfold.allocators.flra import BATCHES_KEY, fisher_scores
 from rankfold.data.source import TextSource
-from rankfold.models.sources import ModelSource, open_source
+from rankfold.data.text import calibration_samples, load_text, tokenize
 from rankfold.execution.local import LocalExecutor
 from rankfold.execution.streaming import split_batches, stream_fisher
-from rankfold.workers.shard import ShardConfig
-from rankfold.allocators.flra import BATCHES_KEY, fisher_scores
+from rankfold.models.sources import ModelSource, open_source
 from rankfold.workers.layers import runtime_config
+from rankfold.workers.shard import ShardConfig
 
 
 def whole_model(source: ModelSource) -> LlamaForCausalLM:

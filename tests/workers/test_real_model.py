@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankfold.data.text import calibration_samples, load_text, tokenize
 from rankfold.data.source import TextSource
+from rankfold.data.text import calibration_samples, load_text, tokenize
+from rankfold.evaluation.perplexity import PerplexityOptions, evaluate_perplexity
+from rankfold.evaluation.registry import EvaluationContext
+from rankfold.execution.local import LocalExecutor
 from rankfold.methods.asvd import asvd_factors
 from rankfold.methods.structure import rank_for_ratio
 from rankfold.methods.svd import svd_factors
 from rankfold.methods.svd_llm import svd_llm_factors
 from rankfold.methods.whitening import whitening_factor
-from rankfold.execution.local import LocalExecutor
-from rankfold.evaluation.perplexity import PerplexityOptions, evaluate_perplexity
-from rankfold.evaluation.registry import EvaluationContext
 from rankfold.workers.activations import Activations
 from rankfold.workers.calibrate import propagate_layer
 from rankfold.workers.layers import LayerRunner, embed, materialize_layer, runtime_config

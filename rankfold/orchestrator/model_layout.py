@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rankfold.jobs.spec import JobSpec
-from rankfold.methods.registry import method_of, sparse_entry_cost
+from rankfold.methods.palu import PaluOptions
+from rankfold.methods.registry import MethodOptions, method_of, sparse_entry_cost
 from rankfold.methods.structure import plan_layer
 from rankfold.models.architecture import Architecture
 from rankfold.models.sources import ModelSource
@@ -41,37 +41,48 @@ class ModelLayout:
     def layer_json(self, index: int) -> list[dict]:
         return [module.to_json() for module in self._all(index)]
 
+    def to_json(self) -> dict[str, list[dict]]:
+        """The weight method's modules per layer (layer-relative paths): what `allocate` records."""
+        return {str(i): [module.to_json() for module in modules] for i, modules in self.by_layer.items()}
 
-def matrix_shapes(source: ModelSource, spec: JobSpec) -> Shapes:
-    """(m, n) of every compressed matrix, read from checkpoint headers."""
+    @classmethod
+    def from_json(cls, data: dict[str, list[dict]]) -> "ModelLayout":
+        return cls({int(i): [CompressedModule.from_json(m) for m in modules] for i, modules in data.items()})
+
+
+def matrix_shapes(source: ModelSource, matrices: tuple[str, ...]) -> Shapes:
+    """(m, n) of every compressed matrix (`matrices`: projection names, target.matrices), read from
+    checkpoint headers."""
     arch = source.architecture
-    paths = [arch.projection_path(p) for p in spec.target.matrices]
+    paths = [arch.projection_path(p) for p in matrices]
     return {i: {path: tuple(source.shape(arch.layer_prefix.format(i=i) + path + ".weight")) for path in paths}
             for i in range(source.num_layers)}
 
 
-def plan_layout(spec: JobSpec, arch: Architecture, shapes: Shapes,
+def plan_layout(method: MethodOptions, ratio: float, arch: Architecture, shapes: Shapes,
                 ranks: dict[int, dict[str, int]] | None = None) -> ModelLayout:
-    """The method's structure with the uniform rule's ranks, or with `ranks` (layer -> matrix -> rank)."""
-    structure = method_of(spec.method).structure
+    """The method's structure with the uniform rule's ranks at `ratio` (target.ratio), or with `ranks`
+    (layer -> matrix -> rank)."""
+    structure = method_of(method).structure
     groups = [(group.name, group.members) for group in arch.groups]
-    cost = sparse_entry_cost(spec.method)
-    return ModelLayout({i: plan_layer(structure, groups, layer_shapes, spec.target.ratio,
+    cost = sparse_entry_cost(method)
+    return ModelLayout({i: plan_layer(structure, groups, layer_shapes, ratio,
                                       ranks=None if ranks is None else ranks.get(i, {}), cost=cost)
                         for i, layer_shapes in shapes.items()})
 
 
-def kv_layout(spec: JobSpec, config, ranks: dict[int, dict[str, list[int]]]) -> dict[int, CompressedModule]:
+def kv_layout(kv: PaluOptions, matrices: tuple[str, ...], config,
+              ranks: dict[int, dict[str, list[int]]]) -> dict[int, CompressedModule]:
     """Every layer's latent-KV attention at the searched ranks ({layer: {"k": [...], "v": [...]}}); values
-    fold into o_proj when the weight method leaves it dense and it does not grow (modules/latent_kv.py)."""
-    kv = spec.kv_cache
+    fold into o_proj when the weight method (`matrices`: target.matrices) leaves it dense and it does not
+    grow (modules/latent_kv.py)."""
     modules = {}
     for i, layer in ranks.items():
         options = {"group_heads": kv.group_heads, "key_ranks": list(layer["k"]), "value_ranks": list(layer["v"]),
                    "fold_values": False, "bits": kv.bits, "group": kv.quant_group, "residual": kv.residual,
                    "hadamard": kv.hadamard, "value_bias": bool(getattr(config, "attention_bias", False))}
         shape = LatentKVShape.from_options(config, options)
-        options["fold_values"] = ("o_proj" not in spec.target.matrices
+        options["fold_values"] = ("o_proj" not in matrices
                                   and shape.folded_width() <= shape.num_heads * shape.head_dim)
         modules[int(i)] = CompressedModule("latent_kv", ("self_attn.k_proj", "self_attn.v_proj"),
                                            sum(layer["k"]) + sum(layer["v"]), "self_attn", options=options)

@@ -1,23 +1,78 @@
-"""The compressed checkpoint of a job: written into the artifact store (a shard per layer, by the
-workers; globals, tokenizer, config; the index last) and placed in output.dir/model."""
+"""assemble: the compressed checkpoint into the store (workers write its layer shards) and placed in
+the job's output folder (Env.checkpoint).
+
+params: model {id, dtype}, source (spec model.source, recorded in config.json), method, target,
+kv_cache (PaluOptions or None). inputs: factors, ranks, and kv_factors + kv_ranks for a latent KV cache."""
 
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
 import torch
 from transformers import PretrainedConfig
 
-from rankfold.checkpoint import INDEX_NAME, CheckpointError, ShardInfo, verify_checkpoint, write_index, write_shard
+from rankfold.checkpoint import (
+    INDEX_NAME,
+    RANK_GAINS,
+    CheckpointError,
+    ShardInfo,
+    read_index,
+    verify_checkpoint,
+    write_index,
+    write_shard,
+)
 from rankfold.core.hashing import sha256_file
 from rankfold.evaluation.report import RATIO_DEFINITION
 from rankfold.execution.base import Executor
 from rankfold.models.sources import ModelSource, ModelSourceError, SafetensorsSource
-from rankfold.orchestrator.layout import ModelLayout
+from rankfold.orchestrator.manifest import StageRecord
+from rankfold.orchestrator.model_layout import ModelLayout, kv_layout
+from rankfold.orchestrator.stages.decompose import layer_groups
+from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, register_stage
+from rankfold.orchestrator.stages.outputs import Checkpoint, Factors, KVFactors, KVRanks, Ranks
+from rankfold.orchestrator.stages.stage import Stage
 from rankfold.storage.store import ArtifactStore
 from rankfold.workers.tasks import AssembleItem, assemble_item
+
+
+def assemble(env: Env, stage: Stage, *, factors: Factors, ranks: Ranks, kv_factors: KVFactors | None = None,
+             kv_ranks: KVRanks | None = None) -> tuple[dict, Artifacts]:
+    params = stage.params
+    layout = compressed_layout(env, params, ranks, kv_ranks)
+    factor_keys = {i: [] for i in range(env.source.num_layers)}
+    for i, group in layer_groups(env, layout):
+        factor_keys[i].append(factors.key(i, group))
+    meta = {"method": params["method"].model_dump(mode="json"), "target": params["target"].model_dump(mode="json"),
+            "source": params["source"], "digest": stage.digest}
+    extras = {RANK_GAINS: ranks.gains} if ranks.gains else {}
+    kv_keys = {i: kv_factors.key(i) for i in layout.kv} if kv_factors is not None else {}
+    if kv_ranks is not None:
+        meta["kv_cache"] = {**params["kv_cache"].model_dump(mode="json"), **kv_ranks.summary}
+    artifacts = assemble_checkpoint(env.source, layout, params["model"]["dtype"], env.store, env.executor,
+                                    factor_keys, stage.prefix(Checkpoint.folder_name), env.checkpoint, meta, extras,
+                                    kv_keys)
+    return {"folder": str(env.checkpoint)}, artifacts
+
+
+def compressed_layout(env: Env, params: dict, ranks: Ranks, kv_ranks: KVRanks | None) -> ModelLayout:
+    """The allocated modules, with each layer's latent-KV attention when the cache is latent."""
+    layout = ranks.layout
+    if kv_ranks is not None:
+        layout.kv.update(kv_layout(params["kv_cache"], params["target"].matrices, env.source.config, kv_ranks.ranks))
+    return layout
+
+
+def restore_checkpoint(env: Env, stage: Stage, record: StageRecord) -> bool:
+    """A finished assembly counts only if the output folder holds its verified checkpoint — placed
+    again from the store when the folder is gone or damaged."""
+    if checkpoint_is(env.checkpoint, stage.digest):
+        return True
+    shutil.rmtree(env.checkpoint, ignore_errors=True)
+    place_checkpoint(env.store, record.artifacts, env.checkpoint)
+    return checkpoint_is(env.checkpoint, stage.digest)
 
 
 def assemble_checkpoint(source: ModelSource, layout: ModelLayout, dtype: str, store: ArtifactStore,
@@ -61,16 +116,40 @@ def place_checkpoint(store: ArtifactStore, artifacts: dict[str, str], folder: Pa
     (folder / INDEX_NAME).unlink(missing_ok=True)
     for key in sorted(artifacts, key=lambda k: k.endswith(INDEX_NAME)):
         store.fetch(key, folder / key.rsplit("/", 1)[-1])
+    _write_placed(folder)  # each file was verified as it was fetched
 
 
 def checkpoint_is(folder: Path, digest: str) -> bool:
-    """`folder` holds a verified checkpoint made by the assemble stage with this digest."""
+    """`folder` holds a verified checkpoint made by the assemble stage with this digest. Files unchanged
+    since they were placed or last verified (same size and mtime, PLACED) are not read again."""
     try:
-        verify_checkpoint(folder)
+        if _placed(folder) != _tokens(folder):
+            verify_checkpoint(folder)
+            _write_placed(folder)
         config = SafetensorsSource(folder).config
     except (CheckpointError, ModelSourceError, OSError, ValueError):
         return False
     return getattr(config, "rankfold", {}).get("digest") == digest
+
+
+PLACED = ".placed.json"  # {file name: "size:mtime_ns"} of a checkpoint folder's files when last verified
+
+
+def _tokens(folder: Path) -> dict[str, str]:
+    """Size and mtime of every file the index names, and of the index itself."""
+    names = [INDEX_NAME, *read_index(folder)["metadata"]["sha256"]]
+    return {name: f"{(stat := (folder / name).stat()).st_size}:{stat.st_mtime_ns}" for name in names}
+
+
+def _placed(folder: Path) -> dict[str, str] | None:
+    try:
+        return json.loads((folder / PLACED).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_placed(folder: Path) -> None:
+    (folder / PLACED).write_text(json.dumps(_tokens(folder), sort_keys=True))
 
 
 def _global_tensors(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -91,3 +170,6 @@ def _plain_config(source: ModelSource, dtype: str) -> PretrainedConfig:
         config.tie_word_embeddings = False
     config.dtype = dtype
     return config
+
+
+register_stage(StageKind("assemble", assemble, "1", Checkpoint, reusable=restore_checkpoint))

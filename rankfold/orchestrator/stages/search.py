@@ -1,62 +1,79 @@
-"""CAP's search stage on the driver: the unit table from every matrix's robust PCA scores, then either
+"""search: CAP's search on the driver — the unit table from every matrix's robust PCA scores, then either
 the uniform keep rule or the REINFORCE search (allocators/search.py), whose losses come from forward
 passes streamed layer by layer over the shard actors; the final masks go to the store per matrix.
 
 The search saves its state (probabilities, losses, step, held-out scores and the best top-K so far)
 every `save_every` steps under its digest, and a rerun of the same stage resumes from there. Every
 random draw is seeded by (seed, step), so a resumed search draws what an uninterrupted one would have.
+
+params: model {id, dtype}, method, target, sample (CalibrationSample), matrices [[layer, path, group], ...],
+gram_product_dtype. inputs: rpca, and fisher when the search starts from FLRA's loss model.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
-from rankfold.allocators.search import (SearchAllocation, UnitTable, baselines, entry_masks, initial_probabilities,
-                                        project_to_budget, reinforce_gradient, smooth_gradient, top_k,
-                                        uniform_keep, unit_table, uses_fisher, validates)
 from rankfold.allocators.flra import fisher_scores, loss_weight
+from rankfold.allocators.registry import ALLOCATORS
+from rankfold.allocators.search import (
+    SearchAllocation,
+    UnitTable,
+    baselines,
+    entry_masks,
+    initial_probabilities,
+    project_to_budget,
+    reinforce_gradient,
+    smooth_gradient,
+    top_k,
+    uniform_keep,
+    unit_table,
+    uses_fisher,
+    validates,
+)
 from rankfold.execution.progress import progress
 from rankfold.execution.streaming import ShardGroup, per_shard_config, split_rows
 from rankfold.jobs.spec import SpecError
 from rankfold.methods.registry import sparse_entry_cost
 from rankfold.methods.structure import dense_params
+from rankfold.orchestrator.stages.kind import Artifacts, Env, PlanContext, StageKind, register_stage
+from rankfold.orchestrator.stages.outputs import FisherSums, Masks, RobustPCA
+from rankfold.orchestrator.stages.rpca import matrices
+from rankfold.orchestrator.stages.stage import Stage
 from rankfold.storage.store import StoreError
 from rankfold.workers.cap import SCORE_SUFFIX
 from rankfold.workers.shard import ShardConfig
 
-if TYPE_CHECKING:
-    from rankfold.orchestrator.plan import Stage
-    from rankfold.orchestrator.stages import JobContext
 
-
-def search_masks(ctx: "JobContext", stage: "Stage", calibration: torch.Tensor) -> tuple[dict, dict[str, str]]:
-    """The search stage: masks of every matrix into the store; returns (result, artifacts).
-    Raises SpecError (naming target.ratio) when the budget exceeds what every unit together costs —
-    known only once the robust PCA units exist, so after the stages before it."""
-    options: SearchAllocation = ctx.spec.target.allocation
-    matrices = [(i, module.members[0]) for i, modules in ctx.layout.by_layer.items() for module in modules]
-    scores = {(i, p): ctx.store.get_tensors(ctx.key("rpca", i, p + SCORE_SUFFIX)) for i, p in matrices}
-    # FLRA's loss model: a unit's energy times its matrix's Fisher weight. Asked of the options, not the
-    # plan: a Palu KV cache plans a Fisher pass of its own.
-    if uses_fisher(options):
-        scores = _fisher_weighted(ctx, scores)
-    table = unit_table(scores, ctx.shapes, sparse_entry_cost(ctx.spec.method), options.sparse_block)
-    ratio, budget = ctx.spec.target.ratio, (1.0 - ctx.spec.target.ratio) * dense_params(ctx.shapes)
+def search(env: Env, stage: Stage, *, rpca: RobustPCA, fisher: FisherSums | None = None) -> tuple[dict, Artifacts]:
+    """Masks of every matrix into the store. Raises SpecError (naming target.ratio) when the budget
+    exceeds what every unit together costs — known only once the robust PCA units exist, so after the
+    stages before it."""
+    params = stage.params
+    options: SearchAllocation = params["target"].allocation
+    matrices = [(i, path) for i, path, _ in params["matrices"]]
+    scores = {(i, p): rpca.read(i, p + SCORE_SUFFIX) for i, p in matrices}
+    # FLRA's loss model: a unit's energy times its matrix's Fisher weight. The planner wires the Fisher
+    # pass only when the options ask for it (a Palu KV cache may plan one for itself).
+    if fisher is not None:
+        scores = _fisher_weighted(env, fisher, scores)
+    table = unit_table(scores, env.shapes, sparse_entry_cost(params["method"]), options.sparse_block)
+    ratio = params["target"].ratio
+    budget = (1.0 - ratio) * dense_params(env.shapes)
     if budget > float(table.cost.sum()):
         raise SpecError(f"target.ratio = {ratio}: the budget ({budget:.0f} parameters) exceeds every robust PCA "
                          f"unit together ({float(table.cost.sum()):.0f}); raise target.ratio or method.max_density")
     if options.rule == "uniform":
         keep, result = uniform_keep(table, ratio), {}
     else:
-        keep, result = _reinforce(ctx, stage, table, budget, calibration)
+        keep, result = _reinforce(env, stage, rpca, table, budget)
     artifacts = {}
     for j, (i, path) in enumerate(table.matrices):
         triple_mask, entry_mask = entry_masks(table, keep, j, *table.counts(j))
-        key = ctx.key(stage.name, i, path)
-        artifacts[key] = ctx.store.put_tensors(key, {"keep_triples": triple_mask, "keep_sparse": entry_mask})
+        key = Masks.key_of(stage, i, path)
+        artifacts[key] = env.store.put_tensors(key, {"keep_triples": triple_mask, "keep_sparse": entry_mask})
     kept = float(table.cost[keep].sum())
     result.update({"units": len(table), "budget": budget, "kept": kept, "rule": options.rule,
                    "kept_triples": int(keep[table.kind == 0].sum()),
@@ -64,41 +81,42 @@ def search_masks(ctx: "JobContext", stage: "Stage", calibration: torch.Tensor) -
     return result, artifacts
 
 
-def _fisher_weighted(ctx: "JobContext", scores: dict) -> dict:
+def _fisher_weighted(env: Env, fisher: FisherSums, scores: dict) -> dict:
     """Scores times w = F / (m · tr G) (allocators/flra.py), so they compare across matrices."""
-    weighted, fisher = {}, {}
+    weighted, sums = {}, {}
     for (i, path), tensors in scores.items():
-        if i not in fisher:
-            fisher[i] = fisher_scores(ctx.store.get_tensors(ctx.key("fisher", i)))
-        w = loss_weight(fisher[i][path], ctx.shapes[i][path][0], float(tensors["gram_trace"][0]))
+        if i not in sums:
+            sums[i] = fisher_scores(fisher.read(i))
+        w = loss_weight(sums[i][path], env.shapes[i][path][0], float(tensors["gram_trace"][0]))
         weighted[i, path] = {k: v.double() * w if k.endswith("_score") else v for k, v in tensors.items()}
     return weighted
 
 
-def _reinforce(ctx: "JobContext", stage: "Stage", table: UnitTable, budget: float,
-               calibration: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    options: SearchAllocation = ctx.spec.target.allocation
-    state_key = f"{stage.prefix('search')}/state.safetensors"
-    state = _resume(ctx, state_key, len(table))
+def _reinforce(env: Env, stage: Stage, rpca: RobustPCA, table: UnitTable, budget: float,
+               ) -> tuple[torch.Tensor, dict]:
+    options: SearchAllocation = stage.params["target"].allocation
+    calibration = stage.params["sample"].ids(env.source.tokenizer())
+    state_key = f"{stage.prefix(Masks.folder)}/state.safetensors"
+    state = _resume(env, state_key, len(table))
     if state is None:
-        state = _State(initial_probabilities(table, ctx.spec.target.ratio, options.temperature, budget,
+        state = _State(initial_probabilities(table, stage.params["target"].ratio, options.temperature, budget,
                                              options.init))
     initial, start = (state.s.clone() if state.step == 0 else None), state.step
     rows = calibration[:options.samples]
     held = calibration[options.samples:options.samples + options.holdout] if validates(options) else None
-    shards = _SearchShards(ctx, table) if start < options.steps else None
+    shards = _SearchShards(env, stage, rpca, table) if start < options.steps else None
     started, running = time.perf_counter(), [float("nan")]
     status = lambda: f"loss {running[0]:.4f}"  # noqa: E731
     try:
         if held is not None and start == 0:
             _validate(state, shards, held, table, budget, options.batch_size)
         for step in progress(range(start, options.steps), "search", total=options.steps - start,
-                             stream=ctx.executor.stream, status=status):
+                             stream=env.executor.stream, status=status):
             running[0] = _step(state, shards, options, table, budget, rows, step)
             if held is not None and ((step + 1) % options.validate_every == 0 or step + 1 == options.steps):
                 _validate(state, shards, held, table, budget, options.batch_size)
             if (step + 1) % options.save_every == 0 or step + 1 == options.steps:
-                ctx.store.put_tensors(state_key, state.tensors(), metadata={"step": str(step + 1)})
+                env.store.put_tensors(state_key, state.tensors(), metadata={"step": str(step + 1)})
     finally:
         if shards is not None:
             shards.release()
@@ -178,12 +196,12 @@ def _batch_rows(options: SearchAllocation, step: int, samples: int) -> torch.Ten
     return order[slot * options.batch_size:(slot + 1) * options.batch_size]
 
 
-def _resume(ctx: "JobContext", key: str, units: int) -> "_State | None":
+def _resume(env: Env, key: str, units: int) -> "_State | None":
     """The last saved state of this stage (same digest: same computation), or None: a fresh start."""
-    if ctx.store.checksum(key) is None:
+    if env.store.checksum(key) is None:
         return None
     try:
-        tensors, step = ctx.store.get_tensors(key), int(ctx.store.get_metadata(key)["step"])
+        tensors, step = env.store.get_tensors(key), int(env.store.get_metadata(key)["step"])
     except (StoreError, KeyError, ValueError):  # damaged or foreign: start over
         return None
     if tensors["s"].numel() != units:
@@ -196,22 +214,22 @@ def _resume(ctx: "JobContext", key: str, units: int) -> "_State | None":
 class _SearchShards:
     """Shards that run a batch through the model with masked matrices and return its mean NLL."""
 
-    def __init__(self, ctx: "JobContext", table: UnitTable):
-        options = ctx.spec.target.allocation
-        self.ctx, self.table, self.ref = ctx, table, ctx.store.ref()
-        self.parts = len(split_rows(torch.zeros(options.batch_size, 1), ctx.executor.workers))
-        config = ShardConfig(ctx.source.location, ctx.spec.model.dtype, ctx.spec.calibration.max_resident_mb << 20,
-                             str(ctx.scratch), ctx.spec.calibration.gram_product_dtype)
-        self.group = ShardGroup(ctx.executor, "search", per_shard_config(config, ctx.executor, self.parts), self.parts)
+    def __init__(self, env: Env, stage: Stage, rpca: RobustPCA, table: UnitTable):
+        params = stage.params
+        self.num_layers, self.table, self.ref = env.source.num_layers, table, env.store.ref()
+        self.parts = len(split_rows(torch.zeros(params["target"].allocation.batch_size, 1), env.executor.workers))
+        config = ShardConfig(env.source.location, params["model"]["dtype"], env.max_resident_mb << 20,
+                             str(env.scratch), params["gram_product_dtype"])
+        self.group = ShardGroup(env.executor, "search", per_shard_config(config, env.executor, self.parts), self.parts)
         self.keys: dict[int, dict[str, tuple[int, str]]] = {}
         for j, (i, path) in enumerate(table.matrices):
-            self.keys.setdefault(i, {})[path] = (j, ctx.key("rpca", i, path))
+            self.keys.setdefault(i, {})[path] = (j, rpca.key(i, path))
         self.counts = [table.counts(j) for j in range(len(table.matrices))]
 
     def loss(self, batch: torch.Tensor, mask: torch.Tensor) -> float:
         parts = split_rows(batch, self.parts)
         self.group.call_each("load", [(part, part.shape[0]) for part in parts])
-        for i in range(self.ctx.source.num_layers):
+        for i in range(self.num_layers):
             paths = self.keys.get(i, {})
             masks = {path: entry_masks(self.table, mask, j, *self.counts[j]) for path, (j, _) in paths.items()}
             self.group.call("advance_masked", i, self.ref, {path: key for path, (_, key) in paths.items()}, masks)
@@ -220,3 +238,15 @@ class _SearchShards:
 
     def release(self) -> None:
         self.group.release()
+
+
+def plan(context: PlanContext) -> tuple[dict, dict]:
+    """Reads the Fisher pass only when it starts from FLRA's loss model."""
+    spec = context.spec
+    params = {"model": context.model, "method": spec.method, "target": spec.target, "sample": context.sample,
+              "matrices": matrices(context), "gram_product_dtype": spec.calibration.gram_product_dtype}
+    return params, {"rpca": "rpca", "fisher": "fisher" if uses_fisher(spec.target.allocation) else None}
+
+
+register_stage(StageKind("search", search, "1", Masks,
+                         producer=lambda params: ALLOCATORS.get(params["target"].allocation.kind).version, plan=plan))

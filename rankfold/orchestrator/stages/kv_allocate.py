@@ -1,5 +1,8 @@
-"""Palu's rank search over a whole model, on the driver: the kv_factors stage's spectra (and the Fisher
-stage's head-group sums) of every layer -> the ranks of every head group's keys and values."""
+"""kv_allocate: Palu's rank search over a whole model, on the driver — the kv_factors stage's spectra
+(and, for `rank_search: fisher`, the Fisher pass's head-group sums) of every layer -> the ranks of every
+head group's keys and values, recorded in the manifest with a summary.
+
+params: kv_cache (PaluOptions). inputs: kv_factors, fisher (optional)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from rankfold.methods.palu import VERSION as PALU_VERSION
 from rankfold.methods.palu import (
     PaluOptions,
     RankUnit,
@@ -15,10 +19,21 @@ from rankfold.methods.palu import (
     search_ranks,
     uniform_ranks,
 )
+from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, register_stage
+from rankfold.orchestrator.stages.outputs import FisherSums, KVFactors, KVRanks
+from rankfold.orchestrator.stages.stage import Stage
 from rankfold.workers.fisher import head_group_scores
 from rankfold.workers.kv import GRAM_TRACE, PROJECTIONS
 
-Read = Callable[[str, int], dict[str, torch.Tensor]]  # (stage name, layer) -> the layer's artifact
+Read = Callable[[int], dict[str, torch.Tensor]]  # layer -> the layer's artifact
+
+
+def kv_allocate(env: Env, stage: Stage, *, kv_factors: KVFactors, fisher: FisherSums | None = None,
+                ) -> tuple[dict, Artifacts]:
+    """Palu's ranks under the KV budget; Fisher sums are wired (and read) only for the fisher search."""
+    ranks, summary = search_kv_ranks(stage.params["kv_cache"], env.source.config, kv_factors.read,
+                                     fisher.read if fisher is not None else None)
+    return {"ranks": {str(i): r for i, r in ranks.items()}, "summary": summary}, {}
 
 
 def head_dim(config) -> int:
@@ -30,9 +45,9 @@ def kv_units(options: PaluOptions, config, read: Read, fisher: Read | None) -> l
     d, g = head_dim(config), options.group_heads
     units = []
     for i in range(config.num_hidden_layers):
-        factors = read("kv_factors", i)
+        factors = read(i)
         trace = float(factors[GRAM_TRACE][0])
-        sums = fisher("fisher", i) if fisher is not None else None
+        sums = fisher(i) if fisher is not None else None
         for kind, path in PROJECTIONS.items():
             scores = head_group_scores(sums, path, d, g) if sums is not None else None
             for k in range(config.num_key_value_heads // g):
@@ -53,7 +68,9 @@ def search_kv_ranks(options: PaluOptions, config, read: Read,
     ranks: dict[int, dict[str, list[int]]] = {}
     for (i, kind, _), rank in sorted(chosen.items()):
         ranks.setdefault(i, {"k": [], "v": []})[kind].append(rank)
-    dropped = lambda r: sum(u.weight * float(u.energy[r[u.key]:].sum()) for u in units)
+    def dropped(r: dict) -> float:
+        return sum(u.weight * float(u.energy[r[u.key]:].sum()) for u in units)
+
     kept = sum(chosen.values())
     summary = {"budget_dims": budget, "kept_dims": kept, "full_dims": full, "kept_fraction": kept / full,
                "modelled_loss": dropped(chosen), "modelled_loss_uniform": dropped(uniform),
@@ -70,3 +87,6 @@ def latent_bytes(ranks: dict[int, dict[str, list[int]]], options: PaluOptions, d
         return float(sum(widths) * dtype_bytes)
     groups = sum(-(-w // options.quant_group) for w in widths)
     return groups * (options.quant_group * options.bits / 8 + 4)
+
+
+register_stage(StageKind("kv_allocate", kv_allocate, "3", KVRanks, producer=lambda params: PALU_VERSION))

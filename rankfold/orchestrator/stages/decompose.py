@@ -1,0 +1,41 @@
+"""decompose: the method's factors of every compressed module, one task per (layer, input group).
+
+params: model {id, dtype}, method. inputs: ranks (the allocated layout), statistics (when the method
+needs them), and the method's own stages under their kinds' names (Method.reads, e.g. CAP's rpca, search)."""
+
+from __future__ import annotations
+
+from rankfold.methods.registry import method_of
+from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, register_stage
+from rankfold.orchestrator.stages.outputs import Factors, LayerArtifacts, Ranks, Statistics
+from rankfold.orchestrator.stages.stage import Stage
+from rankfold.workers.tasks import DecomposeItem, decompose_item
+
+
+def decompose(env: Env, stage: Stage, *, ranks: Ranks, statistics: Statistics | None = None,
+              **reads: LayerArtifacts) -> tuple[dict, Artifacts]:
+    """The result holds the method's diagnostics ({quantity: {module path: value}}, e.g. cond(A₁))."""
+    arch, layout, ref, method = env.source.architecture, ranks.layout, env.store.ref(), stage.params["method"]
+    items = [DecomposeItem(env.source.location, method, arch.layer_prefix.format(i=i), group,
+                           tuple(m.to_json() for m in layout.in_group(i, group)), ref,
+                           statistics.key(i) if statistics is not None else None, ref,
+                           Factors.key_of(stage, i, group),
+                           tuple((kind, m, reads[kind].key(i, m)) for kind in method_of(method).reads
+                                 for module in layout.in_group(i, group) for m in module.members))
+             for i, group in layer_groups(env, layout)]
+    diagnostics: dict[str, dict[str, float]] = {}
+    artifacts: Artifacts = {}
+    for part, key, sha in env.executor.map(decompose_item, items, "decompose"):
+        for quantity, values in part.items():
+            diagnostics.setdefault(quantity, {}).update(values)
+        artifacts[key] = sha
+    return {"diagnostics": diagnostics}, artifacts
+
+
+def layer_groups(env: Env, layout) -> list[tuple[int, str]]:
+    """(layer, input group) pairs that hold compressed modules, in layer then architecture order."""
+    return [(i, g.name) for i in range(env.source.num_layers) for g in env.source.architecture.groups
+            if layout.in_group(i, g.name)]
+
+
+register_stage(StageKind("decompose", decompose, "1", Factors, producer=lambda params: method_of(params["method"]).version))

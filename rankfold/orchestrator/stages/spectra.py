@@ -1,0 +1,32 @@
+"""spectra: whitened spectra of every module of the method's structure, one task per (layer, input
+group) — what FLRA's allocator trades.
+
+params: structure {layer: [module JSON without ranks]} (so every ratio shares one pass)."""
+
+from __future__ import annotations
+
+from rankfold.orchestrator.stages.kind import Artifacts, Env, PlanContext, StageKind, register_stage
+from rankfold.orchestrator.stages.outputs import Spectra, Statistics
+from rankfold.orchestrator.stages.stage import Stage
+from rankfold.workers.tasks import SpectrumItem, spectrum_item
+
+
+def spectra(env: Env, stage: Stage, *, statistics: Statistics) -> tuple[dict, Artifacts]:
+    arch, ref = env.source.architecture, env.store.ref()
+    items = []
+    for layer, modules in stage.params["structure"].items():
+        i = int(layer)
+        for group in (g.name for g in arch.groups if any(module["group"] == g.name for module in modules)):
+            members = tuple({**module, "rank": 0} for module in modules if module["group"] == group)
+            items.append(SpectrumItem(env.source.location, arch.layer_prefix.format(i=i), group, members, ref,
+                                      statistics.key(i), ref, Spectra.key_of(stage, i, group)))
+    return {}, dict(env.executor.map(spectrum_item, items, "spectra"))
+
+
+def plan(context: PlanContext) -> tuple[dict, dict]:
+    structure = {str(i): [{k: v for k, v in module.to_json().items() if k != "rank"} for module in modules]
+                 for i, modules in context.uniform.by_layer.items()}
+    return {"structure": structure}, {"statistics": "calibrate"}
+
+
+register_stage(StageKind("spectra", spectra, "1", Spectra, plan=plan))
