@@ -52,7 +52,7 @@ from rankfold.models.sources import open_source
 from rankfold.modules.latent_cache import cache_nbytes
 from rankfold.orchestrator.job import run_job
 from rankfold.storage.store import LocalStore
-from rankfold.workers.evaluate import make_windows
+from rankfold.workers.streamed_perplexity import make_windows
 
 DATA = REPO.parent / "shared" / "data"
 WEIGHTS = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

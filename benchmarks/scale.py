@@ -59,7 +59,7 @@ from rankfold.methods.svd import split_singular  # noqa: E402
 from rankfold.methods.svd_llm import svd_llm_factors  # noqa: E402
 from rankfold.methods.whitening import apply_inverse_right, whitening_factor  # noqa: E402
 from rankfold.workers.activations import Activations  # noqa: E402
-from rankfold.workers.calibrate import InputStats, propagate_layer  # noqa: E402
+from rankfold.workers.layer_statistics import InputStats, propagate_layer  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 GB = 1e9
@@ -538,7 +538,7 @@ def timed_gram_updates(seconds: dict[int, float]):
 
 def calibrate_layer(layer, runner, groups, chunks: list[torch.Tensor], product_dtype: torch.dtype,
                     pieces: Pieces) -> dict[str, InputStats]:
-    """The calibration stage's work on one layer: workers/calibrate.py `propagate_layer` (a pre-hook on
+    """The calibration stage's work on one layer: workers/layer_statistics.py `propagate_layer` (a pre-hook on
     each group's first member adds its input to the group's InputStats) over `chunks`, keeping the
     outputs as the next layer's input, as a shard does. Each group's Gram updates are timed apart."""
     inputs, outputs = Activations(1 << 62), Activations(1 << 62)  # resident (a shard spills past its budget)

@@ -67,9 +67,10 @@ def write_index(folder: Path, shards: list[ShardInfo], config: PretrainedConfig,
     config = copy.deepcopy(config)  # the source's config stays as it was
     config.rankfold = {"format_version": FORMAT_VERSION, **rankfold_meta}
     atomic_write_text(folder / "config.json", config.to_json_string(use_diff=False))
+    # config.json carries the layout every reader builds the model from: checksummed like the shards.
+    checksums = {shard.name: shard.sha256 for shard in shards} | {"config.json": sha256_file(folder / "config.json")}
     index = {
-        "metadata": {"format": "rankfold", "format_version": FORMAT_VERSION,
-                     "sha256": {shard.name: shard.sha256 for shard in shards}},
+        "metadata": {"format": "rankfold", "format_version": FORMAT_VERSION, "sha256": checksums},
         "weight_map": {key: shard.name for shard in shards for key in shard.keys},
     }
     atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True))

@@ -89,17 +89,17 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from rankfold.orchestrator.schedule import Registry
+    from rankfold.orchestrator.schedule import ScheduleRegistry
 
-    entry = Registry(args.registry).add(args.spec, args.cron, args.address, args.name)
+    entry = ScheduleRegistry(args.registry).add(args.spec, args.cron, args.address, args.name)
     print(f"{entry.name}: '{entry.cron}' -> next run {entry.next_run} (run `rankfold scheduler` to submit runs)")
     return 0
 
 
 def _schedules(args: argparse.Namespace) -> int:
-    from rankfold.orchestrator.schedule import Registry
+    from rankfold.orchestrator.schedule import ScheduleRegistry
 
-    registry = Registry(args.registry)
+    registry = ScheduleRegistry(args.registry)
     if args.remove:
         return 0 if registry.remove(args.remove) else EXIT_BAD_INPUT
     for entry in registry.entries():
@@ -110,10 +110,10 @@ def _schedules(args: argparse.Namespace) -> int:
 def _scheduler(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from rankfold.orchestrator.schedule import Registry, run_due, scheduler_loop
+    from rankfold.orchestrator.schedule import ScheduleRegistry, run_due, scheduler_loop
     from rankfold.orchestrator.submit import submit
 
-    registry = Registry(args.registry)
+    registry = ScheduleRegistry(args.registry)
     if args.once:
         now = datetime.fromisoformat(args.now) if args.now else datetime.now()
         run_due(registry, now, submit, log=lambda line: print(line, flush=True))
@@ -145,7 +145,7 @@ def _history(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from rankfold.orchestrator.verify import verify
 
-    problems = verify(args.target, stream=sys.stdout)
+    problems = verify(args.target, stream=sys.stdout, repair=args.repair)
     return EXIT_FAILED if problems else 0
 
 
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="hash every artifact of a job (SPEC) or every shard of a checkpoint "
                                                 "folder (PATH) against its recorded sha256")
     verify.add_argument("target", help="job or evaluation spec, or checkpoint folder")
+    verify.add_argument("--repair", action="store_true", help="drop the records of stages whose artifacts are "
+                                                               "missing or damaged, so the next run recomputes them")
     verify.set_defaults(handler=_verify)
     return parser
 

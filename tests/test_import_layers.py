@@ -125,3 +125,12 @@ def test_no_import_circle_anywhere():
 
 def test_the_circle_check_finds_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_one_file_name_per_idea():
+    """No two modules share a file name (each package's `registry.py` is the same idea in each: exempt)."""
+    seen: dict[str, list[str]] = {}
+    for path in _sources():
+        if path.name not in ("__init__.py", "registry.py"):
+            seen.setdefault(path.name, []).append(str(path.relative_to(PACKAGE)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}

@@ -16,7 +16,7 @@ parameter fall with r (σ_i² is non-increasing and a rank's cost is constant, o
 and is then made monotone), so this greedy order is the optimum of the relaxed problem; it stops
 within one rank's cost of the budget and never exceeds it.
 
-Stages: `fisher` (streamed backward, workers/fisher.py) and `spectra` (`group_spectra` below, one
+Stages: `fisher` (streamed backward, workers/fisher_backward.py) and `spectra` (`group_spectra` below, one
 task per input group), then this allocator on the driver.
 
     target: {ratio: 0.2, allocation: {kind: flra, fisher_samples: 32, fisher_batch_size: 1, min_rank_fraction: 0.01}}

@@ -20,7 +20,7 @@ from rankfold.methods.structure import dense_params
 from rankfold.modules.layout import CompressedModule
 
 Shapes = dict[int, dict[str, tuple[int, int]]]  # layer -> matrix path -> (out, in)
-Ranks = dict[int, dict[str, int]]               # layer -> matrix path -> rank ([rank, nnz] when sparse)
+Ranks = dict[int, dict[str, int | list[int]]]   # layer -> matrix path -> rank, or [rank, nnz] when sparse
 
 
 class AllocationOptions(Strict):

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 EXIT_BAD_INPUT = 2  # the spec, model, data, budget, storage or cluster is wrong: nothing ran that matters
-EXIT_FAILED = 1     # the work itself failed (a decomposition, the numerics, a damaged artifact)
+EXIT_FAILED = 1     # the work itself failed (a decomposition, the numerics, a plan wired wrongly)
 
 
 class RankfoldError(Exception):

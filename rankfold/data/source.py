@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import model_validator
 
@@ -11,6 +12,9 @@ from rankfold.core.options import Strict
 
 class TextSource(Strict):
     """Text from a local file (.txt, or .jsonl with a text field) or a dataset name (needs a reachable hub)."""
+
+    # Where a file lies is not what it holds: digests hash its content (text_fingerprint) beside this.
+    unhashed: ClassVar[frozenset[str]] = frozenset({"path"})
 
     path: Path | None = None
     dataset: str | None = None

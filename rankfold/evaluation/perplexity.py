@@ -19,8 +19,8 @@ from rankfold.data.source import TextSource
 from rankfold.data.text import load_text, tokenize
 from rankfold.evaluation.registry import EvaluationContext, Evaluator, EvaluatorOptions, Row, register_evaluator
 from rankfold.execution.streaming import stream_shards
-from rankfold.workers.evaluate import make_windows
 from rankfold.workers.shard import ShardConfig
+from rankfold.workers.streamed_perplexity import make_windows
 
 VERSION = "1"
 RESIDENT_BYTES = 2 << 30  # activations held per evaluation before spilling to scratch

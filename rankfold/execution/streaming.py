@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from rankfold.execution.base import Executor, ShardLost
-from rankfold.workers.calibrate import sum_stats
+from rankfold.workers.layer_statistics import sum_stats
 from rankfold.workers.shard import LayerStep, SequenceShard, ShardConfig
 
 log = logging.getLogger("rankfold.streaming")

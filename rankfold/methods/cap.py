@@ -1,9 +1,9 @@
 """CAP (seed 001; METHODS.md "CAP"): every matrix as low rank + sparse, W ≈ U diag(σ⊙m_σ) Vᵀ + S⊙m_S,
-with the masks chosen over all layers at once under one parameter budget (allocators/search.py).
+with the masks chosen over all layers at once under one parameter budget (allocators/cap_search.py).
 
 Stage `rpca` (this file's `rpca_units`, one task per matrix) splits W into triples and sparse entries.
 `triples: residual_svd` (default; rankfold's reading of the paper):
-- robust PCA (methods/rpca.py) of W·D, D = diag(√G_jj), gives the sparse part S. Weighting each
+- robust PCA (methods/robust_pca.py) of W·D, D = diag(√G_jj), gives the sparse part S. Weighting each
   column by its input's norm ranks entries as Wanda does, and a column scaling keeps S sparse in W
   (a full whitening would not). S is capped at its ⌊max_density · m·n⌋ highest-scoring entries;
 - the triples are the full SVD of W − S — of (W − S)·S_G with `whiten` (S_G the Gram's Cholesky
@@ -36,7 +36,7 @@ import torch
 from pydantic import Field
 
 from rankfold.methods.registry import Method, MethodOptions, SparseFactors, register_method
-from rankfold.methods.rpca import robust_pca
+from rankfold.methods.robust_pca import robust_pca
 from rankfold.methods.structure import SPARSE
 from rankfold.methods.whitening import apply_inverse_right
 from rankfold.modules.layout import CompressedModule
@@ -56,6 +56,17 @@ class CapOptions(MethodOptions):
     debias: bool = True                      # rpca: σ_i ← u_iᵀ X v_i, undo singular-value thresholding's shrinkage
     max_density: float = Field(0.5, ge=0, le=1)  # sparse candidates per matrix, as a fraction of m·n (0: ranks only)
     count_indices: bool = True               # a sparse entry costs value + int32 index (false: the paper's 1)
+
+
+# The options robust PCA reads (the rpca stage): the rest (count_indices) only matter to the search.
+ROBUST_PCA_FIELDS = frozenset({"iterations", "lam_scale", "rho", "triples", "whiten", "debias", "max_density"})
+
+
+def robust_pca_options(options: CapOptions) -> CapOptions:
+    """`options` with every field robust PCA does not read at its default: one robust PCA serves them all."""
+    defaults = {name: field.default for name, field in CapOptions.model_fields.items()
+                if name not in ROBUST_PCA_FIELDS and name != "name"}
+    return options.model_copy(update=defaults)
 
 
 def rpca_units(options: CapOptions, weight: torch.Tensor, gram: torch.Tensor, count: int,

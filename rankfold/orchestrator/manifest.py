@@ -91,6 +91,13 @@ class Manifest:
         self._write()
         return record
 
+    def forget(self, stage: str) -> None:
+        """Drop the stage's record here and its shared record, so the next run recomputes it."""
+        record = self.stages.pop(stage, None)
+        if record is not None:
+            self.store.delete(shared_key(record.digest))
+            self._write()
+
     def _shared(self, digest: str) -> StageRecord | None:
         try:
             return StageRecord(**self.store.get_json(shared_key(digest))) if self.store.exists(shared_key(digest)) \

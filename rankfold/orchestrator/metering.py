@@ -12,7 +12,7 @@ import psutil
 
 
 @dataclass
-class StageRecord:
+class StageTiming:
     name: str
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
@@ -43,12 +43,12 @@ class _PeakSampler(threading.Thread):
 @dataclass
 class StageMeter:
     interval_s: float = 0.02
-    records: dict[str, StageRecord] = field(default_factory=dict)
+    records: dict[str, StageTiming] = field(default_factory=dict)
 
     @contextmanager
     def stage(self, name: str, worker_peak: Callable[[], float | None] = lambda: None) -> Iterator[None]:
         """Meter the block; `worker_peak` (an executor's `take_worker_peak_mb`) adds what workers report."""
-        record = self.records.setdefault(name, StageRecord(name))
+        record = self.records.setdefault(name, StageTiming(name))
         sampler = _PeakSampler(self.interval_s)
         sampler.start()
         start = time.perf_counter()

@@ -35,7 +35,8 @@ def make_plan(spec: JobSpec, model_id: str, uniform: ModelLayout) -> Plan:
     wanted = ALLOCATORS.get(allocation.kind).stages_for(allocation)
     for kind in wanted:  # e.g. FLRA's fisher and spectra, in the allocator's order
         _add_by_kind(builder, kind, PlanContext(spec, model, sample, uniform, frozenset(builder.plan().digests())))
-    builder.add("allocate", "allocate", {"method": spec.method, "target": spec.target, "layout": uniform.to_json()},
+    builder.add("allocate", "allocate", {"model": model, "method": spec.method, "target": spec.target,
+                                         "layout": uniform.to_json()},
                 {kind: kind for kind in wanted})
     reads = {kind: kind for kind in method_of(spec.method).reads}
     builder.add("decompose", "decompose", {"model": model, "method": spec.method},

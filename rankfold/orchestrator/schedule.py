@@ -37,7 +37,7 @@ class ScheduleEntry:
     last_run: str | None = None
 
 
-class Registry:
+class ScheduleRegistry:
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path else default_registry()
 
@@ -68,7 +68,7 @@ class Registry:
         return len(kept) != len(entries)
 
 
-def run_due(registry: Registry, now: datetime, submit: Callable[[str, str | None], str],
+def run_due(registry: ScheduleRegistry, now: datetime, submit: Callable[[str, str | None], str],
             log: Callable[[str], None] = print) -> list[str]:
     """Submit every entry whose next slot has passed; returns the submission ids. A failed
     submission is logged and retried at the next slot, without blocking the other entries."""
@@ -93,7 +93,7 @@ def run_due(registry: Registry, now: datetime, submit: Callable[[str, str | None
     return submitted
 
 
-def scheduler_loop(registry: Registry, submit: Callable[[str, str | None], str], poll_s: float = 30.0,
+def scheduler_loop(registry: ScheduleRegistry, submit: Callable[[str, str | None], str], poll_s: float = 30.0,
                    log: Callable[[str], None] = print) -> None:
     log(f"scheduler: {len(registry.entries())} schedule(s) in {registry.path}; checking every {poll_s:.0f} s")
     while True:

@@ -14,8 +14,9 @@ from rankfold.orchestrator.manifest import Manifest
 from rankfold.orchestrator.preflight import job_id
 
 
-def verify(target: str, stream: TextIO) -> list[str]:
-    """`target`: a job or evaluation spec file, or a checkpoint folder. SpecError when it is neither."""
+def verify(target: str, stream: TextIO, repair: bool = False) -> list[str]:
+    """`target`: a job or evaluation spec file, or a checkpoint folder. SpecError when it is neither.
+    `repair`: drop the records of stages with a missing or damaged artifact (the next run recomputes them)."""
     path = Path(target)
     if path.is_dir() and (path / INDEX_NAME).is_file():
         return _folder(path, stream)
@@ -25,10 +26,13 @@ def verify(target: str, stream: TextIO) -> list[str]:
     problems = []
     if not manifest.stages:
         print(f"{target}: no recorded stages in {store.describe(manifest.key)}", file=stream)
-    for name, record in manifest.stages.items():
+    for name, record in list(manifest.stages.items()):
         bad = [key for key, sha in record.artifacts.items() if store.actual_checksum(key) != sha]
         problems += [f"{name}: {store.describe(key)} is missing or damaged" for key in bad]
         print(f"{name}: {len(record.artifacts) - len(bad)}/{len(record.artifacts)} artifacts verified", file=stream)
+        if bad and repair:
+            manifest.forget(name)
+            print(f"{name}: record dropped; the next run recomputes it", file=stream)
     placed = Path(spec.output.dir) / "model"
     if (placed / INDEX_NAME).is_file():
         problems += _folder(placed, stream)

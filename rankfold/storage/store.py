@@ -199,7 +199,8 @@ class LocalStore(ArtifactStore):
         if recorded is None:
             raise StoreError(f"artifact {self.describe(key)} is missing (or was never completed)")
         if sha256_file(self.path(key)) != recorded:
-            raise StoreError(f"artifact {self.describe(key)} is damaged: its sha256 differs from the recorded one")
+            raise StoreError(f"artifact {self.describe(key)} is damaged: its sha256 differs from the recorded one "
+                             f"(`rankfold verify SPEC --repair` drops the stage records that trust it)")
         yield self.path(key)
 
     def fetch(self, key: str, destination: Path) -> None:
@@ -226,7 +227,7 @@ class LocalStore(ArtifactStore):
             stat = self.path(key).stat()
         except FileNotFoundError:
             return None
-        return self.checksum(key), f"{stat.st_size}:{stat.st_mtime_ns}"
+        return self.checksum(key), f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
 
     def delete(self, key: str) -> None:
         self._checksum_path(key).unlink(missing_ok=True)
@@ -314,7 +315,8 @@ class S3Store(ArtifactStore):
             except Exception as err:  # noqa: BLE001
                 raise self._error(err, key) from None
             if sha256_file(path) != recorded:
-                raise StoreError(f"artifact {self.describe(key)} is damaged: its sha256 differs from the recorded one")
+                raise StoreError(f"artifact {self.describe(key)} is damaged: its sha256 differs from the recorded one "
+                             f"(`rankfold verify SPEC --repair` drops the stage records that trust it)")
             yield path
 
     def _head(self, key: str) -> dict | None:

@@ -23,10 +23,10 @@ from rankfold.models.sources import ModelSource, open_source
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.activations import Activations
-from rankfold.workers.calibrate import propagate_layer
-from rankfold.workers.evaluate import window_nll
-from rankfold.workers.fisher import fisher_tensors, head_gradient, layer_backward, prepare_for_gradients
+from rankfold.workers.fisher_backward import fisher_tensors, head_gradient, layer_backward, prepare_for_gradients
+from rankfold.workers.layer_statistics import propagate_layer
 from rankfold.workers.layers import LayerRunner, embed, materialize_layer, runtime_config
+from rankfold.workers.streamed_perplexity import window_nll
 
 _SOURCES: dict[str, ModelSource] = {}
 

@@ -13,14 +13,14 @@ import torch
 
 from rankfold.allocators.flra import group_spectra
 from rankfold.checkpoint import ShardInfo
-from rankfold.methods.decompose import decompose_group
+from rankfold.methods.group_decomposition import decompose_group
 from rankfold.methods.registry import MethodOptions
 from rankfold.methods.statistics import InputStats
 from rankfold.modules.latent_kv import LatentKVShape
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreError, StoreRef, open_ref
-from rankfold.workers.assemble import assemble_layer_state
 from rankfold.workers.kv import layer_kv_tensors
+from rankfold.workers.layer_state import assemble_layer_state
 from rankfold.workers.shard import cached_source
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankfold.allocators.search import (
+from rankfold.allocators.cap_search import (
     baselines,
     entry_masks,
     initial_probabilities,

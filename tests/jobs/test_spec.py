@@ -173,3 +173,12 @@ def test_a_job_written_before_an_optional_field_existed_is_the_same_job(good):
     (out / "job.json").write_text(json.dumps(older, sort_keys=True, separators=(",", ":")))
     assert prepare_output(spec, store) == out
     assert json.loads((out / "job.json").read_text())["evaluation"]["generation"][0]["progressive"] is None
+
+
+def test_the_former_allocation_kind_fisher_still_parses_as_flra_with_a_warning(good):
+    good["target"]["allocation"] = {"kind": "fisher", "fisher_samples": 4}
+    with pytest.warns(FutureWarning, match="'fisher' is now 'flra'"):
+        spec = parse_spec(good)
+    assert spec.target.allocation.kind == "flra" and spec.target.allocation.fisher_samples == 4
+    good["target"]["allocation"]["kind"] = "flra"
+    assert parse_spec(good).canonical_json() == spec.canonical_json()  # the same job

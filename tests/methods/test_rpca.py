@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankfold.methods.rpca import robust_pca, shrink, singular_value_threshold
+from rankfold.methods.robust_pca import robust_pca, shrink, singular_value_threshold
 
 
 def _planted(m=60, n=80, rank=4, density=0.05, seed=0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankfold.methods.decompose import decompose_group
+from rankfold.methods.group_decomposition import decompose_group
 from rankfold.methods.skipcat import CatOptions, pivoted_columns, skip_apply, skip_reparameterize
 from rankfold.methods.statistics import InputStats
 from rankfold.methods.structure import params, rank_for_ratio

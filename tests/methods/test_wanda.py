@@ -58,6 +58,6 @@ def test_wanda_job_checkpoint_is_the_pruned_model_at_the_counted_ratio(tiny_mode
 
 def test_wanda_with_a_global_allocator_is_a_spec_error(tiny_model_dir, tmp_path):
     spec = tiny_spec_dict(tiny_model_dir, tmp_path / "out", method="wanda")
-    spec["target"]["allocation"] = {"kind": "fisher"}
-    with pytest.raises(SpecError, match="allocation.kind 'fisher' does not apply to method.name 'wanda'"):
+    spec["target"]["allocation"] = {"kind": "flra"}
+    with pytest.raises(SpecError, match="allocation.kind 'flra' does not apply to method.name 'wanda'"):
         parse_spec(spec)

@@ -20,7 +20,7 @@ from rankfold.modules.lowrank import LowRankLinear
 from rankfold.modules.shared import SharedLowRankLinear
 from rankfold.orchestrator.job import run_job
 from rankfold.storage.store import LocalStore
-from rankfold.workers.evaluate import make_windows, model_perplexity
+from rankfold.workers.streamed_perplexity import make_windows, model_perplexity
 from tests.conftest import tiny_spec_dict
 
 

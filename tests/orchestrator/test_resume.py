@@ -85,3 +85,32 @@ def test_verify_hashes_every_artifact_and_names_a_damaged_one(finished, tmp_path
     assert main(["verify", str(tmp_path / "spec.yaml")]) == EXIT_FAILED
     printed = capsys.readouterr().out
     assert f"decompose: {store.describe(key)} is missing or damaged" in printed
+
+
+def test_damage_that_keeps_size_and_mtime_fails_where_read_and_verify_repair_recomputes(finished, tmp_path, capsys,
+                                                                                        monkeypatch):
+    import dataclasses
+
+    import yaml
+
+    from rankfold.cli import main
+    from rankfold.orchestrator.stages import STAGE_KINDS
+    from rankfold.storage.store import StoreError
+
+    spec, first, out = finished
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    store = LocalStore(out / "artifacts")
+    key = store.list_keys(f"factors/{first['artifacts']['digests']['decompose']}/")[0]
+    stat = store.path(key).stat()
+    data = bytearray(store.path(key).read_bytes())
+    data[-1] ^= 0xFF  # bit rot: same size, and the mtime put back
+    store.path(key).write_bytes(bytes(data))
+    os.utime(store.path(key), ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assemble = dataclasses.replace(STAGE_KINDS.get("assemble"), version="changed")  # so it reads the factors again
+    monkeypatch.setitem(STAGE_KINDS._entries, "assemble", assemble)
+    with pytest.raises(StoreError, match="verify SPEC --repair"):
+        run_job(spec, stream=None)
+    assert main(["verify", str(tmp_path / "spec.yaml"), "--repair"]) == 1
+    assert "decompose: record dropped" in capsys.readouterr().out
+    again = run_job(spec, stream=None)
+    assert "decompose" not in again["reused_stages"] and store.verify(key)

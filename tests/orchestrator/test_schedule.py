@@ -11,7 +11,7 @@ import yaml
 
 from rankfold.cli import EXIT_BAD_INPUT, main
 from rankfold.orchestrator.history import format_history, plot_history
-from rankfold.orchestrator.schedule import Registry, run_due
+from rankfold.orchestrator.schedule import ScheduleRegistry, run_due
 from tests.conftest import tiny_spec_dict
 
 
@@ -23,7 +23,7 @@ def spec_file(tmp_path, tiny_model_dir):
 
 
 def test_due_entries_are_submitted_once_per_slot(tmp_path, spec_file):
-    registry = Registry(tmp_path / "schedules.json")
+    registry = ScheduleRegistry(tmp_path / "schedules.json")
     registry.add(spec_file, "0 2 * * *", None, now=datetime(2026, 11, 24, 1, 0))
     submitted = []
     submit = lambda spec, address: (submitted.append(spec), f"job-{len(submitted)}")[1]  # noqa: E731
@@ -38,7 +38,7 @@ def test_due_entries_are_submitted_once_per_slot(tmp_path, spec_file):
 
 
 def test_a_failing_entry_does_not_block_the_others(tmp_path, spec_file):
-    registry = Registry(tmp_path / "schedules.json")
+    registry = ScheduleRegistry(tmp_path / "schedules.json")
     registry.add(spec_file, "0 2 * * *", "http://broken", name="broken", now=datetime(2026, 11, 24))
     registry.add(spec_file, "0 2 * * *", None, name="fine", now=datetime(2026, 11, 24))
     lines = []

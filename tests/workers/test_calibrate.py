@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankfold.workers.calibrate import InputStats, sum_stats
+from rankfold.workers.layer_statistics import InputStats, sum_stats
 
 
 @pytest.mark.parametrize("n", [100, 576, 1000])

@@ -8,7 +8,7 @@ import weakref
 import torch
 
 import rankfold.methods.svd_llm as svd_llm
-from rankfold.methods import decompose
+from rankfold.methods import group_decomposition as decompose
 from rankfold.methods.statistics import InputStats
 from rankfold.methods.svd_llm import SvdLlmOptions
 from rankfold.modules.layout import CompressedModule

@@ -111,7 +111,7 @@ def test_head_group_scores_slice_rows_for_kv_and_columns_for_o(tiny_model_dir, t
     ids = torch.randint(0, source.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
     _, layers = streamed_fisher(source, ids, 1, 1, tmp_path)
     reference = autograd_fisher(whole_model(source), ids, 1, PATHS)
-    from rankfold.workers.fisher import head_group_scores
+    from rankfold.workers.fisher_backward import head_group_scores
 
     k = reference["model.layers.0.self_attn.k_proj"]
     o = reference["model.layers.0.self_attn.o_proj"]

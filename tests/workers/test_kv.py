@@ -13,8 +13,8 @@ from rankfold.methods.palu import group_factors
 from rankfold.models.architecture import _ARCHITECTURES
 from rankfold.modules.latent_kv import LatentKVAttention, LatentKVShape
 from rankfold.modules.layout import CompressedModule
-from rankfold.workers.assemble import assemble_layer_state
 from rankfold.workers.kv import layer_kv_tensors
+from rankfold.workers.layer_state import assemble_layer_state
 from rankfold.workers.layers import LayerRunner, materialize_layer, runtime_config
 
 ARCH = _ARCHITECTURES["llama"]

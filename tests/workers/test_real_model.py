@@ -16,7 +16,7 @@ from rankfold.methods.svd import svd_factors
 from rankfold.methods.svd_llm import svd_llm_factors
 from rankfold.methods.whitening import whitening_factor
 from rankfold.workers.activations import Activations
-from rankfold.workers.calibrate import propagate_layer
+from rankfold.workers.layer_statistics import propagate_layer
 from rankfold.workers.layers import LayerRunner, embed, materialize_layer, runtime_config
 
 pytestmark = pytest.mark.realmodel

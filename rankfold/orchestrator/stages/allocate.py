@@ -1,7 +1,7 @@
 """allocate: the ranks of every compressed matrix from the spec's allocator, on the driver; recorded in
 the manifest with the allocated layout and, when the allocator gives one, progressive decoding's order.
 
-params: method, target, layout (the method's structure with the uniform ranks, ModelLayout JSON).
+params: model {id, dtype}, method, target, layout (the method's structure with the uniform ranks, ModelLayout JSON).
 inputs: the allocator's own stages, each under its kind's name (e.g. fisher, spectra)."""
 
 from __future__ import annotations

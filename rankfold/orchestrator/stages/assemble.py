@@ -54,7 +54,7 @@ def assemble(env: Env, stage: Stage, *, factors: Factors, ranks: Ranks, kv_facto
     artifacts = assemble_checkpoint(env.source, layout, params["model"]["dtype"], env.store, env.executor,
                                     factor_keys, stage.prefix(Checkpoint.folder_name), env.checkpoint, meta, extras,
                                     kv_keys)
-    return {"folder": str(env.checkpoint)}, artifacts
+    return {}, artifacts  # where it is placed is the job's (Env.checkpoint), not part of a shared record
 
 
 def compressed_layout(env: Env, params: dict, ranks: Ranks, kv_ranks: KVRanks | None) -> ModelLayout:
@@ -149,7 +149,10 @@ def _placed(folder: Path) -> dict[str, str] | None:
 
 
 def _write_placed(folder: Path) -> None:
-    (folder / PLACED).write_text(json.dumps(_tokens(folder), sort_keys=True))
+    try:
+        (folder / PLACED).write_text(json.dumps(_tokens(folder), sort_keys=True))
+    except OSError:  # a read-only folder: it is verified in full each time instead
+        pass
 
 
 def _global_tensors(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -22,9 +22,11 @@ def evaluate(env: Env, stage: Stage, *, checkpoint: Checkpoint | None = None) ->
     if checkpoint is None:
         location, config = env.source.location, env.source.config
     else:
+        # This job's placed copy (restored by assemble's reuse check), never a folder named in a shared
+        # record: another job with the same digest placed its own elsewhere.
         stored = stored_location(env.store.ref(), checkpoint.prefix)
-        location = env.executor.model_location(str(checkpoint.path), stored)
-        config = open_source(str(checkpoint.path)).config
+        location = env.executor.model_location(str(env.checkpoint), stored)
+        config = open_source(str(env.checkpoint)).config
     layouts = layer_layouts(config)
     context = EvaluationContext(env.executor, location, env.source.num_layers, lambda i: layouts.get(i) or None,
                                 env.source.tokenizer(), stage.params["dtype"], env.scratch, stage.name)

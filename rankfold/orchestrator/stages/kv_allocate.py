@@ -22,7 +22,7 @@ from rankfold.methods.palu import (
 from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, register_stage
 from rankfold.orchestrator.stages.outputs import FisherSums, KVFactors, KVRanks
 from rankfold.orchestrator.stages.stage import Stage
-from rankfold.workers.fisher import head_group_scores
+from rankfold.workers.fisher_backward import head_group_scores
 from rankfold.workers.kv import GRAM_TRACE, PROJECTIONS
 
 Read = Callable[[int], dict[str, torch.Tensor]]  # layer -> the layer's artifact

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -104,13 +103,9 @@ class KVRanks(Output):
 
 
 class Checkpoint(Output):
-    """An assembled model: its store prefix and the folder it was placed in."""
+    """An assembled model: its store prefix (a job places it in its own Env.checkpoint)."""
 
     folder_name: ClassVar[str] = "checkpoints"  # store folder of compressed checkpoints
-
-    @property
-    def path(self) -> Path:
-        return Path(self.result["folder"])
 
     @property
     def prefix(self) -> str:

@@ -1,15 +1,16 @@
-"""rpca: CAP's robust PCA units of every compressed matrix, one task per matrix (workers/cap.py).
+"""rpca: CAP's robust PCA units of every compressed matrix, one task per matrix (workers/rpca_items.py).
 
-params: model {id, dtype}, method, matrices [[layer, path, group], ...]. The ratio is not a param (a
+params: model {id, dtype}, method (robust PCA's fields only), matrices [[layer, path, group], ...]. The ratio is not a param (a
 sparse module's nnz follows from it): one robust PCA serves every ratio and keep rule."""
 
 from __future__ import annotations
 
+from rankfold.methods.cap import robust_pca_options
 from rankfold.methods.registry import method_of
 from rankfold.orchestrator.stages.kind import Artifacts, Env, PlanContext, StageKind, register_stage
 from rankfold.orchestrator.stages.outputs import RobustPCA, Statistics
 from rankfold.orchestrator.stages.stage import Stage
-from rankfold.workers.cap import SCORE_SUFFIX, RPCAItem, rpca_item
+from rankfold.workers.rpca_items import SCORE_SUFFIX, RPCAItem, rpca_item
 
 
 def rpca(env: Env, stage: Stage, *, statistics: Statistics) -> tuple[dict, Artifacts]:
@@ -31,7 +32,8 @@ def matrices(context: PlanContext) -> list[list]:
 
 
 def plan(context: PlanContext) -> tuple[dict, dict]:
-    return ({"model": context.model, "method": context.spec.method, "matrices": matrices(context)},
+    method = robust_pca_options(context.spec.method)  # so a count_indices sweep shares one robust PCA
+    return ({"model": context.model, "method": method, "matrices": matrices(context)},
             {"statistics": "calibrate"})
 
 

@@ -1,5 +1,5 @@
 """search: CAP's search on the driver — the unit table from every matrix's robust PCA scores, then either
-the uniform keep rule or the REINFORCE search (allocators/search.py), whose losses come from forward
+the uniform keep rule or the REINFORCE search (allocators/cap_search.py), whose losses come from forward
 passes streamed layer by layer over the shard actors; the final masks go to the store per matrix.
 
 The search saves its state (probabilities, losses, step, held-out scores and the best top-K so far)
@@ -16,9 +16,7 @@ import time
 
 import torch
 
-from rankfold.allocators.flra import fisher_scores, loss_weight
-from rankfold.allocators.registry import ALLOCATORS
-from rankfold.allocators.search import (
+from rankfold.allocators.cap_search import (
     SearchAllocation,
     UnitTable,
     baselines,
@@ -33,6 +31,8 @@ from rankfold.allocators.search import (
     uses_fisher,
     validates,
 )
+from rankfold.allocators.flra import fisher_scores, loss_weight
+from rankfold.allocators.registry import ALLOCATORS
 from rankfold.execution.progress import progress
 from rankfold.execution.streaming import ShardGroup, per_shard_config, split_rows
 from rankfold.jobs.spec import SpecError
@@ -43,7 +43,7 @@ from rankfold.orchestrator.stages.outputs import FisherSums, Masks, RobustPCA
 from rankfold.orchestrator.stages.rpca import matrices
 from rankfold.orchestrator.stages.stage import Stage
 from rankfold.storage.store import StoreError
-from rankfold.workers.cap import SCORE_SUFFIX
+from rankfold.workers.rpca_items import SCORE_SUFFIX
 from rankfold.workers.shard import ShardConfig
 
 

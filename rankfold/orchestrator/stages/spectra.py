@@ -5,6 +5,7 @@ params: structure {layer: [module JSON without ranks]} (so every ratio shares on
 
 from __future__ import annotations
 
+from rankfold.allocators.registry import ALLOCATORS
 from rankfold.orchestrator.stages.kind import Artifacts, Env, PlanContext, StageKind, register_stage
 from rankfold.orchestrator.stages.outputs import Spectra, Statistics
 from rankfold.orchestrator.stages.stage import Stage
@@ -29,4 +30,6 @@ def plan(context: PlanContext) -> tuple[dict, dict]:
     return {"structure": structure}, {"statistics": "calibrate"}
 
 
-register_stage(StageKind("spectra", spectra, "1", Spectra, plan=plan))
+# The spectra are FLRA's (allocators/flra.py: group_spectra): its VERSION is theirs.
+register_stage(StageKind("spectra", spectra, "1", Spectra, producer=lambda params: ALLOCATORS.get("flra").version,
+                         plan=plan))

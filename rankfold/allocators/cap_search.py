@@ -26,7 +26,7 @@ calibration data only.
 by score per parameter — the baseline the search must beat.
 
 The loss comes from forward passes streamed layer by layer over the shard actors
-(orchestrator/search.py), so no process holds the whole model. This file is the math.
+(orchestrator/stages/search.py), so no process holds the whole model. This file is the math.
 
     target: {ratio: 0.5, allocation: {kind: search, steps: 200, lr: 0.05}}
 """
