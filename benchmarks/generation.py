@@ -31,14 +31,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
+from benchmarks.common import DATA, REPO  # noqa: E402
 from rankfold.jobs.spec import parse_spec  # noqa: E402
 from rankfold.orchestrator.job import run_job  # noqa: E402
 from rankfold.storage.store import LocalStore  # noqa: E402
-
-DATA = REPO.parent / "shared" / "data"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

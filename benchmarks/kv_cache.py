@@ -40,10 +40,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
 import rankfold
+from benchmarks.common import DATA, REPO  # noqa: E402
 from rankfold.data.source import TextSource
 from rankfold.data.text import load_text, tokenize
 from rankfold.jobs.spec import parse_spec
@@ -54,7 +53,6 @@ from rankfold.orchestrator.job import run_job
 from rankfold.storage.store import LocalStore
 from rankfold.workers.streamed_perplexity import make_windows
 
-DATA = REPO.parent / "shared" / "data"
 WEIGHTS = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -31,9 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
+from benchmarks.common import REPO  # noqa: E402
 from rankfold.kernels import shared_lowrank, triton_installed  # noqa: E402
 from rankfold.methods.structure import rank_for_ratio  # noqa: E402
 

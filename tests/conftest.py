@@ -1,4 +1,5 @@
-"""Shared fixtures: the offline data folder, the real SmolLM2 source, and a tiny random Llama."""
+"""Shared fixtures: the offline data folder, the real SmolLM2 source, and a tiny random Llama with a
+tokenizer trained here (so tests that use only the tiny model need no GGUF)."""
 
 from __future__ import annotations
 
@@ -66,13 +67,29 @@ def _tiny_config(vocab_size: int):
                        tie_word_embeddings=True, rms_norm_eps=1e-5)
 
 
+def tiny_tokenizer(vocab_size: int = 4096):
+    """A byte-level BPE trained on the calibration text (seconds): the tiny model's tokenizer, so unit
+    tests need neither the SmolLM2 GGUF nor a hub. Its end-of-text token is bos, eos and unk."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train([str(CALIBRATION_TEXT)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
-    """A random 2-layer Llama saved as a HF safetensors folder, with SmolLM2's real tokenizer."""
+def tiny_model_dir(tmp_path_factory, shared_data) -> Path:
+    """A random 2-layer Llama saved as a HF safetensors folder, with a small BPE tokenizer (tiny_tokenizer)."""
     from transformers import LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = smollm2.tokenizer()
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     model = LlamaForCausalLM(_tiny_config(len(tokenizer)))
     # Random init has tiny weights; scale up so activations are not near-isotropic noise.
@@ -261,7 +278,7 @@ def ray_executor(ray_cluster):
 # What a test needs, read from the fixtures it uses (so the markers cannot drift from the tests):
 # `-m "not ray and not s3"` runs without starting Ray or an S3 server, `-m "not realmodel"` without the GGUF.
 _NEEDS = {"ray": {"ray_cluster", "ray_executor"}, "s3": {"s3_endpoint", "s3_bucket", "s3_endpoint_enforcing_auth"},
-          "realmodel": {"smollm2", "tiny_model_dir"}}
+          "realmodel": {"smollm2"}}
 
 
 def pytest_collection_modifyitems(config, items):

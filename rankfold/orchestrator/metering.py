@@ -18,6 +18,7 @@ class StageTiming:
     peak_rss_mb: float = 0.0
     calls: int = 0
     worker_peak_rss_mb: float | None = None  # the largest worker process's peak (Ray), if any
+    started_at: float | None = None  # Unix time the stage first started (lines up with outside samplers)
 
 
 class _PeakSampler(threading.Thread):
@@ -51,6 +52,7 @@ class StageMeter:
         record = self.records.setdefault(name, StageTiming(name))
         sampler = _PeakSampler(self.interval_s)
         sampler.start()
+        record.started_at = record.started_at or time.time()
         start = time.perf_counter()
         try:
             yield
@@ -63,6 +65,7 @@ class StageMeter:
                 record.worker_peak_rss_mb = max(record.worker_peak_rss_mb or 0.0, workers)
 
     def as_rows(self) -> list[dict]:
-        return [{"stage": r.name, "wall_s": round(r.wall_s, 2), "peak_rss_mb": round(r.peak_rss_mb, 1)}
+        return [{"stage": r.name, "wall_s": round(r.wall_s, 2), "peak_rss_mb": round(r.peak_rss_mb, 1),
+                 "started_at": r.started_at}
                 | ({} if r.worker_peak_rss_mb is None else {"worker_peak_rss_mb": round(r.worker_peak_rss_mb, 1)})
                 for r in self.records.values()]

@@ -6,6 +6,7 @@ the Gram matrix Σ x xᵀ, Σ|x| and the token count. They are sums, so shards r
 
 from __future__ import annotations
 
+import time
 import torch
 from torch import nn
 
@@ -18,10 +19,11 @@ from rankfold.workers.layers import LayerRunner
 
 def propagate_layer(layer: nn.Module, runner: LayerRunner, inputs: Activations, outputs: Activations | None,
                     groups: tuple[LinearGroup, ...] = (), product_dtype: torch.dtype = torch.float64,
-                    where: str = "layer") -> dict[str, InputStats]:
+                    where: str = "layer", gram_seconds: dict[str, float] | None = None) -> dict[str, InputStats]:
     """Run the layer on every chunk of `inputs`, appending to `outputs` (None: last layer of
     calibration, nothing downstream); returns the input statistics of each group in `groups`.
-    Raises NumericalError (naming `where`) when an output is not finite."""
+    `gram_seconds`: when given, each group's time in its statistics updates is added to it (profiling:
+    the rest of the call is the forward). Raises NumericalError (naming `where`) when an output is not finite."""
     stats: dict[str, InputStats] = {}
     handles = []
     for group in groups:
@@ -31,7 +33,10 @@ def propagate_layer(layer: nn.Module, runner: LayerRunner, inputs: Activations, 
             x = args[0]
             if name not in stats:  # not setdefault: its default would zero-fill a new n×n Gram every chunk
                 stats[name] = InputStats.zeros(x.shape[-1])
+            started = time.perf_counter()
             stats[name].add_(x, product_dtype)
+            if gram_seconds is not None:
+                gram_seconds[name] = gram_seconds.get(name, 0.0) + time.perf_counter() - started
 
         handles.append(reader.register_forward_pre_hook(hook))
     try:
