@@ -7,6 +7,7 @@ the Gram matrix Σ x xᵀ, Σ|x| and the token count. They are sums, so shards r
 from __future__ import annotations
 
 import time
+
 import torch
 from torch import nn
 
