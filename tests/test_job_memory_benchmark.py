@@ -1,4 +1,4 @@
-"""benchmarks/scale.py's checkpoint part at a tiny size, so its machinery cannot rot: a sharded
+"""benchmarks/job_memory.py at a tiny size, so its machinery cannot rot: a sharded
 synthetic checkpoint is generated, the job runs as a child process (in-process executor here, to
 stay fast; the benchmark's default is Ray) while its process tree's RSS and PSS are sampled, and the
 ratios and per-stage peaks are written."""
@@ -15,7 +15,7 @@ from tests.conftest import CALIBRATION_TEXT, REPO, WIKITEXT_TEST
 
 
 @pytest.mark.realmodel  # the synthetic checkpoint carries SmolLM2's tokenizer
-def test_scale_checkpoint_benchmark_runs_at_tiny_size(tmp_path, shared_data):
+def test_job_memory_benchmark_runs_at_tiny_size(tmp_path, shared_data):
     calibration, evaluation = tmp_path / "calibration.txt", tmp_path / "eval.txt"  # short: quick to tokenize
     calibration.write_text(CALIBRATION_TEXT.read_text()[:20000])
     evaluation.write_text(WIKITEXT_TEST.read_text()[:20000])
@@ -23,8 +23,8 @@ def test_scale_checkpoint_benchmark_runs_at_tiny_size(tmp_path, shared_data):
             "--layers-per-shard", "1", "--samples", "4", "--seq-len", "64", "--batch-size", "2",
             "--window", "64", "--windows", "2", "--executor", "local", "--skip-baseline",
             "--calib-data", str(calibration), "--eval-data", str(evaluation)]
-    command = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--work", str(tmp_path / "work"),
-               "--out", str(tmp_path / "out"), "--interval", "0.05", "checkpoint", *tiny]
+    command = [sys.executable, "-m", "benchmarks.job_memory", "--work", str(tmp_path / "work"),
+               "--out", str(tmp_path / "out"), "--interval", "0.05", *tiny]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -38,7 +38,9 @@ def test_scale_checkpoint_benchmark_runs_at_tiny_size(tmp_path, shared_data):
     assert result["peak"]["rss"] >= result["peak"]["pss"] > 0
     assert result["ratio_rss"] == pytest.approx(result["peak"]["rss"] / result["checkpoint_bytes"])
     stages = [row["stage"] for row in result["stages"]]
-    assert stages[:3] == ["calibrate", "decompose", "assemble"] and stages[-1] == "report and shutdown"
-    assert all(row["report_stage"] for row in result["stages"][:-1])
+    assert stages[0] == "start-up and preflight" and stages[-1] == "report and shutdown"
+    assert stages[1:5] == ["calibrate", "allocate", "decompose", "assemble"]
+    assert all(row["report_stage"] for row in result["stages"][1:-1])
+    assert all(row["wall_s"] >= 0 for row in result["stages"])
     assert result["executor"] == "local (in-process)" and result["calibration_tokens"] == 4 * 64
     assert (tmp_path / "out" / "checkpoint.md").read_text().startswith("### Scale: 2-layer synthetic Llama")
