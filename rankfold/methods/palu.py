@@ -61,7 +61,8 @@ class PaluOptions(Strict):
     quant_group: int = Field(32, ge=8)   # numbers of a token's latent sharing one float16 minimum and step
     residual: int = Field(0, ge=0)       # newest tokens kept unquantised
     hadamard: bool = False               # fold a Walsh–Hadamard rotation into the factors
-    # Fisher pass for the rank search when the weight allocation has none of its own (FLRA's settings win).
+    # The rank search's Fisher pass: one pass with the allocator's when both ask for the same settings,
+    # its own (stage kv_fisher) when they differ.
     fisher_samples: int = Field(32, ge=1)
     fisher_batch_size: int = Field(1, ge=1)
 
