@@ -170,9 +170,15 @@ def stages_page() -> str:
     return "\n".join(lines)
 
 
+def home_page() -> str:
+    """The README with its links re-rooted at docs/: the site's home page."""
+    return (ROOT / "README.md").read_text().rstrip("\n").replace("](docs/", "](")
+
+
 def pages() -> dict[str, str]:
-    """File name under docs/generated -> its text."""
+    """File name under docs/generated (or beside it, `../`) -> its text."""
     return {
+        "../index.md": home_page(),
         "spec.md": spec_page(),
         **method_pages(),
         "allocators.md": registry_page("Allocators", lambda a: a.options.__module__, ALLOCATORS, lambda a: a.options,

@@ -21,10 +21,10 @@ class TextSource(Strict):
     dataset_config: str | None = None
     split: str = "train"
     text_field: str = "text"
-    # Rows (jsonl records, dataset rows, or a text file's lines when lines_as_rows — a blank line an
-    # empty row, as the dataset's rows are) are joined with this separator; WikiText-2 perplexity is
-    # conventionally measured on the dataset's rows joined with "\n\n" (GPTQ, SVD-LLM).
+    # A text file's lines are rows (a blank line an empty row, as the dataset's rows are).
     lines_as_rows: bool = False
+    # Rows (jsonl records, dataset rows, or a file's lines with lines_as_rows) are joined with this;
+    # WikiText-2 perplexity is conventionally measured on the rows joined with "\n\n" (GPTQ, SVD-LLM).
     row_separator: str = "\n\n"
 
     @model_validator(mode="after")

@@ -111,7 +111,7 @@ class CalibrationSpec(Strict):
     # dtype of each chunk's x·xᵀ product; sums are float64 either way. float32 halves calibration
     # time on CPU (Gram relative difference ~3e-8 on SmolLM2); float64 for exactness studies.
     gram_product_dtype: Literal["float32", "float64"] = "float32"
-    # Where layer activations are spilled when they exceed `max_resident_mb` (default: inside output.dir).
+    # Activations a shard holds in memory before spilling the rest to disk (inside output.dir), MB.
     max_resident_mb: int = Field(2048, ge=1)
 
 
