@@ -31,6 +31,7 @@ from rankfold.allocators.uniform import UniformAllocation
 from rankfold.core.errors import BadInput
 from rankfold.core.options import Strict
 from rankfold.data.source import TextSource
+from rankfold.data.text import CalibrationSample
 from rankfold.evaluation.registry import EVALUATORS
 from rankfold.methods.palu import PaluOptions
 from rankfold.methods.registry import METHODS
@@ -113,6 +114,10 @@ class CalibrationSpec(Strict):
     gram_product_dtype: Literal["float32", "float64"] = "float32"
     # Activations a shard holds in memory before spilling the rest to disk (inside output.dir), MB.
     max_resident_mb: int = Field(2048, ge=1)
+
+    def sample(self) -> CalibrationSample:
+        """The token windows this calibration reads (its data's content fingerprint included)."""
+        return CalibrationSample.of(self.data, self.num_samples, self.seq_len, self.seed)
 
 
 # One list per registered evaluator (`evaluation: {perplexity: [...], zeroshot: [...], generation: [...]}`).

@@ -33,6 +33,11 @@ from rankfold.kernels import choose_backend
 from rankfold.modules.latent_cache import LatentCacheConfig, LatentLayer, latent_layer
 
 
+def head_dim(config) -> int:
+    """Width of one attention head: the config's head_dim, else hidden_size / num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 @dataclass(frozen=True)
 class LatentKVShape:
     """Head layout and ranks of one layer's latent KV: ranks per head group, k then v."""
@@ -60,9 +65,8 @@ class LatentKVShape:
 
     @classmethod
     def from_options(cls, config, options: dict) -> LatentKVShape:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_attention_heads, config.num_key_value_heads, head_dim, int(options["group_heads"]),
-                   tuple(options["key_ranks"]), tuple(options["value_ranks"]), bool(options["fold_values"]))
+        return cls(config.num_attention_heads, config.num_key_value_heads, head_dim(config),
+                   int(options["group_heads"]), tuple(options["key_ranks"]), tuple(options["value_ranks"]), bool(options["fold_values"]))
 
 
 def fold_allowed(shape: LatentKVShape, o_proj: nn.Module) -> bool:

@@ -19,7 +19,7 @@ from rankfold.orchestrator.manifest import Manifest
 from rankfold.orchestrator.metering import StageMeter
 from rankfold.orchestrator.model_layout import plan_layout
 from rankfold.orchestrator.plan import make_plan
-from rankfold.orchestrator.preflight import job_id, preflight, prepare_output
+from rankfold.orchestrator.preflight import CHECKPOINT_FOLDER, job_id, preflight, prepare_output
 from rankfold.orchestrator.runner import evaluation_rows, run_plan
 from rankfold.orchestrator.stages import Env
 from rankfold.orchestrator.stages.assemble import compressed_layout
@@ -69,7 +69,8 @@ def _run_job(spec: JobSpec, stream: TextIO | None, executor: Executor, store: Ar
     store = store or open_store(spec)
     out = prepare_output(spec, store)
     plan = job_plan(spec, source, shapes)
-    env = Env(source, shapes, store, executor, out / "scratch", out / "model", spec.calibration.max_resident_mb)
+    env = Env(source, shapes, store, executor, out / "scratch", out / CHECKPOINT_FOLDER,
+              spec.calibration.max_resident_mb)
     manifest, meter = Manifest(store, job_id(spec)), StageMeter()
     outputs, reused = run_plan(plan, env, manifest, meter, stream)
     shutil.rmtree(env.scratch, ignore_errors=True)

@@ -27,14 +27,15 @@ def make_plan(spec: JobSpec, model_id: str, uniform: ModelLayout) -> Plan:
     """The job's stages. `model_id`: the source's content fingerprint; `uniform`: the method's structure
     over every layer with the uniform ranks, which allocators start from."""
     model, cal = {"id": model_id, "dtype": spec.model.dtype}, spec.calibration
-    sample = CalibrationSample.of(cal.data, cal.num_samples, cal.seq_len, cal.seed)
+    sample = cal.sample()
     builder = PlanBuilder()
     if needs_calibration(spec):
         builder.add("calibrate", "calibrate", {"model": model, "calibration": cal, "sample": sample})
     allocation = spec.target.allocation
     wanted = ALLOCATORS.get(allocation.kind).stages_for(allocation)
+    context = PlanContext(spec, model, sample, uniform)
     for kind in wanted:  # e.g. FLRA's fisher and spectra, in the allocator's order
-        _add_by_kind(builder, kind, PlanContext(spec, model, sample, uniform, frozenset(builder.plan().digests())))
+        _add_by_kind(builder, kind, context)
     builder.add("allocate", "allocate", {"model": model, "method": spec.method, "target": spec.target,
                                          "layout": uniform.to_json()},
                 {kind: kind for kind in wanted})
@@ -63,8 +64,7 @@ def _kv_stages(builder: PlanBuilder, spec: JobSpec, model: dict, sample: Calibra
     is the allocator's when the settings agree (one pass), its own `kv_fisher` when they differ."""
     kv, fisher = spec.kv_cache, None
     if kv.rank_search == "fisher":
-        context = PlanContext(spec, model, sample, ModelLayout({}), frozenset())
-        params = fisher_params(context, kv.fisher_samples, kv.fisher_batch_size)
+        params = fisher_params(model, sample, kv.fisher_samples, kv.fisher_batch_size)
         fisher = "kv_fisher" if "fisher" in builder and builder["fisher"].params != params else "fisher"
         if fisher not in builder:
             builder.add(fisher, "fisher", params)

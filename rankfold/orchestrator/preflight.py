@@ -9,20 +9,21 @@ from pydantic import ValidationError
 
 from rankfold.allocators.registry import ALLOCATORS, AllocationProblem
 from rankfold.core.hashing import digest_of
-from rankfold.data.text import CalibrationSample, DataError
+from rankfold.data.text import DataError
 from rankfold.evaluation.registry import EVALUATORS
 from rankfold.jobs.spec import JobSpec, SpecError
 from rankfold.methods.palu import check_group_heads, kv_budget
 from rankfold.methods.registry import method_of
 from rankfold.models.sources import ModelSource, ModelSourceError, open_source
+from rankfold.modules.latent_kv import head_dim
 from rankfold.modules.shared import SKIP_TRUNCATION
 from rankfold.orchestrator.manifest import Manifest
 from rankfold.orchestrator.model_layout import Shapes, matrix_shapes, plan_layout
 from rankfold.orchestrator.plan import needs_calibration
-from rankfold.orchestrator.stages.kv_allocate import head_dim
 from rankfold.storage.store import ArtifactStore
 
 JOB_FILE = "job.json"
+CHECKPOINT_FOLDER = "model"  # output.dir/model: where a job places its compressed checkpoint
 
 
 def preflight(spec: JobSpec) -> tuple[ModelSource, Shapes]:
@@ -68,9 +69,8 @@ def _check_kv_cache(spec: JobSpec, config) -> None:
 
 def _check_calibration(spec: JobSpec, source: ModelSource) -> None:
     """The calibration text holds `num_samples` distinct windows of `seq_len` tokens."""
-    cal = spec.calibration
     try:
-        CalibrationSample.of(cal.data, cal.num_samples, cal.seq_len, cal.seed).ids(source.tokenizer())
+        spec.calibration.sample().ids(source.tokenizer())
     except DataError as err:
         raise SpecError(f"calibration.data ({spec.calibration.data.describe()}): {err}") from None
 

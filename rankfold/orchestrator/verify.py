@@ -11,7 +11,7 @@ from rankfold.checkpoint import INDEX_NAME, CheckpointError, read_index, verify_
 from rankfold.jobs.spec import load_any_spec
 from rankfold.orchestrator.job import open_store
 from rankfold.orchestrator.manifest import Manifest
-from rankfold.orchestrator.preflight import job_id
+from rankfold.orchestrator.preflight import CHECKPOINT_FOLDER, job_id
 
 
 def verify(target: str, stream: TextIO, repair: bool = False) -> list[str]:
@@ -33,7 +33,7 @@ def verify(target: str, stream: TextIO, repair: bool = False) -> list[str]:
         if bad and repair:
             manifest.forget(name)
             print(f"{name}: record dropped; the next run recomputes it", file=stream)
-    placed = Path(spec.output.dir) / "model"
+    placed = Path(spec.output.dir) / CHECKPOINT_FOLDER
     if (placed / INDEX_NAME).is_file():
         problems += _folder(placed, stream)
     for line in problems:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from rankfold.allocators.registry import ALLOCATORS
+from rankfold.data.text import CalibrationSample
 from rankfold.execution.streaming import stream_fisher
 from rankfold.orchestrator.stages.kind import Artifacts, Env, PlanContext, StageKind, register_stage
 from rankfold.orchestrator.stages.outputs import FisherSums
@@ -34,16 +35,15 @@ def fisher(env: Env, stage: Stage) -> tuple[dict, Artifacts]:
     return result, artifacts
 
 
-def fisher_params(context: PlanContext, samples: int, batch_size: int) -> dict:
+def fisher_params(model: dict, sample: CalibrationSample, samples: int, batch_size: int) -> dict:
     """Float32 whatever model.dtype: the model's dtype is not a param."""
-    return {"model": {"id": context.model["id"]}, "sample": context.sample, "samples": samples,
-            "batch_size": batch_size}
+    return {"model": {"id": model["id"]}, "sample": sample, "samples": samples, "batch_size": batch_size}
 
 
 def plan(context: PlanContext) -> tuple[dict, dict]:
     """The pass the allocation asks for, with its own fisher_samples and fisher_batch_size."""
     allocation = context.spec.target.allocation
-    return fisher_params(context, allocation.fisher_samples, allocation.fisher_batch_size), {}
+    return fisher_params(context.model, context.sample, allocation.fisher_samples, allocation.fisher_batch_size), {}
 
 
 register_stage(StageKind("fisher", fisher, "1", FisherSums, producer=lambda params: ALLOCATORS.get("flra").version,

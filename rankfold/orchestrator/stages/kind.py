@@ -52,14 +52,12 @@ class Env:
 @dataclass(frozen=True)
 class PlanContext:
     """What a kind's `plan` draws on when an allocator asks for it by name: the spec, the model's
-    identity {id, dtype}, the calibration sample, the method's structure at the uniform ranks, and the
-    names of the stages planned so far."""
+    identity {id, dtype}, the calibration sample and the method's structure at the uniform ranks."""
 
     spec: JobSpec
     model: dict
-    sample: CalibrationSample | None
+    sample: CalibrationSample
     uniform: ModelLayout
-    planned: frozenset[str]
 
 
 @dataclass(frozen=True)

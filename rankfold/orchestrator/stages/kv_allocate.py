@@ -19,6 +19,7 @@ from rankfold.methods.palu import (
     search_ranks,
     uniform_ranks,
 )
+from rankfold.modules.latent_kv import head_dim
 from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, register_stage
 from rankfold.orchestrator.stages.outputs import FisherSums, KVFactors, KVRanks
 from rankfold.orchestrator.stages.stage import Stage
@@ -34,10 +35,6 @@ def kv_allocate(env: Env, stage: Stage, *, kv_factors: KVFactors, fisher: Fisher
     ranks, summary = search_kv_ranks(stage.params["kv_cache"], env.source.config, kv_factors.read,
                                      fisher.read if fisher is not None else None)
     return {"ranks": {str(i): r for i, r in ranks.items()}, "summary": summary}, {}
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def kv_units(options: PaluOptions, config, read: Read, fisher: Read | None) -> list[RankUnit]:

@@ -5,8 +5,8 @@ params: model {id, dtype}, group_heads. inputs: statistics (the whitening)."""
 from __future__ import annotations
 
 from rankfold.methods.palu import VERSION as PALU_VERSION
+from rankfold.modules.latent_kv import head_dim
 from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, register_stage
-from rankfold.orchestrator.stages.kv_allocate import head_dim
 from rankfold.orchestrator.stages.outputs import KVFactors, Statistics
 from rankfold.orchestrator.stages.stage import Stage
 from rankfold.workers.kv import KVFactorsItem, kv_factors_item
