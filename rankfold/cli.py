@@ -3,13 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from typing import Iterator
 
 from rankfold.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, RankfoldError
 from rankfold.jobs.spec import JobSpec, SpecError, load_any_spec, parse_any_spec
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "build_parser", "main"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "build_parser", "logging_to_stderr", "main"]
+
+
+class _PlainFormatter(logging.Formatter):
+    """INFO as the bare message (progress lines, the report); other levels say which, and where from."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO:
+            return super().format(record)
+        return f"{record.levelname} {record.name}: {super().format(record)}"
+
+
+@contextlib.contextmanager
+def logging_to_stderr(level: int = logging.INFO) -> Iterator[None]:
+    """rankfold's messages at `level` and above written to stderr while inside; the logger is put back
+    on exit, so in-process callers (tests, benchmarks) keep their own logging."""
+    logger = logging.getLogger("rankfold")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PlainFormatter())
+    saved_level, saved_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False  # a root handler (a library's basicConfig) would print every line twice
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved_level)
+        logger.propagate = saved_propagate
 
 
 def _with_overrides(spec, args: argparse.Namespace):
@@ -31,14 +61,14 @@ def _run(args: argparse.Namespace) -> int:
     spec = _with_overrides(load_any_spec(args.spec), args)
     if not isinstance(spec, JobSpec):
         raise SpecError(f"{args.spec}: an evaluation spec (no `method`): run it with `rankfold eval`")
-    run_job(spec, stream=sys.stderr)
+    run_job(spec)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from rankfold.orchestrator.evaluation_run import require_eval_spec, run_evaluation
 
-    run_evaluation(require_eval_spec(_with_overrides(load_any_spec(args.spec), args), args.spec), stream=sys.stderr)
+    run_evaluation(require_eval_spec(_with_overrides(load_any_spec(args.spec), args), args.spec))
     return 0
 
 
@@ -63,10 +93,13 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from rankfold.orchestrator.submit import logs
+    from rankfold.orchestrator.submit import follow_logs, logs
 
-    text = logs(args.job, args.address, follow=args.follow, stream=sys.stdout)
-    print(text, end="")
+    if not args.follow:
+        print(logs(args.job, args.address), end="")
+        return 0
+    for chunk in follow_logs(args.job, args.address):
+        print(chunk, end="", flush=True)
     return 0
 
 
@@ -145,13 +178,16 @@ def _history(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from rankfold.orchestrator.verify import verify
 
-    problems = verify(args.target, stream=sys.stdout, repair=args.repair)
-    return EXIT_FAILED if problems else 0
+    checked = verify(args.target, repair=args.repair)
+    print("\n".join(checked.lines))
+    return EXIT_FAILED if checked.problems else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankfold", description="Low-rank compression of LLMs, layer by layer.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only: no progress or report")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, handler, text, what in (
             ("run", _run, "run a compression job in this process", "job spec (YAML or JSON)"),
@@ -216,10 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # other libraries' warnings (or everything, with -v) keep a timestamped format of their own
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     try:
-        return args.handler(args)
+        with logging_to_stderr(level):
+            return args.handler(args)
     except RankfoldError as err:  # each error class carries its exit code and label (core/errors.py)
         print(f"rankfold: {err.label}: {err}", file=sys.stderr)
         return err.exit_code

@@ -270,7 +270,7 @@ def ray_executor(ray_cluster):
     """This process connected to the local cluster: 2 workers of 1 CPU."""
     from rankfold.execution.ray import RayExecutor
 
-    executor = RayExecutor(address=ray_cluster["address"], workers=2, cpus_per_worker=1, stream=None)
+    executor = RayExecutor(address=ray_cluster["address"], workers=2, cpus_per_worker=1)
     yield executor
     executor.close()
 

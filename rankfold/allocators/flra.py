@@ -34,9 +34,9 @@ from pydantic import Field
 from rankfold.allocators.registry import AllocationOptions, AllocationProblem, Allocator, Ranks, register_allocator
 from rankfold.methods.registry import METHODS, Method
 from rankfold.methods.statistics import InputStats
-from rankfold.methods.structure import max_useful_rank, params
+from rankfold.methods.structure import max_useful_rank
 from rankfold.methods.whitening import whitening_factor
-from rankfold.modules.layout import CompressedModule
+from rankfold.modules.layout import CompressedModule, lowrank_params
 
 VERSION = "2"  # 2: records decode_gains for progressive decoding
 BATCHES_KEY = "batches"    # Fisher artifacts: how many batches the sums run over
@@ -65,11 +65,11 @@ class RankUnit:
     weight: float         # w = F / (m · tr G)
     rows: int             # output rows of all members together (M)
     cols: int             # shared input width (n)
-    skip: bool = False    # skip layout: params(r) = r(n + M − r); else r(n + M)
+    skip: bool = False    # skip layout: lowrank_params(r) = r(n + M − r); else r(n + M)
     min_rank: int = 1
 
     def params(self, rank):
-        return params(rank, self.rows, self.cols, self.skip)
+        return lowrank_params(rank, self.rows, self.cols, self.skip)
 
     @property
     def max_rank(self) -> int:
@@ -235,7 +235,7 @@ def check_spec(options: FisherAllocation, method: Method, calibration_samples: i
 
 def check_budget(options: FisherAllocation, problem: AllocationProblem) -> None:
     """The minimum ranks fit the budget (decidable from the shapes, before any stage runs)."""
-    floor = sum(params(_min_rank(options, *_dims(m, problem.shapes[i])), *_dims(m, problem.shapes[i]), m.skip)
+    floor = sum(lowrank_params(_min_rank(options, *_dims(m, problem.shapes[i])), *_dims(m, problem.shapes[i]), m.skip)
                 for i, modules in problem.layout.items() for m in modules)
     if floor > problem.budget:
         raise ValueError(f"target.ratio = {problem.ratio} with target.allocation.min_rank_fraction = "

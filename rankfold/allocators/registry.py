@@ -101,6 +101,7 @@ def register_allocator(allocator: Allocator) -> Allocator:
 
 
 def ranks_of(layout: dict[int, list[CompressedModule]]) -> Ranks:
-    """What an allocator answers for this layout: every member's rank, or [rank, nnz] of a sparse module."""
-    return {i: {m: [module.rank, int(module.options["nnz"])] if module.kind == "lowrank_sparse" else module.rank
-                for module in modules for m in module.members} for i, modules in layout.items()}
+    """What an allocator answers for this layout: every member's value by its module's kind (a rank, or
+    [rank, nnz] of a sparse module)."""
+    return {i: {m: module.handler.allocation(module) for module in modules for m in module.members}
+            for i, modules in layout.items()}

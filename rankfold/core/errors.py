@@ -25,3 +25,9 @@ class NumericalError(RankfoldError, FloatingPointError):
     """A non-finite activation, loss or statistic: names where (layer, group) and the dtype, and what to try."""
 
     label = "numerical failure"
+
+
+class DecompositionError(RankfoldError, ValueError):
+    """A decomposition that would give an inaccurate model: names the module and the quantity."""
+
+    label = "decomposition failed"

@@ -27,7 +27,7 @@ def parameter_counts(shapes: dict[int, dict[str, tuple[int, int]]], layout: dict
         "model_dense": model_total,
         "model_compressed": model_total - dense + compressed,
     }
-    sparse = [m for modules in layout.values() for m in modules if m.kind == "lowrank_sparse"]
+    sparse = [m for modules in layout.values() for m in modules if "nnz" in (m.options or {})]
     if sparse:  # both conventions: a sparse entry as value + index, and as the papers' one parameter
         kept = lambda cost: sum(module_params(m, shapes[i], cost) for i, ms in layout.items() for m in ms)  # noqa: E731
         counts.update({"sparse_entries": sum(int(m.options["nnz"]) for m in sparse),

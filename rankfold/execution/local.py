@@ -3,8 +3,7 @@ runs the very same functions and classes on a cluster; both follow the protocol 
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Callable, Sequence, TextIO, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from rankfold.execution.progress import progress
 
@@ -15,19 +14,18 @@ Result = TypeVar("Result")
 class LocalExecutor:
     threads_per_worker: int | None = None  # keep this process's torch threads
 
-    def __init__(self, stream: TextIO | None = sys.stderr, workers: int = 1):
-        self.stream = stream
+    def __init__(self, *, workers: int = 1):
         self.workers = workers  # shards, run one after another; 1 = the plain sequential computation
 
     def describe(self) -> str:
         return "local (in-process)"
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str) -> list[Result]:
-        return [fn(item) for item in progress(items, stage, stream=self.stream)]
+        return [fn(item) for item in progress(items, stage)]
 
     def steps(self, items: Sequence[Item], stage: str):
         """Sequential steps that depend on each other (layer i feeds layer i+1), with progress."""
-        return progress(items, stage, stream=self.stream)
+        return progress(items, stage)
 
     def actors(self, cls: type, init_args: Sequence[tuple]) -> list[Any]:
         return [cls(*args) for args in init_args]

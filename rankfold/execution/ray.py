@@ -9,10 +9,10 @@ Workers need rankfold importable: the same environment (local), or an image / ru
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
-from typing import Any, Callable, Sequence, TextIO, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from rankfold.core.errors import BadInput
 from rankfold.execution.base import ShardLost
@@ -20,6 +20,8 @@ from rankfold.execution.progress import progress
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+log = logging.getLogger(__name__)
 
 
 def _measured(fn: Callable[[Item], Result], item: Item) -> tuple[Result, float]:
@@ -53,11 +55,12 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 class RayExecutor:
-    def __init__(self, address: str | None = None, workers: int = 2, cpus_per_worker: int = 1,
-                 stream: TextIO | None = sys.stderr, max_retries: int = 3, resource_wait_s: float = RESOURCE_WAIT_S):
+    def __init__(self, address: str | None = None, workers: int = 2, cpus_per_worker: int = 1, *,
+                 max_retries: int = 3, resource_wait_s: float = RESOURCE_WAIT_S):
+        """ClusterError when the cluster cannot be reached or lacks the CPUs the workers need."""
         import ray
 
-        self.ray, self.stream = ray, stream
+        self.ray = ray
         self.workers, self.cpus_per_worker, self.max_retries = workers, cpus_per_worker, max_retries
         self.threads_per_worker = cpus_per_worker
         self.address = address or os.environ.get("RAY_ADDRESS") or None
@@ -69,7 +72,7 @@ class RayExecutor:
             try:
                 # "local": a new embedded instance, never a `ray start` cluster that ray.init() would find
                 ray.init(address=self.address or "local", include_dashboard=False, configure_logging=False,
-                         log_to_driver=stream is not None)
+                         log_to_driver=log.isEnabledFor(logging.INFO))  # workers' output only when we report
             except (ConnectionError, RuntimeError, ValueError) as err:
                 where = self.address or "a new local Ray instance"
                 raise ClusterError(f"cannot reach the Ray cluster at {where}: {err}") from None
@@ -101,9 +104,7 @@ class RayExecutor:
                     f"{need} CPUs ({self.cpus_per_worker} on one node); the Ray cluster at "
                     f"{self.address or 'embedded (this machine)'} has {total:g} free (largest node {largest:g})"
                     + (f", after waiting {wait_s:g} s" if wait_s else ""))
-            if self.stream is not None:
-                print(f"waiting for Ray CPUs: {total:g} of {need} ({deadline - time.monotonic():.0f} s left)",
-                      file=self.stream, flush=True)
+            log.info("waiting for Ray CPUs: %g of %d (%.0f s left)", total, need, deadline - time.monotonic())
             time.sleep(min(5.0, max(deadline - time.monotonic(), 0.0)))
 
     def describe(self) -> str:
@@ -112,7 +113,7 @@ class RayExecutor:
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str) -> list[Result]:
         remote = self.ray.remote(num_cpus=self.cpus_per_worker, max_retries=self.max_retries)(_measured)
         refs = [remote.remote(fn, item) for item in items]
-        for _ in progress(self._as_completed(refs), stage, total=len(refs), stream=self.stream):
+        for _ in progress(self._as_completed(refs), stage, total=len(refs)):
             pass
         results = self.ray.get(refs)  # in item order, whatever order they finished in
         self._note_peak(*(peak for _, peak in results))
@@ -134,7 +135,7 @@ class RayExecutor:
             yield done[0]
 
     def steps(self, items: Sequence[Item], stage: str):
-        return progress(items, stage, stream=self.stream)
+        return progress(items, stage)
 
     def actors(self, cls: type, init_args: Sequence[tuple]) -> list[Any]:
         actor = self.ray.remote(num_cpus=self.cpus_per_worker)(cls)

@@ -17,7 +17,7 @@ from rankfold.execution.base import Executor, ShardLost
 from rankfold.workers.layer_statistics import sum_stats
 from rankfold.workers.shard import LayerStep, SequenceShard, ShardConfig
 
-log = logging.getLogger("rankfold.streaming")
+log = logging.getLogger(__name__)
 MAX_SHARD_REBUILDS = 3
 
 

@@ -33,7 +33,7 @@ from rankfold.core.options import Strict
 from rankfold.data.source import TextSource
 from rankfold.data.text import CalibrationSample
 from rankfold.evaluation.registry import EVALUATORS
-from rankfold.methods.palu import PaluOptions
+from rankfold.methods.kv_registry import KV_METHODS
 from rankfold.methods.registry import METHODS
 
 SPEC_VERSION = 1
@@ -168,6 +168,11 @@ class ExecutionSpec(Strict):
     cpus_per_worker: int = Field(1, ge=1)
 
 
+# Every registered KV method's options, tagged by `name`.
+KVCacheSpec = _union({method.name: method.options for method in KV_METHODS},
+                     _tagged_by("kv_cache.name", _method_name, KV_METHODS.names()))
+
+
 class JobSpec(Strict):
     version: Literal[1] = SPEC_VERSION
     model: ModelSpec
@@ -177,11 +182,11 @@ class JobSpec(Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     output: OutputSpec
     execution: ExecutionSpec = ExecutionSpec()
-    # A low-rank KV cache (Palu) beside the weight method; None: the model's own K/V cache.
-    kv_cache: PaluOptions | None = None
+    # A compressed KV cache (a registered KV method: palu) beside the weight method; None: the model's own.
+    kv_cache: KVCacheSpec | None = None
 
     @model_validator(mode="after")
-    def _kv_projections_are_palus(self) -> "JobSpec":
+    def _kv_projections_are_the_caches(self) -> "JobSpec":
         if not self.target.matrices and self.kv_cache is None:
             raise ValueError("target.matrices is empty: name the projections to compress (an empty list is a "
                              "cache-only job, which needs a kv_cache part)")

@@ -33,14 +33,14 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from rankfold.core.options import Strict
+from rankfold.methods.kv_registry import KVCacheOptions
 from rankfold.methods.svd import split_singular
 from rankfold.methods.whitening import apply_inverse_right
 
 VERSION = "1"
 
 
-class PaluOptions(Strict):
+class PaluOptions(KVCacheOptions):
     """The job spec's `kv_cache` part: Palu's low-rank KV cache (k_proj and v_proj are Palu's: leave them
     out of target.matrices; the weight method compresses the rest).
 

@@ -7,7 +7,8 @@ Skip  — with the input permuted so that A = [A₁ A₂] (A₁ r×r, columns ch
         B A x = (B A₁)(x₁ + A₁⁻¹A₂ x₂) = B′(x₁ + A′x₂): the r×r block becomes the identity, never
         stored nor multiplied. Parameters r(n + M − r). Exact when A₁ is invertible.
 
-Pure tensor functions; factors in float64, largest singular directions first. Three methods share
+The reparameterisation is modules/skip.py; the structures (which linears share, which skip) are the
+module kinds of modules/shared.py. Three methods share
 this file: `skipcat`, and its ablations `cat` (sharing only) and `skip` (skipping only).
 
     method: {name: skipcat, max_condition: 1e4}
@@ -15,11 +16,8 @@ this file: `skipcat`, and its ablations `cat` (sharing only) and `skip` (skippin
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from rankfold.methods.registry import Method, MethodOptions, register_method
@@ -27,52 +25,6 @@ from rankfold.methods.structure import SHARED, SHARED_SKIP, SKIP
 from rankfold.methods.svd_llm import whitened_factor
 
 VERSION = "1"
-
-
-@dataclass(frozen=True)
-class SkipFactors:
-    """y = B′ (x[P[:r]] + A′ x[P[r:]]) for one matrix or (with B′ split per member) a shared group."""
-
-    permutation: torch.Tensor  # (n,) int64: input channels, the r kept-identity ones first
-    a_prime: torch.Tensor      # (r, n − r) = A₁⁻¹ A₂
-    b_prime: torch.Tensor      # (M, r) = B A₁
-    condition: float           # cond₂(A₁): how much the reparameterisation amplifies rounding
-
-
-def pivoted_columns(matrix: torch.Tensor, count: int) -> torch.Tensor:
-    """Column order of a column-pivoted QR (Businger–Golub): the first `count` columns are the
-    best-conditioned choice greedily; returns a full permutation of range(n)."""
-    residual = matrix.to(torch.float64).clone()  # (r, n)
-    n = residual.shape[1]
-    order = torch.arange(n)
-    for step in range(count):
-        norms = residual[:, step:].pow(2).sum(0)
-        pick = step + int(torch.argmax(norms))
-        if pick != step:  # swap the chosen column into place
-            residual[:, [step, pick]] = residual[:, [pick, step]]
-            order[[step, pick]] = order[[pick, step]]
-        q = residual[:, step] / residual[:, step].norm().clamp_min(1e-300)
-        residual[:, step + 1:] -= torch.outer(q, q @ residual[:, step + 1:])  # project the rest off q
-    return order
-
-
-def skip_reparameterize(b: torch.Tensor, a: torch.Tensor) -> SkipFactors:
-    """B A = B′[I A′]·P exactly, with A₁ = A[:, P[:r]] chosen by pivoted QR."""
-    rank = a.shape[0]
-    permutation = pivoted_columns(a, rank)
-    a1, a2 = a[:, permutation[:rank]], a[:, permutation[rank:]]
-    condition = float(torch.linalg.cond(a1))
-    if not math.isfinite(condition):
-        raise ValueError("the selected r×r block of A is singular: A does not have full row rank")
-    return SkipFactors(permutation, torch.linalg.solve(a1, a2), b @ a1, condition)
-
-
-def skip_apply(factors: SkipFactors, x: torch.Tensor) -> torch.Tensor:
-    """Reference forward y = B′(x₁ + A′x₂) for x (…, n); the kernels are tested against this."""
-    rank = factors.b_prime.shape[1]
-    x = x.to(factors.a_prime.dtype)
-    inner = x[..., factors.permutation[:rank]] + x[..., factors.permutation[rank:]] @ factors.a_prime.T
-    return inner @ factors.b_prime.T
 
 
 class _SkipCatOptions(MethodOptions):

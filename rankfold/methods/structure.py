@@ -3,8 +3,9 @@ of every layer (which linears become which low-rank modules, with what rank).
 
 A method declares a structure — baselines factor each matrix alone; Cat shares one projection per
 input group; Skip removes an identity block; Sparse adds a sparse matrix to a low-rank one (Wanda,
-CAP) — and the structure decides what a rank costs. The one cost function `params` (with
-`sparse_params` for the sparse part) serves the uniform rule, the global allocators and the report alike.
+CAP) — and the structure decides which compressed modules a group becomes. What a rank costs is each
+module kind's count (modules/layout.py: `lowrank_params`, `sparse_params`), which the uniform rule, the
+global allocators and the report share.
 
 A sparse entry costs its value plus its position. rankfold stores a position as an int32 flat index,
 so by default an entry counts as 2 parameters (its exact storage in a float32 checkpoint; in bf16 the
@@ -17,24 +18,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from rankfold.modules.layout import CompressedModule
-
-
-def params(rank, rows: int, cols: int, skip: bool):
-    """Stored parameters of rank `rank` (an int or an integer tensor) replacing `rows`×`cols` of dense
-    matrices that read one input: r(n + M) for B A (a shared A counts once), r(n + M − r) with block
-    skipping (the r×r identity block and the permutation are not parameters)."""
-    return rank * (cols + rows - rank) if skip else rank * (cols + rows)
+from rankfold.modules.layout import CompressedModule, lowrank_params
 
 
 def entry_cost(count_indices: bool) -> int:
     """Parameters one stored sparse entry counts as: value + int32 index (2), or the papers' 1."""
     return 2 if count_indices else 1
-
-
-def sparse_params(rank: int, rows: int, cols: int, nnz: int, cost: int) -> int:
-    """Stored parameters of B A + S: r(m + n) + nnz · cost."""
-    return rank * (rows + cols) + nnz * cost
 
 
 def rank_for_ratio(rows: int, cols: int, ratio: float, skip: bool = False) -> int:
@@ -45,8 +34,8 @@ def rank_for_ratio(rows: int, cols: int, ratio: float, skip: bool = False) -> in
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"compression ratio must lie in (0, 1), got {ratio}")
     budget = (1.0 - ratio) * rows * cols
-    fits = lambda r: params(r, rows, cols, skip) <= budget + 1e-9 * (params(r, rows, cols, skip)  # noqa: E731
-                                                                     - params(r - 1, rows, cols, skip))
+    fits = lambda r: lowrank_params(r, rows, cols, skip) <= budget + 1e-9 * (  # noqa: E731
+        lowrank_params(r, rows, cols, skip) - lowrank_params(r - 1, rows, cols, skip))
     low, high = 0, min(rows, cols)  # fits(low) holds; find the largest r that fits
     while low < high:
         mid = (low + high + 1) // 2
@@ -117,13 +106,13 @@ def dense_params(shapes: Mapping[int, Mapping[str, tuple[int, int]]]) -> int:
 
 
 def module_params(module: CompressedModule, shapes: Mapping[str, tuple[int, int]], cost: int | None = None) -> int:
-    """Stored parameters of a compressed module, given each member's dense (out, in) shape. A sparse
-    entry counts as the module's recorded cost, or as `cost` when given (the other convention)."""
+    """Stored parameters of a compressed module (its kind's count), given each member's dense (out, in)
+    shape. A sparse entry counts as the module's recorded cost, or as `cost` when given (the other
+    convention). ValueError for a kind that stores no weight-method parameters (a latent KV cache)."""
+    if module.handler.params is None:
+        raise ValueError(f"a {module.kind} module is not counted among the compressed matrices")
     rows = sum(shapes[m][0] for m in module.members)
-    if module.kind == "lowrank_sparse":
-        cost = cost if cost is not None else int(module.options["entry_cost"])
-        return sparse_params(module.rank, rows, shapes[module.members[0]][1], int(module.options["nnz"]), cost)
-    return params(module.rank, rows, shapes[module.members[0]][1], module.skip)
+    return module.handler.params(module, rows, shapes[module.members[0]][1], cost)
 
 
 def plan_layer(structure: Structure, groups: list[tuple[str, tuple[str, ...]]], shapes: dict[str, tuple[int, int]],

@@ -31,6 +31,7 @@ from torch import nn
 
 from rankfold.kernels import choose_backend
 from rankfold.modules.latent_cache import LatentCacheConfig, LatentLayer, latent_layer
+from rankfold.modules.layout import ModuleKind, register_module_kind
 
 
 def head_dim(config) -> int:
@@ -297,3 +298,11 @@ def replace_attention(root: nn.Module, path: str, options: dict, dtype: torch.dt
 
 def _has_bias(options: dict, o_proj: nn.Linear) -> bool:
     return o_proj.bias is not None or bool(options.get("value_bias", False))
+
+
+# kind 'latent_kv': the attention at `shared_path` keeps a latent KV cache; `members` are its k_proj and
+# v_proj, `options` its per-group ranks and cache settings. Built last: it takes over whatever q_proj and
+# o_proj became; its tensors (biases included) come from its KV method's factors.
+register_module_kind(ModuleKind(
+    "latent_kv", build=lambda root, module, dtype: replace_attention(root, module.shared_path, module.options, dtype),
+    params=None, linear=False, build_last=True, keeps_biases=False))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from rankfold.kernels import shared_lowrank
+from rankfold.modules.layout import ModuleKind, lowrank_params, register_module_kind
 
 
 class LowRankLinear(nn.Module):
@@ -58,3 +59,15 @@ def replace_linears(root: nn.Module, ranks: dict[str, int], dtype: torch.dtype |
         replacement = LowRankLinear(dense.in_features, dense.out_features, rank, bias=dense.bias is not None,
                                     dtype=dtype or dense.weight.dtype, device=dense.weight.device)
         setattr(parent, child, replacement)
+
+
+def _tensors(module, stacked, rows, factorizer):
+    """One matrix: its B and A."""
+    b, a = factorizer.factor(stacked, module.rank)
+    return {f"{module.members[0]}.A": a, f"{module.members[0]}.B": b}, {}
+
+
+# kind 'lowrank': `members` is one linear, y = B A x
+register_module_kind(ModuleKind(
+    "lowrank", build=lambda root, module, dtype: replace_linears(root, {module.members[0]: module.rank}, dtype),
+    params=lambda module, rows, cols, cost: lowrank_params(module.rank, rows, cols), tensors=_tensors))

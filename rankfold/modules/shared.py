@@ -18,8 +18,11 @@ import weakref
 import torch
 from torch import nn
 
+from rankfold.core.errors import DecompositionError
 from rankfold.kernels import shared_lowrank
+from rankfold.modules.layout import ModuleKind, lowrank_params, register_module_kind
 from rankfold.modules.lowrank import check_active_rank
+from rankfold.modules.skip import skip_reparameterize
 
 # Why a skip layout has no nested ranks (and PLRD refuses it).
 SKIP_TRUNCATION = (
@@ -128,3 +131,34 @@ def replace_group(root: nn.Module, shared_path: str, members: dict[str, int], ra
             raise TypeError(f"{path} is not an nn.Linear reading {shared.in_features} features")
         setattr(parent, child, SharedLowRankLinear(shared, dense.out_features, bias=dense.bias is not None,
                                                    dtype=dtype, device=dense.weight.device))
+
+
+def _build(root: nn.Module, module, dtype: torch.dtype | None) -> None:
+    out_features = {m: root.get_submodule(m).out_features for m in module.members}
+    replace_group(root, module.shared_path, out_features, module.rank, module.skip, dtype=dtype)
+
+
+def _tensors(module, stacked, rows, factorizer):
+    """The shared A (or, skipping, A′ and the permutation) and each member's rows of B; DecompositionError
+    when a skip block's cond₂(A₁) exceeds factorizer.max_condition."""
+    b, a = factorizer.factor(stacked, module.rank)
+    if not module.skip:
+        return {f"{module.shared_path}.A": a, **_split_rows(module, rows, b)}, {}
+    skip = skip_reparameterize(b, a)
+    if skip.condition > factorizer.max_condition:
+        raise DecompositionError(f"{module.shared_path}: cond(A₁) = {skip.condition:.3g} exceeds "
+                                 f"method.max_condition = {factorizer.max_condition:g}; low-precision forward "
+                                 "would be inaccurate")
+    tensors = {f"{module.shared_path}.A_prime": skip.a_prime, f"{module.shared_path}.permutation": skip.permutation,
+               **_split_rows(module, rows, skip.b_prime)}
+    return tensors, {"skip_condition": {module.shared_path: skip.condition}}
+
+
+def _split_rows(module, rows: list[int], b: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {f"{m}.B": part for m, part in zip(module.members, b.split(rows))}
+
+
+# kind 'shared': one projection at `shared_path` (skip: identity block + A′) feeding every member's B
+register_module_kind(ModuleKind(
+    "shared", build=_build, tensors=_tensors,
+    params=lambda module, rows, cols, cost: lowrank_params(module.rank, rows, cols, module.skip)))

@@ -17,6 +17,9 @@ import warnings
 import torch
 from torch import nn
 
+from rankfold.core.errors import DecompositionError
+from rankfold.modules.layout import ModuleKind, register_module_kind, sparse_params
+
 
 class LowRankSparseLinear(nn.Module):
     """A: (rank, in), B: (out, rank), S_values: (nnz,), S_indices: (nnz,) int32 flat row-major, sorted."""
@@ -111,3 +114,29 @@ def replace_with_sparse(root: nn.Module, path: str, rank: int, nnz: int, dtype: 
     setattr(parent, child, LowRankSparseLinear(dense.in_features, dense.out_features, rank, nnz,
                                                bias=dense.bias is not None, dtype=dtype or dense.weight.dtype,
                                                device=dense.weight.device))
+
+
+def _params(module, rows: int, cols: int, cost: int | None) -> int:
+    """The module's recorded entry cost, or `cost` when given (the other convention, for the report)."""
+    cost = cost if cost is not None else int(module.options["entry_cost"])
+    return sparse_params(module.rank, rows, cols, int(module.options["nnz"]), cost)
+
+
+def _tensors(module, stacked, rows, factorizer):
+    """B, A and S of one matrix; DecompositionError when the factorisation disagrees with the layout."""
+    b, a, values, indices = factorizer.sparse_factor(stacked, module)
+    path, nnz = module.members[0], int(module.options["nnz"])
+    if a.shape[0] != module.rank or values.numel() != nnz or indices.numel() != nnz:
+        raise DecompositionError(f"{path}: factorised to rank {a.shape[0]} with {values.numel()} sparse entries; "
+                                 f"its layout says rank {module.rank} with {nnz}")
+    return {f"{path}.A": a, f"{path}.B": b, f"{path}.S_values": values,
+            f"{path}.S_indices": indices.to(torch.int32)}, {}
+
+
+# kind 'lowrank_sparse': `members` is one linear, y = B A x + S x with `options["nnz"]` entries of S
+# (rank 0: sparse only); an allocator answers [rank, nnz] for it
+register_module_kind(ModuleKind(
+    "lowrank_sparse", params=_params, tensors=_tensors,
+    build=lambda root, module, dtype: replace_with_sparse(root, module.members[0], module.rank,
+                                                          int(module.options["nnz"]), dtype),
+    allocation=lambda module: [module.rank, int(module.options["nnz"])]))

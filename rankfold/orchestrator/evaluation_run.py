@@ -11,10 +11,9 @@ rows go to the history (`rankfold history SPEC`).
 
 from __future__ import annotations
 
+import logging
 import shutil
-import sys
 import time
-from typing import TextIO
 
 from rankfold.checkpoint import layer_layouts
 from rankfold.evaluation.report import evaluation_table, generated_samples
@@ -32,9 +31,10 @@ from rankfold.orchestrator.stages import Env
 from rankfold.storage.store import ArtifactStore, LocalStore
 from rankfold.storage.stored_model import SCHEME, stored_location
 
+log = logging.getLogger(__name__)
 
-def run_evaluation(spec: EvalSpec, stream: TextIO | None = sys.stderr, executor: Executor | None = None,
-                   store: ArtifactStore | None = None) -> dict:
+
+def run_evaluation(spec: EvalSpec, *, executor: Executor | None = None, store: ArtifactStore | None = None) -> dict:
     """Evaluate `spec.model.source` with every entry of `spec.evaluation`; returns the report (also
     written to output.dir/report.json). Inputs are checked before any model is loaded."""
     started = time.perf_counter()
@@ -44,10 +44,10 @@ def run_evaluation(spec: EvalSpec, stream: TextIO | None = sys.stderr, executor:
     out = prepare_output(spec, store)
     plan = eval_plan(spec, source.fingerprint(), _variant(source))
     owns_executor = executor is None
-    executor = executor or make_executor(spec, stream)
+    executor = executor or make_executor(spec)
     try:
         manifest, meter = Manifest(store, job_id(spec)), StageMeter()
-        outputs, reused = run_plan(plan, Env(source, {}, store, executor, out / "scratch"), manifest, meter, stream)
+        outputs, reused = run_plan(plan, Env(source, {}, store, executor, out / "scratch"), manifest, meter)
     finally:
         if owns_executor:
             executor.close()
@@ -59,8 +59,7 @@ def run_evaluation(spec: EvalSpec, stream: TextIO | None = sys.stderr, executor:
               "stages": meter.as_rows(), "total_wall_s": round(time.perf_counter() - started, 2)}
     LocalStore(out).put_json("report.json", report)
     record_run(store, manifest.job_id, report)
-    if stream is not None:
-        print(format_evaluation(report), file=stream)
+    log.info(format_evaluation(report))
     return report
 
 

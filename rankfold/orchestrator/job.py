@@ -3,11 +3,10 @@ whose recorded digest matches and whose artifacts verify is reused, the rest run
 
 from __future__ import annotations
 
+import logging
 import shutil
-import sys
 import time
 from pathlib import Path
-from typing import TextIO
 
 from rankfold.evaluation.report import RATIO_DEFINITION, format_report, model_parameter_total, parameter_counts
 from rankfold.execution.base import Executor
@@ -25,6 +24,8 @@ from rankfold.orchestrator.stages import Env
 from rankfold.orchestrator.stages.assemble import compressed_layout
 from rankfold.storage.store import ArtifactStore, LocalStore, S3Store
 
+log = logging.getLogger(__name__)
+
 
 def open_store(spec: JobSpec) -> ArtifactStore:
     """The spec's artifact store: S3 when `output.s3` is set (checked now: bucket, credentials,
@@ -35,24 +36,23 @@ def open_store(spec: JobSpec) -> ArtifactStore:
     return S3Store(s3.bucket, prefix=s3.prefix, endpoint_url=s3.endpoint_url, region=s3.region)
 
 
-def make_executor(spec: JobSpec, stream: TextIO | None) -> Executor:
+def make_executor(spec: JobSpec) -> Executor:
     execution = spec.execution
     if execution.executor == "local":
-        return LocalExecutor(stream)
+        return LocalExecutor()
     from rankfold.execution.ray import RayExecutor
 
-    return RayExecutor(execution.address, execution.workers, execution.cpus_per_worker, stream)
+    return RayExecutor(execution.address, execution.workers, execution.cpus_per_worker)
 
 
-def run_job(spec: JobSpec, stream: TextIO | None = sys.stderr, executor: Executor | None = None,
-            store: ArtifactStore | None = None) -> dict:
+def run_job(spec: JobSpec, *, executor: Executor | None = None, store: ArtifactStore | None = None) -> dict:
     """Compress, evaluate and report. Inputs (store and cluster too) are checked before anything is
     written. `store` overrides the spec's artifact store (benchmarks share one across jobs, so one
     calibration serves every variant)."""
     owns_executor = executor is None
-    executor = executor or make_executor(spec, stream)
+    executor = executor or make_executor(spec)
     try:
-        return _run_job(spec, stream, executor, store)
+        return _run_job(spec, executor, store)
     finally:
         if owns_executor:
             executor.close()
@@ -63,7 +63,7 @@ def job_plan(spec: JobSpec, source, shapes) -> Plan:
     return make_plan(spec, source.fingerprint(), uniform)
 
 
-def _run_job(spec: JobSpec, stream: TextIO | None, executor: Executor, store: ArtifactStore | None) -> dict:
+def _run_job(spec: JobSpec, executor: Executor, store: ArtifactStore | None) -> dict:
     started = time.perf_counter()
     source, shapes = preflight(spec)
     store = store or open_store(spec)
@@ -72,13 +72,12 @@ def _run_job(spec: JobSpec, stream: TextIO | None, executor: Executor, store: Ar
     env = Env(source, shapes, store, executor, out / "scratch", out / CHECKPOINT_FOLDER,
               spec.calibration.max_resident_mb)
     manifest, meter = Manifest(store, job_id(spec)), StageMeter()
-    outputs, reused = run_plan(plan, env, manifest, meter, stream)
+    outputs, reused = run_plan(plan, env, manifest, meter)
     shutil.rmtree(env.scratch, ignore_errors=True)
     report = make_report(spec, env, plan, outputs, manifest, meter, reused, time.perf_counter() - started)
     LocalStore(out).put_json("report.json", report)
     record_run(store, manifest.job_id, report)  # the trend `rankfold history` shows
-    if stream is not None:
-        print(format_report(report), file=stream)
+    log.info(format_report(report))
     return report
 
 

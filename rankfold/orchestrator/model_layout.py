@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rankfold.methods.palu import PaluOptions
 from rankfold.methods.registry import MethodOptions, method_of, sparse_entry_cost
 from rankfold.methods.structure import plan_layer
 from rankfold.models.architecture import Architecture
 from rankfold.models.sources import ModelSource
-from rankfold.modules.latent_kv import LatentKVShape
 from rankfold.modules.layout import CompressedModule, member_ranks
 
 Shapes = dict[int, dict[str, tuple[int, int]]]
@@ -69,21 +67,3 @@ def plan_layout(method: MethodOptions, ratio: float, arch: Architecture, shapes:
     return ModelLayout({i: plan_layer(structure, groups, layer_shapes, ratio,
                                       ranks=None if ranks is None else ranks.get(i, {}), cost=cost)
                         for i, layer_shapes in shapes.items()})
-
-
-def kv_layout(kv: PaluOptions, matrices: tuple[str, ...], config,
-              ranks: dict[int, dict[str, list[int]]]) -> dict[int, CompressedModule]:
-    """Every layer's latent-KV attention at the searched ranks ({layer: {"k": [...], "v": [...]}}); values
-    fold into o_proj when the weight method (`matrices`: target.matrices) leaves it dense and it does not
-    grow (modules/latent_kv.py)."""
-    modules = {}
-    for i, layer in ranks.items():
-        options = {"group_heads": kv.group_heads, "key_ranks": list(layer["k"]), "value_ranks": list(layer["v"]),
-                   "fold_values": False, "bits": kv.bits, "group": kv.quant_group, "residual": kv.residual,
-                   "hadamard": kv.hadamard, "value_bias": bool(getattr(config, "attention_bias", False))}
-        shape = LatentKVShape.from_options(config, options)
-        options["fold_values"] = ("o_proj" not in matrices
-                                  and shape.folded_width() <= shape.num_heads * shape.head_dim)
-        modules[int(i)] = CompressedModule("latent_kv", ("self_attn.k_proj", "self_attn.v_proj"),
-                                           sum(layer["k"]) + sum(layer["v"]), "self_attn", options=options)
-    return modules

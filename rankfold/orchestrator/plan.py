@@ -2,24 +2,25 @@
 graph of typed stages (graph.py derives every digest from the stages' params and inputs).
 
     calibrate -> [the allocator's stages, e.g. fisher, spectra] -> allocate -> decompose
-      -> [kv_factors -> kv_allocate] -> assemble -> evaluate (one stage per entry and variant)
+      -> [the KV method's stages, e.g. kv_factors -> kv_allocate] -> assemble -> evaluate (one per entry
+      and variant)
 
-calibrate runs when the method, the allocator's stages or a latent KV cache read statistics. A
-stage an allocator asks for by kind plans itself (StageKind.plan); the rest are wired here.
+calibrate runs when the method, the allocator's stages or a KV method read statistics. A stage an
+allocator or a KV method asks for by kind plans itself (StageKind.plan); the rest are wired here.
 `rankfold eval` plans evaluate stages only (eval_plan), named as a job's are.
 """
 
 from __future__ import annotations
 
 from rankfold.allocators.registry import ALLOCATORS
-from rankfold.data.text import CalibrationSample, text_fingerprint
+from rankfold.data.text import text_fingerprint
 from rankfold.evaluation.registry import EVALUATORS
 from rankfold.jobs.spec import EvalSpec, JobSpec
+from rankfold.methods.kv_registry import KV_METHODS
 from rankfold.methods.registry import method_of
 from rankfold.orchestrator.graph import Plan, PlanBuilder, PlanError
 from rankfold.orchestrator.model_layout import ModelLayout
 from rankfold.orchestrator.stages import STAGE_KINDS
-from rankfold.orchestrator.stages.fisher import fisher_params
 from rankfold.orchestrator.stages.kind import PlanContext
 
 
@@ -33,7 +34,7 @@ def make_plan(spec: JobSpec, model_id: str, uniform: ModelLayout) -> Plan:
         builder.add("calibrate", "calibrate", {"model": model, "calibration": cal, "sample": sample})
     allocation = spec.target.allocation
     wanted = ALLOCATORS.get(allocation.kind).stages_for(allocation)
-    context = PlanContext(spec, model, sample, uniform)
+    context = PlanContext(spec, model, sample, uniform, builder)
     for kind in wanted:  # e.g. FLRA's fisher and spectra, in the allocator's order
         _add_by_kind(builder, kind, context)
     builder.add("allocate", "allocate", {"model": model, "method": spec.method, "target": spec.target,
@@ -42,7 +43,7 @@ def make_plan(spec: JobSpec, model_id: str, uniform: ModelLayout) -> Plan:
     reads = {kind: kind for kind in method_of(spec.method).reads}
     builder.add("decompose", "decompose", {"model": model, "method": spec.method},
                 {"ranks": "allocate", "statistics": _if("calibrate", builder), **reads})
-    kv = _kv_stages(builder, spec, model, sample) if spec.kv_cache is not None else {}
+    kv = _kv_stages(builder, context) if spec.kv_cache is not None else {}
     builder.add("assemble", "assemble", {"model": model, "source": spec.model.source, "method": spec.method,
                                          "target": spec.target, "kv_cache": spec.kv_cache},
                 {"factors": "decompose", "ranks": "allocate", **kv})
@@ -59,19 +60,12 @@ def _add_by_kind(builder: PlanBuilder, kind: str, context: PlanContext) -> None:
     builder.add(kind, kind, *planner(context))
 
 
-def _kv_stages(builder: PlanBuilder, spec: JobSpec, model: dict, sample: CalibrationSample) -> dict[str, str]:
-    """Palu: [its Fisher pass] -> kv_factors (per layer) -> kv_allocate (the rank search). Its Fisher pass
-    is the allocator's when the settings agree (one pass), its own `kv_fisher` when they differ."""
-    kv, fisher = spec.kv_cache, None
-    if kv.rank_search == "fisher":
-        params = fisher_params(model, sample, kv.fisher_samples, kv.fisher_batch_size)
-        fisher = "kv_fisher" if "fisher" in builder and builder["fisher"].params != params else "fisher"
-        if fisher not in builder:
-            builder.add(fisher, "fisher", params)
-    builder.add("kv_factors", "kv_factors", {"model": model, "group_heads": kv.group_heads},
-                {"statistics": "calibrate"})
-    builder.add("kv_allocate", "kv_allocate", {"kv_cache": kv}, {"kv_factors": "kv_factors", "fisher": fisher})
-    return {"kv_factors": "kv_factors", "kv_ranks": "kv_allocate"}
+def _kv_stages(builder: PlanBuilder, context: PlanContext) -> dict[str, str]:
+    """The KV method's stages, each planning itself; returns the assemble stage's inputs among them."""
+    method = KV_METHODS.get(context.spec.kv_cache.name)
+    for kind in method.stages:
+        _add_by_kind(builder, kind, context)
+    return dict(method.assemble_inputs)
 
 
 def _if(name: str, builder: PlanBuilder) -> str | None:
@@ -79,8 +73,8 @@ def _if(name: str, builder: PlanBuilder) -> str | None:
 
 
 def needs_calibration(spec: JobSpec) -> bool:
-    """Calibration statistics are collected when the method, the allocator's stages or a latent KV
-    cache (its whitening) read them."""
+    """Calibration statistics are collected when the method, the allocator's stages or a KV method
+    (Palu's whitening) read them."""
     allocation = spec.target.allocation
     return bool(method_of(spec.method).needs or ALLOCATORS.get(allocation.kind).stages_for(allocation)
                 or spec.kv_cache is not None)

@@ -12,10 +12,9 @@ from rankfold.core.hashing import digest_of
 from rankfold.data.text import DataError
 from rankfold.evaluation.registry import EVALUATORS
 from rankfold.jobs.spec import JobSpec, SpecError
-from rankfold.methods.palu import check_group_heads, kv_budget
+from rankfold.methods.kv_registry import KV_METHODS
 from rankfold.methods.registry import method_of
 from rankfold.models.sources import ModelSource, ModelSourceError, open_source
-from rankfold.modules.latent_kv import head_dim
 from rankfold.modules.shared import SKIP_TRUNCATION
 from rankfold.orchestrator.manifest import Manifest
 from rankfold.orchestrator.model_layout import Shapes, matrix_shapes, plan_layout
@@ -53,19 +52,11 @@ def preflight(spec: JobSpec) -> tuple[ModelSource, Shapes]:
 
 
 def _check_kv_cache(spec: JobSpec, config) -> None:
-    """Head groups divide the KV heads; the budget holds one rank multiple per head group, k and v."""
-    kv, d = spec.kv_cache, head_dim(config)
+    """The KV method's own check against the model (e.g. Palu: head groups divide the KV heads)."""
     try:
-        check_group_heads(kv.group_heads, config.num_key_value_heads)
+        KV_METHODS.get(spec.kv_cache.name).check(spec.kv_cache, config)
     except ValueError as err:
-        raise SpecError(f"kv_cache.group_heads: {err}") from None
-    width = d * kv.group_heads
-    units = 2 * config.num_hidden_layers * (config.num_key_value_heads // kv.group_heads)
-    budget = kv_budget(units * width, kv.ratio)
-    if units * min(kv.rank_multiple, width) > budget:
-        raise SpecError(f"kv_cache.ratio = {kv.ratio}: keeps {budget} latent dimensions, fewer than one rank "
-                        f"multiple ({kv.rank_multiple}) for each of the {units} head groups' keys and values")
-
+        raise SpecError(f"kv_cache.{err}") from None
 
 def _check_calibration(spec: JobSpec, source: ModelSource) -> None:
     """The calibration text holds `num_samples` distinct windows of `seq_len` tokens."""

@@ -4,7 +4,7 @@ of the stages it declared; then its record is written."""
 
 from __future__ import annotations
 
-from typing import TextIO
+import logging
 
 from rankfold.orchestrator.graph import Plan
 from rankfold.orchestrator.manifest import Manifest
@@ -12,9 +12,10 @@ from rankfold.orchestrator.metering import StageMeter
 from rankfold.orchestrator.stages import STAGE_KINDS, Env
 from rankfold.orchestrator.stages.outputs import Output
 
+log = logging.getLogger(__name__)
 
-def run_plan(plan: Plan, env: Env, manifest: Manifest, meter: StageMeter,
-             stream: TextIO | None) -> tuple[dict[str, Output], list[str]]:
+
+def run_plan(plan: Plan, env: Env, manifest: Manifest, meter: StageMeter) -> tuple[dict[str, Output], list[str]]:
     """(every stage's output by name, the names of the reused stages)."""
     outputs: dict[str, Output] = {}
     reused = []
@@ -23,8 +24,7 @@ def run_plan(plan: Plan, env: Env, manifest: Manifest, meter: StageMeter,
         record = manifest.completed(stage.name, stage.digest)
         if record is not None and kind.reusable(env, stage, record):
             reused.append(stage.name)
-            if stream is not None:
-                print(f"{stage.name}: reusing verified artifacts ({stage.digest})", file=stream)
+            log.info("%s: reusing verified artifacts (%s)", stage.name, stage.digest)
         else:
             inputs = {role: outputs[source] for role, source in stage.inputs.items()}
             with meter.stage(stage.name, env.executor.take_worker_peak_mb):

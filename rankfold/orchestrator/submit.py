@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 from rankfold.core.hashing import digest_of
 from rankfold.execution.ray import ClusterError, check_reachable
@@ -110,18 +111,28 @@ def status(submission_id: str, address: str | None = None) -> dict:
             "output": (info.metadata or {}).get("output", "")}
 
 
-def logs(submission_id: str, address: str | None = None, follow: bool = False, stream=None) -> str:
+def logs(submission_id: str, address: str | None = None) -> str:
+    """The job's log so far. ClusterError when the job is unknown or the cluster unreachable."""
     client = job_client(address)
-    if not follow:
-        return _known(lambda: client.get_job_logs(submission_id), submission_id)
+    return _known(lambda: client.get_job_logs(submission_id), submission_id)
+
+
+def follow_logs(submission_id: str, address: str | None = None) -> Iterator[str]:
+    """The job's log in chunks as they are written, until the job ends. ClusterError as `logs`.
+    The Job API streams asynchronously: its stream is driven here on a loop of its own, one chunk a step."""
     import asyncio
 
-    async def tail() -> None:
-        async for lines in client.tail_job_logs(submission_id):
-            print(lines, end="", file=stream, flush=True)
-
-    asyncio.run(tail())
-    return ""
+    chunks = job_client(address).tail_job_logs(submission_id)
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield _known(lambda: loop.run_until_complete(anext(chunks)), submission_id)
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(chunks.aclose())  # closes the web socket when the caller stops early
+        loop.close()
 
 
 def cancel(submission_id: str, address: str | None = None) -> bool:

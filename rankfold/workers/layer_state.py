@@ -9,15 +9,15 @@ from rankfold.modules.layout import CompressedModule
 
 def assemble_layer_state(dense_state: dict[str, torch.Tensor], fragment: dict[str, torch.Tensor],
                          layout: list[CompressedModule], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Drop `{member}.weight` of every compressed linear (biases and norms stay, except a latent KV
-    cache's k/v biases, which the fragment holds), add the fragment's
-    factors in `dtype` (integer tensors such as permutations keep their type)."""
+    """Drop `{member}.weight` of every compressed linear (biases and norms stay, except where the module's
+    kind holds them in its own tensors: a latent KV cache's k/v biases), add the fragment's factors in
+    `dtype` (integer tensors such as permutations keep their type)."""
     state = dict(dense_state)
     for module in layout:
         for member in module.members:
             if state.pop(f"{member}.weight", None) is None:
                 raise KeyError(f"layer has no dense weight {member}.weight to replace")
-            if module.kind == "latent_kv":  # its biases move into the latent attention (k_bias, v_bias)
+            if not module.handler.keeps_biases:
                 state.pop(f"{member}.bias", None)
     for key, value in fragment.items():
         state[key] = value

@@ -14,12 +14,11 @@ import torch
 from rankfold.allocators.flra import group_spectra
 from rankfold.checkpoint import ShardInfo
 from rankfold.methods.group_decomposition import decompose_group
+from rankfold.methods.kv_registry import KV_METHODS
 from rankfold.methods.registry import MethodOptions
 from rankfold.methods.statistics import InputStats
-from rankfold.modules.latent_kv import LatentKVShape
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreError, StoreRef, open_ref
-from rankfold.workers.kv import layer_kv_tensors
 from rankfold.workers.layer_state import assemble_layer_state
 from rankfold.workers.shard import cached_source
 
@@ -109,7 +108,8 @@ class AssembleItem:
     factor_keys: tuple[str, ...]
     checkpoint: StoreRef
     shard_key: str             # where the shard goes; its file name is the shard's name in the index
-    kv_key: str | None = None  # the layer's full-rank Palu factors (workers/kv.py), when the cache is latent
+    kv_key: str | None = None     # the layer's stored KV-method factors, when the cache is compressed
+    kv_method: str | None = None  # the KV method (methods/kv_registry.py) whose modules take them
 
 
 def assemble_item(item: AssembleItem) -> ShardInfo:
@@ -121,10 +121,9 @@ def assemble_item(item: AssembleItem) -> ShardInfo:
     modules = [CompressedModule.from_json(m) for m in item.modules]
     dense = source.layer_state(item.layer)
     for module in modules:
-        if module.kind == "latent_kv":
-            shape = LatentKVShape.from_options(source.config, module.options)
-            fragment.update(layer_kv_tensors(factor_store.get_tensors(item.kv_key), dense, shape,
-                                             bool(module.options.get("hadamard", False))))
+        if module.handler.tensors is None:  # a KV cache module: its tensors are its KV method's
+            method = KV_METHODS.get(item.kv_method)
+            fragment.update(method.layer_tensors(factor_store.get_tensors(item.kv_key), dense, source.config, module))
     state = assemble_layer_state(dense, fragment, modules, getattr(torch, item.dtype))
     tensors = {item.layer_prefix + k: v for k, v in state.items()}
     sha = open_ref(item.checkpoint).put_tensors(item.shard_key, tensors)

@@ -43,7 +43,7 @@ def checkpoints(tiny_model_dir, tmp_path_factory):
         if method == "palu":
             spec["target"]["matrices"] = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
             spec["kv_cache"] = {"ratio": 0.5, "rank_search": "uniform", "bits": 4, "quant_group": 8, "residual": 2}
-        out[method] = run_job(parse_spec(spec), stream=None)["checkpoint"]
+        out[method] = run_job(parse_spec(spec))["checkpoint"]
     return out
 
 

@@ -22,7 +22,7 @@ def flra_checkpoint(tiny_model_dir, tmp_path_factory) -> str:
     spec = tiny_spec_dict(tiny_model_dir, tmp_path_factory.mktemp("flra"), "svd_llm", ratio=0.3)
     spec["target"]["allocation"] = {"kind": "flra", "fisher_samples": 4}
     spec["evaluation"] = {"dense": False}
-    return run_job(parse_spec(spec), stream=None)["checkpoint"]
+    return run_job(parse_spec(spec))["checkpoint"]
 
 
 def _options(shared_data, **extra) -> GenerationOptions:
@@ -57,7 +57,7 @@ def test_checkpoint_records_flra_gains_of_every_rank_module(flra_checkpoint):
 @pytest.fixture(scope="module")
 def in_process(flra_checkpoint, shared_data, tmp_path_factory):
     return evaluate_generation(_options(shared_data, progressive=SCHEDULE),
-                               _context(LocalExecutor(None, workers=2), flra_checkpoint, tmp_path_factory.mktemp("g")))
+                               _context(LocalExecutor(workers=2), flra_checkpoint, tmp_path_factory.mktemp("g")))
 
 
 def test_cost_matched_schedule_is_solved_and_reported(in_process, flra_checkpoint, shared_data, tmp_path):
@@ -71,7 +71,7 @@ def test_cost_matched_schedule_is_solved_and_reported(in_process, flra_checkpoin
     prompts, _ = prompts_of(_options(shared_data), worker.tokenizer)
     whole = worker.generate(prompts, 6, 3, worker.decode_plan(SCHEDULE, 6)["ranks"])  # one worker, one batch
     assert [s["output"] for s in row["samples"]] == whole
-    plain = evaluate_generation(_options(shared_data), _context(LocalExecutor(None, workers=1), flra_checkpoint,
+    plain = evaluate_generation(_options(shared_data), _context(LocalExecutor(workers=1), flra_checkpoint,
                                                                  tmp_path))
     assert "decode_cost" not in plain[0]
 
@@ -90,7 +90,7 @@ def test_skip_layout_is_refused_before_any_model_loads(flra_checkpoint, shared_d
 
     with pytest.raises(ValueError, match="no nested ranks"):
         evaluate_generation(_options(shared_data, progressive=SCHEDULE),
-                            _context(NoWorkers(None, workers=1), flra_checkpoint, tmp_path, skip=True))
+                            _context(NoWorkers(workers=1), flra_checkpoint, tmp_path, skip=True))
 
 
 def test_skipcat_job_with_progressive_decoding_is_a_spec_error(tiny_model_dir, shared_data, tmp_path):
@@ -102,5 +102,5 @@ def test_skipcat_job_with_progressive_decoding_is_a_spec_error(tiny_model_dir, s
     spec["evaluation"] = {"generation": [{"name": "xsum", "data": str(shared_data / "xsum" / "test_1000.jsonl"),
                                           "limit": 2, "progressive": {"target_ratio": 0.5}}]}
     with pytest.raises(SpecError, match=r"evaluation.generation\[0\].progressive .*no nested ranks"):
-        run_job(parse_spec(spec), stream=None)
+        run_job(parse_spec(spec))
     assert not (tmp_path / "out" / "model").exists()

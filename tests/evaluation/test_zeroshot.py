@@ -29,7 +29,7 @@ def _context(executor, model_dir, tmp_path) -> EvaluationContext:
 @pytest.fixture(scope="module")
 def in_process(tiny_model_dir, shared_data, tmp_path_factory):
     """Rows of the evaluator with the documents in two in-process slices."""
-    return evaluate_zeroshot(_options(shared_data), _context(LocalExecutor(None, workers=2), tiny_model_dir,
+    return evaluate_zeroshot(_options(shared_data), _context(LocalExecutor(workers=2), tiny_model_dir,
                                                              tmp_path_factory.mktemp("zs")))
 
 

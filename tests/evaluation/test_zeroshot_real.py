@@ -28,7 +28,7 @@ CHANCE_FLOORS = {"piqa acc": 0.58, "arc_easy acc": 0.42, "hellaswag acc_norm": 0
 def test_dense_smollm2_accuracy_windows(smollm2, shared_data, tmp_path):
     options = ZeroShotOptions(name="suite", tasks={t: {"path": str(shared_data / p), "limit": 200}
                                                    for t, p in FILES.items()})
-    context = EvaluationContext(LocalExecutor(None), smollm2.location, smollm2.num_layers, lambda i: None,
+    context = EvaluationContext(LocalExecutor(), smollm2.location, smollm2.num_layers, lambda i: None,
                                 smollm2.tokenizer(), "float32", tmp_path, "dense")
     rows = {row["metric"]: row["value"] for row in evaluate_zeroshot(options, context)}
     for metric, measured in MEASURED.items():

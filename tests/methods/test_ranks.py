@@ -10,7 +10,8 @@ from rankfold.methods.structure import plan_layer as _plan_layer
 
 def plan_layer(method, *args, **kwargs):
     return _plan_layer(METHODS.get(method).structure, *args, **kwargs)
-from rankfold.methods.structure import params, rank_for_ratio
+from rankfold.methods.structure import rank_for_ratio
+from rankfold.modules.layout import lowrank_params
 
 SMOLLM2_LAYER = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
                  "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
@@ -21,8 +22,8 @@ SMOLLM2_LAYER = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 5
 def test_rank_is_the_largest_that_fits_the_budget(m, n, ratio):
     rank = rank_for_ratio(m, n, ratio)
     budget = (1 - ratio) * m * n
-    assert params(rank, m, n, False) <= budget or rank == 1
-    assert params(rank + 1, m, n, False) > budget
+    assert lowrank_params(rank, m, n, False) <= budget or rank == 1
+    assert lowrank_params(rank + 1, m, n, False) > budget
 
 
 @pytest.mark.parametrize("method", ["svd_llm", "skipcat"])

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from rankfold.methods.group_decomposition import decompose_group
-from rankfold.methods.skipcat import CatOptions, pivoted_columns, skip_apply, skip_reparameterize
+from rankfold.methods.skipcat import CatOptions
 from rankfold.methods.statistics import InputStats
-from rankfold.methods.structure import params, rank_for_ratio
+from rankfold.methods.structure import rank_for_ratio
 from rankfold.methods.svd_llm import svd_llm_factors, whitened_spectrum
 from rankfold.methods.whitening import whitening_factor
-from rankfold.modules.layout import CompressedModule
+from rankfold.modules.layout import CompressedModule, lowrank_params
+from rankfold.modules.skip import pivoted_columns, skip_apply, skip_reparameterize
 from tests.methods.test_decompositions import _correlated_inputs
 
 
@@ -51,8 +52,8 @@ def test_pivoted_columns_match_greedy_volume_choice():
 def test_skip_rank_is_largest_within_budget(n, rows, ratio):
     rank = rank_for_ratio(rows, n, ratio, skip=True)
     budget = (1 - ratio) * rows * n
-    assert params(rank, rows, n, True) <= budget
-    assert rank == min(n, rows) or params(rank + 1, rows, n, True) > budget
+    assert lowrank_params(rank, rows, n, True) <= budget
+    assert rank == min(n, rows) or lowrank_params(rank + 1, rows, n, True) > budget
     assert rank > rank_for_ratio(rows, n, ratio)  # skipping keeps more rank at the same budget
 
 

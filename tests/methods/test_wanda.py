@@ -36,7 +36,7 @@ def test_wanda_keeps_each_rows_highest_scores_not_the_largest_weights():
 def test_wanda_job_checkpoint_is_the_pruned_model_at_the_counted_ratio(tiny_model_dir, tmp_path):
     spec = tiny_spec_dict(tiny_model_dir, tmp_path / "out", method="wanda", ratio=0.5)
     spec["evaluation"]["dense"] = False
-    report = run_job(parse_spec(spec), stream=None)
+    report = run_job(parse_spec(spec))
     params = report["parameters"]
     # 50 % counting value + index: a quarter of each row's entries; the papers' count says 75 %
     assert params["sparse_entries"] == params["counted_dense"] // 4

@@ -7,9 +7,9 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
-from rankfold.methods.skipcat import SkipFactors, skip_apply, skip_reparameterize
 from rankfold.modules.layout import CompressedModule, apply_layout
 from rankfold.modules.shared import SharedLowRankLinear, SharedProjection
+from rankfold.modules.skip import SkipFactors, skip_apply, skip_reparameterize
 
 
 def _fill(module: torch.nn.Module, seed: int = 0) -> None:

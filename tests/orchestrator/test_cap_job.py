@@ -33,7 +33,7 @@ def _search_result(out) -> dict:
 
 
 def test_cap_job_meets_its_budget_and_its_checkpoint_is_the_searched_masks(tiny_model_dir, tmp_path):
-    report = run_job(parse_spec(_spec(tiny_model_dir, tmp_path / "out")), stream=None)
+    report = run_job(parse_spec(_spec(tiny_model_dir, tmp_path / "out")))
     params = report["parameters"]
     budget = 0.5 * params["counted_dense"]
     largest_unit = 64 + 160  # a gate/up/down triple
@@ -59,7 +59,7 @@ def test_cap_job_meets_its_budget_and_its_checkpoint_is_the_searched_masks(tiny_
 def test_without_sparse_candidates_cap_selects_ranks_of_the_low_rank_part(tiny_model_dir, tmp_path):
     spec = _spec(tiny_model_dir, tmp_path / "out", rule="uniform")
     spec["method"]["max_density"] = 0.0
-    report = run_job(parse_spec(spec), stream=None)
+    report = run_job(parse_spec(spec))
     assert "sparse_entries" in report["parameters"] and report["parameters"]["sparse_entries"] == 0
     model = rankfold.load(tmp_path / "out" / "model")
     q = model.model.layers[1].self_attn.q_proj
@@ -68,7 +68,7 @@ def test_without_sparse_candidates_cap_selects_ranks_of_the_low_rank_part(tiny_m
 
 def test_an_interrupted_search_resumes_where_it_saved_and_ends_as_an_uninterrupted_one(tiny_model_dir, tmp_path,
                                                                                       monkeypatch):
-    whole = run_job(parse_spec(_spec(tiny_model_dir, tmp_path / "whole", steps=6, validate_every=2)), stream=None)
+    whole = run_job(parse_spec(_spec(tiny_model_dir, tmp_path / "whole", steps=6, validate_every=2)))
     spec = parse_spec(_spec(tiny_model_dir, tmp_path / "cut", steps=6, validate_every=2))
     calls, loss = [], search_stage._SearchShards.loss
 
@@ -82,9 +82,9 @@ def test_an_interrupted_search_resumes_where_it_saved_and_ends_as_an_uninterrupt
 
     monkeypatch.setattr(search_stage._SearchShards, "loss", failing)
     with pytest.raises(KeyboardInterrupt):
-        run_job(spec, stream=None)
+        run_job(spec)
     monkeypatch.setattr(search_stage._SearchShards, "loss", loss)
-    resumed = run_job(spec, stream=None)
+    resumed = run_job(spec)
     cut, uncut = _search_result(tmp_path / "cut"), _search_result(tmp_path / "whole")
     assert cut["resumed_at"] == 4 and uncut["resumed_at"] == 0
     assert cut["loss_per_step"] == uncut["loss_per_step"]
@@ -106,11 +106,11 @@ def test_the_held_out_choice_keeps_the_top_k_that_scored_best(tiny_model_dir, tm
     scores = iter([2.0, 3.0, 1.0, 4.0])
     monkeypatch.setattr(search_stage, "_held_out_loss", lambda *args: next(scores))
     spec = lambda out, **options: parse_spec(_spec(tiny_model_dir, tmp_path / out, lr=20.0, **options))  # noqa: E731
-    run_job(spec("held", steps=6, validate_every=2), stream=None)
+    run_job(spec("held", steps=6, validate_every=2))
     result = _search_result(tmp_path / "held")
     assert result["held_out_loss"] == [[0, 2.0], [2, 3.0], [4, 1.0], [6, 4.0]] and result["kept_step"] == 4
-    run_job(spec("stopped", steps=4, holdout=0), stream=None)
-    run_job(spec("last", steps=6, holdout=0), stream=None)
+    run_job(spec("stopped", steps=4, holdout=0))
+    run_job(spec("last", steps=6, holdout=0))
     chosen, stopped, last = (_masks(tmp_path / out) for out in ("held", "stopped", "last"))
     assert chosen.keys() == stopped.keys() and all(torch.equal(chosen[k], stopped[k]) for k in chosen)
     assert any(not torch.equal(chosen[k], last[k]) for k in chosen)
@@ -128,7 +128,7 @@ def test_a_budget_the_units_cannot_meet_names_the_ratio(tiny_model_dir, tmp_path
     # robust PCA's own L (λ → 0: S takes all, L keeps little); the default's full-rank triples cover any ratio > 0
     spec["method"].update({"triples": "rpca", "max_density": 0.01, "lam_scale": 0.001})
     with pytest.raises(SpecError, match="target.ratio = 0.01: the budget"):
-        run_job(parse_spec(spec), stream=None)
+        run_job(parse_spec(spec))
 
 
 def test_cap_needs_the_search_allocation(tiny_model_dir, tmp_path):
@@ -170,6 +170,6 @@ def test_a_uniform_start_stays_uniform_beside_a_palu_cache_that_plans_a_fisher_p
         raise AssertionError("the search read the Fisher pass it was told not to start from")
 
     monkeypatch.setattr(search_stage, "_fisher_weighted", weighted)
-    report = run_job(parsed, stream=None)
+    report = run_job(parsed)
     assert "fisher" in [row["stage"] for row in report["stages"]]  # Palu's Fisher pass ran in this job
     assert report["parameters"]["counted_compressed"] <= 0.5 * report["parameters"]["counted_dense"]

@@ -26,13 +26,13 @@ def test_eval_reuses_its_records_and_shares_the_dense_ones(tiny_model_dir, tmp_p
     job = tiny_spec_dict(tiny_model_dir, tmp_path / "job")
     spec = parse_any_spec(_eval_spec(tiny_model_dir, tmp_path / "eval", job))
     assert isinstance(spec, EvalSpec)
-    first = run_evaluation(spec, stream=None)
+    first = run_evaluation(spec)
     (row,) = first["rows"]
     assert (row["evaluator"], row["variant"], row["metric"]) == ("perplexity", "dense", "perplexity")
-    again = run_evaluation(spec, stream=None)
+    again = run_evaluation(spec)
     assert again["reused_stages"] == ["evaluate perplexity dense wikitext2"] and again["rows"] == first["rows"]
     # A compression job on the same store: its dense evaluation is the one recorded above.
-    report = run_job(parse_spec(job), stream=None, store=_store_of(tmp_path / "eval"))
+    report = run_job(parse_spec(job), store=_store_of(tmp_path / "eval"))
     assert "evaluate perplexity dense wikitext2" in report["reused_stages"]
     history = main(["history", str(_write(tmp_path / "e.yaml", _eval_spec(tiny_model_dir, tmp_path / "eval", job)))])
     assert history == 0 and (tmp_path / "eval" / "history.png").is_file()
@@ -42,7 +42,7 @@ def test_eval_reuses_its_records_and_shares_the_dense_ones(tiny_model_dir, tmp_p
     stored = f"store:checkpoints/{report['artifacts']['digests']['assemble']}"
     for k, model in enumerate((report["checkpoint"], stored)):
         spec = parse_any_spec(_eval_spec(model, tmp_path / f"eval-{k}", job))
-        compressed = run_evaluation(spec, stream=None, store=_store_of(tmp_path / "eval"))
+        compressed = run_evaluation(spec, store=_store_of(tmp_path / "eval"))
         assert compressed["rows"][0]["variant"] == "compressed"
         assert compressed["rows"][0]["value"] == pytest.approx(in_job["value"], rel=1e-6)
 

@@ -51,7 +51,7 @@ def test_killed_workers_are_replaced_and_artifacts_bit_identical(tmp_path, tiny_
 
     data = tiny_spec_dict(tiny_model_dir, tmp_path / "clean", method="skipcat")
     data["evaluation"]["perplexity"] = []
-    clean = run_job(parse_spec(data), stream=None, executor=ray_executor)
+    clean = run_job(parse_spec(data), executor=ray_executor)
 
     shard_marker, task_marker = tmp_path / "shard.pid", tmp_path / "task.pid"
 
@@ -76,7 +76,7 @@ def test_killed_workers_are_replaced_and_artifacts_bit_identical(tmp_path, tiny_
     killers = [_killer(shard_marker, stop, killed), _killer(task_marker, stop, killed)]
     data["output"]["dir"] = str(tmp_path / "killed")
     try:
-        disturbed = run_job(parse_spec(data), stream=None, executor=ray_executor)
+        disturbed = run_job(parse_spec(data), executor=ray_executor)
     finally:
         stop.set()
     assert len(killed) == 2 and all(not k.is_alive() for k in killers)  # both workers died mid-stage
@@ -94,7 +94,7 @@ def test_shard_killed_in_the_fisher_backward_pass_is_replayed(tmp_path, tiny_mod
     data = tiny_spec_dict(tiny_model_dir, tmp_path / "clean")
     data["target"]["allocation"] = {"kind": "flra", "fisher_samples": 4}
     data["evaluation"]["perplexity"] = []
-    clean = run_job(parse_spec(data), stream=None, executor=ray_executor)
+    clean = run_job(parse_spec(data), executor=ray_executor)
     marker = tmp_path / "fisher.pid"
 
     class ShardKilledInBackward(SequenceShard):
@@ -109,7 +109,7 @@ def test_shard_killed_in_the_fisher_backward_pass_is_replayed(tmp_path, tiny_mod
     killer = _killer(marker, stop, killed)
     data["output"]["dir"] = str(tmp_path / "killed")
     try:
-        disturbed = run_job(parse_spec(data), stream=None, executor=ray_executor)
+        disturbed = run_job(parse_spec(data), executor=ray_executor)
     finally:
         stop.set()
     assert len(killed) == 1 and not killer.is_alive()

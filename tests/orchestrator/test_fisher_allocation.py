@@ -18,7 +18,7 @@ def fisher_spec(model_dir, out, method="svd_llm", ratio=0.3, **allocation):
 
 @pytest.mark.parametrize("method", ["svd_llm", "skipcat"])
 def test_fisher_allocation_meets_the_budget_with_uneven_ranks(tiny_model_dir, tmp_path, method):
-    report = run_job(parse_spec(fisher_spec(tiny_model_dir, tmp_path / "out", method)), stream=None)
+    report = run_job(parse_spec(fisher_spec(tiny_model_dir, tmp_path / "out", method)))
     parameters = report["parameters"]
     assert 0.3 <= parameters["achieved_compression"] < 0.3 + 0.02  # within one rank of the budget
     assert len(set(report["ranks"].values())) > 2  # the allocator differentiated the matrices
@@ -35,8 +35,8 @@ def test_fisher_allocation_meets_the_budget_with_uneven_ranks(tiny_model_dir, tm
 
 def test_rerun_reuses_fisher_spectra_and_allocation(tiny_model_dir, tmp_path):
     spec = parse_spec(fisher_spec(tiny_model_dir, tmp_path / "out"))
-    first = run_job(spec, stream=None)
-    again = run_job(spec, stream=None)
+    first = run_job(spec)
+    again = run_job(spec)
     assert {"calibrate", "fisher", "spectra", "allocate", "decompose", "assemble"} <= set(again["reused_stages"])
     assert again["ranks"] == first["ranks"]
 
@@ -57,7 +57,7 @@ def test_bad_allocation_specs_are_named(tiny_model_dir, tmp_path, change, messag
 def test_a_budget_too_small_for_minimum_ranks_is_a_clear_error(tiny_model_dir, tmp_path):
     spec = parse_spec(fisher_spec(tiny_model_dir, tmp_path / "out", ratio=0.99, min_rank_fraction=0.5))
     with pytest.raises(SpecError, match="target.ratio = 0.99 with target.allocation.min_rank_fraction = 0.5"):
-        run_job(spec, stream=None)
+        run_job(spec)
 
 
 def test_two_jobs_on_one_store_share_calibration_fisher_and_spectra(tiny_model_dir, tmp_path):
@@ -66,9 +66,9 @@ def test_two_jobs_on_one_store_share_calibration_fisher_and_spectra(tiny_model_d
     from rankfold.storage.store import LocalStore
 
     store = LocalStore(tmp_path / "shared")
-    first = run_job(parse_spec(fisher_spec(tiny_model_dir, tmp_path / "a")), stream=None, store=store)
+    first = run_job(parse_spec(fisher_spec(tiny_model_dir, tmp_path / "a")), store=store)
     data = fisher_spec(tiny_model_dir, tmp_path / "b")
     data["target"]["ratio"] = 0.4
-    second = run_job(parse_spec(data), stream=None, store=store)
+    second = run_job(parse_spec(data), store=store)
     assert {"calibrate", "fisher", "spectra", "evaluate perplexity dense wikitext2"} <= set(second["reused_stages"])
     assert "allocate" not in second["reused_stages"] and second["ranks"] != first["ranks"]

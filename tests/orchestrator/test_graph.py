@@ -4,6 +4,8 @@ a stage receives exactly the outputs it declared, and its digest follows its par
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from rankfold.execution.local import LocalExecutor
@@ -38,17 +40,20 @@ def toy_kinds(monkeypatch):
         monkeypatch.setitem(STAGE_KINDS._entries, kind.kind, kind)
 
 
-def test_a_toy_kind_in_one_file_runs_in_a_plan_and_reads_its_declared_input(toy_kinds, tmp_path):
+def test_a_toy_kind_in_one_file_runs_in_a_plan_and_reads_its_declared_input(toy_kinds, tmp_path, caplog):
     builder = PlanBuilder()
     builder.add("first", "count", {"step": 2})
     builder.add("second", "count", {"step": 3}, {"previous": "first"})
     plan = builder.plan()
     store = LocalStore(tmp_path / "store")
-    env = Env(source=None, shapes={}, store=store, executor=LocalExecutor(None), scratch=tmp_path / "scratch")
-    outputs, reused = run_plan(plan, env, Manifest(store, "toy"), StageMeter(), None)
-    assert outputs["second"].value == 5 and reused == []
-    again, reused = run_plan(plan, env, Manifest(store, "toy"), StageMeter(), None)
+    env = Env(source=None, shapes={}, store=store, executor=LocalExecutor(), scratch=tmp_path / "scratch")
+    caplog.set_level(logging.INFO, logger="rankfold")
+    outputs, reused = run_plan(plan, env, Manifest(store, "toy"), StageMeter())
+    assert outputs["second"].value == 5 and reused == [] and not caplog.records
+    again, reused = run_plan(plan, env, Manifest(store, "toy"), StageMeter())
     assert reused == ["first", "second"] and again["second"].value == 5
+    assert caplog.messages == [f"{name}: reusing verified artifacts ({plan[name].digest})" for name in reused]
+    assert {record.name for record in caplog.records} == {"rankfold.orchestrator.runner"}
 
 
 def test_an_input_the_kind_does_not_declare_fails_at_plan_time(toy_kinds):

@@ -28,7 +28,7 @@ from tests.conftest import tiny_spec_dict
 def finished_job(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("job") / "out"
     spec = parse_spec(tiny_spec_dict(tiny_model_dir, out))
-    report = run_job(spec, stream=None)
+    report = run_job(spec)
     return spec, report, out
 
 
@@ -63,7 +63,7 @@ def test_report_and_artifacts(finished_job):
 def test_checkpoint_round_trip_gives_equal_logits(method, tmp_path, tiny_model_dir):
     data = tiny_spec_dict(tiny_model_dir, tmp_path / method, method=method)
     data["evaluation"]["perplexity"] = []
-    report = run_job(parse_spec(data), stream=None)
+    report = run_job(parse_spec(data))
     loaded = rankfold.load(tmp_path / method / "model")
     reference = _in_memory_compressed(tiny_model_dir, tmp_path / method, report["layout"])
     tokens = torch.randint(0, loaded.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -130,7 +130,7 @@ def test_rerun_reuses_verified_stages_and_recomputes_damaged_ones(finished_job):
     spec, report, out = finished_job
     shards = lambda: json.loads((out / "model" / INDEX_NAME).read_text())["metadata"]["sha256"]  # noqa: E731
     before = shards()
-    again = run_job(spec, stream=None)
+    again = run_job(spec)
     assert set(again["reused_stages"]) >= {"calibrate", "decompose", "assemble"}
     assert metric_table(again["rows"]) == metric_table(report["rows"]) and shards() == before
 
@@ -139,7 +139,7 @@ def test_rerun_reuses_verified_stages_and_recomputes_damaged_ones(finished_job):
     damaged = store.list_keys(f"factors/{report['artifacts']['digests']['decompose']}/")[0]
     store.path(damaged).write_bytes(store.path(damaged).read_bytes()[:-8] + b"garbage!")
     shutil.rmtree(out / "model")
-    third = run_job(spec, stream=None)
+    third = run_job(spec)
     assert "calibrate" in third["reused_stages"] and "decompose" not in third["reused_stages"]
     assert store.verify(damaged) and shards() == before
 
@@ -155,12 +155,12 @@ def test_spilled_calibration_gives_identical_statistics(tmp_path, tiny_model_dir
     data["calibration"]["max_resident_mb"] = 1
     data["calibration"]["num_samples"] = 96  # 96 × 64 tokens × 64 hidden × 4 B = 1.5 MiB per layer: past 1 MiB
     data["evaluation"]["perplexity"] = []
-    digest = run_job(parse_spec(data), stream=None)["artifacts"]["digests"]["calibrate"]
+    digest = run_job(parse_spec(data))["artifacts"]["digests"]["calibrate"]
     assert len(spills) >= 8  # a third of each layer's 24 chunks, for the embeddings and layer 0's outputs
     monkeypatch.setattr(activations, "save_file", real_save)
     data["calibration"]["max_resident_mb"] = 1024
     data["output"]["dir"] = str(tmp_path / "resident")
-    run_job(parse_spec(data), stream=None)
+    run_job(parse_spec(data))
     for layer in (0, 1):
         key = f"stats/{digest}/layer-{layer:05d}.safetensors"
         spilled = LocalStore(tmp_path / "spilled" / "artifacts").get_tensors(key)
@@ -193,9 +193,9 @@ def test_interrupted_job_resumes_at_its_first_unfinished_stage(tmp_path, tiny_mo
 
     monkeypatch.setattr(stages, "assemble_checkpoint", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_job(spec, stream=None)
+        run_job(spec)
     monkeypatch.undo()
-    resumed = run_job(spec, stream=None)
+    resumed = run_job(spec)
     assert resumed["reused_stages"][:3] == ["calibrate", "allocate", "decompose"]
     assert "assemble" not in resumed["reused_stages"]
     assert {row["stage"] for row in resumed["stages"]} >= {"assemble"} and "calibrate" not in {
@@ -211,9 +211,9 @@ def test_a_new_method_version_recomputes_its_factors_and_reuses_the_calibration(
     data = tiny_spec_dict(tiny_model_dir, tmp_path / "out")
     data["evaluation"]["perplexity"] = []
     spec = parse_spec(data)
-    first = run_job(spec, stream=None)
+    first = run_job(spec)
     monkeypatch.setitem(METHODS._entries, "svd_llm", dataclasses.replace(METHODS.get("svd_llm"), version="bumped"))
-    again = run_job(spec, stream=None)
+    again = run_job(spec)
     assert "calibrate" in again["reused_stages"]
     assert not {"decompose", "assemble"} & set(again["reused_stages"])
     digests, before = again["artifacts"]["digests"], first["artifacts"]["digests"]
@@ -232,7 +232,7 @@ def test_a_stored_head_under_tied_config_is_the_one_loaded_and_evaluated(tiny_mo
     head = torch.randn(tensors["model.embed_tokens.weight"].shape, generator=torch.Generator().manual_seed(5))
     save_file({**tensors, "lm_head.weight": head}, folder / "model.safetensors", metadata={"format": "pt"})
     spec = parse_spec(tiny_spec_dict(folder, tmp_path / "out"))
-    report = run_job(spec, stream=None)
+    report = run_job(spec)
     ppl = spec.evaluation.perplexity[0]
     loaded = rankfold.load(tmp_path / "out" / "model")
     assert torch.equal(loaded.lm_head.weight, head) and not loaded.config.tie_word_embeddings

@@ -26,7 +26,7 @@ def _s3_spec(tiny_model_dir, out, endpoint, bucket):
 
 def test_job_with_s3_artifacts_resumes_from_the_bucket(tmp_path, tiny_model_dir, s3_endpoint, s3_bucket, monkeypatch):
     spec = _s3_spec(tiny_model_dir, tmp_path / "out", s3_endpoint, s3_bucket)
-    report = run_job(spec, stream=None)
+    report = run_job(spec)
     store = S3Store(s3_bucket, prefix="team/jobs", endpoint_url=s3_endpoint)
     digests = report["artifacts"]["digests"]
     keys = store.list_keys()
@@ -39,7 +39,7 @@ def test_job_with_s3_artifacts_resumes_from_the_bucket(tmp_path, tiny_model_dir,
     logits = rankfold.load(tmp_path / "out" / "model")(torch.arange(12)[None]).logits
 
     shutil.rmtree(tmp_path / "out" / "model")  # the local checkpoint is lost: fetched back from S3
-    again = run_job(spec, stream=None)
+    again = run_job(spec)
     assert set(again["reused_stages"]) >= {"calibrate", "decompose", "assemble"}
     torch.testing.assert_close(rankfold.load(tmp_path / "out" / "model")(torch.arange(12)[None]).logits, logits,
                                rtol=0, atol=0)

@@ -35,7 +35,7 @@ def test_palu_job_writes_a_latent_cache_checkpoint_within_budget(kv_spec, monkey
     calls = []
     forward = LatentKVAttention.forward
     monkeypatch.setattr(LatentKVAttention, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
-    report = run_job(parse_spec(kv_spec), stream=None)
+    report = run_job(parse_spec(kv_spec))
     assert calls  # the perplexity evaluation ran through the latent attention
     config = json.loads((report_dir := parse_spec(kv_spec).output.dir / "model" / "config.json").read_text())
     kv = config["rankfold"]["kv_cache"]
@@ -58,7 +58,7 @@ def test_palu_job_writes_a_latent_cache_checkpoint_within_budget(kv_spec, monkey
     # `rankfold eval` of the checkpoint folder (layers built from its config) gives the job's value
     evaluation = parse_any_spec({"model": {"source": str(report_dir.parent)}, "output": {"dir": str(report_dir.parents[1] / "eval")},
                                  "evaluation": {"perplexity": kv_spec["evaluation"]["perplexity"]}})
-    (row,) = run_evaluation(evaluation, stream=None)["rows"]
+    (row,) = run_evaluation(evaluation)["rows"]
     assert row["variant"] == "compressed" and row["value"] == pytest.approx(rows["compressed"], rel=1e-6)
 
 
@@ -66,7 +66,7 @@ def test_quantised_hadamard_cache_with_dense_o_proj_folds_values(kv_spec):
     kv_spec["target"]["matrices"] = ["gate_proj", "up_proj", "down_proj"]
     kv_spec["kv_cache"].update({"bits": 3, "quant_group": 8, "rank_multiple": 8, "hadamard": True,
                                 "rank_search": "uniform"})
-    run_job(parse_spec(kv_spec), stream=None)
+    run_job(parse_spec(kv_spec))
     model = rankfold.load(parse_spec(kv_spec).output.dir / "model")
     attention = model.model.layers[1].self_attn
     assert attention.shape.fold_values and attention.cache_config.bits == 3
@@ -79,7 +79,7 @@ def test_skipcat_weights_with_a_latent_cache_load_and_generate(kv_spec):
     """Seed 002: a skip layout registers its projections on the attention the latent one replaces."""
     kv_spec["method"] = {"name": "skipcat"}
     kv_spec["kv_cache"].update({"group_heads": 2, "bits": 4, "quant_group": 8})
-    report = run_job(parse_spec(kv_spec), stream=None)
+    report = run_job(parse_spec(kv_spec))
     model = rankfold.load(report["checkpoint"])
     attention = model.model.layers[0].self_attn
     assert isinstance(attention, LatentKVAttention) and hasattr(attention, "q_proj_in")
@@ -114,7 +114,7 @@ def test_kv_cache_spec_errors(kv_spec):
 def test_cache_only_job_keeps_every_weight_dense(kv_spec):
     kv_spec["target"]["matrices"] = []
     kv_spec["kv_cache"]["rank_search"] = "uniform"
-    report = run_job(parse_spec(kv_spec), stream=None)
+    report = run_job(parse_spec(kv_spec))
     assert report["parameters"]["counted_dense"] == 0 and report["ranks"] == {}
     model = rankfold.load(parse_spec(kv_spec).output.dir / "model")
     attention = model.model.layers[0].self_attn

@@ -31,11 +31,11 @@ def test_float16_overflow_in_calibration_names_the_layer_and_dtype(overflowing_m
     data = tiny_spec_dict(overflowing_model, tmp_path / "fp16")
     data["model"]["dtype"] = "float16"
     with pytest.raises(NumericalError, match=r"layer 1 \(model.dtype float16\).*bfloat16 or float32"):
-        run_job(parse_spec(data), stream=None)
+        run_job(parse_spec(data))
     data["model"]["dtype"] = "float32"  # the same model is fine in float32
     data["output"]["dir"] = str(tmp_path / "fp32")
     data["evaluation"]["perplexity"] = []
-    assert run_job(parse_spec(data), stream=None)["parameters"]["achieved_compression"] >= 0.3
+    assert run_job(parse_spec(data))["parameters"]["achieved_compression"] >= 0.3
 
 
 def test_float16_overflow_in_evaluation_exits_1_naming_the_layer(overflowing_model, tmp_path, capsys):

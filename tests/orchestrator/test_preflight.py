@@ -16,7 +16,7 @@ from tests.conftest import tiny_spec_dict
 
 def _refused(data: dict, match: str) -> None:
     with pytest.raises(SpecError, match=match):
-        run_job(parse_spec(data), stream=None)
+        run_job(parse_spec(data))
 
 
 @pytest.mark.parametrize("change, match", [
@@ -42,7 +42,7 @@ def test_a_short_calibration_text_then_its_correction_run_in_the_same_folder(tin
     data["calibration"]["data"] = {"path": str(short)}
     _refused(data, r"calibration.data .*fewer than num_samples=8")
     data["calibration"]["data"] = tiny_spec_dict(tiny_model_dir, tmp_path)["calibration"]["data"]
-    report = run_job(parse_spec(data), stream=None)
+    report = run_job(parse_spec(data))
     assert report["calibration_tokens"] == 8 * 64
 
 

@@ -3,6 +3,7 @@ compressed weights as in-process, artifacts in S3, and a clear error for an unre
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -29,14 +30,14 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 def test_ray_job_with_s3_matches_in_process(tmp_path, tiny_model_dir, ray_executor, s3_endpoint, s3_bucket):
     data = tiny_spec_dict(tiny_model_dir, tmp_path / "ray", method="skipcat")
     data["output"]["s3"] = {"bucket": s3_bucket, "endpoint_url": s3_endpoint}
-    ray_report = run_job(parse_spec(data), stream=None, executor=ray_executor)
+    ray_report = run_job(parse_spec(data), executor=ray_executor)
     assert ray_report["executor"].startswith("ray (127.0.0.1:")
     stages = {row["stage"]: row for row in ray_report["stages"]}
     for stage in ("calibrate", "decompose", "assemble", "evaluate perplexity compressed wikitext2"):  # workers' own peaks
         assert 100 < stages[stage]["worker_peak_rss_mb"] < 4096, stages[stage]
 
     data["output"] = {"dir": str(tmp_path / "local")}
-    local_report = run_job(parse_spec(data), stream=None, executor=LocalExecutor(None, workers=2))
+    local_report = run_job(parse_spec(data), executor=LocalExecutor(workers=2))
     assert ray_report["artifacts"]["digests"] == local_report["artifacts"]["digests"]
     ray_weights, local_weights = _weights(tmp_path / "ray" / "model"), _weights(tmp_path / "local" / "model")
     assert ray_weights.keys() == local_weights.keys()
@@ -54,9 +55,9 @@ def test_sharded_statistics_equal_sequential_ones(tmp_path, tiny_model_dir):
 
     data = tiny_spec_dict(tiny_model_dir, tmp_path / "one")
     data["evaluation"]["perplexity"] = []
-    one = run_job(parse_spec(data), stream=None, executor=LocalExecutor(None, workers=1))
+    one = run_job(parse_spec(data), executor=LocalExecutor(workers=1))
     data["output"]["dir"] = str(tmp_path / "three")
-    three = run_job(parse_spec(data), stream=None, executor=LocalExecutor(None, workers=3))
+    three = run_job(parse_spec(data), executor=LocalExecutor(workers=3))
     digest = one["artifacts"]["digests"]["calibrate"]
     for layer in (0, 1):
         key = f"stats/{digest}/layer-{layer:05d}.safetensors"
@@ -101,13 +102,13 @@ def test_smollm2_through_ray_gives_the_in_process_weights(tmp_path, ray_executor
         "evaluation": {"perplexity": [], "dense": False},
         "output": {"dir": str(tmp_path / "ray")},
     }
-    ray_report = run_job(parse_spec(data), stream=None, executor=ray_executor)
+    ray_report = run_job(parse_spec(data), executor=ray_executor)
     data["output"]["dir"] = str(tmp_path / "local")
     threads = torch.get_num_threads()
-    local = LocalExecutor(None, workers=2)
+    local = LocalExecutor(workers=2)
     local.threads_per_worker = 1
     try:
-        local_report = run_job(parse_spec(data), stream=None, executor=local)
+        local_report = run_job(parse_spec(data), executor=local)
     finally:
         torch.set_num_threads(threads)
     assert ray_report["ranks"] == local_report["ranks"]
@@ -117,16 +118,18 @@ def test_smollm2_through_ray_gives_the_in_process_weights(tmp_path, ray_executor
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def test_shards_the_cluster_cannot_hold_are_an_error_after_a_bounded_wait(ray_executor):
+def test_shards_the_cluster_cannot_hold_are_an_error_after_a_bounded_wait(ray_executor, caplog):
     """The test cluster has 2 CPUs: 3 shards × 1 CPU would wait forever for the third actor."""
     from rankfold.execution.ray import ClusterError, RayExecutor
 
+    caplog.set_level(logging.INFO, logger="rankfold")
     started = time.monotonic()
     with pytest.raises(ClusterError, match=r"execution.workers = 3 × execution.cpus_per_worker = 1 needs 3 CPUs"):
-        RayExecutor(address=ray_executor.address, workers=3, cpus_per_worker=1, stream=None, resource_wait_s=1.0)
+        RayExecutor(address=ray_executor.address, workers=3, cpus_per_worker=1, resource_wait_s=1.0)
     assert time.monotonic() - started < 30
+    assert "waiting for Ray CPUs: " in caplog.text and " of 3 (" in caplog.text  # the wait is logged
     with pytest.raises(ClusterError, match="4 on one node"):
-        RayExecutor(address=ray_executor.address, workers=1, cpus_per_worker=4, stream=None, resource_wait_s=0.0)
+        RayExecutor(address=ray_executor.address, workers=1, cpus_per_worker=4, resource_wait_s=0.0)
 
 
 def test_the_test_cluster_listens_on_loopback_only(ray_cluster, s3_endpoint):

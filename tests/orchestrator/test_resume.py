@@ -20,7 +20,7 @@ def finished(tmp_path, tiny_model_dir):
     data = tiny_spec_dict(tiny_model_dir, tmp_path / "out")
     data["evaluation"]["perplexity"] = []
     spec = parse_spec(data)
-    return spec, run_job(spec, stream=None), tmp_path / "out"
+    return spec, run_job(spec), tmp_path / "out"
 
 
 def _count_hashing(monkeypatch) -> list[str]:
@@ -41,7 +41,7 @@ def _count_hashing(monkeypatch) -> list[str]:
 def test_a_finished_job_reruns_without_reading_any_artifact(finished, monkeypatch):
     spec, first, _ = finished
     hashed = _count_hashing(monkeypatch)
-    again = run_job(spec, stream=None)
+    again = run_job(spec)
     assert set(again["reused_stages"]) == set(first["artifacts"]["digests"])
     assert hashed == []
 
@@ -52,10 +52,10 @@ def test_an_artifact_touched_but_unchanged_is_hashed_once_then_trusted(finished,
     key = store.list_keys(f"factors/{first['artifacts']['digests']['decompose']}/")[0]
     os.utime(store.path(key), ns=(1, 1))  # a copied store: same bytes, new mtimes
     hashed = _count_hashing(monkeypatch)
-    assert "decompose" in run_job(spec, stream=None)["reused_stages"]
+    assert "decompose" in run_job(spec)["reused_stages"]
     assert [path for path in hashed if path.endswith(key.rsplit("/", 1)[-1])] == [str(store.path(key))]
     hashed.clear()
-    run_job(spec, stream=None)
+    run_job(spec)
     assert hashed == []  # the new token was recorded
 
 
@@ -65,7 +65,7 @@ def test_an_artifact_changed_in_place_with_the_same_size_is_recomputed(finished)
     key = store.list_keys(f"stats/{first['artifacts']['digests']['calibrate']}/")[0]
     data = store.path(key).read_bytes()
     store.path(key).write_bytes(data[:-8] + b"garbage!")
-    again = run_job(spec, stream=None)
+    again = run_job(spec)
     assert "calibrate" not in again["reused_stages"] and store.verify(key)
 
 
@@ -109,8 +109,8 @@ def test_damage_that_keeps_size_and_mtime_fails_where_read_and_verify_repair_rec
     assemble = dataclasses.replace(STAGE_KINDS.get("assemble"), version="changed")  # so it reads the factors again
     monkeypatch.setitem(STAGE_KINDS._entries, "assemble", assemble)
     with pytest.raises(StoreError, match="verify SPEC --repair"):
-        run_job(spec, stream=None)
+        run_job(spec)
     assert main(["verify", str(tmp_path / "spec.yaml"), "--repair"]) == 1
     assert "decompose: record dropped" in capsys.readouterr().out
-    again = run_job(spec, stream=None)
+    again = run_job(spec)
     assert "decompose" not in again["reused_stages"] and store.verify(key)

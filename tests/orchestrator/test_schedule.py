@@ -72,12 +72,18 @@ def _png_size(path) -> tuple[int, int]:
 
 def test_history_prints_every_run_and_plots_it(tmp_path, spec_file, capsys):
     assert main(["run", str(spec_file)]) == 0
+    first = capsys.readouterr()
     assert main(["run", str(spec_file)]) == 0  # the nightly re-run: inputs unchanged, stages reused
-    capsys.readouterr()
+    again = capsys.readouterr()
+    # the CLI logs to stderr, here not a terminal: plain progress lines, then the report; stdout stays clean
+    assert "calibrate  elapsed " in first.err and "achieved compression" in first.err and first.out == ""
+    assert "calibrate: reusing verified artifacts (" in again.err
+    assert main(["-q", "run", str(spec_file)]) == 0  # quiet: neither progress nor report
+    assert capsys.readouterr().err == ""
     assert main(["history", str(spec_file), "--plot", str(tmp_path / "trend.png")]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if "wikitext2" in line and not line.startswith("plot")]
-    assert len(rows) == 2 and "calibrate,allocate,decompose,assemble" in rows[1]
+    assert len(rows) == 3 and "calibrate,allocate,decompose,assemble" in rows[1]
     assert f"plot: {tmp_path / 'trend.png'}" in out
     width, height = _png_size(tmp_path / "trend.png")
     assert width >= 400 and height >= 300

@@ -102,3 +102,20 @@ def test_scheduler_submits_a_due_evaluation_to_the_cluster(tmp_path, tiny_model_
     history = _cli("history", str(spec))
     assert history.returncode == 0 and "piqa acc_norm" in history.stdout
     assert (tmp_path / "out" / "history.png").is_file()
+
+
+def test_follow_logs_yields_the_chunks_until_the_job_ends_and_names_an_unknown_job(monkeypatch):
+    from rankfold.execution.ray import ClusterError
+    from rankfold.orchestrator import submit
+
+    class Client:  # the Job API's stream is an async generator of chunks
+        async def tail_job_logs(self, job_id: str):
+            if job_id == "rankfold-nope":
+                raise RuntimeError("Job rankfold-nope does not exist")
+            for chunk in ("(1/2) calibrate\n", "(2/2) calibrate\n"):
+                yield chunk
+
+    monkeypatch.setattr(submit, "job_client", lambda address=None: Client())
+    assert list(submit.follow_logs("rankfold-1")) == ["(1/2) calibrate\n", "(2/2) calibrate\n"]
+    with pytest.raises(ClusterError, match="job rankfold-nope"):
+        list(submit.follow_logs("rankfold-nope"))

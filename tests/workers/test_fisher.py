@@ -47,7 +47,7 @@ def autograd_fisher(model: LlamaForCausalLM, ids: torch.Tensor, batch_size: int,
 def streamed_fisher(source: ModelSource, ids: torch.Tensor, batch_size: int, workers: int, tmp_path):
     layers: dict[int, dict[str, torch.Tensor]] = {}
     config = ShardConfig(source.location, "float32", 1 << 30, str(tmp_path), "float32")
-    result = stream_fisher(LocalExecutor(None, workers=workers), config, ids, batch_size, source.num_layers,
+    result = stream_fisher(LocalExecutor(workers=workers), config, ids, batch_size, source.num_layers,
                            on_layer=lambda i, t: layers.__setitem__(i, t))
     return result, layers
 

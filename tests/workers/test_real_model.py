@@ -78,7 +78,7 @@ def test_whitened_svd_beats_plain_svd_on_real_activations(smollm2, shared_data):
 def test_dense_smollm2_wikitext2_perplexity(smollm2, shared_data, tmp_path):
     source = TextSource(path=shared_data / "wikitext2" / "wiki.test.raw", lines_as_rows=True)
     options = PerplexityOptions(name="wikitext2", data=source, window=2048, max_tokens=8192, batch_size=1)
-    context = EvaluationContext(LocalExecutor(None), smollm2.location, smollm2.num_layers, lambda i: None,
+    context = EvaluationContext(LocalExecutor(), smollm2.location, smollm2.num_layers, lambda i: None,
                                 smollm2.tokenizer(), "float32", tmp_path, "ppl")
     (row,) = evaluate_perplexity(options, context)
     ppl = row["value"]

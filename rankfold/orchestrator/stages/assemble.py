@@ -2,7 +2,8 @@
 the job's output folder (Env.checkpoint).
 
 params: model {id, dtype}, source (spec model.source, recorded in config.json), method, target,
-kv_cache (PaluOptions or None). inputs: factors, ranks, and kv_factors + kv_ranks for a latent KV cache."""
+kv_cache (a KV method's options or None). inputs: factors, ranks, and the KV method's kv_factors +
+kv_ranks for a compressed KV cache."""
 
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ from rankfold.checkpoint import (
 from rankfold.core.hashing import sha256_file
 from rankfold.evaluation.report import RATIO_DEFINITION
 from rankfold.execution.base import Executor
+from rankfold.methods.kv_registry import KV_METHODS
 from rankfold.models.sources import ModelSource, ModelSourceError, SafetensorsSource
 from rankfold.orchestrator.manifest import StageRecord
-from rankfold.orchestrator.model_layout import ModelLayout, kv_layout
+from rankfold.orchestrator.model_layout import ModelLayout
 from rankfold.orchestrator.stages.decompose import layer_groups
 from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, register_stage
 from rankfold.orchestrator.stages.outputs import Checkpoint, Factors, KVFactors, KVRanks, Ranks
@@ -53,15 +55,16 @@ def assemble(env: Env, stage: Stage, *, factors: Factors, ranks: Ranks, kv_facto
         meta["kv_cache"] = {**params["kv_cache"].model_dump(mode="json"), **kv_ranks.summary}
     artifacts = assemble_checkpoint(env.source, layout, params["model"]["dtype"], env.store, env.executor,
                                     factor_keys, stage.prefix(Checkpoint.folder_name), env.checkpoint, meta, extras,
-                                    kv_keys)
+                                    kv_keys, params["kv_cache"].name if kv_ranks is not None else None)
     return {}, artifacts  # where it is placed is the job's (Env.checkpoint), not part of a shared record
 
 
 def compressed_layout(env: Env, params: dict, ranks: Ranks, kv_ranks: KVRanks | None) -> ModelLayout:
-    """The allocated modules, with each layer's latent-KV attention when the cache is latent."""
-    layout = ranks.layout
+    """The allocated modules, with each layer's KV cache module (its KV method's layout) when there is one."""
+    layout, kv = ranks.layout, params["kv_cache"]
     if kv_ranks is not None:
-        layout.kv.update(kv_layout(params["kv_cache"], params["target"].matrices, env.source.config, kv_ranks.ranks))
+        layout.kv.update(KV_METHODS.get(kv.name).layout(kv, params["target"].matrices, env.source.config,
+                                                        kv_ranks.ranks))
     return layout
 
 
@@ -78,17 +81,17 @@ def restore_checkpoint(env: Env, stage: Stage, record: StageRecord) -> bool:
 def assemble_checkpoint(source: ModelSource, layout: ModelLayout, dtype: str, store: ArtifactStore,
                         executor: Executor, factor_keys: dict[int, list[str]], prefix: str, folder: Path,
                         meta: dict, extras: dict[str, str] | None = None,
-                        kv_keys: dict[int, str] | None = None) -> dict[str, str]:
+                        kv_keys: dict[int, str] | None = None, kv_method: str | None = None) -> dict[str, str]:
     """Write the checkpoint under `prefix` in the store, then place it in `folder`; `meta` goes into
     config.json's rankfold section; `extras` (file name -> store key) are copied in and checksummed
-    by the index without being weights (e.g. rank_gains.safetensors); `kv_keys`: each layer's Palu
-    factors when the cache is latent. Returns its artifacts (key -> sha256)."""
+    by the index without being weights (e.g. rank_gains.safetensors); `kv_keys`: each layer's factors
+    of `kv_method` when the KV cache is compressed. Returns its artifacts (key -> sha256)."""
     arch = source.architecture
     folder.mkdir(parents=True, exist_ok=True)
     (folder / INDEX_NAME).unlink(missing_ok=True)  # whatever was here is not a finished checkpoint now
     items = [AssembleItem(source.location, i, arch.layer_prefix.format(i=i), tuple(layout.layer_json(i)), dtype,
                           store.ref(), tuple(factor_keys[i]), store.ref(), f"{prefix}/layers-{i:05d}.safetensors",
-                          (kv_keys or {}).get(i))
+                          (kv_keys or {}).get(i), kv_method)
              for i in range(source.num_layers)]
     shards = executor.map(assemble_item, items, "assemble")
     artifacts = {f"{prefix}/{shard.name}": shard.sha256 for shard in shards}

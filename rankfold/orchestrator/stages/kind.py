@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from rankfold.core.registry import Registry
 from rankfold.data.text import CalibrationSample
@@ -49,15 +49,29 @@ class Env:
     max_resident_mb: int = 2048
 
 
+class Planned(Protocol):
+    """The plan so far, as a kind's `plan` sees it (graph.PlanBuilder): its stages by name, and `add`."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def __getitem__(self, name: str) -> Stage: ...
+
+    def add(self, name: str, kind: str, params: dict, inputs: dict | None = None,
+            labels: dict | None = None) -> Stage: ...
+
+
 @dataclass(frozen=True)
 class PlanContext:
-    """What a kind's `plan` draws on when an allocator asks for it by name: the spec, the model's
-    identity {id, dtype}, the calibration sample and the method's structure at the uniform ranks."""
+    """What a kind's `plan` draws on when an allocator or a KV method asks for it by name: the spec, the
+    model's identity {id, dtype}, the calibration sample, the method's structure at the uniform ranks,
+    and the plan so far (`builder`: what is planned already; a kind may add a stage it reads, e.g.
+    a Fisher pass of its own)."""
 
     spec: JobSpec
     model: dict
     sample: CalibrationSample
     uniform: ModelLayout
+    builder: Planned
 
 
 @dataclass(frozen=True)
@@ -80,7 +94,8 @@ class StageKind:
     producer: Callable[[dict], str] | None = None
     # reusable(env, stage, record): a verified record may still need its outputs placed (a checkpoint)
     reusable: Callable[[Env, Stage, StageRecord], bool] = _always
-    # plan(context) -> (params, inputs {role: stage name}): for kinds an allocator asks for by name
+    # plan(context) -> (params, inputs {role: stage name}): for kinds an allocator or a KV method asks
+    # for by name
     plan: Callable[[PlanContext], tuple[dict, dict]] | None = None
     roles: dict[str, Role] = field(init=False)
     more: type[Output] | None = field(init=False)  # the type of **roles, if it takes any

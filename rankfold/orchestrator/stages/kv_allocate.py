@@ -2,7 +2,8 @@
 (and, for `rank_search: fisher`, the Fisher pass's head-group sums) of every layer -> the ranks of every
 head group's keys and values, recorded in the manifest with a summary.
 
-params: kv_cache (PaluOptions). inputs: kv_factors, fisher (optional)."""
+params: kv_cache (PaluOptions). inputs: kv_factors, fisher (optional: the allocator's pass when its
+settings agree, else one of its own named kv_fisher)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from rankfold.methods.palu import (
     search_ranks,
     uniform_ranks,
 )
+from rankfold.methods.palu_cache import PROJECTIONS
 from rankfold.modules.latent_kv import head_dim
-from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, register_stage
+from rankfold.orchestrator.stages.fisher import fisher_params
+from rankfold.orchestrator.stages.kind import Artifacts, Env, PlanContext, StageKind, register_stage
 from rankfold.orchestrator.stages.outputs import FisherSums, KVFactors, KVRanks
 from rankfold.orchestrator.stages.stage import Stage
 from rankfold.workers.fisher_backward import head_group_scores
-from rankfold.workers.kv import GRAM_TRACE, PROJECTIONS
+from rankfold.workers.kv import GRAM_TRACE
 
 Read = Callable[[int], dict[str, torch.Tensor]]  # layer -> the layer's artifact
 
@@ -86,4 +89,17 @@ def latent_bytes(ranks: dict[int, dict[str, list[int]]], options: PaluOptions, d
     return groups * (options.quant_group * options.bits / 8 + 4)
 
 
-register_stage(StageKind("kv_allocate", kv_allocate, "3", KVRanks, producer=lambda params: PALU_VERSION))
+def plan(context: PlanContext) -> tuple[dict, dict]:
+    """The search reads a Fisher pass for `rank_search: fisher`: the allocator's when the settings agree
+    (one pass), else its own `kv_fisher`, added here."""
+    kv, builder, fisher = context.spec.kv_cache, context.builder, None
+    if kv.rank_search == "fisher":
+        params = fisher_params(context.model, context.sample, kv.fisher_samples, kv.fisher_batch_size)
+        fisher = "kv_fisher" if "fisher" in builder and builder["fisher"].params != params else "fisher"
+        if fisher not in builder:
+            builder.add(fisher, "fisher", params)
+    return {"kv_cache": kv}, {"kv_factors": "kv_factors", "fisher": fisher}
+
+
+register_stage(StageKind("kv_allocate", kv_allocate, "3", KVRanks, producer=lambda params: PALU_VERSION,
+                         plan=plan))

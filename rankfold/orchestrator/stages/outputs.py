@@ -63,7 +63,7 @@ class Factors(LayerArtifacts):
 
 
 class KVFactors(LayerArtifacts):
-    """Palu's full-rank key/value factors and spectra, per layer."""
+    """A KV method's per-layer factors (Palu: full-rank key/value factors and spectra)."""
     folder = "kv_factors"
 
 
@@ -91,7 +91,7 @@ class Ranks(Output):
 
 
 class KVRanks(Output):
-    """Palu's ranks of every layer's key and value head groups, and the search's summary."""
+    """A KV method's ranks of every layer's cache (Palu: of each key and value head group), and its summary."""
 
     @property
     def ranks(self) -> dict[int, dict[str, list[int]]]:

@@ -110,8 +110,7 @@ def _reinforce(env: Env, stage: Stage, rpca: RobustPCA, table: UnitTable, budget
     try:
         if held is not None and start == 0:
             _validate(state, shards, held, table, budget, options.batch_size)
-        for step in progress(range(start, options.steps), "search", total=options.steps - start,
-                             stream=env.executor.stream, status=status):
+        for step in progress(range(start, options.steps), "search", total=options.steps - start, status=status):
             running[0] = _step(state, shards, options, table, budget, rows, step)
             if held is not None and ((step + 1) % options.validate_every == 0 or step + 1 == options.steps):
                 _validate(state, shards, held, table, budget, options.batch_size)

@@ -1,5 +1,5 @@
-"""Palu's assembly path: a layer's shard built from stored full-rank factors (prefix cut, Hadamard,
-value folding, biases moved) runs as the same factors applied as plain k/v projections."""
+"""Palu as a registered KV method: a layer's shard built by its layer_tensors from stored full-rank factors
+(prefix cut, Hadamard, value folding, biases moved) runs as the same factors applied as plain k/v projections."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from rankfold.methods.kv_registry import KV_METHODS
 from rankfold.methods.palu import group_factors
 from rankfold.models.architecture import _ARCHITECTURES
-from rankfold.modules.latent_kv import LatentKVAttention, LatentKVShape
+from rankfold.modules.latent_kv import LatentKVAttention
 from rankfold.modules.layout import CompressedModule
-from rankfold.workers.kv import layer_kv_tensors
 from rankfold.workers.layer_state import assemble_layer_state
 from rankfold.workers.layers import LayerRunner, materialize_layer, runtime_config
 
@@ -38,8 +38,8 @@ def test_assembled_layer_equals_the_simulated_factors(fold, hadamard, bits):
     options = {"group_heads": 1, "key_ranks": ranks, "value_ranks": ranks, "fold_values": fold, "bits": bits,
                "group": 8, "residual": 0, "hadamard": hadamard, "value_bias": True}
     module = CompressedModule("latent_kv", ("self_attn.k_proj", "self_attn.v_proj"), 48, "self_attn", options=options)
-    shape = LatentKVShape.from_options(config, options)
-    state = assemble_layer_state(dense, layer_kv_tensors(stored, dense, shape, hadamard), [module], torch.float32)
+    tensors = KV_METHODS.get("palu").layer_tensors(stored, dense, config, module)
+    state = assemble_layer_state(dense, tensors, [module], torch.float32)
     assert "self_attn.k_proj.bias" not in state and "self_attn.k_bias" in state
     assert ("self_attn.v_bias" in state) != fold
     layer = materialize_layer(ARCH, config, 0, state, torch.float32, [module])
