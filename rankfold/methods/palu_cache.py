@@ -12,6 +12,7 @@ import torch
 
 from rankfold.methods.kv_registry import KVMethod, register_kv_method
 from rankfold.methods.palu import VERSION, GroupFactors, PaluOptions, check_group_heads, kv_budget, rotate
+from rankfold.models.architecture import architecture_for
 from rankfold.modules.latent_kv import LatentKVShape, head_dim, latent_kv_state
 from rankfold.modules.layout import CompressedModule
 
@@ -27,7 +28,7 @@ def kv_layout(kv: PaluOptions, matrices: tuple[str, ...], config,
     for i, layer in ranks.items():
         options = {"group_heads": kv.group_heads, "key_ranks": list(layer["k"]), "value_ranks": list(layer["v"]),
                    "fold_values": False, "bits": kv.bits, "group": kv.quant_group, "residual": kv.residual,
-                   "hadamard": kv.hadamard, "value_bias": bool(getattr(config, "attention_bias", False))}
+                   "hadamard": kv.hadamard, "value_bias": architecture_for(config).kv_bias(config)}
         shape = LatentKVShape.from_options(config, options)
         options["fold_values"] = ("o_proj" not in matrices
                                   and shape.folded_width() <= shape.num_heads * shape.head_dim)
@@ -63,8 +64,17 @@ def layer_kv_tensors(factors: dict[str, torch.Tensor], dense: dict[str, torch.Te
 
 
 def check_cache(kv: PaluOptions, config) -> None:
-    """Head groups divide the KV heads; the budget holds one rank multiple per head group, k and v.
-    ValueError starting with the field's name otherwise."""
+    """The family's attention takes a latent cache (no sliding-window layer: the latent attention keeps
+    every token); head groups divide the KV heads; the budget holds one rank multiple per head group,
+    k and v. ValueError starting with the field's name otherwise."""
+    arch = architecture_for(config)
+    if arch.latent_kv_unsupported:
+        raise ValueError(f"name: palu on model_type {arch.model_type!r}: {arch.latent_kv_unsupported}")
+    sliding = [i for i in range(config.num_hidden_layers) if arch.sliding_window(config, i)]
+    if sliding:
+        raise ValueError(f"name: palu on sliding-window layers ({arch.model_type} layers {sliding[:8]}, window "
+                         f"{arch.sliding_window(config, sliding[0])}) is not supported: the latent attention keeps "
+                         "and attends every token")
     try:
         check_group_heads(kv.group_heads, config.num_key_value_heads)
     except ValueError as err:

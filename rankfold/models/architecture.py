@@ -1,16 +1,24 @@
 """Architecture adapters: what a decoder layer is made of, read by `config.model_type`.
 
 Methods and stages never match module names themselves: they ask the adapter which linears read the
-same input (one calibration statistic, one whitening factor per group) and how to build one layer.
+same input (one calibration statistic, one whitening factor per group), how to build one layer (with
+transformers' own class for the family: no re-implemented attention or MLP), and what a latent KV
+cache must honour. Each family is one file in `models/architectures/` with one
+`register_architecture(...)` call; `architecture_for` refuses any other model_type, naming the known.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+
+from rankfold.core.registry import Registry
+from rankfold.modules.transformers_hook import register_compressed
 
 
 @dataclass(frozen=True)
@@ -21,67 +29,87 @@ class LinearGroup:
     members: tuple[str, ...]
 
 
+# The Llama layout every dense decoder of this kind shares (Llama, Mistral, Qwen2/3, ...).
+LLAMA_GROUPS = (
+    LinearGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    LinearGroup("attn_out", ("self_attn.o_proj",)),
+    LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
+    LinearGroup("mlp_out", ("mlp.down_proj",)),
+)
+
+
+def _no_sliding(config: PretrainedConfig, index: int) -> int | None:
+    return None
+
+
+def _attention_bias(config: PretrainedConfig) -> bool:
+    return bool(getattr(config, "attention_bias", False))
+
+
 @dataclass(frozen=True)
 class Architecture:
+    """One family. `classes`: transformers' module and class-name prefix (e.g. ("qwen2", "Qwen2")), from
+    which the decoder layer, RMSNorm and rotary embedding classes are taken."""
+
     model_type: str
-    groups: tuple[LinearGroup, ...]
-    layer_prefix: str  # format string with {i}: where layer i's tensors live in a checkpoint
-    embedding_key: str
-    final_norm_key: str
-    lm_head_key: str
+    classes: tuple[str, str]
+    groups: tuple[LinearGroup, ...] = LLAMA_GROUPS
+    layer_prefix: str = "model.layers.{i}."  # format string with {i}: where layer i's tensors live
+    embedding_key: str = "model.embed_tokens.weight"
+    final_norm_key: str = "model.norm.weight"
+    lm_head_key: str = "lm_head.weight"
+    # sliding_window(config, layer index) -> the window in tokens, or None for full causal attention
+    sliding_window: Callable[[PretrainedConfig, int], int | None] = _no_sliding
+    # kv_bias(config): k_proj and v_proj carry biases (a latent KV cache keeps them)
+    kv_bias: Callable[[PretrainedConfig], bool] = _attention_bias
+    # Why a latent KV cache (Palu) cannot run on this family yet; None: it can.
+    latent_kv_unsupported: str | None = None
 
     def projection_path(self, projection: str) -> str:
-        """'q_proj' -> 'self_attn.q_proj' (the path inside a layer)."""
+        """'q_proj' -> 'self_attn.q_proj' (the path inside a layer); KeyError naming the family's own."""
         for group in self.groups:
             for member in group.members:
                 if member.rsplit(".", 1)[-1] == projection:
                     return member
-        raise KeyError(f"{self.model_type} has no projection named {projection!r}")
+        known = ", ".join(m.rsplit(".", 1)[-1] for g in self.groups for m in g.members)
+        raise KeyError(f"{self.model_type} has no projection named {projection!r} (it has: {known})")
+
+    def _class(self, suffix: str) -> type:
+        module, prefix = self.classes
+        return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), prefix + suffix)
 
     def build_layer(self, config: PretrainedConfig, index: int) -> nn.Module:
         """An empty (meta-device) decoder layer; fill it with `load_state_dict(..., assign=True)`."""
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
         with torch.device("meta"):
-            return LlamaDecoderLayer(config, layer_idx=index)
+            return self._class("DecoderLayer")(config, layer_idx=index)
 
     def rebuild_buffers(self, model: nn.Module, config: PretrainedConfig) -> None:
         """Recreate a meta-built model's non-persistent buffers (RoPE tables) on the CPU."""
         model.model.rotary_emb = self.build_rotary(config)
 
     def build_final_norm(self, config: PretrainedConfig) -> nn.Module:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-        return LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        return self._class("RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
 
     def build_rotary(self, config: PretrainedConfig) -> nn.Module:
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        return LlamaRotaryEmbedding(config)
+        return self._class("RotaryEmbedding")(config)
 
 
-_LLAMA = Architecture(
-    model_type="llama",
-    groups=(
-        LinearGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        LinearGroup("attn_out", ("self_attn.o_proj",)),
-        LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
-        LinearGroup("mlp_out", ("mlp.down_proj",)),
-    ),
-    layer_prefix="model.layers.{i}.",
-    embedding_key="model.embed_tokens.weight",
-    final_norm_key="model.norm.weight",
-    lm_head_key="lm_head.weight",
-)
+ARCHITECTURES: Registry[Architecture] = Registry("model_type")
 
-_ARCHITECTURES: dict[str, Architecture] = {"llama": _LLAMA}
+
+def register_architecture(architecture: Architecture) -> Architecture:
+    """Register the family, and its compressed model type (`rankfold_<model_type>`) with transformers."""
+    register_compressed(architecture.model_type)
+    return ARCHITECTURES.register(architecture.model_type, architecture)
 
 
 def architecture_for(config: PretrainedConfig) -> Architecture:
+    """The adapter of `config.model_type`; ValueError naming the supported ones otherwise."""
     model_type = getattr(config, "model_type", None)
-    try:
-        return _ARCHITECTURES[model_type]
-    except KeyError:
-        raise ValueError(
-            f"model_type {model_type!r} is not supported (supported: {', '.join(sorted(_ARCHITECTURES))})"
-        ) from None
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(ARCHITECTURES.names())})")
+    return ARCHITECTURES.get(model_type)
+
+
+# Every family registers itself on import; its file imports the names above, so this comes last.
+import rankfold.models.architectures  # noqa: E402, F401

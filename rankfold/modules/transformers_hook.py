@@ -1,5 +1,6 @@
 """Compressed models as transformers model types, so `save_pretrained` / `from_pretrained` round-trip.
 
+Every supported family (models/architectures/) registers its type when rankfold is imported.
 A compressed model's tensors are factors (A, B, A′, a permutation), not dense weights: loaded as a
 plain Llama, its dense projections would be initialised at random and transformers would only warn.
 So a compressed model is saved as its own model type, `rankfold_<base>` (e.g. `rankfold_llama`),
@@ -11,6 +12,8 @@ without, transformers refuses the unknown model type — never silently random w
 from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from rankfold.modules.layout import CompressedModule, apply_layout
 
@@ -25,8 +28,13 @@ def _layout(config: PretrainedConfig) -> list[CompressedModule]:
     return [CompressedModule.from_json(entry) for entry in meta["layout"]]
 
 
-def register_compressed(base_type: str, base_config: type, base_model: type) -> tuple[type, type]:
-    """Define and register `rankfold_<base_type>`: the base classes with the layout applied at construction."""
+def register_compressed(base_type: str) -> tuple[type, type]:
+    """Define and register `rankfold_<base_type>`: transformers' own config and causal-LM classes of
+    `base_type` with the layout applied at construction (idempotent)."""
+    if base_type in _CLASSES:
+        return _CLASSES[base_type]
+    base_config = CONFIG_MAPPING[base_type]
+    base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
     model_type = PREFIX + base_type
 
     config_class = type(f"Rankfold{base_config.__name__}", (base_config,), {"model_type": model_type})
@@ -55,12 +63,3 @@ def compressed_config(config: PretrainedConfig) -> PretrainedConfig:
     config_class, _ = compressed_classes(config.model_type.removeprefix(PREFIX))
     fields = {k: v for k, v in config.to_dict().items() if k != "model_type"}
     return config_class.from_dict(fields)
-
-
-def _register_llama() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    register_compressed("llama", LlamaConfig, LlamaForCausalLM)
-
-
-_register_llama()

@@ -40,10 +40,20 @@ def embed(tokens: torch.Tensor, embedding: torch.Tensor, dtype: torch.dtype) -> 
     return torch.nn.functional.embedding(tokens, embedding).to(dtype)
 
 
+def sliding_mask(length: int, window: int) -> torch.Tensor:
+    """(1, 1, length, length) bool, True where query i attends key j: i − window < j ≤ i (transformers'
+    sliding-window rule, a window of `window` tokens including the query's own)."""
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None]
+    return ((j <= i) & (i - j < window))[None, None]
+
+
 class LayerRunner:
-    """Runs decoder layers on (batch, seq, hidden) inputs; caches RoPE tables per sequence length."""
+    """Runs decoder layers on (batch, seq, hidden) inputs; caches RoPE tables per sequence length. Full
+    causal attention is SDPA's own (no mask); a sliding-window layer (the architecture says which) gets
+    its window as a mask once the sequence is longer than it."""
 
     def __init__(self, arch: Architecture, config: PretrainedConfig):
+        self.arch, self.config = arch, config
         self.rotary = arch.build_rotary(config)
         self._tables: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -63,4 +73,6 @@ class LayerRunner:
         positions = torch.arange(hidden.shape[1])[None]
         with torch.no_grad():
             tables = self.position_embeddings(hidden)
-        return layer(hidden, position_ids=positions, position_embeddings=tables)
+        window = self.arch.sliding_window(self.config, layer.self_attn.layer_idx)
+        mask = sliding_mask(hidden.shape[1], window) if window and hidden.shape[1] > window else None
+        return layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=tables)

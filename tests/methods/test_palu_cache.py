@@ -11,13 +11,13 @@ from transformers import LlamaConfig
 
 from rankfold.methods.kv_registry import KV_METHODS
 from rankfold.methods.palu import group_factors
-from rankfold.models.architecture import _ARCHITECTURES
+from rankfold.models.architecture import ARCHITECTURES
 from rankfold.modules.latent_kv import LatentKVAttention
 from rankfold.modules.layout import CompressedModule
 from rankfold.workers.layer_state import assemble_layer_state
 from rankfold.workers.layers import LayerRunner, materialize_layer, runtime_config
 
-ARCH = _ARCHITECTURES["llama"]
+ARCH = ARCHITECTURES.get("llama")
 
 
 @pytest.mark.parametrize("fold,hadamard,bits", [(False, False, 16), (True, True, 16), (True, True, 4)])

@@ -1,0 +1,177 @@
+"""Every registered family, on a tiny random config of transformers' own class: rankfold's streamed layers
+give transformers' logits (sliding windows included), every structure at full rank reproduces the layer,
+calibration Grams equal forward hooks on transformers' model, and a SkipCat + FLRA job (+ Palu where the
+family takes a latent cache) runs end to end with its checkpoint's perplexity equal to the streamed one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+import rankfold
+from rankfold.data.text import load_text, tokenize
+from rankfold.evaluation.report import metric_table
+from rankfold.jobs.spec import parse_spec
+from rankfold.methods.group_decomposition import decompose_group
+from rankfold.methods.structure import LOWRANK, SHARED, SHARED_SKIP, plan_layer
+from rankfold.methods.svd import SvdOptions
+from rankfold.models.architecture import ARCHITECTURES
+from rankfold.models.sources import SafetensorsSource
+from rankfold.orchestrator.job import run_job
+from rankfold.orchestrator.preflight import preflight
+from rankfold.workers.layer_state import assemble_layer_state
+from rankfold.workers.layers import LayerRunner, embed, materialize_layer, runtime_config
+from rankfold.workers.shard import LayerStep, SequenceShard, ShardConfig
+from rankfold.workers.streamed_perplexity import make_windows, model_perplexity
+from tests.conftest import tiny_spec_dict, tiny_tokenizer
+
+# model_type -> (transformers' config class, what makes it that family's kind of layer)
+FAMILIES = {
+    "llama": (LlamaConfig, {}),
+    "mistral": (MistralConfig, {"sliding_window": 24}),  # shorter than the test sequences: the mask matters
+    "qwen2": (Qwen2Config, {}),
+    "qwen3": (Qwen3Config, {"head_dim": 16}),
+}
+LATENT_KV = {"llama", "qwen2"}  # mistral here slides; qwen3's k_norm is refused (Architecture.latent_kv_unsupported)
+
+
+def test_every_family_is_tested_here():
+    assert set(FAMILIES) == set(ARCHITECTURES.names())
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory, tokenizer):
+    """(model_type, folder): a random 2-layer model of the family saved as a safetensors folder."""
+    config_class, extra = FAMILIES[request.param]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          tie_word_embeddings=True, rms_norm_eps=1e-5, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random init is near zero; scale so activations are not isotropic noise
+        for name, param in model.named_parameters():
+            if "embed" not in name:
+                param.mul_(4.0) if param.ndim == 2 else param.add_(0.1 * torch.randn_like(param))
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return request.param, folder
+
+
+def _tokens(vocab: int, seq: int = 40) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(1))
+
+
+def test_streamed_layers_give_transformers_logits(family):
+    _, folder = family
+    source = SafetensorsSource(folder)
+    arch, config = source.architecture, runtime_config(source.config)
+    tokens = _tokens(config.vocab_size)
+    runner, hidden = LayerRunner(arch, config), embed(tokens, source.embedding(), torch.float32)
+    for i in range(source.num_layers):
+        hidden = runner(materialize_layer(arch, config, i, source.layer_state(i), torch.float32), hidden)
+    norm = arch.build_final_norm(config)
+    norm.weight.data = source.final_norm()
+    with torch.no_grad():
+        streamed = norm(hidden) @ source.lm_head().T
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(tokens).logits
+    torch.testing.assert_close(streamed, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("structure", [LOWRANK, SHARED, SHARED_SKIP], ids=["lowrank", "shared", "skip"])
+def test_every_structure_at_full_rank_reproduces_the_layer(family, structure):
+    _, folder = family
+    source = SafetensorsSource(folder)
+    arch, config = source.architecture, runtime_config(source.config)
+    dense = source.layer_state(0)
+    shapes = {m: tuple(dense[f"{m}.weight"].shape) for g in arch.groups for m in g.members}
+    groups = [(g.name, g.members) for g in arch.groups]
+    ranks = {}
+    for _, members in groups:  # full rank: every member of a shared projection at min(n, Σ rows)
+        rows, n = sum(shapes[m][0] for m in members), shapes[members[0]][1]
+        ranks.update({m: min(n, rows if structure.share else shapes[m][0]) for m in members})
+    modules = plan_layer(structure, groups, shapes, 0.5, ranks)
+    fragment = {}
+    for name, members in groups:
+        mine = [m for m in modules if m.group == name]
+        weights = {m: dense[f"{m}.weight"] for m in members}
+        fragment.update(decompose_group(SvdOptions(name="svd"), weights, None, mine).tensors)
+    state = assemble_layer_state(dense, fragment, modules, torch.float32)
+    runner, hidden = LayerRunner(arch, config), torch.randn(2, 40, config.hidden_size)
+    compressed = materialize_layer(arch, config, 0, state, torch.float32, modules)
+    expected = runner(materialize_layer(arch, config, 0, dense, torch.float32), hidden)
+    torch.testing.assert_close(runner(compressed, hidden), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_calibration_grams_equal_forward_hooks(family):
+    _, folder = family
+    source = SafetensorsSource(folder)
+    tokens = _tokens(source.config.vocab_size)
+    shard = SequenceShard(ShardConfig(str(folder), "float32", 1 << 30))
+    shard.load(tokens, batch_size=2)
+    stats = [shard.advance(i, LayerStep()) for i in range(source.num_layers)]
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seen, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for group in source.architecture.groups:
+            module = layer.get_submodule(group.members[0])
+            hooks.append(module.register_forward_pre_hook(
+                lambda _, args, key=(i, group.name): seen.__setitem__(key, args[0].reshape(-1, args[0].shape[-1]))))
+    with torch.no_grad():
+        model(tokens)
+    for hook in hooks:
+        hook.remove()
+    for (i, name), x in seen.items():
+        x = x.to(torch.float64)
+        torch.testing.assert_close(stats[i][f"{name}.gram"], x.T @ x, rtol=1e-4, atol=1e-3)
+
+
+def test_a_skipcat_flra_job_runs_end_to_end(family, tmp_path):
+    model_type, folder = family
+    data = tiny_spec_dict(folder, tmp_path / "out", method="skipcat", ratio=0.3)
+    data["target"]["allocation"] = {"kind": "flra", "fisher_samples": 4}
+    if model_type in LATENT_KV:
+        data["target"]["matrices"] = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        data["kv_cache"] = {"name": "palu", "ratio": 0.5, "rank_multiple": 4}
+    report = run_job(parse_spec(data))
+    row = metric_table(report["rows"])[0]
+    ppl = parse_spec(data).evaluation.perplexity[0]
+    windows = make_windows(tokenize(load_text(ppl.data), _tokenizer(folder)), ppl.window, ppl.max_tokens)
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert model_perplexity(dense, windows) == pytest.approx(row["dense"], rel=1e-4)
+    compressed = rankfold.load(tmp_path / "out" / "model")
+    assert model_perplexity(compressed, windows) == pytest.approx(row["compressed"], rel=1e-4)
+    assert compressed.config.model_type == f"rankfold_{model_type}"
+    assert (report.get("kv_cache") is not None) == (model_type in LATENT_KV)
+
+
+def test_palu_on_a_family_that_cannot_take_it_is_a_spec_error(family, tmp_path):
+    model_type, folder = family
+    if model_type in LATENT_KV:
+        pytest.skip("this family takes a latent cache")
+    data = tiny_spec_dict(folder, tmp_path / "out", method="svd_llm")
+    data["target"]["matrices"] = ["q_proj", "o_proj"]
+    data["kv_cache"] = {"name": "palu", "ratio": 0.5}
+    with pytest.raises(ValueError, match=f"kv_cache.name: palu on .*{model_type}"):
+        preflight(parse_spec(data))
+
+
+def test_a_projection_the_family_lacks_is_a_spec_error(family, tmp_path):
+    _, folder = family
+    data = tiny_spec_dict(folder, tmp_path / "out")
+    data["target"]["matrices"] = ["q_proj", "qkv_proj"]
+    with pytest.raises(ValueError, match="qkv_proj"):
+        preflight(parse_spec(data))
+
+
+def _tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
