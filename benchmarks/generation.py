@@ -22,8 +22,6 @@ threads); median per-token time, and the share of it spent inside the compressed
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import DATA, REPO  # noqa: E402
+from benchmarks.common import DATA, REPO, describe, provenance, write_result  # noqa: E402
+from rankfold.cli import logging_to_stderr  # noqa: E402
 from rankfold.jobs.spec import parse_spec  # noqa: E402
 from rankfold.orchestrator.job import run_job  # noqa: E402
 from rankfold.storage.store import LocalStore  # noqa: E402
@@ -109,7 +108,7 @@ def run_rows(args: argparse.Namespace, store: LocalStore, write) -> list[dict]:
     for k, (label, ratio, allocation, generation) in enumerate(variants(args)):
         spec = job_spec(args, ratio, allocation, generation, args.out / label)
         spec["evaluation"]["dense"] = k == 0  # the dense XSum once (a progressive entry decodes dense as it is)
-        report = run_job(parse_spec(spec), stream=sys.stderr, store=store)
+        report = run_job(parse_spec(spec), store=store)
         achieved = report["parameters"]["achieved_compression"]
         for row in report["rows"]:
             if row["evaluator"] != "generation" or row["metric"] != "rougeL":
@@ -218,7 +217,7 @@ def to_markdown(result: dict) -> str:
                   "| r′/r | ms / token | share in compressed matrices |", "|---|---|---|"]
         lines += [f"| {f} | {v['ms_per_token']:.2f} | {100 * v['compressed_share']:.0f} % |"
                   for f, v in lat["fractions"].items()]
-    lines += ["", f"Total {result['total_wall_s']:.0f} s on {result['machine']}.", f"Rerun: `{result['command']}`", ""]
+    lines += ["", f"Total {result['total_wall_s']:.0f} s on {describe(result['machine'])}.", f"Rerun: `{result['command']}`", ""]
     return "\n".join(lines)
 
 
@@ -226,20 +225,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     store, started = LocalStore(args.store or args.out / "artifacts"), time.perf_counter()
-    result = {"model": args.model, "xsum_limit": args.xsum_limit, "dtype": args.dtype, "rows": [], "latency": None,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-              "command": "python benchmarks/generation.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    result = {**provenance("generation", argv), "model": args.model, "xsum_limit": args.xsum_limit,
+              "dtype": args.dtype, "rows": [], "latency": None}
 
     def write(rows: list[dict]) -> None:
         result["rows"], result["total_wall_s"] = rows, round(time.perf_counter() - started, 1)
-        (args.out / "generation.json").write_text(json.dumps(result, indent=2))
-        (args.out / "generation.md").write_text(to_markdown(result))
+        write_result("generation", result, folder=args.out, markdown=to_markdown(result))
 
     if not args.latency_only:
         run_rows(args, store, write)
     if not args.skip_latency:
         spec = job_spec(args, args.latency_ratio, "uniform", [], args.out / f"latency-svd_llm-{args.latency_ratio:g}")
-        checkpoint = run_job(parse_spec(spec), stream=sys.stderr, store=store)["checkpoint"]
+        checkpoint = run_job(parse_spec(spec), store=store)["checkpoint"]
         result["latency"] = decode_latency(args, Path(checkpoint))
     write(result["rows"])
     print(to_markdown(result))
@@ -247,4 +244,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with logging_to_stderr():  # the jobs' progress and reports
+        main()

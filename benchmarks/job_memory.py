@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -37,14 +36,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import DATA, REPO  # noqa: E402
+from benchmarks.common import DATA, REPO, RESULTS, describe, provenance  # noqa: E402
 from benchmarks.process_memory import (  # noqa: E402
     SyntheticLlama,
     TreeSampler,
     _gb,
     _random,
     _write,
-    git_state,
 )
 from rankfold.evaluation.report import metric_table  # noqa: E402
 
@@ -216,9 +214,7 @@ def checkpoint_main(args: argparse.Namespace) -> dict:
         stages.append(row)
     peak = sampler.peak()
     result = {
-        "command": "python -m benchmarks.job_memory " + " ".join(args.argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "load_average_1_5_15": os.getloadavg(), "code": git_state(), "model": asdict(model),
+        **provenance("job_memory", args.argv), "model": asdict(model),
         "checkpoint": str(model_dir), "checkpoint_bytes": size,
         "shards": shards, "spec": json.loads(spec_path.read_text()), "executor": report["executor"],
         "calibration_tokens": report["calibration_tokens"], "perplexity": metric_table(report["rows"]),
@@ -275,7 +271,7 @@ def checkpoint_markdown(r: dict) -> str:
     ppl = r["perplexity"][0]
     lines += ["", f"Job wall {r['job_wall_s']:.0f} s; perplexity (random weights) dense {ppl.get('dense') or 0:.0f}, "
               f"compressed {ppl['compressed']:.0f}; achieved compression {r['achieved_compression']:.2%}. "
-              f"Code {r['code']}; {r['machine']}; load average at the end {r['load_average_1_5_15'][1]:.1f} (5 min).",
+              f"Code {r['commit']}; {describe(r['machine'])} (load average at the end).",
               f"Rerun: `{r['command']}`", ""]
     return "\n".join(lines)
 
@@ -283,7 +279,7 @@ def checkpoint_markdown(r: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/rankfold-scale"), help="checkpoints, runs, scratch")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale")
+    parser.add_argument("--out", type=Path, default=RESULTS / "job_memory")
     parser.add_argument("--interval", type=float, default=0.2, help="memory sampling period, seconds")
     parser.add_argument("--pss-every", type=int, default=5, help="read PSS every this many samples (it costs "
                         "~15 ms of CPU per GB resident)")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import re
 import statistics
 import sys
@@ -42,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
 import rankfold
-from benchmarks.common import DATA, REPO  # noqa: E402
+from benchmarks.common import DATA, REPO, describe, provenance, write_result  # noqa: E402
 from rankfold.data.source import TextSource
 from rankfold.data.text import load_text, tokenize
 from rankfold.jobs.spec import parse_spec
@@ -105,7 +104,7 @@ def job_spec(args, out: Path, kv: dict, method: str = "svd_llm", matrices: list[
 def palu_model(args, store: LocalStore, name: str, kv: dict, **weights) -> tuple[torch.nn.Module, dict, float]:
     """(model, the report's kv summary, wall s of the job) of one cache-only (or seed-002) job."""
     started = time.perf_counter()
-    report = run_job(parse_spec(job_spec(args, args.out / "jobs" / name, kv, **weights)), stream=None, store=store)
+    report = run_job(parse_spec(job_spec(args, args.out / "jobs" / name, kv, **weights)), store=store)
     model = rankfold.load(Path(report["checkpoint"]), dtype=getattr(torch, args.dtype))
     return model, report["kv_cache"], time.perf_counter() - started
 
@@ -315,15 +314,16 @@ def _restore(cache, snapshot) -> None:
 # --- output -----------------------------------------------------------------------------------------
 
 def write(args, rows: list[dict], latency: list[dict] | None = None) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    previous = json.loads((args.out / "kv_cache.json").read_text()) if (args.out / "kv_cache.json").is_file() else {}
+    """OUT/kv_cache.json of this run's rows so far; rows and latency it did not measure stay as the file
+    before this run had them, and `kept_from` names the run that measured them."""
+    previous = args.previous
     fresh = {row["row"] for row in rows}
-    rows = rows if args.only is None else [r for r in previous.get("rows", []) if r["row"] not in fresh] + rows
-    data = {"rows": rows or previous.get("rows", []), "latency": latency or previous.get("latency", []),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-            "rerun": "python benchmarks/kv_cache.py " + " ".join(sys.argv[1:])}
-    (args.out / "kv_cache.json").write_text(json.dumps(data, indent=1))
-    (args.out / "kv_cache.md").write_text(markdown(data, args))
+    kept = [r for r in previous.get("rows", []) if r["row"] not in fresh] if args.only is not None or not rows else []
+    kept_latency = [] if latency else previous.get("latency", [])
+    data = {**args.run, "rows": kept + rows, "latency": latency or kept_latency}
+    if kept or kept_latency:
+        data["kept_from"] = {key: previous[key] for key in ("command", "rerun", "date", "commit") if key in previous}
+    write_result("kv_cache", data, folder=args.out, markdown=markdown(data, args))
 
 
 def markdown(data: dict, args) -> str:
@@ -345,12 +345,15 @@ def markdown(data: dict, args) -> str:
     if data["latency"]:
         lines += ["", "| attention decode (one layer, batch 1) | context | ms / token |", "|---|---|---|"]
         lines += [f"| {r['row']} | {r['context']} | {r['ms_per_token_layer']:.3f} |" for r in data["latency"]]
-    lines += ["", f"{data['machine']}.", f"Rerun: `{data['rerun']}`"]
+    lines += ["", f"{describe(data['machine'])}.", f"Rerun: `{data['command']}`"]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.run = provenance("kv_cache", argv)  # recorded with every save of this run
+    path = args.out / "kv_cache.json"
+    args.previous = json.loads(path.read_text()) if path.is_file() else {}  # read once: the runs before this one
     store = LocalStore(args.store or args.out / "artifacts")
     rows = [] if args.latency_only else run_quality(args, store)
     latency = None if args.skip_latency else attention_latency(args, store)

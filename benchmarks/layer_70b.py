@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -31,7 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import REPO  # noqa: E402
+from benchmarks.common import RESULTS, describe, provenance  # noqa: E402
 from benchmarks.process_memory import (  # noqa: E402
     GB,
     SyntheticLlama,
@@ -39,7 +38,6 @@ from benchmarks.process_memory import (  # noqa: E402
     _gb,
     _random,
     _write,
-    git_state,
 )
 from rankfold.methods.structure import rank_for_ratio  # noqa: E402
 from rankfold.methods.svd import split_singular  # noqa: E402
@@ -222,10 +220,7 @@ def layer_main(args: argparse.Namespace) -> dict:
     rates = {k: (rates_before[k] + rates_after[k]) / 2 for k in rates_before}
 
     result = {
-        "command": "python -m benchmarks.layer_70b " + " ".join(args.argv),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                   f"torch {torch.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
-        "load_average_1_5_15": os.getloadavg(), "code": git_state(), "dims": dims, "scale": s, "tokens": tokens,
+        **provenance("layer_70b", args.argv), "dims": dims, "scale": s, "tokens": tokens,
         "seq_len": args.seq_len, "dtype": args.dtype,
         "gram_product_dtype": args.gram_product_dtype, "ratio": args.ratio, "ranks": ranks, "shapes": args.shapes,
         "gemm_gflops": rates, "gemm_gflops_before_after": [rates_before, rates_after], "pieces": pieces.rows,
@@ -362,7 +357,7 @@ def layer_markdown(r: dict) -> str:
               f"Calibration is sequential over layers and split over whole sequences ({r['tokens'] // r['seq_len']} "
               "here); decomposition is one independent task per (layer, group), LPT-scheduled; assembly and "
               "evaluation are not counted.", "",
-              f"Code {r['code']}; {r['machine']}; load average at the end {r['load_average_1_5_15'][1]:.1f} (5 min).",
+              f"Code {r['commit']}; {describe(r['machine'])} (load average at the end).",
               f"Rerun: `{r['command']}`", ""]
     return "\n".join(lines)
 
@@ -370,7 +365,7 @@ def layer_markdown(r: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/rankfold-scale"), help="checkpoints, runs, scratch")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale")
+    parser.add_argument("--out", type=Path, default=RESULTS / "layer_70b")
     parser.add_argument("--interval", type=float, default=0.2, help="memory sampling period, seconds")
     parser.add_argument("--pss-every", type=int, default=5, help="read PSS every this many samples (it costs "
                         "~15 ms of CPU per GB resident)")

@@ -1,12 +1,10 @@
 """What the scale benchmarks share: Σ RSS / PSS sampling of a process tree, a synthetic Llama's shapes
-and weights, the code's git state, and their result files."""
+and weights, and their result files."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -22,7 +20,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import REPO  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
 
 GB = 1e9
 
@@ -134,13 +132,6 @@ def _gb(n: float) -> str:
     return f"{n / GB:.2f} GB"
 
 
-def git_state() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git("status", "--porcelain") else "")
-
-
 @dataclass(frozen=True)
 class SyntheticLlama:
     layers: int
@@ -178,8 +169,6 @@ def _random(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dty
 
 
 def _write(out: Path, name: str, result: dict, markdown: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{name}.md").write_text(markdown)
+    path = write_result(name, result, folder=out, markdown=markdown)
     print(markdown)
-    print(f"written: {out / f'{name}.md'}, {out / f'{name}.json'}", file=sys.stderr)
+    print(f"written: {path.with_suffix('.md')}, {path}", file=sys.stderr)

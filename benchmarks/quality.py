@@ -29,16 +29,13 @@ once and every ratio's global allocation is solved from them.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import DATA, REPO  # noqa: E402
+from benchmarks.common import DATA, REPO, describe, provenance, write_result  # noqa: E402
+from rankfold.cli import logging_to_stderr  # noqa: E402
 from rankfold.evaluation.report import metric_table  # noqa: E402
 from rankfold.jobs.spec import JobSpec, parse_spec  # noqa: E402
 from rankfold.methods.registry import METHODS  # noqa: E402
@@ -169,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 name = method + ALLOCATION_NAMES[allocation][1]
                 spec = variant_spec(args, method, ratio, args.out / f"{name}-{ratio:g}", allocation)
-                report = run_job(spec, stream=sys.stderr, store=store)
+                report = run_job(spec, store=store)
                 (ppl,) = metric_table(report["rows"])
                 if not rows:
                     rows.append({"method": "dense", "ratio": 0.0, "achieved": 0.0, "ppl": ppl["dense"], "stages": [],
@@ -191,15 +188,13 @@ def write_results(args: argparse.Namespace, argv: list[str] | None, rows: list[d
                   started: float) -> dict:
     """quality.json / .md (and the PNG with --suite) of the rows so far: a long run keeps what it measured."""
     result = {
+        **provenance("quality", argv),
         "model": args.model, "dtype": args.dtype, "calibration": {"data": str(args.calib_data),
         "samples": args.calib_samples, "seq_len": args.seq_len, "tokens": tokens},
         "evaluation": {"data": str(args.eval_data), "window": args.window, **windows},
         "rows": rows, "total_wall_s": round(time.perf_counter() - started, 1),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    (args.out / "quality.json").write_text(json.dumps(result, indent=2))
-    (args.out / "quality.md").write_text(to_markdown(result))
+    write_result("quality", result, folder=args.out, markdown=to_markdown(result))
     if args.suite:
         plot_suite(result, args.out / "quality.png")
     return result
@@ -260,7 +255,8 @@ def to_markdown(result: dict) -> str:
                          f"{row['compression_values_only']:.2%} values only)")
         lines.append(f"| {row['method']} | {target} | {achieved} | {row['ppl']:.2f} | {stages} |")
     lines += suite_markdown(result["rows"])
-    lines += ["", f"Total {result['total_wall_s']:.0f} s on {result['machine']}.", f"Rerun: `{result['command']}`", ""]
+    lines += ["", f"Total {result['total_wall_s']:.0f} s on {describe(result['machine'])}.",
+              f"Rerun: `{result['command']}`", ""]
     return "\n".join(lines)
 
 
@@ -281,4 +277,5 @@ def suite_markdown(rows: list[dict]) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    with logging_to_stderr():  # the jobs' progress and reports
+        main()

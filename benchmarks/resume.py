@@ -4,6 +4,7 @@ downloading it; 0.3 compares recorded checksums and version tokens). Each run is
 so it includes interpreter start and imports (measured apart as `rankfold --help`).
 
     python -m benchmarks.resume runs/smollm2-svdllm-20/job.yaml            # the job must have run once
+    rankfold run benchmarks/specs/resume-small.yaml && python -m benchmarks.resume benchmarks/specs/resume-small.yaml
     PYTHONPATH=/path/to/old/checkout python -m benchmarks.resume SPEC      # the same with other code
 """
 
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, rerun_line, write_result
+from benchmarks.common import REPO, git_commit, provenance, write_result
 
 
 def timed(command: list[str]) -> float:
@@ -46,16 +47,19 @@ def main(argv: list[str] | None = None) -> dict:
     startup = min(timed(cli + ["--help"]) for _ in range(args.repeats))
     runs = [timed(cli + ["run", str(args.spec)]) for _ in range(args.repeats)]
     report = json.loads((out / "report.json").read_text())
-    result = {"spec": str(args.spec), "code": os.environ.get("PYTHONPATH") or str(REPO),
+    result = {**provenance("resume", argv), "spec": str(args.spec), "code": os.environ.get("PYTHONPATH") or str(REPO),
               "store": report["artifacts"]["store"], "store_bytes": folder_bytes(out / "artifacts")
               if (out / "artifacts").is_dir() else None, "reused_stages": len(report["reused_stages"]),
               "stages": len(report["artifacts"]["digests"]), "startup_s": round(startup, 2),
               "resume_s": [round(s, 2) for s in runs], "resume_minus_startup_s": round(min(runs) - startup, 2)}
+    if "PYTHONPATH" in os.environ:  # the code timed is that checkout's, not this one's
+        result["commit"] = git_commit(Path(result["code"].split(os.pathsep)[0]))
+        result["command"] = f"PYTHONPATH={result['code']} {result['command']}"
     if result["reused_stages"] != result["stages"]:
         print(f"warning: {result['stages'] - result['reused_stages']} stages ran: the job was not complete")
     print(json.dumps(result, indent=1))
-    write_result("resume", args.name or args.spec.stem, result)
-    print(rerun_line("resume", sys.argv[1:] if argv is None else argv))
+    write_result(args.name or args.spec.stem, result)
+    print(f"rerun: {result['command']}")
     return result
 
 

@@ -1,10 +1,11 @@
 """CPU time of a low rank + sparse linear (modules/sparse.py: y = B(A x) + S x, CSR product) against the
 dense nn.Linear it replaces, on SmolLM2's projection shapes.
 
-    python benchmarks/sparse_linear.py                         # 576→1536 and 1536→576, 2048 tokens
-    python benchmarks/sparse_linear.py --tokens 512 --densities 0.1 0.25 0.5 --ranks 0 64
+    python -m benchmarks.sparse_linear                         # 576→1536 and 1536→576, 2048 tokens
+    python -m benchmarks.sparse_linear --tokens 512 --densities 0.1 0.25 0.5 --ranks 0 64
 
-Prints a table: shape, rank, sparse density, median ms per forward, and the ratio to dense.
+Prints a table: shape, rank, sparse density, median ms per forward, and the ratio to dense; saves it
+as benchmarks/results/sparse_linear/sparse_linear.json.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import provenance, write_result  # noqa: E402
 from rankfold.modules.sparse import LowRankSparseLinear, flat_sparse  # noqa: E402
 
 
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{torch.get_num_threads()} threads)")
     for row in rows:
         print(f"{row['shape']:<12}{row['rank']!s:>6}{row['density']:>9.2f}{row['ms']:>10.2f}{row['ratio']:>9.2f}")
-    print("rerun: python benchmarks/sparse_linear.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    result = {**provenance("sparse_linear", argv), "tokens": args.tokens, "dtype": "float32",
+              "repeats": args.repeats, "rows": rows}
+    print(f"written: {write_result('sparse_linear', result)}\nrerun: {result['command']}")
     return rows
 
 

@@ -20,8 +20,6 @@ no calibration is needed. Median of `--repeats` timed calls after warm-up; threa
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import REPO  # noqa: E402
+from benchmarks.common import REPO, describe, provenance, write_result  # noqa: E402
 from rankfold.kernels import shared_lowrank, triton_installed  # noqa: E402
 from rankfold.methods.structure import rank_for_ratio  # noqa: E402
 
@@ -202,7 +200,7 @@ def _decode_seconds(model, prompt: torch.Tensor, steps: int, cache_class, config
 
 def to_markdown(result: dict) -> str:
     lines = [f"# Speed: compressed vs dense at {result['ratio']:.0%} compression", "",
-             f"`{result['command']}` — {result['machine']}", "",
+             f"`{result['command']}` — {describe(result['machine'])}", "",
              "## Layers (median ms; prefill of {0} tokens, decode of 1)".format(result["prefill"]), "",
              "| shapes | dtype | group | variant | backend | params | prefill ms | × dense | decode ms | × dense |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -230,20 +228,16 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     backends = ["torch", "triton"] if cuda and triton_installed() else ["torch"]
-    machine = (torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine())
-    machine += f", torch {torch.__version__}, {torch.get_num_threads()} threads"
     if not cuda:
         print("no CUDA device: layers timed on CPU with the torch path (Triton needs a GPU)", file=sys.stderr)
-    result = {"command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine, "device": device.type, "ratio": args.ratio, "prefill": args.prefill,
+    result = {**provenance("speed", argv), "device": device.type, "ratio": args.ratio, "prefill": args.prefill,
               "decode_steps": args.decode_steps, "repeats": args.repeats,
               "layers": time_layers(args, device, backends)}
     result["model"] = [] if args.skip_model else time_model(args)
-    (args.out / "speed.json").write_text(json.dumps(result, indent=2))
     markdown = to_markdown(result)
-    (args.out / "speed.md").write_text(markdown)
+    path = write_result("speed", result, folder=args.out, markdown=markdown)
     print(markdown)
-    print(f"written: {args.out / 'speed.md'}, {args.out / 'speed.json'}", file=sys.stderr)
+    print(f"written: {path.with_suffix('.md')}, {path}", file=sys.stderr)
     return result
 
 

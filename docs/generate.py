@@ -1,6 +1,7 @@
 """Generate the docs pages that must not drift from the code: the spec reference (from the pydantic
 models, with the comments written beside each field), one page per method and allocator (from their
-modules' docstrings and option models), and the stage kinds (from STAGE_KINDS: inputs and outputs).
+modules' docstrings and option models), the stage kinds (from STAGE_KINDS: inputs and outputs), and
+the results (from the benchmarks' saved JSON, benchmarks/report.py).
 
     python docs/generate.py          # writes docs/generated/ (then: mkdocs build --strict)
 """
@@ -19,6 +20,7 @@ from pydantic import BaseModel
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import render as results_page  # noqa: E402
 from rankfold.allocators.registry import ALLOCATORS  # noqa: E402
 from rankfold.evaluation.registry import EVALUATORS  # noqa: E402
 from rankfold.jobs.spec import EvalSpec, JobSpec  # noqa: E402
@@ -188,6 +190,7 @@ def pages() -> dict[str, str]:
         "kv_cache.md": "\n".join(["# KV cache (`kv_cache`)", "", inspect.getdoc(sys.modules[PaluOptions.__module__]) or "",
                                   "", *model_table(PaluOptions, "kv_cache.")]),
         "stages.md": stages_page(),
+        "results.md": results_page().rstrip("\n"),
     }
 
 
