@@ -46,6 +46,23 @@ def _attention_bias(config: PretrainedConfig) -> bool:
     return bool(getattr(config, "attention_bias", False))
 
 
+def _none(config: PretrainedConfig) -> None:
+    return None
+
+
+class OutputHead(nn.Module):
+    """What follows the last decoder layer: final norm, head, and the family's logit soft-capping
+    (Gemma 2: cap · tanh(logits / cap)). (…, hidden) -> (…, vocab) float32 logits."""
+
+    def __init__(self, norm: nn.Module, head: torch.Tensor, softcap: float | None):
+        super().__init__()
+        self.norm, self.head, self.softcap = norm, head, softcap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = nn.functional.linear(self.norm(hidden), self.head).float()
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
+
+
 @dataclass(frozen=True)
 class Architecture:
     """One family. `classes`: transformers' module and class-name prefix (e.g. ("qwen2", "Qwen2")), from
@@ -64,6 +81,13 @@ class Architecture:
     kv_bias: Callable[[PretrainedConfig], bool] = _attention_bias
     # Why a latent KV cache (Palu) cannot run on this family yet; None: it can.
     latent_kv_unsupported: str | None = None
+    # transformers' attention implementation the layers run with: "sdpa" (causal without a mask), or
+    # "eager" where sdpa would drop part of the family's attention (Gemma 2's logit soft-capping)
+    attention: str = "sdpa"
+    # embed_scale(config): the factor the family multiplies its embeddings by (Gemma: √hidden), or None
+    embed_scale: Callable[[PretrainedConfig], float | None] = _none
+    # logit_softcap(config): the final logits' soft cap (Gemma 2: final_logit_softcapping), or None
+    logit_softcap: Callable[[PretrainedConfig], float | None] = _none
 
     def projection_path(self, projection: str) -> str:
         """'q_proj' -> 'self_attn.q_proj' (the path inside a layer); KeyError naming the family's own."""
@@ -84,14 +108,34 @@ class Architecture:
             return self._class("DecoderLayer")(config, layer_idx=index)
 
     def rebuild_buffers(self, model: nn.Module, config: PretrainedConfig) -> None:
-        """Recreate a meta-built model's non-persistent buffers (RoPE tables) on the CPU."""
+        """Recreate a meta-built model's non-persistent buffers (RoPE tables, a scaled embedding's
+        factor) on the CPU; RuntimeError naming any the family's adapter does not know."""
         model.model.rotary_emb = self.build_rotary(config)
+        scale = self.embed_scale(config)
+        if scale is not None:
+            model.model.embed_tokens.register_buffer("embed_scale", torch.tensor(scale), persistent=False)
+        left = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+        if left:
+            raise RuntimeError(f"{self.model_type}: buffers {left[:4]} were not rebuilt after loading")
 
     def build_final_norm(self, config: PretrainedConfig) -> nn.Module:
         return self._class("RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
 
     def build_rotary(self, config: PretrainedConfig) -> nn.Module:
         return self._class("RotaryEmbedding")(config)
+
+    def build_output_head(self, config: PretrainedConfig, norm_weight: torch.Tensor, head: torch.Tensor) -> OutputHead:
+        """The final norm (holding `norm_weight`), the head matrix and the family's soft cap, without gradients."""
+        norm = self.build_final_norm(config).requires_grad_(False)
+        norm.weight.data = norm_weight
+        return OutputHead(norm, head, self.logit_softcap(config))
+
+    def embed(self, tokens: torch.Tensor, table: torch.Tensor, config: PretrainedConfig,
+              dtype: torch.dtype) -> torch.Tensor:
+        """(batch, seq) token ids -> (batch, seq, hidden) input of layer 0, scaled as the family's model does."""
+        hidden = nn.functional.embedding(tokens, table).to(dtype)
+        scale = self.embed_scale(config)
+        return hidden if scale is None else hidden * torch.tensor(scale, dtype=dtype)
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("model_type")

@@ -44,12 +44,12 @@ class FisherSums:
         return {f"{path}.fisher": self.total, f"{path}.fisher_rows": self.rows, f"{path}.fisher_cols": self.cols}
 
 
-def head_gradient(hidden: torch.Tensor, final_norm: nn.Module, head: torch.Tensor,
-                  ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+def head_gradient(hidden: torch.Tensor, head: nn.Module, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     """ℒ = mean next-token cross-entropy of one batch from the last layer's output (batch, seq, hidden);
-    returns (ℒ, ∂ℒ/∂hidden). Same loss as transformers' `model(ids, labels=ids).loss`."""
+    returns (ℒ, ∂ℒ/∂hidden). Same loss as transformers' `model(ids, labels=ids).loss`; `head`: the
+    model's OutputHead (final norm, head, soft cap)."""
     hidden = hidden.detach().requires_grad_(True)
-    logits = F.linear(final_norm(hidden[:, :-1]), head).float()
+    logits = head(hidden[:, :-1])
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     (grad,) = torch.autograd.grad(loss, hidden)
     return float(loss.detach()), grad

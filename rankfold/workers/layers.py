@@ -8,15 +8,16 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from rankfold.models.architecture import Architecture
+from rankfold.models.architecture import Architecture, architecture_for
 from rankfold.modules.layout import CompressedModule, apply_layout
 from rankfold.modules.sparse import dense_products
 
 
 def runtime_config(config: PretrainedConfig) -> PretrainedConfig:
-    """A copy that runs attention through SDPA: with no mask it is causal, so a layer runs standalone."""
+    """A copy that runs attention as the family's adapter says (SDPA: with no mask it is causal, so a
+    layer runs standalone; eager for families SDPA would change, given an explicit causal mask)."""
     config = copy.deepcopy(config)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = architecture_for(config).attention
     return config
 
 
@@ -35,22 +36,23 @@ def materialize_layer(arch: Architecture, config: PretrainedConfig, index: int, 
     return layer.eval()
 
 
-def embed(tokens: torch.Tensor, embedding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, seq) token ids -> (batch, seq, hidden) input of layer 0."""
-    return torch.nn.functional.embedding(tokens, embedding).to(dtype)
-
-
-def sliding_mask(length: int, window: int) -> torch.Tensor:
-    """(1, 1, length, length) bool, True where query i attends key j: i − window < j ≤ i (transformers'
-    sliding-window rule, a window of `window` tokens including the query's own)."""
+def causal_mask(length: int, window: int | None) -> torch.Tensor:
+    """(1, 1, length, length) bool, True where query i attends key j: j ≤ i, and i − j < window for a
+    sliding-window layer (transformers' rule: a window of `window` tokens including the query's own)."""
     i, j = torch.arange(length)[:, None], torch.arange(length)[None]
-    return ((j <= i) & (i - j < window))[None, None]
+    allowed = j <= i
+    return (allowed & (i - j < window) if window else allowed)[None, None]
+
+
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as eager attention takes it: 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 class LayerRunner:
     """Runs decoder layers on (batch, seq, hidden) inputs; caches RoPE tables per sequence length. Full
     causal attention is SDPA's own (no mask); a sliding-window layer (the architecture says which) gets
-    its window as a mask once the sequence is longer than it."""
+    its window as a mask once the sequence is longer than it; eager attention always gets its mask."""
 
     def __init__(self, arch: Architecture, config: PretrainedConfig):
         self.arch, self.config = arch, config
@@ -73,6 +75,13 @@ class LayerRunner:
         positions = torch.arange(hidden.shape[1])[None]
         with torch.no_grad():
             tables = self.position_embeddings(hidden)
+        return layer(hidden, attention_mask=self.mask(layer, hidden), position_ids=positions,
+                     position_embeddings=tables)
+
+    def mask(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+        length = hidden.shape[1]
         window = self.arch.sliding_window(self.config, layer.self_attn.layer_idx)
-        mask = sliding_mask(hidden.shape[1], window) if window and hidden.shape[1] > window else None
-        return layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=tables)
+        window = window if window and length > window else None
+        if self.config._attn_implementation == "eager":
+            return additive(causal_mask(length, window), hidden.dtype)
+        return causal_mask(length, window) if window else None

@@ -19,13 +19,14 @@ import torch
 import rankfold.storage  # noqa: F401  (registers the "store:" source scheme: checkpoints read from a store)
 from rankfold.core.resources import process_peak_rss_mb
 from rankfold.methods.cap import masked_weight
+from rankfold.models.architecture import OutputHead
 from rankfold.models.sources import ModelSource, open_source
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.activations import Activations
 from rankfold.workers.fisher_backward import fisher_tensors, head_gradient, layer_backward, prepare_for_gradients
 from rankfold.workers.layer_statistics import propagate_layer
-from rankfold.workers.layers import LayerRunner, embed, materialize_layer, runtime_config
+from rankfold.workers.layers import LayerRunner, materialize_layer, runtime_config
 from rankfold.workers.streamed_perplexity import window_nll
 
 _SOURCES: dict[str, ModelSource] = {}
@@ -82,7 +83,7 @@ class SequenceShard:
         table = self.source.embedding()
         self.hidden = Activations(self.budget_bytes, self.spill_dir)
         for batch in ids.split(batch_size):
-            self.hidden.append(embed(batch, table, self.dtype))
+            self.hidden.append(self.source.architecture.embed(batch, table, self.config, self.dtype))
         self.ids, self.batch_size = ids, batch_size
         return ids.numel()
 
@@ -138,20 +139,19 @@ class SequenceShard:
             self.units[key] = tensors
         return self.units[key]
 
-    def _final_norm_and_head(self) -> tuple[torch.nn.Module, torch.Tensor]:
-        """What follows the last layer (neither needs gradients: they are not compressed)."""
-        model = self.source
-        norm = model.architecture.build_final_norm(model.config).requires_grad_(False)
-        norm.weight.data = model.final_norm().to(self.dtype)
-        return norm, model.lm_head().to(self.dtype)
+    def _output_head(self) -> OutputHead:
+        """What follows the last layer (no gradients: it is not compressed)."""
+        source = self.source
+        return source.architecture.build_output_head(source.config, source.final_norm().to(self.dtype),
+                                                     source.lm_head().to(self.dtype))
 
     def nll(self) -> tuple[float, int]:
         """Summed next-token NLL of the held windows after the last layer."""
-        norm, head = self._final_norm_and_head()
+        head = self._output_head()
         total, count = 0.0, 0
         with torch.no_grad():
             for chunk, ids in zip(self.hidden, self.ids.split(self.batch_size)):
-                chunk_total, chunk_count = window_nll(chunk, norm, head, ids)
+                chunk_total, chunk_count = window_nll(chunk, head, ids)
                 total, count = total + chunk_total, count + chunk_count
         return total, count
 
@@ -164,11 +164,11 @@ class SequenceShard:
         next-token loss. Returns the summed batch losses."""
         if self.hidden is None:
             raise RuntimeError("shard holds no activations: run the forward pass first")
-        norm, head = self._final_norm_and_head()
+        head = self._output_head()
         self.grads = Activations(self._budget(True), self.spill_dir)
         total = 0.0
         for chunk, ids in zip(self.hidden, self.ids.split(self.batch_size)):
-            loss, grad = head_gradient(chunk, norm, head, ids)
+            loss, grad = head_gradient(chunk, head, ids)
             self.grads.append(grad)
             total += loss
         self.hidden.release()

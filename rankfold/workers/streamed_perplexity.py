@@ -21,11 +21,12 @@ def make_windows(tokens: torch.Tensor, window: int, max_tokens: int | None) -> t
 
 
 @torch.no_grad()
-def window_nll(hidden: torch.Tensor, final_norm: nn.Module, head: torch.Tensor, windows: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL (float64) and the number of predicted tokens, one window at a time."""
+def window_nll(hidden: torch.Tensor, head: nn.Module, windows: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL (float64) and the number of predicted tokens, one window at a time;
+    `head`: the model's OutputHead (final norm, head, soft cap)."""
     total, count = 0.0, 0
     for h, ids in zip(hidden, windows):  # (T, H), (T,)
-        logits = F.linear(final_norm(h[:-1]), head).float()  # (T-1, vocab)
+        logits = head(h[:-1])  # (T-1, vocab) float32
         total += float(F.cross_entropy(logits, ids[1:], reduction="sum"))
         count += ids.numel() - 1
     return total, count

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 import rankfold
 from rankfold.data.text import load_text, tokenize
@@ -21,7 +21,7 @@ from rankfold.models.sources import SafetensorsSource
 from rankfold.orchestrator.job import run_job
 from rankfold.orchestrator.preflight import preflight
 from rankfold.workers.layer_state import assemble_layer_state
-from rankfold.workers.layers import LayerRunner, embed, materialize_layer, runtime_config
+from rankfold.workers.layers import LayerRunner, materialize_layer, runtime_config
 from rankfold.workers.shard import LayerStep, SequenceShard, ShardConfig
 from rankfold.workers.streamed_perplexity import make_windows, model_perplexity
 from tests.conftest import tiny_spec_dict, tiny_tokenizer
@@ -32,6 +32,9 @@ FAMILIES = {
     "mistral": (MistralConfig, {"sliding_window": 24}),  # shorter than the test sequences: the mask matters
     "qwen2": (Qwen2Config, {}),
     "qwen3": (Qwen3Config, {"head_dim": 16}),
+    # soft caps low enough to bite; every other layer slides over a window shorter than the sequences
+    "gemma2": (Gemma2Config, {"head_dim": 16, "sliding_window": 24, "attn_logit_softcapping": 5.0,
+                              "final_logit_softcapping": 3.0, "query_pre_attn_scalar": 16}),
 }
 LATENT_KV = {"llama", "qwen2"}  # mistral here slides; qwen3's k_norm is refused (Architecture.latent_kv_unsupported)
 
@@ -73,13 +76,11 @@ def test_streamed_layers_give_transformers_logits(family):
     source = SafetensorsSource(folder)
     arch, config = source.architecture, runtime_config(source.config)
     tokens = _tokens(config.vocab_size)
-    runner, hidden = LayerRunner(arch, config), embed(tokens, source.embedding(), torch.float32)
+    runner, hidden = LayerRunner(arch, config), arch.embed(tokens, source.embedding(), config, torch.float32)
     for i in range(source.num_layers):
         hidden = runner(materialize_layer(arch, config, i, source.layer_state(i), torch.float32), hidden)
-    norm = arch.build_final_norm(config)
-    norm.weight.data = source.final_norm()
     with torch.no_grad():
-        streamed = norm(hidden) @ source.lm_head().T
+        streamed = arch.build_output_head(config, source.final_norm(), source.lm_head())(hidden)
         reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(tokens).logits
     torch.testing.assert_close(streamed, reference, rtol=1e-4, atol=1e-4)
 

@@ -17,7 +17,7 @@ from rankfold.methods.svd_llm import svd_llm_factors
 from rankfold.methods.whitening import whitening_factor
 from rankfold.workers.activations import Activations
 from rankfold.workers.layer_statistics import propagate_layer
-from rankfold.workers.layers import LayerRunner, embed, materialize_layer, runtime_config
+from rankfold.workers.layers import LayerRunner, materialize_layer, runtime_config
 
 pytestmark = pytest.mark.realmodel
 
@@ -34,7 +34,7 @@ def _layer_stats(source, tokens: torch.Tensor, layers: int):
     runner = LayerRunner(arch, config)
     hidden = Activations(1 << 30)
     for batch in tokens.split(8):
-        hidden.append(embed(batch, source.embedding(), torch.float32))
+        hidden.append(arch.embed(batch, source.embedding(), config, torch.float32))
     stats = []
     for i in range(layers):
         layer = materialize_layer(arch, config, i, source.layer_state(i), torch.float32)
