@@ -38,7 +38,10 @@ from rankfold.methods.registry import METHODS
 
 SPEC_VERSION = 1
 
-Projection = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Projection names across the supported families (the model's own decides which exist: preflight);
+# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj (naming all the parts names it too).
+Projection = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                     "gate_up_proj"]
 ALL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

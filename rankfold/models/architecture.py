@@ -10,7 +10,7 @@ cache must honour. Each family is one file in `models/architectures/` with one
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -88,6 +88,9 @@ class Architecture:
     embed_scale: Callable[[PretrainedConfig], float | None] = _none
     # logit_softcap(config): the final logits' soft cap (Gemma 2: final_logit_softcapping), or None
     logit_softcap: Callable[[PretrainedConfig], float | None] = _none
+    # Fused projections: {fused name: the projection names it holds, in row order}, e.g. Phi-3's
+    # {"qkv_proj": ("q_proj", "k_proj", "v_proj")}; a spec may name the parts (all of them) or the fused one.
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def projection_path(self, projection: str) -> str:
         """'q_proj' -> 'self_attn.q_proj' (the path inside a layer); KeyError naming the family's own."""
@@ -97,6 +100,21 @@ class Architecture:
                     return member
         known = ", ".join(m.rsplit(".", 1)[-1] for g in self.groups for m in g.members)
         raise KeyError(f"{self.model_type} has no projection named {projection!r} (it has: {known})")
+
+    def matrix_paths(self, projections: tuple[str, ...]) -> list[str]:
+        """The layer paths of `projections` (a spec's target.matrices), in the family's group order: a
+        fused projection stands for its parts, named all together or by its own name. KeyError naming
+        the projection for one the family lacks, or for part of a fused projection named alone."""
+        wanted = set(projections)
+        for fused, parts in self.fused.items():
+            named = wanted & set(parts)
+            if named and named != set(parts):
+                raise KeyError(f"{self.model_type} fuses {', '.join(parts)} into {fused}: name all of them "
+                               f"(or {fused}), not {', '.join(sorted(named))} alone")
+            if named:
+                wanted = (wanted - named) | {fused}
+        paths = {self.projection_path(p) for p in wanted}
+        return [m for g in self.groups for m in g.members if m in paths]
 
     def _class(self, suffix: str) -> type:
         module, prefix = self.classes

@@ -52,7 +52,7 @@ def matrix_shapes(source: ModelSource, matrices: tuple[str, ...]) -> Shapes:
     """(m, n) of every compressed matrix (`matrices`: projection names, target.matrices), read from
     checkpoint headers."""
     arch = source.architecture
-    paths = [arch.projection_path(p) for p in matrices]
+    paths = arch.matrix_paths(matrices)
     return {i: {path: tuple(source.shape(arch.layer_prefix.format(i=i) + path + ".weight")) for path in paths}
             for i in range(source.num_layers)}
 

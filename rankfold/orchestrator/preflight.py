@@ -36,11 +36,10 @@ def preflight(spec: JobSpec) -> tuple[ModelSource, Shapes]:
     for field, text_source in _text_sources(spec):
         if text_source.path is not None and not Path(text_source.path).is_file():
             raise SpecError(f"{field}.path = {str(text_source.path)!r}: file not found")
-    for projection in spec.target.matrices:
-        try:
-            arch.projection_path(projection)
-        except KeyError as err:
-            raise SpecError(f"target.matrices: {err.args[0]}") from None
+    try:
+        arch.matrix_paths(spec.target.matrices)
+    except KeyError as err:
+        raise SpecError(f"target.matrices: {err.args[0]}") from None
     shapes = matrix_shapes(source, spec.target.matrices)
     _check_allocation(spec, source, shapes)
     if spec.kv_cache is not None:

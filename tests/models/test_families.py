@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 import rankfold
 from rankfold.data.text import load_text, tokenize
@@ -35,6 +43,7 @@ FAMILIES = {
     # soft caps low enough to bite; every other layer slides over a window shorter than the sequences
     "gemma2": (Gemma2Config, {"head_dim": 16, "sliding_window": 24, "attn_logit_softcapping": 5.0,
                               "final_logit_softcapping": 3.0, "query_pre_attn_scalar": 16}),
+    "phi3": (Phi3Config, {"sliding_window": 24, "partial_rotary_factor": 0.5, "pad_token_id": 0}),  # fused qkv, gate_up
 }
 LATENT_KV = {"llama", "qwen2"}  # mistral here slides; qwen3's k_norm is refused (Architecture.latent_kv_unsupported)
 
@@ -158,17 +167,19 @@ def test_palu_on_a_family_that_cannot_take_it_is_a_spec_error(family, tmp_path):
     if model_type in LATENT_KV:
         pytest.skip("this family takes a latent cache")
     data = tiny_spec_dict(folder, tmp_path / "out", method="svd_llm")
-    data["target"]["matrices"] = ["q_proj", "o_proj"]
+    data["target"]["matrices"] = ["o_proj"]
     data["kv_cache"] = {"name": "palu", "ratio": 0.5}
     with pytest.raises(ValueError, match=f"kv_cache.name: palu on .*{model_type}"):
         preflight(parse_spec(data))
 
 
 def test_a_projection_the_family_lacks_is_a_spec_error(family, tmp_path):
-    _, folder = family
+    model_type, folder = family
     data = tiny_spec_dict(folder, tmp_path / "out")
-    data["target"]["matrices"] = ["q_proj", "qkv_proj"]
-    with pytest.raises(ValueError, match="qkv_proj"):
+    fused = ARCHITECTURES.get(model_type).fused
+    data["target"]["matrices"] = ["q_proj", "o_proj"] if fused else ["qkv_proj"]
+    expected = "fuses q_proj, k_proj, v_proj into qkv_proj" if fused else "no projection named 'qkv_proj'"
+    with pytest.raises(ValueError, match=expected):
         preflight(parse_spec(data))
 
 
