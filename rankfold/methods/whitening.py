@@ -32,7 +32,9 @@ def whitening_factor(gram: torch.Tensor, rel_eps: float = 1e-8) -> torch.Tensor:
     G from real activations can be singular (dead channels, fewer tokens than channels). Then add
     ε·mean(diag G)·I, ε = rel_eps, 10·rel_eps, ... until Cholesky succeeds — a ridge like SVD-LLM's
     shift, found with Cholesky attempts (n³/3 each) instead of an eigendecomposition, which for a
-    70B down_proj (n = 28672) would take hours on a CPU. Never falls back to an unwhitened SVD.
+    70B down_proj (n = 28672) would take hours on a CPU. A zero Gram (no tokens: an expert the router
+    never chose) gives the identity — every factorisation has zero error on no inputs, and the plain
+    SVD's is the one that serves unseen tokens best; otherwise never an unwhitened SVD.
     """
     gram = gram.to(torch.float64)
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
@@ -40,6 +42,9 @@ def whitening_factor(gram: torch.Tensor, rel_eps: float = 1e-8) -> torch.Tensor:
     if not all(torch.isfinite(rows).all() for rows in gram.split(1024)):  # by blocks: no n×n temporary
         raise ValueError("Gram matrix has non-finite entries: calibration activations overflowed")
     gram = mirror_upper_(gram)
+    if not gram.diagonal().any():  # no calibration input at all (an expert no token was routed to)
+        log.info("Gram matrix is zero (no calibration tokens): whitening with the identity")
+        return torch.eye(gram.shape[0], dtype=torch.float64)
     factor, info = torch.linalg.cholesky_ex(gram)
     if info.item() == 0:
         return factor

@@ -10,7 +10,8 @@ cache must honour. Each family is one file in `models/architectures/` with one
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from rankfold.core.registry import Registry
+from rankfold.modules.experts import LinearExperts, split_fused_experts, unfuse_experts
 from rankfold.modules.transformers_hook import register_compressed
 
 
@@ -91,6 +93,14 @@ class Architecture:
     # Fused projections: {fused name: the projection names it holds, in row order}, e.g. Phi-3's
     # {"qkv_proj": ("q_proj", "k_proj", "v_proj")}; a spec may name the parts (all of them) or the fused one.
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Mixture of experts: the path of each layer's fused experts module (e.g. "mlp.experts"), and
+    # num_experts(config). Each expert's gate/up (one input group) and down become linears of their
+    # own (modules/experts.py); the router stays dense.
+    experts: str | None = None
+    num_experts: Callable[[PretrainedConfig], int] | None = None
+    # Layer keys as checkpoints store them -> as the built layer names them, "{e}" an expert's index
+    # (Mixtral on disk: "block_sparse_moe.experts.{e}.w1" is "mlp.experts.{e}.gate_proj").
+    stored_names: dict[str, str] = field(default_factory=dict)
 
     def projection_path(self, projection: str) -> str:
         """'q_proj' -> 'self_attn.q_proj' (the path inside a layer); KeyError naming the family's own."""
@@ -113,17 +123,42 @@ class Architecture:
                                f"(or {fused}), not {', '.join(sorted(named))} alone")
             if named:
                 wanted = (wanted - named) | {fused}
-        paths = {self.projection_path(p) for p in wanted}
-        return [m for g in self.groups for m in g.members if m in paths]
+        members = [m for g in self.groups for m in g.members]
+        for projection in wanted:
+            self.projection_path(projection)  # KeyError naming the family's own
+        return [m for m in members if m.rsplit(".", 1)[-1] in wanted]
 
     def _class(self, suffix: str) -> type:
         module, prefix = self.classes
         return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), prefix + suffix)
 
+    def for_config(self, config: PretrainedConfig) -> "Architecture":
+        """This family as one model has it: a mixture of experts gets an input group per expert."""
+        if self.experts is None:
+            return self
+        dense = tuple(g for g in self.groups if not g.name.startswith("mlp"))
+        experts = tuple(group for e in range(self.num_experts(config)) for group in (
+            LinearGroup(f"mlp_in_{e}", (f"{self.experts}.{e}.gate_proj", f"{self.experts}.{e}.up_proj")),
+            LinearGroup(f"mlp_out_{e}", (f"{self.experts}.{e}.down_proj",))))
+        return replace(self, groups=dense + experts)
+
     def build_layer(self, config: PretrainedConfig, index: int) -> nn.Module:
-        """An empty (meta-device) decoder layer; fill it with `load_state_dict(..., assign=True)`."""
+        """An empty (meta-device) decoder layer; fill it with `load_state_dict(..., assign=True)`. A
+        mixture of experts' fused experts are one linear per expert here (split_state's keys)."""
         with torch.device("meta"):
-            return self._class("DecoderLayer")(config, layer_idx=index)
+            layer = self._class("DecoderLayer")(config, layer_idx=index)
+        self.prepare(layer)
+        return layer
+
+    def prepare(self, root: nn.Module) -> None:
+        """Unfuse every experts module under `root` (a layer or a whole model) into LinearExperts."""
+        if self.experts is None:
+            return
+        parent, _, name = self.experts.rpartition(".")
+        for path, module in list(root.named_modules()):
+            if path == parent or path.endswith("." + parent):
+                if not isinstance(getattr(module, name), LinearExperts):
+                    unfuse_experts(module, name)
 
     def rebuild_buffers(self, model: nn.Module, config: PretrainedConfig) -> None:
         """Recreate a meta-built model's non-persistent buffers (RoPE tables, a scaled embedding's
@@ -155,13 +190,53 @@ class Architecture:
         scale = self.embed_scale(config)
         return hidden if scale is None else hidden * torch.tensor(scale, dtype=dtype)
 
+    def split_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A layer's stored tensors (layer-relative keys) as build_layer's layer names them: stored names
+        renamed, transformers 5's fused experts split per expert."""
+        if self.experts is None and not self.stored_names:
+            return state
+        renamed = {self._ours(key): value for key, value in state.items()}
+        return renamed if self.experts is None else split_fused_experts(renamed, self.experts)
+
+    def locate(self, key: str, stored: Callable[[str], bool]) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Where the weight `key` (a layer path's key, as build_layer names it) is stored: (stored key,
+        how to cut it from that tensor). `stored(k)`: whether the checkpoint holds k. KeyError if nowhere."""
+        if stored(key):
+            return key, lambda tensor: tensor
+        for theirs, ours in self.stored_names.items():
+            match = _pattern(ours).search(key)
+            if match and stored(candidate := key[:match.start()] + theirs.format(**match.groupdict()) + key[match.end():]):
+                return candidate, lambda tensor: tensor
+        if self.experts is not None:  # transformers 5's fused layout, saved as such
+            match = re.search(rf"{re.escape(self.experts)}\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key)
+            if match:
+                e, name = int(match.group(1)), match.group(2)
+                fused = key[:match.start()] + f"{self.experts}.{'down_proj' if name == 'down_proj' else 'gate_up_proj'}"
+                if stored(fused):
+                    half = {"gate_proj": 0, "up_proj": 1}.get(name)
+                    return fused, lambda tensor: tensor[e] if half is None else tensor[e].chunk(2, dim=0)[half]
+        raise KeyError(f"{self.model_type}: no stored tensor for {key}")
+
+    def _ours(self, key: str) -> str:
+        for theirs, ours in self.stored_names.items():
+            match = _pattern(theirs).search(key)
+            if match:
+                return key[:match.start()] + ours.format(**match.groupdict()) + key[match.end():]
+        return key
+
+
+def _pattern(name: str) -> re.Pattern:
+    """A stored_names entry as a regex: dots literal, "{e}" an expert index, anchored at a key's start
+    or after a dot."""
+    return re.compile(r"(?:^|(?<=\.))" + re.escape(name).replace(r"\{e\}", r"(?P<e>\d+)") + r"(?=\.|$)")
+
 
 ARCHITECTURES: Registry[Architecture] = Registry("model_type")
 
 
 def register_architecture(architecture: Architecture) -> Architecture:
     """Register the family, and its compressed model type (`rankfold_<model_type>`) with transformers."""
-    register_compressed(architecture.model_type)
+    register_compressed(architecture.model_type, prepare=architecture.prepare)
     return ARCHITECTURES.register(architecture.model_type, architecture)
 
 
@@ -170,7 +245,7 @@ def architecture_for(config: PretrainedConfig) -> Architecture:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(ARCHITECTURES.names())})")
-    return ARCHITECTURES.get(model_type)
+    return ARCHITECTURES.get(model_type).for_config(config)
 
 
 # Every family registers itself on import; its file imports the names above, so this comes last.

@@ -86,7 +86,23 @@ class ModelSource(ABC):
         state = {key[len(prefix):]: self.tensor(key) for key in self.keys() if key.startswith(prefix)}
         if not state:
             raise ModelSourceError(f"{self.location}: no tensors for layer {index} (prefix {prefix!r})")
-        return state
+        return self.architecture.split_state(state)
+
+    def matrix(self, key: str) -> torch.Tensor:
+        """A weight matrix by its key as the built layer names it (`model.layers.0.mlp.experts.3.up_proj.weight`),
+        wherever the checkpoint stores it (renamed, or a slice of a fused experts tensor)."""
+        stored, cut = self.architecture.locate(key, self._has)
+        return cut(self.tensor(stored))
+
+    def matrix_shape(self, key: str) -> tuple[int, ...]:
+        """`matrix(key)`'s shape, from the header only."""
+        stored, cut = self.architecture.locate(key, self._has)
+        return tuple(cut(torch.empty(self.shape(stored), device="meta")).shape)
+
+    def _has(self, key: str) -> bool:
+        if not hasattr(self, "_key_set"):
+            self._key_set = frozenset(self.keys())
+        return key in self._key_set
 
     def embedding(self) -> torch.Tensor:
         return self.tensor(self.architecture.embedding_key)

@@ -28,9 +28,10 @@ def _layout(config: PretrainedConfig) -> list[CompressedModule]:
     return [CompressedModule.from_json(entry) for entry in meta["layout"]]
 
 
-def register_compressed(base_type: str) -> tuple[type, type]:
+def register_compressed(base_type: str, prepare=None) -> tuple[type, type]:
     """Define and register `rankfold_<base_type>`: transformers' own config and causal-LM classes of
-    `base_type` with the layout applied at construction (idempotent)."""
+    `base_type` with the layout applied at construction (idempotent). `prepare(model)`, when given,
+    runs first (a mixture of experts unfuses its experts: their factors are per expert)."""
     if base_type in _CLASSES:
         return _CLASSES[base_type]
     base_config = CONFIG_MAPPING[base_type]
@@ -41,6 +42,8 @@ def register_compressed(base_type: str) -> tuple[type, type]:
 
     def __init__(self, config: PretrainedConfig) -> None:
         base_model.__init__(self, config)
+        if prepare is not None:
+            prepare(self)
         apply_layout(self, _layout(config))  # on transformers' meta device while loading: no memory
 
     model_class = type(f"Rankfold{base_model.__name__}", (base_model,), {"config_class": config_class,

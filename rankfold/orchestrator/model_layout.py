@@ -53,7 +53,7 @@ def matrix_shapes(source: ModelSource, matrices: tuple[str, ...]) -> Shapes:
     checkpoint headers."""
     arch = source.architecture
     paths = arch.matrix_paths(matrices)
-    return {i: {path: tuple(source.shape(arch.layer_prefix.format(i=i) + path + ".weight")) for path in paths}
+    return {i: {path: source.matrix_shape(arch.layer_prefix.format(i=i) + path + ".weight") for path in paths}
             for i in range(source.num_layers)}
 
 

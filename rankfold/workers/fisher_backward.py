@@ -63,11 +63,13 @@ def layer_backward(layer: nn.Module, runner: LayerRunner, hidden: torch.Tensor, 
     hidden = hidden.detach().requires_grad_(True)
     with torch.enable_grad():
         output = runner.run(layer, hidden)
-        grads = torch.autograd.grad(output, [hidden, *weights], grad_out)
+        # allow_unused: an expert no token of this batch was routed to has no gradient (zero)
+        grads = torch.autograd.grad(output, [hidden, *weights], grad_out, allow_unused=True)
     for path, weight, grad in zip(paths, weights, grads[1:]):
         if path not in sums:
             sums[path] = FisherSums.zeros(weight.shape)
-        sums[path].add_(grad)
+        if grad is not None:
+            sums[path].add_(grad)
     return grads[0]
 
 

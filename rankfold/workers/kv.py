@@ -41,7 +41,7 @@ def kv_factors_item(item: KVFactorsItem) -> tuple[str, str]:
     tensors = {GRAM_TRACE: gram.diagonal().sum().reshape(1)}
     factor = whitening_factor(gram)
     for kind, path in PROJECTIONS.items():
-        weight = source.tensor(f"{item.layer_prefix}{path}.weight")
+        weight = source.matrix(f"{item.layer_prefix}{path}.weight")
         spectra = group_spectra(weight, factor, item.head_dim, item.group_heads)
         full = [min(item.head_dim * item.group_heads, weight.shape[1])] * len(spectra)
         for k, f in enumerate(group_factors(weight, factor, item.head_dim, item.group_heads, full)):

@@ -29,11 +29,10 @@ def propagate_layer(layer: nn.Module, runner: LayerRunner, inputs: Activations, 
     handles = []
     for group in groups:
         reader = layer.get_submodule(group.members[0])  # all members see this same tensor
+        stats[group.name] = InputStats.zeros(reader.in_features)  # an expert no token reaches keeps zeros
 
         def hook(_module, args, name=group.name):
             x = args[0]
-            if name not in stats:  # not setdefault: its default would zero-fill a new n×n Gram every chunk
-                stats[name] = InputStats.zeros(x.shape[-1])
             started = time.perf_counter()
             stats[name].add_(x, product_dtype)
             if gram_seconds is not None:

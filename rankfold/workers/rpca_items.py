@@ -35,7 +35,7 @@ def rpca_item(item: RPCAItem) -> list[tuple[str, str]]:
     store, keys = open_ref(item.out), (item.units_key, item.scores_key)
     if all(store.verify(key) for key in keys):
         return [(key, store.checksum(key)) for key in keys]
-    weight = cached_source(item.source).tensor(f"{item.layer_prefix}{item.path}.weight")
+    weight = cached_source(item.source).matrix(f"{item.layer_prefix}{item.path}.weight")
     stats = InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group)
     gram = stats.symmetric_gram()
     whitening = whitening_factor(gram.clone()) if item.options.whiten else None

@@ -28,7 +28,7 @@ def _modules_and_weights(location: str, layer_prefix: str, modules_json: tuple[d
     """An item's compressed modules and the dense weight of each member (keyed by path in the layer)."""
     source = cached_source(location)
     modules = [CompressedModule.from_json(m) for m in modules_json]
-    return modules, {m: source.tensor(f"{layer_prefix}{m}.weight") for module in modules for m in module.members}
+    return modules, {m: source.matrix(f"{layer_prefix}{m}.weight") for module in modules for m in module.members}
 
 
 @dataclass(frozen=True)

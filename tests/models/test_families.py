@@ -12,9 +12,11 @@ from transformers import (
     Gemma2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 import rankfold
@@ -44,8 +46,13 @@ FAMILIES = {
     "gemma2": (Gemma2Config, {"head_dim": 16, "sliding_window": 24, "attn_logit_softcapping": 5.0,
                               "final_logit_softcapping": 3.0, "query_pre_attn_scalar": 16}),
     "phi3": (Phi3Config, {"sliding_window": 24, "partial_rotary_factor": 0.5, "pad_token_id": 0}),  # fused qkv, gate_up
+    # 4 experts, 2 per token: some get few tokens (below their input width)
+    "mixtral": (MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "qwen3_moe": (Qwen3MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                                   "head_dim": 16, "norm_topk_prob": True}),
 }
-LATENT_KV = {"llama", "qwen2"}  # mistral here slides; qwen3's k_norm is refused (Architecture.latent_kv_unsupported)
+# mistral here slides; qwen3's k_norm, gemma2's soft cap and phi3's fused qkv are refused
+LATENT_KV = {"llama", "qwen2", "mixtral"}
 
 
 def test_every_family_is_tested_here():
@@ -131,15 +138,23 @@ def test_calibration_grams_equal_forward_hooks(family):
     seen, hooks = {}, []
     for i, layer in enumerate(model.model.layers):
         for group in source.architecture.groups:
-            module = layer.get_submodule(group.members[0])
-            hooks.append(module.register_forward_pre_hook(
-                lambda _, args, key=(i, group.name): seen.__setitem__(key, args[0].reshape(-1, args[0].shape[-1]))))
+            if ".experts." not in group.members[0]:
+                hooks.append(layer.get_submodule(group.members[0]).register_forward_pre_hook(
+                    lambda _, args, key=(i, group.name): seen.__setitem__(key, args[0].reshape(-1, args[0].shape[-1]))))
+        if hasattr(layer.mlp, "experts"):  # transformers' fused experts: each sees the tokens routed to it
+            experts = layer.mlp.experts.num_experts
+            hooks.append(layer.mlp.experts.register_forward_pre_hook(  # args: tokens, top-k experts, weights
+                lambda _, args, i=i, experts=experts: seen.update(
+                    {(i, f"mlp_in_{e}"): args[0][(args[1] == e).any(-1)] for e in range(experts)})))
     with torch.no_grad():
         model(tokens)
     for hook in hooks:
         hook.remove()
+    assert {key for key in seen} == {(i, g.name) for i in range(source.num_layers)
+                                     for g in source.architecture.groups if "mlp_out_" not in g.name}
     for (i, name), x in seen.items():
         x = x.to(torch.float64)
+        assert int(stats[i][f"{name}.count"][0]) == x.shape[0]
         torch.testing.assert_close(stats[i][f"{name}.gram"], x.T @ x, rtol=1e-4, atol=1e-3)
 
 
@@ -159,6 +174,8 @@ def test_a_skipcat_flra_job_runs_end_to_end(family, tmp_path):
     compressed = rankfold.load(tmp_path / "out" / "model")
     assert model_perplexity(compressed, windows) == pytest.approx(row["compressed"], rel=1e-4)
     assert compressed.config.model_type == f"rankfold_{model_type}"
+    experts = [path for path in report["ranks"] if ".experts." in path]
+    assert len(experts) == (2 * 3 * 4 if ARCHITECTURES.get(model_type).experts else 0)  # layers × matrices × experts
     assert (report.get("kv_cache") is not None) == (model_type in LATENT_KV)
 
 
