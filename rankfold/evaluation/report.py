@@ -118,6 +118,11 @@ def format_report(report: dict) -> str:
                         f"parameter(s) each); compression {params['compression_indices_counted']:.2%} counting "
                         f"value + int32 index, {params['compression_values_only']:.2%} counting values only "
                         "(the papers' convention)")
+    few = report.get("few_calibration_tokens") or {}
+    if few:
+        shown = ", ".join(f"{group} ({count})" for group, count in list(few.items())[:6])
+        lines.append(f"  {len(few)} input group(s) saw fewer calibration tokens than their width (whitened with a "
+                     f"ridge; none: the identity): {shown}{', ...' if len(few) > 6 else ''}")
     if report["rows"]:
         lines += [""] + evaluation_table(report["rows"]) + generated_samples(report["rows"])
     lines.append("")

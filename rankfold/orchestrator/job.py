@@ -97,6 +97,8 @@ def make_report(spec: JobSpec, env: Env, plan: Plan, outputs: dict, manifest: Ma
         "layout": layout.flat(arch),
         "diagnostics": _summarise(result("decompose").get("diagnostics", {})),
         "calibration_tokens": result("calibrate").get("tokens", 0),
+        # input groups (layer.group) that saw fewer calibration tokens than their width: whitened with a ridge
+        "few_calibration_tokens": result("calibrate").get("few_tokens", {}),
         "allocation": {"kind": spec.target.allocation.kind, **result("fisher")},
         "kv_cache": None if spec.kv_cache is None else {**spec.kv_cache.model_dump(mode="json"),
                                                         **outputs["kv_allocate"].summary},

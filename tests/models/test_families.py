@@ -5,6 +5,8 @@ family takes a latent cache) runs end to end with its checkpoint's perplexity eq
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import (
@@ -174,6 +176,7 @@ def test_a_skipcat_flra_job_runs_end_to_end(family, tmp_path):
     compressed = rankfold.load(tmp_path / "out" / "model")
     assert model_perplexity(compressed, windows) == pytest.approx(row["compressed"], rel=1e-4)
     assert compressed.config.model_type == f"rankfold_{model_type}"
+    assert all(re.search(r"\.mlp_(in|out)_\d+$", group) for group in report["few_calibration_tokens"])  # experts
     experts = [path for path in report["ranks"] if ".experts." in path]
     assert len(experts) == (2 * 3 * 4 if ARCHITECTURES.get(model_type).experts else 0)  # layers × matrices × experts
     assert (report.get("kv_cache") is not None) == (model_type in LATENT_KV)
@@ -204,3 +207,12 @@ def _tokenizer(folder):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
+
+
+def test_groups_with_fewer_tokens_than_inputs_are_named():
+    from rankfold.methods.statistics import InputStats
+    from rankfold.orchestrator.stages.calibrate import few_tokens
+
+    tensors = {**InputStats.zeros(8).to_tensors("mlp_in_0"), **InputStats.zeros(4).to_tensors("attn_in")}
+    tensors["mlp_in_0.count"][0], tensors["attn_in.count"][0] = 5, 4
+    assert few_tokens(3, tensors) == {"3.mlp_in_0": 5}

@@ -15,12 +15,15 @@ from rankfold.workers.shard import ShardConfig
 
 
 def calibrate(env: Env, stage: Stage) -> tuple[dict, Artifacts]:
-    """One artifact per layer; the result counts the calibration tokens."""
-    cal, artifacts = stage.params["calibration"], {}
+    """One artifact per layer; the result counts the calibration tokens, and names every input group
+    that saw fewer tokens than its width (a mixture's rarely chosen experts: their Gram is singular, so
+    whitening adds a ridge, or is the identity for an expert no token reached)."""
+    cal, artifacts, few = stage.params["calibration"], {}, {}
     samples = stage.params["sample"].ids(env.source.tokenizer())
 
     def save(i: int, tensors: dict[str, torch.Tensor]) -> None:
         check_statistics(i, tensors, cal.gram_product_dtype)
+        few.update(few_tokens(i, tensors))
         key = Statistics.key_of(stage, i)
         artifacts[key] = env.store.put_tensors(key, tensors)
 
@@ -28,7 +31,14 @@ def calibrate(env: Env, stage: Stage) -> tuple[dict, Artifacts]:
                          str(env.scratch), cal.gram_product_dtype)
     stream_shards(env.executor, config, samples, cal.batch_size, "calibrate", env.source.num_layers,
                   on_stats=save).release()
-    return {"tokens": samples.numel()}, artifacts
+    return {"tokens": samples.numel(), "few_tokens": few}, artifacts
+
+
+def few_tokens(layer: int, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{"layer.group": tokens} of the groups whose token count is below their input width."""
+    counts = {name.removesuffix(".count"): int(value[0]) for name, value in tensors.items() if name.endswith(".count")}
+    return {f"{layer}.{group}": count for group, count in counts.items()
+            if count < tensors[f"{group}.gram"].shape[0]}
 
 
 def check_statistics(layer: int, tensors: dict[str, torch.Tensor], product_dtype: str) -> None:
