@@ -216,3 +216,54 @@ def test_groups_with_fewer_tokens_than_inputs_are_named():
     tensors = {**InputStats.zeros(8).to_tensors("mlp_in_0"), **InputStats.zeros(4).to_tensors("attn_in")}
     tensors["mlp_in_0.count"][0], tensors["attn_in.count"][0] = 5, 4
     assert few_tokens(3, tensors) == {"3.mlp_in_0": 5}
+
+
+# Every weight method on every family (the docs' model matrix: docs/generate.py reads these two lists).
+MATRIX_METHODS = ("svd", "asvd", "svd_llm", "cat", "skip", "skipcat", "wanda", "cap")
+
+
+def test_the_matrix_covers_every_method():
+    from rankfold.methods.registry import METHODS
+
+    assert set(MATRIX_METHODS) == set(METHODS.names())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", MATRIX_METHODS)
+def test_every_method_runs_on_every_family(family, method, tmp_path):
+    """The job's checkpoint loads with rankfold.load and gives the streamed evaluation's perplexity."""
+    _, folder = family
+    data = tiny_spec_dict(folder, tmp_path / "out", method=method, ratio=0.3)
+    data["calibration"].update({"num_samples": 4, "seq_len": 32})
+    data["evaluation"]["perplexity"][0].update({"max_tokens": 256})
+    if method == "cap":
+        data["target"]["allocation"] = {"kind": "search", "samples": 2, "holdout": 2, "batch_size": 2, "steps": 2,
+                                        "sparse_block": 8, "fisher_samples": 2}
+    report = run_job(parse_spec(data))
+    row = metric_table(report["rows"])[0]
+    ppl = parse_spec(data).evaluation.perplexity[0]
+    windows = make_windows(tokenize(load_text(ppl.data), _tokenizer(folder)), ppl.window, ppl.max_tokens)
+    compressed = rankfold.load(tmp_path / "out" / "model")
+    assert model_perplexity(compressed, windows) == pytest.approx(row["compressed"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_generate_runs_with_progressive_decoding_and_a_latent_cache(family, tmp_path):
+    """transformers' generate on the loaded checkpoint: FLRA's progressive ranks (PLRD) on every family,
+    the latent KV cache (Palu) where the family takes one."""
+    from rankfold.modules.progressive import ProgressiveDecoding, rank_modules
+
+    model_type, folder = family
+    data = tiny_spec_dict(folder, tmp_path / "out", method="svd_llm", ratio=0.3)
+    data["target"]["allocation"] = {"kind": "flra", "fisher_samples": 4}
+    data["evaluation"]["perplexity"] = []
+    if model_type in LATENT_KV:
+        data["target"]["matrices"] = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        data["kv_cache"] = {"name": "palu", "ratio": 0.5, "rank_multiple": 4}
+    run_job(parse_spec(data))
+    model = rankfold.load(tmp_path / "out" / "model")
+    halves = {path: max(1, module.rank // 2) for path, module in rank_modules(model).items()}
+    prompt = _tokens(model.config.vocab_size, 12)[:1]
+    with ProgressiveDecoding(model, [{}, halves]) as progressive:
+        out = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 16) and max(progressive.steps) >= 1
