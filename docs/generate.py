@@ -172,6 +172,36 @@ def stages_page() -> str:
     return "\n".join(lines)
 
 
+def models_page() -> str:
+    """The supported-models matrix: every registered family × what runs on it, each ✓ a passing test in
+    tests/models/test_families.py (its FAMILIES, MATRIX_METHODS and LATENT_KV lists)."""
+    from rankfold.models.architecture import ARCHITECTURES
+    from tests.models.test_families import FAMILIES, LATENT_KV, MATRIX_METHODS
+
+    columns = [*MATRIX_METHODS, "flra", "palu", "plrd", "gguf"]
+    lines = ["# Supported models", "", "Each family is one file in `rankfold/models/architectures/`, built from",
+             "transformers' own classes. Every ✓ is a passing test on a tiny random config of that class",
+             "(`tests/models/test_families.py`; the per-method cells and PLRD are marked `slow`: run them with",
+             "`pytest -m slow tests/models`); GGUF is tested on SmolLM2's real file. A blank cell is refused",
+             "with an error naming why.", "", "| family | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name in sorted(ARCHITECTURES.names()):
+        arch, tested = ARCHITECTURES.get(name), name in FAMILIES
+        cells = ["✓" if tested else "" for _ in MATRIX_METHODS]  # cap: with its search allocation
+        cells += ["✓" if tested else "", "✓" if name in LATENT_KV else "", "✓" if tested else "",
+                  "✓" if arch.gguf else ""]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    lines += ["", "Why a cell is blank:", ""]
+    for name in sorted(ARCHITECTURES.names()):
+        arch = ARCHITECTURES.get(name)
+        if arch.latent_kv_unsupported:
+            lines.append(f"- `{name}`, palu: {arch.latent_kv_unsupported}.")
+    lines.append("- palu on sliding-window layers (mistral, phi3 with `sliding_window` set; gemma2): the latent "
+                 "attention keeps and attends every token.")
+    lines.append("- gguf: only llama's tensor layout is undone (other families: use the safetensors folder).")
+    return "\n".join(lines)
+
+
 def home_page() -> str:
     """The README with its links re-rooted at docs/: the site's home page."""
     return (ROOT / "README.md").read_text().rstrip("\n").replace("](docs/", "](")
@@ -190,6 +220,7 @@ def pages() -> dict[str, str]:
         "kv_cache.md": "\n".join(["# KV cache (`kv_cache`)", "", inspect.getdoc(sys.modules[PaluOptions.__module__]) or "",
                                   "", *model_table(PaluOptions, "kv_cache.")]),
         "stages.md": stages_page(),
+        "models.md": models_page(),
         "results.md": results_page().rstrip("\n"),
     }
 

@@ -98,6 +98,8 @@ class Architecture:
     # own (modules/experts.py); the router stays dense.
     experts: str | None = None
     num_experts: Callable[[PretrainedConfig], int] | None = None
+    # GGUF files of this family read (gguf's tensor map, llama.cpp's q/k row permutation undone) and tested
+    gguf: bool = False
     # Layer keys as checkpoints store them -> as the built layer names them, "{e}" an expert's index
     # (Mixtral on disk: "block_sparse_moe.experts.{e}.w1" is "mlp.experts.{e}.gate_proj").
     stored_names: dict[str, str] = field(default_factory=dict)

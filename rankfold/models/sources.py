@@ -276,6 +276,10 @@ class GGUFSource(ModelSource):
         except Exception as err:  # the reader raises bare ValueError/struct errors on damaged files
             raise ModelSourceError(f"{self.path}: not a readable GGUF file ({err})") from None
         self._hf_folder = self._converted_metadata()
+        if not self.architecture.gguf:
+            raise ModelSourceError(f"{self.location}: GGUF files of model_type {self.config.model_type!r} are not "
+                                   "supported (llama.cpp stores their tensors in layouts rankfold does not undo yet); "
+                                   "use the model's safetensors folder")
         names = _hf_to_gguf_names(self.config, self.architecture)
         # Tensors the model does not read (e.g. rope_freqs, derived from the config) are left out.
         self._tensors = {names[t.name]: t for t in self._reader.tensors if t.name in names}

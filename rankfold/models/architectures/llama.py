@@ -2,4 +2,4 @@
 
 from rankfold.models.architecture import Architecture, register_architecture
 
-register_architecture(Architecture("llama", ("llama", "Llama")))
+register_architecture(Architecture("llama", ("llama", "Llama"), gguf=True))
