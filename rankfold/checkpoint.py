@@ -164,19 +164,31 @@ def model_from_source(source: ModelSource, dtype: torch.dtype | None = None) -> 
     dtype = dtype or getattr(torch, config.rankfold.get("dtype", "float32") if compressed else "float32")
     with torch.device("meta"):  # the compressed model type applies the layout as it is built
         model = AutoModelForCausalLM.from_config(compressed_config(config) if compressed else config, dtype=dtype)
+    arch.prepare(model)  # a mixture's experts as one linear set per expert, as layer_state names them
     try:
-        state = {key: _as(source.tensor(key), dtype) for key in source.keys()}
+        state = {key: _as(value, dtype) for key, value in _model_state(source).items()}
     except ModelSourceError as err:
         raise CheckpointError(str(err)) from None
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {arch.lm_head_key} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise CheckpointError(f"{source.location}: tensors do not fit the recorded ranks "
+        what = "the recorded ranks" if compressed else f"the {config.model_type} config"
+        raise CheckpointError(f"{source.location}: tensors do not fit {what} "
                               f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
     if tied:
         model.tie_weights()
     arch.rebuild_buffers(model, config)  # non-persistent buffers were created on meta
     return model.eval()
+
+
+def _model_state(source: ModelSource) -> dict[str, torch.Tensor]:
+    """Every tensor of `source`, each layer's as its built layer names them (ModelSource.layer_state:
+    checkpoint names mapped, a mixture's experts split per expert)."""
+    prefixes = [source.architecture.layer_prefix.format(i=i) for i in range(source.num_layers)]
+    state = {key: source.tensor(key) for key in source.keys() if not key.startswith(tuple(prefixes))}
+    for i, prefix in enumerate(prefixes):
+        state.update({prefix + key: value for key, value in source.layer_state(i).items()})
+    return state
 
 
 def _saved_by_transformers(folder: Path) -> bool:

@@ -78,7 +78,12 @@ class RankUnit:
 
 
 def loss_weight(fisher: float, rows: int, gram_trace: float) -> float:
+    """w = F / (rows · tr G). An expert no calibration token reached has neither input nor gradient:
+    weight 0 (dropping its directions costs nothing measured; it keeps its minimum rank). A zero Gram
+    with a nonzero Fisher score is inconsistent statistics: ValueError."""
     if gram_trace <= 0.0:
+        if fisher == 0.0:
+            return 0.0
         raise ValueError(f"input Gram has trace {gram_trace}: no calibration signal reached this matrix")
     return fisher / (rows * gram_trace)
 

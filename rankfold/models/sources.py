@@ -91,13 +91,19 @@ class ModelSource(ABC):
     def matrix(self, key: str) -> torch.Tensor:
         """A weight matrix by its key as the built layer names it (`model.layers.0.mlp.experts.3.up_proj.weight`),
         wherever the checkpoint stores it (renamed, or a slice of a fused experts tensor)."""
-        stored, cut = self.architecture.locate(key, self._has)
+        stored, cut = self._locate(key)
         return cut(self.tensor(stored))
 
     def matrix_shape(self, key: str) -> tuple[int, ...]:
         """`matrix(key)`'s shape, from the header only."""
-        stored, cut = self.architecture.locate(key, self._has)
+        stored, cut = self._locate(key)
         return tuple(cut(torch.empty(self.shape(stored), device="meta")).shape)
+
+    def _locate(self, key: str):
+        try:
+            return self.architecture.locate(key, self._has)
+        except KeyError as err:
+            raise ModelSourceError(f"{self.location}: {err.args[0]}") from None
 
     def _has(self, key: str) -> bool:
         if not hasattr(self, "_key_set"):

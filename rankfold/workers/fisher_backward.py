@@ -70,6 +70,8 @@ def layer_backward(layer: nn.Module, runner: LayerRunner, hidden: torch.Tensor, 
             sums[path] = FisherSums.zeros(weight.shape)
         if grad is not None:
             sums[path].add_(grad)
+        elif ".experts." not in path:  # only an expert the router skipped may have no gradient
+            raise RuntimeError(f"{path}: no gradient reached this weight in the backward pass")
     return grads[0]
 
 

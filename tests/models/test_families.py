@@ -267,3 +267,62 @@ def test_generate_runs_with_progressive_decoding_and_a_latent_cache(family, tmp_
     with ProgressiveDecoding(model, [{}, halves]) as progressive:
         out = model.generate(prompt, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 16) and max(progressive.steps) >= 1
+
+
+def test_a_qwen2_and_a_mixtral_job_on_ray_match_in_process(family, tmp_path, ray_executor):
+    """SkipCat + FLRA + Palu on the test Ray cluster (2 workers) gives the in-process job's numbers."""
+    from rankfold.execution.local import LocalExecutor
+
+    model_type, folder = family
+    if model_type not in ("qwen2", "mixtral"):
+        pytest.skip("one dense and one mixture-of-experts family on Ray")
+    data = tiny_spec_dict(folder, tmp_path / "ray", method="skipcat", ratio=0.3)
+    data["target"].update({"allocation": {"kind": "flra", "fisher_samples": 4},
+                           "matrices": ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
+    data["kv_cache"] = {"name": "palu", "ratio": 0.5, "rank_multiple": 4}
+    on_ray = run_job(parse_spec(data), executor=ray_executor)
+    data["output"] = {"dir": str(tmp_path / "local")}
+    local = run_job(parse_spec(data), executor=LocalExecutor(workers=2))
+    assert on_ray["executor"].startswith("ray (") and on_ray["ranks"] == local["ranks"]
+    assert on_ray["kv_cache"]["kept_dims"] == local["kv_cache"]["kept_dims"]
+    for ray_row, local_row in zip(metric_table(on_ray["rows"]), metric_table(local["rows"])):
+        assert ray_row["compressed"] == pytest.approx(local_row["compressed"], rel=1e-5)
+
+
+def test_experts_no_token_reaches_get_their_minimum_rank(family, tmp_path):
+    """A router with all-zero weights ties every expert, so top-2 always picks the same two: the other
+    experts see no calibration token (zero Gram: identity whitening; zero Fisher: FLRA weight 0). The
+    job still runs, the report names them, and the checkpoint gives the streamed perplexity."""
+    model_type, folder = family
+    if not ARCHITECTURES.get(model_type).experts:
+        pytest.skip("a mixture of experts only")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.zero_()
+    rigged = tmp_path / "rigged"
+    model.save_pretrained(rigged)
+    _tokenizer(folder).save_pretrained(rigged)
+    data = tiny_spec_dict(rigged, tmp_path / "out", method="skipcat", ratio=0.3)
+    data["target"]["allocation"] = {"kind": "flra", "fisher_samples": 4}
+    report = run_job(parse_spec(data))
+    unreached = {group for group, count in report["few_calibration_tokens"].items() if count == 0}
+    assert len(unreached) == 2 * 2 * 2  # layers × two experts × (gate/up, down)
+    ppl = parse_spec(data).evaluation.perplexity[0]
+    windows = make_windows(tokenize(load_text(ppl.data), _tokenizer(folder)), ppl.window, ppl.max_tokens)
+    compressed = rankfold.load(tmp_path / "out" / "model")
+    assert model_perplexity(compressed, windows) == pytest.approx(metric_table(report["rows"])[0]["compressed"],
+                                                                  rel=1e-4)
+
+
+def test_the_dense_model_loads_whole(family):
+    """model_from_source (zero-shot and generation on the original model) reads every family's folder as
+    transformers wrote it — a mixture's experts as stored on disk — and gives transformers' logits."""
+    from rankfold.checkpoint import model_from_source
+
+    model_type, folder = family
+    tokens = _tokens(1000)
+    with torch.no_grad():
+        ours = model_from_source(SafetensorsSource(folder))(tokens).logits
+        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(tokens).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

@@ -1,9 +1,10 @@
 """Qwen3-MoE: Qwen3's attention (q_norm, k_norm) and a mixture of experts in every layer (Mixtral's fused
-expert layout; see mixtral.py). Models with dense MLP layers among the sparse ones (`mlp_only_layers`,
+expert layout; see mixtral.py; on disk one gate_proj/up_proj/down_proj per expert). With
+`use_sliding_window`, every layer slides (its config has no layer_types). Models with dense MLP layers among the sparse ones (`mlp_only_layers`,
 `decoder_sparse_step` > 1) are refused: their layers differ in structure."""
 
 from rankfold.models.architecture import Architecture, register_architecture
-from rankfold.models.architectures.qwen2 import sliding_window
+from rankfold.models.architectures.mistral import sliding_window
 from rankfold.models.architectures.qwen3 import KNORM
 
 
