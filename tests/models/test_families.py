@@ -269,6 +269,7 @@ def test_generate_runs_with_progressive_decoding_and_a_latent_cache(family, tmp_
     assert out.shape == (1, 16) and max(progressive.steps) >= 1
 
 
+@pytest.mark.slow  # ~100 s each on 2 busy cores: the Fisher pass's many small Ray round trips
 def test_a_qwen2_and_a_mixtral_job_on_ray_match_in_process(family, tmp_path, ray_executor):
     """SkipCat + FLRA + Palu on the test Ray cluster (2 workers) gives the in-process job's numbers."""
     from rankfold.execution.local import LocalExecutor
