@@ -15,6 +15,8 @@ no calibration is needed. Median of `--repeats` timed calls after warm-up; threa
 
     python benchmarks/speed.py                               # SmolLM2 + Llama-2-7B shapes, fp32 and bf16
     python benchmarks/speed.py --shapes smollm2 --dtypes float32 --repeats 5
+    python -m benchmarks.speed --shapes llama3-8b qwen2.5-7b gemma2-9b mixtral-8x7b qwen3-30b-a3b \
+        --dtypes float32 --repeats 3 --prefill 128 --skip-model --name families
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ from rankfold.methods.structure import rank_for_ratio  # noqa: E402
 SHAPES = {
     "smollm2": (576, 1536, 576, 192),      # SmolLM2-135M: 9 heads, 3 KV heads of 64
     "llama2-7b": (4096, 11008, 4096, 4096),
+    "llama3-8b": (4096, 14336, 4096, 1024),        # 32 heads, 8 KV heads of 128
+    "qwen2.5-7b": (3584, 18944, 3584, 512),        # 28 heads, 4 KV heads of 128 (q/k/v biases: not timed)
+    "gemma2-9b": (3584, 14336, 4096, 2048),        # 16 heads, 8 KV heads of 256
+    # mixtures of experts: the attention and ONE expert's MLP (a token runs top-k of them)
+    "mixtral-8x7b": (4096, 14336, 4096, 1024),     # 8 experts, 2 per token
+    "qwen3-30b-a3b": (2048, 768, 4096, 512),       # 128 experts of ffn 768, 8 per token; 32 heads, 4 KV of 128
 }
 LAYER_VARIANTS = ("dense", "lowrank", "skip", "cat", "skipcat")
 
@@ -52,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--skip-model", action="store_true", help="time the layers only")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "speed")
+    parser.add_argument("--name", default="speed", help="result file name under --out (default: speed)")
     return parser.parse_args(argv)
 
 
@@ -235,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
               "layers": time_layers(args, device, backends)}
     result["model"] = [] if args.skip_model else time_model(args)
     markdown = to_markdown(result)
-    path = write_result("speed", result, folder=args.out, markdown=markdown)
+    path = write_result(args.name, result, folder=args.out, markdown=markdown)
     print(markdown)
     print(f"written: {path.with_suffix('.md')}, {path}", file=sys.stderr)
     return result
