@@ -53,15 +53,17 @@ def _none(config: PretrainedConfig) -> None:
 
 
 class OutputHead(nn.Module):
-    """What follows the last decoder layer: final norm, head, and the family's logit soft-capping
-    (Gemma 2: cap · tanh(logits / cap)). (…, hidden) -> (…, vocab) float32 logits."""
+    """What follows the last decoder layer: final norm, head, and the family's logit scaling (Granite:
+    logits / logits_scaling) and soft-capping (Gemma 2: cap · tanh(logits / cap)), as transformers'
+    model applies them. (…, hidden) -> (…, vocab) float32 logits."""
 
-    def __init__(self, norm: nn.Module, head: torch.Tensor, softcap: float | None):
+    def __init__(self, norm: nn.Module, head: torch.Tensor, softcap: float | None, divisor: float | None = None):
         super().__init__()
-        self.norm, self.head, self.softcap = norm, head, softcap
+        self.norm, self.head, self.softcap, self.divisor = norm, head, softcap, divisor
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(self.norm(hidden), self.head).float()
+        logits = nn.functional.linear(self.norm(hidden), self.head)
+        logits = (logits if self.divisor is None else logits / self.divisor).float()
         return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
 
@@ -90,6 +92,8 @@ class Architecture:
     embed_scale: Callable[[PretrainedConfig], float | None] = _none
     # logit_softcap(config): the final logits' soft cap (Gemma 2: final_logit_softcapping), or None
     logit_softcap: Callable[[PretrainedConfig], float | None] = _none
+    # logit_divisor(config): what the final logits are divided by (Granite: logits_scaling), or None
+    logit_divisor: Callable[[PretrainedConfig], float | None] = _none
     # Fused projections: {fused name: the projection names it holds, in row order}, e.g. Phi-3's
     # {"qkv_proj": ("q_proj", "k_proj", "v_proj")}; a spec may name the parts (all of them) or the fused one.
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -138,7 +142,7 @@ class Architecture:
         """This family as one model has it: a mixture of experts gets an input group per expert."""
         if self.experts is None:
             return self
-        dense = tuple(g for g in self.groups if not g.name.startswith("mlp"))
+        dense = tuple(g for g in self.groups if not g.name.startswith("mlp"))  # a shared expert stays
         experts = tuple(group for e in range(self.num_experts(config)) for group in (
             LinearGroup(f"mlp_in_{e}", (f"{self.experts}.{e}.gate_proj", f"{self.experts}.{e}.up_proj")),
             LinearGroup(f"mlp_out_{e}", (f"{self.experts}.{e}.down_proj",))))
@@ -183,7 +187,7 @@ class Architecture:
         """The final norm (holding `norm_weight`), the head matrix and the family's soft cap, without gradients."""
         norm = self.build_final_norm(config).requires_grad_(False)
         norm.weight.data = norm_weight
-        return OutputHead(norm, head, self.logit_softcap(config))
+        return OutputHead(norm, head, self.logit_softcap(config), self.logit_divisor(config))
 
     def embed(self, tokens: torch.Tensor, table: torch.Tensor, config: PretrainedConfig,
               dtype: torch.dtype) -> torch.Tensor:

@@ -12,11 +12,14 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    Olmo2Config,
     Phi3Config,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
 )
@@ -52,9 +55,14 @@ FAMILIES = {
     "mixtral": (MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
     "qwen3_moe": (Qwen3MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
                                    "head_dim": 16, "norm_topk_prob": True}),
+    "qwen2_moe": (Qwen2MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                                   "shared_expert_intermediate_size": 96}),
+    "olmo2": (Olmo2Config, {}),
+    "granite": (GraniteConfig, {"embedding_multiplier": 4.0, "logits_scaling": 2.0, "residual_multiplier": 0.5,
+                                "attention_multiplier": 0.2}),
 }
 # mistral here slides; qwen3's k_norm, gemma2's soft cap and phi3's fused qkv are refused
-LATENT_KV = {"llama", "qwen2", "mixtral"}
+LATENT_KV = {"llama", "qwen2", "mixtral", "qwen2_moe"}
 
 
 def test_every_family_is_tested_here():
