@@ -197,7 +197,7 @@ def models_page() -> str:
         if arch.latent_kv_unsupported:
             lines.append(f"- `{name}`, palu: {arch.latent_kv_unsupported}.")
     lines.append("- palu on sliding-window layers (mistral, phi3, mixtral, qwen3_moe with a `sliding_window`; "
-                 "gemma2; qwen2 / qwen2_moe layers from `max_window_layers`): the latent attention keeps and "
+                 "gemma2; gemma3_text; qwen2 / qwen2_moe layers from `max_window_layers`): the latent attention keeps and "
                  "attends every token.")
     lines.append("- gguf: only llama's tensor layout is undone (other families: use the safetensors folder).")
     return "\n".join(lines)

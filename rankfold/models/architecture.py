@@ -81,6 +81,9 @@ class Architecture:
     lm_head_key: str = "lm_head.weight"
     # sliding_window(config, layer index) -> the window in tokens, or None for full causal attention
     sliding_window: Callable[[PretrainedConfig, int], int | None] = _no_sliding
+    # rope_kind(config, layer index): which of the rotary embedding's tables the layer uses, for families
+    # with several (Gemma 3: its layer type); None: the one table
+    rope_kind: Callable[[PretrainedConfig, int], str | None] = _no_sliding
     # kv_bias(config): k_proj and v_proj carry biases (a latent KV cache keeps them)
     kv_bias: Callable[[PretrainedConfig], bool] = _attention_bias
     # Why a latent KV cache (Palu) cannot run on this family yet; None: it can.

@@ -57,13 +57,15 @@ class LayerRunner:
     def __init__(self, arch: Architecture, config: PretrainedConfig):
         self.arch, self.config = arch, config
         self.rotary = arch.build_rotary(config)
-        self._tables: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (hidden.shape[1], hidden.dtype)
+    def position_embeddings(self, hidden: torch.Tensor, rope: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for positions 0 … seq − 1; `rope`: the layer's RoPE kind where a family has several
+        (Gemma 3: local for sliding layers, global otherwise)."""
+        key = (hidden.shape[1], hidden.dtype, rope)
         if key not in self._tables:
             positions = torch.arange(hidden.shape[1])[None]
-            self._tables[key] = self.rotary(hidden, positions)
+            self._tables[key] = self.rotary(hidden, positions) if rope is None else self.rotary(hidden, positions, rope)
         return self._tables[key]
 
     @torch.no_grad()
@@ -74,7 +76,7 @@ class LayerRunner:
         """The layer's output under the caller's grad mode (the Fisher stage backpropagates through it)."""
         positions = torch.arange(hidden.shape[1])[None]
         with torch.no_grad():
-            tables = self.position_embeddings(hidden)
+            tables = self.position_embeddings(hidden, self.arch.rope_kind(self.config, layer.self_attn.layer_idx))
         return layer(hidden, attention_mask=self.mask(layer, hidden), position_ids=positions,
                      position_embeddings=tables)
 

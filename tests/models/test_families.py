@@ -12,6 +12,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3TextConfig,
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
@@ -58,6 +59,9 @@ FAMILIES = {
     "qwen2_moe": (Qwen2MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
                                    "shared_expert_intermediate_size": 96}),
     "olmo2": (Olmo2Config, {}),
+    # local layers (window 24, their own RoPE base) interleaved with global ones
+    "gemma3_text": (Gemma3TextConfig, {"head_dim": 16, "sliding_window": 24, "query_pre_attn_scalar": 16,
+                                       "layer_types": ["sliding_attention", "full_attention"]}),
     "granite": (GraniteConfig, {"embedding_multiplier": 4.0, "logits_scaling": 2.0, "residual_multiplier": 0.5,
                                 "attention_multiplier": 0.2}),
 }
