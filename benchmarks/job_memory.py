@@ -36,13 +36,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import DATA, REPO, RESULTS, describe, provenance  # noqa: E402
+from benchmarks.common import DATA, REPO, RESULTS, provenance  # noqa: E402
 from benchmarks.process_memory import (  # noqa: E402
     SyntheticLlama,
     TreeSampler,
     _gb,
     _random,
     _write,
+    add_run_arguments,
+    provenance_lines,
 )
 from rankfold.evaluation.report import metric_table  # noqa: E402
 
@@ -270,20 +272,14 @@ def checkpoint_markdown(r: dict) -> str:
         lines.append(f"| `{entry['process']}` | {_gb(entry['bytes'])} | {_gb(rss) if rss is not None else '—'} |")
     ppl = r["perplexity"][0]
     lines += ["", f"Job wall {r['job_wall_s']:.0f} s; perplexity (random weights) dense {ppl.get('dense') or 0:.0f}, "
-              f"compressed {ppl['compressed']:.0f}; achieved compression {r['achieved_compression']:.2%}. "
-              f"Code {r['commit']}; {describe(r['machine'])} (load average at the end).",
-              f"Rerun: `{r['command']}`", ""]
+              f"compressed {ppl['compressed']:.0f}; achieved compression {r['achieved_compression']:.2%}.",
+              *provenance_lines(r)]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/rankfold-scale"), help="checkpoints, runs, scratch")
-    parser.add_argument("--out", type=Path, default=RESULTS / "job_memory")
-    parser.add_argument("--interval", type=float, default=0.2, help="memory sampling period, seconds")
-    parser.add_argument("--pss-every", type=int, default=5, help="read PSS every this many samples (it costs "
-                        "~15 ms of CPU per GB resident)")
-    parser.add_argument("--ratio", type=float, default=0.2)
+    add_run_arguments(parser, RESULTS / "job_memory")
     for name, default in (("layers", 24), ("hidden", 1536), ("ffn", 4096), ("heads", 12), ("kv-heads", 4),
                           ("layers-per-shard", 4), ("samples", 16), ("seq-len", 512), ("batch-size", 4),
                           ("window", 1024), ("windows", 2), ("workers", 2)):

@@ -30,7 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import RESULTS, describe, provenance  # noqa: E402
+from benchmarks.common import RESULTS, provenance  # noqa: E402
 from benchmarks.process_memory import (  # noqa: E402
     GB,
     SyntheticLlama,
@@ -38,6 +38,8 @@ from benchmarks.process_memory import (  # noqa: E402
     _gb,
     _random,
     _write,
+    add_run_arguments,
+    provenance_lines,
 )
 from rankfold.methods.structure import rank_for_ratio  # noqa: E402
 from rankfold.methods.svd import split_singular  # noqa: E402
@@ -356,20 +358,13 @@ def layer_markdown(r: dict) -> str:
               f"shard's statistics at {a['reduce_gbps']:g} GB/s (shards × {_gb(r['stats_bytes'])} per layer). "
               f"Calibration is sequential over layers and split over whole sequences ({r['tokens'] // r['seq_len']} "
               "here); decomposition is one independent task per (layer, group), LPT-scheduled; assembly and "
-              "evaluation are not counted.", "",
-              f"Code {r['commit']}; {describe(r['machine'])} (load average at the end).",
-              f"Rerun: `{r['command']}`", ""]
+              "evaluation are not counted.", "", *provenance_lines(r)]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/rankfold-scale"), help="checkpoints, runs, scratch")
-    parser.add_argument("--out", type=Path, default=RESULTS / "layer_70b")
-    parser.add_argument("--interval", type=float, default=0.2, help="memory sampling period, seconds")
-    parser.add_argument("--pss-every", type=int, default=5, help="read PSS every this many samples (it costs "
-                        "~15 ms of CPU per GB resident)")
-    parser.add_argument("--ratio", type=float, default=0.2)
+    add_run_arguments(parser, RESULTS / "layer_70b")
     parser.add_argument("--scale", type=int, default=1, help="divide hidden, ffn and heads by this (smoke runs)")
     parser.add_argument("--tokens", type=int, help="calibration tokens (default 32768 / scale: more than ffn, "
                        "so the down_proj Gram is not singular)")

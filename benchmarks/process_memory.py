@@ -3,6 +3,7 @@ and weights, and their result files."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -20,7 +21,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import describe, write_result  # noqa: E402
 
 GB = 1e9
 
@@ -172,3 +173,18 @@ def _write(out: Path, name: str, result: dict, markdown: str) -> None:
     path = write_result(name, result, folder=out, markdown=markdown)
     print(markdown)
     print(f"written: {path.with_suffix('.md')}, {path}", file=sys.stderr)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The arguments both memory benchmarks take: work folder, result folder, sampling, target ratio."""
+    parser.add_argument("--work", type=Path, default=Path("/tmp/rankfold-scale"), help="checkpoints, runs, scratch")
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--interval", type=float, default=0.2, help="memory sampling period, seconds")
+    parser.add_argument("--pss-every", type=int, default=5, help="read PSS every this many samples (it costs "
+                        "~15 ms of CPU per GB resident)")
+    parser.add_argument("--ratio", type=float, default=0.2)
+
+
+def provenance_lines(r: dict) -> list[str]:
+    """The markdown footer of a memory result: code, machine, and the command that reruns it."""
+    return [f"Code {r['commit']}; {describe(r['machine'])} (load average at the end).", f"Rerun: `{r['command']}`", ""]
