@@ -111,15 +111,6 @@ class Architecture:
     # (Mixtral on disk: "block_sparse_moe.experts.{e}.w1" is "mlp.experts.{e}.gate_proj").
     stored_names: dict[str, str] = field(default_factory=dict)
 
-    def projection_path(self, projection: str) -> str:
-        """'q_proj' -> 'self_attn.q_proj' (the path inside a layer); KeyError naming the family's own."""
-        for group in self.groups:
-            for member in group.members:
-                if member.rsplit(".", 1)[-1] == projection:
-                    return member
-        known = ", ".join(m.rsplit(".", 1)[-1] for g in self.groups for m in g.members)
-        raise KeyError(f"{self.model_type} has no projection named {projection!r} (it has: {known})")
-
     def matrix_paths(self, projections: tuple[str, ...]) -> list[str]:
         """The layer paths of `projections` (a spec's target.matrices), in the family's group order: a
         fused projection stands for its parts, named all together or by its own name. KeyError naming
@@ -133,8 +124,10 @@ class Architecture:
             if named:
                 wanted = (wanted - named) | {fused}
         members = [m for g in self.groups for m in g.members]
-        for projection in wanted:
-            self.projection_path(projection)  # KeyError naming the family's own
+        known = list(dict.fromkeys(m.rsplit(".", 1)[-1] for m in members))  # in order, once per name
+        missing = sorted(wanted - set(known))
+        if missing:
+            raise KeyError(f"{self.model_type} has no projection named {missing[0]!r} (it has: {', '.join(known)})")
         return [m for m in members if m.rsplit(".", 1)[-1] in wanted]
 
     def _class(self, suffix: str) -> type:

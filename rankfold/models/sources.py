@@ -106,9 +106,11 @@ class ModelSource(ABC):
             raise ModelSourceError(f"{self.location}: {err.args[0]}") from None
 
     def _has(self, key: str) -> bool:
-        if not hasattr(self, "_key_set"):
-            self._key_set = frozenset(self.keys())
         return key in self._key_set
+
+    @cached_property
+    def _key_set(self) -> frozenset[str]:
+        return frozenset(self.keys())
 
     def embedding(self) -> torch.Tensor:
         return self.tensor(self.architecture.embedding_key)
