@@ -9,6 +9,7 @@ cache must honour. Each family is one file in `models/architectures/` with one
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from dataclasses import dataclass, field, replace
@@ -206,8 +207,8 @@ class Architecture:
         if stored(key):
             return key, lambda tensor: tensor
         for theirs, ours in self.stored_names.items():
-            match = _pattern(ours).search(key)
-            if match and stored(candidate := key[:match.start()] + theirs.format(**match.groupdict()) + key[match.end():]):
+            candidate = _renamed(key, ours, theirs)
+            if candidate is not None and stored(candidate):
                 return candidate, lambda tensor: tensor
         if self.experts is not None:  # transformers 5's fused layout, saved as such
             match = re.search(rf"{re.escape(self.experts)}\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key)
@@ -221,15 +222,23 @@ class Architecture:
 
     def _ours(self, key: str) -> str:
         for theirs, ours in self.stored_names.items():
-            match = _pattern(theirs).search(key)
-            if match:
-                return key[:match.start()] + ours.format(**match.groupdict()) + key[match.end():]
+            renamed = _renamed(key, theirs, ours)
+            if renamed is not None:
+                return renamed
         return key
 
 
+def _renamed(key: str, source: str, target: str) -> str | None:
+    """`key` with the stored_names entry `source` replaced by `target` (the expert index carried over),
+    or None when `source` does not occur in it."""
+    match = _pattern(source).search(key)
+    return None if match is None else key[:match.start()] + target.format(**match.groupdict()) + key[match.end():]
+
+
+@functools.lru_cache(maxsize=None)
 def _pattern(name: str) -> re.Pattern:
     """A stored_names entry as a regex: dots literal, "{e}" an expert index, anchored at a key's start
-    or after a dot."""
+    or after a dot (compiled once per entry: every tensor key of a layer passes through it)."""
     return re.compile(r"(?:^|(?<=\.))" + re.escape(name).replace(r"\{e\}", r"(?P<e>\d+)") + r"(?=\.|$)")
 
 

@@ -57,7 +57,7 @@ class LayerRunner:
     def __init__(self, arch: Architecture, config: PretrainedConfig):
         self.arch, self.config = arch, config
         self.rotary = arch.build_rotary(config)
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple, object] = {}  # RoPE (cos, sin) and masks, by what they depend on
 
     def position_embeddings(self, hidden: torch.Tensor, rope: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for positions 0 … seq − 1; `rope`: the layer's RoPE kind where a family has several
@@ -81,9 +81,16 @@ class LayerRunner:
                      position_embeddings=tables)
 
     def mask(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The layer's attention mask for this sequence length (None: SDPA's own causal rule), made once
+        per (length, window, dtype) like the RoPE tables: every chunk of every layer asks for it."""
         length = hidden.shape[1]
         window = self.arch.sliding_window(self.config, layer.self_attn.layer_idx)
         window = window if window and length > window else None
-        if self.config._attn_implementation == "eager":
-            return additive(causal_mask(length, window), hidden.dtype)
-        return causal_mask(length, window) if window else None
+        eager = self.config._attn_implementation == "eager"
+        if not (eager or window):
+            return None
+        key = ("mask", length, window, hidden.dtype if eager else None)
+        if key not in self._tables:
+            allowed = causal_mask(length, window)
+            self._tables[key] = additive(allowed, hidden.dtype) if eager else allowed
+        return self._tables[key]
