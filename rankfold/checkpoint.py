@@ -29,13 +29,19 @@ from rankfold.core.errors import BadInput
 from rankfold.core.files import atomic_write, atomic_write_text
 from rankfold.core.hashing import sha256_file
 from rankfold.models.architecture import architecture_for
-from rankfold.models.sources import RANKFOLD_INDEX_NAME, ModelSource, ModelSourceError, SafetensorsSource
-from rankfold.modules.layout import CompressedModule
+from rankfold.models.sources import (
+    RANK_GAINS_NAME,
+    RANKFOLD_INDEX_NAME,
+    ModelSource,
+    ModelSourceError,
+    SafetensorsSource,
+)
+from rankfold.modules.layout import CompressedModule, apply_layout
 from rankfold.modules.transformers_hook import PREFIX, compressed_config
 
 FORMAT_VERSION = 1
 INDEX_NAME = RANKFOLD_INDEX_NAME
-RANK_GAINS = "rank_gains.safetensors"
+RANK_GAINS = RANK_GAINS_NAME
 
 
 class CheckpointError(BadInput, ValueError):
@@ -98,12 +104,26 @@ def verify_checkpoint(folder: Path) -> None:
             raise CheckpointError(f"{folder}: shard {name} is corrupted (sha256 {actual[:12]}…, index says {expected[:12]}…)")
 
 
-def rank_gains(folder: Path) -> dict[str, torch.Tensor] | None:
+def rank_gains(source: ModelSource) -> dict[str, torch.Tensor] | None:
     """The checkpoint's FLRA decode gains (module path -> (rank,) float32), None when it has none."""
     from safetensors.torch import load_file
 
-    path = Path(folder) / RANK_GAINS
-    return load_file(path) if path.is_file() else None
+    path = source.side_file(RANK_GAINS)
+    return load_file(path) if path is not None else None
+
+
+def meta_model(config: PretrainedConfig, layout: list[CompressedModule] | None = None) -> PreTrainedModel:
+    """The model's modules on the meta device (no memory, no weights): dense, or with `layout` (full
+    paths) applied — what a check reads before anything loads (e.g. progressive decoding's units)."""
+    arch = architecture_for(config)
+    base = copy.deepcopy(config)
+    base.rankfold = None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base)
+        arch.prepare(model)
+        if layout:
+            apply_layout(model, layout)
+    return model
 
 
 def compressed_layout(config: PretrainedConfig) -> list[CompressedModule]:

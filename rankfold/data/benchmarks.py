@@ -8,7 +8,7 @@ The local layouts are the ones the benchmarks' authors publish (../shared/data/R
 | piqa            | valid.jsonl + valid-labels.lst beside it | `label` (int) joined from the label file, line by line |
 | arc_easy/_challenge | ARC-*-Test.jsonl (AI2 schema)      | question.stem -> question; choices -> {text, label}; labels "1"-"4" -> "A"-"D" |
 | hellaswag       | {ind, ctx, label, endings} (raw ctx)     | ctx split into activity_label, ctx_a, ctx_b (below) |
-| winogrande      | dev.jsonl {sentence, option1, option2, answer} | `answer` as the string "1"/"2"; when absent, from dev-labels.lst |
+| winogrande      | dev.jsonl {sentence, option1, option2, answer} | `answer` as the string "1"/"2"; when absent, from dev-labels.lst beside it |
 | boolq           | val.jsonl, label "true"/"false"          | label -> 1/0                                          |
 | openbookqa      | test.jsonl (AI2 schema)                  | question.stem -> question_stem; choices -> {text, label} |
 | xsum            | {document, summary, id}                  | none                                                  |
@@ -20,6 +20,9 @@ in lower case (ActivityNet items: "he", "the lady"), else empty (WikiHow items).
 held capitals past its first letter, `capitalize()` differs: close to, not identical with, lm-eval.
 
 Errors: `BenchmarkDataError` (a ValueError) naming the file and the line.
+
+Identity: readers reach files only through a `DataFiles` (files.py), so `data_files(task, path, limit)`
+— what a digest hashes — is what a run of the reader itself looked for and opened, never a second list.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from rankfold.data import text
+from rankfold.data.files import DataFiles, files_read_by
 from rankfold.data.text import DataError
 
 Document = dict[str, object]
@@ -37,11 +41,11 @@ class BenchmarkDataError(DataError):
     """A benchmark file is missing or malformed; the message names the file and line."""
 
 
-def read_jsonl(path: Path, limit: int | None = None) -> list[tuple[int, dict]]:
+def read_jsonl(files: DataFiles, path: Path, limit: int | None = None) -> list[tuple[int, dict]]:
     """(line number, record) of the first `limit` records of a benchmark's JSON-lines file."""
-    if not path.is_file():
+    if not files.is_file(path):
         raise BenchmarkDataError(f"{path}: no such file")
-    return text.read_jsonl(path, limit, BenchmarkDataError)
+    return text.read_jsonl(files, path, limit, BenchmarkDataError)
 
 
 def _field(path: Path, number: int, record: dict, name: str, kind: type | tuple[type, ...] = str) -> object:
@@ -56,20 +60,20 @@ def _field(path: Path, number: int, record: dict, name: str, kind: type | tuple[
     return value
 
 
-def _labels_beside(path: Path, suffix: str, count: int) -> list[str]:
+def _labels_beside(files: DataFiles, path: Path, suffix: str, count: int) -> list[str]:
     """The label file beside a jsonl file (PIQA's valid-labels.lst, WinoGrande's dev-labels.lst)."""
     labels_path = path.with_name(path.stem + suffix)
-    if not labels_path.is_file():
+    if not files.is_file(labels_path):
         raise BenchmarkDataError(f"{path}: its label file {labels_path} is missing")
-    labels = [line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines()]
+    labels = [line.strip() for line in files.read_text(labels_path).splitlines()]
     if len(labels) < count:
         raise BenchmarkDataError(f"{labels_path}: {len(labels)} labels for {count} documents")
     return labels
 
 
-def _piqa(path: Path, limit: int | None) -> list[Document]:
-    records = read_jsonl(path, limit)
-    labels = _labels_beside(path, "-labels.lst", len(records))
+def _piqa(files: DataFiles, path: Path, limit: int | None) -> list[Document]:
+    records = read_jsonl(files, path, limit)
+    labels = _labels_beside(files, path, "-labels.lst", len(records))
     docs = []
     for k, (number, record) in enumerate(records):
         if labels[k] not in ("0", "1"):
@@ -94,18 +98,18 @@ def _choices(path: Path, number: int, record: dict, letters: bool) -> tuple[dict
     return {"text": [str(_field(path, number, c, "text")) for c in choices], "label": labels}, answer
 
 
-def _arc(path: Path, limit: int | None) -> list[Document]:
+def _arc(files: DataFiles, path: Path, limit: int | None) -> list[Document]:
     docs = []
-    for number, record in read_jsonl(path, limit):
+    for number, record in read_jsonl(files, path, limit):
         choices, answer = _choices(path, number, record, letters=True)
         docs.append({"id": str(record.get("id", number)), "question": _field(path, number, record, "question.stem"),
                      "choices": choices, "answerKey": answer})
     return docs
 
 
-def _openbookqa(path: Path, limit: int | None) -> list[Document]:
+def _openbookqa(files: DataFiles, path: Path, limit: int | None) -> list[Document]:
     docs = []
-    for number, record in read_jsonl(path, limit):
+    for number, record in read_jsonl(files, path, limit):
         choices, answer = _choices(path, number, record, letters=False)
         docs.append({"id": str(record.get("id", number)),
                      "question_stem": _field(path, number, record, "question.stem"),
@@ -124,9 +128,9 @@ def split_hellaswag_context(ctx: str) -> tuple[str, str, str]:
     return label, rest, ""
 
 
-def _hellaswag(path: Path, limit: int | None) -> list[Document]:
+def _hellaswag(files: DataFiles, path: Path, limit: int | None) -> list[Document]:
     docs = []
-    for number, record in read_jsonl(path, limit):
+    for number, record in read_jsonl(files, path, limit):
         endings = _field(path, number, record, "endings", list)
         label = _field(path, number, record, "label", (int, str))
         if str(label) not in {str(k) for k in range(len(endings))}:
@@ -138,9 +142,10 @@ def _hellaswag(path: Path, limit: int | None) -> list[Document]:
     return docs
 
 
-def _winogrande(path: Path, limit: int | None) -> list[Document]:
-    records = read_jsonl(path, limit)
-    labels = None if all("answer" in r for _, r in records) else _labels_beside(path, "-labels.lst", len(records))
+def _winogrande(files: DataFiles, path: Path, limit: int | None) -> list[Document]:
+    records = read_jsonl(files, path, limit)
+    labels = (None if all("answer" in r for _, r in records)
+              else _labels_beside(files, path, "-labels.lst", len(records)))
     docs = []
     for k, (number, record) in enumerate(records):
         answer = str(record["answer"]).strip() if labels is None else labels[k]
@@ -157,9 +162,9 @@ def _winogrande(path: Path, limit: int | None) -> list[Document]:
 _BOOL = {"true": 1, "false": 0, "1": 1, "0": 0}
 
 
-def _boolq(path: Path, limit: int | None) -> list[Document]:
+def _boolq(files: DataFiles, path: Path, limit: int | None) -> list[Document]:
     docs = []
-    for number, record in read_jsonl(path, limit):
+    for number, record in read_jsonl(files, path, limit):
         label = str(_field(path, number, record, "label", (str, bool, int))).strip().lower()
         if label not in _BOOL:
             raise BenchmarkDataError(f"{path}:{number}: label {record['label']!r} is not true/false")
@@ -169,31 +174,35 @@ def _boolq(path: Path, limit: int | None) -> list[Document]:
     return docs
 
 
-def _xsum(path: Path, limit: int | None) -> list[Document]:
+def _xsum(files: DataFiles, path: Path, limit: int | None) -> list[Document]:
     return [{"document": _field(path, number, record, "document"), "summary": _field(path, number, record, "summary"),
-             "id": str(record.get("id", number))} for number, record in read_jsonl(path, limit)]
+             "id": str(record.get("id", number))} for number, record in read_jsonl(files, path, limit)]
 
 
-READERS: dict[str, Callable[[Path, int | None], list[Document]]] = {
+# Each reader reaches files only through its DataFiles: what it records is what data_files reports.
+READERS: dict[str, Callable[[DataFiles, Path, int | None], list[Document]]] = {
     "piqa": _piqa, "arc_easy": _arc, "arc_challenge": _arc, "hellaswag": _hellaswag, "winogrande": _winogrande,
     "boolq": _boolq, "openbookqa": _openbookqa, "xsum": _xsum,
 }
 
 
-def data_files(task: str, path: str | Path) -> list[Path]:
-    """The files `read_documents(task, path)` reads (PIQA's labels live beside its documents)."""
-    path = Path(path)
-    return [path, path.with_name(path.stem + "-labels.lst")] if task == "piqa" else [path]
+def data_files(task: str, path: str | Path, limit: int | None = None) -> list[Path]:
+    """The files `read_documents(task, path, limit)` reads, in reading order, as a run of it records them
+    (the documents first; a label file beside them when the reader opens it: PIQA's always, WinoGrande's
+    when a document has no answer). KeyError for an unknown task."""
+    return files_read_by(lambda files: read_documents(task, path, limit, files))
 
 
-def read_documents(task: str, path: str | Path, limit: int | None = None) -> list[Document]:
-    """The first `limit` documents of `task` (a key of READERS) from a local file, in the hub's schema.
+def read_documents(task: str, path: str | Path, limit: int | None = None,
+                   files: DataFiles | None = None) -> list[Document]:
+    """The first `limit` documents of `task` (a key of READERS) from a local file, in the hub's schema;
+    every file is reached through `files` (a fresh DataFiles when None), which records it.
 
     Raises BenchmarkDataError (file and line) for a missing or malformed file, KeyError for an unknown task.
     """
     if task not in READERS:
         raise KeyError(f"unknown benchmark task {task!r} (known: {', '.join(READERS)})")
-    docs = READERS[task](Path(path), limit)
+    docs = READERS[task](DataFiles() if files is None else files, Path(path), limit)
     if not docs:
         raise BenchmarkDataError(f"{path}: no documents")
     return docs

@@ -11,8 +11,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rankfold.core.errors import BadInput
-from rankfold.core.hashing import sha256_file
 from rankfold.core.options import Strict
+from rankfold.data.files import DataFiles, content_fingerprint, files_read_by
 from rankfold.data.source import TextSource
 
 
@@ -20,11 +20,12 @@ class DataError(BadInput, ValueError):
     """Text that cannot be read or is unfit for its use: names the source and the problem."""
 
 
-def read_jsonl(path: Path, limit: int | None = None, error: type[ValueError] = DataError) -> list[tuple[int, dict]]:
-    """(line number, record) of the first `limit` non-blank lines of a JSON-lines file; `error`
-    (naming the file and line) for a line that is not a JSON object."""
+def read_jsonl(files: DataFiles, path: Path, limit: int | None = None,
+               error: type[ValueError] = DataError) -> list[tuple[int, dict]]:
+    """(line number, record) of the first `limit` non-blank lines of a JSON-lines file, opened through
+    `files`; `error` (naming the file and line) for a line that is not a JSON object."""
     records = []
-    with path.open(encoding="utf-8") as handle:
+    with files.open(path) as handle:
         for number, line in enumerate(handle, start=1):
             if limit is not None and len(records) >= limit:
                 break
@@ -40,9 +41,9 @@ def read_jsonl(path: Path, limit: int | None = None, error: type[ValueError] = D
     return records
 
 
-def _jsonl_rows(path: Path, field: str) -> list[str]:
+def _jsonl_rows(files: DataFiles, path: Path, field: str) -> list[str]:
     rows = []
-    for number, record in read_jsonl(path):
+    for number, record in read_jsonl(files, path):
         if field not in record:
             raise DataError(f"{path}:{number}: no field {field!r} (set text_field)")
         rows.append(str(record[field]))
@@ -61,16 +62,27 @@ def _dataset_rows(source: TextSource) -> list[str]:
     return list(table[source.text_field])
 
 
-def load_text(source: TextSource) -> str:
+def load_text(source: TextSource, files: DataFiles | None = None) -> str:
+    """The source's text. A local file is read through `files` (a fresh DataFiles when None), which
+    records what was read: `text_files` is this function's own record, the source's identity."""
     if source.dataset is not None:
         return source.row_separator.join(_dataset_rows(source))
+    files = DataFiles() if files is None else files
     path = Path(source.path)
-    if not path.is_file():
+    if not files.is_file(path):
         raise DataError(f"text file not found: {path}")
     if path.suffix == ".jsonl":
-        return source.row_separator.join(_jsonl_rows(path, source.text_field))
-    text = path.read_text(encoding="utf-8")
+        return source.row_separator.join(_jsonl_rows(files, path, source.text_field))
+    text = files.read_text(path)
     return source.row_separator.join(file_rows(text)) if source.lines_as_rows else text
+
+
+def text_files(source: TextSource) -> list[Path]:
+    """The local files `load_text(source)` reads, as a run of it records them (none for a hub dataset,
+    which is not loaded here: its identity is its coordinates)."""
+    if source.dataset is not None:
+        return []
+    return files_read_by(lambda files: load_text(source, files))
 
 
 def file_rows(text: str) -> list[str]:
@@ -119,9 +131,10 @@ def calibration_samples(tokens: torch.Tensor, num_samples: int, seq_len: int, se
 
 
 def text_fingerprint(source: TextSource) -> str:
-    """Identity of a text source for artifact keys: a local file's sha256; a hub dataset's coordinates."""
+    """Identity of a text source for artifact keys: the content of the files load_text reads (text_files:
+    a single file's sha256, as it always was); a hub dataset's coordinates."""
     if source.path is not None:
-        return sha256_file(Path(source.path))
+        return content_fingerprint(text_files(source))
     return f"dataset:{source.dataset}:{source.dataset_config}:{source.split}"
 
 

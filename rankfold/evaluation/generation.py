@@ -32,11 +32,18 @@ from typing import Literal
 from pydantic import Field, field_validator
 from transformers import PreTrainedTokenizerBase
 
-from rankfold.data.benchmarks import read_documents
+from rankfold.data.benchmarks import data_files, read_documents
 from rankfold.data.source import TextSource
 from rankfold.evaluation.documents import ModelWorkers
-from rankfold.evaluation.registry import EvaluationContext, Evaluator, EvaluatorOptions, Row, register_evaluator
-from rankfold.methods.plrd import DecodeSchedule
+from rankfold.evaluation.registry import (
+    EvaluationContext,
+    Evaluator,
+    EvaluatorOptions,
+    ModelFacts,
+    Row,
+    register_evaluator,
+)
+from rankfold.methods.plrd import DecodeSchedule, check_schedule
 from rankfold.modules.shared import SKIP_TRUNCATION
 
 VERSION = f"1+rouge_score-{importlib.metadata.version('rouge_score')}"
@@ -113,9 +120,25 @@ def evaluate_generation(options: GenerationOptions, context: EvaluationContext) 
             for kind, value in rouge(references, outputs).items()]
 
 
-def check_documents(options: GenerationOptions, tokenizer: PreTrainedTokenizerBase) -> None:
-    read_documents("xsum", options.data, options.limit)
+def check_generation(options: GenerationOptions, facts: ModelFacts) -> None:
+    """Documents readable; every prompt and its new tokens within the model's context (positions past
+    it were never trained); a progressive schedule the model can decode (methods/plrd.py
+    `check_schedule`) — before any model loads."""
+    prompts, _ = prompts_of(options, facts.tokenizer)
+    if facts.context is not None and prompts:
+        lengths = [len(ids) for ids in facts.tokenizer(prompts).input_ids]  # as the workers tokenize them
+        longest = max(range(len(prompts)), key=lengths.__getitem__)
+        if lengths[longest] + options.max_new_tokens > facts.context:
+            raise ValueError(f"document {longest}: its prompt of {lengths[longest]} tokens plus max_new_tokens = "
+                             f"{options.max_new_tokens} exceeds the model's context of {facts.context} positions "
+                             f"(config max_position_embeddings); lower max_document_tokens "
+                             f"(now {options.max_document_tokens}) or max_new_tokens")
+    decode = facts.decode() if options.progressive is not None else None
+    if decode is not None:
+        check_schedule(options.progressive, decode.units, options.max_new_tokens, gains=decode.gains,
+                       slack=decode.slack)
 
 
 register_evaluator(Evaluator("generation", GenerationOptions, evaluate_generation, VERSION,
-                             inputs=lambda options: [TextSource(path=options.data)], check=check_documents))
+                             inputs=lambda options: [TextSource(path=p) for p in data_files("xsum", options.data, options.limit)],
+                             check=check_generation))

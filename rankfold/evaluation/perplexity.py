@@ -17,7 +17,14 @@ from transformers import PreTrainedTokenizerBase
 from rankfold.core.errors import NumericalError
 from rankfold.data.source import TextSource
 from rankfold.data.text import load_text, tokenize
-from rankfold.evaluation.registry import EvaluationContext, Evaluator, EvaluatorOptions, Row, register_evaluator
+from rankfold.evaluation.registry import (
+    EvaluationContext,
+    Evaluator,
+    EvaluatorOptions,
+    ModelFacts,
+    Row,
+    register_evaluator,
+)
 from rankfold.execution.streaming import stream_shards
 from rankfold.workers.shard import ShardConfig
 from rankfold.workers.streamed_perplexity import make_windows
@@ -58,8 +65,13 @@ def evaluate_perplexity(options: PerplexityOptions, context: EvaluationContext) 
              "windows": windows.shape[0]}]
 
 
-def check_windows(options: PerplexityOptions, tokenizer: PreTrainedTokenizerBase) -> None:
-    windows_of(options, tokenizer)  # raises when the text holds less than one window
+def check_windows(options: PerplexityOptions, facts: ModelFacts) -> None:
+    """A window within the model's context (positions past it were never trained: a number that means
+    nothing), and a text that holds at least one window."""
+    if facts.context is not None and options.window > facts.context:
+        raise ValueError(f"window = {options.window} tokens exceeds the model's context of {facts.context} "
+                         "positions (config max_position_embeddings); choose a window ≤ the context")
+    windows_of(options, facts.tokenizer)  # raises when the text holds less than one window
 
 
 register_evaluator(Evaluator("perplexity", PerplexityOptions, evaluate_perplexity, VERSION,

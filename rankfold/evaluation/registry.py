@@ -17,6 +17,7 @@ from rankfold.core.options import Strict
 from rankfold.core.registry import Registry
 from rankfold.data.source import TextSource
 from rankfold.execution.base import Executor
+from rankfold.methods.plrd import DecodeUnit
 
 Row = dict[str, object]
 
@@ -41,14 +42,37 @@ class EvaluationContext:
 
 
 @dataclass(frozen=True)
+class DecodeFacts:
+    """A compressed model's progressive-decoding units, known before it loads (methods/plrd.py)."""
+
+    units: list[DecodeUnit]                      # ranks and shapes of its rank modules (no gains)
+    gains: bool                                  # FLRA's decode order is (or will be) recorded
+    slack: float = 0.0                           # parameters per token the final ranks may move the costs by
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What an evaluator's check reads about the model it will evaluate, before any work: the tokenizer,
+    the context (positions the model takes: its config's max_position_embeddings; None: unbounded) and,
+    for a compressed model, its decode facts (built on demand: a meta-device model; None when dense;
+    ValueError for a layout without nested ranks)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    context: int | None
+    decode: Callable[[], DecodeFacts | None] = lambda: None
+
+
+@dataclass(frozen=True)
 class Evaluator:
     name: str                                    # its key under `evaluation:` in the spec
     options: type[EvaluatorOptions]
     evaluate: Callable[[EvaluatorOptions, EvaluationContext], list[Row]]
     version: str                                 # part of the digest of every result
-    inputs: Callable[[EvaluatorOptions], list[TextSource]]  # data whose content is part of the digest
-    # check(options, tokenizer): everything decidable before any work (ValueError naming the field)
-    check: Callable[[EvaluatorOptions, PreTrainedTokenizerBase], None] = lambda options, tokenizer: None
+    # the data whose content is part of the digest: the files its reader opens (data_files / a TextSource,
+    # found by running the reader), never a list kept here
+    inputs: Callable[[EvaluatorOptions], list[TextSource]]
+    # check(options, facts): everything decidable before any work (ValueError naming the field)
+    check: Callable[[EvaluatorOptions, ModelFacts], None] = lambda options, facts: None
 
 
 EVALUATORS: Registry[Evaluator] = Registry("evaluator")

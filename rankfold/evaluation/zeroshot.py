@@ -16,11 +16,17 @@ Rows: one per task and metric (acc, acc_norm where lm-eval has it; `stderr` besi
 `average`: the mean over tasks of one metric each — acc_norm where the task has it, acc otherwise
 (the convention of LLM-Pruner / SliceGPT / SVD-LLM tables; `metric:` per task overrides it), the
 metric taken from each task named in the row.
+
+Inputs longer than the model's context: lm-eval cuts a request's context from the left, as is usual
+for these benchmarks (a BoolQ passage on a short-context model); each row records how many documents
+were cut (`truncated`) and a warning says so — never a silent truncation. Non-finite logits (a float16
+overflow) are an error naming the layer and dtype (workers/finite.py), never an accuracy.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import time
 from pathlib import Path
 from typing import Literal
@@ -35,6 +41,7 @@ from rankfold.evaluation.documents import ModelWorkers
 from rankfold.evaluation.registry import EvaluationContext, Evaluator, EvaluatorOptions, Row, register_evaluator
 
 # lm-eval's prompts and metrics are part of every result's identity.
+log = logging.getLogger(__name__)
 VERSION = f"1+lm_eval-{importlib.metadata.version('lm_eval')}"
 
 
@@ -73,7 +80,7 @@ def average_metric(task: str, chosen: str | None) -> str:
     return chosen or ("acc_norm" if "acc_norm" in metrics else "acc")
 
 
-def check_tasks(options: ZeroShotOptions, tokenizer=None) -> None:
+def check_tasks(options: ZeroShotOptions, facts=None) -> None:
     """Every file readable and well formed, every chosen metric reported — before any model loads."""
     for task, entry in options.tasks.items():
         read_documents(task, entry.path, entry.limit)
@@ -93,6 +100,16 @@ def aggregate(task: str, path: Path, limit: int | None, records: list[dict]) -> 
     return out
 
 
+def _count_truncated(task: str, records: list[dict]) -> int:
+    """Documents whose context lm-eval cut from the left to fit the model's context (kept in the row:
+    their scores are of a shortened passage), with a warning."""
+    count = sum(bool(r.get("truncated")) for r in records)
+    if count:
+        log.warning("zero-shot %s: %d of %d documents exceed the model's context; lm-eval cut their context "
+                    "from the left (recorded as `truncated` in the rows)", task, count, len(records))
+    return count
+
+
 def evaluate_zeroshot(options: ZeroShotOptions, context: EvaluationContext) -> list[Row]:
     documents = {task: len(read_documents(task, e.path, e.limit)) for task, e in options.tasks.items()}
     rows, chosen = [], {}
@@ -103,8 +120,9 @@ def evaluate_zeroshot(options: ZeroShotOptions, context: EvaluationContext) -> l
                                   options.batch_size)
             wall = round(time.perf_counter() - started, 1)
             values = aggregate(task, entry.path, entry.limit, records)
+            truncated = _count_truncated(task, records)
             rows += [{"metric": f"{task} {metric}", "value": value, "stderr": stderr, "documents": documents[task],
-                      "wall_s": wall} for metric, (value, stderr) in values.items()]
+                      "truncated": truncated, "wall_s": wall} for metric, (value, stderr) in values.items()]
             metric = average_metric(task, entry.metric)
             chosen[task] = (metric, values[metric][0])
     rows.append({"metric": "average", "value": sum(v for _, v in chosen.values()) / len(chosen),
@@ -114,5 +132,6 @@ def evaluate_zeroshot(options: ZeroShotOptions, context: EvaluationContext) -> l
 
 register_evaluator(Evaluator(
     "zeroshot", ZeroShotOptions, evaluate_zeroshot, VERSION,
-    inputs=lambda options: [TextSource(path=p) for task, e in options.tasks.items() for p in data_files(task, e.path)],
+    inputs=lambda options: [TextSource(path=p) for task, e in options.tasks.items()
+                            for p in data_files(task, e.path, e.limit)],  # what its reader opens
     check=check_tasks))

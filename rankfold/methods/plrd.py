@@ -163,17 +163,40 @@ def solve_floor(schedule: DecodeSchedule, units: list[DecodeUnit], steps: int, i
     order = FisherOrder(units) if schedule.order == "fisher" else None
     target = target_cost(schedule, units)
     at = lambda floor: average_cost(schedule.model_copy(update={"floor": floor}), units, steps, order)  # noqa: E731
-    stored = full_cost(units)
-    if stored <= target:
-        raise ValueError(f"progressive.target_ratio = {schedule.target_ratio}: the stored model already costs "
-                         f"{stored} ≤ the target {target:.0f} parameters per token; store a more compressed model")
-    lowest = at(0.0)
-    if lowest > target:
-        raise ValueError(f"progressive.target_ratio = {schedule.target_ratio}: even floor 0 costs {lowest:.0f} > "
-                         f"{target:.0f} parameters per token with shape {schedule.shape!r} over {steps} tokens; "
-                         "decay sooner (step_at / decay_tokens) or target less")
+    _check_reachable(schedule, steps, full_cost(units), at(0.0), target)
     low, high = 0.0, 1.0
     for _ in range(iterations):
         mid = (low + high) / 2
         low, high = (mid, high) if at(mid) <= target else (low, mid)
     return schedule.model_copy(update={"floor": low})
+
+
+def check_schedule(schedule: DecodeSchedule, units: list[DecodeUnit], steps: int, *, gains: bool,
+                   slack: float = 0.0) -> None:
+    """What `solve_floor` would refuse, decided before any model loads from the decode units of the
+    model's layout (ranks and shapes; no gains needed): order 'fisher' on a model without FLRA's gains,
+    a target the stored model already meets, one that even floor 0 misses. `slack`: parameters per
+    token by which the real model's costs may differ from `units`' (an allocator sets the ranks later;
+    the fisher order is estimated with the uniform one): only a miss beyond it is refused.
+    Raises ValueError naming the schedule's field."""
+    if schedule.order == "fisher" and not gains:
+        raise ValueError("progressive.order = 'fisher' needs FLRA's decode gains, which this model does not have "
+                         "(they come with target.allocation.kind flra); use order 'uniform'")
+    if schedule.target_ratio is None:
+        return
+    if schedule.order == "fisher":  # a budget f·C spent in any order costs f·C to within one direction per unit
+        slack += sum(u.cost_per_rank for u in units)
+        schedule = schedule.model_copy(update={"order": "uniform"})
+    lowest = average_cost(schedule.model_copy(update={"floor": 0.0}), units, steps)
+    _check_reachable(schedule, steps, full_cost(units) + slack, lowest - slack, target_cost(schedule, units))
+
+
+def _check_reachable(schedule: DecodeSchedule, steps: int, stored: float, lowest: float, target: float) -> None:
+    if stored <= target:
+        raise ValueError(f"progressive.target_ratio = {schedule.target_ratio}: the stored model already costs "
+                         f"{stored:.0f} ≤ the target {target:.0f} parameters per token; store a more compressed "
+                         "model or set a higher target_ratio")
+    if lowest > target:
+        raise ValueError(f"progressive.target_ratio = {schedule.target_ratio}: even floor 0 costs {lowest:.0f} > "
+                         f"{target:.0f} parameters per token with shape {schedule.shape!r} over {steps} tokens; "
+                         "decay sooner (step_at / decay_tokens) or target less")

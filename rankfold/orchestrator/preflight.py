@@ -3,18 +3,24 @@ anything is written or computed; then the output folder is claimed."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
+from typing import Callable
 
 from pydantic import ValidationError
 
 from rankfold.allocators.registry import ALLOCATORS, AllocationProblem
+from rankfold.checkpoint import RANK_GAINS, compressed_layout, meta_model
 from rankfold.core.hashing import digest_of
 from rankfold.data.text import DataError
-from rankfold.evaluation.registry import EVALUATORS
-from rankfold.jobs.spec import JobSpec, SpecError
+from rankfold.evaluation.registry import EVALUATORS, DecodeFacts, ModelFacts
+from rankfold.jobs.spec import EvalSpec, JobSpec, SpecError
 from rankfold.methods.kv_registry import KV_METHODS
+from rankfold.methods.plrd import decode_units
 from rankfold.methods.registry import method_of
 from rankfold.models.sources import ModelSource, ModelSourceError, open_source
+from rankfold.modules.layout import CompressedModule
 from rankfold.modules.shared import SKIP_TRUNCATION
 from rankfold.orchestrator.manifest import Manifest
 from rankfold.orchestrator.model_layout import Shapes, matrix_shapes, plan_layout
@@ -46,7 +52,7 @@ def preflight(spec: JobSpec) -> tuple[ModelSource, Shapes]:
         _check_kv_cache(spec, source.config)
     if needs_calibration(spec):
         _check_calibration(spec, source)
-    check_evaluations(spec, source)
+    check_evaluations(spec, source, lambda: planned_decode(spec, source, shapes))
     return source, shapes
 
 
@@ -84,30 +90,62 @@ def _check_allocation(spec: JobSpec, source: ModelSource, shapes: Shapes) -> Non
         raise SpecError(str(err)) from None
 
 
-def check_evaluations(spec: JobSpec, source: ModelSource) -> None:
-    tokenizer = source.tokenizer()
-    for evaluator in EVALUATORS:
-        for k, options in enumerate(getattr(spec.evaluation, evaluator.name)):
-            try:
-                evaluator.check(options, tokenizer)
-            except (ValueError, DataError) as err:
-                raise SpecError(f"evaluation.{evaluator.name}[{k}] ({options.name}): {err}") from None
+def check_evaluations(spec: JobSpec | EvalSpec, source: ModelSource,
+                      decode: Callable[[], DecodeFacts | None] | None = None) -> None:
+    """Every evaluation entry's own check against what is known of the model before it loads (its
+    tokenizer, context and, compressed, its decode units: `decode`, default the source's recorded
+    layout); a SpecError names the entry."""
     method = getattr(spec, "method", None)  # an evaluation spec has none: its layout is checked at evaluation
     if method is not None and method_of(method).structure.skip:
         for k, options in enumerate(spec.evaluation.generation):
             if options.progressive is not None:
                 raise SpecError(f"evaluation.generation[{k}].progressive with method.name {method.name!r}: "
                                 f"{SKIP_TRUNCATION}")
+    facts = ModelFacts(source.tokenizer(), getattr(source.config, "max_position_embeddings", None),
+                       decode or (lambda: recorded_decode(source)))
+    for evaluator in EVALUATORS:
+        for k, options in enumerate(getattr(spec.evaluation, evaluator.name)):
+            try:
+                evaluator.check(options, facts)
+            except (ValueError, DataError) as err:
+                raise SpecError(f"evaluation.{evaluator.name}[{k}] ({options.name}): {err}") from None
+
+
+def recorded_decode(source: ModelSource) -> DecodeFacts | None:
+    """Decode facts of a checkpoint from its config's layout (None: dense) and its side files."""
+    if not isinstance(getattr(source.config, "rankfold", None), dict):
+        return None
+    model = meta_model(source.config, compressed_layout(source.config))
+    return DecodeFacts(decode_units(model), gains=source.side_file(RANK_GAINS) is not None)
+
+
+def planned_decode(spec: JobSpec, source: ModelSource, shapes: Shapes) -> DecodeFacts:
+    """Decode facts of the model this job will write: its layout at the uniform rule's ranks. An allocator
+    moves ranks but not the budget, so costs hold to within one direction per unit; with a sparse part
+    (ranks traded for entries) nothing about costs is decided before allocation."""
+    arch, allocation = source.architecture, spec.target.allocation
+    layout = plan_layout(spec.method, spec.target.ratio, arch, shapes)
+    modules = [CompressedModule.from_json(entry) for entry in layout.flat(arch)]
+    units = decode_units(meta_model(source.config, modules))
+    allocator = ALLOCATORS.get(allocation.kind)
+    if allocation.kind == "uniform":
+        slack = 0.0
+    elif any((module.shared_path or module.members[0]) not in {unit.name for unit in units} for module in modules):
+        slack = math.inf  # a module PLRD does not set (e.g. low rank + sparse): the allocation decides its share
+    else:
+        slack = float(sum(unit.cost_per_rank for unit in units))
+    return DecodeFacts(units, gains=allocator.gains is not None, slack=slack)
 
 
 def prepare_output(spec: JobSpec, store: ArtifactStore) -> Path:
     """Create output.dir, refusing one that holds a different job with completed stages (its files
-    stay untouched). A folder whose job completed nothing accepts the corrected spec."""
+    stay untouched). A folder whose job completed nothing accepts the corrected spec; one whose job
+    compressed the same way accepts any evaluation entries (they add stages, `job_id`)."""
     out = Path(spec.output.dir)
     job_file = out / JOB_FILE
     if job_file.is_file():
         previous = job_file.read_text()
-        if not _same_job(previous, spec) and Manifest(store, digest_of(previous)).stages:
+        if not _same_job(previous, spec) and _has_results(store, previous):
             raise SpecError(f"output.dir = {str(out)!r}: holds another job's results (see {job_file}); "
                             "choose a new folder or delete it")
     elif out.exists() and any(out.iterdir()):
@@ -120,16 +158,36 @@ def prepare_output(spec: JobSpec, store: ArtifactStore) -> Path:
     return out
 
 
+def _has_results(store: ArtifactStore, previous: str) -> bool:
+    """The job recorded in `previous` (a job.json) completed stages (under its id, or the id an older
+    rankfold gave it: the digest of the whole spec)."""
+    ids = {digest_of(previous)}
+    try:
+        ids.add(_identity(json.loads(previous)))
+    except (json.JSONDecodeError, TypeError):
+        pass
+    return any(Manifest(store, job).stages for job in ids)
+
+
 def _same_job(previous: str, spec: JobSpec) -> bool:
-    """`previous` (a job.json) describes this job — also when written by an older rankfold whose spec lacked
-    an optional field since added (its JSON then differs only by that field's default)."""
+    """`previous` (a job.json) describes this job's compression — also when written by an older rankfold
+    whose spec lacked an optional field since added (its JSON then differs only by that field's
+    default), and whatever its evaluation entries were."""
     if previous == spec.canonical_json():
         return True
     try:
-        return type(spec).model_validate_json(previous).canonical_json() == spec.canonical_json()
+        return job_id(type(spec).model_validate_json(previous)) == job_id(spec)
     except (ValidationError, ValueError):
         return False
 
 
-def job_id(spec: JobSpec) -> str:
-    return digest_of(spec.canonical_json())
+def job_id(spec: JobSpec | EvalSpec) -> str:
+    """The job's identity: the digest of what its compression depends on (the canonical spec less its
+    `evaluation` entries, which only add stages). An evaluation run (EvalSpec) is its evaluations."""
+    data = json.loads(spec.canonical_json())
+    return _identity(data) if isinstance(spec, JobSpec) else digest_of(spec.canonical_json())
+
+
+def _identity(data: dict) -> str:
+    data.pop("evaluation", None)
+    return digest_of(json.dumps(data, sort_keys=True, separators=(",", ":")))

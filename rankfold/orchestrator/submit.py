@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from rankfold.core.hashing import digest_of
 from rankfold.execution.ray import ClusterError, check_reachable
 from rankfold.jobs.spec import EvalSpec, JobSpec, load_any_spec, parse_any_spec
 
@@ -71,7 +70,7 @@ def _absolute_paths(node: object) -> None:
 def submit(spec_path: str | Path, address: str | None = None, workers: int | None = None) -> str:
     """Validate and submit; returns the submission id."""
     from rankfold.orchestrator.evaluation_run import open_evaluated
-    from rankfold.orchestrator.preflight import check_evaluations, preflight
+    from rankfold.orchestrator.preflight import check_evaluations, job_id, preflight
 
     spec = load_any_spec(spec_path)
     # a missing model or data file is an error here, not on the cluster
@@ -86,14 +85,14 @@ def submit(spec_path: str | Path, address: str | None = None, workers: int | Non
     spec = parse_any_spec(data, origin=str(spec_path))
     command = "eval" if isinstance(spec, EvalSpec) else "run"
     client = job_client(address)
-    job_id = digest_of(spec.canonical_json())
+    job = job_id(spec)
     with tempfile.TemporaryDirectory(prefix="rankfold-submit-") as folder:
         (Path(folder) / "spec.json").write_text(json.dumps(data, indent=2))
         return client.submit_job(
             entrypoint=f"python -m rankfold.cli {command} spec.json",
             runtime_env={"working_dir": folder},
-            submission_id=f"rankfold-{job_id[:12]}-{int(time.time())}",
-            metadata={METADATA_KEY: job_id, "spec": Path(spec_path).name, "output": data["output"]["dir"]})
+            submission_id=f"rankfold-{job[:12]}-{int(time.time())}",
+            metadata={METADATA_KEY: job, "spec": Path(spec_path).name, "output": data["output"]["dir"]})
 
 
 def _known(call, submission_id: str):

@@ -68,6 +68,18 @@ class StoredCheckpointSource(SafetensorsSource):
                 raise ModelSourceError(f"checkpoint shard {path.name}: {err}") from None
         return path
 
+    def side_file(self, name: str) -> Path | None:
+        """Fetched on first use, like a shard (its name ends in .safetensors)."""
+        if name not in self._stored:
+            return None
+        path = self.folder / name
+        if not path.is_file():
+            try:
+                self._fetch(f"{self.prefix}/{name}", path)
+            except StoreError as err:
+                raise ModelSourceError(f"checkpoint file {name}: {err}") from None
+        return path
+
     def fingerprint(self) -> str:
         return digest_of("stored", self.prefix)  # the prefix is content-addressed already
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import nullcontext
 
 import torch
 
@@ -21,7 +22,15 @@ from rankfold.data.zeroshot_tasks import zeroshot_task
 from rankfold.methods.plrd import DecodeSchedule, average_cost, decode_units, full_cost, solve_floor, step_ranks
 from rankfold.modules.progressive import ProgressiveDecoding
 from rankfold.modules.sparse import dense_products
+from rankfold.workers.finite import FiniteLogits
 from rankfold.workers.shard import cached_source
+
+
+def _truncated(lm, arguments: list[tuple]) -> bool:
+    """Whether lm-eval cut a log-likelihood request of these (context, continuation) pairs from the left:
+    its tokens (lm-eval's own encoding) exceed the model's context + 1 (huggingface.py's rule)."""
+    pairs = [args for args in arguments if len(args) == 2 and args[0]]  # lm-eval encodes an empty context apart
+    return any(sum(map(len, lm._encode_pair(*pair))) > lm.max_length + 1 for pair in pairs)
 
 
 def first_line(text: str) -> str:
@@ -41,28 +50,31 @@ class ModelWorker:
         else:  # torch's CPU CSR product is slower than dense and has no bfloat16: multiply with W̃ dense
             dense_products(self.model)
         self.tokenizer = copy.deepcopy(source.tokenizer())  # padding settings below stay this worker's
-        self.gains = rank_gains(source.folder) if hasattr(source, "folder") else None
+        self.gains = rank_gains(source)
 
     def zeroshot(self, indices: list[int], task: str, path: str, limit: int | None, batch_size: int) -> list[dict]:
         """Per-document metrics of `task` over the documents `indices` (of the file's first `limit`):
-        [{"doc_id": int, "metrics": {"acc": 1.0, "acc_norm": 0.0, ...}}] in document order."""
+        [{"doc_id": int, "metrics": {"acc": 1.0, ...}, "truncated": bool}] in document order. `truncated`:
+        a request of the document was longer than the model's context, and lm-eval cut its context from
+        the left. NumericalError when a forward's logits are not finite (FiniteLogits)."""
         import datasets
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
         datasets.disable_progress_bars()
-        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notes about our custom dataset
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notes; truncation is counted below
         lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size,
                   device=str(next(self.model.parameters()).device))
         # The task is built here; an empty task index spares lm-eval a scan of its ~14k task files.
-        out = lm_eval.simple_evaluate(model=lm, tasks=[zeroshot_task(task, path, limit)], samples={task: indices},
-                                      log_samples=True, bootstrap_iters=0,
-                                      task_manager=TaskManager(include_defaults=False))
+        with FiniteLogits(self.model, f"zero-shot {task}"):
+            out = lm_eval.simple_evaluate(model=lm, tasks=[zeroshot_task(task, path, limit)], samples={task: indices},
+                                          log_samples=True, bootstrap_iters=0,
+                                          task_manager=TaskManager(include_defaults=False))
         records = out["samples"][task]
         metrics = records[0]["metrics"] if records else []
-        return sorted(({"doc_id": int(r["doc_id"]), "metrics": {m: float(r[m]) for m in metrics}} for r in records),
-                      key=lambda r: r["doc_id"])
+        return sorted(({"doc_id": int(r["doc_id"]), "metrics": {m: float(r[m]) for m in metrics},
+                        "truncated": _truncated(lm, r["arguments"])} for r in records), key=lambda r: r["doc_id"])
 
     def decode_plan(self, progressive: dict, max_new_tokens: int) -> dict:
         """A progressive schedule (DecodeSchedule fields) solved for this model: the schedule, the active
@@ -87,11 +99,8 @@ class ModelWorker:
         outputs: dict[int, str] = {}
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            if ranks is None:
+            with FiniteLogits(self.model, "generation"), ProgressiveDecoding(self.model, ranks) if ranks else nullcontext():
                 texts = self._generate_batch([prompts[k] for k in batch], max_new_tokens)
-            else:
-                with ProgressiveDecoding(self.model, ranks):
-                    texts = self._generate_batch([prompts[k] for k in batch], max_new_tokens)
             outputs.update(zip(batch, texts))
         return [outputs[k] for k in range(len(prompts))]
 

@@ -44,10 +44,11 @@ def _context(executor, checkpoint, tmp_path, skip: bool = False) -> EvaluationCo
 def test_checkpoint_records_flra_gains_of_every_rank_module(flra_checkpoint):
     import rankfold
     from rankfold.checkpoint import rank_gains, verify_checkpoint
+    from rankfold.models.sources import SafetensorsSource
     from rankfold.modules.progressive import rank_modules
 
     verify_checkpoint(flra_checkpoint)  # the gains file is checksummed with the shards
-    gains = rank_gains(flra_checkpoint)
+    gains = rank_gains(SafetensorsSource(flra_checkpoint))
     modules = rank_modules(rankfold.load(flra_checkpoint))
     assert set(gains) == set(modules)
     assert all(gains[name].shape == (module.rank,) and bool((gains[name] >= 0).all())
