@@ -5,8 +5,12 @@ group, all groups side by side: (batch, tokens, Σr)), never K or V. With `bits`
 than the newest `residual` are kept as packed b-bit codes with a float16 minimum and step per
 `group` numbers (kernels/latent_quant.py); the newest `residual` tokens stay in the model dtype.
 
-`update` returns what attention reads: every cached token's latents, dequantised. In a prefill the
-new tokens are stored first, so a one-pass perplexity reads them exactly as later decode steps would.
+`update` returns what attention reads: every cached token's latents, dequantised. What a query reads
+is what a decode step at its position reads: token j is quantised for query t exactly when t − j ≥
+`residual` (the window holds the newest `residual` tokens, the query's own included). A decode step
+reads `update`'s result; a pass over several new tokens (a prefill, a one-pass perplexity) reads both
+copies from `append_views` and its attention picks per (query, token) (modules/latent_kv.py), so a
+one-pass perplexity equals token-by-token decoding at any residual.
 
 A transformers `DynamicCache` made by `generate` gets its layers swapped for LatentLayers by the
 attention module on first use (`latent_layer`), so `model.generate` needs no extra argument;
@@ -86,6 +90,26 @@ class LatentLayer(CacheLayerMixin):
             self.quantized_keys = self._append(self.quantized_keys, self.keys[:, :spill])
             self.quantized_values = self._append(self.quantized_values, self.values[:, :spill])
             self.keys, self.values = self.keys[:, spill:], self.values[:, spill:]
+
+    def append_views(self, key_states: torch.Tensor, value_states: torch.Tensor
+                     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """`append`, returning every cached token's latents twice — ((keys, values) as read once quantised,
+        (keys, values) unquantised where the window still held them): the two copies a pass over several
+        new tokens picks from per query. Quantisation is per token, so a token's quantised copy is the
+        one it gets when it leaves the window later."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held = (self.quantized_keys, self.quantized_values)
+        recent = (torch.cat([self.keys, key_states], dim=1), torch.cat([self.values, value_states], dim=1))
+        self.append(key_states, value_states)
+        full = tuple(self._read(store, latents) for store, latents in zip(held, recent))
+        quantised = tuple(self._read(store, self._roundtrip(latents)) for store, latents in zip(held, recent))
+        return quantised, full
+
+    def _roundtrip(self, latents: torch.Tensor) -> torch.Tensor:
+        if not self.config.quantized or latents.shape[1] == 0:
+            return latents
+        return dequantize(quantize(latents, self.config.bits, self.config.group), self.dtype)
 
     def read_keys(self) -> torch.Tensor:
         return self._read(self.quantized_keys, self.keys)

@@ -123,18 +123,38 @@ class LatentKVAttention(nn.Module):
         past = layer.get_seq_length()
         first = position_ids[:, :1] if position_ids is not None else torch.full((batch, 1), past)
         offsets = first.to(query.device).expand(batch, 1)[:, 0] - past  # position of cache index 0, per row
+        config = layer.config
+        if length > 1 and config.quantized and config.residual > 0:  # each query reads what its decode step would
+            return self.o_proj(self._attend_per_query_window(query, hidden_states, cos, sin, layer, past, offsets,
+                                                             attention_mask)), None
         layer.append(self.k_down(hidden_states), self.v_down(hidden_states))
         if length == 1 and past > 0 and choose_backend(query) == "triton":
             return self.o_proj(self._decode_with_kernel(query, layer, offsets, attention_mask)), None
-        keys = self._keys(layer.read_keys())
+        keys = self._rotated_keys(layer.read_keys(), cos, sin, past, offsets)
+        heads = self._attend(query, keys, layer.read_values(), attention_mask)
+        return self.o_proj(heads), None
+
+    def _rotated_keys(self, latents: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: int,
+                      offsets: torch.Tensor) -> torch.Tensor:
+        """Keys (batch, num_kv_heads, S, d) of the S cached tokens' latents, RoPE at their positions."""
+        keys = self._keys(latents)
         if past == 0:
             key_cos, key_sin = cos, sin
         else:
             positions = torch.arange(keys.shape[2], device=keys.device)[None] + offsets[:, None]
             key_cos, key_sin = self._rotary(keys, positions.clamp_min(0))
-        keys = keys * key_cos[:, None] + rotate_half(keys) * key_sin[:, None]
-        heads = self._attend(query, keys, layer.read_values(), attention_mask)
-        return self.o_proj(heads), None
+        return keys * key_cos[:, None] + rotate_half(keys) * key_sin[:, None]
+
+    def _attend_per_query_window(self, query: torch.Tensor, hidden_states: torch.Tensor, cos: torch.Tensor,
+                                 sin: torch.Tensor, layer: LatentLayer, past: int, offsets: torch.Tensor,
+                                 mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over [quantised copies | unquantised copies] of the cached tokens, the mask letting
+        query t read token j's quantised copy exactly when (past + t) − j ≥ residual (latent_cache.py)."""
+        (key_q, value_q), (key_f, value_f) = layer.append_views(self.k_down(hidden_states), self.v_down(hidden_states))
+        keys = torch.cat([self._rotated_keys(key_q, cos, sin, past, offsets),
+                          self._rotated_keys(key_f, cos, sin, past, offsets)], dim=2)
+        both = _window_mask(mask, query.shape[2], key_q.shape[1], past, layer.config.residual, query.device)
+        return self._attend(query, keys, torch.cat([value_q, value_f], dim=1), both)
 
     def _decode_with_kernel(self, query: torch.Tensor, layer: LatentLayer, offsets: torch.Tensor,
                             mask: torch.Tensor | None) -> torch.Tensor:
@@ -224,6 +244,22 @@ def _mask(mask: torch.Tensor | None, length: int, keys: int, device) -> tuple[bo
         return True, None
     rows = torch.arange(length, device=device)[:, None] + (keys - length)
     return False, rows >= torch.arange(keys, device=device)[None]
+
+
+def _window_mask(mask: torch.Tensor | None, length: int, keys: int, past: int, residual: int,
+                 device) -> torch.Tensor:
+    """The mask over [quantised | unquantised] copies of `keys` cached tokens for `length` queries at
+    cache indices past … past + length − 1: the model's mask (or causal) on both halves, token j read
+    quantised by query t when (past + t) − j ≥ `residual`, unquantised otherwise."""
+    _, base = _mask(mask, length, keys, device)
+    if base is None:  # causal, bottom-right aligned
+        base = torch.arange(length, device=device)[:, None] + (keys - length) >= torch.arange(keys, device=device)[None]
+    age = torch.arange(length, device=device)[:, None] + past - torch.arange(keys, device=device)[None]
+    old = age >= residual
+    if base.dtype == torch.bool:
+        return torch.cat([base & old, base & ~old], dim=-1)
+    blocked = torch.finfo(base.dtype).min
+    return torch.cat([base.masked_fill(~old, blocked), base.masked_fill(old, blocked)], dim=-1)
 
 
 Factor = tuple[torch.Tensor, torch.Tensor]  # (up (g·d, r), down (r, n)) of one head group

@@ -211,3 +211,25 @@ def test_decode_through_the_fused_score_kernel_equals_the_torch_path(cache, monk
         runs.append(torch.stack(logits))
     assert len(calls) >= 2 * 2  # every decode step of both layers went through the kernel
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("residual", [0, 1, 8])
+def test_one_pass_reads_the_cache_as_token_by_token_decoding(residual):
+    """A one-pass forward (the streamed perplexity), a prefill then decoding, and decoding token by token
+    give the same logits at every position: each query reads token j quantised exactly when it is
+    `residual` or more tokens older than the query, as its own decode step does."""
+    config = LatentCacheConfig(bits=3, group=8, residual=residual)
+    latent, _ = _palu(_dense(), 1, [8, 16, 8], [16, 8, 8], cache=config)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(7))
+    one_pass = latent(ids).logits
+    cache = LatentCache(2, config)
+    stepwise = torch.cat([latent(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(24)], dim=1)
+    torch.testing.assert_close(one_pass, stepwise, rtol=1e-4, atol=1e-4)
+    cache = LatentCache(2, config)
+    prefilled = torch.cat([latent(ids[:, :13], cache=cache, use_cache=True).logits]
+                          + [latent(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(13, 24)], dim=1)
+    torch.testing.assert_close(prefilled, stepwise, rtol=1e-4, atol=1e-4)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding: a boolean model mask on both copies
+    padded = latent(ids, attention_mask=mask).logits
+    torch.testing.assert_close(padded[0], one_pass[0], rtol=1e-4, atol=1e-4)
