@@ -41,6 +41,9 @@ class Executor(Protocol):
 
     def call_each(self, handles: Sequence[Any], method: str, args_per_handle: Sequence[tuple]) -> list[Any]: ...
 
+    def call_each_settled(self, handles: Sequence[Any], method: str, args_per_handle: Sequence[tuple]) -> list[Any]:
+        """Like call_each, but a worker that died yields a ShardLost instead of raising."""
+
     def release(self, handles: Sequence[Any]) -> None: ...
 
     def take_worker_peak_mb(self) -> float | None:

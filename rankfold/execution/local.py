@@ -39,6 +39,9 @@ class LocalExecutor:
     def call_each(self, handles: Sequence[Any], method: str, args_per_handle: Sequence[tuple]) -> list[Any]:
         return [getattr(handle, method)(*args) for handle, args in zip(handles, args_per_handle, strict=True)]
 
+    def call_each_settled(self, handles: Sequence[Any], method: str, args_per_handle: Sequence[tuple]) -> list[Any]:
+        return self.call_each(handles, method, args_per_handle)  # in-process, a failure is the job's failure
+
     def release(self, handles: Sequence[Any]) -> None:
         for handle in handles:
             handle.release()

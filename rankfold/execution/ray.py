@@ -146,7 +146,14 @@ class RayExecutor:
 
     def call_all_settled(self, handles: Sequence[Any], method: str, *args) -> list[Any]:
         """Like call_all, but a shard whose worker died yields a ShardLost instead of raising."""
-        refs = [getattr(handle, method).remote(*args) for handle in handles]
+        return self._settled([getattr(handle, method).remote(*args) for handle in handles])
+
+    def call_each_settled(self, handles: Sequence[Any], method: str, args_per_handle: Sequence[tuple]) -> list[Any]:
+        """Like call_each, but a worker that died yields a ShardLost instead of raising."""
+        return self._settled([getattr(handle, method).remote(*args)
+                              for handle, args in zip(handles, args_per_handle, strict=True)])
+
+    def _settled(self, refs: list) -> list[Any]:
         results = []
         for ref in refs:
             try:

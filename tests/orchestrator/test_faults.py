@@ -120,3 +120,41 @@ def test_shard_killed_in_the_fisher_backward_pass_is_replayed(tmp_path, tiny_mod
 
     assert fisher_artifacts(disturbed, tmp_path / "killed") == fisher_artifacts(clean, tmp_path / "clean")
     assert disturbed["ranks"] == clean["ranks"]
+
+
+def test_evaluation_worker_killed_mid_task_is_replaced_with_the_same_rows(tmp_path, tiny_model_dir, shared_data,
+                                                                         ray_executor, monkeypatch):
+    """A zero-shot actor SIGKILLed in the middle of its slice: a new actor runs the slice again, and the
+    rows equal an undisturbed run's (documents are independent; a worker holds only the model)."""
+    import rankfold.evaluation.documents as documents
+    from rankfold.evaluation.registry import EvaluationContext
+    from rankfold.evaluation.zeroshot import ZeroShotOptions, evaluate_zeroshot
+    from rankfold.execution.local import LocalExecutor
+    from rankfold.models.sources import open_source
+    from rankfold.workers.lm import ModelWorker
+
+    source = open_source(tiny_model_dir)
+    options = ZeroShotOptions(name="z", tasks={"arc_easy": {"path": str(shared_data / "arc" / "ARC-Easy-Test.jsonl"),
+                                                            "limit": 6}}, batch_size=2)
+    context = lambda executor: EvaluationContext(executor, str(tiny_model_dir), source.num_layers,  # noqa: E731
+                                                 lambda i: None, source.tokenizer(), "float32", tmp_path, "zs")
+    clean = evaluate_zeroshot(options, context(LocalExecutor(workers=2)))
+    marker = tmp_path / "zeroshot.pid"
+
+    class WorkerKilledOnce(ModelWorker):  # pickled by value: the actors run this subclass
+        def zeroshot(self, indices, *args):
+            if indices[0] > 0 and not marker.exists():  # the second slice's worker, once
+                marker.write_text(str(os.getpid()))
+                time.sleep(60)  # killed here
+            return super().zeroshot(indices, *args)
+
+    monkeypatch.setattr(documents, "ModelWorker", WorkerKilledOnce)
+    stop, killed = threading.Event(), []
+    killer = _killer(marker, stop, killed)
+    try:
+        disturbed = evaluate_zeroshot(options, context(ray_executor))
+    finally:
+        stop.set()
+    assert len(killed) == 1 and not killer.is_alive()
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    assert strip(disturbed) == strip(clean)
