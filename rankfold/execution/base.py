@@ -27,7 +27,9 @@ class Executor(Protocol):
 
     def describe(self) -> str: ...
 
-    def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str) -> list[Result]: ...
+    def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str,
+            work: Sequence[float] | None = None) -> list[Result]:
+        """fn over items, results in item order; `work`: each item's estimated floating-point operations."""
 
     def steps(self, items: Sequence[Item], stage: str) -> Iterable[Item]:
         """Sequential steps that depend on each other (layer i feeds layer i+1), with progress."""

@@ -1,14 +1,28 @@
-"""LocalExecutor: stage work in this process, in order, with progress. The Ray executor (ray.py)
-runs the very same functions and classes on a cluster; both follow the protocol in base.py."""
+"""LocalExecutor: stage work in this process, with progress. The Ray executor (ray.py) runs the very
+same functions and classes on a cluster; both follow the protocol in base.py.
+
+Threads by the work's size (`map`'s `work`): a small task (a factorisation of a few hundred to a few
+thousand columns) runs on one thread, several such tasks at once; a large one runs alone on every
+thread. Many small multi-threaded LAPACK calls spend their time at barriers, and on a shared machine
+each barrier waits for a thread a neighbour has descheduled (measured: a decompose stage 4–37× slower
+under load; benchmarks/shared_box.py). The choice depends on the size only, never on timing, so the
+numbers are reproducible — and a small task's equal those of a 1-CPU Ray task.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, TypeVar
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import torch
 
 from rankfold.execution.progress import progress
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+# Estimated floating-point operations up to which a task runs single-threaded beside others: a group of
+# input width n ≲ 3000 (SmolLM2's, Qwen2.5-0.5B's); Llama-3-8B's (n = 4096, 14336) use every thread.
+SMALL_TASK_FLOPS = 3e10
 
 
 class LocalExecutor:
@@ -20,8 +34,19 @@ class LocalExecutor:
     def describe(self) -> str:
         return "local (in-process)"
 
-    def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str) -> list[Result]:
-        return [fn(item) for item in progress(items, stage)]
+    def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str,
+            work: Sequence[float] | None = None) -> list[Result]:
+        """fn over items, results in item order. `work`: each item's floating-point operations (estimated);
+        items at most SMALL_TASK_FLOPS run one thread each, as many at once as this process has threads,
+        the rest one after another on every thread. Without `work`: one after another."""
+        threads = torch.get_num_threads()
+        small = [k for k in range(len(items)) if work is not None and work[k] <= SMALL_TASK_FLOPS]
+        if not small:
+            return [fn(item) for item in progress(items, stage)]
+        results: dict[int, Result] = {}
+        for _ in progress(_by_size(fn, items, small, threads, results), stage, total=len(items)):
+            pass
+        return [results[k] for k in range(len(items))]
 
     def steps(self, items: Sequence[Item], stage: str):
         """Sequential steps that depend on each other (layer i feeds layer i+1), with progress."""
@@ -54,3 +79,23 @@ class LocalExecutor:
 
     def close(self) -> None:
         pass
+
+
+def _by_size(fn: Callable[[Item], Result], items: Sequence[Item], small: list[int], threads: int,
+             results: dict[int, Result]) -> Iterator[None]:
+    """Fill `results`: the `small` items on a pool of `threads` one-thread workers, then the rest on every
+    thread; yields once per finished item (progress). The process's thread count is restored after."""
+    pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        futures = {pool.submit(fn, items[k]): k for k in small}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            yield
+        pool.shutdown()
+        torch.set_num_threads(threads)  # the pool's threads set MKL's process-wide count to 1
+        for k in sorted(set(range(len(items))) - set(small)):
+            results[k] = fn(items[k])
+            yield
+    finally:
+        pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(threads)

@@ -110,9 +110,14 @@ class RayExecutor:
     def describe(self) -> str:
         return f"ray ({self.address or 'embedded'}, {self.workers} workers × {self.cpus_per_worker} CPU)"
 
-    def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str) -> list[Result]:
+    def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str,
+            work: Sequence[float] | None = None) -> list[Result]:
+        """Tasks of cpus_per_worker CPUs each (Ray sets their threads to that), the largest `work` first so
+        none is left running alone at the end."""
         remote = self.ray.remote(num_cpus=self.cpus_per_worker, max_retries=self.max_retries)(_measured)
-        refs = [remote.remote(fn, item) for item in items]
+        order = sorted(range(len(items)), key=lambda k: -work[k]) if work is not None else range(len(items))
+        submitted = {k: remote.remote(fn, items[k]) for k in order}
+        refs = [submitted[k] for k in range(len(items))]
         for _ in progress(self._as_completed(refs), stage, total=len(refs)):
             pass
         results = self.ray.get(refs)  # in item order, whatever order they finished in

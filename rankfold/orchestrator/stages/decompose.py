@@ -25,7 +25,8 @@ def decompose(env: Env, stage: Stage, *, ranks: Ranks, statistics: Statistics | 
              for i, group in layer_groups(env, layout)]
     diagnostics: dict[str, dict[str, float]] = {}
     artifacts: Artifacts = {}
-    for part, key, sha in env.executor.map(decompose_item, items, "decompose"):
+    work = [group_work(env.shapes[i], layout.in_group(i, group)) for i, group in layer_groups(env, layout)]
+    for part, key, sha in env.executor.map(decompose_item, items, "decompose", work):
         for quantity, values in part.items():
             diagnostics.setdefault(quantity, {}).update(values)
         artifacts[key] = sha
@@ -39,3 +40,12 @@ def layer_groups(env: Env, layout) -> list[tuple[int, str]]:
 
 
 register_stage(StageKind("decompose", decompose, "1", Factors, producer=lambda params: method_of(params["method"]).version))
+
+
+def group_work(shapes: dict[str, tuple[int, int]], modules) -> float:
+    """Estimated floating-point operations of factorising one input group: the n × n Gram's
+    factorisation (n³) and each module's SVD (m n min(m, n), m its members' rows stacked). The
+    executor picks threads by it (execution/local.py)."""
+    n = shapes[modules[0].members[0]][1]
+    rows = [sum(shapes[member][0] for member in module.members) for module in modules]
+    return float(n ** 3 + sum(m * n * min(m, n) for m in rows))
