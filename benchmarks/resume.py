@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--name", default=None, help="result file name (default: the spec's stem)")
     args = parser.parse_args(argv)
-    import yaml
+    from rankfold.core.strict_yaml import load_yaml
 
-    spec = yaml.safe_load(args.spec.read_text())
+    spec = load_yaml(args.spec.read_text())
     out = Path(spec["output"]["dir"])
     cli = [sys.executable, "-c", "import sys; from rankfold.cli import main; sys.exit(main())"]
     startup = min(timed(cli + ["--help"]) for _ in range(args.repeats))

@@ -9,6 +9,7 @@ import sys
 from typing import Iterator
 
 from rankfold.core.errors import EXIT_BAD_INPUT, EXIT_FAILED, RankfoldError
+from rankfold.core.redact import redact
 from rankfold.jobs.spec import JobSpec, SpecError, load_any_spec, parse_any_spec
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "build_parser", "logging_to_stderr", "main"]
@@ -143,12 +144,12 @@ def _schedules(args: argparse.Namespace) -> int:
 def _scheduler(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from rankfold.orchestrator.schedule import ScheduleRegistry, run_due, scheduler_loop
+    from rankfold.orchestrator.schedule import ScheduleRegistry, parse_now, run_due, scheduler_loop
     from rankfold.orchestrator.submit import submit
 
     registry = ScheduleRegistry(args.registry)
     if args.once:
-        now = datetime.fromisoformat(args.now) if args.now else datetime.now()
+        now = parse_now(args.now) if args.now else datetime.now()
         run_due(registry, now, submit, log=lambda line: print(line, flush=True))
         return 0
     scheduler_loop(registry, submit, args.poll, log=lambda line: print(line, flush=True))
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         with logging_to_stderr(level):
             return args.handler(args)
     except RankfoldError as err:  # each error class carries its exit code and label (core/errors.py)
-        print(f"rankfold: {err.label}: {err}", file=sys.stderr)
+        print(f"rankfold: {err.label}: {redact(str(err))}", file=sys.stderr)  # never a credential
         return err.exit_code
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from rankfold.data import text
-from rankfold.data.files import DataFiles, files_read_by
+from rankfold.data.opened import DataFiles, files_read_by
 from rankfold.data.text import DataError
 
 Document = dict[str, object]

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rankfold.core.errors import BadInput
 from rankfold.core.options import Strict
-from rankfold.data.files import DataFiles, content_fingerprint, files_read_by
+from rankfold.data.opened import DataFiles, content_fingerprint, files_read_by
 from rankfold.data.source import TextSource
 
 

@@ -1,8 +1,10 @@
 """The job spec: everything a compression run depends on, as strict pydantic models.
 
 A spec is data. Every model forbids unknown fields, so a typo in a YAML file is an error naming the
-field, never a silently ignored option. Relative paths are resolved against the current working
-directory (run `rankfold` from the folder the spec's paths are written for).
+field, never a silently ignored option; a key written twice in the YAML is an error naming it and
+its lines, never a silent last-wins; a URL carrying credentials (`http://KEY:SECRET@host`) is refused,
+the secret not echoed. Relative paths are resolved against the current working directory (run
+`rankfold` from the folder the spec's paths are written for).
 
 Example (jobs/smollm2-svdllm-20.yaml):
 
@@ -30,6 +32,8 @@ from rankfold.allocators.registry import ALLOCATORS, current_kind
 from rankfold.allocators.uniform import UniformAllocation
 from rankfold.core.errors import BadInput
 from rankfold.core.options import Strict
+from rankfold.core.redact import has_url_credentials, redact
+from rankfold.core.strict_yaml import DuplicateKeyError, load_yaml
 from rankfold.data.source import TextSource
 from rankfold.data.text import CalibrationSample
 from rankfold.evaluation.registry import EVALUATORS
@@ -46,7 +50,11 @@ ALL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gat
 
 
 class SpecError(BadInput, ValueError):
-    """A job spec that cannot run: names the field, the value and what is wrong."""
+    """A job spec that cannot run: names the field, the value and what is wrong. Anything
+    credential-shaped in the message is masked (core.redact): a spec's values are echoed in it."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 class ModelSpec(Strict):
@@ -258,15 +266,17 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     for item in err.errors():
         field = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
         value = item.get("input")
-        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        shown = redact(json.dumps(value, default=str)) if not isinstance(value, dict) else "{...}"
         lines.append(f"  {field or '<root>'} = {shown}: {item['msg']}")
     return "\n".join(lines)
 
 
 def parse_spec(data: object, origin: str = "<dict>") -> JobSpec:
-    """Validate a mapping as a JobSpec; SpecError names every bad field and its value."""
+    """Validate a mapping as a JobSpec; SpecError names every bad field and its value (a URL with
+    credentials is one: the field is named, the secret masked)."""
     if not isinstance(data, dict):
         raise SpecError(f"invalid job spec {origin}: expected a mapping at the top level, got {type(data).__name__}")
+    _refuse_credentials(data, origin)
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
@@ -276,6 +286,7 @@ def parse_spec(data: object, origin: str = "<dict>") -> JobSpec:
 def parse_any_spec(data: object, origin: str = "<dict>") -> JobSpec | EvalSpec:
     """A compression job (a mapping with `method`) or an evaluation-only spec (without)."""
     if isinstance(data, dict) and "method" not in data:
+        _refuse_credentials(data, origin, kind="evaluation spec")
         try:
             return EvalSpec.model_validate(data)
         except ValidationError as err:
@@ -284,7 +295,9 @@ def parse_any_spec(data: object, origin: str = "<dict>") -> JobSpec | EvalSpec:
 
 
 def load_spec(path: str | Path) -> JobSpec:
-    """Read a YAML or JSON job spec from disk (JSON is YAML, so one parser serves both)."""
+    """Read a YAML or JSON job spec from disk (JSON is YAML, so one parser serves both). SpecError when
+    the file is missing, not YAML, gives a key twice in one mapping (naming it and both lines) or is
+    not a valid spec."""
     return parse_spec(_read(path), origin=str(path))
 
 
@@ -298,7 +311,25 @@ def _read(path: str | Path) -> object:
     if not path.is_file():
         raise SpecError(f"job spec file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return load_yaml(path.read_text())
+    except DuplicateKeyError as err:
+        raise SpecError(f"job spec {path}: key {err.key!r} is given twice in one mapping, at line {err.first_line} "
+                        f"and line {err.line}; keep one (a repeated key would silently replace the first)") from None
     except yaml.YAMLError as err:
         raise SpecError(f"job spec {path} is not valid YAML/JSON: {err}") from None
-    return data
+
+
+def _refuse_credentials(data: object, origin: str, field: str = "", kind: str = "job spec") -> None:
+    """A URL anywhere in the spec (output.s3.endpoint_url, execution.address, ...) must not carry
+    credentials: they would be stored in job.json and report.json and echoed in messages. S3
+    credentials come from boto3's standard chain, a cluster's from its own configuration."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            _refuse_credentials(value, origin, f"{field}.{key}" if field else str(key), kind)
+    elif isinstance(data, (list, tuple)):
+        for index, value in enumerate(data):
+            _refuse_credentials(value, origin, f"{field}[{index}]", kind)
+    elif isinstance(data, str) and has_url_credentials(data):
+        raise SpecError(f"invalid {kind} {origin}:\n  {field} = {redact(data)!r}: credentials in a URL are "
+                        f"refused (they would be stored in job.json and printed); S3 credentials come from "
+                        f"boto3's standard chain (AWS_ACCESS_KEY_ID / ~/.aws / instance role)")

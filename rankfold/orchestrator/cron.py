@@ -4,6 +4,10 @@ The matching is croniter's: `*`, numbers, names (`mon`, `jan`), ranges `a-b`, li
 and `a-b/n`; Sunday is 0 or 7. When both day-of-month and day-of-week are restricted a day matching
 either counts (croniter's default `day_or=True`, as in Vixie cron). croniter also takes 6 and 7 fields
 (seconds, years) and `@daily`; the schedules are minute-grained, so only 5 fields are accepted here.
+
+Times are this machine's local wall-clock time, naive (as cron's own). A time with a UTC offset
+(`2026-12-03T07:01:00+00:00`) is the same instant converted to local time (`local_time`), so naive
+and aware times never meet in one comparison.
 """
 
 from __future__ import annotations
@@ -27,11 +31,18 @@ class Cron:
     text: str
 
     def next_after(self, moment: datetime) -> datetime:
-        """The first matching minute strictly after `moment` (naive local time, seconds dropped)."""
+        """The first matching minute strictly after `moment` (naive local time, seconds dropped; an aware
+        `moment` is converted to local time first). Raises CronError when the expression never matches."""
         try:
-            return croniter(self.text, moment).get_next(datetime)
+            return croniter(self.text, local_time(moment)).get_next(datetime)
         except CroniterBadDateError:
             raise CronError(f"cron {self.text!r} never matches") from None
+
+
+def local_time(moment: datetime) -> datetime:
+    """`moment` as naive local wall-clock time: an aware one converted to this machine's zone, a naive
+    one taken as local already."""
+    return moment if moment.tzinfo is None else moment.astimezone().replace(tzinfo=None)
 
 
 def _bad_field(parts: list[str]) -> str | None:

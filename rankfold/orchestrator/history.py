@@ -1,20 +1,23 @@
 """Run history: every finished job appends a record to the artifact store; `rankfold history` reads
 them back as a trend table and a PNG plot (matplotlib, Agg).
 
-Records are one object per run (`history/<job id>/<UTC time>.json`): S3 has no append, and separate
-objects never race. A record holds generic evaluator `rows` ({evaluator, name, variant, metric, value,
-...settings}); records written before those existed hold only `perplexity` rows ({name, window,
-tokens, dense, compressed}), which are read as rows of the metric "perplexity".
+Records are one object per run (`history/<job id>/<UTC time>-<random>.json`): S3 has no append, and
+separate objects never race. The random part keeps two runs finishing in the same microsecond (two
+processes, two machines) from writing one key, where the second record would replace the first. A
+record holds generic evaluator `rows` ({evaluator, name, variant, metric, value, ...settings});
+records written before those existed hold only `perplexity` rows ({name, window, tokens, dense,
+compressed}), which are read as rows of the metric "perplexity".
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rankfold.storage.store import ArtifactStore
+from rankfold.storage.store import ArtifactStore, StoreError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -23,9 +26,10 @@ VARIANTS = ("dense", "compressed")
 
 
 def record_run(store: ArtifactStore, job_id: str, report: dict) -> str:
+    """Store the run's record under a key of its own; returns the key. Raises StoreError when the store does."""
     now = time.time_ns()  # one reading: the key's second, its microseconds, and finished_at agree
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now // 1_000_000_000))
-    key = f"history/{job_id}/{stamp}-{now // 1000 % 1_000_000:06d}.json"
+    key = f"history/{job_id}/{stamp}-{now // 1000 % 1_000_000:06d}-{secrets.token_hex(4)}.json"
     store.put_json(key, {
         "finished_at": now / 1e9,
         "rows": [dict(row) for row in report.get("rows", [])],
@@ -39,9 +43,19 @@ def record_run(store: ArtifactStore, job_id: str, report: dict) -> str:
 
 
 def load_history(store: ArtifactStore, job_id: str) -> list[dict]:
-    """Every run's record, oldest first (by finish time: keys of runs in one second sort by microsecond)."""
-    records = [store.get_json(key) for key in store.list_keys(f"history/{job_id}/")]
+    """Every finished run's record, oldest first (by finish time). A record still being written is left
+    out; a damaged one is a StoreError naming it."""
+    records = [record for key in store.list_keys(f"history/{job_id}/") if (record := _read(store, key)) is not None]
     return sorted(records, key=lambda record: record["finished_at"])
+
+
+def _read(store: ArtifactStore, key: str) -> dict | None:
+    try:
+        return store.get_json(key)
+    except StoreError:
+        if store.exists(key):  # there, with a checksum, and unreadable: damaged
+            raise
+        return None  # no checksum yet: another process is writing it (or crashed while writing)
 
 
 def record_rows(record: dict) -> list[dict]:

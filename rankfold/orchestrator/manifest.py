@@ -3,7 +3,7 @@
 Every stage's artifacts live under a key derived from a digest of everything that produced them
 (model fingerprint, the spec fields the stage reads, the digests of the stages it consumed), so two
 jobs that share a calibration share its statistics, and a changed input can never be served a stale
-artifact. The manifest (`jobs/<job id>/manifest.json`, written by the driver only) records, per
+artifact. The manifest (`jobs/<job id>/manifest.json`, written by drivers only) records, per
 stage, the digest, the sha256 of each artifact, a version token of each (ArtifactStore.version: size
 and mtime, or the S3 ETag) and the stage's small results. A re-run skips a stage whose record has the
 same digest and whose artifacts are all still there, unchanged; anything else is recomputed.
@@ -12,6 +12,12 @@ Deciding that reads no artifact: an artifact whose recorded sha256 and version t
 taken as written (its bytes are verified where a later stage reads them anyway). Only one whose token
 changed — a store copied elsewhere, a file touched — is hashed, and its token refreshed when the bytes
 still match. `rankfold verify` hashes everything on demand.
+
+Several drivers may write one manifest at once (the same job run twice into one store; `verify
+--repair` beside a run): each change is one stage's record, merged into the manifest as stored now
+(ArtifactStore.update_json: under a lock, or a conditional PUT on S3), so no driver drops a record
+another one wrote. A token refresh of a shared record is written only if the record is still the one
+read; a newer record (a recomputation) is never replaced by a refresh of an older one.
 """
 
 from __future__ import annotations
@@ -38,6 +44,23 @@ class StageRecord:
     versions: dict[str, str] = field(default_factory=dict)  # key -> ArtifactStore.version token when recorded
 
 
+def _records(data: object) -> dict[str, dict]:
+    """The stage records (as stored) of a manifest's JSON; {} when it is missing or not a manifest."""
+    stages = data.get("stages") if isinstance(data, dict) else None
+    return dict(stages) if isinstance(stages, dict) else {}
+
+
+def _parsed(records: dict[str, dict]) -> dict[str, StageRecord]:
+    """Records as StageRecords; one that does not parse (another version's, damaged) is left out."""
+    parsed = {}
+    for name, record in records.items():
+        try:
+            parsed[name] = StageRecord(**record)
+        except TypeError:  # only costs that stage's recomputation
+            continue
+    return parsed
+
+
 class Manifest:
     def __init__(self, store: ArtifactStore, job_id: str):
         self.store, self.job_id = store, job_id
@@ -47,7 +70,7 @@ class Manifest:
             try:
                 data = store.get_json(self.key)
                 self.stages = {name: StageRecord(**record) for name, record in data["stages"].items()}
-            except (StoreError, KeyError, TypeError) as err:  # a damaged manifest only costs recomputation
+            except (StoreError, KeyError, TypeError, AttributeError) as err:  # damaged: only costs recomputation
                 self.stages = {}
                 self.load_error = str(err)
 
@@ -63,9 +86,8 @@ class Manifest:
             return None
         if self.stages.get(stage) != refreshed:
             if refreshed != record:  # tokens moved, bytes did not: record the new tokens for everyone
-                self.store.put_json(shared_key(digest), asdict(refreshed))
-            self.stages[stage] = refreshed
-            self._write()
+                self._refresh_shared(record, refreshed)
+            self._commit(stage, refreshed)
         return refreshed
 
     def _refreshed(self, record: StageRecord) -> StageRecord | None:
@@ -86,17 +108,17 @@ class Manifest:
     def record(self, stage: str, digest: str, artifacts: dict[str, str], result: dict | None = None) -> StageRecord:
         versions = {key: found[1] for key in artifacts if (found := self.store.version(key)) is not None}
         record = StageRecord(digest, dict(artifacts), result or {}, time.time(), versions)
-        self.stages[stage] = record
         self.store.put_json(shared_key(digest), asdict(record))  # first: other jobs may reuse it
-        self._write()
+        self._commit(stage, record)
         return record
 
     def forget(self, stage: str) -> None:
-        """Drop the stage's record here and its shared record, so the next run recomputes it."""
-        record = self.stages.pop(stage, None)
+        """Drop the stage's record here and its shared record, so the next run recomputes it. A record
+        another driver wrote since this one read it (a recomputation) is kept."""
+        record = self.stages.get(stage)
         if record is not None:
             self.store.delete(shared_key(record.digest))
-            self._write()
+            self._commit(stage, None, dropped=record)
 
     def _shared(self, digest: str) -> StageRecord | None:
         try:
@@ -105,6 +127,22 @@ class Manifest:
         except (StoreError, TypeError):  # a damaged record only costs recomputation
             return None
 
-    def _write(self) -> None:
-        self.store.put_json(self.key, {"version": MANIFEST_VERSION, "job": self.job_id,
-                                       "stages": {name: asdict(r) for name, r in self.stages.items()}})
+    def _refresh_shared(self, read: StageRecord, refreshed: StageRecord) -> None:
+        """Store `refreshed` as the shared record only while it still holds `read` (or nothing)."""
+        def change(current: object | None) -> dict | None:
+            return asdict(refreshed) if current is None or current == asdict(read) else None
+
+        self.store.update_json(shared_key(read.digest), change)
+
+    def _commit(self, stage: str, record: StageRecord | None, dropped: StageRecord | None = None) -> None:
+        """Set (`record`) or drop (`dropped`, if still the stored one) one stage's record in the stored
+        manifest, keeping every other record there; this manifest then holds the merged result."""
+        def change(current: object | None) -> dict:
+            records = _records(current)
+            if record is not None:
+                records[stage] = asdict(record)
+            elif dropped is not None and records.get(stage) == asdict(dropped):
+                del records[stage]
+            return {"version": MANIFEST_VERSION, "job": self.job_id, "stages": records}
+
+        self.stages = _parsed(_records(self.store.update_json(self.key, change)))

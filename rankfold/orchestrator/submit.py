@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from rankfold.core.redact import has_url_credentials, redact
 from rankfold.execution.ray import ClusterError, check_reachable
 from rankfold.jobs.spec import EvalSpec, JobSpec, load_any_spec, parse_any_spec
 
@@ -37,11 +38,13 @@ def job_client(address: str | None = None):
     from ray.job_submission import JobSubmissionClient
 
     url = job_api_address(address)
+    if has_url_credentials(url):
+        raise ClusterError(f"Ray Job API address {redact(url)}: credentials in a URL are refused")
     check_reachable(url.split("://", 1)[-1])
     try:
         return JobSubmissionClient(url)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ClusterError(f"cannot use the Ray Job API at {url}: {err}") from None
+        raise ClusterError(f"cannot use the Ray Job API at {redact(url)}: {redact(str(err))}") from None
 
 
 def absolute_spec(spec: JobSpec | EvalSpec) -> dict:

@@ -5,6 +5,16 @@ through boto3). Every artifact carries the sha256 of its bytes — a `KEY.sha256
 locally, object metadata on S3 — and every read checks it, so a torn or altered artifact is an
 error (or, for `verify`, a reason to recompute), never wrong numbers. Writes are atomic: a temp
 file renamed into place locally; a single PUT or a completed multipart upload on S3.
+
+Several processes may write one store at once (two runs of a job, two jobs sharing stage records, Ray
+workers). Locally each key's write holds that key's file lock (core.files.locked), so data and checksum
+never come from two writers. A record that several processes update (a job's manifest) goes through
+`update_json`: read, change, write as one step — under the key's lock locally; on S3, which has no
+locks, a conditional PUT (If-Match on the ETag read, If-None-Match for a new object) retried until no
+other writer came in between. An S3-compatible endpoint that ignores those headers gives last-writer-wins.
+
+Credentials never reach a message or a record: an endpoint URL carrying them is refused, and every
+StoreError and `describe()` is passed through core.redact.
 """
 
 from __future__ import annotations
@@ -12,27 +22,44 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rankfold.core.errors import BadInput
-from rankfold.core.files import atomic_write
+from rankfold.core.files import LockTimeout, atomic_write, locked
 from rankfold.core.hashing import sha256_file
+from rankfold.core.redact import has_url_credentials, redact
 
 CHECKSUM_SUFFIX = ".sha256"
 
 
 class StoreError(BadInput, RuntimeError):
-    """Storage is unreachable, refuses us, or holds a damaged artifact; the message names which."""
+    """Storage is unreachable, refuses us, or holds a damaged artifact; the message names which, with
+    anything credential-shaped masked."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
+
+
+# What a read-modify-write is given and returns: the stored JSON value (None when absent or
+# unreadable) -> the value to store (None: leave the stored one as it is).
+JsonChange = Callable[[object | None], object | None]
+
+
+def _json_text(value: object) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)
 
 
 def check_key(key: str) -> str:
@@ -105,6 +132,14 @@ class ArtifactStore(ABC):
     def delete(self, key: str) -> None: ...
 
     @abstractmethod
+    def update_json(self, key: str, change: JsonChange) -> object | None:
+        """Read `key`'s JSON, apply `change` and store its result, as one step no other writer of `key`
+        can come between (a writer that does is waited for, or its write re-read and `change` applied
+        again: `change` may run more than once and must only compute). A missing or unreadable artifact
+        reads as None. Returns the value stored now, as `get_json` would read it. Raises StoreError when
+        the store refuses or another writer keeps winning."""
+
+    @abstractmethod
     def list_keys(self, prefix: str = "") -> list[str]: ...
 
     # ------------------------------------------------------------ derived operations
@@ -134,7 +169,7 @@ class ArtifactStore(ABC):
     def put_json(self, key: str, value: object) -> str:
         with tempfile.TemporaryDirectory(prefix="rankfold-put-") as folder:
             path = Path(folder) / "artifact.json"
-            path.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
+            path.write_text(_json_text(value))
             return self.put_file(key, path)
 
     def get_json(self, key: str) -> object:
@@ -148,7 +183,10 @@ class ArtifactStore(ABC):
 
 
 class LocalStore(ArtifactStore):
-    """A folder. The checksum file is written after the data, so a crash in between reads as missing."""
+    """A folder. The checksum file is written after the data, so a crash in between reads as missing.
+    Every write of a key holds its lock (`.NAME.lock` beside it, hidden from list_keys)."""
+
+    LOCK_TIMEOUT_S = 600.0  # a writer of a multi-GB shard may hold a key's lock for minutes
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -166,6 +204,18 @@ class LocalStore(ArtifactStore):
         path = self.path(key)
         return path.with_name(path.name + CHECKSUM_SUFFIX)
 
+    @contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        """The key's lock held while inside; failing to take it is a StoreError naming the artifact."""
+        with ExitStack() as held:
+            try:
+                held.enter_context(locked(self.path(key), timeout_s=self.LOCK_TIMEOUT_S))
+            except LockTimeout as err:
+                raise StoreError(f"artifact {self.describe(key)}: {err}") from None
+            except OSError as err:
+                raise StoreError(f"cannot lock {self.describe(key)}: {err.strerror or err}") from None
+            yield
+
     def _atomic_write(self, target: Path, write) -> None:
         try:
             atomic_write(target, write)
@@ -173,7 +223,8 @@ class LocalStore(ArtifactStore):
             raise StoreError(f"cannot write {target}: {err.strerror or err}") from None
 
     def _put_written(self, key: str, write) -> str:
-        """`write(temp)` fills a temp file beside the target; hash it, rename it, then record the hash."""
+        """`write(temp)` fills a temp file beside the target; hash it, rename it, then record the hash.
+        The caller holds the key's lock: two writers interleaved could leave one's checksum on the other's bytes."""
         digest = ""
 
         def write_and_hash(temp: Path) -> None:
@@ -187,11 +238,33 @@ class LocalStore(ArtifactStore):
         return digest
 
     def put_file(self, key: str, source: Path) -> str:
-        return self._put_written(key, lambda temp: shutil.copyfile(source, temp))
+        with self._locked(key):
+            return self._put_written(key, lambda temp: shutil.copyfile(source, temp))
 
     def put_tensors(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
         contiguous = {name: value.contiguous() for name, value in tensors.items()}
-        return self._put_written(key, lambda temp: save_file(contiguous, temp, metadata=metadata))
+        with self._locked(key):
+            return self._put_written(key, lambda temp: save_file(contiguous, temp, metadata=metadata))
+
+    def update_json(self, key: str, change: JsonChange) -> object | None:
+        """Under the key's lock: every process that updates `key` this way does so one at a time."""
+        with self._locked(key):
+            current = self._json_or_none(key)
+            value = change(current)
+            if value is None:
+                return current
+            text = _json_text(value)
+            self._put_written(key, lambda temp: temp.write_text(text))
+            return json.loads(text)  # as stored (tuples as lists), as a later read gives it
+
+    def _json_or_none(self, key: str) -> object | None:
+        """`key`'s JSON, or None when missing, damaged or not JSON (an update then replaces it)."""
+        if self.checksum(key) is None:
+            return None
+        try:
+            return self.get_json(key)
+        except (StoreError, ValueError):
+            return None
 
     @contextmanager
     def open_file(self, key: str) -> Iterator[Path]:
@@ -230,8 +303,9 @@ class LocalStore(ArtifactStore):
         return self.checksum(key), f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
 
     def delete(self, key: str) -> None:
-        self._checksum_path(key).unlink(missing_ok=True)
-        self.path(key).unlink(missing_ok=True)
+        with self._locked(key):
+            self._checksum_path(key).unlink(missing_ok=True)
+            self.path(key).unlink(missing_ok=True)
 
     def list_keys(self, prefix: str = "") -> list[str]:
         if not self.root.is_dir():
@@ -246,12 +320,19 @@ class S3Store(ArtifactStore):
     chain (environment, shared files, instance roles) and are never printed."""
 
     CHECKSUM_META = "rankfold-sha256"
+    UPDATE_ATTEMPTS = 30  # conditional PUTs lost to other writers before update_json gives up
+    # A conditional PUT lost to another writer (or to a delete, for If-Match).
+    LOST_RACE = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409"})
 
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
                  client=None):
         import boto3
         from botocore.config import Config
 
+        if endpoint_url and has_url_credentials(endpoint_url):
+            raise StoreError(f"endpoint_url {endpoint_url!r}: credentials in the URL are refused (they would be "
+                             f"stored and printed); they come from boto3's standard chain "
+                             f"(AWS_ACCESS_KEY_ID / ~/.aws / instance role)")
         self.bucket, self.prefix, self.endpoint_url, self.region = bucket, prefix.strip("/"), endpoint_url, region
         self.client = client or boto3.client(
             "s3", endpoint_url=endpoint_url, region_name=region,  # None: boto3's chain (env, ~/.aws/config, profile)
@@ -265,7 +346,7 @@ class S3Store(ArtifactStore):
 
     def describe(self, key: str = "") -> str:
         where = f"s3://{self.bucket}/{self._object(key)}" if key else f"s3://{self.bucket}/{self.prefix}"
-        return where + (f" (endpoint {self.endpoint_url})" if self.endpoint_url else "")
+        return redact(where + (f" (endpoint {self.endpoint_url})" if self.endpoint_url else ""))
 
     def _object(self, key: str) -> str:
         check_key(key)
@@ -353,6 +434,61 @@ class S3Store(ArtifactStore):
         except Exception as err:  # noqa: BLE001
             raise self._error(err, key) from None
         return digest.hexdigest()
+
+    def update_json(self, key: str, change: JsonChange) -> object | None:
+        """Optimistic: read the object and its ETag, PUT the change only if the ETag is still the one
+        read (If-Match; If-None-Match: * when there was none), else re-read and retry."""
+        for attempt in range(self.UPDATE_ATTEMPTS):
+            current, etag = self._json_and_etag(key)
+            value = change(current)
+            if value is None:
+                return current
+            text = _json_text(value)
+            if self._put_unless_changed(key, text.encode(), etag):
+                return json.loads(text)
+            time.sleep(min(1.0, 0.01 * 2 ** attempt) * random.uniform(0.5, 1.0))  # apart from the other writer
+        raise StoreError(f"{self.describe(key)}: other writers changed it {self.UPDATE_ATTEMPTS} times while "
+                         f"this process was updating it; try again")
+
+    def _json_and_etag(self, key: str) -> tuple[object | None, str | None]:
+        """(value, ETag); value None when absent, damaged or not JSON, ETag None when absent."""
+        from botocore.exceptions import ClientError
+
+        try:
+            found = self.client.get_object(Bucket=self.bucket, Key=self._object(key))
+            data = found["Body"].read()
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None, None
+            raise self._error(err, key) from None
+        except Exception as err:  # noqa: BLE001
+            raise self._error(err, key) from None
+        if found.get("Metadata", {}).get(self.CHECKSUM_META) != hashlib.sha256(data).hexdigest():
+            return None, found["ETag"]
+        try:
+            return json.loads(data), found["ETag"]
+        except ValueError:
+            return None, found["ETag"]
+
+    def _put_unless_changed(self, key: str, body: bytes, etag: str | None) -> bool:
+        """PUT `body` if `key` still has `etag` (or still does not exist); False when another writer came first."""
+        from botocore.exceptions import ClientError
+
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._object(key), Body=body, ContentType="application/json",
+                                   Metadata={self.CHECKSUM_META: hashlib.sha256(body).hexdigest()}, **condition)
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in self.LOST_RACE:
+                return False
+            if code == "NotImplemented":
+                raise StoreError(f"{self.describe(key)}: the endpoint does not support conditional writes "
+                                 f"(If-Match / If-None-Match), which concurrent updates need") from None
+            raise self._error(err, key) from None
+        except Exception as err:  # noqa: BLE001
+            raise self._error(err, key) from None
+        return True
 
     def delete(self, key: str) -> None:
         try:

@@ -182,3 +182,68 @@ def test_the_former_allocation_kind_fisher_still_parses_as_flra_with_a_warning(g
     assert spec.target.allocation.kind == "flra" and spec.target.allocation.fisher_samples == 4
     good["target"]["allocation"]["kind"] = "flra"
     assert parse_spec(good).canonical_json() == spec.canonical_json()  # the same job
+
+
+def test_an_evaluation_section_written_twice_is_named_with_its_lines(tmp_path, good):
+    """PyYAML keeps the last of two equal keys: the first `evaluation:` would vanish without a word."""
+    body = yaml.safe_dump({k: v for k, v in good.items() if k != "evaluation"}, sort_keys=False)
+    second = yaml.safe_dump({"evaluation": good["evaluation"]}).splitlines()
+    text = "evaluation: {dense: false}\n" + body + "\n".join(second) + "\n"
+    (tmp_path / "twice.yaml").write_text(text)
+    line = text.splitlines().index("evaluation:") + 1
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "twice.yaml")
+    message = str(info.value)
+    assert str(tmp_path / "twice.yaml") in message and "'evaluation'" in message
+    assert f"at line 1 and line {line}" in message
+
+
+@pytest.mark.parametrize("method", ["method: {name: svd_llm, name: svd}\n", "method:\n  name: svd_llm\n  name: svd\n"])
+def test_a_nested_duplicate_key_is_named_too(tmp_path, good, method, capsys):
+    text = method + yaml.safe_dump({k: v for k, v in good.items() if k != "method"})
+    (tmp_path / "nested.yaml").write_text(text)
+    with pytest.raises(SpecError, match=r"key 'name' is given twice in one mapping, at line \d+ and line \d+"):
+        load_spec(tmp_path / "nested.yaml")
+    assert main(["run", str(tmp_path / "nested.yaml")]) == EXIT_BAD_INPUT  # the CLI says so, no traceback
+    assert "key 'name' is given twice" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_json_spec_with_a_duplicate_key_is_refused(tmp_path, good):
+    text = json.dumps(good)[:-1] + ', "target": {"ratio": 0.5}}'
+    (tmp_path / "twice.json").write_text(text)
+    with pytest.raises(SpecError, match="key 'target' is given twice"):
+        load_spec(tmp_path / "twice.json")
+
+
+KEY_ID, SECRET = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize("place, field", [
+    (lambda d: d["output"].update(s3={"bucket": "rankfold", "endpoint_url": f"http://{KEY_ID}:{SECRET}@127.0.0.1:9000"}),
+     "output.s3.endpoint_url"),
+    (lambda d: d.update(execution={"executor": "ray", "address": f"ray://{KEY_ID}:{SECRET}@head:10001"}),
+     "execution.address"),
+    (lambda d: d["evaluation"]["perplexity"][0].update(data={"dataset": f"https://{KEY_ID}:{SECRET}@hub/x"}),
+     "evaluation.perplexity[0].data.dataset"),
+])
+def test_credentials_in_a_url_are_refused_naming_the_field_not_the_secret(good, place, field):
+    place(good)
+    message = _error(good)
+    assert field in message and "credentials in a URL are refused" in message
+    assert SECRET not in message and KEY_ID not in message
+
+
+def test_cli_refuses_credentials_without_printing_or_storing_them(tmp_path, good, capsys):
+    good["output"]["s3"] = {"bucket": "rankfold", "endpoint_url": f"http://{KEY_ID}:{SECRET}@127.0.0.1:9000"}
+    (tmp_path / "s3.yaml").write_text(yaml.safe_dump(good))
+    assert main(["run", str(tmp_path / "s3.yaml")]) == EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    assert "output.s3.endpoint_url" in captured.err and "127.0.0.1:9000" in captured.err
+    assert SECRET not in captured.err + captured.out and KEY_ID not in captured.err + captured.out
+    assert not (tmp_path / "out").exists()  # no job.json holding it
+
+
+def test_a_credential_shaped_value_in_another_error_is_masked(good):
+    good["execution"] = {"workers": f"aws_secret_access_key={SECRET}"}
+    message = _error(good)
+    assert "execution.workers" in message and SECRET not in message

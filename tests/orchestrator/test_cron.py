@@ -1,10 +1,21 @@
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from rankfold.orchestrator.cron import CronError, parse_cron
+from rankfold.orchestrator.cron import CronError, local_time, parse_cron
+
+
+@pytest.fixture
+def utc_plus_one(monkeypatch):
+    """This process's local time zone is UTC+1 (a POSIX TZ string: no zone database needed)."""
+    monkeypatch.setenv("TZ", "XXX-1")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
 
 
 def test_daily_at_two():
@@ -57,3 +68,14 @@ def test_seconds_years_and_nicknames_are_refused(text):
     """croniter reads a 6th field as seconds and a 7th as years; schedules are minute-grained."""
     with pytest.raises(CronError, match="expected 5 fields"):
         parse_cron(text)
+
+
+def test_a_time_with_an_offset_is_the_same_instant_in_local_time(utc_plus_one):
+    aware = datetime(2026, 12, 3, 0, 30, tzinfo=timezone.utc)  # 01:30 local
+    assert local_time(aware) == datetime(2026, 12, 3, 1, 30)
+    assert local_time(datetime(2026, 12, 3, 1, 30)) == datetime(2026, 12, 3, 1, 30)  # naive: local already
+    cron = parse_cron("0 2 * * *")  # 02:00 local time
+    assert cron.next_after(aware) == datetime(2026, 12, 3, 2, 0) == cron.next_after(local_time(aware))
+    east = timezone(timedelta(hours=5, minutes=30))
+    assert cron.next_after(datetime(2026, 12, 3, 6, 29, tzinfo=east)) == datetime(2026, 12, 3, 2, 0)  # 01:59 local
+    assert cron.next_after(datetime(2026, 12, 3, 6, 31, tzinfo=east)) == datetime(2026, 12, 4, 2, 0)  # 02:01 local

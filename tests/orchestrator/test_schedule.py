@@ -4,14 +4,15 @@ entry does not block the others; every finished job appends to the history, whic
 from __future__ import annotations
 
 import struct
-from datetime import datetime
+import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import yaml
 
 from rankfold.cli import EXIT_BAD_INPUT, main
 from rankfold.orchestrator.history import format_history, plot_history
-from rankfold.orchestrator.schedule import ScheduleRegistry, run_due
+from rankfold.orchestrator.schedule import ScheduleEntry, ScheduleError, ScheduleRegistry, parse_now, run_due
 from tests.conftest import tiny_spec_dict
 
 
@@ -62,6 +63,56 @@ def test_schedule_command_validates_cron_and_spec(tmp_path, spec_file, capsys):
     assert main(["schedule", str(spec_file), "--cron", "0 2 * * *", "--registry", registry]) == 0
     assert main(["schedules", "--registry", registry]) == 0
     assert "nightly  '0 2 * * *'" in capsys.readouterr().out
+
+
+@pytest.fixture
+def utc_plus_one(monkeypatch):
+    monkeypatch.setenv("TZ", "XXX-1")  # local time is UTC+1
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_a_now_with_an_offset_is_compared_in_local_time(tmp_path, spec_file, utc_plus_one):
+    registry = ScheduleRegistry(tmp_path / "schedules.json")
+    registry.add(spec_file, "0 2 * * *", None, now=datetime(2026, 11, 24, 1, 0))  # next: 02:00 local
+    submit = lambda spec, address: "job-1"  # noqa: E731
+    assert run_due(registry, datetime(2026, 11, 24, 0, 59, tzinfo=timezone.utc), submit, log=lambda _: None) == []
+    assert run_due(registry, datetime(2026, 11, 24, 1, 1, tzinfo=timezone.utc), submit, log=lambda _: None) == ["job-1"]
+    (entry,) = registry.entries()
+    assert entry.last_run == "2026-11-24T02:01:00" and entry.next_run == "2026-11-25T02:00:00"
+    tokyo = timezone(timedelta(hours=9))  # any offset: 2026-11-25 11:00+09:00 is 03:00 local
+    assert run_due(registry, datetime(2026, 11, 25, 11, 0, tzinfo=tokyo), submit, log=lambda _: None) == ["job-1"]
+
+
+def test_scheduler_once_takes_an_iso_now_with_an_offset(tmp_path, capsys):
+    """The issue's command: a TypeError traceback (naive next_run vs aware --now) before the fix."""
+    registry = ScheduleRegistry(tmp_path / "schedules.json")
+    registry.save([ScheduleEntry("later", str(tmp_path / "s.yaml"), "0 2 * * *", None, "2027-01-01T02:00:00")])
+    for now in ("2026-12-03T07:01:00+00:00", "2026-12-03T07:01:00Z", "2026-12-03T07:01:00-05:00", "2026-12-03T07:01"):
+        assert main(["scheduler", "--once", "--now", now, "--registry", str(registry.path)]) == 0
+    assert registry.entries()[0].next_run == "2027-01-01T02:00:00"  # not due: nothing submitted, nothing moved
+
+
+def test_parse_now_names_a_bad_value(utc_plus_one):
+    assert parse_now("2026-12-03T07:01:00+00:00") == datetime(2026, 12, 3, 8, 1)
+    assert parse_now("2026-12-03T07:01:00") == datetime(2026, 12, 3, 7, 1)  # naive: local time
+    with pytest.raises(ScheduleError, match="--now 'tomorrow': not an ISO time"):
+        parse_now("tomorrow")
+
+
+def test_an_address_with_credentials_is_refused_unprinted(tmp_path, spec_file):
+    registry = ScheduleRegistry(tmp_path / "schedules.json")
+    with pytest.raises(ScheduleError, match="address 'http://\\*\\*\\*@head:8265': credentials") as info:
+        registry.add(spec_file, "0 2 * * *", "http://admin:hunter2@head:8265")
+    assert "hunter2" not in str(info.value) and not registry.path.exists()
+
+
+def test_a_damaged_registry_is_named(tmp_path):
+    (tmp_path / "schedules.json").write_text("{not json")
+    with pytest.raises(ScheduleError, match="schedules.json: not a registry rankfold wrote"):
+        ScheduleRegistry(tmp_path / "schedules.json").entries()
 
 
 def _png_size(path) -> tuple[int, int]:

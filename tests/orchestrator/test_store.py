@@ -122,3 +122,73 @@ def test_s3_region_comes_from_the_aws_config_file(tmp_path, monkeypatch):
     monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # a session made earlier caches its config
     monkeypatch.setattr(S3Store, "_check_access", lambda self: None)  # no network
     assert S3Store("bucket").client.meta.region_name == "eu-west-2"
+
+
+def test_update_json_reads_changes_and_writes_one_step(store):
+    seen = []
+
+    def append(value):
+        seen.append(value)
+        return {"items": (value or {"items": []})["items"] + [len(seen)]}
+
+    assert store.update_json("jobs/j/manifest.json", append) == {"items": [1]}
+    assert store.update_json("jobs/j/manifest.json", append) == {"items": [1, 2]}
+    assert seen == [None, {"items": [1]}] and store.verify("jobs/j/manifest.json")
+    assert store.update_json("jobs/j/manifest.json", lambda value: None) == {"items": [1, 2]}  # None: no write
+    assert store.list_keys() == ["jobs/j/manifest.json"]  # the lock file beside it is not an artifact
+
+
+def test_update_json_replaces_a_damaged_record(store):
+    store.put_json("m.json", {"v": 1})
+    _damage(store, "m.json")
+    assert store.update_json("m.json", lambda value: {"read": value}) == {"read": None}
+    assert store.get_json("m.json") == {"read": None}
+
+
+def test_s3_update_json_reapplies_a_change_another_writer_came_before(s3_endpoint, s3_bucket):
+    """The ETag read is gone by the time of the PUT: the conditional PUT fails, the change is
+    applied again to the other writer's record, and neither write is lost."""
+    store = S3Store(s3_bucket, prefix="p", endpoint_url=s3_endpoint)
+    store.put_json("m.json", {"by": ["first"]})
+    calls = []
+
+    def add_mine(value):
+        calls.append(value)
+        if len(calls) == 1:  # another process writes between this read and this write
+            store.put_json("m.json", {"by": value["by"] + ["other"]})
+        return {"by": value["by"] + ["mine"]}
+
+    assert store.update_json("m.json", add_mine) == {"by": ["first", "other", "mine"]}
+    assert len(calls) == 2 and store.get_json("m.json") == {"by": ["first", "other", "mine"]}
+
+
+def test_s3_update_json_of_a_new_object_loses_to_one_created_meanwhile(s3_endpoint, s3_bucket):
+    store = S3Store(s3_bucket, endpoint_url=s3_endpoint)
+    calls = []
+
+    def create(value):
+        calls.append(value)
+        if len(calls) == 1:
+            store.put_json("new.json", {"n": 1})
+        return {"n": (value or {"n": 0})["n"] + 10}
+
+    assert store.update_json("new.json", create) == {"n": 11} and calls == [None, {"n": 1}]
+
+
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+def test_s3_endpoint_with_credentials_is_refused_without_printing_them():
+    endpoint = f"http://AKIAIOSFODNN7EXAMPLE:{SECRET}@127.0.0.1:9000"
+    with pytest.raises(StoreError, match="endpoint_url .*credentials in the URL are refused") as info:
+        S3Store("bucket", endpoint_url=endpoint)
+    assert SECRET not in str(info.value) and "AKIAIOSFODNN7EXAMPLE" not in str(info.value)
+    assert "127.0.0.1:9000" in str(info.value)
+
+
+def test_store_messages_mask_credentials_a_library_put_in_them(monkeypatch):
+    monkeypatch.setattr(S3Store, "_check_access", lambda self: None)  # no network
+    store = S3Store("bucket", endpoint_url="http://127.0.0.1:9")
+    error = store._error(RuntimeError(f"signing with AKIAIOSFODNN7EXAMPLE aws_secret_access_key={SECRET}"), "k.json")
+    assert "s3://bucket/k.json" in str(error) and SECRET not in str(error) and "AKIAIOSFODNN7" not in str(error)
+    assert SECRET not in str(StoreError(f"cannot reach http://user:{SECRET}@host"))
