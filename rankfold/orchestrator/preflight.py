@@ -127,10 +127,10 @@ def planned_decode(spec: JobSpec, source: ModelSource, shapes: Shapes) -> Decode
     layout = plan_layout(spec.method, spec.target.ratio, arch, shapes)
     modules = [CompressedModule.from_json(entry) for entry in layout.flat(arch)]
     units = decode_units(meta_model(source.config, modules))
-    allocator = ALLOCATORS.get(allocation.kind)
+    allocator, names = ALLOCATORS.get(allocation.kind), {unit.name for unit in units}
     if allocation.kind == "uniform":
         slack = 0.0
-    elif any((module.shared_path or module.members[0]) not in {unit.name for unit in units} for module in modules):
+    elif any((module.shared_path or module.members[0]) not in names for module in modules):
         slack = math.inf  # a module PLRD does not set (e.g. low rank + sparse): the allocation decides its share
     else:
         slack = float(sum(unit.cost_per_rank for unit in units))

@@ -60,24 +60,19 @@ class StoredCheckpointSource(SafetensorsSource):
         atomic_write(path, lambda temp: self.store.fetch(key, temp))
 
     def _file_of(self, key: str) -> Path:
-        path = super()._file_of(key)
+        return self._fetched(super()._file_of(key), "checkpoint shard")
+
+    def side_file(self, name: str) -> Path | None:
+        """Fetched on first use, like a shard (its name ends in .safetensors)."""
+        return self._fetched(self.folder / name, "checkpoint file") if name in self._stored else None
+
+    def _fetched(self, path: Path, what: str) -> Path:
+        """`path` in the local copy, fetched from the store when not there yet."""
         if not path.is_file():
             try:
                 self._fetch(f"{self.prefix}/{path.name}", path)
             except StoreError as err:
-                raise ModelSourceError(f"checkpoint shard {path.name}: {err}") from None
-        return path
-
-    def side_file(self, name: str) -> Path | None:
-        """Fetched on first use, like a shard (its name ends in .safetensors)."""
-        if name not in self._stored:
-            return None
-        path = self.folder / name
-        if not path.is_file():
-            try:
-                self._fetch(f"{self.prefix}/{name}", path)
-            except StoreError as err:
-                raise ModelSourceError(f"checkpoint file {name}: {err}") from None
+                raise ModelSourceError(f"{what} {path.name}: {err}") from None
         return path
 
     def fingerprint(self) -> str:
