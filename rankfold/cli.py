@@ -184,6 +184,16 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_FAILED if checked.problems else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from rankfold.export.folder import export
+
+    done = export(args.source, args.out, form=args.form, max_shard_size=args.max_shard_size)
+    remote = ", trust_remote_code=True" if done.code_files else ""
+    print(f"wrote {done.folder} ({done.form}, model type {done.model_type}); load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(done.folder)!r}{remote})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankfold", description="Low-rank compression of LLMs, layer by layer.")
     loudness = parser.add_mutually_exclusive_group()
@@ -248,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--repair", action="store_true", help="drop the records of stages whose artifacts are "
                                                                "missing or damaged, so the next run recomputes them")
     verify.set_defaults(handler=_verify)
+    export = commands.add_parser("export", help="write a model as a transformers folder that loads without rankfold")
+    export.add_argument("source", help="checkpoint folder, a job's output folder, or any model rankfold opens")
+    export.add_argument("out", help="new folder to write")
+    export.add_argument("--form", choices=["native", "lowrank", "dense"], default="native",
+                        help="native: every structure as stored (remote code); lowrank: plain two-linear factors, "
+                             "what vLLM serves (remote code); dense: W = B A, the family's own model")
+    export.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    export.set_defaults(handler=_export)
     return parser
 
 

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rankfold"
 # Bottom to top; a module may import its own layer and any lower one, never a higher one.
 LAYERS = {
     "core": 0, "kernels": 1, "data": 1, "modules": 2, "methods": 3, "models": 3, "allocators": 4,
-    "checkpoint": 4, "storage": 5, "workers": 6, "execution": 7, "evaluation": 8, "jobs": 9,
+    "checkpoint": 4, "storage": 5, "export": 5, "workers": 6, "execution": 7, "evaluation": 8, "jobs": 9,
     "orchestrator": 10, "cli": 11,
 }
 # Third-party libraries only these layers may import (everything else knows no cluster, no S3).

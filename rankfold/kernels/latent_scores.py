@@ -54,12 +54,10 @@ def latent_key_scores_torch(q: torch.Tensor, latents: torch.Tensor | QuantizedLa
 def latent_key_scores(q, latents, up, ranks, starts, group_heads, offsets, inv_freq, scale, bias=None,
                       rope_scaling: float = 1.0, backend: str = "auto") -> torch.Tensor:
     """Scores of one decode step (see the module docstring); Triton on CUDA, torch elsewhere."""
-    from rankfold.kernels import choose_backend
+    from rankfold.kernels import choose_backend, triton_kernel
 
     if choose_backend(q, backend) == "triton":
-        from rankfold.kernels.triton_latent_scores import latent_key_scores_triton
-
-        return latent_key_scores_triton(q, latents, up, ranks, starts, group_heads, offsets, inv_freq, scale, bias,
-                                        rope_scaling)
+        kernel = triton_kernel("triton_latent_scores", "latent_key_scores_triton")
+        return kernel(q, latents, up, ranks, starts, group_heads, offsets, inv_freq, scale, bias, rope_scaling)
     return latent_key_scores_torch(q, latents, up, ranks, starts, group_heads, offsets, inv_freq, scale, bias,
                                    rope_scaling)

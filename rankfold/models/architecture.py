@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from rankfold.core.registry import Registry
-from rankfold.modules.experts import LinearExperts, split_fused_experts, unfuse_experts
+from rankfold.modules.experts import split_fused_experts, unfuse_all_experts
 from rankfold.modules.transformers_hook import PREFIX, register_compressed
 
 
@@ -155,13 +155,8 @@ class Architecture:
 
     def prepare(self, root: nn.Module) -> None:
         """Unfuse every experts module under `root` (a layer or a whole model) into LinearExperts."""
-        if self.experts is None:
-            return
-        parent, _, name = self.experts.rpartition(".")
-        for path, module in list(root.named_modules()):
-            if path == parent or path.endswith("." + parent):
-                if not isinstance(getattr(module, name), LinearExperts):
-                    unfuse_experts(module, name)
+        if self.experts is not None:
+            unfuse_all_experts(root, self.experts)
 
     def rebuild_buffers(self, model: nn.Module, config: PretrainedConfig) -> None:
         """Recreate a meta-built model's non-persistent buffers (RoPE tables, a scaled embedding's

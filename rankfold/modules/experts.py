@@ -62,6 +62,16 @@ def unfuse_experts(parent: nn.Module, name: str = "experts") -> LinearExperts:
     return linear
 
 
+def unfuse_all_experts(root: nn.Module, path: str) -> None:
+    """Unfuse every experts module at layer path `path` (e.g. "mlp.experts") under `root` (a layer or
+    a whole model) into a LinearExperts; ones already unfused are left as they are."""
+    parent, _, name = path.rpartition(".")
+    for module_path, module in list(root.named_modules()):
+        if module_path == parent or module_path.endswith("." + parent):
+            if not isinstance(getattr(module, name), LinearExperts):
+                unfuse_experts(module, name)
+
+
 def split_fused_experts(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     """A layer state holding transformers 5's fused `{path}.gate_up_proj` (E, 2·ffn, in) and
     `{path}.down_proj` (E, out, ffn) with one `{path}.{e}.{gate_proj|up_proj|down_proj}.weight` per
@@ -73,4 +83,15 @@ def split_fused_experts(state: dict[str, torch.Tensor], path: str) -> dict[str, 
             gate, up = gate_up[e].chunk(2, dim=0)
             out.update({f"{path}.{e}.gate_proj.weight": gate, f"{path}.{e}.up_proj.weight": up,
                         f"{path}.{e}.down_proj.weight": down[e]})
+    return out
+
+
+def fuse_split_experts(state: dict[str, torch.Tensor], path: str, experts: int) -> dict[str, torch.Tensor]:
+    """The inverse of split_fused_experts: `{path}.{e}.{gate_proj|up_proj|down_proj}.weight` of `experts`
+    experts stacked into transformers 5's `{path}.gate_up_proj` (E, 2·ffn, in) and `{path}.down_proj`."""
+    out = dict(state)
+    parts = [[out.pop(f"{path}.{e}.{name}.weight") for name in ("gate_proj", "up_proj", "down_proj")]
+             for e in range(experts)]
+    out[f"{path}.gate_up_proj"] = torch.stack([torch.cat([gate, up]) for gate, up, _ in parts])
+    out[f"{path}.down_proj"] = torch.stack([down for _, _, down in parts])
     return out

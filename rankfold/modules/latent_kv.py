@@ -104,6 +104,16 @@ class LatentKVAttention(nn.Module):
             if bias and not shape.fold_values else None
         self._rope = None  # built on first use (the model may be built on the meta device)
 
+    def projection_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """{"k_proj": (B, A, bias), "v_proj": (B, A, bias)}: the dense K and V projections this attention
+        computes, as B A x + bias with A = the down projection (Σr, n) and B = the groups' up projections
+        block-diagonal (num_kv_heads·d, Σr). ValueError when L_v is folded into o_proj (the values then
+        have no projection of their own)."""
+        if self.shape.fold_values:
+            raise ValueError("values are folded into o_proj (o_proj′ = W_o L_v): there is no dense v_proj to write")
+        return {"k_proj": (torch.block_diag(*self.k_up), self.k_down.weight, self.k_bias),
+                "v_proj": (torch.block_diag(*self.v_up), self.v_down.weight, self.v_bias)}
+
     def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None:
             from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding

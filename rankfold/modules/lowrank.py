@@ -37,6 +37,10 @@ class LowRankLinear(nn.Module):
         # (..., n) -> (..., r′) -> (..., m); prefixes are views of the stored factors
         return shared_lowrank(x, self.A[:rank], [self.B[:, :rank]], biases=[self.bias])[0]
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B (out, rank), A (rank, in)) at the stored rank: the module is B A x + bias."""
+        return self.B, self.A
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 

@@ -90,6 +90,15 @@ class SharedProjection(nn.Module):
             self._cached_input, self._cached_outputs = None, None
         return outputs
 
+    def dense_a(self) -> torch.Tensor:
+        """A (rank, in) as one matrix; with skipping [I A′]·P, the identity block and permutation written out."""
+        if not self.skip:
+            return self.A
+        a = self.A_prime.new_zeros(self.rank, self.in_features)
+        a[:, self.permutation[:self.rank]] = torch.eye(self.rank, dtype=a.dtype, device=a.device)
+        a[:, self.permutation[self.rank:]] = self.A_prime
+        return a
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, rank={self.rank}, skip={self.skip}, consumers={self.consumers}"
 
@@ -108,6 +117,10 @@ class SharedLowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shared(x)[self.index]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B (out, rank), A (rank, in)) with the shared A written out (SharedProjection.dense_a)."""
+        return self.B, self.shared.dense_a()
 
     def extra_repr(self) -> str:
         return f"out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"

@@ -65,6 +65,10 @@ class LowRankSparseLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, A) when S is empty (the module is then plain low rank), else None."""
+        return (self.B, self.A) if self.nnz == 0 else None
+
     def dense(self) -> torch.Tensor:
         """B A + S as a dense (out, in) float32 matrix."""
         return (self.B.float() @ self.A.float()) + self.sparse_matrix().to_dense()

@@ -259,3 +259,26 @@ def test_save_pretrained_round_trips_through_transformers_or_is_refused(finished
     code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(tmp_path / 'saved')!r})"
     refused = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert refused.returncode != 0 and "rankfold_llama" in refused.stderr
+
+
+def test_export_writes_a_job_as_a_folder_with_its_remote_code(finished_job, tmp_path, capsys):
+    """`rankfold export OUTPUT_DIR NEW` writes the job's checkpoint with its remote code; it loads (here
+    through rankfold's registered classes of the same model type) with rankfold.load's logits; an existing
+    target is refused and left alone. (Loading with rankfold blocked, every structure and form: tests/export/.)"""
+    from rankfold.cli import main
+
+    _, _, out = finished_job
+    assert main(["export", str(out), str(tmp_path / "exported")]) == 0
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    tokens = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", trust_remote_code=True)
+    assert (tmp_path / "exported" / "modeling_rankfold.py").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits, rankfold.load(out / "model")(tokens).logits,
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(rankfold.load(tmp_path / "exported")(tokens).logits, exported(tokens).logits,
+                                   rtol=0, atol=0)
+    before = sorted(p.name for p in (tmp_path / "exported").iterdir())
+    assert main(["export", str(out / "model"), str(tmp_path / "exported"), "--form", "dense"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == before

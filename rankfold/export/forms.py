@@ -1,0 +1,126 @@
+"""The servable forms of a compressed model: every compressed matrix as two plain nn.Linear factors
+(`lowrank`: kind 'factored', what vLLM's Transformers backend runs on its own GEMMs) or multiplied out
+(`dense`: W = B A, the family's own dense model, loadable and servable anywhere).
+
+What each structure becomes (exact unless said):
+- low rank B A: the same factors; a shared projection (SkipCat's Cat): each member gets its own copy
+  of the shared A (stored once per member: the form costs Σ_members r·n more parameters); a skip
+  projection: A = [I A′]·P written out (r·r + r·n numbers instead of r·(n − r)).
+- low rank + sparse with entries in S: not a product of two factors: written dense (W = B A + S).
+- Palu's latent KV attention (values not folded): K = blockdiag(L_k) R_k x + b_k and V likewise, as
+  plain k_proj / v_proj; the cache then holds full keys and values, so the latent cache's memory saving
+  and its quantisation are gone (logits equal the latent model's when its cache is unquantised).
+  Folded values (o_proj′ = W_o L_v) have no v_proj to write: ExportError.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from rankfold.checkpoint import CheckpointError, compressed_layout
+from rankfold.models.architecture import architecture_for
+from rankfold.modules.experts import fuse_split_experts
+from rankfold.modules.layout import CompressedModule
+from rankfold.modules.transformers_hook import PREFIX, compressed_config
+
+# A compressed linear as (B, A, bias), or (W, None, bias) where it is not a product of two factors.
+Parts = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+class ExportError(CheckpointError):
+    """A model that cannot be written in the asked form: names the module and why."""
+
+
+def plain_parts(model: PreTrainedModel, layout: list[CompressedModule]) -> dict[str, Parts]:
+    """Every compressed linear of `model` (full path) as Parts; a latent-KV attention's k_proj and v_proj too."""
+    parts = {}
+    for entry in layout:
+        if not entry.handler.linear:
+            attention = model.get_submodule(entry.shared_path)
+            if not hasattr(attention, "projection_factors"):
+                raise ExportError(f"{entry.shared_path}: a {entry.kind} module has no plain projections to write")
+            try:
+                factors = attention.projection_factors()
+            except ValueError as err:
+                raise ExportError(f"{entry.shared_path}: {err}; export it with --form native") from None
+            parts.update({f"{entry.shared_path}.{name}": value for name, value in factors.items()})
+            continue
+        for member in entry.members:
+            linear = model.get_submodule(member)
+            factors = linear.factors()
+            parts[member] = (factors[0], factors[1], linear.bias) if factors is not None else \
+                (linear.dense(), None, linear.bias)
+    return parts
+
+
+def _owned_keys(state: dict[str, torch.Tensor], layout: list[CompressedModule]) -> set[str]:
+    """The state keys the compressed modules hold (a latent attention's own, not its q_proj / o_proj)."""
+    owned = set()
+    for entry in layout:
+        paths = list(entry.members) + ([entry.shared_path] if entry.shared_path else [])
+        keep = (f"{entry.shared_path}.q_proj.", f"{entry.shared_path}.o_proj.") if not entry.handler.linear else ()
+        owned |= {k for k in state if k.startswith(tuple(p + "." for p in paths)) and not k.startswith(keep)}
+    return owned
+
+
+def plain_state(model: PreTrainedModel, factored: bool) -> tuple[dict[str, torch.Tensor], list[CompressedModule]]:
+    """(state dict, layout) of the model in the `lowrank` form (factored=True) or the dense one."""
+    layout = compressed_layout(model.config)
+    state = model.state_dict()
+    dtype = next(model.parameters()).dtype
+    parts = plain_parts(model, layout)
+    state = {k: v for k, v in state.items() if k not in _owned_keys(state, layout)}
+    new_layout = []
+    for path, (b, a, bias) in parts.items():
+        if bias is not None:
+            state[f"{path}.bias"] = bias.detach().to(dtype)
+        if a is None or not factored:
+            weight = b if a is None else b.detach().double() @ a.detach().double()
+            state[f"{path}.weight"] = weight.detach().to(dtype)
+            continue
+        # clones: members of one shared projection each get their own copy of A
+        state[f"{path}.A.weight"], state[f"{path}.B.weight"] = a.detach().to(dtype).clone(), b.detach().to(dtype).clone()
+        new_layout.append(CompressedModule("factored", (path,), int(a.shape[0])))
+    return state, new_layout
+
+
+def lowrank_model(model: PreTrainedModel) -> PreTrainedModel:
+    """The model with every compressed matrix a FactoredLinear (kind 'factored'); module docstring."""
+    state, layout = plain_state(model, factored=True)
+    config = copy.deepcopy(model.config)
+    config.rankfold = {**config.rankfold, "layout": [m.to_json() for m in layout], "form": "lowrank"}
+    with torch.device("meta"):
+        target = AutoModelForCausalLM.from_config(compressed_config(config), dtype=next(model.parameters()).dtype)
+    return _filled(target, state, config)
+
+
+def dense_model(model: PreTrainedModel) -> PreTrainedModel:
+    """The family's own dense model with W = B A (+ S) for every compressed matrix; module docstring."""
+    state, _ = plain_state(model, factored=False)
+    config = copy.deepcopy(model.config)
+    config.model_type = config.model_type.removeprefix(PREFIX)
+    arch = architecture_for(config)
+    dropped = ("rankfold", "model_type", "auto_map", "architectures")
+    base = CONFIG_MAPPING[config.model_type].from_dict({k: v for k, v in config.to_dict().items() if k not in dropped})
+    if arch.experts:
+        for i in range(base.num_hidden_layers):
+            state = fuse_split_experts(state, arch.layer_prefix.format(i=i) + arch.experts, arch.num_experts(base))
+    with torch.device("meta"):
+        target = AutoModelForCausalLM.from_config(base, dtype=next(model.parameters()).dtype)
+    return _filled(target, state, base)
+
+
+def _filled(target: PreTrainedModel, state: dict[str, torch.Tensor], config) -> PreTrainedModel:
+    missing, unexpected = target.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ExportError(f"converted tensors do not fit the {type(target).__name__} they were written for "
+                          f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    if tied:
+        target.tie_weights()
+    architecture_for(config).rebuild_buffers(target, config)
+    return target.eval()
