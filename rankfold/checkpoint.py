@@ -11,7 +11,7 @@ Layout of a checkpoint folder:
 
 The index is deliberately not named model.safetensors.index.json: plain transformers would load the
 folder as a dense model, initialise the missing dense weights at random and only warn. Load with
-`rankfold.load(path)`.
+`rankfold.load(path)`; `rankfold export` (rankfold/export/) writes a folder that loads without rankfold.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ plain Llama, its dense projections would be initialised at random and transforme
 So a compressed model is saved as its own model type, `rankfold_<base>` (e.g. `rankfold_llama`),
 whose class turns the dense linears into the low-rank modules its config's `rankfold.layout` records
 before the weights load. With rankfold imported, `AutoModelForCausalLM.from_pretrained` loads it;
-without, transformers refuses the unknown model type — never silently random weights.
+without, transformers refuses the unknown model type — never silently random weights. A folder
+written by `rankfold export` carries the same model type with generated remote code (`auto_map`),
+so it loads without rankfold too (rankfold/export/modeling.py).
 """
 
 from __future__ import annotations
