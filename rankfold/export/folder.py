@@ -18,6 +18,7 @@ transformers' `save_pretrained`; side files (FLRA's rank gains) stay behind (the
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ def write_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | No
     temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         files = _write(model, tokenizer, temp, compressed, max_shard_size)
+        _usual_permissions(temp)
         temp.rename(out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -89,6 +91,16 @@ def _write(model: PreTrainedModel, tokenizer, folder: Path, compressed: bool, ma
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return sorted(files)
+
+
+def _usual_permissions(folder: Path) -> None:
+    """The folder and its files as a plain mkdir / write would leave them (the umask's), not the private
+    modes of a temporary folder: an exported model is made to be read by servers and other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _opened(location: str | Path) -> ModelSource:

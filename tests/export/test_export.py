@@ -7,6 +7,7 @@ every folder (the loads dominate the cost)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,9 @@ def test_the_folder_loads_without_rankfold_with_equal_logits_and_tokens(exported
     torch.testing.assert_close(result["logits"], logits, rtol=1e-4 if exact else 1e-3, atol=1e-4 if exact else 1e-3)
     assert result["generated"].tolist() == generated.tolist()
     config = json.loads((folder / "config.json").read_text())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # not the temporary folder's private mode
     if case[2] == "dense":
         assert "auto_map" not in config and not config["model_type"].startswith("rankfold_")
     else:
