@@ -96,7 +96,8 @@ CASES = [("llama", s, "native") for s in ("lowrank", "shared", "skip", "sparse",
                                           "lowrank+latent folded", "skip+latent")] + \
         [("llama", s, form) for s in ("shared", "skip", "sparse", "skip+latent16") for form in ("lowrank", "dense")] + \
         [(family, "skip", "native") for family in sorted(FAMILIES) if family != "llama"] + \
-        [(family, "shared", "lowrank") for family in ("phi3", "qwen3_moe")] + [("mixtral", "shared", "dense")]
+        [(family, "shared", "lowrank") for family in ("phi3", "qwen3_moe")] + [("mixtral", "shared", "dense")] + \
+        [("qwen2", "lowrank+latent", "native"), ("qwen2", "skip+latent16", "lowrank")]  # k/v biases
 
 
 def _case_id(case) -> str:
