@@ -30,11 +30,11 @@ LOADER = Path(__file__).with_name("load_without_rankfold.py")
 PROMPT, NEW_TOKENS = 6, 5
 
 
-def _config(model_type: str, vocab: int):
+def _config(model_type: str, vocab: int, **changes):
     config_class, extra = FAMILIES[model_type]
     return config_class(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                        tie_word_embeddings=True, rms_norm_eps=1e-5, **extra)
+                        tie_word_embeddings=True, rms_norm_eps=1e-5, **(extra | changes))
 
 
 def _latent(prefix: str, fold: bool, bits: int) -> CompressedModule:
@@ -70,10 +70,10 @@ def _layout(config, structure: str) -> list[CompressedModule]:
     return layout
 
 
-def compressed_model(model_type: str, structure: str, vocab: int) -> torch.nn.Module:
+def compressed_model(model_type: str, structure: str, vocab: int, **changes) -> torch.nn.Module:
     """A random model of the family with `structure` applied, its tensors filled (valid permutations,
-    sorted sparse indices); float32, eval mode."""
-    config = _config(model_type, vocab)
+    sorted sparse indices); float32, eval mode. `changes`: config fields to override."""
+    config = _config(model_type, vocab, **changes)
     config.rankfold = {"layout": [m.to_json() for m in _layout(config, structure)], "dtype": "float32"}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(compressed_config(config))
