@@ -32,6 +32,12 @@ SKIP_TRUNCATION = (
     "skipping (method.skip false, or svd_llm) for progressive low-rank decoding")
 
 
+# A model loader that fills parameters only leaves buffers on the meta device (vLLM's Transformers backend does).
+UNLOADED_BUFFER = ("{what} was never loaded (it is still on the meta device): the loader filled parameters but "
+                   "not buffers, as vLLM's Transformers backend does; write the model with `rankfold export "
+                   "--form lowrank` to serve it there")
+
+
 class SharedProjection(nn.Module):
     """z = A x (skip=False) or z = x[P[:r]] + A′ x[P[r:]] (skip=True), for `consumers` members.
 
@@ -70,6 +76,8 @@ class SharedProjection(nn.Module):
         if len(self._members) != self.consumers:
             raise RuntimeError(f"shared projection has {len(self._members)} of its {self.consumers} members")
         if self.skip:
+            if self.permutation.is_meta and not x.is_meta:
+                raise RuntimeError(f"SharedProjection: {UNLOADED_BUFFER.format(what='its permutation')}")
             return shared_lowrank(x, self.A_prime, [m.B for m in self._members], self.permutation,
                                   [m.bias for m in self._members])
         rank = self.active_rank or self.rank

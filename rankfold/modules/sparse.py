@@ -19,6 +19,7 @@ from torch import nn
 
 from rankfold.core.errors import DecompositionError
 from rankfold.modules.layout import ModuleKind, register_module_kind, sparse_params
+from rankfold.modules.shared import UNLOADED_BUFFER
 
 
 class LowRankSparseLinear(nn.Module):
@@ -40,6 +41,8 @@ class LowRankSparseLinear(nn.Module):
 
     def sparse_matrix(self) -> torch.Tensor:
         """S as a float32 CSR tensor (out, in), built on first use."""
+        if self.S_indices.is_meta and not self.S_values.is_meta:
+            raise RuntimeError(f"LowRankSparseLinear: {UNLOADED_BUFFER.format(what='S_indices')}")
         if self._csr is None:
             self._csr = csr_from_flat(self.S_values.detach().float(), self.S_indices, self.out_features,
                                       self.in_features)

@@ -176,3 +176,15 @@ def test_the_shipped_code_imports_only_torch_transformers_and_itself():
         path.unlink()
     assert tops <= {"torch", "transformers", "__future__", "dataclasses", "typing", "weakref", "math", "warnings",
                     "importlib", "os", "collections", "pkgutil"}, tops
+
+
+@pytest.mark.parametrize("structure,buffer", [("skip", "permutation"), ("sparse", "S_indices")])
+def test_a_loader_that_skips_buffers_gets_an_error_not_wrong_tokens(structure, buffer):
+    """vLLM's Transformers backend loads parameters only: a native skip or sparse folder there would run
+    with buffers left on the meta device; the forward says so and names the form that serves."""
+    model = compressed_model("llama", structure, 512)
+    owner = next(m for name, m in model.named_modules() if isinstance(getattr(m, buffer, None), torch.Tensor)
+                 and getattr(m, "skip", True))
+    setattr(owner, buffer, torch.empty_like(getattr(owner, buffer), device="meta"))
+    with pytest.raises(RuntimeError, match="never loaded.*--form lowrank"):
+        model(torch.tensor([[1, 2, 3]]))
