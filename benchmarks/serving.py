@@ -14,6 +14,13 @@ timed on one thread too: every figure is single-threaded. Prompts: the four chat
         --variant dense=smollm2-135m --variant svd_llm-20=runs/smollm2-svdllm-20 \\
         --variant skipcat-20=runs/smollm2-skipcat-20 --variant skipcat-40=runs/smollm2-skipcat-40 \\
         --variant svd_llm-20-native=runs/smollm2-svdllm-20:native
+
+Real shapes with random weights (speed does not depend on the values): `--shape llama3-8b` builds one
+decoder layer of Llama-3-8B's dimensions (vocab cut to 32000: the embedding and head are not what is
+compared) dense and with SVD-LLM's structure (each matrix B A) at `--ratios`, random factors:
+
+    python -m benchmarks.serving --shape llama3-8b --ratios 0.2 0.4 0.6 --dtypes float32 --prefill 256 \
+        --name llama3-8b-layer
 """
 
 from __future__ import annotations
@@ -42,6 +49,57 @@ def _exported(source: str, form: str, work: Path) -> Path:
     if not (folder / "config.json").exists():
         export(source, folder, form=form)
     return folder
+
+
+# (hidden, intermediate, heads, KV heads, head_dim, family) of the real shapes, as their configs give them
+SHAPES = {"llama3-8b": (4096, 14336, 32, 8, 128, "llama"), "qwen2.5-7b": (3584, 18944, 28, 4, 128, "qwen2")}
+
+
+def random_variants(shape: str, ratios: list[float], work: Path) -> list[tuple[str, Path, str]]:
+    """(name, folder, form) of a one-layer random model of `shape`: dense, and low rank at each ratio."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from rankfold.export.folder import write_folder
+    from rankfold.methods.structure import LOWRANK, plan_layer
+    from rankfold.models.architecture import architecture_for
+    from rankfold.modules.transformers_hook import compressed_config
+
+    hidden, ffn, heads, kv, head_dim, family = SHAPES[shape]
+    config = AutoConfig.for_model(family, vocab_size=32000, hidden_size=hidden, intermediate_size=ffn,
+                                  num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv,
+                                  head_dim=head_dim, max_position_embeddings=4096, tie_word_embeddings=False)
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(32000)}, unk_token="t0"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="t1", bos_token="t2")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    arch, out = architecture_for(config), []
+    for ratio in [0.0, *ratios]:
+        name = f"{shape}-dense" if ratio == 0 else f"{shape}-lowrank-{round(100 * ratio)}"
+        folder = work / name
+        out.append((name, folder, "dense" if ratio == 0 else "lowrank"))
+        if (folder / "config.json").exists():
+            continue
+        torch.manual_seed(0)
+        if ratio:
+            shapes = {m: _shape(config, m) for g in arch.groups for m in g.members}
+            layout = plan_layer(LOWRANK, [(g.name, g.members) for g in arch.groups], shapes, ratio)
+            config.rankfold = {"layout": [m.prefixed(arch.layer_prefix.format(i=0)).to_json() for m in layout]}
+        model = AutoModelForCausalLM.from_config(compressed_config(config) if ratio else config)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0.0, 0.02)
+        write_folder(model.eval(), tokenizer, folder, "lowrank" if ratio else "native")
+        config.rankfold = None
+    return out
+
+
+def _shape(config, member: str) -> tuple[int, int]:
+    """(out, in) of a Llama-style layer's linear `member` under `config`."""
+    hidden, ffn, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    name = member.rsplit(".", 1)[-1]
+    return {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+            "gate_proj": (ffn, hidden), "up_proj": (ffn, hidden), "down_proj": (hidden, ffn)}[name]
 
 
 def _weight_bytes(folder: Path) -> int:
@@ -124,6 +182,14 @@ def vllm_run(folder: Path, dtype: str, prompts: list[list[int]], vocab: int, arg
     return json.loads((work / "vllm.json").read_text())
 
 
+def _variant(spec: str, work: Path) -> tuple[str, Path, str]:
+    """NAME=SOURCE[:FORM] -> (name, exported folder, form)."""
+    name, _, where = spec.partition("=")
+    source, _, form = where.rpartition(":") if where.rsplit(":", 1)[-1] in ("native", "lowrank", "dense") \
+        else (where, "", "lowrank")
+    return name, _exported(source, form, work), form
+
+
 def _agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     """How many prompts agree on every token, and each prompt's first differing position (None: none)."""
     first = [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), None) for p, q in zip(a, b)]
@@ -132,7 +198,9 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", action="append", required=True, help="NAME=SOURCE[:FORM] (FORM default lowrank)")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=SOURCE[:FORM] (FORM default lowrank)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a one-layer random model of these dimensions")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     parser.add_argument("--vllm-python", default=os.environ.get("RANKFOLD_VLLM_PYTHON", "/work/vllm-venv/bin/python"))
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -145,11 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows, agreement = [], []
-    for spec in args.variant:
-        name, _, where = spec.partition("=")
-        source, _, form = where.rpartition(":") if where.rsplit(":", 1)[-1] in ("native", "lowrank", "dense") \
-            else (where, "", "lowrank")
-        folder = _exported(source, form, args.work)
+    variants = [_variant(spec, args.work) for spec in args.variant]
+    if args.shape:
+        variants += random_variants(args.shape, args.ratios, args.work)
+    for name, folder, form in variants:
         prompts, weights = _prompt_ids(folder), _weight_bytes(folder)
         for dtype in args.dtypes:
             work = args.work / f"{name}-{dtype}"
