@@ -7,7 +7,8 @@ JOB.json: {"folder", "dtype", "prompts": [token id lists], "greedy_tokens", "bat
 "decode"}. Prefill: `batch` prompts of `prefill` random tokens, one new token each (tokens/s counts
 prompt tokens). Decode: `batch` short prompts, `decode` new tokens; decode tokens/s = batch·(decode − 1)
 / (time − the one-token time of the same batch). Best of `repeats` runs after one warm-up. This file
-imports no rankfold (it runs where rankfold is not installed).
+imports no rankfold (it runs where rankfold is not installed). Prefix caching is off: the
+timed runs repeat their prompts, and a cache hit would skip the prefill being measured.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main() -> None:
     started = time.perf_counter()
     llm = LLM(job["folder"], dtype=job["dtype"], trust_remote_code=True, enforce_eager=True,
               gpu_memory_utilization=job.get("gpu_memory_utilization", 0.25), max_model_len=job.get("max_len", 1024),
-              seed=0)
+              seed=0, enable_prefix_caching=False)  # timed prompts repeat: no cache hits
     load_s = time.perf_counter() - started
     greedy = SamplingParams(max_tokens=job["greedy_tokens"], temperature=0.0)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], greedy, use_tqdm=False)

@@ -75,6 +75,7 @@ def test_bad_input_never_reaches_the_cluster(tmp_path, tiny_model_dir, ray_clust
     assert unknown.returncode == 2 and "rankfold-nope" in unknown.stderr
 
 
+@pytest.mark.slow  # ≈ 65 s on 2 cores; the scheduler's decisions are tested in test_schedule.py
 def test_scheduler_submits_a_due_evaluation_to_the_cluster(tmp_path, tiny_model_dir, ray_cluster, shared_data):
     """A nightly evaluation-only spec (`rankfold eval` on the cluster): a zero-shot task on Ray actors;
     its metrics reach the history and its plot."""
