@@ -108,7 +108,7 @@ def plain_state(model: PreTrainedModel, factored: bool) -> tuple[dict[str, torch
             weight = b if a is None else b.detach().double() @ a.detach().double()
             state[f"{path}.weight"] = weight.detach().to(dtype)
             continue
-        # clones: members of one shared projection each get their own copy of A
+        # clones: the written model must not alias the source model's parameters
         state[f"{path}.A.weight"], state[f"{path}.B.weight"] = a.detach().to(dtype).clone(), b.detach().to(dtype).clone()
         new_layout.append(CompressedModule("factored", (path,), int(a.shape[0])))
     return state, new_layout
