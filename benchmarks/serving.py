@@ -126,11 +126,15 @@ def _numel(shape) -> int:
 
 
 def _prompt_ids(folder: Path) -> list[list[int]]:
+    """PROMPTS through the folder's tokenizer and chat template; ValueError when one comes out empty."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=False)) for p in PROMPTS]
+    ids = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False)) for p in PROMPTS]
+    if not all(ids):
+        raise ValueError(f"{folder}: the tokenizer turned a prompt into no tokens")
+    return ids
 
 
 def _best(fn, repeats: int) -> float:
@@ -217,7 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.shape:
         variants += random_variants(args.shape, args.ratios, args.work)
     for name, folder, form in variants:
-        prompts, weights = _prompt_ids(folder), _weight_bytes(folder)
+        synthetic = args.shape is not None and name.startswith(args.shape)  # random weights: any tokens will do
+        prompts = [[(17 * i + 3 * j) % 32000 for j in range(24)] for i in range(len(PROMPTS))] if synthetic \
+            else _prompt_ids(folder)
+        weights = _weight_bytes(folder)
         for dtype in args.dtypes:
             work = args.work / f"{name}-{dtype}"
             work.mkdir(parents=True, exist_ok=True)
