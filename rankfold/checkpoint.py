@@ -126,6 +126,11 @@ def meta_model(config: PretrainedConfig, layout: list[CompressedModule] | None =
     return model
 
 
+def is_compressed(config: PretrainedConfig) -> bool:
+    """The config records a rankfold layout (a compressed model's), not a dense model's."""
+    return isinstance(getattr(config, "rankfold", None), dict)
+
+
 def compressed_layout(config: PretrainedConfig) -> list[CompressedModule]:
     """The checkpoint's compressed modules (full paths), from config.json's rankfold section."""
     meta = getattr(config, "rankfold", None)
@@ -140,7 +145,7 @@ def compressed_layout(config: PretrainedConfig) -> list[CompressedModule]:
 def layer_layouts(config: PretrainedConfig) -> dict[int, list[dict]]:
     """Per decoder layer, its compressed modules with layer-relative paths (CompressedModule JSON, as
     the streamed layer runners take them); empty for a dense config."""
-    if not isinstance(getattr(config, "rankfold", None), dict):
+    if not is_compressed(config):
         return {}
     arch, out = architecture_for(config), {}
     for i in range(config.num_hidden_layers):
@@ -176,7 +181,7 @@ def model_from_source(source: ModelSource, dtype: torch.dtype | None = None) -> 
     Raises CheckpointError when the tensors do not fit the config (missing or unexpected names).
     """
     config = copy.deepcopy(source.config)
-    compressed = isinstance(getattr(config, "rankfold", None), dict)
+    compressed = is_compressed(config)
     arch = architecture_for(config)
     if arch.lm_head_key in source.keys() and getattr(config, "tie_word_embeddings", False):
         # The file's own head is the one the job evaluated (ModelSource.lm_head): never re-tie it away.

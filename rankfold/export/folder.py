@@ -26,10 +26,10 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rankfold.checkpoint import compressed_layout, model_from_source
+from rankfold.checkpoint import compressed_layout, is_compressed, model_from_source
 from rankfold.export.forms import ExportError, dense_model, lowrank_model
 from rankfold.export.modeling import remote_code
-from rankfold.models.sources import ModelSource, ModelSourceError, open_source
+from rankfold.models.sources import ModelSource, open_supported
 
 FORMS = ("native", "lowrank", "dense")
 
@@ -63,7 +63,7 @@ def export(source: str | Path, out: str | Path, form: str = "native", max_shard_
 def write_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out: Path, form: str = "native",
                  max_shard_size: str = "2GB") -> Exported:
     """`model` (a compressed model as rankfold.load gives it, or a dense one) written to `out` in `form`."""
-    compressed = isinstance(getattr(model.config, "rankfold", None), dict)
+    compressed = is_compressed(model.config)
     if compressed and form != "native":
         model = lowrank_model(model) if form == "lowrank" else dense_model(model)
         compressed = form == "lowrank"
@@ -109,8 +109,6 @@ def _opened(location: str | Path) -> ModelSource:
     if path.is_dir() and not (path / "config.json").exists() and (path / "model" / "config.json").exists():
         location = path / "model"
     try:
-        source = open_source(location)
-        source.architecture  # noqa: B018  (an unsupported family is an error now)
-    except (ModelSourceError, ValueError) as err:
+        return open_supported(location)
+    except ValueError as err:
         raise ExportError(f"cannot export {location}: {err}") from None
-    return source

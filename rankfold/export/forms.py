@@ -73,13 +73,12 @@ def _owned_keys(state: dict[str, torch.Tensor], layout: list[CompressedModule]) 
 def _shared(model: PreTrainedModel, entry: CompressedModule, dtype) -> tuple[dict[str, torch.Tensor], CompressedModule]:
     """A projection shared by several members, kept shared with its A written out (no skip block): its
     tensors and layout entry."""
-    state = {}
+    state = {f"{entry.shared_path}.A": model.get_submodule(entry.shared_path).dense_a().detach().to(dtype).clone()}
     for member in entry.members:
-        b, a = model.get_submodule(member).factors()
-        state[f"{member}.B"] = b.detach().to(dtype).clone()
-        if model.get_submodule(member).bias is not None:
-            state[f"{member}.bias"] = model.get_submodule(member).bias.detach().to(dtype)
-    state[f"{entry.shared_path}.A"] = a.detach().to(dtype).clone()
+        linear = model.get_submodule(member)
+        state[f"{member}.B"] = linear.B.detach().to(dtype).clone()
+        if linear.bias is not None:
+            state[f"{member}.bias"] = linear.bias.detach().to(dtype)
     return state, CompressedModule("shared", entry.members, entry.rank, entry.shared_path, group=entry.group)
 
 

@@ -11,6 +11,7 @@ statements), so it needs no triton and takes the torch path wherever its copy ha
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache  # choose_backend asks on every forward; the package's files do not change
 def _kernels_shipped() -> bool:
     """This package holds its Triton modules (an exported model's copy of this file does not)."""
     return importlib.util.find_spec(f"{__package__}.triton_lowrank") is not None

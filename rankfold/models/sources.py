@@ -406,3 +406,12 @@ def open_source(source: str | Path) -> ModelSource:
     raise ModelSourceError(
         f"{text!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), a .gguf file, nor a model folder"
     )
+
+
+def open_supported(source: str | Path) -> ModelSource:
+    """`open_source(source)`, its family's adapter looked up at once: ValueError (ModelSourceError, or
+    architecture_for's naming the supported families) for a location that does not open or a model
+    rankfold has no adapter for, before any work starts."""
+    opened = open_source(source)
+    opened.architecture  # noqa: B018  (cached: an unsupported family is an error now)
+    return opened

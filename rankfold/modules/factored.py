@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankfold.modules.layout import ModuleKind, lowrank_params, register_module_kind
+from rankfold.modules.layout import ModuleKind, lowrank_params, register_module_kind, swap_linear
 
 
 class FactoredLinear(nn.Module):
@@ -40,13 +40,9 @@ class FactoredLinear(nn.Module):
 
 def replace_with_factored(root: nn.Module, path: str, rank: int, dtype: torch.dtype | None = None) -> None:
     """Swap the nn.Linear at `path` under `root` for an empty FactoredLinear of rank `rank`."""
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    dense = getattr(parent, child)
-    if not isinstance(dense, nn.Linear):
-        raise TypeError(f"{path} is {type(dense).__name__}, not nn.Linear")
-    setattr(parent, child, FactoredLinear(dense.in_features, dense.out_features, rank, bias=dense.bias is not None,
-                                          dtype=dtype or dense.weight.dtype, device=dense.weight.device))
+    swap_linear(root, path, lambda dense: FactoredLinear(
+        dense.in_features, dense.out_features, rank, bias=dense.bias is not None,
+        dtype=dtype or dense.weight.dtype, device=dense.weight.device))
 
 
 def _tensors(module, stacked, rows, factorizer):

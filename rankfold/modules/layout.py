@@ -121,6 +121,16 @@ def register_module_kind(kind: ModuleKind) -> ModuleKind:
     return MODULE_KINDS.register(kind.name, kind)
 
 
+def swap_linear(root: nn.Module, path: str, build: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replace the nn.Linear at `path` under `root` by `build(dense)`; TypeError when `path` is not one."""
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    dense = getattr(parent, child)
+    if not isinstance(dense, nn.Linear):
+        raise TypeError(f"{path} is {type(dense).__name__}, not nn.Linear")
+    setattr(parent, child, build(dense))
+
+
 def apply_layout(root: nn.Module, layout: list[CompressedModule], dtype: torch.dtype | None = None) -> None:
     """Replace dense linears under `root` by the (empty) modules the layout describes, each by its kind's
     handler; kinds built last (a latent-KV attention) after the rest, as they take over what those made."""

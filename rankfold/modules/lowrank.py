@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rankfold.kernels import shared_lowrank
-from rankfold.modules.layout import ModuleKind, lowrank_params, register_module_kind
+from rankfold.modules.layout import ModuleKind, lowrank_params, register_module_kind, swap_linear
 
 
 class LowRankLinear(nn.Module):
@@ -55,14 +55,9 @@ def check_active_rank(rank: int | None, stored: int, what: str) -> int | None:
 def replace_linears(root: nn.Module, ranks: dict[str, int], dtype: torch.dtype | None = None) -> None:
     """Swap each named nn.Linear under `root` for an empty (same-device) LowRankLinear of the given rank."""
     for path, rank in ranks.items():
-        parent_path, _, child = path.rpartition(".")
-        parent = root.get_submodule(parent_path) if parent_path else root
-        dense = getattr(parent, child)
-        if not isinstance(dense, nn.Linear):
-            raise TypeError(f"{path} is {type(dense).__name__}, not nn.Linear")
-        replacement = LowRankLinear(dense.in_features, dense.out_features, rank, bias=dense.bias is not None,
-                                    dtype=dtype or dense.weight.dtype, device=dense.weight.device)
-        setattr(parent, child, replacement)
+        swap_linear(root, path, lambda dense, rank=rank: LowRankLinear(
+            dense.in_features, dense.out_features, rank, bias=dense.bias is not None,
+            dtype=dtype or dense.weight.dtype, device=dense.weight.device))
 
 
 def _tensors(module, stacked, rows, factorizer):

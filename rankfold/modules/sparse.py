@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rankfold.core.errors import DecompositionError
-from rankfold.modules.layout import ModuleKind, register_module_kind, sparse_params
+from rankfold.modules.layout import ModuleKind, register_module_kind, sparse_params, swap_linear
 from rankfold.modules.shared import UNLOADED_BUFFER
 
 
@@ -113,14 +113,9 @@ def flat_sparse(matrix: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Te
 
 def replace_with_sparse(root: nn.Module, path: str, rank: int, nnz: int, dtype: torch.dtype | None = None) -> None:
     """Swap the nn.Linear at `path` for an empty LowRankSparseLinear."""
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    dense = getattr(parent, child)
-    if not isinstance(dense, nn.Linear):
-        raise TypeError(f"{path} is {type(dense).__name__}, not nn.Linear")
-    setattr(parent, child, LowRankSparseLinear(dense.in_features, dense.out_features, rank, nnz,
-                                               bias=dense.bias is not None, dtype=dtype or dense.weight.dtype,
-                                               device=dense.weight.device))
+    swap_linear(root, path, lambda dense: LowRankSparseLinear(
+        dense.in_features, dense.out_features, rank, nnz, bias=dense.bias is not None,
+        dtype=dtype or dense.weight.dtype, device=dense.weight.device))
 
 
 def _params(module, rows: int, cols: int, cost: int | None) -> int:

@@ -19,7 +19,7 @@ from rankfold.checkpoint import layer_layouts
 from rankfold.evaluation.report import evaluation_table, generated_samples
 from rankfold.execution.base import Executor
 from rankfold.jobs.spec import EvalSpec, SpecError
-from rankfold.models.sources import ModelSource, ModelSourceError, open_source
+from rankfold.models.sources import ModelSource, open_supported
 from rankfold.orchestrator.history import record_run
 from rankfold.orchestrator.job import make_executor, open_store
 from rankfold.orchestrator.manifest import Manifest
@@ -71,11 +71,9 @@ def open_evaluated(spec: EvalSpec, store: ArtifactStore | None = None) -> ModelS
     if location.startswith(SCHEME) and not location[len(SCHEME):].lstrip().startswith("{"):
         location = stored_location((store or open_store(spec)).ref(), location[len(SCHEME):])
     try:
-        source = open_source(location)
-        source.architecture  # noqa: B018  (an unsupported architecture is an error now)
-    except (ModelSourceError, ValueError) as err:
+        return open_supported(location)
+    except ValueError as err:
         raise SpecError(f"model.source = {spec.model.source!r}: {err}") from None
-    return source
 
 
 def _variant(source: ModelSource) -> str:

@@ -11,7 +11,7 @@ from typing import Callable
 from pydantic import ValidationError
 
 from rankfold.allocators.registry import ALLOCATORS, AllocationProblem
-from rankfold.checkpoint import RANK_GAINS, compressed_layout, meta_model
+from rankfold.checkpoint import RANK_GAINS, compressed_layout, is_compressed, meta_model
 from rankfold.core.hashing import digest_of
 from rankfold.data.text import DataError
 from rankfold.evaluation.registry import EVALUATORS, DecodeFacts, ModelFacts
@@ -19,7 +19,7 @@ from rankfold.jobs.spec import EvalSpec, JobSpec, SpecError
 from rankfold.methods.kv_registry import KV_METHODS
 from rankfold.methods.plrd import decode_units
 from rankfold.methods.registry import method_of
-from rankfold.models.sources import ModelSource, ModelSourceError, open_source
+from rankfold.models.sources import ModelSource, open_supported
 from rankfold.modules.layout import CompressedModule
 from rankfold.modules.shared import SKIP_TRUNCATION
 from rankfold.orchestrator.manifest import Manifest
@@ -35,10 +35,10 @@ def preflight(spec: JobSpec) -> tuple[ModelSource, Shapes]:
     """Open the model, check every input file, the allocation's feasibility and every evaluation's
     data; a SpecError names the field and value at fault. Returns the source and the matrix shapes."""
     try:
-        source = open_source(spec.model.source)
-        arch = source.architecture
-    except (ModelSourceError, ValueError) as err:
+        source = open_supported(spec.model.source)
+    except ValueError as err:
         raise SpecError(f"model.source = {spec.model.source!r}: {err}") from None
+    arch = source.architecture
     for field, text_source in _text_sources(spec):
         if text_source.path is not None and not Path(text_source.path).is_file():
             raise SpecError(f"{field}.path = {str(text_source.path)!r}: file not found")
@@ -113,7 +113,7 @@ def check_evaluations(spec: JobSpec | EvalSpec, source: ModelSource,
 
 def recorded_decode(source: ModelSource) -> DecodeFacts | None:
     """Decode facts of a checkpoint from its config's layout (None: dense) and its side files."""
-    if not isinstance(getattr(source.config, "rankfold", None), dict):
+    if not is_compressed(source.config):
         return None
     model = meta_model(source.config, compressed_layout(source.config))
     return DecodeFacts(decode_units(model), gains=source.side_file(RANK_GAINS) is not None)

@@ -174,7 +174,7 @@ def test_the_shipped_code_imports_only_torch_transformers_and_itself():
         path.write_text(text)
         tops |= set(get_imports(path))
         path.unlink()
-    assert tops <= {"torch", "transformers", "__future__", "dataclasses", "typing", "weakref", "math", "warnings",
+    assert tops <= {"torch", "transformers", "__future__", "dataclasses", "functools", "typing", "weakref", "math", "warnings",
                     "importlib", "os", "collections", "pkgutil"}, tops
 
 
