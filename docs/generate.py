@@ -191,14 +191,13 @@ def models_page() -> str:
         cells += ["✓" if tested else "", "✓" if name in LATENT_KV else "", "✓" if tested else "",
                   "✓" if arch.gguf else ""]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
-    lines += ["", "Why a cell is blank:", ""]
+    lines += ["", "Palu on sliding-window layers keeps every token's latents and masks the window "
+              "([why](../methods/palu.md)); on phi3 the query rows of `qkv_proj` stay dense beside it.",
+              "", "Why a cell is blank:", ""]
     for name in sorted(ARCHITECTURES.names()):
         arch = ARCHITECTURES.get(name)
         if arch.latent_kv_unsupported:
             lines.append(f"- `{name}`, palu: {arch.latent_kv_unsupported}.")
-    lines.append("- palu on sliding-window layers (mistral, phi3, mixtral, qwen3_moe with a `sliding_window`; "
-                 "gemma2; gemma3_text; qwen2 / qwen2_moe layers from `max_window_layers`): the latent attention keeps and "
-                 "attends every token.")
     lines.append("- gguf: only llama's tensor layout is undone (other families: use the safetensors folder).")
     return "\n".join(lines)
 

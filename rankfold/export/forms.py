@@ -13,7 +13,8 @@ What each structure becomes (exact unless said):
 - Palu's latent KV attention (values not folded): K = blockdiag(L_k) R_k x + b_k and V likewise, as
   plain k_proj / v_proj; the cache then holds full keys and values, so the latent cache's memory saving
   and its quantisation are gone (logits equal the latent model's when its cache is unquantised).
-  Folded values (o_proj′ = W_o L_v) have no v_proj to write: ExportError.
+  Folded values (o_proj′ = W_o L_v) have no v_proj to write: ExportError; so have a family's k and v
+  that are rows of a fused qkv_proj (Phi-3).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def plain_parts(model: PreTrainedModel, layout: list[CompressedModule]) -> dict[
             attention = model.get_submodule(entry.shared_path)
             if not hasattr(attention, "projection_factors"):
                 raise ExportError(f"{entry.shared_path}: a {entry.kind} module has no plain projections to write")
+            fused = architecture_for(model.config).part_rows("self_attn.k_proj")[0]
+            if not fused.endswith("k_proj"):
+                raise ExportError(f"{entry.shared_path}: {model.config.model_type}'s keys and values are rows of "
+                                  f"{fused}, which a latent cache splits; export it with --form native")
             try:
                 factors = attention.projection_factors()
             except ValueError as err:
@@ -61,11 +66,13 @@ def plain_parts(model: PreTrainedModel, layout: list[CompressedModule]) -> dict[
 
 
 def _owned_keys(state: dict[str, torch.Tensor], layout: list[CompressedModule]) -> set[str]:
-    """The state keys the compressed modules hold (a latent attention's own, not its q_proj / o_proj)."""
+    """The state keys the compressed modules hold (a latent attention's own, not its q_proj / o_proj or
+    the family's q_norm / k_norm)."""
     owned = set()
     for entry in layout:
         paths = list(entry.members) + ([entry.shared_path] if entry.shared_path else [])
-        keep = (f"{entry.shared_path}.q_proj.", f"{entry.shared_path}.o_proj.") if not entry.handler.linear else ()
+        keep = tuple(f"{entry.shared_path}.{child}." for child in ("q_proj", "o_proj", "q_norm", "k_norm")) \
+            if not entry.handler.linear else ()  # what a latent attention keeps of the family's
         owned |= {k for k in state if k.startswith(tuple(p + "." for p in paths)) and not k.startswith(keep)}
     return owned
 

@@ -201,7 +201,7 @@ class JobSpec(Strict):
         if not self.target.matrices and self.kv_cache is None:
             raise ValueError("target.matrices is empty: name the projections to compress (an empty list is a "
                              "cache-only job, which needs a kv_cache part)")
-        taken = [p for p in ("k_proj", "v_proj") if p in self.target.matrices]
+        taken = [p for p in ("k_proj", "v_proj", "qkv_proj") if p in self.target.matrices]  # qkv_proj: Phi-3's
         if self.kv_cache is not None and taken:
             kept = [m for m in self.target.matrices if m not in taken]
             raise ValueError(f"kv_cache factors k_proj and v_proj itself: leave {', '.join(taken)} out of "

@@ -19,12 +19,18 @@ from rankfold.modules.layout import CompressedModule
 PROJECTIONS = {"k": "self_attn.k_proj", "v": "self_attn.v_proj"}  # the linears the latent cache replaces
 
 
+def replaced_paths(arch) -> tuple[str, ...]:
+    """The layer's linears the latent attention takes the place of: k_proj and v_proj, or the fused
+    projection holding them (Phi-3's qkv_proj, whose query rows become a q_proj of their own)."""
+    return tuple(dict.fromkeys(arch.part_rows(path)[0] for path in PROJECTIONS.values()))
+
+
 def kv_layout(kv: PaluOptions, matrices: tuple[str, ...], config,
               ranks: dict[int, dict[str, list[int]]]) -> dict[int, CompressedModule]:
     """Every layer's latent-KV attention at the searched ranks ({layer: {"k": [...], "v": [...]}}); values
     fold into o_proj when the weight method (`matrices`: target.matrices) leaves it dense and it does not
     grow (modules/latent_kv.py)."""
-    modules = {}
+    modules, members = {}, replaced_paths(architecture_for(config))
     for i, layer in ranks.items():
         options = {"group_heads": kv.group_heads, "key_ranks": list(layer["k"]), "value_ranks": list(layer["v"]),
                    "fold_values": False, "bits": kv.bits, "group": kv.quant_group, "residual": kv.residual,
@@ -32,7 +38,7 @@ def kv_layout(kv: PaluOptions, matrices: tuple[str, ...], config,
         shape = LatentKVShape.from_options(config, options)
         options["fold_values"] = ("o_proj" not in matrices
                                   and shape.folded_width() <= shape.num_heads * shape.head_dim)
-        modules[int(i)] = CompressedModule("latent_kv", tuple(PROJECTIONS.values()),
+        modules[int(i)] = CompressedModule("latent_kv", members,
                                            sum(layer["k"]) + sum(layer["v"]), "self_attn", options=options)
     return modules
 
@@ -41,8 +47,10 @@ def layer_kv_tensors(factors: dict[str, torch.Tensor], dense: dict[str, torch.Te
                      module: CompressedModule) -> dict[str, torch.Tensor]:
     """One layer's latent attention tensors, paths inside the layer: prefixes of the stored full-rank
     factors (`{k|v}.{group}.up|down`) at the module's ranks, Hadamard-rotated when asked, values folded
-    into the dense o_proj (`dense`: the layer's dense state) when the layout says so."""
+    into the dense o_proj (`dense`: the layer's dense state) when the layout says so; a fused qkv_proj's
+    query rows as q_proj."""
     shape = LatentKVShape.from_options(config, module.options)
+    arch = architecture_for(config)
     hadamard = bool(module.options.get("hadamard", False))
 
     def cut(kind: str, ranks: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -54,27 +62,27 @@ def layer_kv_tensors(factors: dict[str, torch.Tensor], dense: dict[str, torch.Te
         return out
 
     def get(name: str) -> torch.Tensor | None:
-        return None if name not in dense else dense[name].double()
+        path, rows = arch.part_rows(name.rsplit(".", 1)[0])
+        stored = f"{path}.{name.rsplit('.', 1)[1]}"
+        return None if stored not in dense else dense[stored][rows].double()
 
     state = latent_kv_state(shape, cut("k", shape.key_ranks), cut("v", shape.value_ranks),
                             get("self_attn.k_proj.bias"), get("self_attn.v_proj.bias"),
                             get("self_attn.o_proj.weight") if shape.fold_values else None,
                             get("self_attn.o_proj.bias"))
-    return {f"self_attn.{name}": value for name, value in state.items()}
+    tensors = {f"self_attn.{name}": value for name, value in state.items()}
+    if arch.part_rows("self_attn.q_proj")[0] in replaced_paths(arch):  # the query rows of a fused qkv_proj
+        tensors.update({f"self_attn.q_proj.{kind}": get(f"self_attn.q_proj.{kind}") for kind in ("weight", "bias")
+                        if get(f"self_attn.q_proj.{kind}") is not None})
+    return tensors
 
 
 def check_cache(kv: PaluOptions, config) -> None:
-    """The family's attention takes a latent cache (no sliding-window layer: the latent attention keeps
-    every token); head groups divide the KV heads; the budget holds one rank multiple per head group,
+    """The family's attention takes a latent cache; head groups divide the KV heads; the budget holds one rank multiple per head group,
     k and v. ValueError starting with the field's name otherwise."""
     arch = architecture_for(config)
     if arch.latent_kv_unsupported:
         raise ValueError(f"name: palu on model_type {arch.model_type!r}: {arch.latent_kv_unsupported}")
-    sliding = [i for i in range(config.num_hidden_layers) if arch.sliding_window(config, i)]
-    if sliding:
-        raise ValueError(f"name: palu on sliding-window layers ({arch.model_type} layers {sliding[:8]}, window "
-                         f"{arch.sliding_window(config, sliding[0])}) is not supported: the latent attention keeps "
-                         "and attends every token")
     try:
         check_group_heads(kv.group_heads, config.num_key_value_heads)
     except ValueError as err:

@@ -101,6 +101,10 @@ class Architecture:
     # Fused projections: {fused name: the projection names it holds, in row order}, e.g. Phi-3's
     # {"qkv_proj": ("q_proj", "k_proj", "v_proj")}; a spec may name the parts (all of them) or the fused one.
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # fused_rows(config): {fused name: each part's row count, in order}; for_config binds it to fused_sizes,
+    # so a part's weight (Palu's k_proj inside Phi-3's qkv_proj) is located as rows of the fused one
+    fused_rows: Callable[[PretrainedConfig], dict[str, tuple[int, ...]]] | None = None
+    fused_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     # Mixture of experts: the path of each layer's fused experts module (e.g. "mlp.experts"), and
     # num_experts(config). Each expert's gate/up (one input group) and down become linears of their
     # own (modules/experts.py); the router stays dense.
@@ -131,12 +135,26 @@ class Architecture:
             raise KeyError(f"{self.model_type} has no projection named {missing[0]!r} (it has: {', '.join(known)})")
         return [m for m in members if m.rsplit(".", 1)[-1] in wanted]
 
+    def part_rows(self, path: str) -> tuple[str, slice]:
+        """Where the projection at layer path `path` (e.g. "self_attn.k_proj") lives: (its own path, all rows),
+        or (the fused projection's path, its rows there) — Phi-3's k_proj is rows H·d … H·d + kv·d of qkv_proj."""
+        parent, _, name = path.rpartition(".")
+        for fused, parts in self.fused.items():
+            if name in parts and fused in self.fused_sizes:
+                sizes = self.fused_sizes[fused]
+                start = sum(sizes[:parts.index(name)])
+                return f"{parent}.{fused}" if parent else fused, slice(start, start + sizes[parts.index(name)])
+        return path, slice(None)
+
     def _class(self, suffix: str) -> type:
         module, prefix = self.classes
         return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), prefix + suffix)
 
     def for_config(self, config: PretrainedConfig) -> "Architecture":
-        """This family as one model has it: a mixture of experts gets an input group per expert."""
+        """This family as one model has it: fused projections' row sizes bound, a mixture of experts gets an
+        input group per expert."""
+        if self.fused_rows is not None and not self.fused_sizes:
+            return replace(self, fused_sizes=self.fused_rows(config)).for_config(config)
         if self.experts is None:
             return self
         dense = tuple(g for g in self.groups if not g.name.startswith("mlp"))  # a shared expert stays
@@ -205,6 +223,10 @@ class Architecture:
             candidate = _renamed(key, ours, theirs)
             if candidate is not None and stored(candidate):
                 return candidate, lambda tensor: tensor
+        path, rows = self.part_rows(key.removesuffix(".weight").removesuffix(".bias"))
+        suffix = key[len(key.removesuffix(".weight").removesuffix(".bias")):]
+        if rows != slice(None) and stored(path + suffix):  # a part of a fused projection
+            return path + suffix, lambda tensor: tensor[rows]
         if self.experts is not None:  # transformers 5's fused layout, saved as such
             match = re.search(rf"{re.escape(self.experts)}\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key)
             if match:

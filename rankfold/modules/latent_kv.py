@@ -16,13 +16,23 @@ Keys of cached token j sit at position j + (p − past) with p the first new tok
 the cached length: positions are contiguous in a sequence, so the cache needs no position record
 (left padding shifts p per row; pad keys are masked).
 
+The family's attention is honoured as transformers' own class runs it (read from that module when the
+latent attention replaces it): its score scaling (Gemma's query_pre_attn_scalar, Granite's
+attention_multiplier), its logit soft cap (Gemma 2: cap · tanh(s / cap) before the mask, eager), its
+q_norm / k_norm (per head: Qwen3, Gemma 3; over the whole projection: OLMo 2 — a key is rebuilt from its
+latent, normalised, then rotated), its RoPE tables (Gemma 3's local and global; Phi-3's partial rotary).
+A sliding-window layer's window comes in the mask the model (or the streamed runner) passes: the cache
+keeps every token's latents and the window masks the old ones, so positions stay contiguous and exact.
+
 Attention runs through torch's SDPA with the model's mask (boolean or additive); without a mask it is
-causal. The cache is a LatentLayer (modules/latent_cache.py); without one (a plain forward, the
+causal. With a soft cap the scores are computed explicitly (SDPA has none). The cache is a LatentLayer (modules/latent_cache.py); without one (a plain forward, the
 streamed perplexity), the layer uses a fresh LatentLayer, so its numbers are the cache's.
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -80,17 +90,55 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@dataclass(frozen=True)
+class AttentionTraits:
+    """What a family's attention does besides Llama's, read from its transformers module: the score
+    scaling, the logit soft cap (or None), and its rotary embedding class (the tables of cached keys'
+    positions come from it, called with the layer's type where the family has several)."""
+
+    scaling: float
+    softcap: float | None
+    rotary: type
+    layer_type: str | None
+
+    @classmethod
+    def of(cls, attention: nn.Module, head_dim: int) -> AttentionTraits:
+        module = sys.modules[type(attention).__module__]
+        family = type(attention).__name__.removesuffix("Attention")
+        rotary = getattr(module, f"{family}RotaryEmbedding", None)
+        if rotary is None:
+            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as rotary
+        types = getattr(attention.config, "layer_types", None)
+        takes_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        return cls(float(getattr(attention, "scaling", head_dim ** -0.5)),
+                   getattr(attention, "attn_logit_softcapping", None) or None, rotary,
+                   types[attention.layer_idx] if takes_type and types else None)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (batch, heads, seq, d) with (batch, seq, r) tables, r ≤ d: the first r dimensions rotate
+    (rotate-half convention), the rest pass (Phi-3's partial rotary)."""
+    cos, sin, r = cos[:, None], sin[:, None], cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rotated, passed = x[..., :r], x[..., r:]
+    return torch.cat([rotated * cos + rotate_half(rotated) * sin, passed], dim=-1)
+
+
 class LatentKVAttention(nn.Module):
     """Drop-in for a Llama-style attention (same forward signature), q_proj and o_proj kept (dense
     or compressed by the weight method; o_proj folded per the rule). Parameters: k_down (Σr_k, n),
     k_up.{k} (g·d, r_k), v_down (Σr_v, n), v_up.{k} (g·d, r_v) unless folded; k_bias / v_bias
-    (num_kv_heads·d) when the model has q/k/v biases (a folded v_bias lives in o_proj's bias)."""
+    (num_kv_heads·d) when the model has q/k/v biases (a folded v_bias lives in o_proj's bias); q_norm /
+    k_norm when the family has them (added by replace_attention with the other modules it keeps)."""
 
     def __init__(self, config, layer_idx: int, shape: LatentKVShape, q_proj: nn.Module, o_proj: nn.Module,
-                 bias: bool, cache_config: LatentCacheConfig, dtype: torch.dtype, device=None):
+                 bias: bool, cache_config: LatentCacheConfig, dtype: torch.dtype, device=None,
+                 traits: AttentionTraits | None = None):
         super().__init__()
         self.config, self.layer_idx, self.shape, self.cache_config = config, layer_idx, shape, cache_config
-        self.head_dim, self.scaling = shape.head_dim, shape.head_dim ** -0.5
+        self.traits = traits or AttentionTraits(shape.head_dim ** -0.5, None, _llama_rotary(), None)
+        self.head_dim, self.scaling = shape.head_dim, self.traits.scaling
         hidden, width = config.hidden_size, shape.group_heads * shape.head_dim
         self.q_proj, self.o_proj = q_proj, o_proj
         kw = {"dtype": dtype, "device": device}
@@ -116,18 +164,35 @@ class LatentKVAttention(nn.Module):
 
     def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None:
-            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+            object.__setattr__(self, "_rope", self.traits.rotary(self.config).to(x.device))
+        if self.traits.layer_type is None:
+            return self._rope(x, positions)
+        return self._rope(x, positions, self.traits.layer_type)
 
-            object.__setattr__(self, "_rope", LlamaRotaryEmbedding(self.config).to(x.device))
-        return self._rope(x, positions)
+    def _norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """(batch, S, heads, d) through the family's q_norm / k_norm, if any: per head, or over the whole
+        projection (OLMo 2: the norm's width is heads·d)."""
+        norm = getattr(self, name, None)
+        if norm is None:
+            return x
+        if norm.weight.numel() == x.shape[-1]:
+            return norm(x)
+        return norm(x.flatten(-2)).view(x.shape)
+
+    def _kernel_applies(self) -> bool:
+        """The fused decode kernel rebuilds and rotates keys itself: plain RoPE over the whole head, no
+        key norm, no soft cap."""
+        rope = self._rotary_module(self.k_down.weight)
+        return (self.traits.softcap is None and getattr(self, "k_norm", None) is None and hasattr(rope, "inv_freq")
+                and rope.inv_freq.numel() * 2 == self.head_dim)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, cache=None, position_ids: torch.Tensor | None = None,
                 **kwargs) -> tuple[torch.Tensor, None]:
         batch, length, _ = hidden_states.shape
         cos, sin = position_embeddings
-        query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        query = query * cos[:, None] + rotate_half(query) * sin[:, None]
+        query = self._norm("q_norm", self.q_proj(hidden_states).view(batch, length, -1, self.head_dim))
+        query = apply_rope(query.transpose(1, 2), cos, sin)
         layer = latent_layer(cache, self.layer_idx, self.cache_config) if cache is not None \
             else LatentLayer(self.cache_config)
         past = layer.get_seq_length()
@@ -138,7 +203,7 @@ class LatentKVAttention(nn.Module):
             return self.o_proj(self._attend_per_query_window(query, hidden_states, cos, sin, layer, past, offsets,
                                                              attention_mask)), None
         layer.append(self.k_down(hidden_states), self.v_down(hidden_states))
-        if length == 1 and past > 0 and choose_backend(query) == "triton":
+        if length == 1 and past > 0 and choose_backend(query) == "triton" and self._kernel_applies():
             return self.o_proj(self._decode_with_kernel(query, layer, offsets, attention_mask)), None
         keys = self._rotated_keys(layer.read_keys(), cos, sin, past, offsets)
         heads = self._attend(query, keys, layer.read_values(), attention_mask)
@@ -153,7 +218,7 @@ class LatentKVAttention(nn.Module):
         else:
             positions = torch.arange(keys.shape[2], device=keys.device)[None] + offsets[:, None]
             key_cos, key_sin = self._rotary(keys, positions.clamp_min(0))
-        return keys * key_cos[:, None] + rotate_half(keys) * key_sin[:, None]
+        return apply_rope(keys, key_cos, key_sin)
 
     def _attend_per_query_window(self, query: torch.Tensor, hidden_states: torch.Tensor, cos: torch.Tensor,
                                  sin: torch.Tensor, layer: LatentLayer, past: int, offsets: torch.Tensor,
@@ -211,7 +276,7 @@ class LatentKVAttention(nn.Module):
         keys = torch.cat(parts, dim=-1)
         if self.k_bias is not None:
             keys = keys + self.k_bias
-        return keys.view(*keys.shape[:2], -1, self.head_dim).transpose(1, 2)
+        return self._norm("k_norm", keys.view(*keys.shape[:2], -1, self.head_dim)).transpose(1, 2)
 
     def _attend(self, query: torch.Tensor, keys: torch.Tensor, value_latents: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -225,8 +290,12 @@ class LatentKVAttention(nn.Module):
             heads = slice(k * shape.heads_per_group, (k + 1) * shape.heads_per_group)
             group_keys = keys[:, k * shape.group_heads:(k + 1) * shape.group_heads].repeat_interleave(rep, dim=1)
             values = latents[:, None].expand(-1, shape.heads_per_group, -1, -1)
-            out = F.scaled_dot_product_attention(query[:, heads], group_keys, values, attn_mask=mask,
-                                                 is_causal=causal, scale=self.scaling)  # (B, h, T, r)
+            if self.traits.softcap is None:
+                out = F.scaled_dot_product_attention(query[:, heads], group_keys, values, attn_mask=mask,
+                                                     is_causal=causal, scale=self.scaling)  # (B, h, T, r)
+            else:
+                out = _softcapped_attention(query[:, heads], group_keys, values, mask, self.scaling,
+                                            self.traits.softcap)
             outputs.append(self._values_out(out, k))
         return torch.cat(outputs, dim=-1)
 
@@ -242,6 +311,26 @@ class LatentKVAttention(nn.Module):
                 bias = self.v_bias.view(-1, self.head_dim)[k * shape.group_heads:(k + 1) * shape.group_heads]
                 out = out + bias.repeat_interleave(rep, dim=0)[None, :, None]
         return out.transpose(1, 2).reshape(batch, length, -1)
+
+
+def _llama_rotary() -> type:
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    return LlamaRotaryEmbedding
+
+
+def _softcapped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                          scaling: float, softcap: float) -> torch.Tensor:
+    """Gemma 2's eager attention: scores · scaling, cap · tanh(scores / cap), then the mask (bool, additive,
+    or None: causal, bottom-right aligned), softmax in float32. (B, h, T, d) x (B, h, S, d) -> (B, h, T, r)."""
+    scores = query @ keys.transpose(-1, -2) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        length, total = scores.shape[-2:]
+        mask = torch.arange(length, device=scores.device)[:, None] + (total - length) >= \
+            torch.arange(total, device=scores.device)[None]
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.softmax(scores.float(), dim=-1).to(query.dtype) @ values
 
 
 def _mask(mask: torch.Tensor | None, length: int, keys: int, device) -> tuple[bool, torch.Tensor | None]:
@@ -323,7 +412,8 @@ def replace_attention(root: nn.Module, path: str, options: dict, dtype: torch.dt
     parent = root.get_submodule(parent_path) if parent_path else root
     dense = getattr(parent, name)
     shape = LatentKVShape.from_options(dense.config, options)
-    weight = dense.k_proj.weight
+    q_proj, kv_bias = _query_projection(dense, shape)
+    weight = (dense.k_proj if hasattr(dense, "k_proj") else dense.qkv_proj).weight  # still dense: its dtype, device
     dtype = dtype or weight.dtype
     o_proj = dense.o_proj
     if shape.fold_values:
@@ -334,12 +424,26 @@ def replace_attention(root: nn.Module, path: str, options: dict, dtype: torch.dt
                            dtype=dtype, device=weight.device)
     cache = LatentCacheConfig(int(options.get("bits", 16)), int(options.get("group", 32)),
                               int(options.get("residual", 0)))
-    latent = LatentKVAttention(dense.config, dense.layer_idx, shape, dense.q_proj, o_proj,
-                               dense.k_proj.bias is not None, cache, dtype, weight.device)
+    latent = LatentKVAttention(dense.config, dense.layer_idx, shape, q_proj, o_proj, kv_bias, cache, dtype,
+                               weight.device, AttentionTraits.of(dense, shape.head_dim))
     for child, module in dense.named_children():  # e.g. a skip layout's q_proj_in / o_proj_in projections
-        if child not in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if child not in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"):
             latent.add_module(child, module)
     setattr(parent, name, latent)
+
+
+def _query_projection(dense: nn.Module, shape: LatentKVShape) -> tuple[nn.Module, bool]:
+    """(the query projection the latent attention keeps, whether k/v carry biases). A fused qkv_proj
+    (Phi-3) gives an empty dense q_proj of its query rows (its tensors come from layer_kv_tensors)."""
+    if hasattr(dense, "q_proj"):
+        return dense.q_proj, dense.k_proj.bias is not None
+    fused = dense.qkv_proj
+    if not isinstance(fused, nn.Linear):
+        raise ValueError(f"a latent KV cache splits a dense qkv_proj; this one is a {type(fused).__name__} "
+                         "(leave qkv_proj out of target.matrices)")
+    q_proj = nn.Linear(fused.in_features, shape.num_heads * shape.head_dim, bias=fused.bias is not None,
+                       dtype=fused.weight.dtype, device=fused.weight.device)
+    return q_proj, fused.bias is not None
 
 
 def _has_bias(options: dict, o_proj: nn.Linear) -> bool:

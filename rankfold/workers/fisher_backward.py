@@ -90,11 +90,12 @@ def fisher_tensors(sums: dict[str, FisherSums], batches: int) -> dict[str, torch
     return tensors
 
 
-def head_group_scores(tensors: dict[str, torch.Tensor], path: str, head_dim: int, heads_per_group: int,
-                      batches: int | None = None) -> torch.Tensor:
+def head_group_scores(tensors: dict[str, torch.Tensor], path: str, rows: slice, head_dim: int,
+                      heads_per_group: int, batches: int | None = None) -> torch.Tensor:
     """Fisher score of each group of `heads_per_group` heads of one projection (Palu's rank search):
-    q/k/v heads are blocks of output rows, o_proj's are blocks of input columns."""
-    marginal = tensors[f"{path}.fisher_cols" if path.endswith("o_proj") else f"{path}.fisher_rows"]
+    q/k/v heads are blocks of output rows (`rows` of the linear at `path`: all, or a fused qkv_proj's
+    k or v part), o_proj's are blocks of input columns."""
+    marginal = tensors[f"{path}.fisher_cols"] if path.endswith("o_proj") else tensors[f"{path}.fisher_rows"][rows]
     width = head_dim * heads_per_group
     if marginal.numel() % width:
         raise ValueError(f"{path}: {marginal.numel()} channels do not split into groups of "

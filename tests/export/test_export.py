@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from rankfold.export.bundle import runtime_sources
 from rankfold.export.folder import FORMS, write_folder
 from rankfold.export.forms import ExportError
+from rankfold.methods.palu_cache import replaced_paths
 from rankfold.methods.structure import LOWRANK, SHARED, SHARED_SKIP, plan_layer
 from rankfold.models.architecture import architecture_for
 from rankfold.modules.layout import CompressedModule
@@ -37,10 +38,10 @@ def _config(model_type: str, vocab: int, **changes):
                         tie_word_embeddings=True, rms_norm_eps=1e-5, **(extra | changes))
 
 
-def _latent(prefix: str, fold: bool, bits: int) -> CompressedModule:
+def _latent(arch, prefix: str, fold: bool, bits: int) -> CompressedModule:
     options = {"group_heads": 1, "key_ranks": [8, 6], "value_ranks": [8, 4], "fold_values": fold, "bits": bits,
                "group": 8, "residual": 3, "value_bias": False}
-    return CompressedModule("latent_kv", (f"{prefix}self_attn.k_proj", f"{prefix}self_attn.v_proj"), 0,
+    return CompressedModule("latent_kv", tuple(prefix + path for path in replaced_paths(arch)), 0,
                             f"{prefix}self_attn", options=options)
 
 
@@ -62,11 +63,11 @@ def _layout(config, structure: str) -> list[CompressedModule]:
         else:
             plan = {"lowrank": LOWRANK, "shared": SHARED, "skip": SHARED_SKIP}[structure.split("+")[0]]
             if "+latent" in structure:
-                shapes = {m: s for m, s in shapes.items() if not m.endswith(("k_proj", "v_proj", "o_proj"))}
+                shapes = {m: s for m, s in shapes.items() if not m.endswith(("k_proj", "v_proj", "qkv_proj", "o_proj"))}
             modules = plan_layer(plan, groups, shapes, 0.4)
         layout += [m.prefixed(prefix) for m in modules]
         if "+latent" in structure:
-            layout.append(_latent(prefix, fold=structure.endswith("folded"), bits=16 if "16" in structure else 4))
+            layout.append(_latent(arch, prefix, fold=structure.endswith("folded"), bits=16 if "16" in structure else 4))
     return layout
 
 
@@ -97,7 +98,11 @@ CASES = [("llama", s, "native") for s in ("lowrank", "shared", "skip", "sparse",
         [("llama", s, form) for s in ("shared", "skip", "sparse", "skip+latent16") for form in ("lowrank", "dense")] + \
         [(family, "skip", "native") for family in sorted(FAMILIES) if family != "llama"] + \
         [(family, "shared", "lowrank") for family in ("phi3", "qwen3_moe")] + [("mixtral", "shared", "dense")] + \
-        [("qwen2", "lowrank+latent", "native"), ("qwen2", "skip+latent16", "lowrank")]  # k/v biases
+        [("qwen2", "lowrank+latent", "native"), ("qwen2", "skip+latent16", "lowrank")] + \
+        [(family, "lowrank+latent", "native") for family in ("gemma2", "gemma3_text", "olmo2")] + \
+        [("qwen3", "skip+latent16", "lowrank"), ("phi3", "lowrank+latent folded", "native")]
+# qwen2: k/v biases; gemma2: soft caps, sliding layers; gemma3_text: per-head k_norm, local and global RoPE;
+# olmo2: k_norm over the whole projection; qwen3: k_norm in the lowrank form; phi3: k and v out of qkv_proj
 
 
 def _case_id(case) -> str:
@@ -157,6 +162,9 @@ def test_forms_say_what_they_cannot_hold(tmp_path):
         with pytest.raises(ExportError, match="folded into o_proj.*--form native"):
             write_folder(model, None, tmp_path / form, form)
         assert not (tmp_path / form).exists() and not list(tmp_path.iterdir())  # nothing half-written is left
+    phi3 = compressed_model("phi3", "lowrank+latent", 512)
+    with pytest.raises(ExportError, match="rows of self_attn.qkv_proj.*--form native"):
+        write_folder(phi3, None, tmp_path / "phi3", "lowrank")
     with pytest.raises(ExportError, match="not one of"):
         from rankfold.export.folder import export
         export(tmp_path, tmp_path / "x", form="bf16")
@@ -174,7 +182,7 @@ def test_the_shipped_code_imports_only_torch_transformers_and_itself():
         path.write_text(text)
         tops |= set(get_imports(path))
         path.unlink()
-    assert tops <= {"torch", "transformers", "__future__", "dataclasses", "functools", "typing", "weakref", "math", "warnings",
+    assert tops <= {"torch", "transformers", "__future__", "dataclasses", "functools", "inspect", "sys", "typing", "weakref", "math", "warnings",
                     "importlib", "os", "collections", "pkgutil"}, tops
 
 

@@ -65,8 +65,8 @@ FAMILIES = {
     "granite": (GraniteConfig, {"embedding_multiplier": 4.0, "logits_scaling": 2.0, "residual_multiplier": 0.5,
                                 "attention_multiplier": 0.2}),
 }
-# mistral here slides; qwen3's k_norm, gemma2's soft cap and phi3's fused qkv are refused
-LATENT_KV = {"llama", "qwen2", "mixtral", "qwen2_moe"}
+# every family takes a latent cache: k_norm, soft caps, score scaling, sliding windows, Phi-3's fused qkv
+LATENT_KV = set(FAMILIES)
 
 
 def test_every_family_is_tested_here():
@@ -140,6 +140,49 @@ def test_every_structure_at_full_rank_reproduces_the_layer(family, structure):
     torch.testing.assert_close(runner(compressed, hidden), expected, rtol=1e-3, atol=1e-3)
 
 
+def _latent_at_full_rank(model, fold: bool) -> None:
+    """Every layer's attention -> Palu's latent attention with full-rank G-LRD factors (one head a group,
+    identity whitening: the exact same K and V through the latent cache), built and filled as a job does
+    (kv_layout, layer_kv_tensors, assemble_layer_state); values folded into o_proj or not."""
+    from rankfold.methods.palu import PaluOptions, group_factors
+    from rankfold.methods.palu_cache import PROJECTIONS, kv_layout, layer_kv_tensors
+    from rankfold.modules.latent_kv import head_dim
+    from rankfold.modules.layout import apply_layout
+
+    config = model.config
+    arch, d, kv = ARCHITECTURES.get(config.model_type).for_config(config), head_dim(config), config.num_key_value_heads
+    options = PaluOptions(name="palu", ratio=0.5)
+    identity = torch.eye(config.hidden_size, dtype=torch.float64)
+    for i, layer in enumerate(model.model.layers):
+        dense = {key: value.detach() for key, value in layer.state_dict().items()}
+        factors = {}
+        for kind, path in PROJECTIONS.items():
+            stored, rows = arch.part_rows(path)
+            for k, f in enumerate(group_factors(dense[f"{stored}.weight"][rows].double(), identity, d, 1, [d] * kv)):
+                factors[f"{kind}.{k}.up"], factors[f"{kind}.{k}.down"] = f.up, f.down
+        module = kv_layout(options, () if fold else ("o_proj",), config, {i: {"k": [d] * kv, "v": [d] * kv}})[i]
+        assert module.options["fold_values"] == fold
+        state = assemble_layer_state(dense, layer_kv_tensors(factors, dense, config, module), [module], torch.float32)
+        apply_layout(layer, [module], dtype=torch.float32)
+        layer.load_state_dict(state, strict=True, assign=True)
+
+
+def test_latent_attention_at_full_rank_is_the_family_attention(family):
+    """Palu's attention with exact factors gives transformers' logits (a pass over 40 tokens, windows of 24
+    where the family slides) and its greedy tokens through the latent cache past the window."""
+    model_type, folder = family
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    latent = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    _latent_at_full_rank(latent, fold=model_type in ("llama", "phi3", "gemma2"))
+    tokens = _tokens(dense.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(latent(tokens).logits, dense(tokens).logits, rtol=1e-4, atol=1e-4)
+        generated = [m.generate(tokens[:, :12], max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                                output_logits=True, return_dict_in_generate=True) for m in (dense, latent)]
+    torch.testing.assert_close(torch.stack(generated[1].logits), torch.stack(generated[0].logits), rtol=1e-4, atol=1e-4)
+    assert torch.equal(generated[0].sequences, generated[1].sequences)
+
+
 def test_calibration_grams_equal_forward_hooks(family):
     _, folder = family
     source = SafetensorsSource(folder)
@@ -172,12 +215,19 @@ def test_calibration_grams_equal_forward_hooks(family):
         torch.testing.assert_close(stats[i][f"{name}.gram"], x.T @ x, rtol=1e-4, atol=1e-3)
 
 
+def _beside_palu(model_type: str) -> list[str]:
+    """What the weight method compresses beside a latent cache: q, o and the MLP (Phi-3's query rows stay
+    dense: they are part of its fused qkv_proj)."""
+    return ["o_proj", "gate_proj", "up_proj", "down_proj"] if model_type == "phi3" else \
+        ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def test_a_skipcat_flra_job_runs_end_to_end(family, tmp_path):
     model_type, folder = family
     data = tiny_spec_dict(folder, tmp_path / "out", method="skipcat", ratio=0.3)
     data["target"]["allocation"] = {"kind": "flra", "fisher_samples": 4}
     if model_type in LATENT_KV:
-        data["target"]["matrices"] = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        data["target"]["matrices"] = _beside_palu(model_type)
         data["kv_cache"] = {"name": "palu", "ratio": 0.5, "rank_multiple": 4}
     report = run_job(parse_spec(data))
     row = metric_table(report["rows"])[0]
@@ -194,15 +244,13 @@ def test_a_skipcat_flra_job_runs_end_to_end(family, tmp_path):
     assert (report.get("kv_cache") is not None) == (model_type in LATENT_KV)
 
 
-def test_palu_on_a_family_that_cannot_take_it_is_a_spec_error(family, tmp_path):
-    model_type, folder = family
-    if model_type in LATENT_KV:
-        pytest.skip("this family takes a latent cache")
-    data = tiny_spec_dict(folder, tmp_path / "out", method="svd_llm")
-    data["target"]["matrices"] = ["o_proj"]
+def test_palu_beside_a_compressed_fused_qkv_proj_is_a_spec_error(tmp_path):
+    """Phi-3's k and v are rows of qkv_proj: a latent cache and a weight method cannot both have them."""
+    data = tiny_spec_dict(tmp_path / "phi3", tmp_path / "out", method="svd_llm")
+    data["target"]["matrices"] = ["qkv_proj", "o_proj"]
     data["kv_cache"] = {"name": "palu", "ratio": 0.5}
-    with pytest.raises(ValueError, match=f"kv_cache.name: palu on .*{model_type}"):
-        preflight(parse_spec(data))
+    with pytest.raises(ValueError, match=r"leave qkv_proj out of target.matrices \(e.g. matrices: \[o_proj\]\)"):
+        parse_spec(data)
 
 
 def test_a_projection_the_family_lacks_is_a_spec_error(family, tmp_path):
@@ -270,7 +318,7 @@ def test_generate_runs_with_progressive_decoding_and_a_latent_cache(family, tmp_
     data["target"]["allocation"] = {"kind": "flra", "fisher_samples": 4}
     data["evaluation"]["perplexity"] = []
     if model_type in LATENT_KV:
-        data["target"]["matrices"] = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        data["target"]["matrices"] = _beside_palu(model_type)
         data["kv_cache"] = {"name": "palu", "ratio": 0.5, "rank_multiple": 4}
     run_job(parse_spec(data))
     model = rankfold.load(tmp_path / "out" / "model")

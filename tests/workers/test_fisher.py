@@ -115,9 +115,9 @@ def test_head_group_scores_slice_rows_for_kv_and_columns_for_o(tiny_model_dir, t
 
     k = reference["model.layers.0.self_attn.k_proj"]
     o = reference["model.layers.0.self_attn.o_proj"]
-    torch.testing.assert_close(head_group_scores(layers[0], "self_attn.k_proj", 16, 1),
+    torch.testing.assert_close(head_group_scores(layers[0], "self_attn.k_proj", slice(None), 16, 1),
                                k.reshape(2, 16, -1).sum((1, 2)) / 2, rtol=1e-5, atol=0)
-    torch.testing.assert_close(head_group_scores(layers[0], "self_attn.o_proj", 16, 2),
+    torch.testing.assert_close(head_group_scores(layers[0], "self_attn.o_proj", slice(None), 16, 2),
                                o.reshape(-1, 2, 32).sum((0, 2)) / 2, rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="do not split"):
-        head_group_scores(layers[0], "self_attn.k_proj", 16, 3)
+        head_group_scores(layers[0], "self_attn.k_proj", slice(None), 16, 3)

@@ -14,6 +14,4 @@ def layer_type(config, index: int) -> str:
 register_architecture(Architecture(
     "gemma3_text", ("gemma3", "Gemma3"), sliding_window=sliding_window, rope_kind=layer_type,
     embed_scale=lambda config: config.hidden_size ** 0.5,
-    logit_softcap=lambda config: getattr(config, "final_logit_softcapping", None),
-    latent_kv_unsupported="its k_norm normalises each head's full key before RoPE and its local layers slide; the "
-                          "latent attention does neither yet"))
+    logit_softcap=lambda config: getattr(config, "final_logit_softcapping", None)))

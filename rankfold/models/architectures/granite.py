@@ -6,5 +6,4 @@ from rankfold.models.architecture import Architecture, register_architecture
 
 register_architecture(Architecture(
     "granite", ("granite", "Granite"), embed_scale=lambda config: config.embedding_multiplier,
-    logit_divisor=lambda config: config.logits_scaling,
-    latent_kv_unsupported="its attention scores use attention_multiplier, which the latent attention does not apply yet"))
+    logit_divisor=lambda config: config.logits_scaling))

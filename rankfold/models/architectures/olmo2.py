@@ -3,7 +3,4 @@ layer runs them) and RMSNorms over the whole query and key projections (q_norm, 
 
 from rankfold.models.architecture import Architecture, register_architecture
 
-register_architecture(Architecture(
-    "olmo2", ("olmo2", "Olmo2"),
-    latent_kv_unsupported="its k_norm normalises the whole key projection before RoPE; a latent cache would have "
-                          "to rebuild every key to normalise it, which rankfold's latent attention does not do yet"))
+register_architecture(Architecture("olmo2", ("olmo2", "Olmo2")))

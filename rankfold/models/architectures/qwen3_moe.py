@@ -5,7 +5,6 @@ expert layout; see mixtral.py; on disk one gate_proj/up_proj/down_proj per exper
 
 from rankfold.models.architecture import Architecture, register_architecture
 from rankfold.models.architectures.mistral import sliding_window
-from rankfold.models.architectures.qwen3 import KNORM
 
 
 def num_experts(config) -> int:
@@ -17,4 +16,4 @@ def num_experts(config) -> int:
 
 register_architecture(Architecture(
     "qwen3_moe", ("qwen3_moe", "Qwen3Moe"), sliding_window=sliding_window, experts="mlp.experts",
-    num_experts=num_experts, latent_kv_unsupported=KNORM))
+    num_experts=num_experts))

@@ -21,6 +21,7 @@ from rankfold.methods.palu import (
     uniform_ranks,
 )
 from rankfold.methods.palu_cache import PROJECTIONS
+from rankfold.models.architecture import architecture_for
 from rankfold.modules.latent_kv import head_dim
 from rankfold.orchestrator.stages.fisher import fisher_params
 from rankfold.orchestrator.stages.kind import Artifacts, Env, PlanContext, StageKind, register_stage
@@ -42,14 +43,14 @@ def kv_allocate(env: Env, stage: Stage, *, kv_factors: KVFactors, fisher: Fisher
 
 def kv_units(options: PaluOptions, config, read: Read, fisher: Read | None) -> list[RankUnit]:
     """One RankUnit per (layer, k|v, group); weight 1 without Fisher sums (plain whitened energy)."""
-    d, g = head_dim(config), options.group_heads
+    d, g, arch = head_dim(config), options.group_heads, architecture_for(config)
     units = []
     for i in range(config.num_hidden_layers):
         factors = read(i)
         trace = float(factors[GRAM_TRACE][0])
         sums = fisher(i) if fisher is not None else None
         for kind, path in PROJECTIONS.items():
-            scores = head_group_scores(sums, path, d, g) if sums is not None else None
+            scores = head_group_scores(sums, *arch.part_rows(path), d, g) if sums is not None else None
             for k in range(config.num_key_value_heads // g):
                 weight = loss_weight(float(scores[k]), d * g, trace) if scores is not None else 1.0
                 units.append(RankUnit((i, kind, k), factors[f"{kind}.{k}.energy"], weight))
