@@ -182,7 +182,9 @@ def models_page() -> str:
     lines = ["# Supported models", "", "Each family is one file in `rankfold/models/architectures/`, built from",
              "transformers' own classes. Every ✓ is a passing test on a tiny random config of that class",
              "(`tests/models/test_families.py`; the per-method cells and PLRD are marked `slow`: run them with",
-             "`pytest -m slow tests/models`); GGUF is tested on SmolLM2's real file. A blank cell is refused",
+             "`pytest -m slow tests/models`); GGUF is tested on SmolLM2's real file and, per family, on files",
+             "written as llama.cpp's converter writes them (`tests/models/test_gguf_families.py`: every tensor",
+             "equal to the safetensors one; a Qwen2 GGUF job equal to the folder's). A blank cell is refused",
              "with an error naming why.", "", "| family | " + " | ".join(columns) + " |",
              "|---|" + "---|" * len(columns)]
     for name in sorted(ARCHITECTURES.names()):
@@ -198,7 +200,9 @@ def models_page() -> str:
         arch = ARCHITECTURES.get(name)
         if arch.latent_kv_unsupported:
             lines.append(f"- `{name}`, palu: {arch.latent_kv_unsupported}.")
-    lines.append("- gguf: only llama's tensor layout is undone (other families: use the safetensors folder).")
+    lines.append("- gguf: transformers cannot read a GGUF config of these families (olmo2, granite), or llama.cpp "
+                 "writes them under another architecture (mistral and mixtral GGUFs are `llama` files, read as "
+                 "llama; a mixtral one, whose experts llama's layout lacks, is refused); use the safetensors folder.")
     return "\n".join(lines)
 
 

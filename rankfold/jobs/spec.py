@@ -102,6 +102,11 @@ class TargetSpec(Strict):
     # the weights stay dense and `ratio` is not used.
     matrices: tuple[Projection, ...] = ALL_PROJECTIONS
     allocation: AllocationSpec = UniformAllocation()
+    # A mixture of experts' gate/up. Unset: one input group per expert, whitened with the Gram of the
+    # tokens routed to it. `shared`: all experts' gate/up of a layer in one group whitened with the union
+    # Gram (every token of the layer once: Σ_e G_e / top-k); with a shared structure (cat, skip, skipcat)
+    # one projection A for every expert and a B per expert.
+    experts: Literal["shared"] | None = None
 
     @field_validator("matrices")
     @classmethod
@@ -228,6 +233,8 @@ class JobSpec(Strict):
         exclude = {"execution": True, "calibration": {"max_resident_mb"}}
         if self.kv_cache is None:  # jobs from before the kv_cache part keep their ids
             exclude["kv_cache"] = True
+        if self.target.experts is None:  # and from before target.experts
+            exclude["target"] = {"experts"}
         data = self.model_dump(mode="json", exclude=exclude)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 

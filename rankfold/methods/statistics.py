@@ -5,11 +5,13 @@ They are sums, so shards (and chunks) reduce by addition; float64 whatever the m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
 from rankfold.methods.whitening import mirror_upper_
+from rankfold.models.architecture import EXPERTS_UNION
 
 GRAM_BLOCK = 256
 
@@ -52,4 +54,15 @@ class InputStats:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "InputStats":
+        """The statistics stored under `prefix`; for the union of a mixture's experts (a prefix with no
+        statistics of its own: EXPERTS_UNION), the sum over every `mlp_in_<e>` — each token counted once
+        per expert it was routed to, i.e. top-k × the union's, which whitening does not see."""
+        if f"{prefix}.gram" not in tensors and prefix == EXPERTS_UNION:
+            parts = sorted({key.rsplit(".", 1)[0] for key in tensors if re.fullmatch(r"mlp_in_\d+\.gram", key)})
+            if parts:
+                return cls.sum([cls.from_tensors(tensors, part) for part in parts])
         return cls(tensors[f"{prefix}.gram"], tensors[f"{prefix}.abs_sum"], int(tensors[f"{prefix}.count"][0]))
+
+    @classmethod
+    def sum(cls, parts: list["InputStats"]) -> "InputStats":
+        return cls(sum(p.gram for p in parts), sum(p.abs_sum for p in parts), sum(p.count for p in parts))

@@ -67,10 +67,10 @@ class Structure:
             n, rows = shapes[unit[0]][1], sum(shapes[m][0] for m in unit)
             rank = rank_for_ratio(rows, n, ratio, self.skip) if ranks is None else _given_rank(ranks, unit, n, rows)
             if self.skip:
-                shared_path = f"{_parent(unit[0])}.{group}" if len(unit) > 1 else f"{unit[0]}_in"
+                shared_path = f"{_parent(unit)}.{group}" if len(unit) > 1 else f"{unit[0]}_in"
                 modules.append(CompressedModule("shared", tuple(unit), rank, shared_path, True, group))
             elif len(unit) > 1:
-                shared_path = f"{_parent(unit[0])}.{group}"
+                shared_path = f"{_parent(unit)}.{group}"
                 modules.append(CompressedModule("shared", tuple(unit), rank, shared_path, group=group))
             else:
                 modules.append(CompressedModule("lowrank", tuple(unit), rank, group=group))
@@ -134,8 +134,15 @@ def plan_layer(structure: Structure, groups: list[tuple[str, tuple[str, ...]]], 
     return modules
 
 
-def _parent(path: str) -> str:
-    return path.rpartition(".")[0]
+def _parent(unit: list[str]) -> str:
+    """The deepest module holding every member (a mixture's shared projection lives on its experts)."""
+    parts = [path.split(".")[:-1] for path in unit]
+    common = []
+    for names in zip(*parts):
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    return ".".join(common)
 
 
 def _given_rank(ranks: Mapping[str, int], unit: list[str], n: int, rows: int) -> int:

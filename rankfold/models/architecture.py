@@ -32,6 +32,10 @@ class LinearGroup:
     members: tuple[str, ...]
 
 
+# A mixture's experts' gate/up of one layer as one input group (target.experts: shared); its statistic is
+# the sum of the per-expert ones (InputStats.from_tensors)
+EXPERTS_UNION = "mlp_in_experts"
+
 # The Llama layout every dense decoder of this kind shares (Llama, Mistral, Qwen2/3, ...).
 LLAMA_GROUPS = (
     LinearGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -163,6 +167,19 @@ class Architecture:
             LinearGroup(f"mlp_out_{e}", (f"{self.experts}.{e}.down_proj",))))
         return replace(self, groups=dense + experts)
 
+    def plan_groups(self, experts: str | None = None) -> list[tuple[str, tuple[str, ...]]]:
+        """(name, members) of the input groups a layout is planned over: the family's groups, or with
+        `experts="shared"` every expert's gate/up in one group (EXPERTS_UNION) instead of one per expert.
+        ValueError naming target.experts for a family without experts."""
+        groups = [(group.name, group.members) for group in self.groups]
+        if experts is None:
+            return groups
+        if self.experts is None:
+            raise ValueError(f"target.experts: {self.model_type} has no mixture of experts to share a projection across")
+        per_expert = [(name, members) for name, members in groups if re.fullmatch(r"mlp_in_\d+", name)]
+        union = (EXPERTS_UNION, tuple(m for _, members in per_expert for m in members))
+        return [union if g == per_expert[0] else g for g in groups if g not in per_expert[1:]]
+
     def build_layer(self, config: PretrainedConfig, index: int) -> nn.Module:
         """An empty (meta-device) decoder layer; fill it with `load_state_dict(..., assign=True)`. A
         mixture of experts' fused experts are one linear per expert here (split_state's keys)."""
@@ -227,10 +244,13 @@ class Architecture:
         suffix = key[len(key.removesuffix(".weight").removesuffix(".bias")):]
         if rows != slice(None) and stored(path + suffix):  # a part of a fused projection
             return path + suffix, lambda tensor: tensor[rows]
-        if self.experts is not None:  # transformers 5's fused layout, saved as such
+        if self.experts is not None:  # transformers 5's fused layout, or GGUF's stack per projection
             match = re.search(rf"{re.escape(self.experts)}\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key)
             if match:
                 e, name = int(match.group(1)), match.group(2)
+                stacked = key[:match.start()] + f"{self.experts}.{name}.weight"  # (E, rows, cols)
+                if stored(stacked):
+                    return stacked, lambda tensor: tensor[e]
                 fused = key[:match.start()] + f"{self.experts}.{'down_proj' if name == 'down_proj' else 'gate_up_proj'}"
                 if stored(fused):
                     half = {"gate_proj": 0, "up_proj": 1}.get(name)

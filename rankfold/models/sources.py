@@ -232,16 +232,20 @@ def read_safetensor(path: Path, key: str) -> torch.Tensor:
         raise ModelSourceError(f"{path}: cannot read tensor {key!r} ({err}); the file is truncated or damaged") from None
 
 
-def _hf_to_gguf_names(config: PretrainedConfig, arch: Architecture) -> dict[str, str]:
+def _hf_to_gguf_names(config: PretrainedConfig, arch: Architecture, gguf_arch: str) -> dict[str, str]:
     """{GGUF tensor name: Hugging Face key} for every tensor of the model `config` describes, through
-    gguf's own tensor-name map (HF -> GGUF is unique; the reverse is not, so walk the HF keys)."""
+    gguf's own tensor-name map for the file's `gguf_arch` (HF -> GGUF is unique; the reverse is not, so
+    walk the HF keys). A mixture's experts are stacked per projection in GGUF (ffn_gate_exps: (E, ffn,
+    hidden)): their keys are `{experts}.gate_proj.weight` and so on, which Architecture.locate slices."""
     import gguf
 
     by_name = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}
-    if config.model_type not in by_name:
-        raise ModelSourceError(f"gguf has no tensor-name map for model_type {config.model_type!r}")
-    names = gguf.get_tensor_name_map(by_name[config.model_type], config.num_hidden_layers)
+    if gguf_arch not in by_name:
+        raise ModelSourceError(f"gguf has no tensor-name map for architecture {gguf_arch!r}")
+    names = gguf.get_tensor_name_map(by_name[gguf_arch], config.num_hidden_layers)
     layer_keys = list(arch.build_layer(config, 0).state_dict())  # meta: no memory
+    if arch.experts is not None:
+        layer_keys += [f"{arch.experts}.{name}.weight" for name in ("gate_proj", "up_proj", "down_proj")]
     keys = [arch.embedding_key, arch.final_norm_key, arch.lm_head_key] + [
         arch.layer_prefix.format(i=i) + key for i in range(config.num_hidden_layers) for key in layer_keys]
     mapping = {}
@@ -250,12 +254,6 @@ def _hf_to_gguf_names(config: PretrainedConfig, arch: Architecture) -> dict[str,
         if name is not None:
             mapping[name] = key
     return mapping
-
-
-def _unpermute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's interleaving of q/k rows (its converter permutes them for its RoPE layout)."""
-    half_dim = weight.shape[0] // n_heads // 2
-    return weight.reshape(n_heads, half_dim, 2, *weight.shape[1:]).swapaxes(2, 1).reshape(weight.shape)
 
 
 def content_digest(path: Path) -> str:
@@ -283,6 +281,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("RANKFOLD_CACHE", Path.home() / ".cache" / "rankfold"))
 
 
+GGUF_CONVERSION = "2"  # the cached config's conversion: 2 adds GGUF_FIELDS and the partial rotary factor
+# GGUF metadata (after "{architecture}.") -> the config attribute, where transformers' conversion skips it
+GGUF_FIELDS = {"attention.key_length": "head_dim", "expert_feed_forward_length": "moe_intermediate_size",
+               "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+               "attn_logit_softcapping": "attn_logit_softcapping", "final_logit_softcapping": "final_logit_softcapping",
+               "attention.sliding_window": "sliding_window"}
+
+
 class GGUFSource(ModelSource):
     """A GGUF file, dequantised tensor by tensor on read (memory-mapped, so one layer at a time)."""
 
@@ -300,9 +306,10 @@ class GGUFSource(ModelSource):
         self._hf_folder = self._converted_metadata()
         if not self.architecture.gguf:
             raise ModelSourceError(f"{self.location}: GGUF files of model_type {self.config.model_type!r} are not "
-                                   "supported (llama.cpp stores their tensors in layouts rankfold does not undo yet); "
-                                   "use the model's safetensors folder")
-        names = _hf_to_gguf_names(self.config, self.architecture)
+                                   "tested with rankfold (llama.cpp's layout for it is not checked); use the model's "
+                                   "safetensors folder")
+        self._gguf_arch = str(self._reader.get_field("general.architecture").contents())
+        names = _hf_to_gguf_names(self.config, self.architecture, self._gguf_arch)
         # Tensors the model does not read (e.g. rope_freqs, derived from the config) are left out.
         self._tensors = {names[t.name]: t for t in self._reader.tensors if t.name in names}
 
@@ -311,16 +318,21 @@ class GGUFSource(ModelSource):
 
     def _converted_metadata(self) -> Path:
         """Config and tokenizer converted once from the GGUF header (slow), cached by file fingerprint."""
-        folder = cache_root() / "gguf" / _head_digest(self.path)  # a cache key only: no full hash per node
+        # a cache key only (no full hash per node), with the conversion's version
+        folder = cache_root() / "gguf" / f"{_head_digest(self.path)}-{GGUF_CONVERSION}"
         if (folder / "config.json").is_file():
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
         try:
-            config = AutoConfig.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            try:
+                config = AutoConfig.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            except ValueError as err:  # transformers: "GGUF model with architecture X is not supported yet."
+                raise ModelSourceError(f"{self.path}: {err}") from None
             # The weights we hand out are already dequantised: the result is a plain model.
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
+            self._complete_config(config)
             config.save_pretrained(staging)
             AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name).save_pretrained(staging)
             try:
@@ -333,6 +345,20 @@ class GGUFSource(ModelSource):
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return folder
+
+    def _complete_config(self, config: PretrainedConfig) -> None:
+        """Set the config fields llama.cpp writes that transformers' GGUF conversion does not read (it keeps
+        the class defaults: right for some released sizes only, e.g. Qwen3-MoE's expert width)."""
+        arch = str(self._reader.get_field("general.architecture").contents())
+        for key, attribute in GGUF_FIELDS.items():
+            field = self._reader.get_field(f"{arch}.{key}")
+            if field is not None and hasattr(config, attribute):
+                setattr(config, attribute, field.contents())
+        rotary = self._reader.get_field(f"{arch}.rope.dimension_count")
+        if rotary is not None and "partial_rotary_factor" in (getattr(config, "rope_parameters", None) or {}):
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            config.partial_rotary_factor = rotary.contents() / head_dim
+            config.rope_parameters["partial_rotary_factor"] = config.partial_rotary_factor
 
     @cached_property
     def config(self) -> PretrainedConfig:
@@ -359,11 +385,16 @@ class GGUFSource(ModelSource):
         entry, shape = self._entry(key), self.shape(key)
         # np.array copies: F32 tensors come back as read-only views of the memory map.
         array = np.array(dequantize(entry.data, entry.tensor_type), dtype=np.float32).reshape(shape)
-        if key.endswith("self_attn.q_proj.weight"):
-            array = _unpermute_rope(array, self.config.num_attention_heads)
-        elif key.endswith("self_attn.k_proj.weight"):
-            array = _unpermute_rope(array, self.config.num_key_value_heads)
-        return torch.from_numpy(np.ascontiguousarray(array))
+        array = self._processor.process(weights=array, name=entry.name).weights
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+    @cached_property
+    def _processor(self):
+        """transformers' per-architecture undoing of llama.cpp's conversion (llama: q/k rows un-permuted;
+        Gemma: norms stored as 1 + w)."""
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        return TENSOR_PROCESSORS.get(self._gguf_arch, TensorProcessor)(config=self.config.to_dict())
 
 
 def builtin_gguf(name: str) -> Path:

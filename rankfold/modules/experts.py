@@ -75,8 +75,14 @@ def unfuse_all_experts(root: nn.Module, path: str) -> None:
 def split_fused_experts(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     """A layer state holding transformers 5's fused `{path}.gate_up_proj` (E, 2·ffn, in) and
     `{path}.down_proj` (E, out, ffn) with one `{path}.{e}.{gate_proj|up_proj|down_proj}.weight` per
-    expert instead (views, no copies); a state without them is returned as is."""
+    expert instead (views, no copies); so is GGUF's stack per projection (`{path}.gate_proj.weight` (E,
+    ffn, in), up and down likewise). A state without them is returned as is."""
     out = dict(state)
+    stacks = {name: out.pop(f"{path}.{name}.weight", None) for name in ("gate_proj", "up_proj", "down_proj")}
+    if all(stack is not None for stack in stacks.values()):
+        for e in range(stacks["gate_proj"].shape[0]):
+            out.update({f"{path}.{e}.{name}.weight": stack[e] for name, stack in stacks.items()})
+        return out
     gate_up, down = out.pop(f"{path}.gate_up_proj", None), out.pop(f"{path}.down_proj", None)
     if gate_up is not None:
         for e in range(gate_up.shape[0]):

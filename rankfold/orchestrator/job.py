@@ -59,7 +59,8 @@ def run_job(spec: JobSpec, *, executor: Executor | None = None, store: ArtifactS
 
 
 def job_plan(spec: JobSpec, source, shapes) -> Plan:
-    uniform = plan_layout(spec.method, spec.target.ratio, source.architecture, shapes)  # uniform ranks
+    uniform = plan_layout(spec.method, spec.target.ratio, source.architecture, shapes,  # uniform ranks
+                          experts=spec.target.experts)
     return make_plan(spec, source.fingerprint(), uniform)
 
 

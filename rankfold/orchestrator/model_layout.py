@@ -58,11 +58,11 @@ def matrix_shapes(source: ModelSource, matrices: tuple[str, ...]) -> Shapes:
 
 
 def plan_layout(method: MethodOptions, ratio: float, arch: Architecture, shapes: Shapes,
-                ranks: dict[int, dict[str, int]] | None = None) -> ModelLayout:
+                ranks: dict[int, dict[str, int]] | None = None, experts: str | None = None) -> ModelLayout:
     """The method's structure with the uniform rule's ranks at `ratio` (target.ratio), or with `ranks`
-    (layer -> matrix -> rank)."""
+    (layer -> matrix -> rank); `experts` (target.experts): a mixture's gate/up grouped per expert or shared."""
     structure = method_of(method).structure
-    groups = [(group.name, group.members) for group in arch.groups]
+    groups = arch.plan_groups(experts)
     cost = sparse_entry_cost(method)
     return ModelLayout({i: plan_layer(structure, groups, layer_shapes, ratio,
                                       ranks=None if ranks is None else ranks.get(i, {}), cost=cost)

@@ -81,7 +81,7 @@ def _text_sources(spec: JobSpec) -> list[tuple[str, object]]:
 
 def _check_allocation(spec: JobSpec, source: ModelSource, shapes: Shapes) -> None:
     allocation = spec.target.allocation
-    layout = plan_layout(spec.method, spec.target.ratio, source.architecture, shapes).by_layer
+    layout = plan_layout(spec.method, spec.target.ratio, source.architecture, shapes, experts=spec.target.experts).by_layer
     problem = AllocationProblem(method_of(spec.method), layout, shapes, spec.target.ratio,
                                 source.architecture.layer_prefix)
     try:
@@ -124,7 +124,7 @@ def planned_decode(spec: JobSpec, source: ModelSource, shapes: Shapes) -> Decode
     moves ranks but not the budget, so costs hold to within one direction per unit; with a sparse part
     (ranks traded for entries) nothing about costs is decided before allocation."""
     arch, allocation = source.architecture, spec.target.allocation
-    layout = plan_layout(spec.method, spec.target.ratio, arch, shapes)
+    layout = plan_layout(spec.method, spec.target.ratio, arch, shapes, experts=spec.target.experts)
     modules = [CompressedModule.from_json(entry) for entry in layout.flat(arch)]
     units = decode_units(meta_model(source.config, modules))
     allocator, names = ALLOCATORS.get(allocation.kind), {unit.name for unit in units}

@@ -387,3 +387,45 @@ def test_the_dense_model_loads_whole(family):
         ours = model_from_source(SafetensorsSource(folder))(tokens).logits
         theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(tokens).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_experts_sharing_one_projection_run_end_to_end(family, tmp_path):
+    """target.experts: shared — SkipCat + FLRA with one projection A across every expert's gate/up of a
+    layer (whitened with the union Gram, a B per expert): the checkpoint gives the streamed perplexity. The
+    union statistic is top-k × the Gram of the tokens entering the mixture (every token routed to k experts)."""
+    from rankfold.methods.statistics import InputStats
+    from rankfold.models.architecture import EXPERTS_UNION
+
+    model_type, folder = family
+    arch = ARCHITECTURES.get(model_type)
+    data = tiny_spec_dict(folder, tmp_path / "out", method="skipcat", ratio=0.3)
+    data["target"].update({"allocation": {"kind": "flra", "fisher_samples": 4}, "experts": "shared"})
+    if not arch.experts:
+        with pytest.raises(ValueError, match=f"target.experts: {model_type} has no mixture of experts"):
+            preflight(parse_spec(data))
+        return
+    report = run_job(parse_spec(data))
+    shared = [m for m in rankfold.load(tmp_path / "out" / "model").config.rankfold["layout"]
+              if m.get("group") == EXPERTS_UNION]
+    experts = arch.num_experts(SafetensorsSource(folder).config)
+    assert len(shared) == 2 and all(len(m["members"]) == 2 * experts
+                                    and m["shared_path"].endswith(f"mlp.experts.{EXPERTS_UNION}") for m in shared)
+    ppl = parse_spec(data).evaluation.perplexity[0]
+    windows = make_windows(tokenize(load_text(ppl.data), _tokenizer(folder)), ppl.window, ppl.max_tokens)
+    assert model_perplexity(rankfold.load(tmp_path / "out" / "model"), windows) == pytest.approx(
+        metric_table(report["rows"])[0]["compressed"], rel=1e-4)
+
+    source = SafetensorsSource(folder)
+    shard = SequenceShard(ShardConfig(str(folder), "float32", 1 << 30))
+    shard.load(_tokens(source.config.vocab_size), batch_size=2)
+    union = InputStats.from_tensors(shard.advance(0, LayerStep()), EXPERTS_UNION)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seen = []
+    hook = model.model.layers[0].mlp.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(_tokens(source.config.vocab_size))
+    hook.remove()
+    x = seen[0].reshape(-1, source.config.hidden_size).double()
+    top_k = source.config.num_experts_per_tok
+    assert union.count == top_k * x.shape[0]
+    torch.testing.assert_close(union.symmetric_gram(), top_k * x.T @ x, rtol=1e-4, atol=1e-3)

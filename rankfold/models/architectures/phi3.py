@@ -20,4 +20,4 @@ register_architecture(Architecture(
     groups=(LinearGroup("attn_in", ("self_attn.qkv_proj",)), LinearGroup("attn_out", ("self_attn.o_proj",)),
             LinearGroup("mlp_in", ("mlp.gate_up_proj",)), LinearGroup("mlp_out", ("mlp.down_proj",))),
     fused={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
-    fused_rows=fused_rows))
+    fused_rows=fused_rows, gguf=True))

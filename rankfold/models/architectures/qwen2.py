@@ -12,4 +12,4 @@ def sliding_window(config, index: int) -> int | None:
 
 
 register_architecture(Architecture("qwen2", ("qwen2", "Qwen2"), sliding_window=sliding_window,
-                                   kv_bias=lambda config: True))
+                                   kv_bias=lambda config: True, gguf=True))

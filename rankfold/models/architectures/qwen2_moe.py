@@ -11,4 +11,4 @@ register_architecture(Architecture(
     groups=(*LLAMA_GROUPS[:2],
             LinearGroup("shared_in", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")),
             LinearGroup("shared_out", ("mlp.shared_expert.down_proj",))),
-    experts="mlp.experts", num_experts=num_experts))
+    experts="mlp.experts", num_experts=num_experts, gguf=True))

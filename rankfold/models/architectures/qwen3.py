@@ -4,4 +4,4 @@ projection and RoPE, and optional sliding-window layers (transformers' layer_typ
 from rankfold.models.architecture import Architecture, register_architecture
 from rankfold.models.architectures.qwen2 import sliding_window
 
-register_architecture(Architecture("qwen3", ("qwen3", "Qwen3"), sliding_window=sliding_window))
+register_architecture(Architecture("qwen3", ("qwen3", "Qwen3"), sliding_window=sliding_window, gguf=True))

@@ -16,4 +16,4 @@ def num_experts(config) -> int:
 
 register_architecture(Architecture(
     "qwen3_moe", ("qwen3_moe", "Qwen3Moe"), sliding_window=sliding_window, experts="mlp.experts",
-    num_experts=num_experts))
+    num_experts=num_experts, gguf=True))

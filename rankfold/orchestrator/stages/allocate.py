@@ -26,7 +26,7 @@ def allocate(env: Env, stage: Stage, **upstream: LayerArtifacts) -> tuple[dict, 
                                 env.source.architecture.layer_prefix, read)
     allocator = ALLOCATORS.get(target.allocation.kind)
     ranks = allocator.allocate(target.allocation, problem)
-    layout = plan_layout(method, target.ratio, env.source.architecture, env.shapes, ranks)
+    layout = plan_layout(method, target.ratio, env.source.architecture, env.shapes, ranks, target.experts)
     result, artifacts = {"ranks": {str(i): r for i, r in ranks.items()}, "layout": layout.to_json()}, {}
     if allocator.gains is not None:  # the decode order progressive decoding reads from the checkpoint
         key = f"{stage.prefix('gains')}/{RANK_GAINS}"

@@ -34,9 +34,10 @@ def decompose(env: Env, stage: Stage, *, ranks: Ranks, statistics: Statistics | 
 
 
 def layer_groups(env: Env, layout) -> list[tuple[int, str]]:
-    """(layer, input group) pairs that hold compressed modules, in layer then architecture order."""
-    return [(i, g.name) for i in range(env.source.num_layers) for g in env.source.architecture.groups
-            if layout.in_group(i, g.name)]
+    """(layer, input group) pairs that hold compressed modules, in layer then layout order (the
+    planned groups: the family's, or a mixture's experts as one group)."""
+    return [(i, group) for i in range(env.source.num_layers)
+            for group in dict.fromkeys(module.group for module in layout.by_layer.get(i, []))]
 
 
 register_stage(StageKind("decompose", decompose, "1", Factors, producer=lambda params: method_of(params["method"]).version))

@@ -17,7 +17,7 @@ def spectra(env: Env, stage: Stage, *, statistics: Statistics) -> tuple[dict, Ar
     items = []
     for layer, modules in stage.params["structure"].items():
         i = int(layer)
-        for group in (g.name for g in arch.groups if any(module["group"] == g.name for module in modules)):
+        for group in dict.fromkeys(module["group"] for module in modules):
             members = tuple({**module, "rank": 0} for module in modules if module["group"] == group)
             items.append(SpectrumItem(env.source.location, arch.layer_prefix.format(i=i), group, members, ref,
                                       statistics.key(i), ref, Spectra.key_of(stage, i, group)))
