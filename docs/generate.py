@@ -193,8 +193,9 @@ def models_page() -> str:
         cells += ["✓" if tested else "", "✓" if name in LATENT_KV else "", "✓" if tested else "",
                   "✓" if arch.gguf else ""]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
-    lines += ["", "Palu on sliding-window layers keeps every token's latents and masks the window "
-              "([why](../methods/palu.md)); on phi3 the query rows of `qkv_proj` stay dense beside it.",
+    lines += ["", "Palu's cache on a sliding-window layer holds the newest window − 1 tokens' latents, as "
+              "transformers' sliding layer does ([Palu](../methods/palu.md)); on phi3 the query rows of "
+              "`qkv_proj` stay dense beside it.",
               "", "Why a cell is blank:", ""]
     for name in sorted(ARCHITECTURES.names()):
         arch = ARCHITECTURES.get(name)

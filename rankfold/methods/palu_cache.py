@@ -30,11 +30,15 @@ def kv_layout(kv: PaluOptions, matrices: tuple[str, ...], config,
     """Every layer's latent-KV attention at the searched ranks ({layer: {"k": [...], "v": [...]}}); values
     fold into o_proj when the weight method (`matrices`: target.matrices) leaves it dense and it does not
     grow (modules/latent_kv.py)."""
-    modules, members = {}, replaced_paths(architecture_for(config))
+    arch = architecture_for(config)
+    modules, members = {}, replaced_paths(arch)
     for i, layer in ranks.items():
         options = {"group_heads": kv.group_heads, "key_ranks": list(layer["k"]), "value_ranks": list(layer["v"]),
                    "fold_values": False, "bits": kv.bits, "group": kv.quant_group, "residual": kv.residual,
-                   "hadamard": kv.hadamard, "value_bias": architecture_for(config).kv_bias(config)}
+                   "hadamard": kv.hadamard, "value_bias": arch.kv_bias(config)}
+        window = arch.sliding_window(config, int(i))
+        if window:  # the layer's cache holds the newest window − 1 tokens between forwards
+            options["window"] = int(window)
         shape = LatentKVShape.from_options(config, options)
         options["fold_values"] = ("o_proj" not in matrices
                                   and shape.folded_width() <= shape.num_heads * shape.head_dim)

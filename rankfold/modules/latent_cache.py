@@ -36,11 +36,14 @@ from rankfold.kernels.latent_quant import (
 @dataclass(frozen=True)
 class LatentCacheConfig:
     """bits: 16 keeps latents in the model dtype; 1..8 quantises (per token, asymmetric RTN) in groups
-    of `group` numbers; `residual`: the newest tokens kept unquantised."""
+    of `group` numbers; `residual`: the newest tokens kept unquantised; `window`: a sliding-window
+    layer's window W — between forwards only the newest W − 1 tokens are held (no later query can
+    attend an older one), as transformers' sliding cache layer does; None: every token."""
 
     bits: int = 16
     group: int = 32
     residual: int = 0
+    window: int | None = None
 
     def __post_init__(self) -> None:
         if self.bits != 16:
@@ -57,7 +60,6 @@ class LatentLayer(CacheLayerMixin):
     """One decoder layer's latent cache. `keys` / `values` hold the unquantised tokens (batch, t, Σr);
     `quantized_keys` / `quantized_values` the older ones (QuantizedLatents), when quantising."""
 
-    is_sliding = False
     is_croppable = False
 
     def __init__(self, config: LatentCacheConfig = LatentCacheConfig()):
@@ -65,7 +67,32 @@ class LatentLayer(CacheLayerMixin):
         self.config = config
         self.quantized_keys: QuantizedLatents | None = None
         self.quantized_values: QuantizedLatents | None = None
-        self.length = 0
+        self.length = 0   # tokens seen
+        self.dropped = 0  # the oldest of them, no longer held (a sliding window's)
+
+    @property
+    def is_sliding(self) -> bool:
+        """transformers sizes a sliding-window mask by the first sliding layer's get_mask_sizes."""
+        return self.config.window is not None
+
+    def _trim(self) -> None:
+        """Before new tokens arrive: hold only the newest window − 1 (quantised ones leave first)."""
+        window = self.config.window
+        if window is None or not self.is_initialized:
+            return
+        excess = (self.length - self.dropped) - (window - 1)
+        if excess <= 0:
+            return
+        quantised = self.length - self.dropped - self.keys.shape[1]
+        from_codes, from_window = min(excess, quantised), max(0, excess - quantised)
+        if from_codes == quantised and quantised:
+            self.quantized_keys = self.quantized_values = None
+        elif from_codes:
+            self.quantized_keys = self.quantized_keys.map(lambda t: t[:, from_codes:])
+            self.quantized_values = self.quantized_values.map(lambda t: t[:, from_codes:])
+        if from_window:
+            self.keys, self.values = self.keys[:, from_window:], self.values[:, from_window:]
+        self.dropped += excess
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -79,9 +106,11 @@ class LatentLayer(CacheLayerMixin):
         return self.read_keys(), self.read_values()
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Store new latents; tokens leaving the unquantised window are quantised."""
+        """Store new latents; tokens leaving the unquantised window are quantised, tokens leaving a
+        sliding window dropped."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._trim()
         self.length += key_states.shape[1]
         self.keys = torch.cat([self.keys, key_states], dim=1)
         self.values = torch.cat([self.values, value_states], dim=1)
@@ -99,6 +128,7 @@ class LatentLayer(CacheLayerMixin):
         one it gets when it leaves the window later."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._trim()
         held = (self.quantized_keys, self.quantized_values)
         recent = (torch.cat([self.keys, key_states], dim=1), torch.cat([self.values, value_states], dim=1))
         self.append(key_states, value_states)
@@ -130,7 +160,9 @@ class LatentLayer(CacheLayerMixin):
         return recent if store is None else torch.cat([dequantize(store, self.dtype), recent], dim=1)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        """(keys the next forward of `query_length` tokens attends, cumulative index of the first)."""
+        held = self.length if self.config.window is None else min(self.length, self.config.window - 1)
+        return held + query_length, self.length - held
 
     def get_seq_length(self) -> int:
         return self.length
@@ -173,7 +205,7 @@ class LatentLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.quantized_keys = self.quantized_values = None
-        self.length, self.is_initialized = 0, False
+        self.length, self.dropped, self.is_initialized = 0, 0, False
 
 
 class LatentCache(Cache):

@@ -21,8 +21,9 @@ latent attention replaces it): its score scaling (Gemma's query_pre_attn_scalar,
 attention_multiplier), its logit soft cap (Gemma 2: cap · tanh(s / cap) before the mask, eager), its
 q_norm / k_norm (per head: Qwen3, Gemma 3; over the whole projection: OLMo 2 — a key is rebuilt from its
 latent, normalised, then rotated), its RoPE tables (Gemma 3's local and global; Phi-3's partial rotary).
-A sliding-window layer's window comes in the mask the model (or the streamed runner) passes: the cache
-keeps every token's latents and the window masks the old ones, so positions stay contiguous and exact.
+A sliding-window layer's window comes in the mask the model (or the streamed runner) passes; between
+forwards its cache holds only the newest W − 1 tokens' latents (the layout's `window`), and the held
+tokens' positions start after the dropped ones (LatentLayer.dropped).
 
 Attention runs through torch's SDPA with the model's mask (boolean or additive); without a mask it is
 causal. With a soft cap the scores are computed explicitly (SDPA has none). The cache is a LatentLayer (modules/latent_cache.py); without one (a plain forward, the
@@ -203,6 +204,7 @@ class LatentKVAttention(nn.Module):
             return self.o_proj(self._attend_per_query_window(query, hidden_states, cos, sin, layer, past, offsets,
                                                              attention_mask)), None
         layer.append(self.k_down(hidden_states), self.v_down(hidden_states))
+        offsets = offsets + layer.dropped  # position of the first token held (a sliding window drops old ones)
         if length == 1 and past > 0 and choose_backend(query) == "triton" and self._kernel_applies():
             return self.o_proj(self._decode_with_kernel(query, layer, offsets, attention_mask)), None
         keys = self._rotated_keys(layer.read_keys(), cos, sin, past, offsets)
@@ -226,9 +228,10 @@ class LatentKVAttention(nn.Module):
         """Attention over [quantised copies | unquantised copies] of the cached tokens, the mask letting
         query t read token j's quantised copy exactly when (past + t) − j ≥ residual (latent_cache.py)."""
         (key_q, value_q), (key_f, value_f) = layer.append_views(self.k_down(hidden_states), self.v_down(hidden_states))
+        offsets, held_past = offsets + layer.dropped, past - layer.dropped  # the held tokens only
         keys = torch.cat([self._rotated_keys(key_q, cos, sin, past, offsets),
                           self._rotated_keys(key_f, cos, sin, past, offsets)], dim=2)
-        both = _window_mask(mask, query.shape[2], key_q.shape[1], past, layer.config.residual, query.device)
+        both = _window_mask(mask, query.shape[2], key_q.shape[1], held_past, layer.config.residual, query.device)
         return self._attend(query, keys, torch.cat([value_q, value_f], dim=1), both)
 
     def _decode_with_kernel(self, query: torch.Tensor, layer: LatentLayer, offsets: torch.Tensor,
@@ -423,7 +426,7 @@ def replace_attention(root: nn.Module, path: str, options: dict, dtype: torch.dt
         o_proj = nn.Linear(shape.folded_width(), o_proj.out_features, bias=_has_bias(options, o_proj),
                            dtype=dtype, device=weight.device)
     cache = LatentCacheConfig(int(options.get("bits", 16)), int(options.get("group", 32)),
-                              int(options.get("residual", 0)))
+                              int(options.get("residual", 0)), options.get("window"))
     latent = LatentKVAttention(dense.config, dense.layer_idx, shape, q_proj, o_proj, kv_bias, cache, dtype,
                                weight.device, AttentionTraits.of(dense, shape.head_dim))
     for child, module in dense.named_children():  # e.g. a skip layout's q_proj_in / o_proj_in projections

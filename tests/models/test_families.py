@@ -5,6 +5,7 @@ family takes a latent cache) runs end to end with its checkpoint's perplexity eq
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -140,7 +141,7 @@ def test_every_structure_at_full_rank_reproduces_the_layer(family, structure):
     torch.testing.assert_close(runner(compressed, hidden), expected, rtol=1e-3, atol=1e-3)
 
 
-def _latent_at_full_rank(model, fold: bool) -> None:
+def _latent_at_full_rank(model, fold: bool, **cache) -> None:
     """Every layer's attention -> Palu's latent attention with full-rank G-LRD factors (one head a group,
     identity whitening: the exact same K and V through the latent cache), built and filled as a job does
     (kv_layout, layer_kv_tensors, assemble_layer_state); values folded into o_proj or not."""
@@ -161,6 +162,7 @@ def _latent_at_full_rank(model, fold: bool) -> None:
             for k, f in enumerate(group_factors(dense[f"{stored}.weight"][rows].double(), identity, d, 1, [d] * kv)):
                 factors[f"{kind}.{k}.up"], factors[f"{kind}.{k}.down"] = f.up, f.down
         module = kv_layout(options, () if fold else ("o_proj",), config, {i: {"k": [d] * kv, "v": [d] * kv}})[i]
+        module.options.update(cache)
         assert module.options["fold_values"] == fold
         state = assemble_layer_state(dense, layer_kv_tensors(factors, dense, config, module), [module], torch.float32)
         apply_layout(layer, [module], dtype=torch.float32)
@@ -181,6 +183,10 @@ def test_latent_attention_at_full_rank_is_the_family_attention(family):
                                 output_logits=True, return_dict_in_generate=True) for m in (dense, latent)]
     torch.testing.assert_close(torch.stack(generated[1].logits), torch.stack(generated[0].logits), rtol=1e-4, atol=1e-4)
     assert torch.equal(generated[0].sequences, generated[1].sequences)
+    arch = ARCHITECTURES.get(model_type).for_config(latent.config)
+    for i, layer in enumerate(generated[1].past_key_values.layers):  # a sliding layer holds its window only
+        window = arch.sliding_window(latent.config, i)
+        assert layer.length == 31 and layer.length - layer.dropped == (min(31, window) if window else 31)
 
 
 def test_calibration_grams_equal_forward_hooks(family):
@@ -429,3 +435,45 @@ def test_experts_sharing_one_projection_run_end_to_end(family, tmp_path):
     top_k = source.config.num_experts_per_tok
     assert union.count == top_k * x.shape[0]
     torch.testing.assert_close(union.symmetric_gram(), top_k * x.T @ x, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "olmo2", "gemma3_text"])
+def test_latent_attention_with_one_kv_head(model_type, tokenizer):
+    """Multi-query attention (one KV head, as Gemma-3-270M): the latent attention at full rank is the
+    family's own — a whole-projection k_norm (OLMo 2) and a per-head one coincide at one head."""
+    config_class, extra = FAMILIES[model_type]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
+                          tie_word_embeddings=True, rms_norm_eps=1e-5, **extra)
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for param in dense.parameters():
+            param.mul_(4.0) if param.ndim == 2 else param.add_(0.1 * torch.randn_like(param))
+    latent = copy.deepcopy(dense)
+    _latent_at_full_rank(latent, fold=False)
+    tokens = _tokens(config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(latent(tokens).logits, dense(tokens).logits, rtol=1e-4, atol=1e-4)
+        greedy = [m.generate(tokens[:, :12], max_new_tokens=16, min_new_tokens=16, do_sample=False) for m in (dense, latent)]
+    assert torch.equal(*greedy)
+
+
+def test_a_quantised_sliding_latent_cache_drops_only_what_the_window_hides(tokenizer):
+    """Mistral with a window of 24 and 4-bit latents (residual 3): greedy decoding past the window gives
+    the same logits whether the cache drops the tokens older than the window or keeps them masked."""
+    config_class, extra = FAMILIES["mistral"]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **extra)
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(config).eval()
+    dropping, keeping = copy.deepcopy(dense), copy.deepcopy(dense)
+    _latent_at_full_rank(dropping, fold=False, bits=4, group=8, residual=3)
+    _latent_at_full_rank(keeping, fold=False, bits=4, group=8, residual=3, window=None)
+    prompt = _tokens(config.vocab_size)[:, :16]
+    with torch.no_grad():
+        runs = [m.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True) for m in (dropping, keeping)]
+    torch.testing.assert_close(torch.stack(runs[0].logits), torch.stack(runs[1].logits), rtol=1e-5, atol=1e-5)
+    held = [layer.length - layer.dropped for layer in runs[0].past_key_values.layers]
+    assert held == [24, 24] and all(layer.dropped == 0 for layer in runs[1].past_key_values.layers)
