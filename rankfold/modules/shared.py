@@ -43,12 +43,15 @@ class SharedProjection(nn.Module):
 
     Called with x, it returns every member's output B_c z + bias_c in one kernel call
     (`rankfold.kernels.shared_lowrank`: Triton on CUDA, torch elsewhere) and keeps the list for
-    the members still to come, so A x is computed once per token."""
+    the members still to come, so A x is computed once per token. Members that read different
+    tensors (`joint=False`: a mixture's experts, each called on the tokens routed to it) get z alone,
+    kept for the tensor it was computed from, and apply their own B — no expert computes another's."""
 
     def __init__(self, in_features: int, rank: int, skip: bool, consumers: int,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None, joint: bool = True):
         super().__init__()
         self.in_features, self.rank, self.skip, self.consumers = in_features, rank, skip, consumers
+        self.joint = joint
         if skip:
             self.A_prime = nn.Parameter(torch.empty(rank, in_features - rank, dtype=dtype, device=device))
             self.register_buffer("permutation", torch.empty(in_features, dtype=torch.int64, device=device))
@@ -85,6 +88,23 @@ class SharedProjection(nn.Module):
             self.rank_log.append(rank)
         return shared_lowrank(x, self.A[:rank], [m.B[:, :rank] for m in self._members], None,
                               [m.bias for m in self._members])
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """z (…, active rank) for x, computed once per tensor (members that read different tensors)."""
+        cached = self._cached_input() if self._cached_input is not None else None
+        if cached is not x:
+            if self.skip:
+                if self.permutation.is_meta and not x.is_meta:
+                    raise RuntimeError(f"SharedProjection: {UNLOADED_BUFFER.format(what='its permutation')}")
+                z = x[..., self.permutation[:self.rank]] + nn.functional.linear(x[..., self.permutation[self.rank:]],
+                                                                                self.A_prime)
+            else:
+                rank = self.active_rank or self.rank
+                if self.rank_log is not None:
+                    self.rank_log.append(rank)
+                z = nn.functional.linear(x, self.A[:rank])
+            self._cached_outputs, self._cached_input = [z], weakref.ref(x)
+        return self._cached_outputs[0]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         cached = self._cached_input() if self._cached_input is not None else None
@@ -124,7 +144,10 @@ class SharedLowRankLinear(nn.Module):
         self.index = shared.attach(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shared(x)[self.index]
+        if self.shared.joint:
+            return self.shared(x)[self.index]
+        z = self.shared.latent(x)
+        return nn.functional.linear(z, self.B[:, :z.shape[-1]], self.bias)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B (out, rank), A (rank, in)) with the shared A written out (SharedProjection.dense_a)."""
@@ -140,8 +163,9 @@ def replace_group(root: nn.Module, shared_path: str, members: dict[str, int], ra
     SharedProjection registered at `shared_path` (all paths relative to `root`)."""
     first = root.get_submodule(next(iter(members)))
     dtype = dtype or first.weight.dtype
+    joint = len({path.rpartition(".")[0] for path in members}) == 1  # siblings read one tensor; experts do not
     shared = SharedProjection(first.in_features, rank, skip, consumers=len(members), dtype=dtype,
-                              device=first.weight.device)
+                              device=first.weight.device, joint=joint)
     parent_path, _, name = shared_path.rpartition(".")
     (root.get_submodule(parent_path) if parent_path else root).add_module(name, shared)
     for path in members:

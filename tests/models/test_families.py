@@ -418,8 +418,10 @@ def test_experts_sharing_one_projection_run_end_to_end(family, tmp_path):
                                     and m["shared_path"].endswith(f"mlp.experts.{EXPERTS_UNION}") for m in shared)
     ppl = parse_spec(data).evaluation.perplexity[0]
     windows = make_windows(tokenize(load_text(ppl.data), _tokenizer(folder)), ppl.window, ppl.max_tokens)
-    assert model_perplexity(rankfold.load(tmp_path / "out" / "model"), windows) == pytest.approx(
-        metric_table(report["rows"])[0]["compressed"], rel=1e-4)
+    loaded = rankfold.load(tmp_path / "out" / "model")
+    assert model_perplexity(loaded, windows) == pytest.approx(metric_table(report["rows"])[0]["compressed"], rel=1e-4)
+    projection = loaded.get_submodule(shared[0]["shared_path"])
+    assert not projection.joint  # each expert applies its own B to z; none computes another's outputs
 
     source = SafetensorsSource(folder)
     shard = SequenceShard(ShardConfig(str(folder), "float32", 1 << 30))
