@@ -9,7 +9,7 @@ on one artifact store: the calibration and the dense evaluation run once. Per-ex
 each expert with the Gram of the tokens routed to it; the shared projection whitens with the union
 Gram and stores one A per layer and a B per expert, so at the same budget it affords a higher rank.
 
-    python -m benchmarks.experts_sharing                       # ~15 min on 2 cores
+    python -m benchmarks.experts_sharing                       # ~23 min on 2 cores (4 jobs)
     python -m benchmarks.experts_sharing --ratios 0.4 --noise 0.1 0.3
 """
 
