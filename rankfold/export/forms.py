@@ -42,12 +42,12 @@ class ExportError(CheckpointError):
 def plain_parts(model: PreTrainedModel, layout: list[CompressedModule]) -> dict[str, Parts]:
     """Every compressed linear of `model` (full path) as Parts; a latent-KV attention's k_proj and v_proj too."""
     parts = {}
+    fused = architecture_for(model.config).part_rows("self_attn.k_proj")[0]  # Phi-3: qkv_proj
     for entry in layout:
         if not entry.handler.linear:
             attention = model.get_submodule(entry.shared_path)
             if not hasattr(attention, "projection_factors"):
                 raise ExportError(f"{entry.shared_path}: a {entry.kind} module has no plain projections to write")
-            fused = architecture_for(model.config).part_rows("self_attn.k_proj")[0]
             if not fused.endswith("k_proj"):
                 raise ExportError(f"{entry.shared_path}: {model.config.model_type}'s keys and values are rows of "
                                   f"{fused}, which a latent cache splits; export it with --form native")

@@ -76,14 +76,16 @@ def layer_kv_tensors(factors: dict[str, torch.Tensor], dense: dict[str, torch.Te
                             get("self_attn.o_proj.bias"))
     tensors = {f"self_attn.{name}": value for name, value in state.items()}
     if arch.part_rows("self_attn.q_proj")[0] in replaced_paths(arch):  # the query rows of a fused qkv_proj
-        tensors.update({f"self_attn.q_proj.{kind}": get(f"self_attn.q_proj.{kind}") for kind in ("weight", "bias")
-                        if get(f"self_attn.q_proj.{kind}") is not None})
+        for kind in ("weight", "bias"):
+            rows = get(f"self_attn.q_proj.{kind}")
+            if rows is not None:
+                tensors[f"self_attn.q_proj.{kind}"] = rows
     return tensors
 
 
 def check_cache(kv: PaluOptions, config) -> None:
-    """The family's attention takes a latent cache; head groups divide the KV heads; the budget holds one rank multiple per head group,
-    k and v. ValueError starting with the field's name otherwise."""
+    """The family's attention takes a latent cache; head groups divide the KV heads; the budget holds one
+    rank multiple per head group, k and v. ValueError starting with the field's name otherwise."""
     arch = architecture_for(config)
     if arch.latent_kv_unsupported:
         raise ValueError(f"name: palu on model_type {arch.model_type!r}: {arch.latent_kv_unsupported}")

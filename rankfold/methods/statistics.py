@@ -5,13 +5,12 @@ They are sums, so shards (and chunks) reduce by addition; float64 whatever the m
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from rankfold.methods.whitening import mirror_upper_
-from rankfold.models.architecture import EXPERTS_UNION
+from rankfold.models.architecture import EXPERT_INPUT, EXPERTS_UNION
 
 GRAM_BLOCK = 256
 
@@ -58,7 +57,8 @@ class InputStats:
         statistics of its own: EXPERTS_UNION), the sum over every `mlp_in_<e>` — each token counted once
         per expert it was routed to, i.e. top-k × the union's, which whitening does not see."""
         if f"{prefix}.gram" not in tensors and prefix == EXPERTS_UNION:
-            parts = sorted({key.rsplit(".", 1)[0] for key in tensors if re.fullmatch(r"mlp_in_\d+\.gram", key)})
+            parts = sorted({key.removesuffix(".gram") for key in tensors
+                            if key.endswith(".gram") and EXPERT_INPUT.fullmatch(key.removesuffix(".gram"))})
             if parts:
                 return cls.sum([cls.from_tensors(tensors, part) for part in parts])
         return cls(tensors[f"{prefix}.gram"], tensors[f"{prefix}.abs_sum"], int(tensors[f"{prefix}.count"][0]))

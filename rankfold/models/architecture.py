@@ -32,8 +32,9 @@ class LinearGroup:
     members: tuple[str, ...]
 
 
-# A mixture's experts' gate/up of one layer as one input group (target.experts: shared); its statistic is
-# the sum of the per-expert ones (InputStats.from_tensors)
+# A mixture's expert e's gate/up is input group "mlp_in_<e>"; all experts' gate/up of one layer as one
+# group (target.experts: shared) is EXPERTS_UNION, whose statistic is the sum of theirs (InputStats.from_tensors)
+EXPERT_INPUT = re.compile(r"mlp_in_\d+")
 EXPERTS_UNION = "mlp_in_experts"
 
 # The Llama layout every dense decoder of this kind shares (Llama, Mistral, Qwen2/3, ...).
@@ -145,9 +146,9 @@ class Architecture:
         parent, _, name = path.rpartition(".")
         for fused, parts in self.fused.items():
             if name in parts and fused in self.fused_sizes:
-                sizes = self.fused_sizes[fused]
-                start = sum(sizes[:parts.index(name)])
-                return f"{parent}.{fused}" if parent else fused, slice(start, start + sizes[parts.index(name)])
+                sizes, index = self.fused_sizes[fused], parts.index(name)
+                start = sum(sizes[:index])
+                return f"{parent}.{fused}" if parent else fused, slice(start, start + sizes[index])
         return path, slice(None)
 
     def _class(self, suffix: str) -> type:
@@ -176,7 +177,7 @@ class Architecture:
             return groups
         if self.experts is None:
             raise ValueError(f"target.experts: {self.model_type} has no mixture of experts to share a projection across")
-        per_expert = [(name, members) for name, members in groups if re.fullmatch(r"mlp_in_\d+", name)]
+        per_expert = [(name, members) for name, members in groups if EXPERT_INPUT.fullmatch(name)]
         union = (EXPERTS_UNION, tuple(m for _, members in per_expert for m in members))
         return [union if g == per_expert[0] else g for g in groups if g not in per_expert[1:]]
 
@@ -240,8 +241,9 @@ class Architecture:
             candidate = _renamed(key, ours, theirs)
             if candidate is not None and stored(candidate):
                 return candidate, lambda tensor: tensor
-        path, rows = self.part_rows(key.removesuffix(".weight").removesuffix(".bias"))
-        suffix = key[len(key.removesuffix(".weight").removesuffix(".bias")):]
+        base = key.removesuffix(".weight").removesuffix(".bias")
+        path, rows = self.part_rows(base)
+        suffix = key[len(base):]
         if rows != slice(None) and stored(path + suffix):  # a part of a fused projection
             return path + suffix, lambda tensor: tensor[rows]
         if self.experts is not None:  # transformers 5's fused layout, or GGUF's stack per projection

@@ -303,12 +303,12 @@ class GGUFSource(ModelSource):
             self._reader = GGUFReader(self.path, "r")
         except Exception as err:  # the reader raises bare ValueError/struct errors on damaged files
             raise ModelSourceError(f"{self.path}: not a readable GGUF file ({err})") from None
+        self._gguf_arch = str(self._reader.get_field("general.architecture").contents())
         self._hf_folder = self._converted_metadata()
         if not self.architecture.gguf:
             raise ModelSourceError(f"{self.location}: GGUF files of model_type {self.config.model_type!r} are not "
                                    "tested with rankfold (llama.cpp's layout for it is not checked); use the model's "
                                    "safetensors folder")
-        self._gguf_arch = str(self._reader.get_field("general.architecture").contents())
         names = _hf_to_gguf_names(self.config, self.architecture, self._gguf_arch)
         # Tensors the model does not read (e.g. rope_freqs, derived from the config) are left out.
         self._tensors = {names[t.name]: t for t in self._reader.tensors if t.name in names}
@@ -349,7 +349,7 @@ class GGUFSource(ModelSource):
     def _complete_config(self, config: PretrainedConfig) -> None:
         """Set the config fields llama.cpp writes that transformers' GGUF conversion does not read (it keeps
         the class defaults: right for some released sizes only, e.g. Qwen3-MoE's expert width)."""
-        arch = str(self._reader.get_field("general.architecture").contents())
+        arch = self._gguf_arch
         for key, attribute in GGUF_FIELDS.items():
             field = self._reader.get_field(f"{arch}.{key}")
             if field is not None and hasattr(config, attribute):

@@ -26,8 +26,9 @@ forwards its cache holds only the newest W − 1 tokens' latents (the layout's `
 tokens' positions start after the dropped ones (LatentLayer.dropped).
 
 Attention runs through torch's SDPA with the model's mask (boolean or additive); without a mask it is
-causal. With a soft cap the scores are computed explicitly (SDPA has none). The cache is a LatentLayer (modules/latent_cache.py); without one (a plain forward, the
-streamed perplexity), the layer uses a fresh LatentLayer, so its numbers are the cache's.
+causal; with a soft cap the scores are computed explicitly (SDPA has none). The cache is a LatentLayer
+(modules/latent_cache.py); without one (a plain forward, the streamed perplexity), the layer uses a
+fresh LatentLayer, so its numbers are the cache's.
 """
 
 from __future__ import annotations
@@ -134,12 +135,11 @@ class LatentKVAttention(nn.Module):
     k_norm when the family has them (added by replace_attention with the other modules it keeps)."""
 
     def __init__(self, config, layer_idx: int, shape: LatentKVShape, q_proj: nn.Module, o_proj: nn.Module,
-                 bias: bool, cache_config: LatentCacheConfig, dtype: torch.dtype, device=None,
-                 traits: AttentionTraits | None = None):
+                 bias: bool, cache_config: LatentCacheConfig, dtype: torch.dtype, device, traits: AttentionTraits):
         super().__init__()
         self.config, self.layer_idx, self.shape, self.cache_config = config, layer_idx, shape, cache_config
-        self.traits = traits or AttentionTraits(shape.head_dim ** -0.5, None, _llama_rotary(), None)
-        self.head_dim, self.scaling = shape.head_dim, self.traits.scaling
+        self.traits = traits
+        self.head_dim, self.scaling = shape.head_dim, traits.scaling
         hidden, width = config.hidden_size, shape.group_heads * shape.head_dim
         self.q_proj, self.o_proj = q_proj, o_proj
         kw = {"dtype": dtype, "device": device}
@@ -314,12 +314,6 @@ class LatentKVAttention(nn.Module):
                 bias = self.v_bias.view(-1, self.head_dim)[k * shape.group_heads:(k + 1) * shape.group_heads]
                 out = out + bias.repeat_interleave(rep, dim=0)[None, :, None]
         return out.transpose(1, 2).reshape(batch, length, -1)
-
-
-def _llama_rotary() -> type:
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    return LlamaRotaryEmbedding
 
 
 def _softcapped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,

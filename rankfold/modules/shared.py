@@ -75,33 +75,33 @@ class SharedProjection(nn.Module):
         self._members.append(member)
         return len(self._members) - 1
 
-    def group_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if len(self._members) != self.consumers:
-            raise RuntimeError(f"shared projection has {len(self._members)} of its {self.consumers} members")
+    def _rank_for(self, x: torch.Tensor) -> int:
+        """The rank z is computed at for x (logged when asked); a skip projection's permutation must be loaded."""
         if self.skip:
             if self.permutation.is_meta and not x.is_meta:
                 raise RuntimeError(f"SharedProjection: {UNLOADED_BUFFER.format(what='its permutation')}")
-            return shared_lowrank(x, self.A_prime, [m.B for m in self._members], self.permutation,
-                                  [m.bias for m in self._members])
+            return self.rank
         rank = self.active_rank or self.rank
         if self.rank_log is not None:
             self.rank_log.append(rank)
-        return shared_lowrank(x, self.A[:rank], [m.B[:, :rank] for m in self._members], None,
-                              [m.bias for m in self._members])
+        return rank
+
+    def group_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if len(self._members) != self.consumers:
+            raise RuntimeError(f"shared projection has {len(self._members)} of its {self.consumers} members")
+        rank, biases = self._rank_for(x), [m.bias for m in self._members]
+        if self.skip:
+            return shared_lowrank(x, self.A_prime, [m.B for m in self._members], self.permutation, biases)
+        return shared_lowrank(x, self.A[:rank], [m.B[:, :rank] for m in self._members], None, biases)
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """z (…, active rank) for x, computed once per tensor (members that read different tensors)."""
         cached = self._cached_input() if self._cached_input is not None else None
         if cached is not x:
+            rank = self._rank_for(x)
             if self.skip:
-                if self.permutation.is_meta and not x.is_meta:
-                    raise RuntimeError(f"SharedProjection: {UNLOADED_BUFFER.format(what='its permutation')}")
-                z = x[..., self.permutation[:self.rank]] + nn.functional.linear(x[..., self.permutation[self.rank:]],
-                                                                                self.A_prime)
+                z = x[..., self.permutation[:rank]] + nn.functional.linear(x[..., self.permutation[rank:]], self.A_prime)
             else:
-                rank = self.active_rank or self.rank
-                if self.rank_log is not None:
-                    self.rank_log.append(rank)
                 z = nn.functional.linear(x, self.A[:rank])
             self._cached_outputs, self._cached_input = [z], weakref.ref(x)
         return self._cached_outputs[0]
