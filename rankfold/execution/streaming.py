@@ -23,11 +23,13 @@ MAX_SHARD_REBUILDS = 3
 
 class ShardGroup:
     """Shards in lockstep. `call` sends one call to every shard (in shard order) and records it —
-    with `replay_args`, if given, as the cheaper arguments a rebuilt shard replays it with."""
+    with `replay_args`, if given, as the cheaper arguments a rebuilt shard replays it with. `shard_class`:
+    SequenceShard or a subclass (the anchored walk's two-stream shard)."""
 
-    def __init__(self, executor: Executor, stage: str, config: ShardConfig, parts: int):
-        self.executor, self.stage, self.config = executor, stage, config
-        self.shards = executor.actors(SequenceShard, [(config,)] * parts)
+    def __init__(self, executor: Executor, stage: str, config: ShardConfig, parts: int,
+                 shard_class: type[SequenceShard] = SequenceShard):
+        self.executor, self.stage, self.config, self.shard_class = executor, stage, config, shard_class
+        self.shards = executor.actors(shard_class, [(config,)] * parts)
         self.history: list[list[tuple[str, tuple]]] = [[] for _ in range(parts)]
         self.rebuilds = [0] * parts
 
@@ -55,7 +57,7 @@ class ShardGroup:
             raise RuntimeError(f"{self.stage}: shard {k} lost {self.rebuilds[k]} times (last: {lost.reason}); giving up")
         log.warning("%s: shard %d lost after %d calls (%s); rebuilding it", self.stage, k, len(self.history[k]),
                     lost.reason)
-        self.shards[k] = self.executor.actors(SequenceShard, [(self.config,)])[0]
+        self.shards[k] = self.executor.actors(self.shard_class, [(self.config,)])[0]
         for method, args in self.history[k]:
             self.executor.call_each([self.shards[k]], method, [args])
 

@@ -136,6 +136,36 @@ class CalibrationSpec(Strict):
         return CalibrationSample.of(self.data, self.num_samples, self.seq_len, self.seed)
 
 
+class FittingSpec(Strict):
+    """Anchored fitting (methods/anchored.py): calibration and decomposition in one walk over the
+    layers, each input group fitted to the dense outputs from the compressed-so-far model's inputs X̂:
+    min ‖W X − W′ X̂‖² + λ ‖(W − W′) X‖². For whitened methods (svd_llm, cat, skip, skipcat).
+    Fits the weight method's matrices; a KV method's factors (Palu) stay fitted to the dense inputs."""
+
+    kind: Literal["anchored"] = "anchored"
+    # The plain term's weight w = λ / (1 + λ) in (1 − w) ‖W X − W′ X̂‖² + w ‖(W − W′) X‖²: 0 is AA-SVD's
+    # anchored form, 1 the plain method. One value, or candidates each input group chooses among on
+    # held-out calibration sequences (the smallest held-out ‖W X − W′ X̂‖²).
+    mix: tuple[float, ...] = Field((0.0, 0.2, 0.5, 0.8, 1.0), min_length=1)
+    # Calibration sequences (the sample's last) held out to choose the weight; fitted on the rest.
+    # Unused with one weight.
+    holdout: int = Field(16, ge=1)
+
+    @field_validator("mix")
+    @classmethod
+    def _weights(cls, mix: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.0 <= value <= 1.0 for value in mix):
+            raise ValueError(f"every weight must lie in [0, 1] (0: anchored, 1: the plain method), got {list(mix)}")
+        if len(set(mix)) != len(mix):
+            raise ValueError("must be a list without repeats")
+        return mix
+
+    @property
+    def heldout(self) -> int:
+        """Sequences held out: `holdout` when there is a choice to make, else none."""
+        return self.holdout if len(self.mix) > 1 else 0
+
+
 # One list per registered evaluator (`evaluation: {perplexity: [...], zeroshot: [...], generation: [...]}`).
 EvaluatorsSpec = create_model(
     "EvaluatorsSpec", __base__=Strict,
@@ -200,6 +230,22 @@ class JobSpec(Strict):
     execution: ExecutionSpec = ExecutionSpec()
     # A compressed KV cache (a registered KV method: palu) beside the weight method; None: the model's own.
     kv_cache: KVCacheSpec | None = None
+    # How the factors are fitted; None: each layer to its own dense inputs (the method as published).
+    fitting: FittingSpec | None = None
+
+    @model_validator(mode="after")
+    def _fitting_applies(self) -> "JobSpec":
+        fitting, method = self.fitting, METHODS.get(self.method.name)
+        if fitting is None:
+            return self
+        if not method.whitened or method.reads:
+            whitened = ", ".join(m.name for m in METHODS if m.whitened and not m.reads)
+            raise ValueError(f"fitting.kind anchored fits whitened methods ({whitened}); method.name is "
+                             f"{self.method.name!r}")
+        if fitting.heldout >= self.calibration.num_samples:
+            raise ValueError(f"fitting.holdout {fitting.holdout} leaves no calibration sequence to fit: "
+                             f"calibration.num_samples is {self.calibration.num_samples}")
+        return self
 
     @model_validator(mode="after")
     def _kv_projections_are_the_caches(self) -> "JobSpec":
@@ -235,6 +281,8 @@ class JobSpec(Strict):
             exclude["kv_cache"] = True
         if self.target.experts is None:  # and from before target.experts
             exclude["target"] = {"experts"}
+        if self.fitting is None:  # and from before fitting
+            exclude["fitting"] = True
         data = self.model_dump(mode="json", exclude=exclude)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 

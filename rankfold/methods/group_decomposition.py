@@ -32,26 +32,33 @@ class _BoundMethod:
     method: Method
     options: MethodOptions
     inputs: GroupInputs
+    approximations: list[torch.Tensor] | None = None  # each factorisation's B A, when asked for
 
     @property
     def max_condition(self) -> float:
         return getattr(self.options, "max_condition", math.inf)  # only skip layouts guard cond₂(A₁)
 
     def factor(self, stacked: torch.Tensor, rank: int):
-        return self.method.factor(self.options, stacked, rank, self.inputs)
+        b, a = self.method.factor(self.options, stacked, rank, self.inputs)
+        if self.approximations is not None:
+            self.approximations.append(b @ a)
+        return b, a
 
     def sparse_factor(self, stacked: torch.Tensor, module: CompressedModule):
         return self.method.sparse_factor(self.options, stacked, module, self.inputs)
 
 
 def decompose_group(options: MethodOptions, weights: dict[str, torch.Tensor], stats: InputStats | None,
-                    modules: list[CompressedModule], artifact=None) -> GroupResult:
+                    modules: list[CompressedModule], artifact=None,
+                    approximations: list[torch.Tensor] | None = None) -> GroupResult:
     """Tensors of `modules` (all reading this group's input), each from its kind's handler
     (modules/layout.py) over the method's factorisation; `weights` keyed by member path;
-    `artifact(stage, member)`: the upstream artifacts a method reads (Method.reads).
+    `artifact(stage, member)`: the upstream artifacts a method reads (Method.reads);
+    `approximations`: when given, each module's factored stacked matrix B A (M, n) float64 is
+    appended to it, in module order (low-rank structures: one factorisation per module).
     Raises DecompositionError (core/errors.py) when a skip block's cond(A₁) exceeds
     options.max_condition, or when a sparse factorisation disagrees with its module's rank and nnz."""
-    bound = _BoundMethod(method_of(options), options, GroupInputs(stats, artifact))
+    bound = _BoundMethod(method_of(options), options, GroupInputs(stats, artifact), approximations)
     del stats  # only `bound.inputs` holds the statistics now, so it can drop the Gram after factorising it
     result = GroupResult({})
     for module in modules:

@@ -87,6 +87,7 @@ def make_report(spec: JobSpec, env: Env, plan: Plan, outputs: dict, manifest: Ma
     source, arch = env.source, env.source.architecture
     layout = compressed_layout(env, plan["assemble"].params, outputs["allocate"], outputs.get("kv_allocate"))
     result = lambda name: outputs[name].result if name in outputs else {}  # noqa: E731
+    fitted = result(plan["assemble"].inputs["factors"])  # decompose, or the anchored walk
     return {
         "spec": spec.model_dump(mode="json"),
         "method": spec.method.model_dump(mode="json"),
@@ -96,8 +97,8 @@ def make_report(spec: JobSpec, env: Env, plan: Plan, outputs: dict, manifest: Ma
                                        model_parameter_total([source.shape(k) for k in source.keys()])),
         "ranks": layout.ranks(arch),
         "layout": layout.flat(arch),
-        "diagnostics": _summarise(result("decompose").get("diagnostics", {})),
-        "calibration_tokens": result("calibrate").get("tokens", 0),
+        "diagnostics": _summarise(fitted.get("diagnostics", {})),
+        "calibration_tokens": result("calibrate").get("tokens", fitted.get("tokens", 0)),
         # input groups (layer.group) that saw fewer calibration tokens than their width: whitened with a ridge
         "few_calibration_tokens": result("calibrate").get("few_tokens", {}),
         "allocation": {"kind": spec.target.allocation.kind, **result("fisher")},
@@ -114,9 +115,18 @@ def make_report(spec: JobSpec, env: Env, plan: Plan, outputs: dict, manifest: Ma
 
 
 def _summarise(diagnostics: dict[str, dict[str, float]]) -> dict:
-    """Worst skip-block condition number (cond(A₁)) and where it is, if the method skips."""
+    """Worst skip-block condition number (cond(A₁)) and where it is, if the method skips; with anchored
+    fitting, how often each plain-term weight was kept and the mean held-out error ratio to plain."""
+    summary = {}
     conditions = diagnostics.get("skip_condition", {})
-    if not conditions:
-        return {}
-    worst = max(conditions, key=conditions.get)
-    return {"max_skip_condition": conditions[worst], "max_skip_condition_at": worst, "skip_blocks": len(conditions)}
+    if conditions:
+        worst = max(conditions, key=conditions.get)
+        summary.update(max_skip_condition=conditions[worst], max_skip_condition_at=worst,
+                       skip_blocks=len(conditions))
+    weights = list(diagnostics.get("anchored_weight", {}).values())
+    if weights:
+        summary["anchored_weights_kept"] = {str(w): weights.count(w) for w in sorted(set(weights))}
+    ratios = list(diagnostics.get("heldout_error_ratio", {}).values())
+    if ratios:
+        summary["mean_heldout_error_ratio"] = sum(ratios) / len(ratios)
+    return summary

@@ -1,8 +1,8 @@
 """A job's plan: the spec, the method's and allocator's declared needs and the model's shapes -> a
 graph of typed stages (graph.py derives every digest from the stages' params and inputs).
 
-    calibrate -> [the allocator's stages, e.g. fisher, spectra] -> allocate -> decompose
-      -> [the KV method's stages, e.g. kv_factors -> kv_allocate] -> assemble -> evaluate (one per entry
+    calibrate -> [the allocator's stages, e.g. fisher, spectra] -> allocate -> decompose (or, with
+      `fitting`, the anchored walk) -> [the KV method's stages, e.g. kv_factors -> kv_allocate] -> assemble -> evaluate (one per entry
       and variant)
 
 calibrate runs when the method, the allocator's stages or a KV method read statistics. A stage an
@@ -40,17 +40,28 @@ def make_plan(spec: JobSpec, model_id: str, uniform: ModelLayout) -> Plan:
     builder.add("allocate", "allocate", {"model": model, "method": spec.method, "target": spec.target,
                                          "layout": uniform.to_json()},
                 {kind: kind for kind in wanted})
-    reads = {kind: kind for kind in method_of(spec.method).reads}
-    builder.add("decompose", "decompose", {"model": model, "method": spec.method},
-                {"ranks": "allocate", "statistics": _if("calibrate", builder), **reads})
+    factors = _add_factors(builder, spec, model, sample)
     kv = _kv_stages(builder, context) if spec.kv_cache is not None else {}
     builder.add("assemble", "assemble", {"model": model, "source": spec.model.source, "method": spec.method,
                                          "target": spec.target, "kv_cache": spec.kv_cache},
-                {"factors": "decompose", "ranks": "allocate", **kv})
+                {"factors": factors, "ranks": "allocate", **kv})
     variants = ("dense", "compressed") if spec.evaluation.dense else ("compressed",)
     for evaluation in _entries(spec.evaluation, variants):
         _add_evaluation(builder, model, *evaluation, checkpoint="assemble")
     return builder.plan()
+
+
+def _add_factors(builder: PlanBuilder, spec: JobSpec, model: dict, sample) -> str:
+    """The stage that fits the factors: decompose (each layer on its own dense inputs), or with
+    `fitting` the anchored walk; returns its name."""
+    if spec.fitting is not None:
+        builder.add("anchored", "anchored", {"model": model, "method": spec.method, "calibration": spec.calibration,
+                                             "sample": sample, "fitting": spec.fitting}, {"ranks": "allocate"})
+        return "anchored"
+    reads = {kind: kind for kind in method_of(spec.method).reads}
+    builder.add("decompose", "decompose", {"model": model, "method": spec.method},
+                {"ranks": "allocate", "statistics": _if("calibrate", builder), **reads})
+    return "decompose"
 
 
 def _add_by_kind(builder: PlanBuilder, kind: str, context: PlanContext) -> None:
@@ -73,10 +84,10 @@ def _if(name: str, builder: PlanBuilder) -> str | None:
 
 
 def needs_calibration(spec: JobSpec) -> bool:
-    """Calibration statistics are collected when the method, the allocator's stages or a KV method
-    (Palu's whitening) read them."""
+    """Calibration statistics are collected when the method (unless the anchored walk collects its
+    own), the allocator's stages or a KV method (Palu's whitening) read them."""
     allocation = spec.target.allocation
-    return bool(method_of(spec.method).needs or ALLOCATORS.get(allocation.kind).stages_for(allocation)
+    return bool((method_of(spec.method).needs and spec.fitting is None) or ALLOCATORS.get(allocation.kind).stages_for(allocation)
                 or spec.kv_cache is not None)
 
 

@@ -50,7 +50,11 @@ def preflight(spec: JobSpec) -> tuple[ModelSource, Shapes]:
     _check_allocation(spec, source, shapes)
     if spec.kv_cache is not None:
         _check_kv_cache(spec, source.config)
-    if needs_calibration(spec):
+    if spec.fitting is not None and arch.experts:
+        raise SpecError("fitting.kind anchored: a mixture's experts see different tokens in the dense and the "
+                        "compressed streams (the router's choices differ), so their cross statistics are "
+                        "undefined; fit this model without `fitting`")
+    if needs_calibration(spec) or spec.fitting is not None:
         _check_calibration(spec, source)
     check_evaluations(spec, source, lambda: planned_decode(spec, source, shapes))
     return source, shapes

@@ -1,0 +1,95 @@
+"""Anchored and mixed fitting: a whitened method fitted to the dense layer's outputs from the inputs
+the already-compressed layers below give it.
+
+Plain fitting (SVD-LLM, SkipCat) minimises ‖(W − W′) X‖ on the dense inputs X, so the errors of the
+layers below are never seen. The anchored objective (AA-SVD, arXiv 2604.02119, its `obj4`) fits the
+dense outputs from the compressed stream's inputs X̂; the mixed one keeps a weight λ on the plain term:
+
+    min_{W′ of the method's structure}  ‖W X − W′ X̂‖² + λ ‖(W − W′) X‖²
+
+rankfold weighs the two terms by w = λ / (1 + λ) ∈ [0, 1] instead (finite at λ = ∞):
+(1 − w) ‖W X − W′ X̂‖² + w ‖(W − W′) X‖². With G = X Xᵀ, Ĝ = X̂ X̂ᵀ, C = X X̂ᵀ, H = (1 − w) Ĝ + w G
+and K = (1 − w) C + w G, the objective equals ‖(W′ − W K H⁻¹) L‖² + const with L Lᵀ = H. So it is
+the plain method's problem with the weight M = W R (R = K H⁻¹, one n × n correction per input group)
+and the Gram H: every whitened structure (low rank, shared projection, skip) solves it unchanged.
+w = 1 (λ = ∞) is the plain method (R = I, H = G); w = 0 the pure anchored form; X̂ = X gives R = I,
+H = G: the plain factors for any w.
+
+The weight per input group can be chosen on held-out calibration sequences: the candidate whose factors give
+the smallest held-out anchored error ‖W X_h − W′ X̂_h‖² (computed from the held-out G, Ĝ, C).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rankfold.methods.statistics import InputStats
+from rankfold.methods.whitening import mirror_upper_, whitening_factor
+
+
+@dataclass
+class PairedStats:
+    """Statistics of one input group over the dense stream X and the compressed stream X̂ of the same
+    tokens: G = Σ x xᵀ, Ĝ = Σ x̂ x̂ᵀ, C = Σ x x̂ᵀ (n × n float64 sums), Σ|x̂| and the token count."""
+
+    gram: torch.Tensor        # G (n, n)
+    gram_hat: torch.Tensor    # Ĝ (n, n)
+    cross: torch.Tensor       # C (n, n), not symmetric
+    abs_sum_hat: torch.Tensor  # (n,)
+    count: int
+
+    @classmethod
+    def zeros(cls, n: int) -> "PairedStats":
+        square = lambda: torch.zeros(n, n, dtype=torch.float64)  # noqa: E731
+        return cls(square(), square(), square(), torch.zeros(n, dtype=torch.float64), 0)
+
+    def add_(self, x: torch.Tensor, x_hat: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> None:
+        """Add one chunk: `x`, `x_hat` (..., n) are the same tokens' inputs in the two streams."""
+        x = x.reshape(-1, x.shape[-1]).to(product_dtype)
+        x_hat = x_hat.reshape(-1, x_hat.shape[-1]).to(product_dtype)
+        if x.shape != x_hat.shape:
+            raise ValueError(f"the two streams' inputs differ in shape: {tuple(x.shape)} vs {tuple(x_hat.shape)}")
+        self.gram.add_(x.T @ x)
+        self.gram_hat.add_(x_hat.T @ x_hat)
+        self.cross.add_(x.T @ x_hat)
+        self.abs_sum_hat.add_(x_hat.abs().sum(0))
+        self.count += x.shape[0]
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.gram": self.gram, f"{prefix}.gram_hat": self.gram_hat, f"{prefix}.cross": self.cross,
+                f"{prefix}.abs_sum_hat": self.abs_sum_hat,
+                f"{prefix}.count": torch.tensor([self.count], dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "PairedStats":
+        return cls(tensors[f"{prefix}.gram"], tensors[f"{prefix}.gram_hat"], tensors[f"{prefix}.cross"],
+                   tensors[f"{prefix}.abs_sum_hat"], int(tensors[f"{prefix}.count"][0]))
+
+
+def mixed_problem(stats: PairedStats, weight: float) -> tuple[torch.Tensor | None, InputStats]:
+    """(R, the Gram H as InputStats) of (1 − w) ‖W X − W′ X̂‖² + w ‖(W − W′) X‖² (w = λ / (1 + λ), the
+    plain term's weight: H = (1 − w) Ĝ + w G, K = (1 − w) C + w G, R = K H⁻¹). R (n, n) float64 maps the
+    dense weight to the method's target M = W R; None means R = I (w = 1: the plain method).
+    Raises ValueError for a weight outside [0, 1]."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"the plain term's weight must lie in [0, 1], got {weight}")
+    if weight == 1.0:
+        return None, InputStats(stats.gram.clone(), stats.abs_sum_hat, stats.count)
+    gram = mirror_upper_(stats.gram.clone())
+    hessian = (1.0 - weight) * stats.gram_hat + weight * gram  # H
+    target = (1.0 - weight) * stats.cross + weight * gram       # K
+    factor = whitening_factor(hessian)  # L Lᵀ = H; a singular H gets whitening's ridge, in place
+    # R = K H⁻¹ = K L⁻ᵀ L⁻¹: two triangular solves, no inverse formed
+    right = torch.linalg.solve_triangular(factor, target.T, upper=False)       # L⁻¹ Kᵀ
+    correction = torch.linalg.solve_triangular(factor.T, right, upper=True).T  # (L⁻ᵀ L⁻¹ Kᵀ)ᵀ = K H⁻¹
+    return correction, InputStats(hessian, stats.abs_sum_hat, stats.count)
+
+
+def anchored_error(weight: torch.Tensor, approx: torch.Tensor, stats: PairedStats) -> float:
+    """‖W X − W′ X̂‖_F² over the tokens of `stats` (W, W′: (m, n)), from its G, Ĝ and C:
+    tr(W G Wᵀ) − 2 tr(W C W′ᵀ) + tr(W′ Ĝ W′ᵀ)."""
+    w, a = weight.to(torch.float64), approx.to(torch.float64)
+    gram = mirror_upper_(stats.gram.clone())
+    return float(((w @ gram) * w).sum() - 2 * ((w @ stats.cross) * a).sum() + ((a @ stats.gram_hat) * a).sum())

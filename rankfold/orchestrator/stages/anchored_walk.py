@@ -1,0 +1,99 @@
+"""anchored: calibration and decomposition interleaved, one walk over the layers (methods/anchored.py).
+
+Shards carry the dense and the compressed-so-far activations of the calibration sequences. For each
+layer, input group by input group in forward order (attention's input, o's, the MLP's, down's), the
+shards return the paired statistics of that group's input — the compressed stream running the layer
+with the groups before it already factorised — reduced over shards in shard order; one task fits the
+group's factors; then both streams advance through the layer. Factors already in the store (a
+resumed walk) are kept: the walk only re-runs the forward passes up to where it stopped.
+
+params: model {id, dtype}, method, calibration (CalibrationSpec), sample, fitting (FittingSpec).
+inputs: ranks (the allocated layout). Output: Factors, as decompose's (assemble reads either)."""
+
+from __future__ import annotations
+
+from rankfold.execution.streaming import ShardGroup, per_shard_config, split_rows
+from rankfold.methods.registry import method_of
+from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, register_stage
+from rankfold.orchestrator.stages.outputs import Factors, Ranks
+from rankfold.orchestrator.stages.stage import Stage
+from rankfold.workers.anchored_shard import AnchoredShard
+from rankfold.workers.anchored_tasks import AnchoredItem, anchored_item
+from rankfold.workers.layer_statistics import sum_stats
+from rankfold.workers.shard import ShardConfig
+
+STATS_FOLDER = "anchored_stats"  # a group's paired statistics, deleted once its factors are stored
+
+
+def anchored(env: Env, stage: Stage, *, ranks: Ranks) -> tuple[dict, Artifacts]:
+    """The result holds the diagnostics ({quantity: {module path: value}}), among them each module's
+    kept plain-term weight (`anchored_weight`)."""
+    params, source = stage.params, env.source
+    arch, layout = source.architecture, ranks.layout  # a mixture is refused before (preflight)
+    cal, fitting = params["calibration"], params["fitting"]
+    samples = params["sample"].ids(source.tokenizer())
+    parts = split_rows(samples, env.executor.workers)
+    heldout = [_heldout_rows(parts, k, fitting.heldout) for k in range(len(parts))]
+    config = ShardConfig(source.location, params["model"]["dtype"], env.max_resident_mb << 20, str(env.scratch),
+                         cal.gram_product_dtype)
+    shards = ShardGroup(env.executor, "anchored", per_shard_config(config, env.executor, len(parts)), len(parts),
+                        shard_class=AnchoredShard)
+    diagnostics: dict[str, dict[str, float]] = {}
+    artifacts: Artifacts = {}
+    try:
+        shards.call_each("load", [(part, cal.batch_size, rows) for part, rows in zip(parts, heldout)])
+        for i in env.executor.steps(range(source.num_layers), "anchored"):
+            done: list[tuple[str, str]] = []  # (group, factors key) of this layer so far
+            for group in _groups_in_order(arch, layout, i):
+                found, key, sha = _fit_group(env, stage, shards, i, group, layout, done)
+                for quantity, values in found.items():
+                    diagnostics.setdefault(quantity, {}).update(values)
+                artifacts[key] = sha
+                done.append((group, key))
+            shards.call("advance_pair", i, _layout_of(layout, i, done), env.store.ref(), [k for _, k in done],
+                        i < source.num_layers - 1)
+    finally:
+        shards.release()
+    return {"diagnostics": diagnostics, "tokens": samples.numel()}, artifacts
+
+
+def _heldout_rows(parts, k: int, heldout: int) -> int:
+    """Rows of shard k among the sample's last `heldout` (contiguous shards in sample order)."""
+    total = sum(part.shape[0] for part in parts)
+    start = sum(part.shape[0] for part in parts[:k])
+    return max(0, min(start + parts[k].shape[0], total) - max(start, total - heldout))
+
+
+def _groups_in_order(arch, layout, i: int) -> list[str]:
+    """Layer i's compressed input groups in the order the forward reaches them (the family's list)."""
+    present = {module.group for module in layout.by_layer.get(i, [])}
+    return [group.name for group in arch.groups if group.name in present]
+
+
+def _layout_of(layout, i: int, done: list[tuple[str, str]]) -> list[dict]:
+    groups = {group for group, _ in done}
+    return [module.to_json() for module in layout.by_layer.get(i, []) if module.group in groups]
+
+
+def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, layout,
+               done: list[tuple[str, str]]) -> tuple[dict, str, str]:
+    """One group's factors (kept if stored and verified): its paired statistics from the shards into
+    the store, fitted by one task, then the statistics deleted."""
+    arch, ref = env.source.architecture, env.store.ref()
+    key = Factors.key_of(stage, i, group)
+    modules = layout.in_group(i, group)
+    stats_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-{group}.safetensors"
+    item = AnchoredItem(env.source.location, stage.params["method"], arch.layer_prefix.format(i=i), group,
+                        tuple(m.to_json() for m in modules), ref, stats_key, ref, key, stage.params["fitting"].mix)
+    if not env.store.verify(key):
+        reader = modules[0].members[0]
+        partials = shards.call("paired_stats", i, group, reader, _layout_of(layout, i, done), ref,
+                               [k for _, k in done])
+        env.store.put_tensors(stats_key, sum_stats(partials))
+    [(diagnostics, key, sha)] = env.executor.map(anchored_item, [item], "anchored fit")
+    if env.store.exists(stats_key):
+        env.store.delete(stats_key)
+    return diagnostics, key, sha
+
+
+register_stage(StageKind("anchored", anchored, "1", Factors, producer=lambda params: method_of(params["method"]).version))

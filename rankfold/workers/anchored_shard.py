@@ -1,0 +1,129 @@
+"""A shard carrying two streams through the model for anchored fitting: the dense activations X and
+the compressed-so-far activations X̂ of the same token sequences.
+
+Per (layer, input group) the shard runs the dense layer on X and the layer with its groups
+factorised so far on X̂, each stopped at the group's input, and returns the paired statistics
+(G, Ĝ, C; methods/anchored.py) of its fitted rows and of its held-out rows apart. Once every group
+of the layer is factorised, `advance_pair` moves X through the dense layer and X̂ through the
+compressed one. Both buffers spill past half the shard's memory budget each.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rankfold.methods.anchored import PairedStats
+from rankfold.modules.layout import CompressedModule
+from rankfold.storage.store import StoreRef, open_ref
+from rankfold.workers.activations import Activations
+from rankfold.workers.layer_state import assemble_layer_state
+from rankfold.workers.layer_statistics import check_finite
+from rankfold.workers.layers import LayerRunner, materialize_layer
+from rankfold.workers.shard import SequenceShard, ShardConfig
+
+HELDOUT = "heldout."  # prefix of the held-out rows' statistics
+
+
+class _Captured(Exception):
+    """Raised by the capture hook: the rest of the layer is not needed."""
+
+
+def capture_input(layer: nn.Module, path: str, runner: LayerRunner, hidden: torch.Tensor) -> torch.Tensor:
+    """The input the linear at `path` reads when `layer` runs on `hidden` (the forward stops there)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_module, args):
+        seen.append(args[0])
+        raise _Captured
+
+    handle = layer.get_submodule(path).register_forward_pre_hook(hook)
+    try:
+        runner(layer, hidden)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"the layer's forward never reached {path}")
+    return seen[0]
+
+
+class AnchoredShard(SequenceShard):
+    def __init__(self, config: ShardConfig):
+        super().__init__(config)
+        self.budget_bytes //= 2  # the two streams share the shard's budget
+        self.compressed: Activations | None = None
+        self.heldout_rows = 0
+        self._dense: tuple[int, nn.Module] | None = None  # (layer index, its dense module), reused per group
+
+    def load(self, ids: torch.Tensor, batch_size: int, heldout_rows: int = 0) -> int:
+        """Embed (samples, seq) ids into both streams; the last `heldout_rows` rows are held out."""
+        tokens = super().load(ids, batch_size)
+        self.compressed = Activations(self.budget_bytes, self.spill_dir)
+        for chunk in self.hidden:
+            self.compressed.append(chunk)
+        self.heldout_rows = heldout_rows
+        return tokens
+
+    def _layer(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str]) -> nn.Module:
+        """Layer `index` with the modules of `layout` built from the factors under `keys` (dense without)."""
+        state = self.source.layer_state(index)
+        if not layout:
+            return materialize_layer(self.source.architecture, self.config, index, state, self.dtype)
+        modules = [CompressedModule.from_json(m) for m in layout]
+        fragment: dict[str, torch.Tensor] = {}
+        for key in keys:
+            fragment.update(open_ref(store).get_tensors(key))
+        state = assemble_layer_state(state, fragment, modules, self.dtype)
+        return materialize_layer(self.source.architecture, self.config, index, state, self.dtype, layout=modules)
+
+    def _dense_layer(self, index: int) -> nn.Module:
+        if self._dense is None or self._dense[0] != index:
+            self._dense = (index, self._layer(index, [], None, []))
+        return self._dense[1]
+
+    def paired_stats(self, index: int, group: str, reader: str, layout: list[dict], store: StoreRef | None,
+                     keys: list[str]) -> dict[str, torch.Tensor]:
+        """Paired statistics of `group` (its first member at `reader`) at layer `index`, the compressed
+        stream running the layer with `layout` (the groups factorised so far, factors under `keys`).
+        Returns `<group>.*` of the fitted rows and `heldout.<group>.*` of the held-out rows."""
+        dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)
+        fitted, heldout = None, None
+        first = self.ids.shape[0] - self.heldout_rows
+        with torch.no_grad():
+            for k, (x, x_hat) in enumerate(zip(self.hidden, self.compressed, strict=True)):
+                inputs = capture_input(dense, reader, self.runner, x)
+                inputs_hat = capture_input(compressed, reader, self.runner, x_hat)
+                if fitted is None:
+                    fitted, heldout = PairedStats.zeros(inputs.shape[-1]), PairedStats.zeros(inputs.shape[-1])
+                split = min(max(first - k * self.batch_size, 0), x.shape[0])  # rows of this chunk that are fitted
+                fitted.add_(inputs[:split], inputs_hat[:split], self.product_dtype)
+                heldout.add_(inputs[split:], inputs_hat[split:], self.product_dtype)
+        return {**fitted.to_tensors(group), **heldout.to_tensors(HELDOUT + group)}
+
+    def advance_pair(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str],
+                     keep_outputs: bool = True) -> int:
+        """X through the dense layer `index`, X̂ through it compressed (`layout`, factors under `keys`).
+        Returns the tokens run."""
+        dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)
+        for layer, name in ((dense, "hidden"), (compressed, "compressed")):
+            buffer: Activations = getattr(self, name)
+            outputs = Activations(self.budget_bytes, self.spill_dir) if keep_outputs else None
+            with torch.no_grad():
+                for chunk in buffer:
+                    hidden = self.runner(layer, chunk)
+                    check_finite(hidden, f"layer {index} ({name} stream of the anchored walk)")
+                    if outputs is not None:
+                        outputs.append(hidden)
+            buffer.release()
+            setattr(self, name, outputs)
+        self._dense = None
+        return int(self.ids.numel())
+
+    def release(self) -> float:
+        if self.compressed is not None:
+            self.compressed.release()
+            self.compressed = None
+        self._dense = None
+        return super().release()

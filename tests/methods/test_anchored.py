@@ -1,0 +1,115 @@
+"""The mixed objective's closed form (methods/anchored.py): it is the whitened method's problem with
+the target W K H⁻¹ and the Gram H, for every whitened structure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rankfold.methods.anchored import PairedStats, anchored_error, mixed_problem
+from rankfold.methods.group_decomposition import decompose_group
+from rankfold.methods.registry import METHODS
+from rankfold.methods.statistics import InputStats
+from rankfold.methods.structure import plan_layer
+from rankfold.workers.anchored_tasks import fit_mixed
+
+N, TOKENS = 24, 400
+
+
+def streams(seed: int = 0, drift: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X, X̂) (tokens, n) float64 with outlier channels, X̂ a drifted copy of X."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(TOKENS, N, generator=generator, dtype=torch.float64) * torch.linspace(0.2, 3.0, N, dtype=torch.float64)
+    return x, x + drift * torch.randn(TOKENS, N, generator=generator, dtype=torch.float64) @ torch.randn(
+        N, N, generator=generator, dtype=torch.float64) / N ** 0.5
+
+
+def paired(x: torch.Tensor, x_hat: torch.Tensor) -> PairedStats:
+    stats = PairedStats.zeros(x.shape[1])
+    stats.add_(x, x_hat)
+    return stats
+
+
+def objective(w, approx, x, x_hat, weight: float) -> float:
+    """(1 − w) ‖W X − W′ X̂‖² + w ‖(W − W′) X‖², with tokens as rows."""
+    return float((1 - weight) * (x @ w.T - x_hat @ approx.T).square().sum()
+                 + weight * (x @ (w - approx).T).square().sum())
+
+
+def test_anchored_error_is_the_output_error():
+    x, x_hat = streams()
+    w, approx = torch.randn(10, N, dtype=torch.float64), torch.randn(10, N, dtype=torch.float64)
+    direct = float((x @ w.T - x_hat @ approx.T).square().sum())
+    assert anchored_error(w, approx, paired(x, x_hat)) == pytest.approx(direct, rel=1e-10)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 0.9])
+def test_the_objective_is_the_whitened_distance_to_the_target(weight):
+    """(1 − w)‖WX − W′X̂‖² + w‖(W − W′)X‖² = ‖(W′ − W R) L‖² + const for every W′: so minimising the
+    whitened distance (what every whitened structure does) minimises the objective."""
+    x, x_hat = streams()
+    w = torch.randn(10, N, dtype=torch.float64)
+    correction, hessian = mixed_problem(paired(x, x_hat), weight)
+    factor = torch.linalg.cholesky(hessian.gram)
+    target = w @ correction
+    gaps = []
+    for seed in range(3):
+        other = torch.randn(10, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        gaps.append(objective(w, other, x, x_hat, weight) - float(((other - target) @ factor).square().sum()))
+    assert gaps[1] == pytest.approx(gaps[0], rel=1e-9) and gaps[2] == pytest.approx(gaps[0], rel=1e-9)
+
+
+GROUP = [("attn_in", ("q", "k", "v"))]
+
+
+def _layout(method: str, weights: dict[str, torch.Tensor]):
+    shapes = {path: tuple(w.shape) for path, w in weights.items()}
+    return plan_layer(METHODS.get(method).structure, GROUP, shapes, 0.4)
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {p: torch.randn(m, N, generator=generator, dtype=torch.float64) for p, m in (("q", 16), ("k", 8), ("v", 8))}
+
+
+def _fit(method: str, weights, stats: PairedStats, mix: float):
+    modules = _layout(method, weights)
+    result, approximations = fit_mixed(METHODS.get(method).options(name=method), weights, stats, mix, modules)
+    stacked = [torch.cat([weights[p] for p in module.members]) for module in modules]
+    return result, list(zip(stacked, approximations))
+
+
+@pytest.mark.parametrize("method", ["svd_llm", "skipcat"])
+def test_the_fitted_factors_minimise_the_objective(method):
+    """Low rank (svd_llm: one per matrix) and one projection shared by q, k, v (skipcat): at its own
+    weight the mixed fit beats the plain and the anchored fits on the mixed objective."""
+    x, x_hat = streams(1)
+    weights, stats, weight = _weights(2), paired(*streams(1)), 0.5
+    scores = {}
+    for name, mix in (("mixed", weight), ("plain", 1.0), ("anchored", 0.0)):
+        _, pairs = _fit(method, weights, stats, mix)
+        scores[name] = sum(objective(w, a, x, x_hat, weight) for w, a in pairs)
+    assert scores["mixed"] < scores["plain"] and scores["mixed"] < scores["anchored"]
+
+
+@pytest.mark.parametrize("method", ["svd_llm", "skipcat"])
+def test_the_plain_weight_and_an_undrifted_stream_give_the_plain_factors(method):
+    """w = 1 is the plain method exactly; X̂ = X gives the plain factors at any weight."""
+    x, _ = streams(3)
+    weights = _weights(4)
+    plain = decompose_group(METHODS.get(method).options(name=method), weights,
+                            InputStats(x.T @ x, x.abs().sum(0), x.shape[0]), _layout(method, weights))
+    at_one, _ = _fit(method, weights, paired(*streams(3)), 1.0)
+    assert all(torch.equal(at_one.tensors[k], plain.tensors[k]) for k in plain.tensors)
+    for mix in (0.0, 0.5):
+        undrifted, _ = _fit(method, weights, paired(x, x), mix)
+        for key, value in plain.tensors.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(undrifted.tensors[key], value, rtol=1e-7, atol=1e-9)
+            else:
+                assert torch.equal(undrifted.tensors[key], value)
+
+
+def test_a_weight_outside_zero_one_is_refused():
+    with pytest.raises(ValueError, match="weight must lie in"):
+        mixed_problem(paired(*streams()), 1.5)

@@ -1,0 +1,85 @@
+"""The anchored walk as a job (orchestrator/stages/anchored_walk.py): the plain weight reproduces the plain
+job, a walk stopped mid-way resumes to the same checkpoint, Ray and in-process agree, bad specs are
+refused before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+from safetensors.torch import load_file
+
+import rankfold.workers.anchored_tasks as anchored_tasks
+from rankfold.execution.local import LocalExecutor
+from rankfold.jobs.spec import SpecError, parse_spec
+from rankfold.orchestrator.job import run_job
+from tests.conftest import tiny_spec_dict
+
+
+def _spec(model_dir, out, method: str = "skipcat", fitting: dict | None = None, **calibration):
+    data = tiny_spec_dict(model_dir, out, method=method, ratio=0.4)
+    data["evaluation"]["perplexity"] = []
+    data["calibration"].update(calibration)
+    if fitting is not None:
+        data["fitting"] = fitting
+    return parse_spec(data)
+
+
+def _checkpoint(out) -> dict:
+    tensors = {}
+    for path in sorted((out / "model").glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def test_the_plain_weight_gives_the_plain_jobs_factors(tmp_path, tiny_model_dir):
+    """w = 1 through the walk: the same checkpoint as the plain job (float64 Gram products)."""
+    run_job(_spec(tiny_model_dir, tmp_path / "plain", gram_product_dtype="float64"))
+    report = run_job(_spec(tiny_model_dir, tmp_path / "walk", fitting={"mix": [1.0]}, gram_product_dtype="float64"))
+    assert "anchored" in report["artifacts"]["digests"] and "decompose" not in report["artifacts"]["digests"]
+    plain, walked = _checkpoint(tmp_path / "plain"), _checkpoint(tmp_path / "walk")
+    assert plain.keys() == walked.keys()
+    for key, value in plain.items():
+        assert (value - walked[key]).abs().max() <= 1e-5 * value.abs().max(), key
+
+
+def test_a_stopped_walk_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    spec = _spec(tiny_model_dir, tmp_path / "whole", fitting={"holdout": 2})
+    whole = run_job(spec, executor=LocalExecutor(workers=2))
+    assert whole["diagnostics"]["anchored_weights_kept"]
+    real, calls = anchored_tasks.anchored_item, []
+
+    def stop_after_five(item):
+        calls.append(item.factors_key)
+        if len(calls) > 5:
+            raise KeyboardInterrupt("stopped mid-walk")
+        return real(item)
+
+    stopped = _spec(tiny_model_dir, tmp_path / "stopped", fitting={"holdout": 2})
+    monkeypatch.setattr("rankfold.orchestrator.stages.anchored_walk.anchored_item", stop_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(stopped, executor=LocalExecutor(workers=2))
+    monkeypatch.setattr("rankfold.orchestrator.stages.anchored_walk.anchored_item", real)
+    run_job(stopped, executor=LocalExecutor(workers=2))
+    first, resumed = _checkpoint(tmp_path / "whole"), _checkpoint(tmp_path / "stopped")
+    assert first.keys() == resumed.keys() and all((first[k] == resumed[k]).all() for k in first)
+
+
+def test_ray_and_in_process_walks_agree(tmp_path, tiny_model_dir, ray_executor):
+    spec = _spec(tiny_model_dir, tmp_path / "local", fitting={"holdout": 2})
+    run_job(spec, executor=LocalExecutor(workers=2))
+    run_job(_spec(tiny_model_dir, tmp_path / "ray", fitting={"holdout": 2}), executor=ray_executor)
+    local, remote = _checkpoint(tmp_path / "local"), _checkpoint(tmp_path / "ray")
+    assert local.keys() == remote.keys() and all((local[k] == remote[k]).all() for k in local)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"method": {"name": "wanda"}}, "fitting.kind anchored fits whitened methods"),
+    ({"fitting": {"holdout": 8}}, "leaves no calibration sequence"),
+    ({"fitting": {"mix": [0.5, 1.5]}}, "must lie in"),
+])
+def test_specs_the_walk_cannot_fit_are_refused(tmp_path, tiny_model_dir, change, message):
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "out")
+    data["fitting"] = {}
+    data.update(change)
+    with pytest.raises(SpecError, match=message):
+        parse_spec(data)
+    assert not (tmp_path / "out").exists()
