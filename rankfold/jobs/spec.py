@@ -148,8 +148,13 @@ class FittingSpec(Strict):
     # held-out calibration sequences (the smallest held-out ‖W X − W′ X̂‖²).
     mix: tuple[float, ...] = Field((0.0, 0.2, 0.5, 0.8, 1.0), min_length=1)
     # Calibration sequences (the sample's last) held out to choose the weight; fitted on the rest.
-    # Unused with one weight.
+    # Unused with one weight and no output correction.
     holdout: int = Field(16, ge=1)
+    # After a layer is fitted, its last projection's B (down_proj) refitted in closed form so the compressed
+    # block's output on X̂ matches the dense block's on X — the drift the residual carries included — kept
+    # as a blend with the fitted B chosen on the held-out sequences (or not at all). A block whose output
+    # is not its residual plus that projection's (Gemma's post-norms, Granite's scaled residual) keeps B.
+    output_correction: bool = False
 
     @field_validator("mix")
     @classmethod
@@ -163,7 +168,7 @@ class FittingSpec(Strict):
     @property
     def heldout(self) -> int:
         """Sequences held out: `holdout` when there is a choice to make, else none."""
-        return self.holdout if len(self.mix) > 1 else 0
+        return self.holdout if len(self.mix) > 1 or self.output_correction else 0
 
 
 # One list per registered evaluator (`evaluation: {perplexity: [...], zeroshot: [...], generation: [...]}`).

@@ -93,3 +93,55 @@ def anchored_error(weight: torch.Tensor, approx: torch.Tensor, stats: PairedStat
     w, a = weight.to(torch.float64), approx.to(torch.float64)
     gram = mirror_upper_(stats.gram.clone())
     return float(((w @ gram) * w).sum() - 2 * ((w @ stats.cross) * a).sum() + ((a @ stats.gram_hat) * a).sum())
+
+
+@dataclass
+class CorrectionStats:
+    """What the output correction of a block's last projection y = B u (+ bias) reads, over tokens: with
+    e the output that projection should give so the compressed block's output equals the dense
+    block's (the dense output minus everything else the compressed block adds), and u = A x̂ its latent:
+    T = Σ e uᵀ (m, r), P = Σ u uᵀ (r, r) and E = Σ‖e‖², float64 sums."""
+
+    target: torch.Tensor        # T (m, r)
+    latent_gram: torch.Tensor   # P (r, r)
+    energy: torch.Tensor        # E, shape (1,)
+    count: int
+
+    @classmethod
+    def zeros(cls, m: int, r: int) -> "CorrectionStats":
+        return cls(torch.zeros(m, r, dtype=torch.float64), torch.zeros(r, r, dtype=torch.float64),
+                   torch.zeros(1, dtype=torch.float64), 0)
+
+    def add_(self, wanted: torch.Tensor, latent: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> None:
+        """Add one chunk: `wanted` (..., m) the outputs e, `latent` (..., r) the latents u of the same tokens."""
+        e = wanted.reshape(-1, wanted.shape[-1]).to(product_dtype)
+        u = latent.reshape(-1, latent.shape[-1]).to(product_dtype)
+        self.target.add_(e.T @ u)
+        self.latent_gram.add_(u.T @ u)
+        self.energy.add_(e.square().sum().to(torch.float64))
+        self.count += u.shape[0]
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.target": self.target, f"{prefix}.latent_gram": self.latent_gram,
+                f"{prefix}.energy": self.energy, f"{prefix}.count": torch.tensor([self.count], dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "CorrectionStats":
+        return cls(tensors[f"{prefix}.target"], tensors[f"{prefix}.latent_gram"], tensors[f"{prefix}.energy"],
+                   int(tensors[f"{prefix}.count"][0]))
+
+
+def corrected_output(b: torch.Tensor, stats: CorrectionStats, weight: float) -> torch.Tensor:
+    """B′ (m, r) float64 minimising (1 − w) Σ‖e − B′u‖² + w Σ‖(B − B′) u‖²: (1 − w) T P⁻¹ + w B — both
+    terms share P, so the mix is a blend of the least-squares B and the fitted one (w = 1 keeps B)."""
+    if weight == 1.0:
+        return b.to(torch.float64)
+    factor = whitening_factor(stats.latent_gram.clone())  # P = L Lᵀ (a ridge if a latent never varies)
+    least_squares = torch.cholesky_solve(stats.target.T, factor).T  # T P⁻¹
+    return (1.0 - weight) * least_squares + weight * b.to(torch.float64)
+
+
+def correction_error(b: torch.Tensor, stats: CorrectionStats) -> float:
+    """Σ‖e − B u‖² = E − 2 tr(B Tᵀ) + tr(B P Bᵀ) over the tokens of `stats`."""
+    b = b.to(torch.float64)
+    return float(stats.energy[0] - 2 * (b * stats.target).sum() + ((b @ stats.latent_gram) * b).sum())

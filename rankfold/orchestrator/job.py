@@ -4,6 +4,7 @@ whose recorded digest matches and whose artifacts verify is reused, the rest run
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -116,7 +117,8 @@ def make_report(spec: JobSpec, env: Env, plan: Plan, outputs: dict, manifest: Ma
 
 def _summarise(diagnostics: dict[str, dict[str, float]]) -> dict:
     """Worst skip-block condition number (cond(A₁)) and where it is, if the method skips; with anchored
-    fitting, how often each plain-term weight was kept and the mean held-out error ratio to plain."""
+    fitting, how often each plain-term weight was kept and the mean held-out error ratio to plain, each
+    layer's and module's held-out errors per weight, and the output correction's kept blends."""
     summary = {}
     conditions = diagnostics.get("skip_condition", {})
     if conditions:
@@ -129,4 +131,31 @@ def _summarise(diagnostics: dict[str, dict[str, float]]) -> dict:
     ratios = list(diagnostics.get("heldout_error_ratio", {}).values())
     if ratios:
         summary["mean_heldout_error_ratio"] = sum(ratios) / len(ratios)
+    corrected = list(diagnostics.get("output_correction_weight", {}).values())
+    if corrected:
+        summary["output_correction_weights_kept"] = {str(w): corrected.count(w) for w in sorted(set(corrected))}
+        block_ratios = list(diagnostics["output_correction_ratio"].values())
+        summary["mean_output_correction_ratio"] = sum(block_ratios) / len(block_ratios)
+    errors = {quantity.split("@", 1)[1]: values for quantity, values in diagnostics.items()
+              if quantity.startswith("heldout_error@")}
+    if errors:  # {weight: {layer: Σ held-out error}} and {weight: {module in the layer: Σ over layers}}
+        summary["heldout_error_by_layer"] = {w: _sums(values, _layer_of) for w, values in errors.items()}
+        summary["heldout_error_by_module"] = {w: _sums(values, _module_of) for w, values in errors.items()}
     return summary
+
+
+def _layer_of(path: str) -> str:
+    found = re.search(r"\.(\d+)\.", path)
+    return found.group(1) if found else path
+
+
+def _module_of(path: str) -> str:
+    found = re.search(r"\.\d+\.(.+)$", path)
+    return found.group(1) if found else path
+
+
+def _sums(values: dict[str, float], key) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for path, value in values.items():
+        sums[key(path)] = sums.get(key(path), 0.0) + value
+    return sums

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankfold.methods.anchored import PairedStats
+from rankfold.methods.anchored import CorrectionStats, PairedStats
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.activations import Activations
@@ -47,6 +47,19 @@ def capture_input(layer: nn.Module, path: str, runner: LayerRunner, hidden: torc
     if not seen:
         raise RuntimeError(f"the layer's forward never reached {path}")
     return seen[0]
+
+
+def adds_to_residual(layer: nn.Module, module: nn.Module, runner: LayerRunner, hidden: torch.Tensor) -> bool:
+    """Whether `layer`'s output moves by exactly δ when `module`'s output moves by δ (a pre-norm block's
+    last projection; not Gemma's post-norms or Granite's scaled residual)."""
+    delta = torch.randn(hidden.shape[:-1] + (module.out_features,), generator=torch.Generator().manual_seed(0),
+                        dtype=hidden.dtype)
+    handle = module.register_forward_hook(lambda _m, _a, output: output + delta)
+    try:
+        moved = runner(layer, hidden)
+    finally:
+        handle.remove()
+    return bool(torch.allclose(moved - runner(layer, hidden), delta, rtol=1e-3, atol=1e-3 * float(delta.abs().max())))
 
 
 class AnchoredShard(SequenceShard):
@@ -101,6 +114,40 @@ class AnchoredShard(SequenceShard):
                 fitted.add_(inputs[:split], inputs_hat[:split], self.product_dtype)
                 heldout.add_(inputs[split:], inputs_hat[split:], self.product_dtype)
         return {**fitted.to_tensors(group), **heldout.to_tensors(HELDOUT + group)}
+
+    def correction_stats(self, index: int, path: str, layout: list[dict], store: StoreRef | None,
+                         keys: list[str]) -> dict[str, torch.Tensor]:
+        """The output correction's statistics (methods/anchored.py CorrectionStats) of the projection at
+        `path`, the last of layer `index` compressed with `layout` (factors under `keys`): e = dense block
+        output − (compressed block output − that projection's output) − its bias, u = A x̂. Returns
+        `correction.*` of the fitted rows, `heldout.correction.*` of the held-out rows, and
+        `correction.linear` (1 when the block adds the projection's output to its residual unchanged,
+        checked by moving the output: else a correction of B cannot be solved for in closed form)."""
+        dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)
+        module = compressed.get_submodule(path)
+        b, a = module.factors()
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(_module, args, output):
+            seen["x"], seen["y"] = args[0], output
+
+        handle = module.register_forward_hook(hook)
+        fitted, heldout = CorrectionStats.zeros(*b.shape), CorrectionStats.zeros(*b.shape)
+        first = self.ids.shape[0] - self.heldout_rows
+        try:
+            with torch.no_grad():
+                for k, (x, x_hat) in enumerate(zip(self.hidden, self.compressed, strict=True)):
+                    wanted = self.runner(dense, x) - self.runner(compressed, x_hat) + seen["y"]
+                    wanted = wanted - module.bias if module.bias is not None else wanted
+                    latent = nn.functional.linear(seen["x"], a)
+                    split = min(max(first - k * self.batch_size, 0), x.shape[0])
+                    fitted.add_(wanted[:split], latent[:split], self.product_dtype)
+                    heldout.add_(wanted[split:], latent[split:], self.product_dtype)
+        finally:
+            handle.remove()
+        linear = adds_to_residual(compressed, module, self.runner, next(iter(self.compressed)))
+        return {**fitted.to_tensors("correction"), **heldout.to_tensors(HELDOUT + "correction"),
+                "correction.linear": torch.tensor([int(linear)])}
 
     def advance_pair(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str],
                      keep_outputs: bool = True) -> int:

@@ -1,5 +1,5 @@
 """The anchored walk's factorisation of one (layer, input group): the mixed objective's factors at
-each candidate λ, the one with the smallest held-out anchored error kept (methods/anchored.py)."""
+each candidate plain-term weight, the one with the smallest held-out anchored error kept (methods/anchored.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
-from rankfold.methods.anchored import PairedStats, anchored_error, mixed_problem
+from rankfold.methods.anchored import (
+    CorrectionStats,
+    PairedStats,
+    anchored_error,
+    corrected_output,
+    correction_error,
+    mixed_problem,
+)
 from rankfold.methods.group_decomposition import GroupResult, decompose_group
 from rankfold.methods.registry import MethodOptions
 from rankfold.modules.layout import CompressedModule
@@ -42,15 +49,16 @@ def fit_mixed(method: MethodOptions, weights: dict[str, torch.Tensor], stats: Pa
     return result, approximations
 
 
-def heldout_error(weights: dict[str, torch.Tensor], modules: list[CompressedModule],
-                  approximations: list[torch.Tensor], heldout: PairedStats) -> float:
-    """Σ over modules of ‖W X_h − W′ X̂_h‖² on the held-out rows."""
-    return sum(anchored_error(torch.cat([weights[m] for m in module.members]), approx, heldout)
-               for module, approx in zip(modules, approximations, strict=True))
+def heldout_errors(weights: dict[str, torch.Tensor], modules: list[CompressedModule],
+                   approximations: list[torch.Tensor], heldout: PairedStats) -> list[float]:
+    """Each module's ‖W X_h − W′ X̂_h‖² on the held-out rows (W: its members stacked)."""
+    return [anchored_error(torch.cat([weights[m] for m in module.members]), approx, heldout)
+            for module, approx in zip(modules, approximations, strict=True)]
 
 
-def choose(item: AnchoredItem, weights, modules, tensors) -> tuple[GroupResult, float, dict[str, float]]:
-    """(the kept result, its weight, the held-out error of every candidate weight, by str(weight))."""
+def choose(item: AnchoredItem, weights, modules, tensors) -> tuple[GroupResult, float, dict[str, list[float]]]:
+    """(the kept result, its weight, every candidate's held-out error per module, by str(weight)): the
+    weight with the smallest held-out error summed over the group's modules is kept."""
     fitted = PairedStats.from_tensors(tensors, item.group)
     heldout = PairedStats.from_tensors(tensors, HELDOUT + item.group)
     best, errors = None, {}
@@ -58,18 +66,18 @@ def choose(item: AnchoredItem, weights, modules, tensors) -> tuple[GroupResult, 
         result, approximations = fit_mixed(item.method, weights, fitted, mix, modules)
         if len(item.candidates) == 1:
             return result, mix, {}
-        errors[str(mix)] = heldout_error(weights, modules, approximations, heldout)
-        if best is None or errors[str(mix)] < best[2]:
-            best = (result, mix, errors[str(mix)])
+        errors[str(mix)] = heldout_errors(weights, modules, approximations, heldout)
+        if best is None or sum(errors[str(mix)]) < best[2]:
+            best = (result, mix, sum(errors[str(mix)]))
     return best[0], best[1], errors
 
 
 def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str, str]:
     """Factors of one (layer, input group) into the store (kept when they exist and verify). Returns
     (diagnostics {quantity: {full module path: value}}, artifact key, sha256); the diagnostics add
-    `anchored_weight` (the kept plain-term weight: 1 is plain, 0 anchored), `heldout_error@<w>` (each
-    candidate's held-out ‖W X − W′ X̂‖², summed over the group's modules) and `heldout_error_ratio` (its held-out error over the
-    plain method's, when both were tried)."""
+    `anchored_weight` (the group's kept plain-term weight: 1 is plain, 0 anchored), `heldout_error@<w>`
+    (each module's held-out ‖W X − W′ X̂‖² at candidate w) and `heldout_error_ratio` (the group's held-out
+    error at the kept weight over the plain method's, when both were tried)."""
     factor_store = open_ref(item.factors)
     sha, diagnostics = factor_store.checksum(item.factors_key), None
     if sha is not None:
@@ -84,12 +92,52 @@ def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str,
         diagnostics = dict(result.diagnostics)
         paths = [module.shared_path or module.members[0] for module in modules]
         diagnostics["anchored_weight"] = {path: mix for path in paths}
-        for tried, error in errors.items():  # the held-out ‖W X − W′ X̂‖² of every candidate
-            diagnostics[f"heldout_error@{tried}"] = {path: error for path in paths}
+        for tried, values in errors.items():  # the held-out ‖W X − W′ X̂‖² of every candidate
+            diagnostics[f"heldout_error@{tried}"] = dict(zip(paths, values))
         if str(1.0) in errors:
-            ratio = errors[str(mix)] / max(errors[str(1.0)], 1e-300)
+            ratio = sum(errors[str(mix)]) / max(sum(errors[str(1.0)]), 1e-300)
             diagnostics["heldout_error_ratio"] = {path: ratio for path in paths}
         stored = {k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()}
         sha = factor_store.put_tensors(item.factors_key, stored, metadata={"diagnostics": json.dumps(diagnostics)})
     return ({quantity: {item.layer_prefix + path: value for path, value in values.items()}
              for quantity, values in diagnostics.items()}, item.factors_key, sha)
+
+
+CORRECTION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # blends of the least-squares B and the fitted one tried
+CORRECTED = "output_correction"  # metadata key: the artifact's B already went through the correction
+
+
+@dataclass(frozen=True)
+class CorrectionItem:
+    layer_prefix: str
+    path: str              # the corrected projection, inside the layer
+    stats: StoreRef
+    stats_key: str         # CorrectionStats of the fitted (correction.*) and held-out (heldout.correction.*) rows
+    factors: StoreRef
+    factors_key: str       # the artifact holding the projection's B (<path>.B), rewritten in place
+
+
+def correction_item(item: CorrectionItem) -> tuple[dict[str, dict[str, float]], str, str]:
+    """The output correction of one layer's last projection: the blend weight with the smallest held-out
+    error is kept (1: B unchanged) and the factor artifact rewritten with it, marked corrected. Returns
+    (diagnostics, key, sha256); `output_correction_weight` and `output_correction_ratio` (the block's
+    held-out output error ‖dense − compressed‖² with the kept B over the uncorrected one's) join the
+    artifact's diagnostics."""
+    store = open_ref(item.factors)
+    metadata = store.get_metadata(item.factors_key)
+    diagnostics = json.loads(metadata.get("diagnostics", "{}"))
+    if metadata.get(CORRECTED) != "1":
+        tensors, stats = store.get_tensors(item.factors_key), open_ref(item.stats).get_tensors(item.stats_key)
+        if int(stats["correction.linear"][0]):
+            b = tensors[f"{item.path}.B"]
+            fitted = CorrectionStats.from_tensors(stats, "correction")
+            heldout = CorrectionStats.from_tensors(stats, HELDOUT + "correction")
+            candidates = {w: corrected_output(b, fitted, w) for w in CORRECTION_WEIGHTS}
+            errors = {w: correction_error(candidate, heldout) for w, candidate in candidates.items()}
+            kept = min(errors, key=errors.get)
+            tensors[f"{item.path}.B"] = candidates[kept].to(b.dtype)
+            diagnostics["output_correction_weight"] = {item.path: kept}
+            diagnostics["output_correction_ratio"] = {item.path: errors[kept] / max(errors[1.0], 1e-300)}
+        store.put_tensors(item.factors_key, tensors, metadata={"diagnostics": json.dumps(diagnostics), CORRECTED: "1"})
+    return ({quantity: {item.layer_prefix + path: value for path, value in values.items()}
+             for quantity, values in diagnostics.items()}, item.factors_key, store.checksum(item.factors_key))

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankfold.methods.anchored import PairedStats, anchored_error, mixed_problem
+from rankfold.methods.anchored import (
+    CorrectionStats,
+    PairedStats,
+    anchored_error,
+    corrected_output,
+    correction_error,
+    mixed_problem,
+)
 from rankfold.methods.group_decomposition import decompose_group
 from rankfold.methods.registry import METHODS
 from rankfold.methods.statistics import InputStats
@@ -113,3 +120,19 @@ def test_the_plain_weight_and_an_undrifted_stream_give_the_plain_factors(method)
 def test_a_weight_outside_zero_one_is_refused():
     with pytest.raises(ValueError, match="weight must lie in"):
         mixed_problem(paired(*streams()), 1.5)
+
+
+def test_the_output_correction_is_the_least_squares_fit_and_blends_towards_the_fitted_b():
+    generator = torch.Generator().manual_seed(5)
+    latent = torch.randn(TOKENS, 6, generator=generator, dtype=torch.float64)
+    wanted = latent @ torch.randn(6, 10, generator=generator, dtype=torch.float64) + 0.1 * torch.randn(
+        TOKENS, 10, generator=generator, dtype=torch.float64)
+    stats = CorrectionStats.zeros(10, 6)
+    stats.add_(wanted, latent)
+    fitted_b = torch.randn(10, 6, generator=generator, dtype=torch.float64)
+    least_squares = torch.linalg.lstsq(latent, wanted).solution.T
+    torch.testing.assert_close(corrected_output(fitted_b, stats, 0.0), least_squares)
+    torch.testing.assert_close(corrected_output(fitted_b, stats, 0.25), 0.75 * least_squares + 0.25 * fitted_b)
+    assert torch.equal(corrected_output(fitted_b, stats, 1.0), fitted_b)
+    for b in (least_squares, fitted_b):
+        assert correction_error(b, stats) == pytest.approx(float((wanted - latent @ b.T).square().sum()), rel=1e-9)

@@ -250,6 +250,32 @@ def test_a_skipcat_flra_job_runs_end_to_end(family, tmp_path):
     assert (report.get("kv_cache") is not None) == (model_type in LATENT_KV)
 
 
+def test_the_anchored_walk_runs_on_every_family(family, tmp_path):
+    """fitting: anchored with a held-out choice of the weight and the output correction, SkipCat on every
+    dense family: the checkpoint gives the job's perplexity; the correction applies where the block adds
+    down_proj's output to its residual (not behind a post-norm); a mixture is refused before anything
+    is written."""
+    model_type, folder = family
+    data = tiny_spec_dict(folder, tmp_path / "out", method="skipcat", ratio=0.3)
+    data["fitting"] = {"holdout": 2, "output_correction": True}
+    spec = parse_spec(data)
+    if ARCHITECTURES.get(model_type).experts:
+        with pytest.raises(ValueError, match="a mixture's experts see different tokens"):
+            preflight(spec)
+        assert not (tmp_path / "out").exists()
+        return
+    report = run_job(spec)
+    assert sum(report["diagnostics"]["anchored_weights_kept"].values()) == 2 * 4  # layers × input groups
+    dense = AutoModelForCausalLM.from_pretrained(folder)
+    post_norm = any(name.endswith("post_feedforward_layernorm") for name, _ in dense.model.layers[0].named_modules())
+    scaled = getattr(dense.config, "residual_multiplier", 1.0) != 1.0  # Granite's, in this test's config
+    assert ("output_correction_weights_kept" in report["diagnostics"]) == (not post_norm and not scaled)
+    ppl = spec.evaluation.perplexity[0]
+    windows = make_windows(tokenize(load_text(ppl.data), _tokenizer(folder)), ppl.window, ppl.max_tokens)
+    compressed = rankfold.load(tmp_path / "out" / "model")
+    assert model_perplexity(compressed, windows) == pytest.approx(metric_table(report["rows"])[0]["compressed"], rel=1e-4)
+
+
 def test_palu_beside_a_compressed_fused_qkv_proj_is_a_spec_error(tmp_path):
     """Phi-3's k and v are rows of qkv_proj: a latent cache and a weight method cannot both have them."""
     data = tiny_spec_dict(tmp_path / "phi3", tmp_path / "out", method="svd_llm")

@@ -41,23 +41,26 @@ def test_the_plain_weight_gives_the_plain_jobs_factors(tmp_path, tiny_model_dir)
         assert (value - walked[key]).abs().max() <= 1e-5 * value.abs().max(), key
 
 
-def test_a_stopped_walk_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    spec = _spec(tiny_model_dir, tmp_path / "whole", fitting={"holdout": 2})
+# stopped in layer 1 (of 2): after its first group is fitted; after all four, before its output correction
+@pytest.mark.parametrize("task, stop_after", [("anchored_item", 5), ("correction_item", 1)])
+def test_a_stopped_walk_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir, monkeypatch, task, stop_after):
+    fitting = {"holdout": 2, "output_correction": True}
+    spec = _spec(tiny_model_dir, tmp_path / "whole", fitting=fitting)
     whole = run_job(spec, executor=LocalExecutor(workers=2))
-    assert whole["diagnostics"]["anchored_weights_kept"]
-    real, calls = anchored_tasks.anchored_item, []
+    assert whole["diagnostics"]["anchored_weights_kept"] and whole["diagnostics"]["output_correction_weights_kept"]
+    real, calls = getattr(anchored_tasks, task), []
 
-    def stop_after_five(item):
+    def stopping(item):
         calls.append(item.factors_key)
-        if len(calls) > 5:
+        if len(calls) > stop_after:
             raise KeyboardInterrupt("stopped mid-walk")
         return real(item)
 
-    stopped = _spec(tiny_model_dir, tmp_path / "stopped", fitting={"holdout": 2})
-    monkeypatch.setattr("rankfold.orchestrator.stages.anchored_walk.anchored_item", stop_after_five)
+    stopped = _spec(tiny_model_dir, tmp_path / "stopped", fitting=fitting)
+    monkeypatch.setattr(f"rankfold.orchestrator.stages.anchored_walk.{task}", stopping)
     with pytest.raises(KeyboardInterrupt):
         run_job(stopped, executor=LocalExecutor(workers=2))
-    monkeypatch.setattr("rankfold.orchestrator.stages.anchored_walk.anchored_item", real)
+    monkeypatch.setattr(f"rankfold.orchestrator.stages.anchored_walk.{task}", real)
     run_job(stopped, executor=LocalExecutor(workers=2))
     first, resumed = _checkpoint(tmp_path / "whole"), _checkpoint(tmp_path / "stopped")
     assert first.keys() == resumed.keys() and all((first[k] == resumed[k]).all() for k in first)

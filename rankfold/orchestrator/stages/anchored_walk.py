@@ -4,7 +4,8 @@ Shards carry the dense and the compressed-so-far activations of the calibration 
 layer, input group by input group in forward order (attention's input, o's, the MLP's, down's), the
 shards return the paired statistics of that group's input — the compressed stream running the layer
 with the groups before it already factorised — reduced over shards in shard order; one task fits the
-group's factors; then both streams advance through the layer. Factors already in the store (a
+group's factors; with `fitting.output_correction` the layer's last projection's B is then refitted to
+the dense block's output (anchored_tasks.correction_item); then both streams advance through the layer. Factors already in the store (a
 resumed walk) are kept: the walk only re-runs the forward passes up to where it stopped.
 
 params: model {id, dtype}, method, calibration (CalibrationSpec), sample, fitting (FittingSpec).
@@ -18,7 +19,7 @@ from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, registe
 from rankfold.orchestrator.stages.outputs import Factors, Ranks
 from rankfold.orchestrator.stages.stage import Stage
 from rankfold.workers.anchored_shard import AnchoredShard
-from rankfold.workers.anchored_tasks import AnchoredItem, anchored_item
+from rankfold.workers.anchored_tasks import CORRECTED, AnchoredItem, CorrectionItem, anchored_item, correction_item
 from rankfold.workers.layer_statistics import sum_stats
 from rankfold.workers.shard import ShardConfig
 
@@ -50,6 +51,11 @@ def anchored(env: Env, stage: Stage, *, ranks: Ranks) -> tuple[dict, Artifacts]:
                     diagnostics.setdefault(quantity, {}).update(values)
                 artifacts[key] = sha
                 done.append((group, key))
+            if fitting.output_correction and done:
+                found, key, sha = _correct_output(env, stage, shards, i, layout, done)
+                for quantity, values in found.items():
+                    diagnostics.setdefault(quantity, {}).update(values)
+                artifacts[key] = sha
             shards.call("advance_pair", i, _layout_of(layout, i, done), env.store.ref(), [k for _, k in done],
                         i < source.num_layers - 1)
     finally:
@@ -91,6 +97,26 @@ def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, l
                                [k for _, k in done])
         env.store.put_tensors(stats_key, sum_stats(partials))
     [(diagnostics, key, sha)] = env.executor.map(anchored_item, [item], "anchored fit")
+    if env.store.exists(stats_key):
+        env.store.delete(stats_key)
+    return diagnostics, key, sha
+
+
+def _correct_output(env: Env, stage: Stage, shards: ShardGroup, i: int, layout,
+                    done: list[tuple[str, str]]) -> tuple[dict, str, str]:
+    """Layer i's last group, when it is one projection (down_proj), gets the output correction (once: a
+    resumed walk finds its artifact marked corrected); returns (diagnostics, its factors key, sha256)."""
+    group, key = done[-1]
+    modules, ref = layout.in_group(i, group), env.store.ref()
+    if len(modules) != 1 or len(modules[0].members) != 1:
+        return {}, key, env.store.checksum(key)
+    path = modules[0].members[0]
+    stats_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-correction.safetensors"
+    if env.store.get_metadata(key).get(CORRECTED) != "1":
+        partials = shards.call("correction_stats", i, path, _layout_of(layout, i, done), ref, [k for _, k in done])
+        env.store.put_tensors(stats_key, sum_stats(partials))
+    item = CorrectionItem(env.source.architecture.layer_prefix.format(i=i), path, ref, stats_key, ref, key)
+    [(diagnostics, key, sha)] = env.executor.map(correction_item, [item], "output correction")
     if env.store.exists(stats_key):
         env.store.delete(stats_key)
     return diagnostics, key, sha

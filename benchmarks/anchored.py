@@ -1,0 +1,134 @@
+"""Anchored fitting benchmark: rankfold's whitened methods fitted plain (each layer to its dense
+inputs), anchored (to the dense outputs from the compressed-so-far inputs, AA-SVD's objective) and
+mixed (the plain term's weight chosen per input group on held-out calibration sequences), on the
+quality benchmark's calibration windows and WikiText-2 evaluation, plus a second text (Tiny
+Shakespeare) to check that the ranking is not WikiText's.
+
+    python -m benchmarks.anchored                                     # FLRA + SkipCat at 40 %
+    python -m benchmarks.anchored --methods svd_llm skipcat --allocations uniform fisher --ratios 0.2 0.4 0.6
+    python -m benchmarks.anchored --calib-samples 32 --eval-tokens 8192  # a quick look (~4 min a walk)
+
+Every variant is a job through `rankfold run`'s plan on one shared artifact store (one calibration,
+Fisher pass and dense evaluation serve every row). Prints and writes (markdown + JSON) perplexity
+on both texts, the anchored walk's time against the plain job's calibrate + decompose, and which
+weights the groups kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
+from benchmarks.common import DATA, REPO, describe, provenance, write_result  # noqa: E402
+from benchmarks.quality import ALLOCATION_NAMES, allocation_spec, applies, method_spec  # noqa: E402
+from rankfold.cli import logging_to_stderr  # noqa: E402
+from rankfold.evaluation.report import metric_table  # noqa: E402
+from rankfold.jobs.spec import FittingSpec, parse_spec  # noqa: E402
+from rankfold.orchestrator.job import run_job  # noqa: E402
+from rankfold.storage.store import LocalStore  # noqa: E402
+
+# --variants name -> the spec's fitting (None: the plain method)
+VARIANTS = {"plain": lambda args: None, "anchored": lambda args: {"mix": [0.0], "holdout": args.holdout},
+            "mixed": lambda args: {"mix": args.mix, "holdout": args.holdout}}
+FITTED = ("anchored", "decompose", "calibrate")  # stages whose time is the fitting's
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", nargs="+", default=["skipcat"])
+    parser.add_argument("--allocations", nargs="+", default=["fisher"], choices=list(ALLOCATION_NAMES))
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.4])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--mix", nargs="+", type=float, default=list(FittingSpec().mix),
+                        help="the mixed variant's candidate plain-term weights")
+    parser.add_argument("--holdout", type=int, default=16, help="calibration sequences held out to choose the weight")
+    parser.add_argument("--calib-data", type=Path, default=DATA / "calibration" / "enwiki_excerpt.txt")
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-data", type=Path, default=DATA / "wikitext2" / "wiki.test.raw")
+    parser.add_argument("--second-eval", type=Path, default=DATA / "tinyshakespeare" / "input.txt")
+    parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--eval-tokens", type=int, default=32768)
+    parser.add_argument("--fisher-samples", type=int, default=32)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "anchored")
+    return parser.parse_args(argv)
+
+
+def job(args: argparse.Namespace, method: str, allocation: str, ratio: float, variant: str, out: Path):
+    texts = {"wikitext2": {"path": str(args.eval_data), "lines_as_rows": True}, "second": {"path": str(args.second_eval)}}
+    spec = {"model": {"source": args.model, "dtype": args.dtype}, "method": method_spec(args, method),
+            "target": {"ratio": ratio, "allocation": allocation_spec(args, allocation)},
+            "calibration": {"data": {"path": str(args.calib_data)}, "num_samples": args.calib_samples,
+                            "seq_len": args.seq_len},
+            "evaluation": {"perplexity": [{"name": name, "data": data, "window": args.window,
+                                           "max_tokens": args.eval_tokens} for name, data in texts.items()]},
+            "output": {"dir": str(out)}}
+    fitting = VARIANTS[variant](args)
+    if fitting is not None:
+        spec["fitting"] = fitting
+    return parse_spec(spec)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started, store, rows, dense = time.perf_counter(), LocalStore(args.out / "artifacts"), [], {}
+    for ratio in args.ratios:
+        for method in args.methods:
+            for allocation in (a for a in args.allocations if applies(method, a)):
+                for variant in args.variants:
+                    name = method + ALLOCATION_NAMES[allocation][1]
+                    report = run_job(job(args, method, allocation, ratio, variant,
+                                         args.out / f"{name}-{ratio:g}-{variant}"), store=store)
+                    table = {row["name"]: row for row in metric_table(report["rows"])}
+                    dense = dense or {text: row["dense"] for text, row in table.items()}
+                    stages = {row["stage"]: row["wall_s"] for row in report["stages"]}
+                    rows.append({"method": name, "ratio": ratio, "variant": variant,
+                                 "ppl": {text: row["compressed"] for text, row in table.items()},
+                                 "achieved": report["parameters"]["achieved_compression"],
+                                 "fitting_s": sum(stages.get(stage, 0.0) for stage in FITTED),
+                                 "stages": report["stages"], "diagnostics": report["diagnostics"]})
+                    print(f"{name} {variant} @ {ratio:.0%}: {rows[-1]['ppl']}", file=sys.stderr)
+                    result = write_results(args, argv, rows, dense, started)
+    print(to_markdown(result))
+    return result
+
+
+def write_results(args, argv, rows: list[dict], dense: dict, started: float) -> dict:
+    result = {**provenance("anchored", argv), "model": args.model, "dtype": args.dtype,
+              "calibration": {"data": str(args.calib_data), "samples": args.calib_samples, "seq_len": args.seq_len},
+              "evaluation": {"wikitext2": str(args.eval_data), "second": str(args.second_eval), "window": args.window,
+                             "tokens": args.eval_tokens},
+              "mix": args.mix, "holdout": args.holdout, "dense": dense, "rows": rows,
+              "total_wall_s": round(time.perf_counter() - started, 1)}
+    write_result("anchored", result, folder=args.out, markdown=to_markdown(result))
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    dense = result["dense"]
+    lines = [f"# Anchored fitting — {result['model']}", "",
+             f"Calibration {result['calibration']['samples']} × {result['calibration']['seq_len']} tokens; "
+             f"perplexity over {result['evaluation']['tokens']} tokens in windows of {result['evaluation']['window']} "
+             f"(WikiText-2 and {Path(result['evaluation']['second']).parent.name}). Dense: "
+             + ", ".join(f"{text} {value:.2f}" for text, value in dense.items()) + ".", "",
+             "| method | ratio | fitting | WikiText-2 | second text | fitting time s | weights kept |",
+             "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        kept = row["diagnostics"].get("anchored_weights_kept", {})
+        lines.append(f"| {row['method']} | {row['ratio']:.0%} | {row['variant']} | {row['ppl']['wikitext2']:.2f} | "
+                     f"{row['ppl']['second']:.2f} | {row['fitting_s']:.0f} | "
+                     f"{', '.join(f'{w}: {n}' for w, n in kept.items()) or '—'} |")
+    lines += ["", f"Command: `{result['command']}`; machine: {describe(result['machine'])}; "
+              f"total {result['total_wall_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    logging_to_stderr()
+    main()
