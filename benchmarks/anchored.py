@@ -1,10 +1,12 @@
 """Anchored fitting benchmark: rankfold's whitened methods fitted plain (each layer to its dense
-inputs), anchored (to the dense outputs from the compressed-so-far inputs, AA-SVD's objective) and
-mixed (the plain term's weight chosen per input group on held-out calibration sequences), on the
+inputs), anchored (to the dense outputs from the compressed-so-far inputs, AA-SVD's objective),
+mixed (the plain term's weight chosen per input group on held-out calibration sequences), and either
+of the last two with the output correction (each layer's down_proj B refitted to the dense block's
+output, kept by held-out error), on the
 quality benchmark's calibration windows and WikiText-2 evaluation, plus a second text (Tiny
 Shakespeare) to check that the ranking is not WikiText's.
 
-    python -m benchmarks.anchored                                     # FLRA + SkipCat at 40 %
+    python -m benchmarks.anchored                                     # FLRA + SkipCat at 40 %, every variant
     python -m benchmarks.anchored --methods svd_llm skipcat --allocations uniform fisher --ratios 0.2 0.4 0.6
     python -m benchmarks.anchored --calib-samples 32 --eval-tokens 8192  # a quick look (~4 min a walk)
 
@@ -32,7 +34,9 @@ from rankfold.storage.store import LocalStore  # noqa: E402
 
 # --variants name -> the spec's fitting (None: the plain method)
 VARIANTS = {"plain": lambda args: None, "anchored": lambda args: {"mix": [0.0], "holdout": args.holdout},
-            "mixed": lambda args: {"mix": args.mix, "holdout": args.holdout}}
+            "mixed": lambda args: {"mix": args.mix, "holdout": args.holdout},
+            "anchored+correction": lambda args: {"mix": [0.0], "holdout": args.holdout, "output_correction": True},
+            "mixed+correction": lambda args: {"mix": args.mix, "holdout": args.holdout, "output_correction": True}}
 FITTED = ("anchored", "decompose", "calibrate")  # stages whose time is the fitting's
 
 

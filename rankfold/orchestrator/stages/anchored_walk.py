@@ -5,8 +5,9 @@ layer, input group by input group in forward order (attention's input, o's, the 
 shards return the paired statistics of that group's input — the compressed stream running the layer
 with the groups before it already factorised — reduced over shards in shard order; one task fits the
 group's factors; with `fitting.output_correction` the layer's last projection's B is then refitted to
-the dense block's output (anchored_tasks.correction_item); then both streams advance through the layer. Factors already in the store (a
-resumed walk) are kept: the walk only re-runs the forward passes up to where it stopped.
+the dense block's output (anchored_tasks.correction_item); then both streams advance through the
+layer. Factors already in the store (a resumed walk) are kept: the walk only re-runs the forward
+passes up to where it stopped.
 
 params: model {id, dtype}, method, calibration (CalibrationSpec), sample, fitting (FittingSpec).
 inputs: ranks (the allocated layout). Output: Factors, as decompose's (assemble reads either)."""
@@ -46,21 +47,24 @@ def anchored(env: Env, stage: Stage, *, ranks: Ranks) -> tuple[dict, Artifacts]:
         for i in env.executor.steps(range(source.num_layers), "anchored"):
             done: list[tuple[str, str]] = []  # (group, factors key) of this layer so far
             for group in _groups_in_order(arch, layout, i):
-                found, key, sha = _fit_group(env, stage, shards, i, group, layout, done)
-                for quantity, values in found.items():
-                    diagnostics.setdefault(quantity, {}).update(values)
-                artifacts[key] = sha
+                key = _merge(diagnostics, artifacts, _fit_group(env, stage, shards, i, group, layout, done))
                 done.append((group, key))
             if fitting.output_correction and done:
-                found, key, sha = _correct_output(env, stage, shards, i, layout, done)
-                for quantity, values in found.items():
-                    diagnostics.setdefault(quantity, {}).update(values)
-                artifacts[key] = sha
+                _merge(diagnostics, artifacts, _correct_output(env, stage, shards, i, layout, done))
             shards.call("advance_pair", i, _layout_of(layout, i, done), env.store.ref(), [k for _, k in done],
                         i < source.num_layers - 1)
     finally:
         shards.release()
     return {"diagnostics": diagnostics, "tokens": samples.numel()}, artifacts
+
+
+def _merge(diagnostics: dict, artifacts: Artifacts, found: tuple[dict, str, str]) -> str:
+    """Add one task's (diagnostics, key, sha256) to the stage's; returns the key."""
+    values_by_quantity, key, sha = found
+    for quantity, values in values_by_quantity.items():
+        diagnostics.setdefault(quantity, {}).update(values)
+    artifacts[key] = sha
+    return key
 
 
 def _heldout_rows(parts, k: int, heldout: int) -> int:
