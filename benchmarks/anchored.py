@@ -81,7 +81,7 @@ def job(args: argparse.Namespace, method: str, allocation: str, ratio: float, va
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    started, store, rows, dense = time.perf_counter(), LocalStore(args.out / "artifacts"), [], {}
+    started, store, rows, dense, layers = time.perf_counter(), LocalStore(args.out / "artifacts"), [], {}, []
     for ratio in args.ratios:
         for method in args.methods:
             for allocation in (a for a in args.allocations if applies(method, a)):
@@ -91,24 +91,55 @@ def main(argv: list[str] | None = None) -> dict:
                                          args.out / f"{name}-{ratio:g}-{variant}"), store=store)
                     table = {row["name"]: row for row in metric_table(report["rows"])}
                     dense = dense or {text: row["dense"] for text, row in table.items()}
-                    stages = {row["stage"]: row["wall_s"] for row in report["stages"]}
-                    rows.append({"method": name, "ratio": ratio, "variant": variant,
+                    stages = {row["stage"]: row["wall_s"] for row in report["stages"]
+                              if not row["stage"].startswith("evaluate perplexity dense")}
+                    rows.append({"method": name, "ratio": ratio, "variant": variant, "stages": stages,
                                  "ppl": {text: row["compressed"] for text, row in table.items()},
                                  "achieved": report["parameters"]["achieved_compression"],
                                  "fitting_s": sum(stages.get(stage, 0.0) for stage in FITTED),
-                                 "stages": report["stages"], "diagnostics": report["diagnostics"]})
+                                 "job_s": job_seconds(rows, stages, name, ratio),
+                                 **kept(report["diagnostics"])})
+                    layers += by_layer(rows[-1], report["diagnostics"])
                     print(f"{name} {variant} @ {ratio:.0%}: {rows[-1]['ppl']}", file=sys.stderr)
-                    result = write_results(args, argv, rows, dense, started)
+                    result = write_results(args, argv, rows, dense, layers, started)
     print(to_markdown(result))
     return result
 
 
-def write_results(args, argv, rows: list[dict], dense: dict, started: float) -> dict:
+def job_seconds(rows: list[dict], stages: dict[str, float], method: str, ratio: float) -> float:
+    """The whole job's time (dense evaluations aside): the stages it ran, and those it reused from this
+    (method, ratio)'s plain job (calibration, Fisher pass, spectra) counted at the plain job's time."""
+    plain = next((row["stages"] for row in rows if (row["method"], row["ratio"], row["variant"]) ==
+                  (method, ratio, "plain")), {})
+    shared = {stage: wall for stage, wall in plain.items() if stage not in stages and stage != "decompose"}
+    return round(sum(stages.values()) + sum(shared.values()), 1)
+
+
+def kept(diagnostics: dict) -> dict:
+    """The fitting's summary: weights and correction blends kept, held-out error ratios to plain."""
+    keys = ("anchored_weights_kept", "mean_heldout_error_ratio", "output_correction_weights_kept",
+            "mean_output_correction_ratio")
+    return {key: diagnostics[key] for key in keys if key in diagnostics}
+
+
+def by_layer(row: dict, diagnostics: dict) -> list[dict]:
+    """Per layer, the held-out ‖W X − W′ X̂‖² of the anchored fit (w = 0) over the plain fit's (w = 1),
+    summed over the layer's modules: where anchoring generalises to unseen sequences and where it does not."""
+    errors = diagnostics.get("heldout_error_by_layer", {})
+    if "0.0" not in errors or "1.0" not in errors:
+        return []
+    return [{"row": f"{row['method']} {row['ratio']:g} {row['variant']}", "layer": int(layer),
+             "anchored_over_plain": errors["0.0"][layer] / errors["1.0"][layer] if errors["1.0"][layer] > 0 else 1.0,
+             "best_weight": float(min(errors, key=lambda w: errors[w][layer]))}
+            for layer in sorted(errors["1.0"], key=int)]
+
+
+def write_results(args, argv, rows: list[dict], dense: dict, layers: list[dict], started: float) -> dict:
     result = {**provenance("anchored", argv), "model": args.model, "dtype": args.dtype,
               "calibration": {"data": str(args.calib_data), "samples": args.calib_samples, "seq_len": args.seq_len},
               "evaluation": {"wikitext2": str(args.eval_data), "second": str(args.second_eval), "window": args.window,
                              "tokens": args.eval_tokens},
-              "mix": args.mix, "holdout": args.holdout, "dense": dense, "rows": rows,
+              "mix": args.mix, "holdout": args.holdout, "dense": dense, "rows": rows, "layers": layers,
               "total_wall_s": round(time.perf_counter() - started, 1)}
     write_result("anchored", result, folder=args.out, markdown=to_markdown(result))
     return result
@@ -121,13 +152,14 @@ def to_markdown(result: dict) -> str:
              f"perplexity over {result['evaluation']['tokens']} tokens in windows of {result['evaluation']['window']} "
              f"(WikiText-2 and {Path(result['evaluation']['second']).parent.name}). Dense: "
              + ", ".join(f"{text} {value:.2f}" for text, value in dense.items()) + ".", "",
-             "| method | ratio | fitting | WikiText-2 | second text | fitting time s | weights kept |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | ratio | fitting | WikiText-2 | second text | fitting s | job s | weights kept | "
+             "correction blends kept |", "|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        kept = row["diagnostics"].get("anchored_weights_kept", {})
+        weights, blends = row.get("anchored_weights_kept", {}), row.get("output_correction_weights_kept", {})
         lines.append(f"| {row['method']} | {row['ratio']:.0%} | {row['variant']} | {row['ppl']['wikitext2']:.2f} | "
-                     f"{row['ppl']['second']:.2f} | {row['fitting_s']:.0f} | "
-                     f"{', '.join(f'{w}: {n}' for w, n in kept.items()) or '—'} |")
+                     f"{row['ppl']['second']:.2f} | {row['fitting_s']:.0f} | {row['job_s']:.0f} | "
+                     f"{', '.join(f'{w}: {n}' for w, n in weights.items()) or '—'} | "
+                     f"{', '.join(f'{w}: {n}' for w, n in blends.items()) or '—'} |")
     lines += ["", f"Command: `{result['command']}`; machine: {describe(result['machine'])}; "
               f"total {result['total_wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"

@@ -92,7 +92,8 @@ def anchored_error(weight: torch.Tensor, approx: torch.Tensor, stats: PairedStat
     tr(W G Wᵀ) − 2 tr(W C W′ᵀ) + tr(W′ Ĝ W′ᵀ)."""
     w, a = weight.to(torch.float64), approx.to(torch.float64)
     gram = mirror_upper_(stats.gram.clone())
-    return float(((w @ gram) * w).sum() - 2 * ((w @ stats.cross) * a).sum() + ((a @ stats.gram_hat) * a).sum())
+    error = ((w @ gram) * w).sum() - 2 * ((w @ stats.cross) * a).sum() + ((a @ stats.gram_hat) * a).sum()
+    return max(float(error), 0.0)  # a norm: below zero only by rounding (W′ = W on X̂ = X)
 
 
 @dataclass
@@ -144,4 +145,4 @@ def corrected_output(b: torch.Tensor, stats: CorrectionStats, weight: float) -> 
 def correction_error(b: torch.Tensor, stats: CorrectionStats) -> float:
     """Σ‖e − B u‖² = E − 2 tr(B Tᵀ) + tr(B P Bᵀ) over the tokens of `stats`."""
     b = b.to(torch.float64)
-    return float(stats.energy[0] - 2 * (b * stats.target).sum() + ((b @ stats.latent_gram) * b).sum())
+    return max(float(stats.energy[0] - 2 * (b * stats.target).sum() + ((b @ stats.latent_gram) * b).sum()), 0.0)

@@ -95,7 +95,8 @@ def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str,
         for tried, values in errors.items():  # the held-out ‖W X − W′ X̂‖² of every candidate
             diagnostics[f"heldout_error@{tried}"] = dict(zip(paths, values))
         if str(1.0) in errors:
-            ratio = sum(errors[str(mix)]) / max(sum(errors[str(1.0)]), 1e-300)
+            plain = sum(errors[str(1.0)])
+            ratio = sum(errors[str(mix)]) / plain if plain > 0 else 1.0  # 0: a full-rank fit, exact either way
             diagnostics["heldout_error_ratio"] = {path: ratio for path in paths}
         stored = {k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()}
         sha = factor_store.put_tensors(item.factors_key, stored, metadata={"diagnostics": json.dumps(diagnostics)})
@@ -137,7 +138,7 @@ def correction_item(item: CorrectionItem) -> tuple[dict[str, dict[str, float]], 
             kept = min(errors, key=errors.get)
             tensors[f"{item.path}.B"] = candidates[kept].to(b.dtype)
             diagnostics["output_correction_weight"] = {item.path: kept}
-            diagnostics["output_correction_ratio"] = {item.path: errors[kept] / max(errors[1.0], 1e-300)}
+            diagnostics["output_correction_ratio"] = {item.path: errors[kept] / errors[1.0] if errors[1.0] > 0 else 1.0}
         store.put_tensors(item.factors_key, tensors, metadata={"diagnostics": json.dumps(diagnostics), CORRECTED: "1"})
     return ({quantity: {item.layer_prefix + path: value for path, value in values.items()}
              for quantity, values in diagnostics.items()}, item.factors_key, store.checksum(item.factors_key))
