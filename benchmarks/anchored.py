@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a fi
 from benchmarks.common import DATA, REPO, describe, provenance, write_result  # noqa: E402
 from benchmarks.quality import ALLOCATION_NAMES, allocation_spec, applies, method_spec  # noqa: E402
 from rankfold.cli import logging_to_stderr  # noqa: E402
+from rankfold.core.errors import DecompositionError  # noqa: E402
 from rankfold.evaluation.report import metric_table  # noqa: E402
 from rankfold.jobs.spec import FittingSpec, parse_spec  # noqa: E402
 from rankfold.orchestrator.job import run_job  # noqa: E402
@@ -87,23 +88,34 @@ def main(argv: list[str] | None = None) -> dict:
             for allocation in (a for a in args.allocations if applies(method, a)):
                 for variant in args.variants:
                     name = method + ALLOCATION_NAMES[allocation][1]
-                    report = run_job(job(args, method, allocation, ratio, variant,
-                                         args.out / f"{name}-{ratio:g}-{variant}"), store=store)
-                    table = {row["name"]: row for row in metric_table(report["rows"])}
-                    dense = dense or {text: row["dense"] for text, row in table.items()}
-                    stages = {row["stage"]: row["wall_s"] for row in report["stages"]
-                              if not row["stage"].startswith("evaluate perplexity dense")}
-                    rows.append({"method": name, "ratio": ratio, "variant": variant, "stages": stages,
-                                 "ppl": {text: row["compressed"] for text, row in table.items()},
-                                 "achieved": report["parameters"]["achieved_compression"],
-                                 "fitting_s": sum(stages.get(stage, 0.0) for stage in FITTED),
-                                 "job_s": job_seconds(rows, stages, name, ratio),
-                                 **kept(report["diagnostics"])})
-                    layers += by_layer(rows[-1], report["diagnostics"])
-                    print(f"{name} {variant} @ {ratio:.0%}: {rows[-1]['ppl']}", file=sys.stderr)
+                    try:
+                        report = run_job(job(args, method, allocation, ratio, variant,
+                                             args.out / f"{name}-{ratio:g}-{variant}"), store=store)
+                    except DecompositionError as error:  # e.g. a skip block too ill-conditioned at every weight
+                        rows.append({"method": name, "ratio": ratio, "variant": variant, "refused": str(error)})
+                        print(f"{name} {variant} @ {ratio:.0%}: refused: {error}", file=sys.stderr)
+                    else:
+                        rows.append(measured_row(report, rows, name, ratio, variant))
+                        layers += by_layer(rows[-1], report["diagnostics"])
+                        print(f"{name} {variant} @ {ratio:.0%}: {rows[-1]['ppl']}", file=sys.stderr)
+                    row_dense = rows[-1].pop("dense", {})
+                    dense = dense or row_dense
                     result = write_results(args, argv, rows, dense, layers, started)
     print(to_markdown(result))
     return result
+
+
+def measured_row(report: dict, rows: list[dict], name: str, ratio: float, variant: str) -> dict:
+    """One job's row: perplexities, stage times, the fitting's summary (and, once, the dense figures)."""
+    table = {row["name"]: row for row in metric_table(report["rows"])}
+    stages = {row["stage"]: row["wall_s"] for row in report["stages"]
+              if not row["stage"].startswith("evaluate perplexity dense")}
+    return {"method": name, "ratio": ratio, "variant": variant, "stages": stages,
+            "ppl": {text: row["compressed"] for text, row in table.items()},
+            "dense": {text: row["dense"] for text, row in table.items()},
+            "achieved": report["parameters"]["achieved_compression"],
+            "fitting_s": sum(stages.get(stage, 0.0) for stage in FITTED),
+            "job_s": job_seconds(rows, stages, name, ratio), **kept(report["diagnostics"])}
 
 
 def job_seconds(rows: list[dict], stages: dict[str, float], method: str, ratio: float) -> float:
@@ -117,8 +129,8 @@ def job_seconds(rows: list[dict], stages: dict[str, float], method: str, ratio: 
 
 def kept(diagnostics: dict) -> dict:
     """The fitting's summary: weights and correction blends kept, held-out error ratios to plain."""
-    keys = ("anchored_weights_kept", "mean_heldout_error_ratio", "output_correction_weights_kept",
-            "mean_output_correction_ratio")
+    keys = ("anchored_weights_kept", "anchored_groups_with_refused_weights", "mean_heldout_error_ratio",
+            "output_correction_weights_kept", "mean_output_correction_ratio")
     return {key: diagnostics[key] for key in keys if key in diagnostics}
 
 
@@ -155,6 +167,10 @@ def to_markdown(result: dict) -> str:
              "| method | ratio | fitting | WikiText-2 | second text | fitting s | job s | weights kept | "
              "correction blends kept |", "|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
+        if "refused" in row:
+            lines.append(f"| {row['method']} | {row['ratio']:.0%} | {row['variant']} | refused: {row['refused']} "
+                         "| | | | | |")
+            continue
         weights, blends = row.get("anchored_weights_kept", {}), row.get("output_correction_weights_kept", {})
         lines.append(f"| {row['method']} | {row['ratio']:.0%} | {row['variant']} | {row['ppl']['wikitext2']:.2f} | "
                      f"{row['ppl']['second']:.2f} | {row['fitting_s']:.0f} | {row['job_s']:.0f} | "

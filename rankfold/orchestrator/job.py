@@ -118,7 +118,8 @@ def make_report(spec: JobSpec, env: Env, plan: Plan, outputs: dict, manifest: Ma
 def _summarise(diagnostics: dict[str, dict[str, float]]) -> dict:
     """Worst skip-block condition number (cond(A₁)) and where it is, if the method skips; with anchored
     fitting, how often each plain-term weight was kept and the mean held-out error ratio to plain, each
-    layer's and module's held-out errors per weight, and the output correction's kept blends."""
+    layer's and module's held-out errors per weight, how many groups had a weight refused, and the
+    output correction's kept blends."""
     summary = {}
     conditions = diagnostics.get("skip_condition", {})
     if conditions:
@@ -138,7 +139,13 @@ def _summarise(diagnostics: dict[str, dict[str, float]]) -> dict:
         summary["mean_output_correction_ratio"] = sum(block_ratios) / len(block_ratios)
     errors = {quantity.split("@", 1)[1]: values for quantity, values in diagnostics.items()
               if quantity.startswith("heldout_error@")}
-    if errors:  # {weight: {layer: Σ held-out error}} and {weight: {module in the layer: Σ over layers}}
+    refused = diagnostics.get("anchored_refused", {})
+    if refused:
+        summary["anchored_groups_with_refused_weights"] = len(refused)
+    if errors:  # {weight: {layer: Σ held-out error}}, {weight: {module in the layer: Σ over layers}}, over
+        # the modules fitted at every weight (a refused candidate leaves its module out of every sum)
+        common = set.intersection(*(set(values) for values in errors.values()))
+        errors = {w: {path: v for path, v in values.items() if path in common} for w, values in errors.items()}
         summary["heldout_error_by_layer"] = {w: _sums(values, _layer_of) for w, values in errors.items()}
         summary["heldout_error_by_module"] = {w: _sums(values, _module_of) for w, values in errors.items()}
     return summary

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rankfold.core.errors import DecompositionError
 from rankfold.methods.anchored import (
     CorrectionStats,
     PairedStats,
@@ -56,27 +57,40 @@ def heldout_errors(weights: dict[str, torch.Tensor], modules: list[CompressedMod
             for module, approx in zip(modules, approximations, strict=True)]
 
 
-def choose(item: AnchoredItem, weights, modules, tensors) -> tuple[GroupResult, float, dict[str, list[float]]]:
-    """(the kept result, its weight, every candidate's held-out error per module, by str(weight)): the
-    weight with the smallest held-out error summed over the group's modules is kept."""
+def choose(item: AnchoredItem, weights, modules, tensors) -> tuple[GroupResult, float, dict[str, list[float]], list[float]]:
+    """(the kept result, its weight, every feasible candidate's held-out error per module by str(weight),
+    the weights the method refused): the weight with the smallest held-out error summed over the group's
+    modules is kept. A candidate the method refuses (SkipCat's skip block too ill-conditioned for a
+    low-precision forward: the mixed target W R can give an A₁ the plain W does not) is not eligible;
+    DecompositionError when every candidate is refused."""
     fitted = PairedStats.from_tensors(tensors, item.group)
     heldout = PairedStats.from_tensors(tensors, HELDOUT + item.group)
-    best, errors = None, {}
+    best, errors, refused = None, {}, []
     for mix in item.candidates:
-        result, approximations = fit_mixed(item.method, weights, fitted, mix, modules)
+        try:
+            result, approximations = fit_mixed(item.method, weights, fitted, mix, modules)
+        except DecompositionError as error:
+            refused.append(mix)
+            last_error = error
+            continue
         if len(item.candidates) == 1:
-            return result, mix, {}
+            return result, mix, {}, refused
         errors[str(mix)] = heldout_errors(weights, modules, approximations, heldout)
         if best is None or sum(errors[str(mix)]) < best[2]:
             best = (result, mix, sum(errors[str(mix)]))
-    return best[0], best[1], errors
+    if best is None:
+        raise DecompositionError(f"{item.layer_prefix}{item.group}: the method refuses the factors at every "
+                                 f"fitting.mix weight tried {list(item.candidates)} (add 1.0, the plain fit, "
+                                 f"to the candidates): {last_error}") from last_error
+    return best[0], best[1], errors, refused
 
 
 def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str, str]:
     """Factors of one (layer, input group) into the store (kept when they exist and verify). Returns
     (diagnostics {quantity: {full module path: value}}, artifact key, sha256); the diagnostics add
     `anchored_weight` (the group's kept plain-term weight: 1 is plain, 0 anchored), `heldout_error@<w>`
-    (each module's held-out ‖W X − W′ X̂‖² at candidate w) and `heldout_error_ratio` (the group's held-out
+    (each module's held-out ‖W X − W′ X̂‖² at candidate w), `anchored_refused` (how many candidates the
+    method refused, when any) and `heldout_error_ratio` (the group's held-out
     error at the kept weight over the plain method's, when both were tried)."""
     factor_store = open_ref(item.factors)
     sha, diagnostics = factor_store.checksum(item.factors_key), None
@@ -88,10 +102,12 @@ def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str,
     if diagnostics is None:
         modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
         tensors = open_ref(item.stats).get_tensors(item.stats_key)
-        result, mix, errors = choose(item, weights, modules, tensors)
+        result, mix, errors, refused = choose(item, weights, modules, tensors)
         diagnostics = dict(result.diagnostics)
         paths = [module.shared_path or module.members[0] for module in modules]
         diagnostics["anchored_weight"] = {path: mix for path in paths}
+        if refused:
+            diagnostics["anchored_refused"] = {path: len(refused) for path in paths}
         for tried, values in errors.items():  # the held-out ‖W X − W′ X̂‖² of every candidate
             diagnostics[f"heldout_error@{tried}"] = dict(zip(paths, values))
         if str(1.0) in errors:

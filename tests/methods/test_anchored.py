@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rankfold.core.errors import DecompositionError
 from rankfold.methods.anchored import (
     CorrectionStats,
     PairedStats,
@@ -18,7 +19,9 @@ from rankfold.methods.group_decomposition import decompose_group
 from rankfold.methods.registry import METHODS
 from rankfold.methods.statistics import InputStats
 from rankfold.methods.structure import plan_layer
-from rankfold.workers.anchored_tasks import fit_mixed
+from rankfold.workers import anchored_tasks
+from rankfold.workers.anchored_shard import HELDOUT
+from rankfold.workers.anchored_tasks import AnchoredItem, choose, fit_mixed
 
 N, TOKENS = 24, 400
 
@@ -115,6 +118,31 @@ def test_the_plain_weight_and_an_undrifted_stream_give_the_plain_factors(method)
                 torch.testing.assert_close(undrifted.tensors[key], value, rtol=1e-7, atol=1e-9)
             else:
                 assert torch.equal(undrifted.tensors[key], value)
+
+
+def _choice(method: str, weights, candidates: tuple[float, ...], **options):
+    item = AnchoredItem("", METHODS.get(method).options(name=method, **options), "layers.0.", "attn_in", (),
+                        None, "", None, "", candidates)
+    tensors = {**paired(*streams(5)).to_tensors("attn_in"), **paired(*streams(6)).to_tensors(HELDOUT + "attn_in")}
+    return choose(item, weights, _layout(method, weights), tensors)
+
+
+def test_a_weight_the_method_refuses_is_not_eligible(monkeypatch):
+    """A candidate whose factors the method refuses (SkipCat's ill-conditioned skip block) is skipped
+    and reported; when every candidate is refused the error names the group and the weights."""
+    fit = anchored_tasks.fit_mixed
+
+    def refusing_zero(method, weights, stats, mix, modules):
+        if mix == 0.0:
+            raise DecompositionError("cond(A₁) too large")
+        return fit(method, weights, stats, mix, modules)
+
+    monkeypatch.setattr(anchored_tasks, "fit_mixed", refusing_zero)
+    _, kept, errors, refused = _choice("skipcat", _weights(7), (0.0, 0.5, 1.0))
+    assert refused == [0.0] and set(errors) == {"0.5", "1.0"} and kept in (0.5, 1.0)
+    monkeypatch.setattr(anchored_tasks, "fit_mixed", fit)
+    with pytest.raises(DecompositionError, match=r"layers\.0\.attn_in.*\[0\.0, 1\.0\].*max_condition"):
+        _choice("skipcat", _weights(7), (0.0, 1.0), max_condition=1.0001)
 
 
 def test_a_weight_outside_zero_one_is_refused():
