@@ -17,6 +17,17 @@ H = G: the plain factors for any w.
 
 The weight per input group can be chosen on held-out calibration sequences: the candidate whose factors give
 the smallest held-out anchored error ‖W X_h − W′ X̂_h‖² (computed from the held-out G, Ĝ, C).
+
+What goes wrong with the pure anchored form (w = 0), measured on SmolLM2-135M (docs/methods/anchored.md):
+its target W R is not W. R = C Ĝ⁻¹ is an n × n regression of X on X̂ estimated from the calibration
+tokens, so its error lives where Ĝ is weakly excited and whitening by Ĝ weighs those directions up:
+the rank is spent on that part of the target. Where the upstream drift is large (40 %) the
+correction is systematic and generalises — held-out, the groups keep w ≤ 0.2 — and where it is small
+(20 %) the estimation error dominates and the anchored fit loses to plain (SVD-LLM 20 %: 233 vs 183).
+The target's spectrum also changes: under SkipCat, W R gives skip blocks with cond(A₁) above
+max_condition that W does not (1.5e4 in an MLP group at 40 %), so such a weight is refused. A smaller
+held-out error per module does not make a better model: FLRA + SkipCat 40 % mixed (held-out ratio 0.80)
+gives 233.0 against plain 176.5; with the output correction 176.5 (second text 251.6 vs 322.3).
 """
 
 from __future__ import annotations

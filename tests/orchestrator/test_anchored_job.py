@@ -66,6 +66,7 @@ def test_a_stopped_walk_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir,
     assert first.keys() == resumed.keys() and all((first[k] == resumed[k]).all() for k in first)
 
 
+@pytest.mark.skip(reason="the anchored walk on Ray hangs (seen 2026-12-04, not yet diagnosed; issue 27)")
 def test_ray_and_in_process_walks_agree(tmp_path, tiny_model_dir, ray_executor):
     spec = _spec(tiny_model_dir, tmp_path / "local", fitting={"holdout": 2})
     run_job(spec, executor=LocalExecutor(workers=2))
