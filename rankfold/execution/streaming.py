@@ -24,10 +24,12 @@ MAX_SHARD_REBUILDS = 3
 class ShardGroup:
     """Shards in lockstep. `call` sends one call to every shard (in shard order) and records it —
     with `replay_args`, if given, as the cheaper arguments a rebuilt shard replays it with. `shard_class`:
-    SequenceShard or a subclass (the anchored walk's two-stream shard)."""
+    a SequenceShard subclass (the anchored walk's two-stream shard); None: SequenceShard, looked up when
+    the group is made (so a test can swap the module's class)."""
 
     def __init__(self, executor: Executor, stage: str, config: ShardConfig, parts: int,
-                 shard_class: type[SequenceShard] = SequenceShard):
+                 shard_class: type[SequenceShard] | None = None):
+        shard_class = shard_class or SequenceShard
         self.executor, self.stage, self.config, self.shard_class = executor, stage, config, shard_class
         self.shards = executor.actors(shard_class, [(config,)] * parts)
         self.history: list[list[tuple[str, tuple]]] = [[] for _ in range(parts)]
