@@ -53,6 +53,16 @@ class ShardGroup:
             calls.append((method, args if replay_args is None else replay_args))
         return partials
 
+    def run_on(self, k: int, method: str, *args) -> Any:
+        """One stateless call on shard k alone, not recorded for replay (a lost shard is rebuilt and
+        asked again). For a task run where the shards already hold the workers' resources: submitted as
+        a separate task it would wait forever on a cluster the shards fill."""
+        result = self.executor.call_all_settled([self.shards[k]], method, *args)[0]
+        while isinstance(result, ShardLost):
+            self._rebuild(k, result)
+            result = self.executor.call_all_settled([self.shards[k]], method, *args)[0]
+        return result
+
     def _rebuild(self, k: int, lost: ShardLost) -> None:
         self.rebuilds[k] += 1
         if self.rebuilds[k] > MAX_SHARD_REBUILDS:

@@ -17,12 +17,11 @@ from rankfold.methods.anchored import CorrectionStats, PairedStats
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.activations import Activations
+from rankfold.workers.anchored_tasks import HELDOUT, AnchoredItem, CorrectionItem, anchored_item, correction_item
 from rankfold.workers.layer_state import assemble_layer_state
 from rankfold.workers.layer_statistics import check_finite
 from rankfold.workers.layers import LayerRunner, materialize_layer
 from rankfold.workers.shard import SequenceShard, ShardConfig
-
-HELDOUT = "heldout."  # prefix of the held-out rows' statistics
 
 
 class _Captured(Exception):
@@ -114,6 +113,14 @@ class AnchoredShard(SequenceShard):
                 fitted.add_(inputs[:split], inputs_hat[:split], self.product_dtype)
                 heldout.add_(inputs[split:], inputs_hat[split:], self.product_dtype)
         return {**fitted.to_tensors(group), **heldout.to_tensors(HELDOUT + group)}
+
+    def fit(self, item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str, str]:
+        """anchored_item run in this shard's worker (the walk's shards hold the workers)."""
+        return anchored_item(item)
+
+    def correct(self, item: CorrectionItem) -> tuple[dict[str, dict[str, float]], str, str]:
+        """correction_item run in this shard's worker."""
+        return correction_item(item)
 
     def correction_stats(self, index: int, path: str, layout: list[dict], store: StoreRef | None,
                          keys: list[str]) -> dict[str, torch.Tensor]:

@@ -21,8 +21,9 @@ from rankfold.methods.group_decomposition import GroupResult, decompose_group
 from rankfold.methods.registry import MethodOptions
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreError, StoreRef, open_ref
-from rankfold.workers.anchored_shard import HELDOUT
 from rankfold.workers.tasks import _modules_and_weights
+
+HELDOUT = "heldout."  # prefix of the held-out rows' statistics
 
 
 @dataclass(frozen=True)

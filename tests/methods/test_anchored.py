@@ -20,8 +20,7 @@ from rankfold.methods.registry import METHODS
 from rankfold.methods.statistics import InputStats
 from rankfold.methods.structure import plan_layer
 from rankfold.workers import anchored_tasks
-from rankfold.workers.anchored_shard import HELDOUT
-from rankfold.workers.anchored_tasks import AnchoredItem, choose, fit_mixed
+from rankfold.workers.anchored_tasks import HELDOUT, AnchoredItem, choose, fit_mixed
 
 N, TOKENS = 24, 400
 

@@ -3,10 +3,10 @@
 Shards carry the dense and the compressed-so-far activations of the calibration sequences. For each
 layer, input group by input group in forward order (attention's input, o's, the MLP's, down's), the
 shards return the paired statistics of that group's input — the compressed stream running the layer
-with the groups before it already factorised — reduced over shards in shard order; one task fits the
-group's factors; with `fitting.output_correction` the layer's last projection's B is then refitted to
-the dense block's output (anchored_tasks.correction_item); then both streams advance through the
-layer. Factors already in the store (a resumed walk) are kept: the walk only re-runs the forward
+with the groups before it already factorised — reduced over shards in shard order; one of the shards
+fits the group's factors (the shards hold the workers: a separate task would wait for one); with
+`fitting.output_correction` the layer's last projection's B is then refitted to the dense block's output
+(anchored_tasks.correction_item); then both streams advance through the layer. Factors already in the store (a resumed walk) are kept: the walk only re-runs the forward
 passes up to where it stopped.
 
 params: model {id, dtype}, method, calibration (CalibrationSpec), sample, fitting (FittingSpec).
@@ -20,7 +20,7 @@ from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, registe
 from rankfold.orchestrator.stages.outputs import Factors, Ranks
 from rankfold.orchestrator.stages.stage import Stage
 from rankfold.workers.anchored_shard import AnchoredShard
-from rankfold.workers.anchored_tasks import CORRECTED, AnchoredItem, CorrectionItem, anchored_item, correction_item
+from rankfold.workers.anchored_tasks import CORRECTED, AnchoredItem, CorrectionItem
 from rankfold.workers.layer_statistics import sum_stats
 from rankfold.workers.shard import ShardConfig
 
@@ -100,7 +100,7 @@ def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, l
         partials = shards.call("paired_stats", i, group, reader, _layout_of(layout, i, done), ref,
                                [k for _, k in done])
         env.store.put_tensors(stats_key, sum_stats(partials))
-    [(diagnostics, key, sha)] = env.executor.map(anchored_item, [item], "anchored fit")
+    diagnostics, key, sha = shards.run_on(i % len(shards.shards), "fit", item)
     if env.store.exists(stats_key):
         env.store.delete(stats_key)
     return diagnostics, key, sha
@@ -120,7 +120,7 @@ def _correct_output(env: Env, stage: Stage, shards: ShardGroup, i: int, layout,
         partials = shards.call("correction_stats", i, path, _layout_of(layout, i, done), ref, [k for _, k in done])
         env.store.put_tensors(stats_key, sum_stats(partials))
     item = CorrectionItem(env.source.architecture.layer_prefix.format(i=i), path, ref, stats_key, ref, key)
-    [(diagnostics, key, sha)] = env.executor.map(correction_item, [item], "output correction")
+    diagnostics, key, sha = shards.run_on(i % len(shards.shards), "correct", item)
     if env.store.exists(stats_key):
         env.store.delete(stats_key)
     return diagnostics, key, sha
