@@ -44,9 +44,11 @@ def logging_to_stderr(level: int = logging.INFO) -> Iterator[None]:
 
 
 def _with_overrides(spec, args: argparse.Namespace):
-    """The spec with --executor / --address / --workers applied, validated like the file itself."""
+    """The spec with --executor / --address / --workers / --device / --gpus-per-worker applied, validated
+    like the file itself."""
     overrides = {k: v for k, v in (("executor", args.executor), ("address", args.address),
-                                   ("workers", args.workers)) if v is not None}
+                                   ("workers", args.workers), ("device", getattr(args, "device", None)),
+                                   ("gpus_per_worker", getattr(args, "gpus_per_worker", None))) if v is not None}
     if args.address and "executor" not in overrides:
         overrides["executor"] = "ray"
     if not overrides:
@@ -209,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--executor", choices=["local", "ray"], help="override execution.executor")
         command.add_argument("--address", help="Ray cluster address (implies --executor ray)")
         command.add_argument("--workers", type=int, help="override execution.workers")
+        command.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override execution.device")
+        command.add_argument("--gpus-per-worker", type=float, help="override execution.gpus_per_worker (Ray)")
         command.set_defaults(handler=handler)
 
     api = "Ray Job API address (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS if http, or http://127.0.0.1:8265)"

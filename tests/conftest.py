@@ -211,7 +211,8 @@ def s3_bucket(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """A real local Ray cluster (`ray start --head`, 2 CPUs, 127.0.0.1 only, Job API on a free port);
+    """A real local Ray cluster (`ray start --head`, 2 CPUs and 2 declared GPUs — Ray schedules them on a
+    machine without any —, 127.0.0.1 only, Job API on a free port);
     yields {"address": GCS HOST:PORT, "api": http://HOST:PORT}. Token auth is off on both sides
     (RAY_AUTH_MODE=disabled), as Ray requires the setting to agree."""
     import subprocess
@@ -225,7 +226,7 @@ def ray_cluster(tmp_path_factory):
     env = {**os.environ, **TEST_AWS_ENV, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
            "RANKFOLD_CACHE": str(temp / "cache")}  # checkpoints workers fetch from the store land here
     start = [str(Path(bin_dir) / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             "--num-cpus=2", "--num-gpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={temp}"]
     result = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     if result.returncode != 0:

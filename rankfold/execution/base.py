@@ -24,6 +24,7 @@ class ShardLost:
 class Executor(Protocol):
     workers: int                    # data-parallel shards
     threads_per_worker: int | None  # torch threads in each shard (None: keep the process's)
+    device: str                     # execution.device as each worker resolves it (core/device.py)
 
     def describe(self) -> str: ...
 

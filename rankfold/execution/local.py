@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
+from rankfold.core.device import use_device
 from rankfold.execution.progress import progress
 
 Item = TypeVar("Item")
@@ -28,11 +29,13 @@ SMALL_TASK_FLOPS = 3e10
 class LocalExecutor:
     threads_per_worker: int | None = None  # keep this process's torch threads
 
-    def __init__(self, *, workers: int = 1):
+    def __init__(self, *, workers: int = 1, device: str = "auto"):
+        """DeviceError (naming execution.device) when `device` is cuda and this process sees no GPU."""
         self.workers = workers  # shards, run one after another; 1 = the plain sequential computation
+        self.device = use_device(device).type  # this process is every worker: resolved once, here
 
     def describe(self) -> str:
-        return "local (in-process)"
+        return f"local (in-process, {self.device})"
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str,
             work: Sequence[float] | None = None) -> list[Result]:

@@ -24,10 +24,13 @@ Result = TypeVar("Result")
 log = logging.getLogger(__name__)
 
 
-def _measured(fn: Callable[[Item], Result], item: Item) -> tuple[Result, float]:
-    """A task's result and its worker's peak RSS (MiB): the driver's meter cannot see workers."""
+def _measured(fn: Callable[[Item], Result], item: Item, device: str) -> tuple[Result, float]:
+    """A task's result (run on `device`, core/device.py) and its worker's peak RSS (MiB): the driver's
+    meter cannot see workers."""
+    from rankfold.core.device import use_device
     from rankfold.core.resources import process_peak_rss_mb
 
+    use_device(device)
     return fn(item), process_peak_rss_mb()
 
 
@@ -56,12 +59,17 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 class RayExecutor:
     def __init__(self, address: str | None = None, workers: int = 2, cpus_per_worker: int = 1, *,
-                 max_retries: int = 3, resource_wait_s: float = RESOURCE_WAIT_S):
-        """ClusterError when the cluster cannot be reached or lacks the CPUs the workers need."""
+                 gpus_per_worker: float = 0.0, device: str = "auto", max_retries: int = 3,
+                 resource_wait_s: float = RESOURCE_WAIT_S):
+        """ClusterError when the cluster cannot be reached or lacks the CPUs or GPUs the workers need.
+        `device` (execution.device) is resolved by each worker; a worker that requests no GPU runs on
+        the CPU (a GPU it was not given may be another worker's)."""
         import ray
 
         self.ray = ray
         self.workers, self.cpus_per_worker, self.max_retries = workers, cpus_per_worker, max_retries
+        self.gpus_per_worker = gpus_per_worker
+        self.device = device if gpus_per_worker else "cpu"
         self.threads_per_worker = cpus_per_worker
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self._started_here = False
@@ -84,39 +92,45 @@ class RayExecutor:
             self.close()  # an instance started here is not left behind
             raise
 
-    def _cpus(self) -> tuple[float, float]:
-        """(CPUs available now — other jobs may hold some —, CPUs of the largest alive node)."""
-        cpus = [node["Resources"].get("CPU", 0.0) for node in self.ray.nodes() if node.get("Alive")]
-        return self.ray.available_resources().get("CPU", 0.0), max(cpus, default=0.0)
+    def _resources(self, kind: str) -> tuple[float, float]:
+        """(`kind` available now — other jobs may hold some —, `kind` of the largest alive node)."""
+        sizes = [node["Resources"].get(kind, 0.0) for node in self.ray.nodes() if node.get("Alive")]
+        return self.ray.available_resources().get(kind, 0.0), max(sizes, default=0.0)
+
+    def _shortage(self) -> str | None:
+        """What the cluster lacks for the shards, which run at once (lockstep): workers × per-worker CPUs
+        and GPUs in all, one worker's on one node; None when it has them."""
+        for kind, field, per_worker in (("CPU", "cpus_per_worker", self.cpus_per_worker),
+                                        ("GPU", "gpus_per_worker", self.gpus_per_worker)):
+            need, (total, largest) = self.workers * per_worker, self._resources(kind)
+            if per_worker and (total < need or largest < per_worker):
+                return (f"execution.workers = {self.workers} × execution.{field} = {per_worker:g} needs {need:g} "
+                        f"{kind}s ({per_worker:g} on one node); the Ray cluster at "
+                        f"{self.address or 'embedded (this machine)'} has {total:g} free (largest node {largest:g})")
+        return None
 
     def _check_resources(self, wait_s: float) -> None:
-        """The shards run at once (lockstep), so the cluster needs workers × cpus_per_worker CPUs, and one
-        node cpus_per_worker. Embedded Ray cannot grow: checked once. A cluster may be autoscaling:
-        waited for up to `wait_s`, with progress, before the same error."""
-        need, deadline = self.workers * self.cpus_per_worker, time.monotonic() + wait_s
-        while True:
-            total, largest = self._cpus()
-            if total >= need and largest >= self.cpus_per_worker:
-                return
+        """Embedded Ray cannot grow: checked once. A cluster may be autoscaling: waited for up to `wait_s`,
+        with progress, before the same error."""
+        deadline = time.monotonic() + wait_s
+        while (shortage := self._shortage()) is not None:
             if time.monotonic() >= deadline:
-                raise ClusterError(
-                    f"execution.workers = {self.workers} × execution.cpus_per_worker = {self.cpus_per_worker} needs "
-                    f"{need} CPUs ({self.cpus_per_worker} on one node); the Ray cluster at "
-                    f"{self.address or 'embedded (this machine)'} has {total:g} free (largest node {largest:g})"
-                    + (f", after waiting {wait_s:g} s" if wait_s else ""))
-            log.info("waiting for Ray CPUs: %g of %d (%.0f s left)", total, need, deadline - time.monotonic())
+                raise ClusterError(shortage + (f", after waiting {wait_s:g} s" if wait_s else ""))
+            log.info("waiting for Ray resources: %s (%.0f s left)", shortage, deadline - time.monotonic())
             time.sleep(min(5.0, max(deadline - time.monotonic(), 0.0)))
 
     def describe(self) -> str:
-        return f"ray ({self.address or 'embedded'}, {self.workers} workers × {self.cpus_per_worker} CPU)"
+        gpus = f" + {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else ""
+        return f"ray ({self.address or 'embedded'}, {self.workers} workers × {self.cpus_per_worker} CPU{gpus})"
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str,
             work: Sequence[float] | None = None) -> list[Result]:
         """Tasks of cpus_per_worker CPUs each (Ray sets their threads to that), the largest `work` first so
         none is left running alone at the end."""
-        remote = self.ray.remote(num_cpus=self.cpus_per_worker, max_retries=self.max_retries)(_measured)
+        remote = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
+                                 max_retries=self.max_retries)(_measured)
         order = sorted(range(len(items)), key=lambda k: -work[k]) if work is not None else range(len(items))
-        submitted = {k: remote.remote(fn, items[k]) for k in order}
+        submitted = {k: remote.remote(fn, items[k], self.device) for k in order}
         refs = [submitted[k] for k in range(len(items))]
         for _ in progress(self._as_completed(refs), stage, total=len(refs)):
             pass
@@ -143,7 +157,7 @@ class RayExecutor:
         return progress(items, stage)
 
     def actors(self, cls: type, init_args: Sequence[tuple]) -> list[Any]:
-        actor = self.ray.remote(num_cpus=self.cpus_per_worker)(cls)
+        actor = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)(cls)
         return [actor.remote(*args) for args in init_args]
 
     def call_all(self, handles: Sequence[Any], method: str, *args) -> list[Any]:

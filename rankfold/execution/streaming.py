@@ -93,7 +93,8 @@ def split_batches(rows: torch.Tensor, batch_size: int, parts: int) -> list[torch
 
 def per_shard_config(config: ShardConfig, executor: Executor, parts: int) -> ShardConfig:
     """Each shard's share of the memory budget, and the executor's threads per worker."""
-    return replace(config, budget_bytes=config.budget_bytes // parts, threads=executor.threads_per_worker)
+    return replace(config, budget_bytes=config.budget_bytes // parts, threads=executor.threads_per_worker,
+                   device=executor.device)
 
 
 def stream_shards(executor: Executor, config: ShardConfig, ids: torch.Tensor, batch_size: int, stage: str,

@@ -30,6 +30,7 @@ import rankfold.evaluation  # noqa: F401  (registers every evaluator)
 import rankfold.methods  # noqa: F401  (registers every method)
 from rankfold.allocators.registry import ALLOCATORS, current_kind
 from rankfold.allocators.uniform import UniformAllocation
+from rankfold.core.device import DeviceName
 from rankfold.core.errors import BadInput
 from rankfold.core.options import Strict
 from rankfold.core.redact import has_url_credentials, redact
@@ -217,6 +218,22 @@ class ExecutionSpec(Strict):
     # Data-parallel shards of the calibration and evaluation sequences (one actor each).
     workers: int = Field(2, ge=1)
     cpus_per_worker: int = Field(1, ge=1)
+    # Where each worker's tensor work runs: auto — its GPU when it has one, else the CPU; cpu; cuda — a GPU
+    # or an error. On Ray a worker has a GPU only when it requests one (gpus_per_worker).
+    device: DeviceName = "auto"
+    # GPUs each Ray worker (shard actor or task) requests; a fraction shares one GPU among workers. The local
+    # executor ignores it (it runs in this process, on its GPU when `device` finds one).
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _gpus_fit_the_device(self) -> "ExecutionSpec":
+        if self.gpus_per_worker and self.device == "cpu":
+            raise ValueError(f"execution.gpus_per_worker = {self.gpus_per_worker:g} with execution.device cpu: the "
+                             "GPUs would be held and unused (use device auto or cuda, or gpus_per_worker 0)")
+        if self.device == "cuda" and self.executor == "ray" and not self.gpus_per_worker:
+            raise ValueError("execution.device cuda on Ray needs execution.gpus_per_worker > 0: Ray gives a worker a "
+                             "GPU only when it requests one")
+        return self
 
 
 # Every registered KV method's options, tagged by `name`.

@@ -52,9 +52,9 @@ class PairedStats:
     count: int
 
     @classmethod
-    def zeros(cls, n: int) -> "PairedStats":
-        square = lambda: torch.zeros(n, n, dtype=torch.float64)  # noqa: E731
-        return cls(square(), square(), square(), torch.zeros(n, dtype=torch.float64), 0)
+    def zeros(cls, n: int, device: torch.device | None = None) -> "PairedStats":
+        square = lambda: torch.zeros(n, n, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(square(), square(), square(), torch.zeros(n, dtype=torch.float64, device=device), 0)
 
     def add_(self, x: torch.Tensor, x_hat: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> None:
         """Add one chunk: `x`, `x_hat` (..., n) are the same tokens' inputs in the two streams."""
@@ -120,9 +120,9 @@ class CorrectionStats:
     count: int
 
     @classmethod
-    def zeros(cls, m: int, r: int) -> "CorrectionStats":
-        return cls(torch.zeros(m, r, dtype=torch.float64), torch.zeros(r, r, dtype=torch.float64),
-                   torch.zeros(1, dtype=torch.float64), 0)
+    def zeros(cls, m: int, r: int, device: torch.device | None = None) -> "CorrectionStats":
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(z(m, r), z(r, r), z(1), 0)
 
     def add_(self, wanted: torch.Tensor, latent: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> None:
         """Add one chunk: `wanted` (..., m) the outputs e, `latent` (..., r) the latents u of the same tokens."""

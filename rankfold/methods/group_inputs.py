@@ -36,7 +36,8 @@ class GroupInputs:
             self._factor = whitening_factor(stats.symmetric_gram())
             # The Gram was consumed in place (symmetrised, maybe shifted) and is not read again: drop
             # it before the SVD (a 70B down_proj's is 6.6 GB) — callers pass stats they do not keep.
-            self.stats = InputStats(torch.empty(0, 0, dtype=torch.float64), stats.abs_sum, stats.count)
+            self.stats = InputStats(torch.empty(0, 0, dtype=torch.float64, device=stats.gram.device), stats.abs_sum,
+                                    stats.count)
         return self._factor
 
     @property

@@ -131,11 +131,11 @@ def group_factors(weight: torch.Tensor, factor: torch.Tensor, head_dim: int, gro
     return out
 
 
-def hadamard(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def hadamard(n: int, dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> torch.Tensor:
     """Orthonormal Sylvester–Hadamard matrix (n, n); n a power of two."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"a Walsh–Hadamard matrix needs a power-of-two size, got {n}")
-    h = torch.ones(1, 1, dtype=dtype)
+    h = torch.ones(1, 1, dtype=dtype, device=device)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / math.sqrt(n)
@@ -149,7 +149,7 @@ def hadamard_block(rank: int) -> int:
 def rotate(factors: GroupFactors) -> GroupFactors:
     """(L Hᵀ, H R) with H block-diagonal Walsh–Hadamard: the same product, a rotated latent."""
     block = hadamard_block(factors.rank)
-    h = torch.block_diag(*[hadamard(block)] * (factors.rank // block))
+    h = torch.block_diag(*[hadamard(block, device=factors.up.device)] * (factors.rank // block))
     return GroupFactors(factors.up @ h.T, h @ factors.down)
 
 

@@ -22,8 +22,9 @@ class InputStats:
     count: int              # tokens seen
 
     @classmethod
-    def zeros(cls, n: int) -> "InputStats":
-        return cls(torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0)
+    def zeros(cls, n: int, device: torch.device | None = None) -> "InputStats":
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(z(n, n), z(n), 0)
 
     def add_(self, x: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> None:
         """Add one chunk of inputs. The chunk's product may run in float32 (2x faster on CPU; measured
@@ -38,6 +39,10 @@ class InputStats:
             self.gram[start:start + block, start:].add_(x[:, start:start + block].T @ x[:, start:])
         self.abs_sum.add_(x.abs().sum(0))  # the chunk's sum in the product dtype (float64 casts cost 9x)
         self.count += x.shape[0]
+
+    def to(self, device: torch.device) -> "InputStats":
+        """These statistics on `device` (themselves when already there)."""
+        return InputStats(self.gram.to(device), self.abs_sum.to(device), self.count)
 
     def symmetric_gram(self) -> torch.Tensor:
         """The full Gram, completed from its upper triangle in place (no n×n copies; exactly symmetric)."""

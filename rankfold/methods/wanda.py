@@ -42,7 +42,7 @@ def wanda_prune(weight: torch.Tensor, input_norms: torch.Tensor, per_row: int) -
     if not 0 <= per_row <= cols:
         raise ValueError(f"Wanda keeps {per_row} entries per row of a {rows}×{cols} matrix")
     columns = wanda_scores(weight, input_norms).topk(per_row, dim=1).indices.sort(dim=1).values
-    flat = (torch.arange(rows)[:, None] * cols + columns).reshape(-1)
+    flat = (torch.arange(rows, device=columns.device)[:, None] * cols + columns).reshape(-1)
     return weight.to(torch.float64).reshape(-1)[flat], flat.to(torch.int32)
 
 

@@ -44,7 +44,7 @@ def whitening_factor(gram: torch.Tensor, rel_eps: float = 1e-8) -> torch.Tensor:
     gram = mirror_upper_(gram)
     if not gram.diagonal().any():  # no calibration input at all (an expert no token was routed to)
         log.info("Gram matrix is zero (no calibration tokens): whitening with the identity")
-        return torch.eye(gram.shape[0], dtype=torch.float64)
+        return torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
     factor, info = torch.linalg.cholesky_ex(gram)
     if info.item() == 0:
         return factor

@@ -28,7 +28,7 @@ def pivoted_columns(matrix: torch.Tensor, count: int) -> torch.Tensor:
     best-conditioned choice greedily; returns a full permutation of range(n)."""
     residual = matrix.to(torch.float64).clone()  # (r, n)
     n = residual.shape[1]
-    order = torch.arange(n)
+    order = torch.arange(n, device=matrix.device)
     for step in range(count):
         norms = residual[:, step:].pow(2).sum(0)
         pick = step + int(torch.argmax(norms))

@@ -40,10 +40,11 @@ def open_store(spec: JobSpec) -> ArtifactStore:
 def make_executor(spec: JobSpec) -> Executor:
     execution = spec.execution
     if execution.executor == "local":
-        return LocalExecutor()
+        return LocalExecutor(device=execution.device)
     from rankfold.execution.ray import RayExecutor
 
-    return RayExecutor(execution.address, execution.workers, execution.cpus_per_worker)
+    return RayExecutor(execution.address, execution.workers, execution.cpus_per_worker,
+                       gpus_per_worker=execution.gpus_per_worker, device=execution.device)
 
 
 def run_job(spec: JobSpec, *, executor: Executor | None = None, store: ArtifactStore | None = None) -> dict:

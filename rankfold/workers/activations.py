@@ -10,19 +10,22 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from rankfold.core.device import CPU
+
 
 class Activations:
-    """An append-only list of (batch, seq, hidden) chunks. Chunks past `max_resident_bytes` go to disk."""
+    """An append-only list of (batch, seq, hidden) chunks, held in host memory — past `max_resident_bytes`
+    on disk — and handed out on `device` (where the layers run; a no-op on the CPU)."""
 
-    def __init__(self, max_resident_bytes: int, spill_dir: Path | None = None):
-        self.max_resident_bytes = max_resident_bytes
+    def __init__(self, max_resident_bytes: int, spill_dir: Path | None = None, device: torch.device = CPU):
+        self.max_resident_bytes, self.device = max_resident_bytes, device
         self._spill_parent = spill_dir
         self._spill_dir: Path | None = None
         self._chunks: list[torch.Tensor | Path] = []
         self._resident_bytes = 0
 
     def append(self, chunk: torch.Tensor) -> None:
-        chunk = chunk.contiguous()
+        chunk = chunk.to(CPU).contiguous()
         size = chunk.numel() * chunk.element_size()
         if self._resident_bytes + size <= self.max_resident_bytes:
             self._chunks.append(chunk)
@@ -45,7 +48,7 @@ class Activations:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for chunk in self._chunks:
-            yield load_file(chunk)["hidden"] if isinstance(chunk, Path) else chunk
+            yield (load_file(chunk)["hidden"] if isinstance(chunk, Path) else chunk).to(self.device)
 
     def release(self) -> None:
         """Drop the chunks and delete spilled files (this buffer is not needed downstream)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rankfold.core.device import to_host
 from rankfold.methods.anchored import CorrectionStats, PairedStats
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
@@ -52,7 +53,7 @@ def adds_to_residual(layer: nn.Module, module: nn.Module, runner: LayerRunner, h
     """Whether `layer`'s output moves by exactly δ when `module`'s output moves by δ (a pre-norm block's
     last projection; not Gemma's post-norms or Granite's scaled residual)."""
     delta = torch.randn(hidden.shape[:-1] + (module.out_features,), generator=torch.Generator().manual_seed(0),
-                        dtype=hidden.dtype)
+                        dtype=hidden.dtype).to(hidden.device)  # drawn on the CPU: the same δ on every device
     handle = module.register_forward_hook(lambda _m, _a, output: output + delta)
     try:
         moved = runner(layer, hidden)
@@ -72,7 +73,7 @@ class AnchoredShard(SequenceShard):
     def load(self, ids: torch.Tensor, batch_size: int, heldout_rows: int = 0) -> int:
         """Embed (samples, seq) ids into both streams; the last `heldout_rows` rows are held out."""
         tokens = super().load(ids, batch_size)
-        self.compressed = Activations(self.budget_bytes, self.spill_dir)
+        self.compressed = self.activations(self.budget_bytes)
         for chunk in self.hidden:
             self.compressed.append(chunk)
         self.heldout_rows = heldout_rows
@@ -82,13 +83,14 @@ class AnchoredShard(SequenceShard):
         """Layer `index` with the modules of `layout` built from the factors under `keys` (dense without)."""
         state = self.source.layer_state(index)
         if not layout:
-            return materialize_layer(self.source.architecture, self.config, index, state, self.dtype)
+            return materialize_layer(self.source.architecture, self.config, index, state, self.dtype, device=self.device)
         modules = [CompressedModule.from_json(m) for m in layout]
         fragment: dict[str, torch.Tensor] = {}
         for key in keys:
             fragment.update(open_ref(store).get_tensors(key))
         state = assemble_layer_state(state, fragment, modules, self.dtype)
-        return materialize_layer(self.source.architecture, self.config, index, state, self.dtype, layout=modules)
+        return materialize_layer(self.source.architecture, self.config, index, state, self.dtype, layout=modules,
+                                 device=self.device)
 
     def _dense_layer(self, index: int) -> nn.Module:
         if self._dense is None or self._dense[0] != index:
@@ -108,11 +110,12 @@ class AnchoredShard(SequenceShard):
                 inputs = capture_input(dense, reader, self.runner, x)
                 inputs_hat = capture_input(compressed, reader, self.runner, x_hat)
                 if fitted is None:
-                    fitted, heldout = PairedStats.zeros(inputs.shape[-1]), PairedStats.zeros(inputs.shape[-1])
+                    fitted, heldout = (PairedStats.zeros(inputs.shape[-1], inputs.device),
+                                       PairedStats.zeros(inputs.shape[-1], inputs.device))
                 split = min(max(first - k * self.batch_size, 0), x.shape[0])  # rows of this chunk that are fitted
                 fitted.add_(inputs[:split], inputs_hat[:split], self.product_dtype)
                 heldout.add_(inputs[split:], inputs_hat[split:], self.product_dtype)
-        return {**fitted.to_tensors(group), **heldout.to_tensors(HELDOUT + group)}
+        return to_host({**fitted.to_tensors(group), **heldout.to_tensors(HELDOUT + group)})
 
     def fit(self, item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str, str]:
         """anchored_item run in this shard's worker (the walk's shards hold the workers)."""
@@ -139,7 +142,7 @@ class AnchoredShard(SequenceShard):
             seen["x"], seen["y"] = args[0], output
 
         handle = module.register_forward_hook(hook)
-        fitted, heldout = CorrectionStats.zeros(*b.shape), CorrectionStats.zeros(*b.shape)
+        fitted, heldout = CorrectionStats.zeros(*b.shape, b.device), CorrectionStats.zeros(*b.shape, b.device)
         first = self.ids.shape[0] - self.heldout_rows
         try:
             with torch.no_grad():
@@ -153,8 +156,8 @@ class AnchoredShard(SequenceShard):
         finally:
             handle.remove()
         linear = adds_to_residual(compressed, module, self.runner, next(iter(self.compressed)))
-        return {**fitted.to_tensors("correction"), **heldout.to_tensors(HELDOUT + "correction"),
-                "correction.linear": torch.tensor([int(linear)])}
+        return to_host({**fitted.to_tensors("correction"), **heldout.to_tensors(HELDOUT + "correction"),
+                        "correction.linear": torch.tensor([int(linear)])})
 
     def advance_pair(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str],
                      keep_outputs: bool = True) -> int:
@@ -163,7 +166,7 @@ class AnchoredShard(SequenceShard):
         dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)
         for layer, name in ((dense, "hidden"), (compressed, "compressed")):
             buffer: Activations = getattr(self, name)
-            outputs = Activations(self.budget_bytes, self.spill_dir) if keep_outputs else None
+            outputs = self.activations(self.budget_bytes) if keep_outputs else None
             with torch.no_grad():
                 for chunk in buffer:
                     hidden = self.runner(layer, chunk)

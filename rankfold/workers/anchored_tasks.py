@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rankfold.core.device import to_host
 from rankfold.core.errors import DecompositionError
 from rankfold.methods.anchored import (
     CorrectionStats,
@@ -21,7 +22,7 @@ from rankfold.methods.group_decomposition import GroupResult, decompose_group
 from rankfold.methods.registry import MethodOptions
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreError, StoreRef, open_ref
-from rankfold.workers.tasks import _modules_and_weights
+from rankfold.workers.tasks import _modules_and_weights, on_device
 
 HELDOUT = "heldout."  # prefix of the held-out rows' statistics
 
@@ -102,7 +103,7 @@ def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str,
             diagnostics = None
     if diagnostics is None:
         modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
-        tensors = open_ref(item.stats).get_tensors(item.stats_key)
+        tensors = on_device(open_ref(item.stats).get_tensors(item.stats_key))
         result, mix, errors, refused = choose(item, weights, modules, tensors)
         diagnostics = dict(result.diagnostics)
         paths = [module.shared_path or module.members[0] for module in modules]
@@ -115,7 +116,7 @@ def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str,
             plain = sum(errors[str(1.0)])
             ratio = sum(errors[str(mix)]) / plain if plain > 0 else 1.0  # 0: a full-rank fit, exact either way
             diagnostics["heldout_error_ratio"] = {path: ratio for path in paths}
-        stored = {k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()}
+        stored = {k: v.float() if v.is_floating_point() else v for k, v in to_host(result.tensors).items()}
         sha = factor_store.put_tensors(item.factors_key, stored, metadata={"diagnostics": json.dumps(diagnostics)})
     return ({quantity: {item.layer_prefix + path: value for path, value in values.items()}
              for quantity, values in diagnostics.items()}, item.factors_key, sha)

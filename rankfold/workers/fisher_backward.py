@@ -30,8 +30,8 @@ class FisherSums:
     cols: torch.Tensor   # (in,) float64
 
     @classmethod
-    def zeros(cls, shape: torch.Size) -> "FisherSums":
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+    def zeros(cls, shape: torch.Size, device: torch.device | None = None) -> "FisherSums":
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
         return cls(z(()), z(shape[0]), z(shape[1]))
 
     def add_(self, grad: torch.Tensor) -> None:
@@ -67,7 +67,7 @@ def layer_backward(layer: nn.Module, runner: LayerRunner, hidden: torch.Tensor, 
         grads = torch.autograd.grad(output, [hidden, *weights], grad_out, allow_unused=True)
     for path, weight, grad in zip(paths, weights, grads[1:]):
         if path not in sums:
-            sums[path] = FisherSums.zeros(weight.shape)
+            sums[path] = FisherSums.zeros(weight.shape, weight.device)
         if grad is not None:
             sums[path].add_(grad)
         elif ".experts." not in path:  # only an expert the router skipped may have no gradient

@@ -29,7 +29,8 @@ def propagate_layer(layer: nn.Module, runner: LayerRunner, inputs: Activations, 
     handles = []
     for group in groups:
         reader = layer.get_submodule(group.members[0])  # all members see this same tensor
-        stats[group.name] = InputStats.zeros(reader.in_features)  # an expert no token reaches keeps zeros
+        device = next(reader.parameters()).device  # the layer's: the Gram is summed where x is
+        stats[group.name] = InputStats.zeros(reader.in_features, device)  # an expert no token reaches keeps zeros
 
         def hook(_module, args, name=group.name):
             x = args[0]

@@ -22,8 +22,10 @@ def runtime_config(config: PretrainedConfig) -> PretrainedConfig:
 
 
 def materialize_layer(arch: Architecture, config: PretrainedConfig, index: int, state: dict[str, torch.Tensor],
-                      dtype: torch.dtype, layout: list[CompressedModule] | None = None) -> nn.Module:
-    """Layer `index` holding exactly `state`; `layout` names the linears stored as low-rank modules."""
+                      dtype: torch.dtype, layout: list[CompressedModule] | None = None,
+                      device: torch.device | None = None) -> nn.Module:
+    """Layer `index` holding exactly `state`, on `device` (None: where the state is); `layout` names the
+    linears stored as low-rank modules."""
     layer = arch.build_layer(config, index)
     if layout:
         apply_layout(layer, layout, dtype=dtype)
@@ -32,21 +34,23 @@ def materialize_layer(arch: Architecture, config: PretrainedConfig, index: int, 
     if missing or unexpected:
         raise ValueError(f"layer {index}: state does not fit the architecture "
                          f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
+    if device is not None:
+        layer.to(device)
     dense_products(layer)  # one layer at a time: a dense W̃ costs little and beats the CSR product
     return layer.eval()
 
 
-def causal_mask(length: int, window: int | None) -> torch.Tensor:
+def causal_mask(length: int, window: int | None, device: torch.device | None = None) -> torch.Tensor:
     """(1, 1, length, length) bool, True where query i attends key j: j ≤ i, and i − j < window for a
     sliding-window layer (transformers' rule: a window of `window` tokens including the query's own)."""
-    i, j = torch.arange(length)[:, None], torch.arange(length)[None]
+    i, j = torch.arange(length, device=device)[:, None], torch.arange(length, device=device)[None]
     allowed = j <= i
     return (allowed & (i - j < window) if window else allowed)[None, None]
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bool mask as eager attention takes it: 0 where allowed, the dtype's minimum elsewhere."""
-    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 class LayerRunner:
@@ -62,9 +66,10 @@ class LayerRunner:
     def position_embeddings(self, hidden: torch.Tensor, rope: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for positions 0 … seq − 1; `rope`: the layer's RoPE kind where a family has several
         (Gemma 3: local for sliding layers, global otherwise)."""
-        key = (hidden.shape[1], hidden.dtype, rope)
+        key = (hidden.shape[1], hidden.dtype, hidden.device, rope)
         if key not in self._tables:
-            positions = torch.arange(hidden.shape[1])[None]
+            positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+            self.rotary.to(hidden.device)  # its inverse frequencies, where the layer runs
             self._tables[key] = self.rotary(hidden, positions) if rope is None else self.rotary(hidden, positions, rope)
         return self._tables[key]
 
@@ -74,7 +79,7 @@ class LayerRunner:
 
     def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """The layer's output under the caller's grad mode (the Fisher stage backpropagates through it)."""
-        positions = torch.arange(hidden.shape[1])[None]
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
         with torch.no_grad():
             tables = self.position_embeddings(hidden, self.arch.rope_kind(self.config, layer.self_attn.layer_idx))
         return layer(hidden, attention_mask=self.mask(layer, hidden), position_ids=positions,
@@ -89,8 +94,8 @@ class LayerRunner:
         eager = self.config._attn_implementation == "eager"
         if not (eager or window):
             return None
-        key = ("mask", length, window, hidden.dtype if eager else None)
+        key = ("mask", length, window, hidden.dtype if eager else None, hidden.device)
         if key not in self._tables:
-            allowed = causal_mask(length, window)
+            allowed = causal_mask(length, window, hidden.device)
             self._tables[key] = additive(allowed, hidden.dtype) if eager else allowed
         return self._tables[key]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import rankfold.storage  # noqa: F401  (registers the "store:" source scheme: checkpoints read from a store)
+from rankfold.core.device import to_host, use_device
 from rankfold.core.resources import process_peak_rss_mb
 from rankfold.methods.cap import masked_weight
 from rankfold.models.architecture import OutputHead
@@ -49,6 +50,7 @@ class ShardConfig:
     spill_dir: str | None = None
     product_dtype: str = "float64"  # dtype of each chunk's x·xᵀ (statistics are float64 sums)
     threads: int | None = None      # torch threads in this worker (None: keep the process's)
+    device: str = "cpu"             # where the layers run (core/device.py); activations stay in host memory
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class SequenceShard:
     def __init__(self, config: ShardConfig):
         if config.threads:  # Ray sets OMP_NUM_THREADS=1 for 1-CPU workers: use the CPUs this worker was given
             torch.set_num_threads(config.threads)
+        self.device = use_device(config.device)
         self.location, self.source = config.location, cached_source(config.location)
         self.dtype, self.product_dtype = getattr(torch, config.dtype), getattr(torch, config.product_dtype)
         self.budget_bytes = config.budget_bytes
@@ -81,7 +84,7 @@ class SequenceShard:
         """Embed this shard's (samples, seq) token ids; returns the number of tokens."""
         self.release()
         table = self.source.embedding()
-        self.hidden = Activations(self.budget_bytes, self.spill_dir)
+        self.hidden = self.activations(self.budget_bytes)
         for batch in ids.split(batch_size):
             self.hidden.append(self.source.architecture.embed(batch, table, self.config, self.dtype))
         self.ids, self.batch_size = ids, batch_size
@@ -96,8 +99,8 @@ class SequenceShard:
         arch = self.source.architecture
         modules = [CompressedModule.from_json(m) for m in step.layout] if step.layout else None
         layer = materialize_layer(arch, self.config, index, self.source.layer_state(index), self.dtype,
-                                  layout=modules)
-        outputs = Activations(self._budget(step.keep_input), self.spill_dir) if step.keep_outputs else None
+                                  layout=modules, device=self.device)
+        outputs = self.activations(self._budget(step.keep_input)) if step.keep_outputs else None
         groups = arch.groups if step.collect_stats else ()
         stats = propagate_layer(layer, self.runner, self.hidden, outputs, groups, self.product_dtype,
                                 where=f"layer {index} (model.dtype {str(self.dtype).removeprefix('torch.')})")
@@ -109,7 +112,11 @@ class SequenceShard:
         tensors: dict[str, torch.Tensor] = {}
         for name, group_stats in stats.items():
             tensors.update(group_stats.to_tensors(name))
-        return tensors
+        return to_host(tensors)
+
+    def activations(self, budget_bytes: int) -> Activations:
+        """An activation buffer of this shard: host memory, then `spill_dir`; handed out on its device."""
+        return Activations(budget_bytes, self.spill_dir, self.device)
 
     def advance_masked(self, index: int, units: StoreRef, keys: dict[str, str],
                        masks: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -123,8 +130,9 @@ class SequenceShard:
             name = f"{path}.weight"
             triples, entries = masks[path]
             state[name] = masked_weight(self._units(units, key), triples, entries, tuple(state[name].shape), self.dtype)
-        layer = materialize_layer(self.source.architecture, self.config, index, state, self.dtype)
-        outputs = Activations(self.budget_bytes // 2, self.spill_dir)
+        layer = materialize_layer(self.source.architecture, self.config, index, state, self.dtype,
+                                  device=self.device)
+        outputs = self.activations(self.budget_bytes // 2)
         propagate_layer(layer, self.runner, self.hidden, outputs, where=f"layer {index} (masked by the search)")
         self.hidden.release()
         self.hidden = outputs
@@ -142,8 +150,8 @@ class SequenceShard:
     def _output_head(self) -> OutputHead:
         """What follows the last layer (no gradients: it is not compressed)."""
         source = self.source
-        return source.architecture.build_output_head(source.config, source.final_norm().to(self.dtype),
-                                                     source.lm_head().to(self.dtype))
+        return source.architecture.build_output_head(source.config, source.final_norm().to(self.device, self.dtype),
+                                                     source.lm_head().to(self.device, self.dtype))
 
     def nll(self) -> tuple[float, int]:
         """Summed next-token NLL of the held windows after the last layer."""
@@ -151,7 +159,7 @@ class SequenceShard:
         total, count = 0.0, 0
         with torch.no_grad():
             for chunk, ids in zip(self.hidden, self.ids.split(self.batch_size)):
-                chunk_total, chunk_count = window_nll(chunk, head, ids)
+                chunk_total, chunk_count = window_nll(chunk, head, ids.to(self.device))
                 total, count = total + chunk_total, count + chunk_count
         return total, count
 
@@ -165,10 +173,10 @@ class SequenceShard:
         if self.hidden is None:
             raise RuntimeError("shard holds no activations: run the forward pass first")
         head = self._output_head()
-        self.grads = Activations(self._budget(True), self.spill_dir)
+        self.grads = self.activations(self._budget(True))
         total = 0.0
         for chunk, ids in zip(self.hidden, self.ids.split(self.batch_size)):
-            loss, grad = head_gradient(chunk, head, ids)
+            loss, grad = head_gradient(chunk, head, ids.to(self.device))
             self.grads.append(grad)
             total += loss
         self.hidden.release()
@@ -184,10 +192,11 @@ class SequenceShard:
                                "pass (keep_input) or the gradient from the layer above is missing")
         arch = self.source.architecture
         paths = [member for group in arch.groups for member in group.members]
-        layer = materialize_layer(arch, self.config, index, self.source.layer_state(index), self.dtype)
+        layer = materialize_layer(arch, self.config, index, self.source.layer_state(index), self.dtype,
+                                  device=self.device)
         prepare_for_gradients(layer, paths)
         inputs = self.saved_inputs.pop(index)
-        below = Activations(self._budget(True), self.spill_dir) if index else None
+        below = self.activations(self._budget(True)) if index else None
         sums: dict = {}
         batches = 0
         for hidden, grad in zip(inputs, self.grads):
@@ -198,7 +207,7 @@ class SequenceShard:
         inputs.release()
         self.grads.release()
         self.grads = below
-        return fisher_tensors(sums, batches)
+        return to_host(fisher_tensors(sums, batches))
 
     def release(self) -> float:
         """Drop every buffer (and spilled file); returns this process's peak RSS in MiB."""

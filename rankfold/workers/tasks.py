@@ -13,6 +13,7 @@ import torch
 
 from rankfold.allocators.flra import group_spectra
 from rankfold.checkpoint import ShardInfo
+from rankfold.core.device import to_host, worker_device
 from rankfold.methods.group_decomposition import decompose_group
 from rankfold.methods.kv_registry import KV_METHODS
 from rankfold.methods.registry import MethodOptions
@@ -26,9 +27,16 @@ from rankfold.workers.shard import cached_source
 def _modules_and_weights(location: str, layer_prefix: str, modules_json: tuple[dict, ...],
                          ) -> tuple[list[CompressedModule], dict[str, torch.Tensor]]:
     """An item's compressed modules and the dense weight of each member (keyed by path in the layer)."""
-    source = cached_source(location)
+    source, device = cached_source(location), worker_device()
     modules = [CompressedModule.from_json(m) for m in modules_json]
-    return modules, {m: source.matrix(f"{layer_prefix}{m}.weight") for module in modules for m in module.members}
+    return modules, {m: source.matrix(f"{layer_prefix}{m}.weight").to(device)
+                     for module in modules for m in module.members}
+
+
+def on_device(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors read from the store, on this worker's device (core/device.py)."""
+    device = worker_device()
+    return {key: value.to(device) for key, value in tensors.items()}
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ class DecomposeItem:
 def _group_stats(item: DecomposeItem) -> InputStats | None:
     if item.stats_key is None:
         return None
-    return InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group)
+    return InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group).to(worker_device())
 
 
 def decompose_item(item: DecomposeItem) -> tuple[dict[str, dict[str, float]], str, str]:
@@ -65,9 +73,9 @@ def decompose_item(item: DecomposeItem) -> tuple[dict[str, dict[str, float]], st
         modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
         # Passed without a name here, so the Gram can be freed once it is factorised (see GroupInputs).
         keys = {(kind, member): key for kind, member, key in item.reads}
-        artifact = lambda kind, member: factor_store.get_tensors(keys[kind, member])  # noqa: E731
+        artifact = lambda kind, member: on_device(factor_store.get_tensors(keys[kind, member]))  # noqa: E731
         result = decompose_group(item.method, weights, _group_stats(item), modules, artifact)
-        tensors = {k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()}
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in to_host(result.tensors).items()}
         diagnostics = result.diagnostics
         sha = factor_store.put_tensors(item.factors_key, tensors, metadata={"diagnostics": json.dumps(diagnostics)})
     return ({quantity: {item.layer_prefix + path: value for path, value in values.items()}
@@ -93,8 +101,8 @@ def spectrum_item(item: SpectrumItem) -> tuple[str, str]:
     if sha is not None and out.actual_checksum(item.spectra_key) == sha:
         return item.spectra_key, sha
     modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
-    stats = InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group)
-    return item.spectra_key, out.put_tensors(item.spectra_key, group_spectra(weights, stats, modules))
+    stats = InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group).to(worker_device())
+    return item.spectra_key, out.put_tensors(item.spectra_key, to_host(group_spectra(weights, stats, modules)))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,78 @@
+"""execution.device and execution.gpus_per_worker: the spec's rules, a clear error for a GPU that is
+not there (before anything is written), and Ray's scheduling of GPU workers on the test cluster, which
+declares 2 GPUs on a machine without any (`ray start --num-gpus 2`): the shards and tasks request and
+receive them, resolve `auto` to the CPU they actually have, and the job equals the in-process one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rankfold.core.device import DeviceError, resolve_device
+from rankfold.execution.local import LocalExecutor
+from rankfold.jobs.spec import SpecError, parse_spec
+from rankfold.orchestrator.job import run_job
+from tests.conftest import tiny_spec_dict
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is absent")
+
+
+@pytest.mark.parametrize("execution, message", [
+    ({"device": "cpu", "gpus_per_worker": 1}, "GPUs would be held and unused"),
+    ({"executor": "ray", "device": "cuda"}, "needs execution.gpus_per_worker > 0"),
+    ({"device": "tpu"}, "execution.device"),
+    ({"gpus_per_worker": -1}, "execution.gpus_per_worker"),
+])
+def test_bad_device_settings_name_the_field(tmp_path, tiny_model_dir, execution, message):
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "out")
+    data["execution"] = execution
+    with pytest.raises(SpecError, match=message):
+        parse_spec(data)
+
+
+@no_cuda
+def test_cuda_where_there_is_none_is_an_error_before_anything_is_written(tmp_path, tiny_model_dir):
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "out")
+    data["execution"] = {"device": "cuda"}
+    with pytest.raises(DeviceError, match=r"execution.device is 'cuda' but this process sees no CUDA device"):
+        run_job(parse_spec(data))
+    assert not (tmp_path / "out").exists()
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+@no_cuda
+def test_ray_workers_request_gpus_and_the_job_equals_in_process(tmp_path, tiny_model_dir, ray_cluster):
+    from rankfold.execution.ray import RayExecutor
+
+    def gpu_ids(_item=None) -> list[int]:  # defined here: Ray ships it by value (tests/ is not on workers' path)
+        import ray
+
+        return [int(g) for g in ray.get_gpu_ids()]
+
+    class Probe:
+        def gpus(self) -> list[int]:
+            return gpu_ids()
+
+    executor = RayExecutor(address=ray_cluster["address"], workers=2, cpus_per_worker=1, gpus_per_worker=1)
+    try:
+        assert executor.device == "auto" and "1 GPU" in executor.describe()
+        probes = executor.actors(Probe, [(), ()])
+        assert sorted(g for ids in executor.call_all(probes, "gpus") for g in ids) == [0, 1]  # one GPU each
+        for probe in probes:
+            executor.ray.kill(probe)
+        assert [len(ids) for ids in executor.map(gpu_ids, [0, 1], "probe")] == [1, 1]
+        data = tiny_spec_dict(tiny_model_dir, tmp_path / "ray")
+        on_ray = run_job(parse_spec(data), executor=executor)
+    finally:
+        executor.close()
+    data["output"]["dir"] = str(tmp_path / "local")
+    local = run_job(parse_spec(data), executor=LocalExecutor(workers=2))
+    assert on_ray["artifacts"]["digests"] == local["artifacts"]["digests"]
+
+
+def test_gpus_the_cluster_lacks_are_an_error(ray_cluster):
+    from rankfold.execution.ray import ClusterError, RayExecutor
+
+    with pytest.raises(ClusterError, match=r"execution.gpus_per_worker = 2 needs 4 GPUs"):
+        RayExecutor(address=ray_cluster["address"], workers=2, cpus_per_worker=1, gpus_per_worker=2,
+                    resource_wait_s=0.0)
