@@ -1,0 +1,57 @@
+"""Shards' partial statistics summed where they are, not in the driver.
+
+Each shard of a walk returns its partial sums of a layer's statistics (calibration's Grams: 8.2 GB of
+float64 per shard and layer at Llama-3-70B's widths; the anchored walk's paired statistics, three n×n
+per group). The executor hands the partials — never fetched by the driver — to one reduce task, which
+adds them in shard order (the same order, hence the same bits, as a sum in the driver), checks them and
+writes the sum to the artifact store; the driver receives the key's sha256 and a small summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rankfold.core.errors import NumericalError
+from rankfold.storage.store import StoreRef, open_ref
+from rankfold.workers.layer_statistics import sum_stats
+
+
+@dataclass(frozen=True)
+class ReduceItem:
+    """Where one layer's summed statistics go, and how they are checked."""
+
+    store: StoreRef
+    key: str
+    layer: int
+    product_dtype: str | None = None  # calibration's Gram product dtype: the statistics are checked (named in errors)
+
+
+def reduce_statistics(item: ReduceItem, *partials: dict[str, torch.Tensor]) -> tuple[str, dict[str, int]]:
+    """The partials (in shard order) summed and stored under `item.key`. Returns (sha256, the groups that
+    saw fewer tokens than their width: {"layer.group": tokens}). With `item.product_dtype`, NumericalError
+    when a Gram's diagonal or Σ|x| is not finite (nothing is stored then)."""
+    tensors = sum_stats(list(partials))
+    if item.product_dtype is not None:
+        check_statistics(item.layer, tensors, item.product_dtype)
+    return open_ref(item.store).put_tensors(item.key, tensors), few_tokens(item.layer, tensors)
+
+
+def few_tokens(layer: int, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{"layer.group": tokens} of the groups whose token count is below their input width."""
+    counts = {name.removesuffix(".count"): int(value[0]) for name, value in tensors.items()
+              if name.endswith(".count") and f"{name.removesuffix('.count')}.gram" in tensors}
+    return {f"{layer}.{group}": count for group, count in counts.items()
+            if count < tensors[f"{group}.gram"].shape[0]}
+
+
+def check_statistics(layer: int, tensors: dict[str, torch.Tensor], product_dtype: str) -> None:
+    """Σ|x| and the Gram's diagonal bound every entry (|G_ij| ≤ √(G_ii G_jj)): cheap to check."""
+    for name, value in tensors.items():
+        if name.endswith((".abs_sum", ".gram")):
+            checked = value.diagonal() if value.ndim == 2 else value
+            if not bool(torch.isfinite(checked).all()):
+                raise NumericalError(f"layer {layer}: calibration statistic {name} is not finite (products in "
+                                     f"calibration.gram_product_dtype {product_dtype}); try float64 products or "
+                                     "model.dtype bfloat16 / float32")
