@@ -47,6 +47,15 @@ class Executor(Protocol):
     def call_each_settled(self, handles: Sequence[Any], method: str, args_per_handle: Sequence[tuple]) -> list[Any]:
         """Like call_each, but a worker that died yields a ShardLost instead of raising."""
 
+    def call_all_split(self, handles: Sequence[Any], method: str, *args) -> list[tuple[Any, Any]]:
+        """`method` (returning (status, partial)) on every shard: each shard's status (ShardLost for a
+        worker that died) and its partial where it was made — Ray: an object reference the driver never
+        fetches; in-process: the value. The partials go to `reduce`."""
+
+    def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any]) -> Result:
+        """fn(item, *partials) where the partials are (Ray: a task beside the shards, which hold every
+        worker's CPUs, so it requests none); the driver receives only its (small) result."""
+
     def release(self, handles: Sequence[Any]) -> None: ...
 
     def take_worker_peak_mb(self) -> float | None:

@@ -70,6 +70,12 @@ class LocalExecutor:
     def call_each_settled(self, handles: Sequence[Any], method: str, args_per_handle: Sequence[tuple]) -> list[Any]:
         return self.call_each(handles, method, args_per_handle)  # in-process, a failure is the job's failure
 
+    def call_all_split(self, handles: Sequence[Any], method: str, *args) -> list[tuple[Any, Any]]:
+        return [tuple(getattr(handle, method)(*args)) for handle in handles]
+
+    def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any]) -> Result:
+        return fn(item, *partials)
+
     def release(self, handles: Sequence[Any]) -> None:
         for handle in handles:
             handle.release()

@@ -34,6 +34,13 @@ def _measured(fn: Callable[[Item], Result], item: Item, device: str) -> tuple[Re
     return fn(item), process_peak_rss_mb()
 
 
+def _reduced(fn: Callable[..., Result], item: Item, *partials) -> tuple[Result, float]:
+    """A reduce task's result and its worker's peak RSS (MiB)."""
+    from rankfold.core.resources import process_peak_rss_mb
+
+    return fn(item, *partials), process_peak_rss_mb()
+
+
 # How long a job waits for an (autoscaling) cluster to offer the CPUs its shards need.
 RESOURCE_WAIT_S = float(os.environ.get("RANKFOLD_RAY_RESOURCE_WAIT_S", "300"))
 
@@ -171,6 +178,21 @@ class RayExecutor:
         """Like call_each, but a worker that died yields a ShardLost instead of raising."""
         return self._settled([getattr(handle, method).remote(*args)
                               for handle, args in zip(handles, args_per_handle, strict=True)])
+
+    def call_all_split(self, handles: Sequence[Any], method: str, *args) -> list[tuple[Any, Any]]:
+        """The statuses fetched (ShardLost for a dead worker), the partials left in the object store."""
+        pairs = [getattr(handle, method).options(num_returns=2).remote(*args) for handle in handles]
+        statuses = self._settled([status for status, _ in pairs])
+        return [(status, partial) for status, (_, partial) in zip(statuses, pairs, strict=True)]
+
+    def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any]) -> Result:
+        """One task that requests no CPU (the shards hold them: a CPU request would wait for them), run
+        where Ray finds the partials (their references are its arguments: Ray moves the objects, not the
+        driver). Retried when its worker dies."""
+        remote = self.ray.remote(num_cpus=0, max_retries=self.max_retries)(_reduced)
+        result, peak = self.ray.get(remote.remote(fn, item, *partials))
+        self._note_peak(peak)
+        return result
 
     def _settled(self, refs: list) -> list[Any]:
         results = []

@@ -15,6 +15,7 @@ import torch
 
 from rankfold.execution.base import Executor, ShardLost
 from rankfold.workers.layer_statistics import sum_stats
+from rankfold.workers.reduce import ReduceItem, reduce_statistics
 from rankfold.workers.shard import LayerStep, SequenceShard, ShardConfig
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,20 @@ class ShardGroup:
         for calls in self.history:
             calls.append((method, args if replay_args is None else replay_args))
         return partials
+
+    def call_reduced(self, method: str, *args, reduce: Callable[..., Any], item: Any,
+                     replay_args: tuple | None = None) -> Any:
+        """Like `call`, but the shards' results (partial sums) are not returned to the driver: they go, in
+        shard order, to `reduce(item, *partials)` run where they are (Executor.reduce); returns its result."""
+        pairs = self.executor.call_all_split(self.shards, "split", method, *args)
+        for k, (status, partial) in enumerate(pairs):
+            while isinstance(status, ShardLost):
+                self._rebuild(k, status)
+                status, partial = self.executor.call_all_split([self.shards[k]], "split", method, *args)[0]
+            pairs[k] = (status, partial)
+        for calls in self.history:
+            calls.append((method, args if replay_args is None else replay_args))
+        return self.executor.reduce(reduce, item, [partial for _, partial in pairs])
 
     def run_on(self, k: int, method: str, *args) -> Any:
         """One stateless call on shard k alone, not recorded for replay (a lost shard is rebuilt and
@@ -99,21 +114,26 @@ def per_shard_config(config: ShardConfig, executor: Executor, parts: int) -> Sha
 
 def stream_shards(executor: Executor, config: ShardConfig, ids: torch.Tensor, batch_size: int, stage: str,
                   num_layers: int, layout: Callable[[int], list[dict] | None] = lambda i: None,
-                  on_stats: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> ShardGroup:
-    """Push `ids` through every layer, split over the executor's workers. With `on_stats`, each
-    layer's input statistics, reduced over shards in shard order, are handed to it (calibration);
-    otherwise the activations after the last layer are kept (evaluation). `layout(i)`: layer i's
+                  reduce_into: Callable[[int], ReduceItem] | None = None,
+                  on_reduced: Callable[[int, Any], None] = lambda i, result: None) -> ShardGroup:
+    """Push `ids` through every layer, split over the executor's workers. With `reduce_into` (calibration),
+    each layer's input statistics are summed over the shards in shard order where they are and stored
+    (workers/reduce.py, `reduce_into(i)` says where); `on_reduced(i, (sha256, few_tokens))` gets the small
+    result. Without, the activations after the last layer are kept (evaluation). `layout(i)`: layer i's
     compressed modules (JSON) or None. Returns the shards — call `release()` on them."""
     parts = split_rows(ids, executor.workers)
     shards = ShardGroup(executor, stage, per_shard_config(config, executor, len(parts)), len(parts))
     try:
         shards.call_each("load", [(part, batch_size) for part in parts])
         for i in executor.steps(range(num_layers), stage):
-            step = LayerStep(layout(i), collect_stats=on_stats is not None,
-                             keep_outputs=on_stats is None or i < num_layers - 1)
-            partials = shards.call("advance", i, step, replay_args=(i, replace(step, collect_stats=False)))
-            if on_stats is not None:
-                on_stats(i, sum_stats(partials))
+            step = LayerStep(layout(i), collect_stats=reduce_into is not None,
+                             keep_outputs=reduce_into is None or i < num_layers - 1)
+            replay = (i, replace(step, collect_stats=False))
+            if reduce_into is None:
+                shards.call("advance", i, step, replay_args=replay)
+            else:
+                on_reduced(i, shards.call_reduced("advance", i, step, reduce=reduce_statistics, item=reduce_into(i),
+                                                  replay_args=replay))
     except BaseException:
         shards.release()
         raise

@@ -114,6 +114,11 @@ class SequenceShard:
             tensors.update(group_stats.to_tensors(name))
         return to_host(tensors)
 
+    def split(self, method: str, *args) -> tuple[int, object]:
+        """(0, this shard's `method`(*args)): a status the driver fetches and a partial it does not
+        (Executor.call_all_split)."""
+        return 0, getattr(self, method)(*args)
+
     def activations(self, budget_bytes: int) -> Activations:
         """An activation buffer of this shard: host memory, then `spill_dir`; handed out on its device."""
         return Activations(budget_bytes, self.spill_dir, self.device)

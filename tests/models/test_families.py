@@ -303,7 +303,7 @@ def _tokenizer(folder):
 
 def test_groups_with_fewer_tokens_than_inputs_are_named():
     from rankfold.methods.statistics import InputStats
-    from rankfold.orchestrator.stages.calibrate import few_tokens
+    from rankfold.workers.reduce import few_tokens
 
     tensors = {**InputStats.zeros(8).to_tensors("mlp_in_0"), **InputStats.zeros(4).to_tensors("attn_in")}
     tensors["mlp_in_0.count"][0], tensors["attn_in.count"][0] = 5, 4

@@ -147,3 +147,32 @@ def test_the_test_cluster_listens_on_loopback_only(ray_cluster, s3_endpoint):
     listening = [c.laddr for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     assert len(listening) >= 4  # GCS, raylet, client server, S3 at least
     assert {address.ip for address in listening} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
+
+
+def _holds_statistics(value) -> bool:
+    if isinstance(value, dict):
+        return any(str(key).endswith(".gram") for key in value) or any(map(_holds_statistics, value.values()))
+    if isinstance(value, (list, tuple)):
+        return any(map(_holds_statistics, value))
+    return False
+
+
+def test_the_driver_never_receives_a_layers_statistics(tmp_path, tiny_model_dir, ray_executor, monkeypatch):
+    """Calibration's Grams are summed by a reduce task where the shards' partials are (workers/reduce.py):
+    nothing the driver fetches from Ray holds one, and the job equals the in-process one."""
+    fetched, get = [], ray.get
+
+    def spying_get(refs, *args, **kwargs):
+        values = get(refs, *args, **kwargs)
+        fetched.append(values)
+        return values
+
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "ray")
+    data["evaluation"]["perplexity"] = []
+    monkeypatch.setattr(ray, "get", spying_get)
+    on_ray = run_job(parse_spec(data), executor=ray_executor)
+    monkeypatch.setattr(ray, "get", get)
+    assert fetched and not any(_holds_statistics(values) for values in fetched)
+    data["output"]["dir"] = str(tmp_path / "local")
+    local = run_job(parse_spec(data), executor=LocalExecutor(workers=2))
+    assert on_ray["artifacts"]["digests"] == local["artifacts"]["digests"]

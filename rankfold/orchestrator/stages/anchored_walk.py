@@ -22,6 +22,7 @@ from rankfold.orchestrator.stages.stage import Stage
 from rankfold.workers.anchored_shard import AnchoredShard
 from rankfold.workers.anchored_tasks import CORRECTED, AnchoredItem, CorrectionItem
 from rankfold.workers.layer_statistics import sum_stats
+from rankfold.workers.reduce import ReduceItem, reduce_statistics
 from rankfold.workers.shard import ShardConfig
 
 STATS_FOLDER = "anchored_stats"  # a group's paired statistics, deleted once its factors are stored
@@ -97,9 +98,8 @@ def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, l
                         tuple(m.to_json() for m in modules), ref, stats_key, ref, key, stage.params["fitting"].mix)
     if not env.store.verify(key):
         reader = modules[0].members[0]
-        partials = shards.call("paired_stats", i, group, reader, _layout_of(layout, i, done), ref,
-                               [k for _, k in done])
-        env.store.put_tensors(stats_key, sum_stats(partials))
+        shards.call_reduced("paired_stats", i, group, reader, _layout_of(layout, i, done), ref, [k for _, k in done],
+                            reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i))  # summed where they are
     diagnostics, key, sha = shards.run_on(i % len(shards.shards), "fit", item)
     if env.store.exists(stats_key):
         env.store.delete(stats_key)
