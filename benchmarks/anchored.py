@@ -118,18 +118,26 @@ def measured_row(report: dict, rows: list[dict], name: str, ratio: float, varian
             "job_s": job_seconds(rows, stages, name, ratio), **kept(report["diagnostics"])}
 
 
-def job_seconds(rows: list[dict], stages: dict[str, float], method: str, ratio: float) -> float:
+def job_seconds(rows: list[dict], stages: dict[str, float], method: str, ratio: float) -> float | None:
     """The whole job's time (dense evaluations aside): the stages it ran, and those it reused from this
-    (method, ratio)'s plain job (calibration, Fisher pass, spectra) counted at the plain job's time."""
+    (method, ratio)'s plain job (calibration, Fisher pass, spectra) counted at the plain job's time.
+    None when the plain job did not run them either (it reused them from an earlier run's store: their
+    time is not known here — rerun with a fresh --work folder)."""
     plain = next((row["stages"] for row in rows if (row["method"], row["ratio"], row["variant"]) ==
                   (method, ratio, "plain")), {})
+    if "calibrate" not in stages and "calibrate" not in plain:
+        return None
     shared = {stage: wall for stage, wall in plain.items() if stage not in stages and stage != "decompose"}
     return round(sum(stages.values()) + sum(shared.values()), 1)
 
 
+def _seconds(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.0f}"
+
+
 def kept(diagnostics: dict) -> dict:
     """The fitting's summary: weights and correction blends kept, held-out error ratios to plain."""
-    keys = ("anchored_weights_kept", "anchored_groups_with_refused_weights", "mean_heldout_error_ratio",
+    keys = ("anchored_weights_kept", "anchored_modules_with_refused_weights", "mean_heldout_error_ratio",
             "output_correction_weights_kept", "mean_output_correction_ratio")
     return {key: diagnostics[key] for key in keys if key in diagnostics}
 
@@ -173,7 +181,7 @@ def to_markdown(result: dict) -> str:
             continue
         weights, blends = row.get("anchored_weights_kept", {}), row.get("output_correction_weights_kept", {})
         lines.append(f"| {row['method']} | {row['ratio']:.0%} | {row['variant']} | {row['ppl']['wikitext2']:.2f} | "
-                     f"{row['ppl']['second']:.2f} | {row['fitting_s']:.0f} | {row['job_s']:.0f} | "
+                     f"{row['ppl']['second']:.2f} | {row['fitting_s']:.0f} | {_seconds(row['job_s'])} | "
                      f"{', '.join(f'{w}: {n}' for w, n in weights.items()) or '—'} | "
                      f"{', '.join(f'{w}: {n}' for w, n in blends.items()) or '—'} |")
     lines += ["", f"Command: `{result['command']}`; machine: {describe(result['machine'])}; "

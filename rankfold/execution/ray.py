@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any, Callable, Sequence, TypeVar
 
+from rankfold.core.device import DeviceError
 from rankfold.core.errors import BadInput
 from rankfold.execution.base import ShardLost
 from rankfold.execution.progress import progress
@@ -95,7 +96,9 @@ class RayExecutor:
         embedded = not self.address  # this machine's Ray: it cannot grow
         try:
             self._check_resources(0.0 if embedded else resource_wait_s)
-        except ClusterError:
+            if self.device == "cuda":
+                self._check_cuda()
+        except (ClusterError, DeviceError):
             self.close()  # an instance started here is not left behind
             raise
 
@@ -125,6 +128,19 @@ class RayExecutor:
                 raise ClusterError(shortage + (f", after waiting {wait_s:g} s" if wait_s else ""))
             log.info("waiting for Ray resources: %s (%.0f s left)", shortage, deadline - time.monotonic())
             time.sleep(min(5.0, max(deadline - time.monotonic(), 0.0)))
+
+    def _check_cuda(self) -> None:
+        """execution.device cuda: one task with a worker's GPU share resolves it there — a clear error now
+        rather than shards that die in their constructor and are rebuilt in vain."""
+        from rankfold.core.device import resolve_device
+
+        probe = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_retries=0)
+        try:
+            self.ray.get(probe(resolve_device).remote("cuda"))
+        except DeviceError as err:  # Ray's task error is also the task's own exception class
+            cause = getattr(err, "cause", None) or err  # Ray's error wraps the worker's, traceback and all
+            raise DeviceError(f"on a Ray worker with execution.gpus_per_worker = {self.gpus_per_worker:g}: "
+                              f"{cause}") from None
 
     def describe(self) -> str:
         gpus = f" + {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else ""

@@ -142,7 +142,7 @@ def _summarise(diagnostics: dict[str, dict[str, float]]) -> dict:
               if quantity.startswith("heldout_error@")}
     refused = diagnostics.get("anchored_refused", {})
     if refused:
-        summary["anchored_groups_with_refused_weights"] = len(refused)
+        summary["anchored_modules_with_refused_weights"] = len(refused)  # a shared group is one module
     if errors:  # {weight: {layer: Σ held-out error}}, {weight: {module in the layer: Σ over layers}}, over
         # the modules fitted at every weight (a refused candidate leaves its module out of every sum)
         common = set.intersection(*(set(values) for values in errors.values()))

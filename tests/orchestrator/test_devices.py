@@ -70,6 +70,15 @@ def test_ray_workers_request_gpus_and_the_job_equals_in_process(tmp_path, tiny_m
     assert on_ray["artifacts"]["digests"] == local["artifacts"]["digests"]
 
 
+@no_cuda
+def test_cuda_on_ray_workers_that_have_none_is_an_error_before_any_shard_starts(ray_cluster):
+    """The test cluster's GPUs are declared, not real: a worker given one still sees no CUDA."""
+    from rankfold.execution.ray import RayExecutor
+
+    with pytest.raises(DeviceError, match=r"gpus_per_worker = 1: execution.device is 'cuda' but this process sees no"):
+        RayExecutor(address=ray_cluster["address"], workers=2, cpus_per_worker=1, gpus_per_worker=1, device="cuda")
+
+
 def test_gpus_the_cluster_lacks_are_an_error(ray_cluster):
     from rankfold.execution.ray import ClusterError, RayExecutor
 
