@@ -42,5 +42,5 @@ def test_job_memory_benchmark_runs_at_tiny_size(tmp_path, shared_data):
     assert stages[1:5] == ["calibrate", "allocate", "decompose", "assemble"]
     assert all(row["report_stage"] for row in result["stages"][1:-1])
     assert all(row["wall_s"] >= 0 for row in result["stages"])
-    assert result["executor"] == "local (in-process)" and result["calibration_tokens"] == 4 * 64
+    assert result["executor"] == "local (in-process, cpu)" and result["calibration_tokens"] == 4 * 64
     assert (tmp_path / "out" / "checkpoint.md").read_text().startswith("### Scale: 2-layer synthetic Llama")

@@ -93,8 +93,10 @@ class AnchoredShard(SequenceShard):
                                  device=self.device)
 
     def _dense_layer(self, index: int) -> nn.Module:
-        if self._dense is None or self._dense[0] != index:
-            self._dense = (index, self._layer(index, [], None, []))
+        if self._dense is None or self._dense[0] != index:  # read ahead by the previous advance_pair
+            state = self.weights.state(index)
+            self._dense = (index, materialize_layer(self.source.architecture, self.config, index, state, self.dtype,
+                                                    device=self.device))
         return self._dense[1]
 
     def paired_stats(self, index: int, group: str, reader: str, layout: list[dict], store: StoreRef | None,
@@ -164,6 +166,8 @@ class AnchoredShard(SequenceShard):
         """X through the dense layer `index`, X̂ through it compressed (`layout`, factors under `keys`).
         Returns the tokens run."""
         dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)
+        if keep_outputs:
+            self.weights.prefetch(index + 1)  # read while both streams run through this layer
         for layer, name in ((dense, "hidden"), (compressed, "compressed")):
             buffer: Activations = getattr(self, name)
             outputs = self.activations(self.budget_bytes) if keep_outputs else None

@@ -26,6 +26,7 @@ from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.activations import Activations
 from rankfold.workers.fisher_backward import fisher_tensors, head_gradient, layer_backward, prepare_for_gradients
+from rankfold.workers.layer_reader import LayerReader
 from rankfold.workers.layer_statistics import propagate_layer
 from rankfold.workers.layers import LayerRunner, materialize_layer, runtime_config
 from rankfold.workers.streamed_perplexity import window_nll
@@ -74,6 +75,7 @@ class SequenceShard:
         self.spill_dir = Path(config.spill_dir) if config.spill_dir else None
         self.config = runtime_config(self.source.config)
         self.runner = LayerRunner(self.source.architecture, self.config)
+        self.weights = LayerReader(self.source, pin=self.device.type == "cuda")  # one layer ahead
         self.hidden: Activations | None = None
         self.ids: torch.Tensor | None = None
         self.saved_inputs: dict[int, Activations] = {}  # Fisher: each layer's input, for the backward pass
@@ -98,8 +100,8 @@ class SequenceShard:
             raise RuntimeError("shard holds no activations: call load() first")
         arch = self.source.architecture
         modules = [CompressedModule.from_json(m) for m in step.layout] if step.layout else None
-        layer = materialize_layer(arch, self.config, index, self.source.layer_state(index), self.dtype,
-                                  layout=modules, device=self.device)
+        state = self.weights.state(index, then=index + 1 if step.keep_outputs else None)
+        layer = materialize_layer(arch, self.config, index, state, self.dtype, layout=modules, device=self.device)
         outputs = self.activations(self._budget(step.keep_input)) if step.keep_outputs else None
         groups = arch.groups if step.collect_stats else ()
         stats = propagate_layer(layer, self.runner, self.hidden, outputs, groups, self.product_dtype,
@@ -130,7 +132,7 @@ class SequenceShard:
         cached between steps while they fit half this shard's memory budget. Returns the tokens run."""
         if self.hidden is None:
             raise RuntimeError("shard holds no activations: call load() first")
-        state = self.source.layer_state(index)
+        state = self.weights.state(index, then=index + 1)
         for path, key in keys.items():
             name = f"{path}.weight"
             triples, entries = masks[path]
@@ -197,7 +199,7 @@ class SequenceShard:
                                "pass (keep_input) or the gradient from the layer above is missing")
         arch = self.source.architecture
         paths = [member for group in arch.groups for member in group.members]
-        layer = materialize_layer(arch, self.config, index, self.source.layer_state(index), self.dtype,
+        layer = materialize_layer(arch, self.config, index, self.weights.state(index, then=index - 1), self.dtype,
                                   device=self.device)
         prepare_for_gradients(layer, paths)
         inputs = self.saved_inputs.pop(index)
@@ -216,6 +218,7 @@ class SequenceShard:
 
     def release(self) -> float:
         """Drop every buffer (and spilled file); returns this process's peak RSS in MiB."""
+        self.weights.drop()
         for buffer in [self.hidden, self.grads, *self.saved_inputs.values()]:
             if buffer is not None:
                 buffer.release()

@@ -1,0 +1,57 @@
+"""A shard's reads of layer weights, one layer ahead.
+
+While layer i runs, the layer the walk needs next (i + 1 forward, i − 1 in Fisher's backward pass) is
+read from the model source on a background thread — from disk, from a checkpoint fetched out of the
+store, or dequantised from a GGUF — and, when the layers run on a GPU, put in pinned host memory, from
+which the copy to the device is fast. A shard then holds at most two layers' weights. The tensors are
+the source's own (`layer_state`), so every result is bit-identical to reading in line.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from rankfold.models.sources import ModelSource
+
+
+class LayerReader:
+    def __init__(self, source: ModelSource, pin: bool = False):
+        """`pin`: return page-locked tensors (for a CUDA device; pinning needs CUDA)."""
+        self.source, self.pin = source, pin
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
+        self._ahead: tuple[int, Future] | None = None
+        self.read_ahead = 0  # states served from a read started ahead (a measure that the overlap happens)
+
+    def state(self, index: int, then: int | None = None) -> dict[str, torch.Tensor]:
+        """Layer `index`'s tensors (keyed by path inside the layer), then start reading layer `then` (when
+        it is a layer of the model). A read of the wrong layer started ahead is waited for and dropped."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == index:
+            state = ahead[1].result()
+            self.read_ahead += 1
+        else:
+            if ahead is not None:
+                ahead[1].result()  # never two reads at once: the shard holds at most two layers
+            state = self._read(index)
+        if then is not None and 0 <= then < self.source.num_layers:
+            self._ahead = (then, self._pool.submit(self._read, then))
+        return state
+
+    def prefetch(self, index: int) -> None:
+        """Start reading layer `index` now (unless that read is under way), for a later `state(index)`."""
+        if self._ahead is None or self._ahead[0] != index:
+            self.drop()
+            if 0 <= index < self.source.num_layers:
+                self._ahead = (index, self._pool.submit(self._read, index))
+
+    def drop(self) -> None:
+        """Forget a read started ahead (the walk ends or starts again), waiting for it to finish."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[1].exception()  # finished either way; an error of an unused read does not matter
+
+    def _read(self, index: int) -> dict[str, torch.Tensor]:
+        state = self.source.layer_state(index)
+        return {key: value.pin_memory() for key, value in state.items()} if self.pin else state
