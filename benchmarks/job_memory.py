@@ -108,10 +108,11 @@ _BASELINE_SCRIPT = """
 import sys
 from rankfold.jobs.spec import load_spec
 from rankfold.orchestrator.job import make_executor
-from rankfold.workers.shard import SequenceShard
+from rankfold.workers.shard import SequenceShard, ShardConfig
 spec = load_spec(sys.argv[1])
-executor = make_executor(spec, None)
-shards = executor.actors(SequenceShard, [(str(spec.model.source), spec.model.dtype, 1 << 20)] * spec.execution.workers)
+executor = make_executor(spec)
+config = ShardConfig(str(spec.model.source), spec.model.dtype, 1 << 20)
+shards = executor.actors(SequenceShard, [(config,)] * spec.execution.workers)
 executor.call_all(shards, "pid")
 print("ready", flush=True)
 sys.stdin.read()
