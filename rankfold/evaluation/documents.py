@@ -32,7 +32,8 @@ class ModelWorkers:
     def __init__(self, context: EvaluationContext, documents: int, dtype: str | None = None):
         self.executor, self.label = context.executor, context.label
         parts = max(1, min(self.executor.workers, documents))
-        self.init_args = (context.location, dtype or context.dtype, self.executor.threads_per_worker)
+        self.init_args = (context.location, dtype or context.dtype, self.executor.threads_per_worker,
+                          self.executor.device)
         self.handles = self.executor.actors(ModelWorker, [self.init_args] * parts)
         self.replaced = [0] * parts
 

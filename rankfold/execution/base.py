@@ -53,8 +53,9 @@ class Executor(Protocol):
         fetches; in-process: the value. The partials go to `reduce`."""
 
     def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any]) -> Result:
-        """fn(item, *partials) where the partials are (Ray: a task beside the shards, which hold every
-        worker's CPUs, so it requests none); the driver receives only its (small) result."""
+        """fn(item, partials) where the partials are — an iterable handing them over one at a time, in
+        order (Ray: a task beside the shards, which hold every worker's CPUs, so it requests none, and
+        fetches one partial at a time); the driver receives only its (small) result."""
 
     def release(self, handles: Sequence[Any]) -> None: ...
 

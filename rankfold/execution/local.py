@@ -74,7 +74,7 @@ class LocalExecutor:
         return [tuple(getattr(handle, method)(*args)) for handle in handles]
 
     def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any]) -> Result:
-        return fn(item, *partials)
+        return fn(item, iter(partials))
 
     def release(self, handles: Sequence[Any]) -> None:
         for handle in handles:

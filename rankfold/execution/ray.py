@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable, Sequence, TypeVar
 
 from rankfold.core.device import DeviceError
-from rankfold.core.errors import BadInput
+from rankfold.core.errors import BadInput, RankfoldError
 from rankfold.execution.base import ShardLost
 from rankfold.execution.progress import progress
 
@@ -35,11 +35,14 @@ def _measured(fn: Callable[[Item], Result], item: Item, device: str) -> tuple[Re
     return fn(item), process_peak_rss_mb()
 
 
-def _reduced(fn: Callable[..., Result], item: Item, *partials) -> tuple[Result, float]:
-    """A reduce task's result and its worker's peak RSS (MiB)."""
+def _reduced(fn: Callable[..., Result], item: Item, refs: list) -> tuple[Result, float]:
+    """A reduce task's result and its worker's peak RSS (MiB). `refs` come nested in a list, so Ray does
+    not fetch them all before the task starts: fn receives them one at a time."""
+    import ray
+
     from rankfold.core.resources import process_peak_rss_mb
 
-    return fn(item, *partials), process_peak_rss_mb()
+    return fn(item, (ray.get(ref) for ref in refs)), process_peak_rss_mb()
 
 
 # How long a job waits for an (autoscaling) cluster to offer the CPUs its shards need.
@@ -150,8 +153,10 @@ class RayExecutor:
             work: Sequence[float] | None = None) -> list[Result]:
         """Tasks of cpus_per_worker CPUs each (Ray sets their threads to that), the largest `work` first so
         none is left running alone at the end."""
+        # max_calls 0: a worker process serves task after task (Ray's default for GPU tasks is one task per
+        # process: an import, a CUDA context and an opened model source per decomposition)
         remote = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
-                                 max_retries=self.max_retries)(_measured)
+                                 max_retries=self.max_retries, max_calls=0)(_measured)
         order = sorted(range(len(items)), key=lambda k: -work[k]) if work is not None else range(len(items))
         submitted = {k: remote.remote(fn, items[k], self.device) for k in order}
         refs = [submitted[k] for k in range(len(items))]
@@ -206,7 +211,12 @@ class RayExecutor:
         where Ray finds the partials (their references are its arguments: Ray moves the objects, not the
         driver). Retried when its worker dies."""
         remote = self.ray.remote(num_cpus=0, max_retries=self.max_retries)(_reduced)
-        result, peak = self.ray.get(remote.remote(fn, item, *partials))
+        try:
+            result, peak = self.ray.get(remote.remote(fn, item, list(partials)))
+        except self.ray.exceptions.RayTaskError as err:  # a check failed (NumericalError): the error itself
+            if isinstance(err.cause, RankfoldError):
+                raise err.cause from None
+            raise
         self._note_peak(peak)
         return result
 

@@ -43,29 +43,35 @@ class ShardGroup:
             calls.append((method, args))
         return self.executor.call_each(self.shards, method, args_per_shard)
 
-    def call(self, method: str, *args, replay_args: tuple | None = None) -> list[Any]:
+    def call(self, method: str, *args, replay_args: tuple | None = None, record: bool = True) -> list[Any]:
+        """`method` on every shard (a lost one rebuilt and asked again); recorded for replay unless `record`
+        is False (a call that leaves the shard as it was: replaying it would only ship its result again)."""
         partials = self.executor.call_all_settled(self.shards, method, *args)
         for k, partial in enumerate(partials):
             while isinstance(partial, ShardLost):
                 self._rebuild(k, partial)
                 partial = self.executor.call_all_settled([self.shards[k]], method, *args)[0]
             partials[k] = partial
-        for calls in self.history:
-            calls.append((method, args if replay_args is None else replay_args))
+        if record:
+            for calls in self.history:
+                calls.append((method, args if replay_args is None else replay_args))
         return partials
 
     def call_reduced(self, method: str, *args, reduce: Callable[..., Any], item: Any,
-                     replay_args: tuple | None = None) -> Any:
+                     replay_args: tuple | None = None, record: bool = True) -> Any:
         """Like `call`, but the shards' results (partial sums) are not returned to the driver: they go, in
-        shard order, to `reduce(item, *partials)` run where they are (Executor.reduce); returns its result."""
+        shard order, to `reduce(item, partials)` run where they are (Executor.reduce); returns its result.
+        A partial lost between the shards' answer and the reduce (its node died in that window) fails the
+        stage (Ray's ObjectLostError): the job resumes from the stage's start."""
         pairs = self.executor.call_all_split(self.shards, "split", method, *args)
         for k, (status, partial) in enumerate(pairs):
             while isinstance(status, ShardLost):
                 self._rebuild(k, status)
                 status, partial = self.executor.call_all_split([self.shards[k]], "split", method, *args)[0]
             pairs[k] = (status, partial)
-        for calls in self.history:
-            calls.append((method, args if replay_args is None else replay_args))
+        if record:
+            for calls in self.history:
+                calls.append((method, args if replay_args is None else replay_args))
         return self.executor.reduce(reduce, item, [partial for _, partial in pairs])
 
     def run_on(self, k: int, method: str, *args) -> Any:

@@ -116,7 +116,7 @@ def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str,
             plain = sum(errors[str(1.0)])
             ratio = sum(errors[str(mix)]) / plain if plain > 0 else 1.0  # 0: a full-rank fit, exact either way
             diagnostics["heldout_error_ratio"] = {path: ratio for path in paths}
-        stored = {k: v.float() if v.is_floating_point() else v for k, v in to_host(result.tensors).items()}
+        stored = to_host({k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()})
         sha = factor_store.put_tensors(item.factors_key, stored, metadata={"diagnostics": json.dumps(diagnostics)})
     return ({quantity: {item.layer_prefix + path: value for path, value in values.items()}
              for quantity, values in diagnostics.items()}, item.factors_key, sha)

@@ -2,8 +2,8 @@
 
 While layer i runs, the layer the walk needs next (i + 1 forward, i − 1 in Fisher's backward pass) is
 read from the model source on a background thread — from disk, from a checkpoint fetched out of the
-store, or dequantised from a GGUF — and, when the layers run on a GPU, put in pinned host memory, from
-which the copy to the device is fast. A shard then holds at most two layers' weights. The tensors are
+store, or dequantised from a GGUF —, cast to the model's dtype and, when the layers run on a GPU, put in
+pinned host memory, from which the copy to the device is fast. A shard then holds at most two layers' weights. The tensors are
 the source's own (`layer_state`), so every result is bit-identical to reading in line.
 """
 
@@ -17,9 +17,10 @@ from rankfold.models.sources import ModelSource
 
 
 class LayerReader:
-    def __init__(self, source: ModelSource, pin: bool = False):
-        """`pin`: return page-locked tensors (for a CUDA device; pinning needs CUDA)."""
-        self.source, self.pin = source, pin
+    def __init__(self, source: ModelSource, dtype: torch.dtype, pin: bool = False):
+        """Floating-point tensors come cast to `dtype` (as `materialize_layer` would: the same values);
+        `pin`: page-locked (for a CUDA device; pinning needs CUDA)."""
+        self.source, self.dtype, self.pin = source, dtype, pin
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-read")
         self._ahead: tuple[int, Future] | None = None
         self.read_ahead = 0  # states served from a read started ahead (a measure that the overlap happens)
@@ -33,7 +34,7 @@ class LayerReader:
             self.read_ahead += 1
         else:
             if ahead is not None:
-                ahead[1].result()  # never two reads at once: the shard holds at most two layers
+                ahead[1].exception()  # never two reads at once; an unused read's error does not matter
             state = self._read(index)
         if then is not None and 0 <= then < self.source.num_layers:
             self._ahead = (then, self._pool.submit(self._read, then))
@@ -53,5 +54,6 @@ class LayerReader:
             ahead[1].exception()  # finished either way; an error of an unused read does not matter
 
     def _read(self, index: int) -> dict[str, torch.Tensor]:
-        state = self.source.layer_state(index)
+        state = {key: value.to(self.dtype) if value.is_floating_point() else value
+                 for key, value in self.source.layer_state(index).items()}
         return {key: value.pin_memory() for key, value in state.items()} if self.pin else state

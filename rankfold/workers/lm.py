@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import torch
 
 from rankfold.checkpoint import model_from_source, rank_gains
+from rankfold.core.device import use_device, worker_device
 from rankfold.core.resources import process_peak_rss_mb
 from rankfold.data.zeroshot_tasks import zeroshot_task
 from rankfold.methods.plrd import DecodeSchedule, average_cost, decode_units, full_cost, solve_floor, step_ranks
@@ -40,13 +41,14 @@ def first_line(text: str) -> str:
 
 
 class ModelWorker:
-    def __init__(self, location: str, dtype: str, threads: int | None = None):
+    def __init__(self, location: str, dtype: str, threads: int | None = None, device: str = "auto"):
+        """`device`: execution.device as this worker resolves it (core/device.py)."""
         if threads:  # Ray sets OMP_NUM_THREADS=1 for 1-CPU workers: use the CPUs this worker was given
             torch.set_num_threads(threads)
         source = cached_source(location)
         self.model = model_from_source(source, getattr(torch, dtype))
-        if torch.cuda.is_available():  # a worker given a GPU evaluates there (Ray hides GPUs it did not grant)
-            self.model.cuda()
+        if use_device(device).type == "cuda":  # a worker given a GPU evaluates there
+            self.model.to(worker_device())
         else:  # torch's CPU CSR product is slower than dense and has no bfloat16: multiply with W̃ dense
             dense_products(self.model)
         self.tokenizer = copy.deepcopy(source.tokenizer())  # padding settings below stay this worker's

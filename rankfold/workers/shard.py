@@ -75,7 +75,7 @@ class SequenceShard:
         self.spill_dir = Path(config.spill_dir) if config.spill_dir else None
         self.config = runtime_config(self.source.config)
         self.runner = LayerRunner(self.source.architecture, self.config)
-        self.weights = LayerReader(self.source, pin=self.device.type == "cuda")  # one layer ahead
+        self.weights = LayerReader(self.source, self.dtype, pin=self.device.type == "cuda")  # one layer ahead
         self.hidden: Activations | None = None
         self.ids: torch.Tensor | None = None
         self.saved_inputs: dict[int, Activations] = {}  # Fisher: each layer's input, for the backward pass
@@ -102,6 +102,7 @@ class SequenceShard:
         modules = [CompressedModule.from_json(m) for m in step.layout] if step.layout else None
         state = self.weights.state(index, then=index + 1 if step.keep_outputs else None)
         layer = materialize_layer(arch, self.config, index, state, self.dtype, layout=modules, device=self.device)
+        del state  # on a GPU, the host copy: not held while the layer runs
         outputs = self.activations(self._budget(step.keep_input)) if step.keep_outputs else None
         groups = arch.groups if step.collect_stats else ()
         stats = propagate_layer(layer, self.runner, self.hidden, outputs, groups, self.product_dtype,

@@ -75,7 +75,7 @@ def decompose_item(item: DecomposeItem) -> tuple[dict[str, dict[str, float]], st
         keys = {(kind, member): key for kind, member, key in item.reads}
         artifact = lambda kind, member: on_device(factor_store.get_tensors(keys[kind, member]))  # noqa: E731
         result = decompose_group(item.method, weights, _group_stats(item), modules, artifact)
-        tensors = {k: v.float() if v.is_floating_point() else v for k, v in to_host(result.tensors).items()}
+        tensors = to_host({k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()})
         diagnostics = result.diagnostics
         sha = factor_store.put_tensors(item.factors_key, tensors, metadata={"diagnostics": json.dumps(diagnostics)})
     return ({quantity: {item.layer_prefix + path: value for path, value in values.items()}

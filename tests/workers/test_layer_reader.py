@@ -16,7 +16,7 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def test_states_read_ahead_equal_the_sources_in_any_order(tiny_model_dir):
     source = open_source(str(tiny_model_dir))
-    reader = LayerReader(source)
+    reader = LayerReader(source, torch.float32)  # the tiny model is stored in float32: the same tensors
     assert _equal(reader.state(0, then=1), source.layer_state(0))
     assert _equal(reader.state(1, then=0), source.layer_state(1)) and reader.read_ahead == 1  # layer 1 was ahead
     assert _equal(reader.state(1), source.layer_state(1)) and reader.read_ahead == 1  # 0 was ahead, not 1: dropped

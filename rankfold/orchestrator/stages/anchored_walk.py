@@ -99,7 +99,7 @@ def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, l
     if not env.store.verify(key):
         reader = modules[0].members[0]
         shards.call_reduced("paired_stats", i, group, reader, _layout_of(layout, i, done), ref, [k for _, k in done],
-                            reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i))  # summed where they are
+                            reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i), record=False)
     diagnostics, key, sha = shards.run_on(i % len(shards.shards), "fit", item)
     if env.store.exists(stats_key):
         env.store.delete(stats_key)
@@ -117,7 +117,8 @@ def _correct_output(env: Env, stage: Stage, shards: ShardGroup, i: int, layout,
     path = modules[0].members[0]
     stats_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-correction.safetensors"
     if env.store.get_metadata(key).get(CORRECTED) != "1":
-        partials = shards.call("correction_stats", i, path, _layout_of(layout, i, done), ref, [k for _, k in done])
+        partials = shards.call("correction_stats", i, path, _layout_of(layout, i, done), ref, [k for _, k in done],
+                               record=False)
         env.store.put_tensors(stats_key, sum_stats(partials))
     item = CorrectionItem(env.source.architecture.layer_prefix.format(i=i), path, ref, stats_key, ref, key)
     diagnostics, key, sha = shards.run_on(i % len(shards.shards), "correct", item)
