@@ -16,8 +16,8 @@ Without CUDA the GPU side is skipped and says so; `--device cpu` runs every part
 dry run: the script is tested that way, tiny shapes and a tiny model). Prints what it measured and how
 to rerun it; writes benchmarks/results/gpu/<name>.json and .md.
 
-    python -m benchmarks.gpu                               # on a GPU machine: every part, full shapes
-    python -m benchmarks.gpu --parts layer --scale 4       # one quarter-width layer
+    python -m benchmarks.gpu --parts layer kernels         # on a GPU machine: a few minutes
+    python -m benchmarks.gpu --parts job                   # the SmolLM2 job on the GPU and on the CPU
     python -m benchmarks.gpu --device cpu --scale 32 --parts layer kernels --name dry-run
 """
 
@@ -53,9 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=1, help="divide the 70B layer's widths (4: hidden 2048)")
     parser.add_argument("--tokens", type=int, default=16384, help="calibration tokens through the layer")
     parser.add_argument("--layer-seq-len", type=int, default=2048)
-    parser.add_argument("--skip-cpu-layer", action="store_true",
-                        help="layer: the GPU alone (the CPU side of a full 70B-shaped layer takes ~30 min on 2 cores); "
-                             "its factors are then not compared")
+    parser.add_argument("--cpu-scale", type=int, default=4,
+                        help="layer: the CPU side's width divisor (a full 70B-shaped layer takes ~30 min on 2 cores); "
+                             "the GPU also runs this scale, and its factors are compared with the CPU's there; "
+                             "0: no CPU side")
     parser.add_argument("--repeats", type=int, default=5, help="kernels: timed calls per median")
     parser.add_argument("--name", default="gpu", help="result file name under benchmarks/results/gpu")
     parser.add_argument("--out", type=Path, default=None, help="result folder (default: benchmarks/results/gpu)")
@@ -171,56 +172,80 @@ def layer_state(config, arch) -> dict[str, torch.Tensor]:
 
 
 def layer_part(args: argparse.Namespace, on: list[torch.device]) -> list[dict]:
-    """One 70B-shaped layer's calibration and decomposition on each device; the GPU's factors against
-    the CPU's (‖B A − B′ A′‖ / ‖B′ A′‖ per matrix)."""
-    from rankfold.methods.structure import rank_for_ratio
-    from rankfold.methods.svd_llm import svd_llm_factors
-    from rankfold.methods.whitening import whitening_factor
+    """One 70B-shaped layer's calibration and decomposition: the GPU at `--scale`, then both devices at
+    `--cpu-scale`, where the GPU's factors are compared with the CPU's (‖B A − B′ A′‖ / ‖B′ A′‖)."""
+    runs = [(device, args.scale) for device in on if device.type != "cpu"]
+    if args.cpu_scale or len(on) == 1:
+        scale = args.scale if len(on) == 1 else args.cpu_scale
+        runs += [(device, scale) for device in on if device.type != "cpu" and scale != args.scale]
+        runs += [(device, scale) for device in on if device.type == "cpu"]
+    products: dict = {}
+    return [_layer_run(args, device, scale, products) for device, scale in runs]
+
+
+def _layer_run(args: argparse.Namespace, device: torch.device, scale: int, products: dict) -> dict:
+    """One device, one scale: the forward with every group's Gram, then `_decompositions`."""
     from rankfold.models.architecture import architecture_for
     from rankfold.workers.activations import Activations
     from rankfold.workers.layer_statistics import propagate_layer
     from rankfold.workers.layers import LayerRunner, materialize_layer
 
-    config = layer_config(args.scale, args.layer_seq_len)
-    arch, state = architecture_for(config), layer_state(config, architecture_for(config))
+    config = layer_config(scale, args.layer_seq_len)
+    arch = architecture_for(config)
     sequences = max(1, args.tokens // args.layer_seq_len)
     generator = torch.Generator().manual_seed(1)
-    inputs = [torch.randn(1, args.layer_seq_len, config.hidden_size, generator=generator).to(torch.bfloat16)
-              for _ in range(sequences)]
-    rows, products = [], {}
-    for device in [d for d in on if not (args.skip_cpu_layer and d.type == "cpu" and len(on) > 1)]:
-        _reset_peak(device)
-        layer = materialize_layer(arch, config, 0, dict(state), torch.bfloat16, device=device)
-        chunks = Activations(1 << 62, device=device)
-        for chunk in inputs:
-            chunks.append(chunk)
-        gram_s: dict[str, float] = {}
-        stats, forward_s = _timed(device, propagate_layer, layer, LayerRunner(arch, config), chunks, None,
-                                  arch.groups, torch.float32, "layer", gram_s)
-        row = {"device": device.type, "tokens": sequences * args.layer_seq_len, "hidden": config.hidden_size,
-               "forward_and_gram_s": round(forward_s, 3), "gram_s": {k: round(v, 3) for k, v in gram_s.items()}}
-        factors, cholesky_s, svd_s = {}, {}, {}
-        for group, path in LAYER_MATRICES:
-            if group not in factors:
-                factors[group], cholesky_s[group] = _timed(device, whitening_factor, stats[group].symmetric_gram())
-            weight = layer.get_submodule(path).weight
-            rank = rank_for_ratio(*weight.shape, args.ratio)
-            (b, a), svd_s[path] = _timed(device, svd_llm_factors, weight, factors[group], rank)
-            product = (b @ a).cpu()
-            if device.type != "cpu":
-                products[path] = product
-            elif path in products:
-                row.setdefault("relative_difference_to_cpu", {})[path] = float(
-                    (products[path] - product).norm() / product.norm())
-        row |= {"cholesky_s": {k: round(v, 3) for k, v in cholesky_s.items()},
-                "svd_llm_s": {k: round(v, 3) for k, v in svd_s.items()}, "peak_device_gb": _peak_gb(device)}
-        rows.append(row)
-        print(f"layer on {device.type}: forward + Gram {forward_s:.2f} s, Cholesky {sum(cholesky_s.values()):.2f} s, "
-              f"SVD-LLM {sum(svd_s.values()):.2f} s", file=sys.stderr)
-        del layer, chunks, stats, factors
-    if len(rows) == 2:  # the differences were found on the CPU row: they belong to the comparison
-        rows[0]["relative_difference_to_cpu"] = rows[1].pop("relative_difference_to_cpu", {})
-    return rows
+    _warm_up(device)
+    _reset_peak(device)
+    layer = materialize_layer(arch, config, 0, layer_state(config, arch), torch.bfloat16, device=device)
+    chunks = Activations(1 << 62, device=device)
+    for _ in range(sequences):
+        chunks.append(torch.randn(1, args.layer_seq_len, config.hidden_size, generator=generator).to(torch.bfloat16))
+    gram_s: dict[str, float] = {}
+    stats, forward_s = _timed(device, propagate_layer, layer, LayerRunner(arch, config), chunks, None,
+                              arch.groups, torch.float32, "layer", gram_s)
+    row = {"device": device.type, "scale": scale, "tokens": sequences * args.layer_seq_len,
+           "hidden": config.hidden_size, "forward_and_gram_s": round(forward_s, 3),
+           "gram_s": {k: round(v, 3) for k, v in gram_s.items()}}
+    row |= _decompositions(args, layer, stats, device, scale, products)
+    row["peak_device_gb"] = _peak_gb(device)
+    print(f"layer on {device.type} (scale {scale}): forward + Gram {forward_s:.2f} s, Cholesky "
+          f"{sum(row['cholesky_s'].values()):.2f} s, SVD-LLM {sum(row['svd_llm_s'].values()):.2f} s", file=sys.stderr)
+    return row
+
+
+def _decompositions(args: argparse.Namespace, layer, stats: dict, device: torch.device, scale: int,
+                    products: dict) -> dict:
+    """Cholesky of each group's Gram and SVD-LLM of one matrix per shape, timed; a GPU run leaves its
+    B·A in `products`, a CPU run at the same scale measures its difference to them."""
+    from rankfold.methods.structure import rank_for_ratio
+    from rankfold.methods.svd_llm import svd_llm_factors
+    from rankfold.methods.whitening import whitening_factor
+
+    factors, cholesky_s, svd_s, difference = {}, {}, {}, {}
+    for group, path in LAYER_MATRICES:
+        if group not in factors:
+            factors[group], cholesky_s[group] = _timed(device, whitening_factor, stats[group].symmetric_gram())
+        weight = layer.get_submodule(path).weight
+        (b, a), svd_s[path] = _timed(device, svd_llm_factors, weight, factors[group],
+                                     rank_for_ratio(*weight.shape, args.ratio))
+        product = (b @ a).cpu()
+        if device.type != "cpu":
+            products[scale, path] = product
+        elif (scale, path) in products:
+            difference[path] = float((products[scale, path] - product).norm() / product.norm())
+    out = {"cholesky_s": {k: round(v, 3) for k, v in cholesky_s.items()},
+           "svd_llm_s": {k: round(v, 3) for k, v in svd_s.items()}}
+    return out | ({"gpu_relative_difference": difference} if difference else {})
+
+
+def _warm_up(device: torch.device) -> None:
+    """The first cuBLAS / cuSOLVER / SDPA calls set up handles and kernels: not what is timed."""
+    x = torch.randn(256, 256, dtype=torch.float64, device=device)
+    torch.linalg.cholesky(x @ x.T + 256 * torch.eye(256, dtype=torch.float64, device=device))
+    torch.linalg.svd(x, full_matrices=False)
+    q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16, device=device)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    _sync(device)
 
 
 def kernels_part(args: argparse.Namespace, on: list[torch.device]) -> list[dict]:

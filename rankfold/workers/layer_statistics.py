@@ -34,9 +34,14 @@ def propagate_layer(layer: nn.Module, runner: LayerRunner, inputs: Activations, 
 
         def hook(_module, args, name=group.name):
             x = args[0]
+            timed = gram_seconds is not None
+            if timed and x.is_cuda:  # time the products, not their launch (profiling only)
+                torch.cuda.synchronize(x.device)
             started = time.perf_counter()
             stats[name].add_(x, product_dtype)
-            if gram_seconds is not None:
+            if timed:
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)
                 gram_seconds[name] = gram_seconds.get(name, 0.0) + time.perf_counter() - started
 
         handles.append(reader.register_forward_pre_hook(hook))
