@@ -52,10 +52,10 @@ class Executor(Protocol):
         worker that died) and its partial where it was made — Ray: an object reference the driver never
         fetches; in-process: the value. The partials go to `reduce`."""
 
-    def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any]) -> Result:
-        """fn(item, partials) where the partials are — an iterable handing them over one at a time, in
-        order (Ray: a task beside the shards, which hold every worker's CPUs, so it requests none, and
-        fetches one partial at a time); the driver receives only its (small) result."""
+    def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any], handle: Any) -> Result:
+        """fn(item, partials) run by the shard `handle` — `partials` an iterable handing them over one at a
+        time, in order (Ray: fetched by that actor from the object store); the driver receives only the
+        (small) result, or ShardLost when that shard's worker died."""
 
     def release(self, handles: Sequence[Any]) -> None: ...
 

@@ -73,8 +73,8 @@ class LocalExecutor:
     def call_all_split(self, handles: Sequence[Any], method: str, *args) -> list[tuple[Any, Any]]:
         return [tuple(getattr(handle, method)(*args)) for handle in handles]
 
-    def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any]) -> Result:
-        return fn(item, iter(partials))
+    def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any], handle: Any) -> Result:
+        return fn(item, iter(partials))  # the shards are this process
 
     def release(self, handles: Sequence[Any]) -> None:
         for handle in handles:

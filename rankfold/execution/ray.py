@@ -36,8 +36,8 @@ def _measured(fn: Callable[[Item], Result], item: Item, device: str) -> tuple[Re
 
 
 def _reduced(fn: Callable[..., Result], item: Item, refs: list) -> tuple[Result, float]:
-    """A reduce task's result and its worker's peak RSS (MiB). `refs` come nested in a list, so Ray does
-    not fetch them all before the task starts: fn receives them one at a time."""
+    """A reduce's result and its worker's peak RSS (MiB). `refs` come nested in a list, so Ray does not
+    fetch them all before the call starts: fn receives them one at a time."""
     import ray
 
     from rankfold.core.resources import process_peak_rss_mb
@@ -206,17 +206,14 @@ class RayExecutor:
         statuses = self._settled([status for status, _ in pairs])
         return [(status, partial) for status, (_, partial) in zip(statuses, pairs, strict=True)]
 
-    def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any]) -> Result:
-        """One task that requests no CPU (the shards hold them: a CPU request would wait for them), run
-        where Ray finds the partials (their references are its arguments: Ray moves the objects, not the
-        driver). Retried when its worker dies."""
-        remote = self.ray.remote(num_cpus=0, max_retries=self.max_retries)(_reduced)
-        try:
-            result, peak = self.ray.get(remote.remote(fn, item, list(partials)))
-        except self.ray.exceptions.RayTaskError as err:  # a check failed (NumericalError): the error itself
-            if isinstance(err.cause, RankfoldError):
-                raise err.cause from None
-            raise
+    def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any], handle: Any) -> Result:
+        """Run in the shard actor `handle` (no extra process; the shards hold the workers' CPUs), which
+        fetches the partials from the object store one at a time — the driver never does. ShardLost when
+        that actor died (the partials stay in the object store: a rebuilt one can reduce them)."""
+        [outcome] = self._settled([handle.apply.remote(_reduced, fn, item, list(partials))])
+        if isinstance(outcome, ShardLost):
+            return outcome
+        result, peak = outcome
         self._note_peak(peak)
         return result
 
@@ -227,6 +224,10 @@ class RayExecutor:
                 results.append(self.ray.get(ref))
             except self.ray.exceptions.RayActorError as err:
                 results.append(ShardLost(str(err).splitlines()[0]))
+            except self.ray.exceptions.RayTaskError as err:  # a check failed (NumericalError): the error itself
+                if isinstance(err.cause, RankfoldError):
+                    raise err.cause from None
+                raise
         return results
 
     def call_each(self, handles: Sequence[Any], method: str, args_per_handle: Sequence[tuple]) -> list[Any]:

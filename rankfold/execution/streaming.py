@@ -35,6 +35,7 @@ class ShardGroup:
         self.shards = executor.actors(shard_class, [(config,)] * parts)
         self.history: list[list[tuple[str, tuple]]] = [[] for _ in range(parts)]
         self.rebuilds = [0] * parts
+        self._reducer = 0  # the shard that sums the next partials (in turn: the memory spreads)
 
     def call_each(self, method: str, args_per_shard: list[tuple]) -> list[Any]:
         for calls, args in zip(self.history, args_per_shard, strict=True):
@@ -60,9 +61,10 @@ class ShardGroup:
     def call_reduced(self, method: str, *args, reduce: Callable[..., Any], item: Any,
                      replay_args: tuple | None = None, record: bool = True) -> Any:
         """Like `call`, but the shards' results (partial sums) are not returned to the driver: they go, in
-        shard order, to `reduce(item, partials)` run where they are (Executor.reduce); returns its result.
-        A partial lost between the shards' answer and the reduce (its node died in that window) fails the
-        stage (Ray's ObjectLostError): the job resumes from the stage's start."""
+        shard order, to `reduce(item, partials)` run by one shard, each call the next (Executor.reduce);
+        returns its result. A reducing shard that dies is rebuilt and reduces again (the partials wait in
+        the object store); a partial lost with its node in between fails the stage (Ray's ObjectLostError):
+        the job resumes from the stage's start."""
         pairs = self.executor.call_all_split(self.shards, "split", method, *args)
         for k, (status, partial) in enumerate(pairs):
             while isinstance(status, ShardLost):
@@ -72,7 +74,11 @@ class ShardGroup:
         if record:
             for calls in self.history:
                 calls.append((method, args if replay_args is None else replay_args))
-        return self.executor.reduce(reduce, item, [partial for _, partial in pairs])
+        k, self._reducer = self._reducer, (self._reducer + 1) % len(self.shards)
+        partials = [partial for _, partial in pairs]
+        while isinstance(result := self.executor.reduce(reduce, item, partials, self.shards[k]), ShardLost):
+            self._rebuild(k, result)
+        return result
 
     def run_on(self, k: int, method: str, *args) -> Any:
         """One stateless call on shard k alone, not recorded for replay (a lost shard is rebuilt and

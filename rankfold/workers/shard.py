@@ -117,6 +117,10 @@ class SequenceShard:
             tensors.update(group_stats.to_tensors(name))
         return to_host(tensors)
 
+    def apply(self, fn, *args):
+        """fn(*args) in this shard's worker (a reduce of the shards' partials: no process of its own)."""
+        return fn(*args)
+
     def split(self, method: str, *args) -> tuple[int, object]:
         """(0, this shard's `method`(*args)): a status the driver fetches and a partial it does not
         (Executor.call_all_split)."""
