@@ -158,3 +158,34 @@ def test_evaluation_worker_killed_mid_task_is_replaced_with_the_same_rows(tmp_pa
     assert len(killed) == 1 and not killer.is_alive()
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
     assert strip(disturbed) == strip(clean)
+
+
+def test_a_shard_killed_while_it_reduces_is_rebuilt_and_reduces_again(tmp_path, tiny_model_dir, ray_executor,
+                                                                       monkeypatch):
+    """The shard summing a layer's partials dies mid-reduce: it is rebuilt (replayed to that layer) and
+    sums the same partials, which waited in the object store: the statistics are bit-identical."""
+    import rankfold.execution.streaming as streaming
+    from rankfold.workers.shard import SequenceShard
+
+    data = tiny_spec_dict(tiny_model_dir, tmp_path / "clean")
+    data["evaluation"]["perplexity"] = []
+    clean = run_job(parse_spec(data), executor=ray_executor)
+    marker = tmp_path / "reduce.pid"
+
+    class ShardKilledReducing(SequenceShard):
+        def apply(self, fn, *args):
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                time.sleep(60)  # killed here, holding none of the partials yet
+            return super().apply(fn, *args)
+
+    monkeypatch.setattr(streaming, "SequenceShard", ShardKilledReducing)
+    stop, killed = threading.Event(), []
+    killer = _killer(marker, stop, killed)
+    data["output"]["dir"] = str(tmp_path / "killed")
+    try:
+        disturbed = run_job(parse_spec(data), executor=ray_executor)
+    finally:
+        stop.set()
+    assert len(killed) == 1 and not killer.is_alive()
+    assert _artifacts(disturbed, tmp_path / "killed") == _artifacts(clean, tmp_path / "clean")
