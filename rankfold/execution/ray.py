@@ -155,10 +155,12 @@ class RayExecutor:
         none is left running alone at the end."""
         # max_calls 0: a worker process serves task after task (Ray's default for GPU tasks is one task per
         # process: an import, a CUDA context and an opened model source per decomposition)
-        remote = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
+        # a function marked `host_only` (its work is on the host: no GPU held idle) runs on the CPU
+        gpus = 0.0 if getattr(fn, "host_only", False) else self.gpus_per_worker
+        remote = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=gpus,
                                  max_retries=self.max_retries, max_calls=0)(_measured)
         order = sorted(range(len(items)), key=lambda k: -work[k]) if work is not None else range(len(items))
-        submitted = {k: remote.remote(fn, items[k], self.device) for k in order}
+        submitted = {k: remote.remote(fn, items[k], self.device if gpus else "cpu") for k in order}
         refs = [submitted[k] for k in range(len(items))]
         for _ in progress(self._as_completed(refs), stage, total=len(refs)):
             pass

@@ -48,3 +48,6 @@ def kv_factors_item(item: KVFactorsItem) -> tuple[str, str]:
             tensors[f"{kind}.{k}.up"], tensors[f"{kind}.{k}.down"] = f.up.float(), f.down.float()
             tensors[f"{kind}.{k}.energy"] = spectra[k]
     return item.out_key, out.put_tensors(item.out_key, tensors)
+
+
+kv_factors_item.host_only = True  # Palu's factors, computed on the host: Ray gives its task no GPU

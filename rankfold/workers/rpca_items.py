@@ -46,3 +46,5 @@ def rpca_item(item: RPCAItem) -> list[tuple[str, str]]:
     return [(item.units_key, store.put_tensors(item.units_key, stored, metadata=history_metadata(history))),
             (item.scores_key, store.put_tensors(item.scores_key, scores))]
 
+
+rpca_item.host_only = True  # robust PCA, computed on the host: Ray gives its task no GPU

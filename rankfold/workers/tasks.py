@@ -136,3 +136,6 @@ def assemble_item(item: AssembleItem) -> ShardInfo:
     tensors = {item.layer_prefix + k: v for k, v in state.items()}
     sha = open_ref(item.checkpoint).put_tensors(item.shard_key, tensors)
     return ShardInfo(item.shard_key.rsplit("/", 1)[-1], sha, tuple(sorted(tensors)))
+
+
+assemble_item.host_only = True  # reads factors and writes checkpoint shards: Ray gives its task no GPU

@@ -61,6 +61,12 @@ def test_ray_workers_request_gpus_and_the_job_equals_in_process(tmp_path, tiny_m
         for probe in probes:
             executor.ray.kill(probe)
         assert [len(ids) for ids in executor.map(gpu_ids, [0, 1], "probe")] == [1, 1]
+
+        def host_ids(item=None) -> list[int]:
+            return gpu_ids(item)
+
+        host_ids.host_only = True  # as assemble_item: its task holds no GPU
+        assert executor.map(host_ids, [0, 1], "probe") == [[], []]
         data = tiny_spec_dict(tiny_model_dir, tmp_path / "ray")
         on_ray = run_job(parse_spec(data), executor=executor)
     finally:
