@@ -48,9 +48,9 @@ class Executor(Protocol):
         """Like call_each, but a worker that died yields a ShardLost instead of raising."""
 
     def call_all_split(self, handles: Sequence[Any], method: str, *args) -> list[tuple[Any, Any]]:
-        """`method` (returning (status, partial)) on every shard: each shard's status (ShardLost for a
-        worker that died) and its partial where it was made — Ray: an object reference the driver never
-        fetches; in-process: the value. The partials go to `reduce`."""
+        """`method` (returning (status, partial)) on every shard: each shard's (status, partial), the partial
+        where it was made — Ray: an object reference the driver never fetches; in-process: the value —, or
+        ShardLost for a worker that died. The partials go to `reduce`."""
 
     def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any], handle: Any) -> Result:
         """fn(item, partials) run by the shard `handle` — `partials` an iterable handing them over one at a

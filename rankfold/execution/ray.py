@@ -203,10 +203,12 @@ class RayExecutor:
                               for handle, args in zip(handles, args_per_handle, strict=True)])
 
     def call_all_split(self, handles: Sequence[Any], method: str, *args) -> list[tuple[Any, Any]]:
-        """The statuses fetched (ShardLost for a dead worker), the partials left in the object store."""
+        """The statuses fetched (ShardLost in place of the pair for a dead worker), the partials left in the
+        object store."""
         pairs = [getattr(handle, method).options(num_returns=2).remote(*args) for handle in handles]
         statuses = self._settled([status for status, _ in pairs])
-        return [(status, partial) for status, (_, partial) in zip(statuses, pairs, strict=True)]
+        return [status if isinstance(status, ShardLost) else (status, partial)
+                for status, (_, partial) in zip(statuses, pairs, strict=True)]
 
     def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any], handle: Any) -> Result:
         """Run in the shard actor `handle` (no extra process; the shards hold the workers' CPUs), which

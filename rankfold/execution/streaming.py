@@ -47,15 +47,11 @@ class ShardGroup:
     def call(self, method: str, *args, replay_args: tuple | None = None, record: bool = True) -> list[Any]:
         """`method` on every shard (a lost one rebuilt and asked again); recorded for replay unless `record`
         is False (a call that leaves the shard as it was: replaying it would only ship its result again)."""
-        partials = self.executor.call_all_settled(self.shards, method, *args)
-        for k, partial in enumerate(partials):
-            while isinstance(partial, ShardLost):
-                self._rebuild(k, partial)
-                partial = self.executor.call_all_settled([self.shards[k]], method, *args)[0]
-            partials[k] = partial
+        ask = lambda k: self.executor.call_all_settled([self.shards[k]], method, *args)[0]  # noqa: E731
+        partials = [self._answered(k, partial, ask)
+                    for k, partial in enumerate(self.executor.call_all_settled(self.shards, method, *args))]
         if record:
-            for calls in self.history:
-                calls.append((method, args if replay_args is None else replay_args))
+            self._record(method, args if replay_args is None else replay_args)
         return partials
 
     def call_reduced(self, method: str, *args, reduce: Callable[..., Any], item: Any,
@@ -65,30 +61,33 @@ class ShardGroup:
         returns its result. A reducing shard that dies is rebuilt and reduces again (the partials wait in
         the object store); a partial lost with its node in between fails the stage (Ray's ObjectLostError):
         the job resumes from the stage's start."""
-        pairs = self.executor.call_all_split(self.shards, "split", method, *args)
-        for k, (status, partial) in enumerate(pairs):
-            while isinstance(status, ShardLost):
-                self._rebuild(k, status)
-                status, partial = self.executor.call_all_split([self.shards[k]], "split", method, *args)[0]
-            pairs[k] = (status, partial)
+        split = lambda k: self.executor.call_all_split([self.shards[k]], "split", method, *args)[0]  # noqa: E731
+        pairs = [self._answered(k, pair, split)
+                 for k, pair in enumerate(self.executor.call_all_split(self.shards, "split", method, *args))]
         if record:
-            for calls in self.history:
-                calls.append((method, args if replay_args is None else replay_args))
+            self._record(method, args if replay_args is None else replay_args)
         k, self._reducer = self._reducer, (self._reducer + 1) % len(self.shards)
         partials = [partial for _, partial in pairs]
-        while isinstance(result := self.executor.reduce(reduce, item, partials, self.shards[k]), ShardLost):
-            self._rebuild(k, result)
-        return result
+        reduced = lambda k: self.executor.reduce(reduce, item, partials, self.shards[k])  # noqa: E731
+        return self._answered(k, reduced(k), reduced)
 
     def run_on(self, k: int, method: str, *args) -> Any:
         """One stateless call on shard k alone, not recorded for replay (a lost shard is rebuilt and
         asked again). For a task run where the shards already hold the workers' resources: submitted as
         a separate task it would wait forever on a cluster the shards fill."""
-        result = self.executor.call_all_settled([self.shards[k]], method, *args)[0]
-        while isinstance(result, ShardLost):
-            self._rebuild(k, result)
-            result = self.executor.call_all_settled([self.shards[k]], method, *args)[0]
-        return result
+        ask = lambda k: self.executor.call_all_settled([self.shards[k]], method, *args)[0]  # noqa: E731
+        return self._answered(k, ask(k), ask)
+
+    def _answered(self, k: int, outcome: Any, ask: Callable[[int], Any]) -> Any:
+        """Shard k's outcome; while it is ShardLost, shard k rebuilt and asked again (`ask(k)`)."""
+        while isinstance(outcome, ShardLost):
+            self._rebuild(k, outcome)
+            outcome = ask(k)
+        return outcome
+
+    def _record(self, method: str, args: tuple) -> None:
+        for calls in self.history:
+            calls.append((method, args))
 
     def _rebuild(self, k: int, lost: ShardLost) -> None:
         self.rebuilds[k] += 1

@@ -3,8 +3,9 @@
 While layer i runs, the layer the walk needs next (i + 1 forward, i − 1 in Fisher's backward pass) is
 read from the model source on a background thread — from disk, from a checkpoint fetched out of the
 store, or dequantised from a GGUF —, cast to the model's dtype and, when the layers run on a GPU, put in
-pinned host memory, from which the copy to the device is fast. A shard then holds at most two layers' weights. The tensors are
-the source's own (`layer_state`), so every result is bit-identical to reading in line.
+pinned host memory, from which the copy to the device is fast. A shard then holds at most two layers'
+weights. The tensors are the source's own (`layer_state`), so every result is bit-identical to reading
+in line.
 """
 
 from __future__ import annotations

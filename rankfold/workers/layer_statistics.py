@@ -7,6 +7,7 @@ the Gram matrix Σ x xᵀ, Σ|x| and the token count. They are sums, so shards r
 from __future__ import annotations
 
 import time
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -63,12 +64,19 @@ def check_finite(hidden: torch.Tensor, where: str) -> None:
                              "run with model.dtype bfloat16 or float32")
 
 
-def sum_stats(partials: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Statistics tensors of several shards of the same layer, added in the given (shard) order."""
-    total = dict(partials[0])
-    for partial in partials[1:]:
+def sum_stats(partials: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Statistics tensors of several shards of the same layer, added in the given (shard) order into one
+    running copy: two partials' memory at most when they are handed over one at a time (workers/reduce.py).
+    ValueError when the partials hold different statistics, or none are given."""
+    total: dict[str, torch.Tensor] | None = None
+    for partial in partials:
+        if total is None:  # a copy: a partial read from Ray's object store may be read-only
+            total = {name: value.clone() for name, value in partial.items()}
+            continue
         if partial.keys() != total.keys():
             raise ValueError("shards returned statistics of different groups")
         for name, value in partial.items():
-            total[name] = total[name] + value
+            total[name].add_(value)
+    if total is None:
+        raise ValueError("no partial statistics to sum")
     return total

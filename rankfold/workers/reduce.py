@@ -2,9 +2,10 @@
 
 Each shard of a walk returns its partial sums of a layer's statistics (calibration's Grams: 8.2 GB of
 float64 per shard and layer at Llama-3-70B's widths; the anchored walk's paired statistics, three n×n
-per group). The executor hands the partials — never fetched by the driver — to one reduce task, which
-adds them in shard order (the same order, hence the same bits, as a sum in the driver), checks them and
-writes the sum to the artifact store; the driver receives the key's sha256 and a small summary.
+per group). The executor hands the partials — never fetched by the driver — to one of the shards, in
+turn, which adds them in shard order (the same order, hence the same bits, as a sum in the driver),
+checks them and writes the sum to the artifact store; the driver receives the key's sha256 and a small
+summary.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from rankfold.core.errors import NumericalError
 from rankfold.storage.store import StoreRef, open_ref
+from rankfold.workers.layer_statistics import sum_stats
 
 
 @dataclass(frozen=True)
@@ -33,28 +35,10 @@ def reduce_statistics(item: ReduceItem, partials: Iterable[dict[str, torch.Tenso
     (sha256, the groups that saw fewer tokens than their width: {"layer.group": tokens}). With
     `item.product_dtype`, NumericalError when a Gram's diagonal or Σ|x| is not finite (nothing is stored
     then); ValueError when the partials hold different statistics."""
-    tensors = sum_in_order(partials)
+    tensors = sum_stats(partials)
     if item.product_dtype is not None:
         check_statistics(item.layer, tensors, item.product_dtype)
     return open_ref(item.store).put_tensors(item.key, tensors), few_tokens(item.layer, tensors)
-
-
-def sum_in_order(partials: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Σ of the partials, added in the order given into one running copy (two partials' memory at most,
-    whatever their number; the same bits as `sum_stats`)."""
-    total: dict[str, torch.Tensor] | None = None
-    for partial in partials:
-        if total is None:  # a copy: a partial read from Ray's object store may be read-only
-            total = {name: value.clone() for name, value in partial.items()}
-            continue
-        if partial.keys() != total.keys():
-            raise ValueError("shards returned statistics of different groups")
-        for name, value in partial.items():
-            total[name].add_(value)
-        del partial
-    if total is None:
-        raise ValueError("no partial statistics to sum")
-    return total
 
 
 def few_tokens(layer: int, tensors: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """calibrate: input statistics (Gram, Σ|x|) of every layer's input groups, streamed over the shards.
 
-Each layer's statistics are summed over the shards where their partials are and stored by the reduce
-task (workers/reduce.py): the driver receives the artifact's sha256 and the groups that saw few tokens.
+Each layer's statistics are summed over the shards where their partials are and stored by one of the
+shards (workers/reduce.py): the driver receives the artifact's sha256 and the groups that saw few tokens.
 
 params: model {id, dtype}, calibration (CalibrationSpec), sample (CalibrationSample)."""
 
