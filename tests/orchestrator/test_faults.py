@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 
@@ -17,6 +18,7 @@ from rankfold.orchestrator.job import run_job
 from tests.conftest import tiny_spec_dict
 
 pytest.importorskip("ray")
+T = TypeVar("T")
 
 
 def _killer(marker: Path, stop: threading.Event, killed: list[int]) -> threading.Thread:
@@ -33,6 +35,17 @@ def _killer(marker: Path, stop: threading.Event, killed: list[int]) -> threading
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def _killing(run: Callable[[], T], *markers: Path) -> tuple[T, list[int], list[threading.Thread]]:
+    """run() while one killer per marker kills, once, the process whose pid appears there; returns
+    (run's result, the pids killed, the killers)."""
+    stop, killed = threading.Event(), []
+    killers = [_killer(marker, stop, killed) for marker in markers]
+    try:
+        return run(), killed, killers
+    finally:
+        stop.set()
 
 
 def _artifacts(report: dict, out: Path) -> dict[str, str]:
@@ -72,13 +85,9 @@ def test_killed_workers_are_replaced_and_artifacts_bit_identical(tmp_path, tiny_
 
     monkeypatch.setattr(streaming, "SequenceShard", ShardKilledOnce)
     monkeypatch.setattr(stages, "decompose_item", decompose_killed_once)
-    stop, killed = threading.Event(), []
-    killers = [_killer(shard_marker, stop, killed), _killer(task_marker, stop, killed)]
     data["output"]["dir"] = str(tmp_path / "killed")
-    try:
-        disturbed = run_job(parse_spec(data), executor=ray_executor)
-    finally:
-        stop.set()
+    disturbed, killed, killers = _killing(lambda: run_job(parse_spec(data), executor=ray_executor),
+                                          shard_marker, task_marker)
     assert len(killed) == 2 and all(not k.is_alive() for k in killers)  # both workers died mid-stage
     assert _artifacts(disturbed, tmp_path / "killed") == _artifacts(clean, tmp_path / "clean")
 
@@ -105,13 +114,8 @@ def test_shard_killed_in_the_fisher_backward_pass_is_replayed(tmp_path, tiny_mod
             return super().fisher_backward(index)
 
     monkeypatch.setattr(streaming, "SequenceShard", ShardKilledInBackward)
-    stop, killed = threading.Event(), []
-    killer = _killer(marker, stop, killed)
     data["output"]["dir"] = str(tmp_path / "killed")
-    try:
-        disturbed = run_job(parse_spec(data), executor=ray_executor)
-    finally:
-        stop.set()
+    disturbed, killed, [killer] = _killing(lambda: run_job(parse_spec(data), executor=ray_executor), marker)
     assert len(killed) == 1 and not killer.is_alive()
 
     def fisher_artifacts(report, out):
@@ -149,12 +153,7 @@ def test_evaluation_worker_killed_mid_task_is_replaced_with_the_same_rows(tmp_pa
             return super().zeroshot(indices, *args)
 
     monkeypatch.setattr(documents, "ModelWorker", WorkerKilledOnce)
-    stop, killed = threading.Event(), []
-    killer = _killer(marker, stop, killed)
-    try:
-        disturbed = evaluate_zeroshot(options, context(ray_executor))
-    finally:
-        stop.set()
+    disturbed, killed, [killer] = _killing(lambda: evaluate_zeroshot(options, context(ray_executor)), marker)
     assert len(killed) == 1 and not killer.is_alive()
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
     assert strip(disturbed) == strip(clean)
@@ -180,12 +179,7 @@ def test_a_shard_killed_while_it_reduces_is_rebuilt_and_reduces_again(tmp_path, 
             return super().apply(fn, *args)
 
     monkeypatch.setattr(streaming, "SequenceShard", ShardKilledReducing)
-    stop, killed = threading.Event(), []
-    killer = _killer(marker, stop, killed)
     data["output"]["dir"] = str(tmp_path / "killed")
-    try:
-        disturbed = run_job(parse_spec(data), executor=ray_executor)
-    finally:
-        stop.set()
+    disturbed, killed, [killer] = _killing(lambda: run_job(parse_spec(data), executor=ray_executor), marker)
     assert len(killed) == 1 and not killer.is_alive()
     assert _artifacts(disturbed, tmp_path / "killed") == _artifacts(clean, tmp_path / "clean")
