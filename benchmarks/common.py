@@ -83,3 +83,11 @@ def write_result(name: str, result: dict, folder: Path | None = None, markdown: 
     if markdown is not None:
         path.with_suffix(".md").write_text(markdown)
     return path
+
+
+def publish(name: str, result: dict, markdown: str, folder: Path | None = None) -> Path:
+    """write_result, then the markdown on stdout and where both files went on stderr."""
+    path = write_result(name, result, folder=folder, markdown=markdown)
+    print(markdown)
+    print(f"written: {path.with_suffix('.md')}, {path}", file=sys.stderr)
+    return path

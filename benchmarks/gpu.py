@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import DATA, describe, provenance, write_result  # noqa: E402
+from benchmarks.common import DATA, describe, provenance, publish  # noqa: E402
 
 LLAMA3_70B = {"hidden": 8192, "ffn": 28672, "heads": 64, "kv_heads": 8, "head_dim": 128}
 PARTS = ("job", "layer", "kernels")
@@ -284,10 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     for part, run in (("job", job_part), ("layer", layer_part), ("kernels", kernels_part)):
         if part in args.parts:
             result[part] = run(args, on)
-    markdown = to_markdown(result)
-    path = write_result(args.name, result, folder=args.out, markdown=markdown)
-    print(markdown)
-    print(f"written: {path.with_suffix('.md')}, {path}", file=sys.stderr)
+    publish(args.name, result, to_markdown(result), folder=args.out)
     return result
 
 

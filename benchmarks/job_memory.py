@@ -36,13 +36,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import DATA, REPO, RESULTS, provenance  # noqa: E402
+from benchmarks.common import DATA, REPO, RESULTS, provenance, publish  # noqa: E402
 from benchmarks.process_memory import (  # noqa: E402
     SyntheticLlama,
     TreeSampler,
     _gb,
     _random,
-    _write,
     add_run_arguments,
     provenance_lines,
 )
@@ -231,7 +230,7 @@ def checkpoint_main(args: argparse.Namespace) -> dict:
     }
     if baseline:
         result["ratio_pss_above_idle"] = (peak["pss"] - baseline["pss"]) / size
-    _write(args.out, "checkpoint", result, checkpoint_markdown(result))
+    publish("checkpoint", result, checkpoint_markdown(result), folder=args.out)
     return result
 
 

@@ -30,14 +30,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import RESULTS, provenance  # noqa: E402
+from benchmarks.common import RESULTS, provenance, publish  # noqa: E402
 from benchmarks.process_memory import (  # noqa: E402
     GB,
     SyntheticLlama,
     TreeSampler,
     _gb,
     _random,
-    _write,
     add_run_arguments,
     provenance_lines,
 )
@@ -232,7 +231,7 @@ def layer_main(args: argparse.Namespace) -> dict:
         "park_factor_mb": args.park_factor_mb,
     }
     result["prediction"] = predict(result, args)
-    _write(args.out, f"layer-{s}" if s != 1 else "layer", result, layer_markdown(result))
+    publish(f"layer-{s}" if s != 1 else "layer", result, layer_markdown(result), folder=args.out)
     return result
 
 

@@ -21,7 +21,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import describe, write_result  # noqa: E402
+from benchmarks.common import describe  # noqa: E402
 
 GB = 1e9
 
@@ -167,12 +167,6 @@ def _random(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dty
     if len(shape) == 1:
         return torch.ones(shape, dtype=dtype)  # RMSNorm weights start at 1
     return torch.empty(shape).normal_(0.0, 0.02, generator=generator).to(dtype)  # HF's initializer_range
-
-
-def _write(out: Path, name: str, result: dict, markdown: str) -> None:
-    path = write_result(name, result, folder=out, markdown=markdown)
-    print(markdown)
-    print(f"written: {path.with_suffix('.md')}, {path}", file=sys.stderr)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
-from benchmarks.common import REPO, describe, provenance, write_result  # noqa: E402
+from benchmarks.common import REPO, describe, provenance, publish  # noqa: E402
 from rankfold.kernels import shared_lowrank, triton_installed  # noqa: E402
 from rankfold.methods.structure import rank_for_ratio  # noqa: E402
 
@@ -243,10 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
               "decode_steps": args.decode_steps, "repeats": args.repeats,
               "layers": time_layers(args, device, backends)}
     result["model"] = [] if args.skip_model else time_model(args)
-    markdown = to_markdown(result)
-    path = write_result(args.name, result, folder=args.out, markdown=markdown)
-    print(markdown)
-    print(f"written: {path.with_suffix('.md')}, {path}", file=sys.stderr)
+    publish(args.name, result, to_markdown(result), folder=args.out)
     return result
 
 
