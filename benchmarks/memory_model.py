@@ -11,6 +11,17 @@ measured. What it counts:
 - activations: `--tokens` calibration tokens of hidden states in the model dtype, twice (a layer's
   input and output are both resident while it runs; past the shard's budget they spill to disk).
 
+And the rule for where a calibration worker's memory goes (`--workers` shards, one `--gpu-gb` GPU each;
+`execution.device_activations_mb` at its default, a quarter of the GPU; `calibration.max_resident_mb`
+split over the shards as the host budget):
+
+- device: one layer's weights, its float64 Gram sums (accumulated where the layer runs), the
+  activations that fit the pool (its tokens' input and output), and the largest decomposition task's
+  factorisation when one runs there;
+- host (pinned): the next layer's weights (read ahead), the layer's partial statistics on their way to
+  Ray's object store, the activations past the pool up to the host budget;
+- disk: the activations past both.
+
     python -m benchmarks.memory_model                   # seconds
     python -m benchmarks.memory_model --tokens 262144 --dtype bfloat16
 """
@@ -52,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--tokens", type=int, default=128 * 2048, help="calibration tokens (SVD-LLM: 256 × 2048)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--workers", type=int, default=8, help="calibration shards, one GPU each")
+    parser.add_argument("--gpu-gb", type=float, default=80.0, help="memory of each worker's GPU")
+    parser.add_argument("--host-budget-mb", type=int, default=2048, help="calibration.max_resident_mb")
     parser.add_argument("--name", default="families")
     return parser.parse_args(argv)
 
@@ -74,14 +88,33 @@ def layer_memory(name: str, tokens: int, dtype_bytes: int) -> dict:
             "embedding GB": round(config.vocab_size * config.hidden_size * dtype_bytes / GB, 2)}
 
 
+def worker_rule(row: dict, tokens: int, dtype_bytes: int, workers: int, gpu_gb: float, host_mb: int) -> dict:
+    """Where one calibration worker's memory goes (module docstring), GB; `device fits` is whether the
+    layer, its statistics and the largest factorisation fit the GPU beside the pool."""
+    activations = row["activations GB"] / workers  # this shard's tokens, input and output
+    pool = gpu_gb / 4
+    on_device = min(activations, pool)
+    host_budget = host_mb * 2**20 / workers / GB
+    on_host = min(activations - on_device, host_budget)
+    fixed = row["weights GB / layer"] + row["statistics GB / layer"]
+    return {"device GB": round(fixed + on_device, 2), "device fits": fixed + pool <= gpu_gb
+            and row["largest factorisation GB"] + row["weights GB / layer"] <= gpu_gb,
+            "host GB": round(row["weights GB / layer"] + row["statistics GB / layer"] + on_host, 2),
+            "disk GB": round(activations - on_device - on_host, 2)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     dtype_bytes = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     rows = [layer_memory(name, args.tokens, dtype_bytes) for name in args.models]
     for row in rows:
+        row.update({f"per worker: {k}": v for k, v in worker_rule(row, args.tokens, dtype_bytes, args.workers,
+                                                                   args.gpu_gb, args.host_budget_mb).items()})
+    for row in rows:
         print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     result = {**provenance("memory_model", argv),
-              "setting": {"tokens": args.tokens, "dtype": args.dtype, "counted": "rankfold's layout of each family "
+              "setting": {"tokens": args.tokens, "dtype": args.dtype, "workers": args.workers, "gpu_gb": args.gpu_gb,
+                          "host_budget_mb": args.host_budget_mb, "counted": "rankfold's layout of each family "
                           "at its released sizes (meta device), not measured"},
               "rows": rows}
     write_result(args.name, result)

@@ -25,6 +25,7 @@ class Executor(Protocol):
     workers: int                    # data-parallel shards
     threads_per_worker: int | None  # torch threads in each shard (None: keep the process's)
     device: str                     # execution.device as each worker resolves it (core/device.py)
+    device_activations_bytes: int | None  # activations a worker keeps on its GPU (None: a quarter of it free)
 
     def describe(self) -> str: ...
 

@@ -29,10 +29,11 @@ SMALL_TASK_FLOPS = 3e10
 class LocalExecutor:
     threads_per_worker: int | None = None  # keep this process's torch threads
 
-    def __init__(self, *, workers: int = 1, device: str = "auto"):
+    def __init__(self, *, workers: int = 1, device: str = "auto", device_activations_bytes: int | None = None):
         """DeviceError (naming execution.device) when `device` is cuda and this process sees no GPU."""
         self.workers = workers  # shards, run one after another; 1 = the plain sequential computation
         self.device = use_device(device).type  # this process is every worker: resolved once, here
+        self.device_activations_bytes = device_activations_bytes
 
     def describe(self) -> str:
         return f"local (in-process, {self.device})"

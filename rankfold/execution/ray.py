@@ -70,7 +70,8 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 class RayExecutor:
     def __init__(self, address: str | None = None, workers: int = 2, cpus_per_worker: int = 1, *,
-                 gpus_per_worker: float = 0.0, device: str = "auto", max_retries: int = 3,
+                 gpus_per_worker: float = 0.0, device: str = "auto", device_activations_bytes: int | None = None,
+                 max_retries: int = 3,
                  resource_wait_s: float = RESOURCE_WAIT_S):
         """ClusterError when the cluster cannot be reached or lacks the CPUs or GPUs the workers need.
         `device` (execution.device) is resolved by each worker; a worker that requests no GPU runs on
@@ -81,6 +82,7 @@ class RayExecutor:
         self.workers, self.cpus_per_worker, self.max_retries = workers, cpus_per_worker, max_retries
         self.gpus_per_worker = gpus_per_worker
         self.device = device if gpus_per_worker else "cpu"
+        self.device_activations_bytes = device_activations_bytes
         self.threads_per_worker = cpus_per_worker
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self._started_here = False

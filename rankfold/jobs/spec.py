@@ -224,12 +224,24 @@ class ExecutionSpec(Strict):
     # GPUs each Ray worker (shard actor or task) requests; a fraction shares one GPU among workers. The local
     # executor ignores it (it runs in this process, on its GPU when `device` finds one).
     gpus_per_worker: float = Field(0.0, ge=0.0)
+    # Activations (hidden states between layers) each worker keeps on its GPU before pinned host memory
+    # (calibration.max_resident_mb), then disk, MB. None: a quarter of the GPU memory free when the worker
+    # starts. Only where the layers run on a GPU.
+    device_activations_mb: int | None = Field(None, ge=0)
+
+    @property
+    def device_activations_bytes(self) -> int | None:
+        return None if self.device_activations_mb is None else self.device_activations_mb << 20
 
     @model_validator(mode="after")
     def _gpus_fit_the_device(self) -> "ExecutionSpec":
         if self.gpus_per_worker and self.device == "cpu":
             raise ValueError(f"execution.gpus_per_worker = {self.gpus_per_worker:g} with execution.device cpu: the "
                              "GPUs would be held and unused (use device auto or cuda, or gpus_per_worker 0)")
+        if self.device_activations_mb is not None and self.device == "cpu":
+            raise ValueError(f"execution.device_activations_mb = {self.device_activations_mb} with execution.device "
+                             "cpu: there is no GPU to keep activations on (calibration.max_resident_mb is the host "
+                             "budget)")
         if self.device == "cuda" and self.executor == "ray" and not self.gpus_per_worker:
             raise ValueError("execution.device cuda on Ray needs execution.gpus_per_worker > 0: Ray gives a worker a "
                              "GPU only when it requests one")

@@ -40,11 +40,12 @@ def open_store(spec: JobSpec) -> ArtifactStore:
 def make_executor(spec: JobSpec) -> Executor:
     execution = spec.execution
     if execution.executor == "local":
-        return LocalExecutor(device=execution.device)
+        return LocalExecutor(device=execution.device, device_activations_bytes=execution.device_activations_bytes)
     from rankfold.execution.ray import RayExecutor
 
     return RayExecutor(execution.address, execution.workers, execution.cpus_per_worker,
-                       gpus_per_worker=execution.gpus_per_worker, device=execution.device)
+                       gpus_per_worker=execution.gpus_per_worker, device=execution.device,
+                       device_activations_bytes=execution.device_activations_bytes)
 
 
 def run_job(spec: JobSpec, *, executor: Executor | None = None, store: ArtifactStore | None = None) -> dict:

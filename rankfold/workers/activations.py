@@ -1,4 +1,5 @@
-"""Hidden states of all samples between two layers: chunked, and spilled to disk past a memory budget."""
+"""Hidden states of all samples between two layers: chunked, held on the device up to a budget shared by
+the worker's buffers, then in (pinned) host memory up to a per-buffer budget, then on disk."""
 
 from __future__ import annotations
 
@@ -13,22 +14,57 @@ from safetensors.torch import load_file, save_file
 from rankfold.core.device import CPU
 
 
-class Activations:
-    """An append-only list of (batch, seq, hidden) chunks, held in host memory — past `max_resident_bytes`
-    on disk — and handed out on `device` (where the layers run; a no-op on the CPU)."""
+class DevicePool:
+    """Bytes of activations a worker may keep on its GPU, shared by all its buffers (a layer's inputs
+    and outputs, Fisher's saved inputs): first come, first served; given back on `release`."""
 
-    def __init__(self, max_resident_bytes: int, spill_dir: Path | None = None, device: torch.device = CPU):
-        self.max_resident_bytes, self.device = max_resident_bytes, device
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes, self.used_bytes = capacity_bytes, 0
+
+    def take(self, size: int) -> bool:
+        if self.used_bytes + size > self.capacity_bytes:
+            return False
+        self.used_bytes += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used_bytes -= size
+
+
+def device_pool(device: torch.device, budget_bytes: int | None) -> DevicePool | None:
+    """The worker's pool on `device`: `budget_bytes`, or (None) a quarter of the memory free on it now.
+    None on the CPU, where the device is host memory and the host budget governs."""
+    if device.type == "cpu":
+        return None
+    if budget_bytes is None:
+        free, _total = torch.cuda.mem_get_info(device)
+        budget_bytes = free // 4
+    return DevicePool(budget_bytes)
+
+
+class Activations:
+    """An append-only list of (batch, seq, hidden) chunks handed out on `device` (where the layers run).
+    Each chunk stays on the device while `pool` has room; else it goes to host memory (pinned when the
+    device is a GPU, so its copy back is asynchronous) while this buffer's `max_resident_bytes` allows;
+    else to a safetensors file under `spill_dir`. On the CPU the pool is None: host, then disk."""
+
+    def __init__(self, max_resident_bytes: int, spill_dir: Path | None = None, device: torch.device = CPU,
+                 pool: DevicePool | None = None):
+        self.max_resident_bytes, self.device, self.pool = max_resident_bytes, device, pool
         self._spill_parent = spill_dir
         self._spill_dir: Path | None = None
         self._chunks: list[torch.Tensor | Path] = []
         self._resident_bytes = 0
+        self._device_bytes, self._pooled = 0, 0
 
     def append(self, chunk: torch.Tensor) -> None:
-        chunk = chunk.to(CPU).contiguous()
         size = chunk.numel() * chunk.element_size()
+        if self.pool is not None and self.pool.take(size):
+            self._chunks.append(chunk.to(self.device).contiguous())
+            self._device_bytes, self._pooled = self._device_bytes + size, self._pooled + 1
+            return
         if self._resident_bytes + size <= self.max_resident_bytes:
-            self._chunks.append(chunk)
+            self._chunks.append(self._on_host(chunk))
             self._resident_bytes += size
             return
         if self._spill_dir is None:
@@ -36,24 +72,42 @@ class Activations:
                 self._spill_parent.mkdir(parents=True, exist_ok=True)
             self._spill_dir = Path(tempfile.mkdtemp(prefix="activations-", dir=self._spill_parent))
         path = self._spill_dir / f"{len(self._chunks):06d}.safetensors"
-        save_file({"hidden": chunk}, path)
+        save_file({"hidden": chunk.to(CPU).contiguous()}, path)
         self._chunks.append(path)
+
+    def _on_host(self, chunk: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return chunk.to(CPU).contiguous()
+        host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
+        return host.copy_(chunk)
 
     @property
     def spilled(self) -> int:
         return sum(isinstance(chunk, Path) for chunk in self._chunks)
+
+    @property
+    def pooled(self) -> int:
+        """Chunks held in the device pool."""
+        return self._pooled
 
     def __len__(self) -> int:
         return len(self._chunks)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for chunk in self._chunks:
-            yield (load_file(chunk)["hidden"] if isinstance(chunk, Path) else chunk).to(self.device)
+            if isinstance(chunk, Path):
+                yield load_file(chunk)["hidden"].to(self.device)
+            else:  # pinned host memory: the copy overlaps; the device's stream orders it before its use
+                yield chunk.to(self.device, non_blocking=chunk.is_pinned())
 
     def release(self) -> None:
-        """Drop the chunks and delete spilled files (this buffer is not needed downstream)."""
+        """Drop the chunks, give back their device memory and delete spilled files (this buffer is not
+        needed downstream)."""
         self._chunks.clear()
         self._resident_bytes = 0
+        if self.pool is not None:
+            self.pool.give(self._device_bytes)
+        self._device_bytes, self._pooled = 0, 0
         if self._spill_dir is not None:
             shutil.rmtree(self._spill_dir, ignore_errors=True)
             self._spill_dir = None

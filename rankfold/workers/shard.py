@@ -24,7 +24,7 @@ from rankfold.models.architecture import OutputHead
 from rankfold.models.sources import ModelSource, open_source
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
-from rankfold.workers.activations import Activations
+from rankfold.workers.activations import Activations, device_pool
 from rankfold.workers.fisher_backward import fisher_tensors, head_gradient, layer_backward, prepare_for_gradients
 from rankfold.workers.layer_reader import LayerReader
 from rankfold.workers.layer_statistics import propagate_layer
@@ -51,7 +51,8 @@ class ShardConfig:
     spill_dir: str | None = None
     product_dtype: str = "float64"  # dtype of each chunk's x·xᵀ (statistics are float64 sums)
     threads: int | None = None      # torch threads in this worker (None: keep the process's)
-    device: str = "cpu"             # where the layers run (core/device.py); activations stay in host memory
+    device: str = "cpu"             # where the layers run (core/device.py)
+    device_budget_bytes: int | None = None  # activations kept on that GPU (None: a quarter of its free memory)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class SequenceShard:
         self.dtype, self.product_dtype = getattr(torch, config.dtype), getattr(torch, config.product_dtype)
         self.budget_bytes = config.budget_bytes
         self.spill_dir = Path(config.spill_dir) if config.spill_dir else None
+        self.pool = device_pool(self.device, config.device_budget_bytes)  # None on the CPU
         self.config = runtime_config(self.source.config)
         self.runner = LayerRunner(self.source.architecture, self.config)
         self.weights = LayerReader(self.source, self.dtype, pin=self.device.type == "cuda")  # one layer ahead
@@ -127,8 +129,9 @@ class SequenceShard:
         return 0, getattr(self, method)(*args)
 
     def activations(self, budget_bytes: int) -> Activations:
-        """An activation buffer of this shard: host memory, then `spill_dir`; handed out on its device."""
-        return Activations(budget_bytes, self.spill_dir, self.device)
+        """An activation buffer of this shard: its device's pool, host memory (`budget_bytes`), then
+        `spill_dir`; handed out on its device."""
+        return Activations(budget_bytes, self.spill_dir, self.device, self.pool)
 
     def advance_masked(self, index: int, units: StoreRef, keys: dict[str, str],
                        masks: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:

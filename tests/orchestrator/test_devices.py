@@ -22,6 +22,8 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
     ({"executor": "ray", "device": "cuda"}, "needs execution.gpus_per_worker > 0"),
     ({"device": "tpu"}, "execution.device"),
     ({"gpus_per_worker": -1}, "execution.gpus_per_worker"),
+    ({"device": "cpu", "device_activations_mb": 512}, "no GPU to keep activations on"),
+    ({"device_activations_mb": -1}, "execution.device_activations_mb"),
 ])
 def test_bad_device_settings_name_the_field(tmp_path, tiny_model_dir, execution, message):
     data = tiny_spec_dict(tiny_model_dir, tmp_path / "out")
