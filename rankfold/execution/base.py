@@ -30,8 +30,10 @@ class Executor(Protocol):
     def describe(self) -> str: ...
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str,
-            work: Sequence[float] | None = None) -> list[Result]:
-        """fn over items, results in item order; `work`: each item's estimated floating-point operations."""
+            work: Sequence[float] | None = None, memory: Sequence[int] | None = None) -> list[Result]:
+        """fn over items, results in item order; `work`: each item's estimated floating-point operations;
+        `memory`: each item's estimated peak host bytes (on Ray: tasks that together exceed a node's memory
+        do not run there at once)."""
 
     def steps(self, items: Sequence[Item], stage: str) -> Iterable[Item]:
         """Sequential steps that depend on each other (layer i feeds layer i+1), with progress."""
@@ -52,6 +54,11 @@ class Executor(Protocol):
         """`method` (returning (status, partial)) on every shard: each shard's (status, partial), the partial
         where it was made — Ray: an object reference the driver never fetches; in-process: the value —, or
         ShardLost for a worker that died. The partials go to `reduce`."""
+
+    def combine(self, fn: Callable[..., Any], groups: Sequence[Sequence[Any]], handles: Sequence[Any]) -> list[Any]:
+        """fn(iterable of group g's partials) run by shard `handles[g]`, every group at once (a round of a
+        reduction tree): each result left where it was made, like a partial of `call_all_split`, or ShardLost
+        for a worker that died (the group's partials stay available: a rebuilt shard can combine them)."""
 
     def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any], handle: Any) -> Result:
         """fn(item, partials) run by the shard `handle` — `partials` an iterable handing them over one at a

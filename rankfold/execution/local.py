@@ -39,10 +39,11 @@ class LocalExecutor:
         return f"local (in-process, {self.device})"
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str,
-            work: Sequence[float] | None = None) -> list[Result]:
+            work: Sequence[float] | None = None, memory: Sequence[int] | None = None) -> list[Result]:
         """fn over items, results in item order. `work`: each item's floating-point operations (estimated);
         items at most SMALL_TASK_FLOPS run one thread each, as many at once as this process has threads,
-        the rest one after another on every thread. Without `work`: one after another."""
+        the rest one after another on every thread. Without `work`: one after another. `memory` is not
+        needed: the large items already run one at a time."""
         threads = torch.get_num_threads()
         small = [k for k in range(len(items)) if work is not None and work[k] <= SMALL_TASK_FLOPS]
         if not small:
@@ -73,6 +74,9 @@ class LocalExecutor:
 
     def call_all_split(self, handles: Sequence[Any], method: str, *args) -> list[tuple[Any, Any]]:
         return [tuple(getattr(handle, method)(*args)) for handle in handles]
+
+    def combine(self, fn: Callable[..., Any], groups: Sequence[Sequence[Any]], handles: Sequence[Any]) -> list[Any]:
+        return [fn(iter(group)) for group in groups]
 
     def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any], handle: Any) -> Result:
         return fn(item, iter(partials))  # the shards are this process

@@ -45,6 +45,13 @@ def _reduced(fn: Callable[..., Result], item: Item, refs: list) -> tuple[Result,
     return fn(item, (ray.get(ref) for ref in refs)), process_peak_rss_mb()
 
 
+def _combined(fn: Callable[..., Any], refs: list) -> tuple[int, Any]:
+    """(0, fn of the partials fetched one at a time): a status for the driver, a partial for the next round."""
+    import ray
+
+    return 0, fn(ray.get(ref) for ref in refs)
+
+
 # How long a job waits for an (autoscaling) cluster to offer the CPUs its shards need.
 RESOURCE_WAIT_S = float(os.environ.get("RANKFOLD_RAY_RESOURCE_WAIT_S", "300"))
 
@@ -152,9 +159,11 @@ class RayExecutor:
         return f"ray ({self.address or 'embedded'}, {self.workers} workers × {self.cpus_per_worker} CPU{gpus})"
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str,
-            work: Sequence[float] | None = None) -> list[Result]:
+            work: Sequence[float] | None = None, memory: Sequence[int] | None = None) -> list[Result]:
         """Tasks of cpus_per_worker CPUs each (Ray sets their threads to that), the largest `work` first so
-        none is left running alone at the end."""
+        none is left running alone at the end. With `memory`, each task reserves its bytes of Ray's `memory`
+        resource (at most the largest node's), so two factorisations of a 70B model's down_proj (~20 GB
+        each) never share a node that cannot hold both — they wait for each other instead."""
         # max_calls 0: a worker process serves task after task (Ray's default for GPU tasks is one task per
         # process: an import, a CUDA context and an opened model source per decomposition)
         # a function marked `host_only` (its work is on the host: no GPU held idle) runs on the CPU
@@ -162,13 +171,26 @@ class RayExecutor:
         remote = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=gpus,
                                  max_retries=self.max_retries, max_calls=0)(_measured)
         order = sorted(range(len(items)), key=lambda k: -work[k]) if work is not None else range(len(items))
-        submitted = {k: remote.remote(fn, items[k], self.device if gpus else "cpu") for k in order}
+        reserve = self._memory_requests(memory, stage)
+        submitted = {k: remote.options(**reserve(k)).remote(fn, items[k], self.device if gpus else "cpu")
+                     for k in order}
         refs = [submitted[k] for k in range(len(items))]
         for _ in progress(self._as_completed(refs), stage, total=len(refs)):
             pass
         results = self.ray.get(refs)  # in item order, whatever order they finished in
         self._note_peak(*(peak for _, peak in results))
         return [result for result, _ in results]
+
+    def _memory_requests(self, memory: Sequence[int] | None, stage: str) -> Callable[[int], dict]:
+        """Each item's task options: {"memory": bytes} capped at the largest node's memory (a larger request
+        would never be scheduled; logged), or none."""
+        if memory is None:
+            return lambda k: {}
+        _, largest = self._resources("memory")
+        if largest and max(memory) > largest:
+            log.warning("%s: a task's estimated %.1f GB exceeds the largest Ray node's memory (%.1f GB); it "
+                        "reserves the whole node", stage, max(memory) / 1e9, largest / 1e9)
+        return lambda k: {"memory": int(min(memory[k], largest))} if largest and memory[k] else {}
 
     def _note_peak(self, *peaks_mb: float) -> None:
         self._worker_peak_mb = max([self._worker_peak_mb or 0.0, *peaks_mb])
@@ -210,6 +232,14 @@ class RayExecutor:
         pairs = [getattr(handle, method).options(num_returns=2).remote(*args) for handle in handles]
         statuses = self._settled([status for status, _ in pairs])
         return [status if isinstance(status, ShardLost) else (status, partial)
+                for status, (_, partial) in zip(statuses, pairs, strict=True)]
+
+    def combine(self, fn: Callable[..., Any], groups: Sequence[Sequence[Any]], handles: Sequence[Any]) -> list[Any]:
+        """Each group's combined partial left in the object store (the driver fetches a status only)."""
+        pairs = [handle.apply.options(num_returns=2).remote(_combined, fn, list(group))
+                 for group, handle in zip(groups, handles, strict=True)]
+        statuses = self._settled([status for status, _ in pairs])
+        return [status if isinstance(status, ShardLost) else partial
                 for status, (_, partial) in zip(statuses, pairs, strict=True)]
 
     def reduce(self, fn: Callable[..., Result], item: Any, partials: Sequence[Any], handle: Any) -> Result:

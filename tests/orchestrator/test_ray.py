@@ -176,3 +176,22 @@ def test_the_driver_never_receives_a_layers_statistics(tmp_path, tiny_model_dir,
     data["output"]["dir"] = str(tmp_path / "local")
     local = run_job(parse_spec(data), executor=LocalExecutor(workers=2))
     assert on_ray["artifacts"]["digests"] == local["artifacts"]["digests"]
+
+
+def test_tasks_reserving_most_of_a_nodes_memory_do_not_run_at_once(ray_executor, caplog):
+    """Two CPUs, two tasks: side by side without `memory`; one after the other when each reserves 60 % of
+    the node's memory. A request above the node is capped (logged), not left unschedulable."""
+    def _timed_sleep(seconds: float) -> tuple[float, float]:  # nested: Ray ships it by value
+        started = time.time()
+        time.sleep(seconds)
+        return started, time.time()
+
+    node = max(n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive"))
+    free = ray_executor.map(_timed_sleep, [1.5, 1.5], "sleep")
+    assert free[1][0] < free[0][1] and free[0][0] < free[1][1]  # overlapping
+    held = ray_executor.map(_timed_sleep, [1.5, 1.5], "sleep", memory=[int(0.6 * node)] * 2)
+    (a0, a1), (b0, b1) = sorted(held)
+    assert a1 <= b0 + 0.05  # one after the other
+    with caplog.at_level(logging.WARNING, logger="rankfold.execution.ray"):
+        assert len(ray_executor.map(_timed_sleep, [0.1], "sleep", memory=[int(10 * node)])) == 1
+    assert "exceeds the largest Ray node's memory" in caplog.text
