@@ -148,8 +148,10 @@ def split_batches(rows: torch.Tensor, batch_size: int, parts: int) -> list[torch
 def per_shard_config(config: ShardConfig, executor: Executor, parts: int) -> ShardConfig:
     """Each shard's share of the host memory budget, and the executor's threads, device and device budget
     per worker (each shard has a device of its own, or its share of one)."""
+    share = getattr(executor, "gpus_per_worker", 0.0) or 1.0  # in-process: the whole GPU
     return replace(config, budget_bytes=config.budget_bytes // parts, threads=executor.threads_per_worker,
-                   device=executor.device, device_budget_bytes=executor.device_activations_bytes)
+                   device=executor.device, device_budget_bytes=executor.device_activations_bytes,
+                   gpu_share=min(share, 1.0))
 
 
 def stream_shards(executor: Executor, config: ShardConfig, ids: torch.Tensor, batch_size: int, stage: str,

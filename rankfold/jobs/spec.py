@@ -226,7 +226,7 @@ class ExecutionSpec(Strict):
     gpus_per_worker: float = Field(0.0, ge=0.0)
     # Activations (hidden states between layers) each worker keeps on its GPU before pinned host memory
     # (calibration.max_resident_mb), then disk, MB. None: a quarter of the GPU memory free when the worker
-    # starts. Only where the layers run on a GPU.
+    # starts (of its share, with a fractional gpus_per_worker). Only where the layers run on a GPU.
     device_activations_mb: int | None = Field(None, ge=0)
 
     @property

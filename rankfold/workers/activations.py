@@ -31,14 +31,15 @@ class DevicePool:
         self.used_bytes -= size
 
 
-def device_pool(device: torch.device, budget_bytes: int | None) -> DevicePool | None:
-    """The worker's pool on `device`: `budget_bytes`, or (None) a quarter of the memory free on it now.
-    None on the CPU, where the device is host memory and the host budget governs."""
+def device_pool(device: torch.device, budget_bytes: int | None, share: float = 1.0) -> DevicePool | None:
+    """The worker's pool on `device`: `budget_bytes`, or (None) a quarter of its `share` of the memory free
+    on it now (workers sharing a GPU — Ray's fractional gpus_per_worker — start before any fills it). None
+    on the CPU, where the device is host memory and the host budget governs."""
     if device.type == "cpu":
         return None
     if budget_bytes is None:
         free, _total = torch.cuda.mem_get_info(device)
-        budget_bytes = free // 4
+        budget_bytes = int(free * min(share, 1.0)) // 4
     return DevicePool(budget_bytes)
 
 

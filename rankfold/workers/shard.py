@@ -53,6 +53,7 @@ class ShardConfig:
     threads: int | None = None      # torch threads in this worker (None: keep the process's)
     device: str = "cpu"             # where the layers run (core/device.py)
     device_budget_bytes: int | None = None  # activations kept on that GPU (None: a quarter of its free memory)
+    gpu_share: float = 1.0          # this worker's fraction of its GPU (Ray's gpus_per_worker below 1)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class SequenceShard:
         self.dtype, self.product_dtype = getattr(torch, config.dtype), getattr(torch, config.product_dtype)
         self.budget_bytes = config.budget_bytes
         self.spill_dir = Path(config.spill_dir) if config.spill_dir else None
-        self.pool = device_pool(self.device, config.device_budget_bytes)  # None on the CPU
+        self.pool = device_pool(self.device, config.device_budget_bytes, config.gpu_share)  # None on the CPU
         self.config = runtime_config(self.source.config)
         self.runner = LayerRunner(self.source.architecture, self.config)
         self.weights = LayerReader(self.source, self.dtype, pin=self.device.type == "cuda")  # one layer ahead

@@ -56,3 +56,18 @@ def test_on_a_gpu_chunks_stay_there_then_go_to_pinned_host_memory():
     assert buffer.pooled == 1 and buffer._chunks[0].is_cuda and buffer._chunks[1].is_pinned()
     assert all(got.is_cuda and torch.equal(got, want) for got, want in zip(buffer, chunks))
     buffer.release()
+    free, _ = torch.cuda.mem_get_info(device)
+    assert device_pool(device, None, share=0.5).capacity_bytes <= free // 8 + (1 << 20)
+
+
+def test_workers_sharing_a_gpu_size_their_pool_by_their_share():
+    from types import SimpleNamespace
+
+    from rankfold.execution.local import LocalExecutor
+    from rankfold.execution.streaming import per_shard_config
+    from rankfold.workers.shard import ShardConfig
+
+    config = ShardConfig("unused", "float32", 1 << 20)
+    ray_like = SimpleNamespace(threads_per_worker=1, device="auto", device_activations_bytes=None, gpus_per_worker=0.25)
+    assert per_shard_config(config, ray_like, 2).gpu_share == 0.25
+    assert per_shard_config(config, LocalExecutor(device="cpu"), 2).gpu_share == 1.0
