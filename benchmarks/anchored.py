@@ -1,9 +1,8 @@
 """Anchored fitting benchmark: rankfold's whitened methods fitted plain (each layer to its dense
 inputs), anchored (to the dense outputs from the compressed-so-far inputs, AA-SVD's objective),
-mixed (the plain term's weight chosen per input group on held-out calibration sequences), and either
-of the last two with the output correction (each layer's down_proj B refitted to the dense block's
-output, kept by held-out error), on the
-quality benchmark's calibration windows and WikiText-2 evaluation, plus a second text (Tiny
+mixed (the plain term's weight chosen per input group on held-out calibration sequences), and any of
+the three with the output correction (each layer's down_proj B refitted to the dense block's output
+from the compressed stream, kept by held-out error), on the quality benchmark's calibration windows and WikiText-2 evaluation, plus a second text (Tiny
 Shakespeare) to check that the ranking is not WikiText's.
 
     python -m benchmarks.anchored                                     # FLRA + SkipCat at 40 %, every variant
@@ -37,6 +36,8 @@ from rankfold.storage.store import LocalStore  # noqa: E402
 VARIANTS = {"plain": lambda args: None, "anchored": lambda args: {"mix": [0.0], "holdout": args.holdout},
             "mixed": lambda args: {"mix": args.mix, "holdout": args.holdout},
             "anchored+correction": lambda args: {"mix": [0.0], "holdout": args.holdout, "output_correction": True},
+            # the plain factors (w = 1) with the compressed stream tracked only for the output correction
+            "plain+correction": lambda args: {"mix": [1.0], "holdout": args.holdout, "output_correction": True},
             "mixed+correction": lambda args: {"mix": args.mix, "holdout": args.holdout, "output_correction": True}}
 FITTED = ("anchored", "decompose", "calibrate")  # stages whose time is the fitting's
 

@@ -21,7 +21,6 @@ from rankfold.orchestrator.stages.outputs import Factors, Ranks
 from rankfold.orchestrator.stages.stage import Stage
 from rankfold.workers.anchored_shard import AnchoredShard
 from rankfold.workers.anchored_tasks import CORRECTED, AnchoredItem, CorrectionItem
-from rankfold.workers.layer_statistics import sum_stats
 from rankfold.workers.reduce import ReduceItem, reduce_statistics
 from rankfold.workers.shard import ShardConfig
 
@@ -117,9 +116,8 @@ def _correct_output(env: Env, stage: Stage, shards: ShardGroup, i: int, layout,
     path = modules[0].members[0]
     stats_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-correction.safetensors"
     if env.store.get_metadata(key).get(CORRECTED) != "1":
-        partials = shards.call("correction_stats", i, path, _layout_of(layout, i, done), ref, [k for _, k in done],
-                               record=False)
-        env.store.put_tensors(stats_key, sum_stats(partials))
+        shards.call_reduced("correction_stats", i, path, _layout_of(layout, i, done), ref, [k for _, k in done],
+                            reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i), record=False)
     item = CorrectionItem(env.source.architecture.layer_prefix.format(i=i), path, ref, stats_key, ref, key)
     diagnostics, key, sha = shards.run_on(i % len(shards.shards), "correct", item)
     if env.store.exists(stats_key):
