@@ -151,10 +151,12 @@ class FittingSpec(Strict):
     # Calibration sequences (the sample's last) held out to choose the weight; fitted on the rest.
     # Unused with one weight and no output correction.
     holdout: int = Field(16, ge=1)
-    # After a layer is fitted, its last projection's B (down_proj) refitted in closed form so the compressed
-    # block's output on X̂ matches the dense block's on X — the drift the residual carries included — kept
-    # as a blend with the fitted B chosen on the held-out sequences (or not at all). A block whose output
-    # is not its residual plus that projection's (Gemma's post-norms, Granite's scaled residual) keeps B.
+    # Each output projection's B refitted in closed form once its group is fitted: o_proj's so the compressed
+    # residual after attention matches the dense one, the layer's last (down_proj) so the compressed layer's
+    # output on X̂ matches the dense layer's on X — the drift the residual carries included — each kept as a
+    # blend with the fitted B chosen on the held-out sequences (or not at all). A projection whose output
+    # does not reach the residual unchanged (Gemma's and OLMo 2's post-norms, Granite's scaled residual)
+    # keeps its B.
     output_correction: bool = False
 
     @field_validator("mix")

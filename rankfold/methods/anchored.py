@@ -109,9 +109,10 @@ def anchored_error(weight: torch.Tensor, approx: torch.Tensor, stats: PairedStat
 
 @dataclass
 class CorrectionStats:
-    """What the output correction of a block's last projection y = B u (+ bias) reads, over tokens: with
-    e the output that projection should give so the compressed block's output equals the dense
-    block's (the dense output minus everything else the compressed block adds), and u = A x̂ its latent:
+    """What the output correction of a block's output projection y = B u (+ bias) reads, over tokens: with
+    e the output that projection should give so the compressed residual where it lands (after attention
+    for o_proj, the layer's output for down_proj) equals the dense one (the dense residual minus
+    everything else the compressed layer adds there), and u = A x̂ its latent:
     T = Σ e uᵀ (m, r), P = Σ u uᵀ (r, r) and E = Σ‖e‖², float64 sums."""
 
     target: torch.Tensor        # T (m, r)

@@ -37,10 +37,12 @@ class LinearGroup:
 EXPERT_INPUT = re.compile(r"mlp_in_\d+")
 EXPERTS_UNION = "mlp_in_experts"
 
+ATTENTION_OUTPUT = "attn_out"  # the input group of attention's output projection, in every family
+
 # The Llama layout every dense decoder of this kind shares (Llama, Mistral, Qwen2/3, ...).
 LLAMA_GROUPS = (
     LinearGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    LinearGroup("attn_out", ("self_attn.o_proj",)),
+    LinearGroup(ATTENTION_OUTPUT, ("self_attn.o_proj",)),
     LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
     LinearGroup("mlp_out", ("mlp.down_proj",)),
 )
@@ -120,6 +122,10 @@ class Architecture:
     # Layer keys as checkpoints store them -> as the built layer names them, "{e}" an expert's index
     # (Mixtral on disk: "block_sparse_moe.experts.{e}.w1" is "mlp.experts.{e}.gate_proj").
     stored_names: dict[str, str] = field(default_factory=dict)
+    # The layer's module whose input is the residual stream after attention (the anchored walk's output
+    # correction of o_proj fits the dense residual there); whether o_proj's output reaches it unchanged
+    # (not behind a post-norm or a scaled residual) is checked when the walk runs. None: no such module.
+    attention_residual: str | None = "post_attention_layernorm"
 
     def matrix_paths(self, projections: tuple[str, ...]) -> list[str]:
         """The layer paths of `projections` (a spec's target.matrices), in the family's group order: a

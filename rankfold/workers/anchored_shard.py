@@ -49,17 +49,47 @@ def capture_input(layer: nn.Module, path: str, runner: LayerRunner, hidden: torc
     return seen[0]
 
 
-def adds_to_residual(layer: nn.Module, module: nn.Module, runner: LayerRunner, hidden: torch.Tensor) -> bool:
-    """Whether `layer`'s output moves by exactly δ when `module`'s output moves by δ (a pre-norm block's
-    last projection; not Gemma's post-norms or Granite's scaled residual)."""
+def residual_at(layer: nn.Module, point: str | None, runner: LayerRunner, hidden: torch.Tensor) -> torch.Tensor:
+    """The residual stream `layer` gives at `point` on `hidden`: the input of the module at `point`
+    (the forward stops there; e.g. post_attention_layernorm: the residual after attention), or the
+    layer's output (None)."""
+    return runner(layer, hidden) if point is None else capture_input(layer, point, runner, hidden)
+
+
+def adds_to_residual(layer: nn.Module, module: nn.Module, runner: LayerRunner, hidden: torch.Tensor,
+                     point: str | None = None) -> bool:
+    """Whether the residual at `point` (residual_at) moves by exactly δ when `module`'s output moves by δ (a
+    pre-norm block's output projection; not behind Gemma's post-norms or Granite's scaled residual)."""
     delta = torch.randn(hidden.shape[:-1] + (module.out_features,), generator=torch.Generator().manual_seed(0),
                         dtype=hidden.dtype).to(hidden.device)  # drawn on the CPU: the same δ on every device
     handle = module.register_forward_hook(lambda _m, _a, output: output + delta)
     try:
-        moved = runner(layer, hidden)
+        moved = residual_at(layer, point, runner, hidden)
     finally:
         handle.remove()
-    return bool(torch.allclose(moved - runner(layer, hidden), delta, rtol=1e-3, atol=1e-3 * float(delta.abs().max())))
+    return bool(torch.allclose(moved - residual_at(layer, point, runner, hidden), delta, rtol=1e-3,
+                               atol=1e-3 * float(delta.abs().max())))
+
+
+def correction_pair(dense: nn.Module, compressed: nn.Module, path: str, point: str | None, runner: LayerRunner,
+                    x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e, u) of the output correction of the projection y = B A x̂ + bias at `path` of `compressed`:
+    e = dense residual at `point` − (compressed residual there − y) − bias, the output B u should give
+    for the two streams to agree there, and its latent u = A x̂ (residual_at: `point` None is the
+    layer's output). Shapes (..., out_features), (..., rank)."""
+    module = compressed.get_submodule(path)
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(_module, args, output):
+        seen["x"], seen["y"] = args[0], output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        wanted = residual_at(dense, point, runner, x) - residual_at(compressed, point, runner, x_hat) + seen["y"]
+    finally:
+        handle.remove()
+    wanted = wanted - module.bias if module.bias is not None else wanted
+    return wanted, nn.functional.linear(seen["x"], module.factors()[1])
 
 
 class AnchoredShard(SequenceShard):
@@ -128,36 +158,25 @@ class AnchoredShard(SequenceShard):
         return correction_item(item)
 
     def correction_stats(self, index: int, path: str, layout: list[dict], store: StoreRef | None,
-                         keys: list[str]) -> dict[str, torch.Tensor]:
+                         keys: list[str], point: str | None = None) -> dict[str, torch.Tensor]:
         """The output correction's statistics (methods/anchored.py CorrectionStats) of the projection at
-        `path`, the last of layer `index` compressed with `layout` (factors under `keys`): e = dense block
-        output − (compressed block output − that projection's output) − its bias, u = A x̂. Returns
-        `correction.*` of the fitted rows, `heldout.correction.*` of the held-out rows, and
-        `correction.linear` (1 when the block adds the projection's output to its residual unchanged,
-        checked by moving the output: else a correction of B cannot be solved for in closed form)."""
+        `path` of layer `index` compressed with `layout` (factors under `keys`), toward the dense residual
+        at `point` (correction_pair; None: the layer's output). Returns `correction.*` of the fitted rows,
+        `heldout.correction.*` of the held-out rows, and `correction.linear` (1 when the residual there
+        moves with the projection's output unchanged, checked by moving it: else a correction of B cannot
+        be solved for in closed form)."""
         dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)
         module = compressed.get_submodule(path)
-        b, a = module.factors()
-        seen: dict[str, torch.Tensor] = {}
-
-        def hook(_module, args, output):
-            seen["x"], seen["y"] = args[0], output
-
-        handle = module.register_forward_hook(hook)
+        b = module.factors()[0]
         fitted, heldout = CorrectionStats.zeros(*b.shape, b.device), CorrectionStats.zeros(*b.shape, b.device)
         first = self.ids.shape[0] - self.heldout_rows
-        try:
-            with torch.no_grad():
-                for k, (x, x_hat) in enumerate(zip(self.hidden, self.compressed, strict=True)):
-                    wanted = self.runner(dense, x) - self.runner(compressed, x_hat) + seen["y"]
-                    wanted = wanted - module.bias if module.bias is not None else wanted
-                    latent = nn.functional.linear(seen["x"], a)
-                    split = min(max(first - k * self.batch_size, 0), x.shape[0])
-                    fitted.add_(wanted[:split], latent[:split], self.product_dtype)
-                    heldout.add_(wanted[split:], latent[split:], self.product_dtype)
-        finally:
-            handle.remove()
-        linear = adds_to_residual(compressed, module, self.runner, next(iter(self.compressed)))
+        with torch.no_grad():
+            for k, (x, x_hat) in enumerate(zip(self.hidden, self.compressed, strict=True)):
+                wanted, latent = correction_pair(dense, compressed, path, point, self.runner, x, x_hat)
+                split = min(max(first - k * self.batch_size, 0), x.shape[0])
+                fitted.add_(wanted[:split], latent[:split], self.product_dtype)
+                heldout.add_(wanted[split:], latent[split:], self.product_dtype)
+        linear = adds_to_residual(compressed, module, self.runner, next(iter(self.compressed)), point)
         return to_host({**fitted.to_tensors("correction"), **heldout.to_tensors(HELDOUT + "correction"),
                         "correction.linear": torch.tensor([int(linear)])})
 

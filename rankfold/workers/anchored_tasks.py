@@ -137,11 +137,11 @@ class CorrectionItem:
 
 
 def correction_item(item: CorrectionItem) -> tuple[dict[str, dict[str, float]], str, str]:
-    """The output correction of one layer's last projection: the blend weight with the smallest held-out
-    error is kept (1: B unchanged) and the factor artifact rewritten with it, marked corrected. Returns
-    (diagnostics, key, sha256); `output_correction_weight` and `output_correction_ratio` (the block's
-    held-out output error ‖dense − compressed‖² with the kept B over the uncorrected one's) join the
-    artifact's diagnostics."""
+    """The output correction of one output projection (o_proj, down_proj): the blend weight with the
+    smallest held-out error is kept (1: B unchanged) and the factor artifact rewritten with it, marked
+    corrected. Returns (diagnostics, key, sha256); `output_correction_weight` and
+    `output_correction_ratio` (the held-out residual error ‖dense − compressed‖² where the projection's
+    output lands, with the kept B over the uncorrected one's) join the artifact's diagnostics."""
     store = open_ref(item.factors)
     metadata = store.get_metadata(item.factors_key)
     diagnostics = json.loads(metadata.get("diagnostics", "{}"))

@@ -252,9 +252,9 @@ def test_a_skipcat_flra_job_runs_end_to_end(family, tmp_path):
 
 def test_the_anchored_walk_runs_on_every_family(family, tmp_path):
     """fitting: anchored with a held-out choice of the weight and the output correction, SkipCat on every
-    dense family: the checkpoint gives the job's perplexity; the correction applies where the block adds
-    down_proj's output to its residual (not behind a post-norm); a mixture is refused before anything
-    is written."""
+    dense family: the checkpoint gives the job's perplexity; the correction applies to o_proj and
+    down_proj where the block adds their outputs to its residual (not behind a post-norm or a scaled
+    residual); a mixture is refused before anything is written."""
     model_type, folder = family
     data = tiny_spec_dict(folder, tmp_path / "out", method="skipcat", ratio=0.3)
     data["fitting"] = {"holdout": 2, "output_correction": True}
@@ -269,7 +269,8 @@ def test_the_anchored_walk_runs_on_every_family(family, tmp_path):
     dense = AutoModelForCausalLM.from_pretrained(folder)
     post_norm = any(name.endswith("post_feedforward_layernorm") for name, _ in dense.model.layers[0].named_modules())
     scaled = getattr(dense.config, "residual_multiplier", 1.0) != 1.0  # Granite's, in this test's config
-    assert ("output_correction_weights_kept" in report["diagnostics"]) == (not post_norm and not scaled)
+    corrected = report["diagnostics"].get("output_correction_weights_kept", {})
+    assert sum(corrected.values()) == (0 if post_norm or scaled else 2 * 2)  # layers × (o_proj, down_proj)
     ppl = spec.evaluation.perplexity[0]
     windows = make_windows(tokenize(load_text(ppl.data), _tokenizer(folder)), ppl.window, ppl.max_tokens)
     compressed = rankfold.load(tmp_path / "out" / "model")

@@ -9,4 +9,5 @@ from rankfold.models.architectures.qwen2 import sliding_window
 register_architecture(Architecture(
     "gemma2", ("gemma2", "Gemma2"), sliding_window=sliding_window, attention="eager",
     embed_scale=lambda config: config.hidden_size ** 0.5,
-    logit_softcap=lambda config: getattr(config, "final_logit_softcapping", None), gguf=True))
+    logit_softcap=lambda config: getattr(config, "final_logit_softcapping", None), gguf=True,
+    attention_residual="pre_feedforward_layernorm"))

@@ -14,4 +14,5 @@ def layer_type(config, index: int) -> str:
 register_architecture(Architecture(
     "gemma3_text", ("gemma3", "Gemma3"), sliding_window=sliding_window, rope_kind=layer_type,
     embed_scale=lambda config: config.hidden_size ** 0.5,
-    logit_softcap=lambda config: getattr(config, "final_logit_softcapping", None), gguf=True))
+    logit_softcap=lambda config: getattr(config, "final_logit_softcapping", None), gguf=True,
+    attention_residual="pre_feedforward_layernorm"))

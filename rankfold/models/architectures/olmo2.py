@@ -3,4 +3,4 @@ layer runs them) and RMSNorms over the whole query and key projections (q_norm, 
 
 from rankfold.models.architecture import Architecture, register_architecture
 
-register_architecture(Architecture("olmo2", ("olmo2", "Olmo2")))
+register_architecture(Architecture("olmo2", ("olmo2", "Olmo2"), attention_residual="mlp"))

@@ -5,9 +5,10 @@ layer, input group by input group in forward order (attention's input, o's, the 
 shards return the paired statistics of that group's input — the compressed stream running the layer
 with the groups before it already factorised — reduced over shards in shard order; one of the shards
 fits the group's factors (the shards hold the workers: a separate task would wait for one); with
-`fitting.output_correction` the layer's last projection's B is then refitted to the dense block's output
-(anchored_tasks.correction_item); then both streams advance through the layer. Factors already in the store (a resumed walk) are kept: the walk only re-runs the forward
-passes up to where it stopped.
+`fitting.output_correction` o_proj's B is refitted, once its group is fitted, to the dense residual after
+attention, and the layer's last projection's (down_proj) to the dense layer's output
+(anchored_tasks.correction_item); then both streams advance through the layer. Factors already in the
+store (a resumed walk) are kept: the walk only re-runs the forward passes up to where it stopped.
 
 params: model {id, dtype}, method, calibration (CalibrationSpec), sample, fitting (FittingSpec).
 inputs: ranks (the allocated layout). Output: Factors, as decompose's (assemble reads either)."""
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from rankfold.execution.streaming import ShardGroup, per_shard_config, split_rows
 from rankfold.methods.registry import method_of
+from rankfold.models.architecture import ATTENTION_OUTPUT
 from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, register_stage
 from rankfold.orchestrator.stages.outputs import Factors, Ranks
 from rankfold.orchestrator.stages.stage import Stage
@@ -49,8 +51,11 @@ def anchored(env: Env, stage: Stage, *, ranks: Ranks) -> tuple[dict, Artifacts]:
             for group in _groups_in_order(arch, layout, i):
                 key = _merge(diagnostics, artifacts, _fit_group(env, stage, shards, i, group, layout, done))
                 done.append((group, key))
+                if fitting.output_correction and group == ATTENTION_OUTPUT and arch.attention_residual:
+                    _merge(diagnostics, artifacts, _correct_output(env, stage, shards, i, layout, done,
+                                                                   arch.attention_residual))
             if fitting.output_correction and done:
-                _merge(diagnostics, artifacts, _correct_output(env, stage, shards, i, layout, done))
+                _merge(diagnostics, artifacts, _correct_output(env, stage, shards, i, layout, done, None))
             shards.call("advance_pair", i, _layout_of(layout, i, done), env.store.ref(), [k for _, k in done],
                         i < source.num_layers - 1)
     finally:
@@ -105,19 +110,21 @@ def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, l
     return diagnostics, key, sha
 
 
-def _correct_output(env: Env, stage: Stage, shards: ShardGroup, i: int, layout,
-                    done: list[tuple[str, str]]) -> tuple[dict, str, str]:
-    """Layer i's last group, when it is one projection (down_proj), gets the output correction (once: a
-    resumed walk finds its artifact marked corrected); returns (diagnostics, its factors key, sha256)."""
+def _correct_output(env: Env, stage: Stage, shards: ShardGroup, i: int, layout, done: list[tuple[str, str]],
+                    point: str | None) -> tuple[dict, str, str]:
+    """The last group fitted in layer i, when it is one projection (o_proj, down_proj), gets the output
+    correction toward the dense residual at `point` (None: the layer's output), once: an artifact already
+    corrected (a resumed walk, or o_proj the layer's last group) is kept. Returns (diagnostics, its factors
+    key, sha256)."""
     group, key = done[-1]
     modules, ref = layout.in_group(i, group), env.store.ref()
     if len(modules) != 1 or len(modules[0].members) != 1:
         return {}, key, env.store.checksum(key)
     path = modules[0].members[0]
-    stats_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-correction.safetensors"
+    stats_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-{group}-correction.safetensors"
     if env.store.get_metadata(key).get(CORRECTED) != "1":
         shards.call_reduced("correction_stats", i, path, _layout_of(layout, i, done), ref, [k for _, k in done],
-                            reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i), record=False)
+                            point, reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i), record=False)
     item = CorrectionItem(env.source.architecture.layer_prefix.format(i=i), path, ref, stats_key, ref, key)
     diagnostics, key, sha = shards.run_on(i % len(shards.shards), "correct", item)
     if env.store.exists(stats_key):

@@ -1,0 +1,72 @@
+"""The output correction's target (workers/anchored_shard.py correction_pair): its statistics give the
+residual error where each output projection lands, and the least-squares B from them lowers it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from rankfold.methods.anchored import CorrectionStats, corrected_output, correction_error
+from rankfold.models.architecture import ARCHITECTURES
+from rankfold.modules.lowrank import LowRankLinear
+from rankfold.workers.anchored_shard import adds_to_residual, correction_pair, residual_at
+from rankfold.workers.layers import LayerRunner
+
+
+def _layers(path: str, rank: int):
+    """A random Llama layer and a copy whose `path` is its rank-`rank` truncated SVD."""
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    dense = LlamaDecoderLayer(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for param in dense.parameters():
+            param.normal_(0.0, 0.3) if param.ndim == 2 else None
+    compressed = copy.deepcopy(dense)
+    parent, name = path.rsplit(".", 1)
+    weight = dense.get_submodule(path).weight.detach()
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    lowrank = LowRankLinear(weight.shape[1], weight.shape[0], rank)
+    with torch.no_grad():
+        lowrank.A.copy_(s[:rank, None] * vh[:rank])
+        lowrank.B.copy_(u[:, :rank])
+    setattr(compressed.get_submodule(parent), name, lowrank)
+    return dense, compressed, LayerRunner(ARCHITECTURES.get("llama"), config)
+
+
+@pytest.mark.parametrize("path, point", [("self_attn.o_proj", "post_attention_layernorm"), ("mlp.down_proj", None)])
+def test_the_correction_statistics_give_the_residual_error_and_the_fit_lowers_it(path, point):
+    dense, compressed, runner = _layers(path, rank=4)
+    torch.manual_seed(1)
+    x = torch.randn(3, 16, 32)
+    x_hat = x + 0.3 * torch.randn_like(x)  # a drifted compressed stream
+    stats = CorrectionStats.zeros(32, 4)
+    with torch.no_grad():
+        wanted, latent = correction_pair(dense, compressed, path, point, runner, x, x_hat)
+        stats.add_(wanted, latent)
+        assert adds_to_residual(compressed, compressed.get_submodule(path), runner, x_hat, point)
+        module = compressed.get_submodule(path)
+
+        def error() -> float:  # ‖dense residual − compressed residual‖² at the projection's target
+            return float((residual_at(dense, point, runner, x) -
+                          residual_at(compressed, point, runner, x_hat)).double().square().sum())
+
+        before = error()
+        assert correction_error(module.B, stats) == pytest.approx(before, rel=1e-4)
+        fitted = corrected_output(module.B, stats, 0.0)
+        module.B.copy_(fitted.float())
+        after = error()
+    assert correction_error(fitted, stats) == pytest.approx(after, rel=1e-3)
+    assert after < 0.9 * before
+
+
+def test_a_projection_behind_a_norm_is_not_linear_at_the_residual():
+    """o_proj's output reaches the layer's output through the MLP too: no closed-form correction there."""
+    dense, compressed, runner = _layers("self_attn.o_proj", rank=4)
+    x = torch.randn(2, 8, 32)
+    module = compressed.get_submodule("self_attn.o_proj")
+    assert not adds_to_residual(compressed, module, runner, x, None)
