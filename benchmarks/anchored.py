@@ -38,7 +38,10 @@ VARIANTS = {"plain": lambda args: None, "anchored": lambda args: {"mix": [0.0], 
             "anchored+correction": lambda args: {"mix": [0.0], "holdout": args.holdout, "output_correction": True},
             # the plain factors (w = 1) with the compressed stream tracked only for the output correction
             "plain+correction": lambda args: {"mix": [1.0], "holdout": args.holdout, "output_correction": True},
-            "mixed+correction": lambda args: {"mix": args.mix, "holdout": args.holdout, "output_correction": True}}
+            "mixed+correction": lambda args: {"mix": args.mix, "holdout": args.holdout, "output_correction": True},
+            # the weight chosen on the held-out layer output instead of each module's own anchored error
+            "mixed-layer+correction": lambda args: {"mix": args.mix, "holdout": args.holdout, "output_correction": True,
+                                                    "choose_on": "layer"}}
 FITTED = ("anchored", "decompose", "calibrate")  # stages whose time is the fitting's
 
 

@@ -146,8 +146,14 @@ class FittingSpec(Strict):
     kind: Literal["anchored"] = "anchored"
     # The plain term's weight w = λ / (1 + λ) in (1 − w) ‖W X − W′ X̂‖² + w ‖(W − W′) X‖²: 0 is AA-SVD's
     # anchored form, 1 the plain method. One value, or candidates each input group chooses among on
-    # held-out calibration sequences (the smallest held-out ‖W X − W′ X̂‖²).
+    # held-out calibration sequences (choose_on).
     mix: tuple[float, ...] = Field((0.0, 0.2, 0.5, 0.8, 1.0), min_length=1)
+    # What the held-out choice of the weight minimises: "module", each group's own anchored error
+    # ‖W X_h − W′ X̂_h‖² summed over its modules; "layer", the layer's output error ‖layer(X_h) −
+    # layer′(X̂_h)‖² with the candidate in place (the groups before it fitted, the rest dense), which
+    # sees what attention's softmax and the MLP's gate make of the module's error (one held-out forward
+    # of the layer per candidate).
+    choose_on: Literal["module", "layer"] = "module"
     # Calibration sequences (the sample's last) held out to choose the weight; fitted on the rest.
     # Unused with one weight and no output correction.
     holdout: int = Field(16, ge=1)

@@ -18,7 +18,16 @@ from rankfold.methods.anchored import CorrectionStats, PairedStats
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.activations import Activations
-from rankfold.workers.anchored_tasks import HELDOUT, AnchoredItem, CorrectionItem, anchored_item, correction_item
+from rankfold.workers.anchored_tasks import (
+    HELDOUT,
+    AnchoredItem,
+    CorrectionItem,
+    KeepItem,
+    anchored_item,
+    correction_item,
+    fit_candidates,
+    keep_candidate,
+)
 from rankfold.workers.layer_state import assemble_layer_state
 from rankfold.workers.layer_statistics import check_finite
 from rankfold.workers.layers import LayerRunner, materialize_layer
@@ -99,6 +108,7 @@ class AnchoredShard(SequenceShard):
         self.compressed: Activations | None = None
         self.heldout_rows = 0
         self._dense: tuple[int, nn.Module] | None = None  # (layer index, its dense module), reused per group
+        self._heldout_outputs: tuple[int, list[torch.Tensor]] | None = None  # (layer index, dense layer(X_h))
 
     def load(self, ids: torch.Tensor, batch_size: int, heldout_rows: int = 0) -> int:
         """Embed (samples, seq) ids into both streams; the last `heldout_rows` rows are held out."""
@@ -153,6 +163,37 @@ class AnchoredShard(SequenceShard):
         """anchored_item run in this shard's worker (the walk's shards hold the workers)."""
         return anchored_item(item)
 
+    def fit_candidates(self, item: AnchoredItem) -> list[float]:
+        """anchored_tasks.fit_candidates run in this shard's worker."""
+        return fit_candidates(item)
+
+    def keep(self, item: KeepItem) -> tuple[dict[str, dict[str, float]], str, str]:
+        """anchored_tasks.keep_candidate run in this shard's worker."""
+        return keep_candidate(item)
+
+    def _heldout(self, buffer: Activations):
+        """(chunk index, the chunk's held-out rows) of `buffer`, for the chunks that have any."""
+        first = self.ids.shape[0] - self.heldout_rows
+        for k, chunk in enumerate(buffer):
+            split = min(max(first - k * self.batch_size, 0), chunk.shape[0])
+            if split < chunk.shape[0]:
+                yield k, chunk[split:]
+
+    def heldout_output_error(self, index: int, layout: list[dict], store: StoreRef | None,
+                             keys: list[str]) -> float:
+        """Σ ‖dense layer(X_h) − compressed layer(X̂_h)‖² (float64) over this shard's held-out rows, layer
+        `index` compressed with `layout` (factors under `keys`): the layer-output choice's score."""
+        if not self.heldout_rows:
+            return 0.0
+        if self._heldout_outputs is None or self._heldout_outputs[0] != index:
+            dense = self._dense_layer(index)
+            self._heldout_outputs = (index, [self.runner(dense, x) for _, x in self._heldout(self.hidden)])
+        compressed, total = self._layer(index, layout, store, keys), 0.0
+        with torch.no_grad():
+            for (_, x_hat), wanted in zip(self._heldout(self.compressed), self._heldout_outputs[1], strict=True):
+                total += float((self.runner(compressed, x_hat) - wanted).double().square().sum())
+        return total
+
     def correct(self, item: CorrectionItem) -> tuple[dict[str, dict[str, float]], str, str]:
         """correction_item run in this shard's worker."""
         return correction_item(item)
@@ -198,12 +239,12 @@ class AnchoredShard(SequenceShard):
                         outputs.append(hidden)
             buffer.release()
             setattr(self, name, outputs)
-        self._dense = None
+        self._dense = self._heldout_outputs = None
         return int(self.ids.numel())
 
     def release(self) -> float:
         if self.compressed is not None:
             self.compressed.release()
             self.compressed = None
-        self._dense = None
+        self._dense = self._heldout_outputs = None
         return super().release()

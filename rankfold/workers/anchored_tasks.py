@@ -1,5 +1,7 @@
 """The anchored walk's factorisation of one (layer, input group): the mixed objective's factors at
-each candidate plain-term weight, the one with the smallest held-out anchored error kept (methods/anchored.py)."""
+each candidate plain-term weight, the one with the smallest held-out anchored error kept
+(methods/anchored.py) — or, choosing on the layer's output, every candidate stored for the shards to
+score and the best kept; and the output correction of a block's output projections."""
 
 from __future__ import annotations
 
@@ -59,32 +61,36 @@ def heldout_errors(weights: dict[str, torch.Tensor], modules: list[CompressedMod
             for module, approx in zip(modules, approximations, strict=True)]
 
 
-def choose(item: AnchoredItem, weights, modules, tensors) -> tuple[GroupResult, float, dict[str, list[float]], list[float]]:
-    """(the kept result, its weight, every feasible candidate's held-out error per module by str(weight),
-    the weights the method refused): the weight with the smallest held-out error summed over the group's
-    modules is kept. A candidate the method refuses (SkipCat's skip block too ill-conditioned for a
-    low-precision forward: the mixed target W R can give an A₁ the plain W does not) is not eligible;
-    DecompositionError when every candidate is refused."""
-    fitted = PairedStats.from_tensors(tensors, item.group)
-    heldout = PairedStats.from_tensors(tensors, HELDOUT + item.group)
-    best, errors, refused = None, {}, []
+def accepted_fits(item: AnchoredItem, weights, modules, fitted: PairedStats):
+    """Each candidate weight's (w, GroupResult, approximations) the method accepts, in item order. A
+    candidate the method refuses (SkipCat's skip block too ill-conditioned for a low-precision forward: the
+    mixed target W R can give an A₁ the plain W does not) is left out; DecompositionError when it refuses
+    every candidate."""
+    accepted, last_error = [], None
     for mix in item.candidates:
         try:
-            result, approximations = fit_mixed(item.method, weights, fitted, mix, modules)
+            accepted.append((mix, *fit_mixed(item.method, weights, fitted, mix, modules)))
         except DecompositionError as error:
-            refused.append(mix)
             last_error = error
-            continue
-        if len(item.candidates) == 1:
-            return result, mix, {}, refused
-        errors[str(mix)] = heldout_errors(weights, modules, approximations, heldout)
-        if best is None or sum(errors[str(mix)]) < best[2]:
-            best = (result, mix, sum(errors[str(mix)]))
-    if best is None:
+    if not accepted:
         raise DecompositionError(f"{item.layer_prefix}{item.group}: the method refuses the factors at every "
                                  f"fitting.mix weight tried {list(item.candidates)} (add 1.0, the plain fit, "
                                  f"to the candidates): {last_error}") from last_error
-    return best[0], best[1], errors, refused
+    return accepted
+
+
+def choose(item: AnchoredItem, weights, modules, tensors) -> tuple[GroupResult, float, dict[str, list[float]], list[float]]:
+    """(the kept result, its weight, every accepted candidate's held-out error per module by str(weight),
+    the weights the method refused): the weight with the smallest held-out anchored error summed over the
+    group's modules is kept (accepted_fits)."""
+    accepted = accepted_fits(item, weights, modules, PairedStats.from_tensors(tensors, item.group))
+    refused = [mix for mix in item.candidates if mix not in {found[0] for found in accepted}]
+    if len(item.candidates) == 1:
+        return accepted[0][1], accepted[0][0], {}, refused
+    heldout = PairedStats.from_tensors(tensors, HELDOUT + item.group)
+    errors = {str(mix): heldout_errors(weights, modules, approximations, heldout) for mix, _, approximations in accepted}
+    mix, result, _ = min(accepted, key=lambda found: sum(errors[str(found[0])]))
+    return result, mix, errors, refused
 
 
 def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str, str]:
@@ -105,8 +111,7 @@ def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str,
         modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
         tensors = on_device(open_ref(item.stats).get_tensors(item.stats_key))
         result, mix, errors, refused = choose(item, weights, modules, tensors)
-        diagnostics = dict(result.diagnostics)
-        paths = [module.shared_path or module.members[0] for module in modules]
+        diagnostics, paths = dict(result.diagnostics), _paths(item.modules)
         diagnostics["anchored_weight"] = {path: mix for path in paths}
         if refused:
             diagnostics["anchored_refused"] = {path: len(refused) for path in paths}
@@ -116,10 +121,65 @@ def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str,
             plain = sum(errors[str(1.0)])
             ratio = sum(errors[str(mix)]) / plain if plain > 0 else 1.0  # 0: a full-rank fit, exact either way
             diagnostics["heldout_error_ratio"] = {path: ratio for path in paths}
-        stored = to_host({k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()})
-        sha = factor_store.put_tensors(item.factors_key, stored, metadata={"diagnostics": json.dumps(diagnostics)})
+        sha = factor_store.put_tensors(item.factors_key, _stored(result), metadata={"diagnostics": json.dumps(diagnostics)})
     return ({quantity: {item.layer_prefix + path: value for path, value in values.items()}
              for quantity, values in diagnostics.items()}, item.factors_key, sha)
+
+
+def _stored(result: GroupResult) -> dict[str, torch.Tensor]:
+    return to_host({k: v.float() if v.is_floating_point() else v for k, v in result.tensors.items()})
+
+
+def _paths(modules: tuple[dict, ...]) -> list[str]:
+    """The group's modules as diagnostics name them (a shared projection by its shared path)."""
+    return [m.shared_path or m.members[0] for m in map(CompressedModule.from_json, modules)]
+
+
+def candidate_key(stats_key: str, mix: float) -> str:
+    """Where a candidate weight's factors wait for the layer-output choice (beside the group's statistics)."""
+    return f"{stats_key.removesuffix('.safetensors')}-w{mix}.safetensors"
+
+
+def fit_candidates(item: AnchoredItem) -> list[float]:
+    """The layer-output choice's first half (fitting.choose_on: layer): every accepted candidate's factors
+    into the statistics' store at candidate_key, its diagnostics in the metadata. Returns the accepted
+    weights; the shards then score each (AnchoredShard.heldout_output_error) and keep_candidate keeps one."""
+    modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
+    tensors = on_device(open_ref(item.stats).get_tensors(item.stats_key))
+    store = open_ref(item.stats)
+    accepted = accepted_fits(item, weights, modules, PairedStats.from_tensors(tensors, item.group))
+    for mix, result, _ in accepted:
+        store.put_tensors(candidate_key(item.stats_key, mix), _stored(result),
+                          metadata={"diagnostics": json.dumps(result.diagnostics)})
+    return [mix for mix, _, _ in accepted]
+
+
+@dataclass(frozen=True)
+class KeepItem:
+    candidates: AnchoredItem
+    errors: dict[float, float]  # each accepted weight's held-out layer-output error, summed over shards
+
+
+def keep_candidate(item: KeepItem) -> tuple[dict[str, dict[str, float]], str, str]:
+    """The layer-output choice's second half: the candidate with the smallest held-out layer-output error
+    becomes the group's factor artifact and every candidate is deleted. Returns (diagnostics, key,
+    sha256) as anchored_item, with `layer_error@<w>` for each candidate and `heldout_error_ratio` the
+    kept one's layer-output error over the plain fit's (when tried)."""
+    fit, errors = item.candidates, item.errors
+    kept, stats_store, paths = min(errors, key=errors.get), open_ref(fit.stats), _paths(fit.modules)
+    chosen = candidate_key(fit.stats_key, kept)
+    diagnostics = json.loads(stats_store.get_metadata(chosen).get("diagnostics", "{}"))
+    diagnostics["anchored_weight"] = {path: kept for path in paths}
+    for mix, error in errors.items():
+        diagnostics[f"layer_error@{mix}"] = {path: error for path in paths}
+    if errors.get(1.0):
+        diagnostics["heldout_error_ratio"] = {path: errors[kept] / errors[1.0] for path in paths}
+    sha = open_ref(fit.factors).put_tensors(fit.factors_key, stats_store.get_tensors(chosen),
+                                            metadata={"diagnostics": json.dumps(diagnostics)})
+    for mix in errors:
+        stats_store.delete(candidate_key(fit.stats_key, mix))
+    return ({quantity: {fit.layer_prefix + path: value for path, value in values.items()}
+             for quantity, values in diagnostics.items()}, fit.factors_key, sha)
 
 
 CORRECTION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # blends of the least-squares B and the fitted one tried

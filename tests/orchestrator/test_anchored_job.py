@@ -42,17 +42,19 @@ def test_the_plain_weight_gives_the_plain_jobs_factors(tmp_path, tiny_model_dir)
 
 
 # stopped in layer 1 (of 2): after its first group is fitted; after o_proj's correction and all four
-# groups, before down_proj's
-@pytest.mark.parametrize("task, stop_after", [("anchored_item", 5), ("correction_item", 3)])
-def test_a_stopped_walk_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir, monkeypatch, task, stop_after):
-    fitting = {"holdout": 2, "output_correction": True}
+# groups, before down_proj's; choosing the weight on the layer's output, after its candidates are scored
+@pytest.mark.parametrize("task, stop_after, choose_on", [("anchored_item", 5, "module"), ("correction_item", 3, "module"),
+                                                         ("keep_candidate", 5, "layer")])
+def test_a_stopped_walk_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir, monkeypatch, task, stop_after,
+                                                       choose_on):
+    fitting = {"holdout": 2, "output_correction": True, "choose_on": choose_on}
     spec = _spec(tiny_model_dir, tmp_path / "whole", fitting=fitting)
     whole = run_job(spec, executor=LocalExecutor(workers=2))
     assert whole["diagnostics"]["anchored_weights_kept"] and whole["diagnostics"]["output_correction_weights_kept"]
     real, calls = getattr(anchored_tasks, task), []
 
     def stopping(item):
-        calls.append(item.factors_key)
+        calls.append(item)
         if len(calls) > stop_after:
             raise KeyboardInterrupt("stopped mid-walk")
         return real(item)
@@ -67,8 +69,32 @@ def test_a_stopped_walk_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir,
     assert first.keys() == resumed.keys() and all((first[k] == resumed[k]).all() for k in first)
 
 
+def test_the_layer_output_choice_keeps_the_candidate_the_layer_prefers(tmp_path, tiny_model_dir, monkeypatch):
+    """choose_on: layer scores every weight by the held-out layer-output error: at the first group the two
+    streams agree (X̂ = X), so every weight is the plain fit and scores the same; past it they differ."""
+    real, calls = anchored_tasks.keep_candidate, []
+
+    def recording(item):
+        found = real(item)
+        calls.append((item.candidates.layer_prefix, item.errors, found[0]["anchored_weight"]))
+        return found
+
+    monkeypatch.setattr("rankfold.workers.anchored_shard.keep_candidate", recording)
+    fitting = {"holdout": 2, "choose_on": "layer", "mix": [0.0, 0.5, 1.0]}
+    report = run_job(_spec(tiny_model_dir, tmp_path / "out", fitting=fitting), executor=LocalExecutor(workers=2))
+    assert len(calls) == 2 * 4 and sum(report["diagnostics"]["anchored_weights_kept"].values()) == 2 * 4
+    spreads = []
+    for _, errors, kept in calls:
+        assert set(errors) == {0.0, 0.5, 1.0} and all(error > 0 for error in errors.values())
+        assert set(kept.values()) == {min(errors, key=errors.get)}
+        spreads.append((max(errors.values()) - min(errors.values())) / min(errors.values()))
+    assert spreads[0] < 1e-6 and min(spreads[1:]) > 1e-3, spreads
+    assert not list((tmp_path / "out").rglob("*-w*.safetensors"))  # every candidate deleted
+
+
 def test_ray_and_in_process_walks_agree(tmp_path, tiny_model_dir, ray_executor):
-    fitting = {"holdout": 2, "output_correction": True}  # its statistics too reduced in a shard on Ray
+    # the correction's statistics too reduced in a shard on Ray, the layer-output scores summed in the driver
+    fitting = {"holdout": 2, "output_correction": True, "choose_on": "layer", "mix": [0.0, 1.0]}
     run_job(_spec(tiny_model_dir, tmp_path / "local", fitting=fitting), executor=LocalExecutor(workers=2))
     run_job(_spec(tiny_model_dir, tmp_path / "ray", fitting=fitting), executor=ray_executor)
     local, remote = _checkpoint(tmp_path / "local"), _checkpoint(tmp_path / "ray")

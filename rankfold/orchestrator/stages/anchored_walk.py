@@ -22,7 +22,7 @@ from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, registe
 from rankfold.orchestrator.stages.outputs import Factors, Ranks
 from rankfold.orchestrator.stages.stage import Stage
 from rankfold.workers.anchored_shard import AnchoredShard
-from rankfold.workers.anchored_tasks import CORRECTED, AnchoredItem, CorrectionItem
+from rankfold.workers.anchored_tasks import CORRECTED, AnchoredItem, CorrectionItem, KeepItem, candidate_key
 from rankfold.workers.reduce import ReduceItem, reduce_statistics
 from rankfold.workers.shard import ShardConfig
 
@@ -93,21 +93,40 @@ def _layout_of(layout, i: int, done: list[tuple[str, str]]) -> list[dict]:
 def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, layout,
                done: list[tuple[str, str]]) -> tuple[dict, str, str]:
     """One group's factors (kept if stored and verified): its paired statistics from the shards into
-    the store, fitted by one task, then the statistics deleted."""
+    the store, fitted by one task (the weight chosen on the layer's output: _choose_on_layer), then the
+    statistics deleted."""
     arch, ref = env.source.architecture, env.store.ref()
     key = Factors.key_of(stage, i, group)
     modules = layout.in_group(i, group)
     stats_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-{group}.safetensors"
     item = AnchoredItem(env.source.location, stage.params["method"], arch.layer_prefix.format(i=i), group,
                         tuple(m.to_json() for m in modules), ref, stats_key, ref, key, stage.params["fitting"].mix)
-    if not env.store.verify(key):
+    stored = env.store.verify(key)
+    if not stored:
         reader = modules[0].members[0]
         shards.call_reduced("paired_stats", i, group, reader, _layout_of(layout, i, done), ref, [k for _, k in done],
                             reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i), record=False)
-    diagnostics, key, sha = shards.run_on(i % len(shards.shards), "fit", item)
+    if not stored and stage.params["fitting"].choose_on == "layer" and len(item.candidates) > 1:
+        diagnostics, key, sha = _choose_on_layer(shards, i, group, layout, done, item)
+    else:  # fits, or reads the stored factors' diagnostics
+        diagnostics, key, sha = shards.run_on(i % len(shards.shards), "fit", item)
     if env.store.exists(stats_key):
         env.store.delete(stats_key)
     return diagnostics, key, sha
+
+
+def _choose_on_layer(shards: ShardGroup, i: int, group: str, layout, done: list[tuple[str, str]],
+                     item: AnchoredItem) -> tuple[dict, str, str]:
+    """fitting.choose_on: layer — one shard fits every candidate weight, every shard scores each on its
+    held-out rows of the layer's output (one float per shard and candidate comes back), one shard keeps
+    the best. Returns (diagnostics, factors key, sha256)."""
+    k = i % len(shards.shards)
+    errors = {}
+    for mix in shards.run_on(k, "fit_candidates", item):
+        keys = [key for _, key in done] + [candidate_key(item.stats_key, mix)]
+        errors[mix] = sum(shards.call("heldout_output_error", i, _layout_of(layout, i, [*done, (group, "")]),
+                                      item.stats, keys, record=False))
+    return shards.run_on(k, "keep", KeepItem(item, errors))
 
 
 def _correct_output(env: Env, stage: Stage, shards: ShardGroup, i: int, layout, done: list[tuple[str, str]],
