@@ -62,12 +62,16 @@ def git_commit(checkout: Path = REPO) -> str:
     return head + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+STARTED_FROM = git_commit()  # the code this process runs: a commit made during a long run does not count
+
+
 def provenance(benchmark: str, argv: list[str] | None = None) -> dict:
-    """The keys every result starts with; `argv` defaults to this process's arguments."""
+    """The keys every result starts with; `argv` defaults to this process's arguments; the commit is the
+    one the process started from."""
     args = sys.argv[1:] if argv is None else argv
     return {"benchmark": benchmark, "command": f"python -m benchmarks.{benchmark} {shlex.join(args)}".strip(),
             "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit()}
+            "commit": STARTED_FROM}
 
 
 def write_result(name: str, result: dict, folder: Path | None = None, markdown: str | None = None) -> Path:
