@@ -1,9 +1,10 @@
 """Anchored fitting benchmark: rankfold's whitened methods fitted plain (each layer to its dense
 inputs), anchored (to the dense outputs from the compressed-so-far inputs, AA-SVD's objective),
-mixed (the plain term's weight chosen per input group on held-out calibration sequences), and any of
-the three with the output correction (each layer's down_proj B refitted to the dense block's output
-from the compressed stream, kept by held-out error), on the quality benchmark's calibration windows and WikiText-2 evaluation, plus a second text (Tiny
-Shakespeare) to check that the ranking is not WikiText's.
+mixed (the plain term's weight chosen per input group on held-out calibration sequences: on each
+module's own anchored error, or with mixed-layer on the layer's output error), and any of them with the
+output correction (o_proj's and down_proj's B refitted to the dense residual from the compressed
+stream, kept by held-out error), on the quality benchmark's calibration windows and WikiText-2
+evaluation, plus a second text (Tiny Shakespeare) to check that the ranking is not WikiText's.
 
     python -m benchmarks.anchored                                     # FLRA + SkipCat at 40 %, every variant
     python -m benchmarks.anchored --methods svd_llm skipcat --allocations uniform fisher --ratios 0.2 0.4 0.6
