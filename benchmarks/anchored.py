@@ -2,8 +2,8 @@
 inputs), anchored (to the dense outputs from the compressed-so-far inputs, AA-SVD's objective),
 mixed (the plain term's weight chosen per input group on held-out calibration sequences: on each
 module's own anchored error, or with mixed-layer on the layer's output error), and any of them with the
-output correction (o_proj's and down_proj's B refitted to the dense residual from the compressed
-stream, kept by held-out error), on the quality benchmark's calibration windows and WikiText-2
+output correction (down_proj's B refitted to the dense layer output from the compressed stream, kept
+by held-out error; with attn, o_proj's too toward the dense residual after attention), on the quality benchmark's calibration windows and WikiText-2
 evaluation, plus a second text (Tiny Shakespeare) to check that the ranking is not WikiText's.
 
     python -m benchmarks.anchored                                     # FLRA + SkipCat at 40 %, every variant
@@ -39,6 +39,9 @@ VARIANTS = {"plain": lambda args: None, "anchored": lambda args: {"mix": [0.0], 
             "anchored+correction": lambda args: {"mix": [0.0], "holdout": args.holdout, "output_correction": True},
             # the plain factors (w = 1) with the compressed stream tracked only for the output correction
             "plain+correction": lambda args: {"mix": [1.0], "holdout": args.holdout, "output_correction": True},
+            # o_proj's B corrected too, toward the dense residual after attention
+            "plain+attn+correction": lambda args: {"mix": [1.0], "holdout": args.holdout, "output_correction": True,
+                                                   "attention_correction": True},
             "mixed+correction": lambda args: {"mix": args.mix, "holdout": args.holdout, "output_correction": True},
             # the weight chosen on the held-out layer output instead of each module's own anchored error
             "mixed-layer+correction": lambda args: {"mix": args.mix, "holdout": args.holdout, "output_correction": True,

@@ -157,13 +157,15 @@ class FittingSpec(Strict):
     # Calibration sequences (the sample's last) held out to choose the weight; fitted on the rest.
     # Unused with one weight and no output correction.
     holdout: int = Field(16, ge=1)
-    # Each output projection's B refitted in closed form once its group is fitted: o_proj's so the compressed
-    # residual after attention matches the dense one, the layer's last (down_proj) so the compressed layer's
-    # output on X̂ matches the dense layer's on X — the drift the residual carries included — each kept as a
-    # blend with the fitted B chosen on the held-out sequences (or not at all). A projection whose output
-    # does not reach the residual unchanged (Gemma's and OLMo 2's post-norms, Granite's scaled residual)
-    # keeps its B.
+    # After a layer is fitted, its last projection's B (down_proj) refitted in closed form so the compressed
+    # layer's output on X̂ matches the dense layer's on X — the drift the residual carries included — kept
+    # as a blend with the fitted B chosen on the held-out sequences (or not at all). A projection whose
+    # output does not reach the residual unchanged (Gemma's and OLMo 2's post-norms, Granite's scaled
+    # residual) keeps its B.
     output_correction: bool = False
+    # The same for o_proj, once its group is fitted, toward the dense residual after attention (before the
+    # MLP is fitted). Off by default: measured worse than the down_proj correction alone (docs/methods/anchored.md).
+    attention_correction: bool = False
 
     @field_validator("mix")
     @classmethod
@@ -177,7 +179,7 @@ class FittingSpec(Strict):
     @property
     def heldout(self) -> int:
         """Sequences held out: `holdout` when there is a choice to make, else none."""
-        return self.holdout if len(self.mix) > 1 or self.output_correction else 0
+        return self.holdout if len(self.mix) > 1 or self.output_correction or self.attention_correction else 0
 
 
 # One list per registered evaluator (`evaluation: {perplexity: [...], zeroshot: [...], generation: [...]}`).

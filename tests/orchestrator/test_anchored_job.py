@@ -47,7 +47,7 @@ def test_the_plain_weight_gives_the_plain_jobs_factors(tmp_path, tiny_model_dir)
                                                          ("keep_candidate", 5, "layer")])
 def test_a_stopped_walk_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir, monkeypatch, task, stop_after,
                                                        choose_on):
-    fitting = {"holdout": 2, "output_correction": True, "choose_on": choose_on}
+    fitting = {"holdout": 2, "output_correction": True, "attention_correction": True, "choose_on": choose_on}
     spec = _spec(tiny_model_dir, tmp_path / "whole", fitting=fitting)
     whole = run_job(spec, executor=LocalExecutor(workers=2))
     assert whole["diagnostics"]["anchored_weights_kept"] and whole["diagnostics"]["output_correction_weights_kept"]
@@ -80,9 +80,10 @@ def test_the_layer_output_choice_keeps_the_candidate_the_layer_prefers(tmp_path,
         return found
 
     monkeypatch.setattr("rankfold.workers.anchored_shard.keep_candidate", recording)
-    fitting = {"holdout": 2, "choose_on": "layer", "mix": [0.0, 0.5, 1.0]}
+    fitting = {"holdout": 2, "choose_on": "layer", "mix": [0.0, 0.5, 1.0], "output_correction": True}
     report = run_job(_spec(tiny_model_dir, tmp_path / "out", fitting=fitting), executor=LocalExecutor(workers=2))
     assert len(calls) == 2 * 4 and sum(report["diagnostics"]["anchored_weights_kept"].values()) == 2 * 4
+    assert sum(report["diagnostics"]["output_correction_weights_kept"].values()) == 2  # down_proj's only
     spreads = []
     for _, errors, kept in calls:
         assert set(errors) == {0.0, 0.5, 1.0} and all(error > 0 for error in errors.values())

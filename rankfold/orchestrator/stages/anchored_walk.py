@@ -5,9 +5,9 @@ layer, input group by input group in forward order (attention's input, o's, the 
 shards return the paired statistics of that group's input — the compressed stream running the layer
 with the groups before it already factorised — reduced over shards in shard order; one of the shards
 fits the group's factors (the shards hold the workers: a separate task would wait for one); with
-`fitting.output_correction` o_proj's B is refitted, once its group is fitted, to the dense residual after
-attention, and the layer's last projection's (down_proj) to the dense layer's output
-(anchored_tasks.correction_item); then both streams advance through the layer. Factors already in the
+`fitting.output_correction` the layer's last projection's (down_proj) B is refitted to the dense layer's
+output, with `fitting.attention_correction` o_proj's, once its group is fitted, to the dense residual
+after attention (anchored_tasks.correction_item); then both streams advance through the layer. Factors already in the
 store (a resumed walk) are kept: the walk only re-runs the forward passes up to where it stopped.
 
 params: model {id, dtype}, method, calibration (CalibrationSpec), sample, fitting (FittingSpec).
@@ -51,7 +51,7 @@ def anchored(env: Env, stage: Stage, *, ranks: Ranks) -> tuple[dict, Artifacts]:
             for group in _groups_in_order(arch, layout, i):
                 key = _merge(diagnostics, artifacts, _fit_group(env, stage, shards, i, group, layout, done))
                 done.append((group, key))
-                if fitting.output_correction and group == ATTENTION_OUTPUT and arch.attention_residual:
+                if fitting.attention_correction and group == ATTENTION_OUTPUT and arch.attention_residual:
                     _merge(diagnostics, artifacts, _correct_output(env, stage, shards, i, layout, done,
                                                                    arch.attention_residual))
             if fitting.output_correction and done:
