@@ -68,6 +68,11 @@ class PairedStats:
         self.abs_sum_hat.add_(x_hat.abs().sum(0))
         self.count += x.shape[0]
 
+    def __add__(self, other: "PairedStats") -> "PairedStats":
+        """The statistics of both token sets (e.g. the fitted and the held-out sequences)."""
+        return PairedStats(self.gram + other.gram, self.gram_hat + other.gram_hat, self.cross + other.cross,
+                           self.abs_sum_hat + other.abs_sum_hat, self.count + other.count)
+
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.gram": self.gram, f"{prefix}.gram_hat": self.gram_hat, f"{prefix}.cross": self.cross,
                 f"{prefix}.abs_sum_hat": self.abs_sum_hat,
@@ -133,6 +138,11 @@ class CorrectionStats:
         self.latent_gram.add_(u.T @ u)
         self.energy.add_(e.square().sum().to(torch.float64))
         self.count += u.shape[0]
+
+    def __add__(self, other: "CorrectionStats") -> "CorrectionStats":
+        """The statistics of both token sets (e.g. the fitted and the held-out sequences)."""
+        return CorrectionStats(self.target + other.target, self.latent_gram + other.latent_gram,
+                               self.energy + other.energy, self.count + other.count)
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.target": self.target, f"{prefix}.latent_gram": self.latent_gram,

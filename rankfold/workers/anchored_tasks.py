@@ -82,15 +82,31 @@ def accepted_fits(item: AnchoredItem, weights, modules, fitted: PairedStats):
 def choose(item: AnchoredItem, weights, modules, tensors) -> tuple[GroupResult, float, dict[str, list[float]], list[float]]:
     """(the kept result, its weight, every accepted candidate's held-out error per module by str(weight),
     the weights the method refused): the weight with the smallest held-out anchored error summed over the
-    group's modules is kept (accepted_fits)."""
-    accepted = accepted_fits(item, weights, modules, PairedStats.from_tensors(tensors, item.group))
-    refused = [mix for mix in item.candidates if mix not in {found[0] for found in accepted}]
-    if len(item.candidates) == 1:
-        return accepted[0][1], accepted[0][0], {}, refused
+    group's modules is kept (accepted_fits), then refitted on every sequence, held-out ones included (the
+    held-out rows choose the weight, not the factors; kept as fitted if the method refuses the refit).
+    One candidate: fitted on every sequence, no choice made."""
+    fitted = PairedStats.from_tensors(tensors, item.group)
     heldout = PairedStats.from_tensors(tensors, HELDOUT + item.group)
+    if len(item.candidates) == 1:
+        accepted = accepted_fits(item, weights, modules, fitted + heldout)
+        return accepted[0][1], accepted[0][0], {}, []
+    accepted = accepted_fits(item, weights, modules, fitted)
+    refused = [mix for mix in item.candidates if mix not in {found[0] for found in accepted}]
     errors = {str(mix): heldout_errors(weights, modules, approximations, heldout) for mix, _, approximations in accepted}
     mix, result, _ = min(accepted, key=lambda found: sum(errors[str(found[0])]))
-    return result, mix, errors, refused
+    return refit(item, weights, modules, fitted, heldout, mix, result), mix, errors, refused
+
+
+def refit(item: AnchoredItem, weights, modules, fitted: PairedStats, heldout: PairedStats, mix: float,
+          kept: GroupResult) -> GroupResult:
+    """The group fitted at weight `mix` on the fitted and held-out sequences' statistics together; `kept`
+    (fitted without the held-out ones) when there are none or the method refuses the refit."""
+    if not heldout.count:
+        return kept
+    try:
+        return fit_mixed(item.method, weights, fitted + heldout, mix, modules)[0]
+    except DecompositionError:
+        return kept
 
 
 def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str, str]:
@@ -160,9 +176,22 @@ class KeepItem:
     errors: dict[float, float]  # each accepted weight's held-out layer-output error, summed over shards
 
 
+def _refitted(item: AnchoredItem, mix: float, candidate: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The kept candidate's tensors refitted on every sequence, held-out ones included (refit)."""
+    modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
+    tensors = on_device(open_ref(item.stats).get_tensors(item.stats_key))
+    fitted, heldout = PairedStats.from_tensors(tensors, item.group), PairedStats.from_tensors(tensors, HELDOUT + item.group)
+    if not heldout.count:
+        return candidate
+    try:
+        return _stored(fit_mixed(item.method, weights, fitted + heldout, mix, modules)[0])
+    except DecompositionError:
+        return candidate
+
+
 def keep_candidate(item: KeepItem) -> tuple[dict[str, dict[str, float]], str, str]:
-    """The layer-output choice's second half: the candidate with the smallest held-out layer-output error
-    becomes the group's factor artifact and every candidate is deleted. Returns (diagnostics, key,
+    """The layer-output choice's second half: the candidate with the smallest held-out layer-output error,
+    refitted on every sequence (refit), becomes the group's factor artifact and every candidate is deleted. Returns (diagnostics, key,
     sha256) as anchored_item, with `layer_error@<w>` for each candidate and `heldout_error_ratio` the
     kept one's layer-output error over the plain fit's (when tried)."""
     fit, errors = item.candidates, item.errors
@@ -174,7 +203,7 @@ def keep_candidate(item: KeepItem) -> tuple[dict[str, dict[str, float]], str, st
         diagnostics[f"layer_error@{mix}"] = {path: error for path in paths}
     if errors.get(1.0):
         diagnostics["heldout_error_ratio"] = {path: errors[kept] / errors[1.0] for path in paths}
-    sha = open_ref(fit.factors).put_tensors(fit.factors_key, stats_store.get_tensors(chosen),
+    sha = open_ref(fit.factors).put_tensors(fit.factors_key, _refitted(fit, kept, stats_store.get_tensors(chosen)),
                                             metadata={"diagnostics": json.dumps(diagnostics)})
     for mix in errors:
         stats_store.delete(candidate_key(fit.stats_key, mix))
@@ -198,8 +227,8 @@ class CorrectionItem:
 
 def correction_item(item: CorrectionItem) -> tuple[dict[str, dict[str, float]], str, str]:
     """The output correction of one output projection (o_proj, down_proj): the blend weight with the
-    smallest held-out error is kept (1: B unchanged) and the factor artifact rewritten with it, marked
-    corrected. Returns (diagnostics, key, sha256); `output_correction_weight` and
+    smallest held-out error is kept (1: B unchanged), the correction at that weight refitted on every
+    sequence, and the factor artifact rewritten with it, marked corrected. Returns (diagnostics, key, sha256); `output_correction_weight` and
     `output_correction_ratio` (the held-out residual error ‖dense − compressed‖² where the projection's
     output lands, with the kept B over the uncorrected one's) join the artifact's diagnostics."""
     store = open_ref(item.factors)
@@ -213,8 +242,8 @@ def correction_item(item: CorrectionItem) -> tuple[dict[str, dict[str, float]], 
             heldout = CorrectionStats.from_tensors(stats, HELDOUT + "correction")
             candidates = {w: corrected_output(b, fitted, w) for w in CORRECTION_WEIGHTS}
             errors = {w: correction_error(candidate, heldout) for w, candidate in candidates.items()}
-            kept = min(errors, key=errors.get)
-            tensors[f"{item.path}.B"] = candidates[kept].to(b.dtype)
+            kept = min(errors, key=errors.get)  # chosen on the held-out rows, then fitted on all (as refit)
+            tensors[f"{item.path}.B"] = corrected_output(b, fitted + heldout, kept).to(b.dtype)
             diagnostics["output_correction_weight"] = {item.path: kept}
             diagnostics["output_correction_ratio"] = {item.path: errors[kept] / errors[1.0] if errors[1.0] > 0 else 1.0}
         store.put_tensors(item.factors_key, tensors, metadata={"diagnostics": json.dumps(diagnostics), CORRECTED: "1"})

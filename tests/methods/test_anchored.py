@@ -144,6 +144,21 @@ def test_a_weight_the_method_refuses_is_not_eligible(monkeypatch):
         _choice("skipcat", _weights(7), (0.0, 1.0), max_condition=1.0001)
 
 
+@pytest.mark.parametrize("candidates", [(0.0, 0.5, 1.0), (0.5,)])
+def test_the_kept_weight_is_refitted_on_the_held_out_sequences_too(candidates):
+    """The held-out rows choose the weight; the kept factors are fitted on every row (one candidate: no
+    choice, every row)."""
+    weights = _weights(7)
+    result, kept, errors, _ = _choice("svd_llm", weights, candidates)
+    assert (len(errors) > 1) == (len(candidates) > 1)
+    every, fitted_only = paired(*streams(5)) + paired(*streams(6)), paired(*streams(5))
+    refitted, _ = _fit("svd_llm", weights, every, kept)
+    without, _ = _fit("svd_llm", weights, fitted_only, kept)
+    for key, value in refitted.tensors.items():
+        torch.testing.assert_close(result.tensors[key], value)
+    assert any(not torch.allclose(without.tensors[k], result.tensors[k]) for k in result.tensors if result.tensors[k].is_floating_point())
+
+
 def test_a_weight_outside_zero_one_is_refused():
     with pytest.raises(ValueError, match="weight must lie in"):
         mixed_problem(paired(*streams()), 1.5)

@@ -151,4 +151,4 @@ def _correct_output(env: Env, stage: Stage, shards: ShardGroup, i: int, layout, 
     return diagnostics, key, sha
 
 
-register_stage(StageKind("anchored", anchored, "2", Factors, producer=lambda params: method_of(params["method"]).version))
+register_stage(StageKind("anchored", anchored, "3", Factors, producer=lambda params: method_of(params["method"]).version))
