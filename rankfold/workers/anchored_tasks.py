@@ -94,19 +94,20 @@ def choose(item: AnchoredItem, weights, modules, tensors) -> tuple[GroupResult, 
     refused = [mix for mix in item.candidates if mix not in {found[0] for found in accepted}]
     errors = {str(mix): heldout_errors(weights, modules, approximations, heldout) for mix, _, approximations in accepted}
     mix, result, _ = min(accepted, key=lambda found: sum(errors[str(found[0])]))
-    return refit(item, weights, modules, fitted, heldout, mix, result), mix, errors, refused
+    refitted = refit(item, weights, modules, fitted, heldout, mix)
+    return (result if refitted is None else refitted), mix, errors, refused
 
 
-def refit(item: AnchoredItem, weights, modules, fitted: PairedStats, heldout: PairedStats, mix: float,
-          kept: GroupResult) -> GroupResult:
-    """The group fitted at weight `mix` on the fitted and held-out sequences' statistics together; `kept`
-    (fitted without the held-out ones) when there are none or the method refuses the refit."""
+def refit(item: AnchoredItem, weights, modules, fitted: PairedStats, heldout: PairedStats,
+          mix: float) -> GroupResult | None:
+    """The group fitted at weight `mix` on the fitted and held-out sequences' statistics together; None
+    (keep the fit without the held-out ones) when there are none or the method refuses the refit."""
     if not heldout.count:
-        return kept
+        return None
     try:
         return fit_mixed(item.method, weights, fitted + heldout, mix, modules)[0]
     except DecompositionError:
-        return kept
+        return None
 
 
 def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str, str]:
@@ -161,8 +162,8 @@ def fit_candidates(item: AnchoredItem) -> list[float]:
     into the statistics' store at candidate_key, its diagnostics in the metadata. Returns the accepted
     weights; the shards then score each (AnchoredShard.heldout_output_error) and keep_candidate keeps one."""
     modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
-    tensors = on_device(open_ref(item.stats).get_tensors(item.stats_key))
     store = open_ref(item.stats)
+    tensors = on_device(store.get_tensors(item.stats_key))
     accepted = accepted_fits(item, weights, modules, PairedStats.from_tensors(tensors, item.group))
     for mix, result, _ in accepted:
         store.put_tensors(candidate_key(item.stats_key, mix), _stored(result),
@@ -181,12 +182,8 @@ def _refitted(item: AnchoredItem, mix: float, candidate: dict[str, torch.Tensor]
     modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
     tensors = on_device(open_ref(item.stats).get_tensors(item.stats_key))
     fitted, heldout = PairedStats.from_tensors(tensors, item.group), PairedStats.from_tensors(tensors, HELDOUT + item.group)
-    if not heldout.count:
-        return candidate
-    try:
-        return _stored(fit_mixed(item.method, weights, fitted + heldout, mix, modules)[0])
-    except DecompositionError:
-        return candidate
+    refitted = refit(item, weights, modules, fitted, heldout, mix)
+    return candidate if refitted is None else _stored(refitted)
 
 
 def keep_candidate(item: KeepItem) -> tuple[dict[str, dict[str, float]], str, str]:
