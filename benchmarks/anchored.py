@@ -9,6 +9,7 @@ evaluation, plus a second text (Tiny Shakespeare) to check that the ranking is n
     python -m benchmarks.anchored                                     # FLRA + SkipCat at 40 %, every variant
     python -m benchmarks.anchored --methods svd_llm skipcat --allocations uniform fisher --ratios 0.2 0.4 0.6
     python -m benchmarks.anchored --calib-samples 32 --eval-tokens 8192  # a quick look (~4 min a walk)
+    python -m benchmarks.anchored --variants plain plain+correction --suite  # + the zero-shot suite, 200 docs a task
 
 Every variant is a job through `rankfold run`'s plan on one shared artifact store (one calibration,
 Fisher pass and dense evaluation serve every row). Prints and writes (markdown + JSON) perplexity
@@ -25,7 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a file
 from benchmarks.common import DATA, REPO, describe, provenance, write_result  # noqa: E402
-from benchmarks.quality import ALLOCATION_NAMES, allocation_spec, applies, method_spec  # noqa: E402
+from benchmarks.quality import (  # noqa: E402
+    ALLOCATION_NAMES,
+    allocation_spec,
+    applies,
+    method_spec,
+    suite_evaluations,
+    suite_metrics,
+)
 from rankfold.cli import logging_to_stderr  # noqa: E402
 from rankfold.core.errors import DecompositionError  # noqa: E402
 from rankfold.evaluation.report import metric_table  # noqa: E402
@@ -68,8 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--fisher-samples", type=int, default=32)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--suite", action="store_true", help="also lm-eval's seven zero-shot tasks (their average)")
+    parser.add_argument("--suite-limit", type=int, default=200, help="documents per zero-shot task")
+    parser.add_argument("--suite-dtype", default=None, help="dtype of the suite (default: --dtype)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "anchored")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.xsum_limit = 0  # the suite without XSum's generation (quality.py runs it)
+    return args
 
 
 def job(args: argparse.Namespace, method: str, allocation: str, ratio: float, variant: str, out: Path):
@@ -79,7 +92,8 @@ def job(args: argparse.Namespace, method: str, allocation: str, ratio: float, va
             "calibration": {"data": {"path": str(args.calib_data)}, "num_samples": args.calib_samples,
                             "seq_len": args.seq_len},
             "evaluation": {"perplexity": [{"name": name, "data": data, "window": args.window,
-                                           "max_tokens": args.eval_tokens} for name, data in texts.items()]},
+                                           "max_tokens": args.eval_tokens} for name, data in texts.items()]}
+                          | suite_evaluations(args),
             "output": {"dir": str(out)}}
     fitting = VARIANTS[variant](args)
     if fitting is not None:
@@ -91,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started, store, rows, dense, layers = time.perf_counter(), LocalStore(args.out / "artifacts"), [], {}, []
+    dense_zeroshot: dict[str, float] = {}
     for ratio in args.ratios:
         for method in args.methods:
             for allocation in (a for a in args.allocations if applies(method, a)):
@@ -108,7 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
                         print(f"{name} {variant} @ {ratio:.0%}: {rows[-1]['ppl']}", file=sys.stderr)
                     row_dense = rows[-1].pop("dense", {})
                     dense = dense or row_dense
-                    result = write_results(args, argv, rows, dense, layers, started)
+                    if not dense_zeroshot and "refused" not in rows[-1]:
+                        dense_zeroshot = suite_metrics(report, "dense")
+                    result = write_results(args, argv, rows, dense, dense_zeroshot, layers, started)
     print(to_markdown(result))
     return result
 
@@ -121,6 +138,7 @@ def measured_row(report: dict, rows: list[dict], name: str, ratio: float, varian
     return {"method": name, "ratio": ratio, "variant": variant, "stages": stages,
             "ppl": {text: row["compressed"] for text, row in table.items()},
             "dense": {text: row["dense"] for text, row in table.items()},
+            "zeroshot": suite_metrics(report, "compressed"),
             "achieved": report["parameters"]["achieved_compression"],
             "fitting_s": sum(stages.get(stage, 0.0) for stage in FITTED),
             "job_s": job_seconds(rows, stages, name, ratio), **kept(report["diagnostics"])}
@@ -162,15 +180,29 @@ def by_layer(row: dict, diagnostics: dict) -> list[dict]:
             for layer in sorted(errors["1.0"], key=int)]
 
 
-def write_results(args, argv, rows: list[dict], dense: dict, layers: list[dict], started: float) -> dict:
+def write_results(args, argv, rows: list[dict], dense: dict, dense_zeroshot: dict, layers: list[dict],
+                  started: float) -> dict:
     result = {**provenance("anchored", argv), "model": args.model, "dtype": args.dtype,
               "calibration": {"data": str(args.calib_data), "samples": args.calib_samples, "seq_len": args.seq_len},
               "evaluation": {"wikitext2": str(args.eval_data), "second": str(args.second_eval), "window": args.window,
                              "tokens": args.eval_tokens},
-              "mix": args.mix, "holdout": args.holdout, "dense": dense, "rows": rows, "layers": layers,
+              "suite_limit": args.suite_limit if args.suite else 0, "mix": args.mix, "holdout": args.holdout,
+              "dense": dense, "dense_zeroshot": dense_zeroshot, "rows": rows, "layers": layers,
               "total_wall_s": round(time.perf_counter() - started, 1)}
     write_result("anchored", result, folder=args.out, markdown=to_markdown(result))
     return result
+
+
+def _average(metrics: dict[str, float]) -> str:
+    """The zero-shot suite's average accuracy in %, or — when the suite did not run."""
+    return f"{100 * metrics['average']:.2f}" if "average" in metrics else "—"
+
+
+def _dense_average(result: dict) -> str:
+    zeroshot = result.get("dense_zeroshot", {})
+    if "average" not in zeroshot:
+        return ""
+    return f", zero-shot average {_average(zeroshot)} % ({result['suite_limit']} documents a task)"
 
 
 def to_markdown(result: dict) -> str:
@@ -179,17 +211,18 @@ def to_markdown(result: dict) -> str:
              f"Calibration {result['calibration']['samples']} × {result['calibration']['seq_len']} tokens; "
              f"perplexity over {result['evaluation']['tokens']} tokens in windows of {result['evaluation']['window']} "
              f"(WikiText-2 and {Path(result['evaluation']['second']).parent.name}). Dense: "
-             + ", ".join(f"{text} {value:.2f}" for text, value in dense.items()) + ".", "",
-             "| method | ratio | fitting | WikiText-2 | second text | fitting s | job s | weights kept | "
-             "correction blends kept |", "|---|---|---|---|---|---|---|---|---|"]
+             + ", ".join(f"{text} {value:.2f}" for text, value in dense.items()) + _dense_average(result) + ".", "",
+             "| method | ratio | fitting | WikiText-2 | second text | zero-shot average | fitting s | job s | "
+             "weights kept | correction blends kept |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         if "refused" in row:
             lines.append(f"| {row['method']} | {row['ratio']:.0%} | {row['variant']} | refused: {row['refused']} "
-                         "| | | | | |")
+                         "| | | | | | |")
             continue
         weights, blends = row.get("anchored_weights_kept", {}), row.get("output_correction_weights_kept", {})
         lines.append(f"| {row['method']} | {row['ratio']:.0%} | {row['variant']} | {row['ppl']['wikitext2']:.2f} | "
-                     f"{row['ppl']['second']:.2f} | {row['fitting_s']:.0f} | {_seconds(row['job_s'])} | "
+                     f"{row['ppl']['second']:.2f} | {_average(row.get('zeroshot', {}))} | {row['fitting_s']:.0f} | "
+                     f"{_seconds(row['job_s'])} | "
                      f"{', '.join(f'{w}: {n}' for w, n in weights.items()) or '—'} | "
                      f"{', '.join(f'{w}: {n}' for w, n in blends.items()) or '—'} |")
     lines += ["", f"Command: `{result['command']}`; machine: {describe(result['machine'])}; "
