@@ -13,7 +13,11 @@ and K = (1 − w) C + w G, the objective equals ‖(W′ − W K H⁻¹) L‖² 
 the plain method's problem with the weight M = W R (R = K H⁻¹, one n × n correction per input group)
 and the Gram H: every whitened structure (low rank, shared projection, skip) solves it unchanged.
 w = 1 (λ = ∞) is the plain method (R = I, H = G); w = 0 the pure anchored form; X̂ = X gives R = I,
-H = G: the plain factors for any w.
+H = G: the plain factors for any w. Palu's k/v head groups (G-LRD: palu.group_factors on W R with H's
+Cholesky factor) and CAP's units (cap.rpca_units on W R and H) are whitened the same way and solve it
+unchanged (tests/methods/test_anchored.py). The walk fits the weight method's groups only: Palu's ranks
+and CAP's masks are searched over every layer at once, before any layer is fitted, so inside a walk they
+would be refitted at ranks and masks searched on the dense statistics — not built yet.
 
 The weight per input group can be chosen on held-out calibration sequences: the candidate whose factors give
 the smallest held-out anchored error ‖W X_h − W′ X̂_h‖² (computed from the held-out G, Ĝ, C).

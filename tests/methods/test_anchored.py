@@ -15,10 +15,13 @@ from rankfold.methods.anchored import (
     correction_error,
     mixed_problem,
 )
+from rankfold.methods.cap import rpca_units
 from rankfold.methods.group_decomposition import decompose_group
+from rankfold.methods.palu import group_factors
 from rankfold.methods.registry import METHODS
 from rankfold.methods.statistics import InputStats
 from rankfold.methods.structure import plan_layer
+from rankfold.methods.whitening import whitening_factor
 from rankfold.workers import anchored_tasks
 from rankfold.workers.anchored_tasks import HELDOUT, AnchoredItem, choose, fit_mixed
 
@@ -178,3 +181,48 @@ def test_the_output_correction_is_the_least_squares_fit_and_blends_towards_the_f
     assert torch.equal(corrected_output(fitted_b, stats, 1.0), fitted_b)
     for b in (least_squares, fitted_b):
         assert correction_error(b, stats) == pytest.approx(float((wanted - latent @ b.T).square().sum()), rel=1e-9)
+
+
+def _palu(weight, stats: PairedStats, mix: float, ranks: list[int]) -> torch.Tensor:
+    """Palu's G-LRD (heads of 8 rows, one head a group) of the mixed problem's target W R in the norm of H."""
+    correction, hessian = mixed_problem(stats, mix)
+    target = weight if correction is None else weight @ correction
+    factors = group_factors(target, whitening_factor(hessian.gram.clone()), 8, 1, ranks)
+    return torch.cat([f.up @ f.down for f in factors])
+
+
+def _cap(weight, stats: PairedStats, mix: float, keep: int, density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first `keep` triples' sum, every unit's sum) of CAP's units of the mixed problem's target W R,
+    whitened by H."""
+    correction, hessian = mixed_problem(stats, mix)
+    target = weight if correction is None else weight @ correction
+    options = METHODS.get("cap").options(name="cap", max_density=density)
+    units, _ = rpca_units(options, target, hessian.gram, hessian.count, whitening_factor(hessian.gram.clone()))
+    triples = units["u"] * units["sigma"] @ units["vh"]
+    sparse = torch.zeros(weight.numel(), dtype=torch.float64)
+    sparse[units["sparse_indices"]] = units["sparse_values"]
+    prefix = units["u"][:, :keep] * units["sigma"][:keep] @ units["vh"][:keep]
+    return prefix, triples + sparse.view_as(weight)
+
+
+@pytest.mark.parametrize("structure", ["palu", "cap"])
+def test_palu_head_groups_and_cap_units_solve_the_mixed_problem(structure):
+    """Palu's k/v head groups and CAP's triples are whitened structures too: fitted to W R in H's norm,
+    they beat the plain and the anchored fits on the mixed objective at their weight; w = 1 and X̂ = X
+    give the plain factors. CAP's units (sparse entries included) rebuild W R exactly."""
+    x, x_hat = streams(8)
+    weight, mix = torch.randn(16, N, generator=torch.Generator().manual_seed(9), dtype=torch.float64), 0.5
+    stats = paired(x, x_hat)
+    fit = (lambda s, w: _palu(weight, s, w, [3, 3])) if structure == "palu" else (
+        lambda s, w: _cap(weight, s, w, 6, 0.0)[0])
+    scores = {w: objective(weight, fit(stats, w), x, x_hat, mix) for w in (mix, 1.0, 0.0)}
+    assert scores[mix] < scores[1.0] and scores[mix] < scores[0.0]
+    plain = fit(paired(x, x), 1.0)
+    torch.testing.assert_close(fit(paired(x, x), mix), plain, rtol=1e-7, atol=1e-9)
+    gram = x.T @ x
+    if structure == "palu":
+        direct = torch.cat([f.up @ f.down for f in group_factors(weight, torch.linalg.cholesky(gram), 8, 1, [3, 3])])
+        torch.testing.assert_close(plain, direct, rtol=1e-7, atol=1e-9)
+    else:
+        correction, _ = mixed_problem(stats, mix)
+        torch.testing.assert_close(_cap(weight, stats, mix, 0, 0.2)[1], weight @ correction, rtol=1e-9, atol=1e-9)
