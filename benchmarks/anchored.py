@@ -51,6 +51,10 @@ VARIANTS = {"plain": lambda args: None, "anchored": lambda args: {"mix": [0.0], 
             "plain+attn+correction": lambda args: {"mix": [1.0], "holdout": args.holdout, "output_correction": True,
                                                    "attention_correction": True},
             "mixed+correction": lambda args: {"mix": args.mix, "holdout": args.holdout, "output_correction": True},
+            # plain factors but down_proj's, fitted to the dense layer output at a weight chosen on held-out
+            # layer-output error (fitting.output_mix), then the output correction
+            "output-mixed+correction": lambda args: {"mix": [1.0], "output_mix": args.mix, "holdout": args.holdout,
+                                                     "output_correction": True},
             # the weight chosen on the held-out layer output instead of each module's own anchored error
             "mixed-layer+correction": lambda args: {"mix": args.mix, "holdout": args.holdout, "output_correction": True,
                                                     "choose_on": "layer"}}
@@ -164,6 +168,7 @@ def _seconds(value: float | None) -> str:
 def kept(diagnostics: dict) -> dict:
     """The fitting's summary: weights and correction blends kept, held-out error ratios to plain."""
     keys = ("anchored_weights_kept", "anchored_modules_with_refused_weights", "mean_heldout_error_ratio",
+            "output_anchored_weights_kept", "mean_output_heldout_error_ratio",
             "output_correction_weights_kept", "mean_output_correction_ratio")
     return {key: diagnostics[key] for key in keys if key in diagnostics}
 

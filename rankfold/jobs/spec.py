@@ -166,10 +166,18 @@ class FittingSpec(Strict):
     # The same for o_proj, once its group is fitted, toward the dense residual after attention (before the
     # MLP is fitted). Off by default: measured worse than the down_proj correction alone (docs/methods/anchored.md).
     attention_correction: bool = False
+    # The layer's last projection (down_proj) fitted to the dense layer output from the compressed stream —
+    # the drift the residual carries included — mixed with its plain term, (1 − w) Σ‖e − W′x̂‖² + w ‖(W − W′)X‖²
+    # (methods/anchored.py output_mixed_problem), w among these candidates chosen on the held-out
+    # sequences' layer-output error. Unset: that group is fitted as the others (mix); so is a projection
+    # whose output does not reach the residual unchanged.
+    output_mix: tuple[float, ...] | None = Field(None, min_length=1)
 
-    @field_validator("mix")
+    @field_validator("mix", "output_mix")
     @classmethod
-    def _weights(cls, mix: tuple[float, ...]) -> tuple[float, ...]:
+    def _weights(cls, mix: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if mix is None:
+            return mix
         if any(not 0.0 <= value <= 1.0 for value in mix):
             raise ValueError(f"every weight must lie in [0, 1] (0: anchored, 1: the plain method), got {list(mix)}")
         if len(set(mix)) != len(mix):
@@ -179,7 +187,8 @@ class FittingSpec(Strict):
     @property
     def heldout(self) -> int:
         """Sequences held out: `holdout` when there is a choice to make, else none."""
-        return self.holdout if len(self.mix) > 1 or self.output_correction or self.attention_correction else 0
+        choices = len(self.mix) > 1 or len(self.output_mix or ()) > 1
+        return self.holdout if choices or self.output_correction or self.attention_correction else 0
 
 
 # One list per registered evaluator (`evaluation: {perplexity: [...], zeroshot: [...], generation: [...]}`).

@@ -36,7 +36,7 @@ gives 233.0 against plain 176.5; with the output correction 176.5 (second text 2
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -100,11 +100,41 @@ def mixed_problem(stats: PairedStats, weight: float) -> tuple[torch.Tensor | Non
     gram = mirror_upper_(stats.gram.clone())
     hessian = (1.0 - weight) * stats.gram_hat + weight * gram  # H
     target = (1.0 - weight) * stats.cross + weight * gram       # K
-    factor = whitening_factor(hessian)  # L Lᵀ = H; a singular H gets whitening's ridge, in place
-    # R = K H⁻¹ = K L⁻ᵀ L⁻¹: two triangular solves, no inverse formed
-    right = torch.linalg.solve_triangular(factor, target.T, upper=False)       # L⁻¹ Kᵀ
-    correction = torch.linalg.solve_triangular(factor.T, right, upper=True).T  # (L⁻ᵀ L⁻¹ Kᵀ)ᵀ = K H⁻¹
-    return correction, InputStats(hessian, stats.abs_sum_hat, stats.count)
+    return _right_solve(target, hessian), InputStats(hessian, stats.abs_sum_hat, stats.count)
+
+
+def _right_solve(target: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """K H⁻¹ (float64) for a symmetric H, which is made exactly symmetric (and given whitening's ridge
+    when singular) in place."""
+    factor = whitening_factor(hessian)  # L Lᵀ = H
+    # K H⁻¹ = K L⁻ᵀ L⁻¹: two triangular solves, no inverse formed
+    right = torch.linalg.solve_triangular(factor, target.T, upper=False)        # L⁻¹ Kᵀ
+    return torch.linalg.solve_triangular(factor.T, right, upper=True).T         # (L⁻ᵀ L⁻¹ Kᵀ)ᵀ = K H⁻¹
+
+
+def output_mixed_problem(weight: torch.Tensor, stats: PairedStats, output: OutputStats,
+                         weight_of_plain: float) -> tuple[torch.Tensor, InputStats]:
+    """(the target M (m, n) float64, the Gram H as InputStats) of a block's output projection W (m, n) fitted
+    to the dense residual where its output lands: (1 − w) Σ‖e − W′ x̂‖² + w ‖(W − W′) X‖² (`output`: T =
+    Σ e x̂ᵀ, E over the same tokens as `stats`). Expanding as in mixed_problem, it is ‖(W′ − M) L‖² + const
+    with H = (1 − w) Ĝ + w G = L Lᵀ and M = ((1 − w) T + w W G) H⁻¹: the plain method's problem with
+    target M. Unlike W C Ĝ⁻¹ (mixed_problem at w = 0), the target carries what the layers below moved in
+    the residual stream, not only in this projection's input. w = 1 is the plain problem (M = W, H = G).
+    Raises ValueError for a weight outside [0, 1]."""
+    if not 0.0 <= weight_of_plain <= 1.0:
+        raise ValueError(f"the plain term's weight must lie in [0, 1], got {weight_of_plain}")
+    gram, w = mirror_upper_(stats.gram.clone()), weight_of_plain
+    if w == 1.0:
+        return weight.to(torch.float64), InputStats(gram, stats.abs_sum_hat, stats.count)
+    hessian = (1.0 - w) * stats.gram_hat + w * gram
+    target = (1.0 - w) * output.target + w * (weight.to(torch.float64) @ gram)
+    return _right_solve(target, hessian), InputStats(hessian, stats.abs_sum_hat, stats.count)
+
+
+def output_error(approx: torch.Tensor, stats: PairedStats, output: OutputStats) -> float:
+    """Σ‖e − W′ x̂‖² over the tokens of `stats` and `output` (W′: (m, n)): E − 2⟨W′, T⟩ + tr(W′ Ĝ W′ᵀ)."""
+    a = approx.to(torch.float64)
+    return max(float(output.energy[0] - 2 * (a * output.target).sum() + ((a @ stats.gram_hat) * a).sum()), 0.0)
 
 
 def anchored_error(weight: torch.Tensor, approx: torch.Tensor, stats: PairedStats) -> float:
@@ -117,45 +147,63 @@ def anchored_error(weight: torch.Tensor, approx: torch.Tensor, stats: PairedStat
 
 
 @dataclass
-class CorrectionStats:
-    """What the output correction of a block's output projection y = B u (+ bias) reads, over tokens: with
-    e the output that projection should give so the compressed residual where it lands (after attention
-    for o_proj, the layer's output for down_proj) equals the dense one (the dense residual minus
-    everything else the compressed layer adds there), and u = A x̂ its latent:
-    T = Σ e uᵀ (m, r), P = Σ u uᵀ (r, r) and E = Σ‖e‖², float64 sums."""
+class OutputStats:
+    """What fitting a block's output projection (o_proj, down_proj) toward the dense residual reads, over
+    tokens: e (m) the output the projection should give so the compressed residual where it lands (after
+    attention for o_proj, the layer's output for down_proj) equals the dense one — the dense residual
+    minus everything else the compressed layer adds there — and v (k) what the fit maps from: the
+    projection's input x̂ (output_mixed_problem) or its latent u = A x̂ (CorrectionStats).
+    T = Σ e vᵀ (m, k) and E = Σ‖e‖², float64 sums."""
 
-    target: torch.Tensor        # T (m, r)
-    latent_gram: torch.Tensor   # P (r, r)
-    energy: torch.Tensor        # E, shape (1,)
+    target: torch.Tensor   # T (m, k)
+    energy: torch.Tensor   # E, shape (1,)
     count: int
 
     @classmethod
-    def zeros(cls, m: int, r: int, device: torch.device | None = None) -> "CorrectionStats":
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
-        return cls(z(m, r), z(r, r), z(1), 0)
+    def zeros(cls, m: int, k: int, device: torch.device | None = None) -> "OutputStats":
+        return cls(torch.zeros(m, k, dtype=torch.float64, device=device),
+                   torch.zeros(1, dtype=torch.float64, device=device), 0)
 
-    def add_(self, wanted: torch.Tensor, latent: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> None:
-        """Add one chunk: `wanted` (..., m) the outputs e, `latent` (..., r) the latents u of the same tokens."""
+    def add_(self, wanted: torch.Tensor, inputs: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Add one chunk: `wanted` (..., m) the outputs e, `inputs` (..., k) the v of the same tokens.
+        Returns v as (tokens, k) in the product dtype."""
         e = wanted.reshape(-1, wanted.shape[-1]).to(product_dtype)
-        u = latent.reshape(-1, latent.shape[-1]).to(product_dtype)
-        self.target.add_(e.T @ u)
-        self.latent_gram.add_(u.T @ u)
+        v = inputs.reshape(-1, inputs.shape[-1]).to(product_dtype)
+        self.target.add_(e.T @ v)
         self.energy.add_(e.square().sum().to(torch.float64))
-        self.count += u.shape[0]
+        self.count += v.shape[0]
+        return v
 
-    def __add__(self, other: "CorrectionStats") -> "CorrectionStats":
+    def __add__(self, other):
         """The statistics of both token sets (e.g. the fitted and the held-out sequences)."""
-        return CorrectionStats(self.target + other.target, self.latent_gram + other.latent_gram,
-                               self.energy + other.energy, self.count + other.count)
+        return type(self)(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.target": self.target, f"{prefix}.latent_gram": self.latent_gram,
-                f"{prefix}.energy": self.energy, f"{prefix}.count": torch.tensor([self.count], dtype=torch.int64)}
+        return {f"{prefix}.{f.name}": torch.tensor([self.count], dtype=torch.int64) if f.name == "count"
+                else getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "CorrectionStats":
-        return cls(tensors[f"{prefix}.target"], tensors[f"{prefix}.latent_gram"], tensors[f"{prefix}.energy"],
-                   int(tensors[f"{prefix}.count"][0]))
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str):
+        return cls(*(int(tensors[f"{prefix}.count"][0]) if f.name == "count" else tensors[f"{prefix}.{f.name}"]
+                     for f in fields(cls)))
+
+
+@dataclass
+class CorrectionStats(OutputStats):
+    """OutputStats over the latent u = A x̂ of a fitted projection y = B u (+ bias), with P = Σ u uᵀ (r, r):
+    what the output correction of B reads."""
+
+    latent_gram: torch.Tensor   # P (r, r)
+
+    @classmethod
+    def zeros(cls, m: int, r: int, device: torch.device | None = None) -> "CorrectionStats":
+        base = OutputStats.zeros(m, r, device)
+        return cls(base.target, base.energy, 0, torch.zeros(r, r, dtype=torch.float64, device=device))
+
+    def add_(self, wanted: torch.Tensor, latent: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        u = super().add_(wanted, latent, product_dtype)
+        self.latent_gram.add_(u.T @ u)
+        return u
 
 
 def corrected_output(b: torch.Tensor, stats: CorrectionStats, weight: float) -> torch.Tensor:

@@ -121,26 +121,29 @@ def _summarise(diagnostics: dict[str, dict[str, float]]) -> dict:
     """Worst skip-block condition number (cond(A₁)) and where it is, if the method skips; with anchored
     fitting, how often each plain-term weight was kept and the mean held-out error ratio to plain, each
     layer's and module's held-out errors per weight, how many groups had a weight refused, and the
-    output correction's kept blends."""
+    output correction's kept blends; the groups fitted to the layer output (fitting.output_mix) apart."""
     summary = {}
     conditions = diagnostics.get("skip_condition", {})
     if conditions:
         worst = max(conditions, key=conditions.get)
         summary.update(max_skip_condition=conditions[worst], max_skip_condition_at=worst,
                        skip_blocks=len(conditions))
-    weights = list(diagnostics.get("anchored_weight", {}).values())
-    if weights:
-        summary["anchored_weights_kept"] = {str(w): weights.count(w) for w in sorted(set(weights))}
-    ratios = list(diagnostics.get("heldout_error_ratio", {}).values())
-    if ratios:
-        summary["mean_heldout_error_ratio"] = sum(ratios) / len(ratios)
+    output = set(diagnostics.get("output_anchored", {}))  # fitted to the layer output: their own summary
+    for name, chosen in (("anchored", lambda path: path not in output), ("output_anchored", output.__contains__)):
+        weights = [w for path, w in diagnostics.get("anchored_weight", {}).items() if chosen(path)]
+        if weights:
+            summary[f"{name}_weights_kept"] = {str(w): weights.count(w) for w in sorted(set(weights))}
+        ratios = [r for path, r in diagnostics.get("heldout_error_ratio", {}).items() if chosen(path)]
+        if ratios:
+            summary[f"mean_{name.replace('anchored', 'heldout')}_error_ratio"] = sum(ratios) / len(ratios)
     corrected = list(diagnostics.get("output_correction_weight", {}).values())
     if corrected:
         summary["output_correction_weights_kept"] = {str(w): corrected.count(w) for w in sorted(set(corrected))}
         block_ratios = list(diagnostics["output_correction_ratio"].values())
         summary["mean_output_correction_ratio"] = sum(block_ratios) / len(block_ratios)
-    errors = {quantity.split("@", 1)[1]: values for quantity, values in diagnostics.items()
-              if quantity.startswith("heldout_error@")}
+    errors = {quantity.split("@", 1)[1]: {path: v for path, v in values.items() if path not in output}
+              for quantity, values in diagnostics.items() if quantity.startswith("heldout_error@")}
+    errors = {w: values for w, values in errors.items() if values}
     refused = diagnostics.get("anchored_refused", {})
     if refused:
         summary["anchored_modules_with_refused_weights"] = len(refused)  # a shared group is one module

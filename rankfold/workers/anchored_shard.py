@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rankfold.core.device import to_host
-from rankfold.methods.anchored import CorrectionStats, PairedStats
+from rankfold.methods.anchored import CorrectionStats, OutputStats, PairedStats
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.activations import Activations
@@ -80,12 +80,12 @@ def adds_to_residual(layer: nn.Module, module: nn.Module, runner: LayerRunner, h
                                atol=1e-3 * float(delta.abs().max())))
 
 
-def correction_pair(dense: nn.Module, compressed: nn.Module, path: str, point: str | None, runner: LayerRunner,
-                    x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e, u) of the output correction of the projection y = B A x̂ + bias at `path` of `compressed`:
-    e = dense residual at `point` − (compressed residual there − y) − bias, the output B u should give
-    for the two streams to agree there, and its latent u = A x̂ (residual_at: `point` None is the
-    layer's output). Shapes (..., out_features), (..., rank)."""
+def wanted_output(dense: nn.Module, compressed: nn.Module, path: str, point: str | None, runner: LayerRunner,
+                  x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e, x̂) of the projection y = W′ x̂ + bias at `path` of `compressed` (dense or factorised): e = dense
+    residual at `point` − (compressed residual there − y) − bias, the output the projection should give
+    for the two streams to agree there (residual_at: `point` None is the layer's output), and its input
+    x̂ in the compressed stream. Shapes (..., out_features), (..., in_features)."""
     module = compressed.get_submodule(path)
     seen: dict[str, torch.Tensor] = {}
 
@@ -97,8 +97,15 @@ def correction_pair(dense: nn.Module, compressed: nn.Module, path: str, point: s
         wanted = residual_at(dense, point, runner, x) - residual_at(compressed, point, runner, x_hat) + seen["y"]
     finally:
         handle.remove()
-    wanted = wanted - module.bias if module.bias is not None else wanted
-    return wanted, nn.functional.linear(seen["x"], module.factors()[1])
+    return (wanted - module.bias if module.bias is not None else wanted), seen["x"]
+
+
+def correction_pair(dense: nn.Module, compressed: nn.Module, path: str, point: str | None, runner: LayerRunner,
+                    x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e, u) of the output correction of the factorised projection y = B A x̂ + bias at `path`: e as
+    wanted_output, u = A x̂ its latent. Shapes (..., out_features), (..., rank)."""
+    wanted, inputs = wanted_output(dense, compressed, path, point, runner, x, x_hat)
+    return wanted, nn.functional.linear(inputs, compressed.get_submodule(path).factors()[1])
 
 
 class AnchoredShard(SequenceShard):
@@ -206,20 +213,33 @@ class AnchoredShard(SequenceShard):
         `heldout.correction.*` of the held-out rows, and `correction.linear` (1 when the residual there
         moves with the projection's output unchanged, checked by moving it: else a correction of B cannot
         be solved for in closed form)."""
+        return self._output_sums("correction", index, path, layout, store, keys, point)
+
+    def output_stats(self, index: int, path: str, layout: list[dict], store: StoreRef | None,
+                     keys: list[str]) -> dict[str, torch.Tensor]:
+        """fitting.output_mix's statistics (methods/anchored.py OutputStats: e and the projection's input
+        x̂, wanted_output) of the still dense projection at `path`, the layer's last, toward the dense
+        layer output; the rest of layer `index` compressed with `layout` (factors under `keys`).
+        Returns `output.*`, `heldout.output.*` and `output.linear` as correction_stats."""
+        return self._output_sums("output", index, path, layout, store, keys, None)
+
+    def _output_sums(self, kind: str, index: int, path: str, layout: list[dict], store: StoreRef | None,
+                     keys: list[str], point: str | None) -> dict[str, torch.Tensor]:
         dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)
         module = compressed.get_submodule(path)
-        b = module.factors()[0]
-        fitted, heldout = CorrectionStats.zeros(*b.shape, b.device), CorrectionStats.zeros(*b.shape, b.device)
-        first = self.ids.shape[0] - self.heldout_rows
+        pair, stats = (correction_pair, CorrectionStats) if kind == "correction" else (wanted_output, OutputStats)
+        first, fitted, heldout = self.ids.shape[0] - self.heldout_rows, None, None
         with torch.no_grad():
             for k, (x, x_hat) in enumerate(zip(self.hidden, self.compressed, strict=True)):
-                wanted, latent = correction_pair(dense, compressed, path, point, self.runner, x, x_hat)
+                wanted, inputs = pair(dense, compressed, path, point, self.runner, x, x_hat)
+                if fitted is None:
+                    fitted, heldout = (stats.zeros(wanted.shape[-1], inputs.shape[-1], wanted.device) for _ in "fh")
                 split = min(max(first - k * self.batch_size, 0), x.shape[0])
-                fitted.add_(wanted[:split], latent[:split], self.product_dtype)
-                heldout.add_(wanted[split:], latent[split:], self.product_dtype)
+                fitted.add_(wanted[:split], inputs[:split], self.product_dtype)
+                heldout.add_(wanted[split:], inputs[split:], self.product_dtype)
         linear = adds_to_residual(compressed, module, self.runner, next(iter(self.compressed)), point)
-        return to_host({**fitted.to_tensors("correction"), **heldout.to_tensors(HELDOUT + "correction"),
-                        "correction.linear": torch.tensor([int(linear)])})
+        return to_host({**fitted.to_tensors(kind), **heldout.to_tensors(HELDOUT + kind),
+                        f"{kind}.linear": torch.tensor([int(linear)])})
 
     def advance_pair(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str],
                      keep_outputs: bool = True) -> int:

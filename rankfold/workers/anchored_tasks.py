@@ -14,11 +14,14 @@ from rankfold.core.device import to_host
 from rankfold.core.errors import DecompositionError
 from rankfold.methods.anchored import (
     CorrectionStats,
+    OutputStats,
     PairedStats,
     anchored_error,
     corrected_output,
     correction_error,
     mixed_problem,
+    output_error,
+    output_mixed_problem,
 )
 from rankfold.methods.group_decomposition import GroupResult, decompose_group
 from rankfold.methods.registry import MethodOptions
@@ -41,6 +44,54 @@ class AnchoredItem:
     factors: StoreRef
     factors_key: str
     candidates: tuple[float, ...]  # plain-term weights w tried (1: the plain method); one: no choice is made
+    # fitting.output_mix: OutputStats (output.*, heldout.output.*, output.linear) of the group's one
+    # projection, fitted to the dense layer output (output_mixed_problem); "": the mixed problem
+    output_key: str = ""
+
+
+@dataclass
+class GroupProblem:
+    """One group's statistics, fitted and held-out rows apart: the paired ones and, when the group's one
+    projection is fitted to the dense residual (fitting.output_mix), its OutputStats."""
+
+    fitted: PairedStats
+    heldout: PairedStats
+    output: tuple[OutputStats, OutputStats] | None = None  # (fitted, held-out)
+
+    @classmethod
+    def read(cls, item: AnchoredItem) -> "GroupProblem":
+        """The item's statistics from the store (on the worker's device); the output problem only where
+        the projection's output reaches the residual unchanged (output.linear)."""
+        tensors = on_device(open_ref(item.stats).get_tensors(item.stats_key))
+        problem = cls(PairedStats.from_tensors(tensors, item.group), PairedStats.from_tensors(tensors, HELDOUT + item.group))
+        if item.output_key:
+            output = on_device(open_ref(item.stats).get_tensors(item.output_key))
+            if int(output["output.linear"][0]):
+                problem.output = (OutputStats.from_tensors(output, "output"),
+                                  OutputStats.from_tensors(output, HELDOUT + "output"))
+        return problem
+
+    def fit(self, method: MethodOptions, weights: dict[str, torch.Tensor], modules: list[CompressedModule],
+            mix: float, every: bool = False) -> tuple[GroupResult, list[torch.Tensor]]:
+        """The method's tensors at plain-term weight `mix` on the fitted rows (`every`: and the held-out
+        ones), and each module's W′ (stacked members, float64)."""
+        stats = self.fitted + self.heldout if every else self.fitted
+        if self.output is None:
+            return fit_mixed(method, weights, stats, mix, modules)
+        output = self.output[0] + self.output[1] if every else self.output[0]
+        (path,) = weights
+        target, hessian = output_mixed_problem(weights[path], stats, output, mix)
+        approximations: list[torch.Tensor] = []
+        return decompose_group(method, {path: target}, hessian, modules, approximations=approximations), approximations
+
+    def heldout_errors(self, weights: dict[str, torch.Tensor], modules: list[CompressedModule],
+                       approximations: list[torch.Tensor]) -> list[float]:
+        """Each module's held-out error: ‖W X_h − W′ X̂_h‖², or with the output problem Σ‖e − W′ x̂‖² (the
+        layer output's error) over the held-out rows."""
+        if self.output is not None:
+            return [output_error(approximations[0], self.heldout, self.output[1])]
+        return [anchored_error(torch.cat([weights[m] for m in module.members]), approx, self.heldout)
+                for module, approx in zip(modules, approximations, strict=True)]
 
 
 def fit_mixed(method: MethodOptions, weights: dict[str, torch.Tensor], stats: PairedStats, mix: float,
@@ -54,14 +105,7 @@ def fit_mixed(method: MethodOptions, weights: dict[str, torch.Tensor], stats: Pa
     return result, approximations
 
 
-def heldout_errors(weights: dict[str, torch.Tensor], modules: list[CompressedModule],
-                   approximations: list[torch.Tensor], heldout: PairedStats) -> list[float]:
-    """Each module's ‖W X_h − W′ X̂_h‖² on the held-out rows (W: its members stacked)."""
-    return [anchored_error(torch.cat([weights[m] for m in module.members]), approx, heldout)
-            for module, approx in zip(modules, approximations, strict=True)]
-
-
-def accepted_fits(item: AnchoredItem, weights, modules, fitted: PairedStats):
+def accepted_fits(item: AnchoredItem, weights, modules, problem: GroupProblem, every: bool = False):
     """Each candidate weight's (w, GroupResult, approximations) the method accepts, in item order. A
     candidate the method refuses (SkipCat's skip block too ill-conditioned for a low-precision forward: the
     mixed target W R can give an A₁ the plain W does not) is left out; DecompositionError when it refuses
@@ -69,7 +113,7 @@ def accepted_fits(item: AnchoredItem, weights, modules, fitted: PairedStats):
     accepted, last_error = [], None
     for mix in item.candidates:
         try:
-            accepted.append((mix, *fit_mixed(item.method, weights, fitted, mix, modules)))
+            accepted.append((mix, *problem.fit(item.method, weights, modules, mix, every)))
         except DecompositionError as error:
             last_error = error
     if not accepted:
@@ -79,33 +123,31 @@ def accepted_fits(item: AnchoredItem, weights, modules, fitted: PairedStats):
     return accepted
 
 
-def choose(item: AnchoredItem, weights, modules, tensors) -> tuple[GroupResult, float, dict[str, list[float]], list[float]]:
+def choose(item: AnchoredItem, weights, modules, problem: GroupProblem
+           ) -> tuple[GroupResult, float, dict[str, list[float]], list[float]]:
     """(the kept result, its weight, every accepted candidate's held-out error per module by str(weight),
-    the weights the method refused): the weight with the smallest held-out anchored error summed over the
+    the weights the method refused): the weight with the smallest held-out error summed over the
     group's modules is kept (accepted_fits), then refitted on every sequence, held-out ones included (the
     held-out rows choose the weight, not the factors; kept as fitted if the method refuses the refit).
     One candidate: fitted on every sequence, no choice made."""
-    fitted = PairedStats.from_tensors(tensors, item.group)
-    heldout = PairedStats.from_tensors(tensors, HELDOUT + item.group)
     if len(item.candidates) == 1:
-        accepted = accepted_fits(item, weights, modules, fitted + heldout)
+        accepted = accepted_fits(item, weights, modules, problem, every=True)
         return accepted[0][1], accepted[0][0], {}, []
-    accepted = accepted_fits(item, weights, modules, fitted)
+    accepted = accepted_fits(item, weights, modules, problem)
     refused = [mix for mix in item.candidates if mix not in {found[0] for found in accepted}]
-    errors = {str(mix): heldout_errors(weights, modules, approximations, heldout) for mix, _, approximations in accepted}
+    errors = {str(mix): problem.heldout_errors(weights, modules, approximations) for mix, _, approximations in accepted}
     mix, result, _ = min(accepted, key=lambda found: sum(errors[str(found[0])]))
-    refitted = refit(item, weights, modules, fitted, heldout, mix)
+    refitted = refit(item, weights, modules, problem, mix)
     return (result if refitted is None else refitted), mix, errors, refused
 
 
-def refit(item: AnchoredItem, weights, modules, fitted: PairedStats, heldout: PairedStats,
-          mix: float) -> GroupResult | None:
+def refit(item: AnchoredItem, weights, modules, problem: GroupProblem, mix: float) -> GroupResult | None:
     """The group fitted at weight `mix` on the fitted and held-out sequences' statistics together; None
     (keep the fit without the held-out ones) when there are none or the method refuses the refit."""
-    if not heldout.count:
+    if not problem.heldout.count:
         return None
     try:
-        return fit_mixed(item.method, weights, fitted + heldout, mix, modules)[0]
+        return problem.fit(item.method, weights, modules, mix, every=True)[0]
     except DecompositionError:
         return None
 
@@ -113,8 +155,9 @@ def refit(item: AnchoredItem, weights, modules, fitted: PairedStats, heldout: Pa
 def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str, str]:
     """Factors of one (layer, input group) into the store (kept when they exist and verify). Returns
     (diagnostics {quantity: {full module path: value}}, artifact key, sha256); the diagnostics add
-    `anchored_weight` (the group's kept plain-term weight: 1 is plain, 0 anchored), `heldout_error@<w>`
-    (each module's held-out ‖W X − W′ X̂‖² at candidate w), `anchored_refused` (how many candidates the
+    `anchored_weight` (the group's kept plain-term weight: 1 is plain, 0 anchored), `output_anchored` (1:
+    the projection was fitted to the dense layer output, output_mixed_problem), `heldout_error@<w>`
+    (each module's held-out ‖W X − W′ X̂‖², or layer-output error, at candidate w), `anchored_refused` (how many candidates the
     method refused, when any) and `heldout_error_ratio` (the group's held-out
     error at the kept weight over the plain method's, when both were tried)."""
     factor_store = open_ref(item.factors)
@@ -126,10 +169,12 @@ def anchored_item(item: AnchoredItem) -> tuple[dict[str, dict[str, float]], str,
             diagnostics = None
     if diagnostics is None:
         modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
-        tensors = on_device(open_ref(item.stats).get_tensors(item.stats_key))
-        result, mix, errors, refused = choose(item, weights, modules, tensors)
+        problem = GroupProblem.read(item)
+        result, mix, errors, refused = choose(item, weights, modules, problem)
         diagnostics, paths = dict(result.diagnostics), _paths(item.modules)
         diagnostics["anchored_weight"] = {path: mix for path in paths}
+        if problem.output is not None:  # fitted to the dense layer output (fitting.output_mix)
+            diagnostics["output_anchored"] = {path: 1 for path in paths}
         if refused:
             diagnostics["anchored_refused"] = {path: len(refused) for path in paths}
         for tried, values in errors.items():  # the held-out ‖W X − W′ X̂‖² of every candidate
@@ -163,8 +208,7 @@ def fit_candidates(item: AnchoredItem) -> list[float]:
     weights; the shards then score each (AnchoredShard.heldout_output_error) and keep_candidate keeps one."""
     modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
     store = open_ref(item.stats)
-    tensors = on_device(store.get_tensors(item.stats_key))
-    accepted = accepted_fits(item, weights, modules, PairedStats.from_tensors(tensors, item.group))
+    accepted = accepted_fits(item, weights, modules, GroupProblem.read(item))
     for mix, result, _ in accepted:
         store.put_tensors(candidate_key(item.stats_key, mix), _stored(result),
                           metadata={"diagnostics": json.dumps(result.diagnostics)})
@@ -180,9 +224,7 @@ class KeepItem:
 def _refitted(item: AnchoredItem, mix: float, candidate: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The kept candidate's tensors refitted on every sequence, held-out ones included (refit)."""
     modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
-    tensors = on_device(open_ref(item.stats).get_tensors(item.stats_key))
-    fitted, heldout = PairedStats.from_tensors(tensors, item.group), PairedStats.from_tensors(tensors, HELDOUT + item.group)
-    refitted = refit(item, weights, modules, fitted, heldout, mix)
+    refitted = refit(item, weights, modules, GroupProblem.read(item), mix)
     return candidate if refitted is None else _stored(refitted)
 
 

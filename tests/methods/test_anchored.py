@@ -9,11 +9,14 @@ import torch
 from rankfold.core.errors import DecompositionError
 from rankfold.methods.anchored import (
     CorrectionStats,
+    OutputStats,
     PairedStats,
     anchored_error,
     corrected_output,
     correction_error,
     mixed_problem,
+    output_error,
+    output_mixed_problem,
 )
 from rankfold.methods.cap import rpca_units
 from rankfold.methods.group_decomposition import decompose_group
@@ -23,7 +26,7 @@ from rankfold.methods.statistics import InputStats
 from rankfold.methods.structure import plan_layer
 from rankfold.methods.whitening import whitening_factor
 from rankfold.workers import anchored_tasks
-from rankfold.workers.anchored_tasks import HELDOUT, AnchoredItem, choose, fit_mixed
+from rankfold.workers.anchored_tasks import AnchoredItem, GroupProblem, choose, fit_mixed
 
 N, TOKENS = 24, 400
 
@@ -125,8 +128,7 @@ def test_the_plain_weight_and_an_undrifted_stream_give_the_plain_factors(method)
 def _choice(method: str, weights, candidates: tuple[float, ...], **options):
     item = AnchoredItem("", METHODS.get(method).options(name=method, **options), "layers.0.", "attn_in", (),
                         None, "", None, "", candidates)
-    tensors = {**paired(*streams(5)).to_tensors("attn_in"), **paired(*streams(6)).to_tensors(HELDOUT + "attn_in")}
-    return choose(item, weights, _layout(method, weights), tensors)
+    return choose(item, weights, _layout(method, weights), GroupProblem(paired(*streams(5)), paired(*streams(6))))
 
 
 def test_a_weight_the_method_refuses_is_not_eligible(monkeypatch):
@@ -226,3 +228,28 @@ def test_palu_head_groups_and_cap_units_solve_the_mixed_problem(structure):
     else:
         correction, _ = mixed_problem(stats, mix)
         torch.testing.assert_close(_cap(weight, stats, mix, 0, 0.2)[1], weight @ correction, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.4, 1.0])
+def test_the_output_problem_is_the_whitened_distance_to_its_target(weight):
+    """(1 − w) Σ‖e − W′x̂‖² + w ‖(W − W′)X‖² = ‖(W′ − M) L‖² + const for every W′ (output_mixed_problem),
+    w = 1 is the plain problem, and output_error is the held-out Σ‖e − W′x̂‖²."""
+    x, x_hat = streams(10)
+    generator = torch.Generator().manual_seed(11)
+    w = torch.randn(10, N, generator=generator, dtype=torch.float64)
+    wanted = x @ w.T + 0.3 * torch.randn(TOKENS, 10, generator=generator, dtype=torch.float64)  # W x + drift
+    output = OutputStats.zeros(10, N)
+    output.add_(wanted, x_hat)
+    stats = paired(x, x_hat)
+    target, hessian = output_mixed_problem(w, stats, output, weight)
+    factor = torch.linalg.cholesky(hessian.gram)
+    gaps = []
+    for seed in range(3):
+        other = torch.randn(10, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        value = (1 - weight) * (wanted - x_hat @ other.T).square().sum() + weight * (x @ (w - other).T).square().sum()
+        gaps.append(float(value) - float(((other - target) @ factor).square().sum()))
+        assert output_error(other, stats, output) == pytest.approx(float((wanted - x_hat @ other.T).square().sum()),
+                                                                   rel=1e-9)
+    assert gaps[1] == pytest.approx(gaps[0], rel=1e-9, abs=1e-6) and gaps[2] == pytest.approx(gaps[0], rel=1e-9, abs=1e-6)
+    if weight == 1.0:
+        assert torch.equal(target, w) and torch.equal(hessian.gram, x.T @ x)

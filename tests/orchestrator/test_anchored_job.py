@@ -93,9 +93,37 @@ def test_the_layer_output_choice_keeps_the_candidate_the_layer_prefers(tmp_path,
     assert not list((tmp_path / "out").rglob("*-w*.safetensors"))  # every candidate deleted
 
 
+def test_the_last_projection_fitted_to_the_layer_output_keeps_the_weight_it_prefers(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):
+    """fitting.output_mix: each layer's down_proj is fitted to the dense layer output at every candidate
+    weight and the one with the smallest held-out layer-output error kept; the other groups stay plain."""
+    real, calls = anchored_tasks.anchored_item, []
+
+    def recording(item):
+        found = real(item)
+        calls.append((item, found[0]))
+        return found
+
+    monkeypatch.setattr("rankfold.workers.anchored_shard.anchored_item", recording)
+    fitting = {"holdout": 2, "mix": [1.0], "output_mix": [0.0, 0.5, 1.0], "output_correction": True}
+    report = run_job(_spec(tiny_model_dir, tmp_path / "out", fitting=fitting), executor=LocalExecutor(workers=2))
+    summary = report["diagnostics"]
+    assert summary["anchored_weights_kept"] == {"1.0": 2 * 3} and sum(summary["output_anchored_weights_kept"].values()) == 2
+    outputs = [(item, found) for item, found in calls if item.output_key]
+    assert [item.group for item, _ in outputs] == ["mlp_out", "mlp_out"] and len(calls) == 2 * 4
+    for item, found in outputs:
+        (path,) = found["output_anchored"]  # down_proj (SkipCat names it by its skip block)
+        assert path.startswith(item.layer_prefix + "mlp.down_proj")
+        errors = {w: found[f"heldout_error@{w}"][path] for w in ("0.0", "0.5", "1.0")}
+        assert found["output_anchored"] == {path: 1} and str(found["anchored_weight"][path]) == min(errors, key=errors.get)
+        assert max(errors.values()) > 1.001 * min(errors.values()), errors  # the candidates differ on held-out rows
+    assert not list((tmp_path / "out").rglob("*-output.safetensors"))  # the statistics deleted
+
+
 def test_ray_and_in_process_walks_agree(tmp_path, tiny_model_dir, ray_executor):
-    # the correction's statistics too reduced in a shard on Ray, the layer-output scores summed in the driver
-    fitting = {"holdout": 2, "output_correction": True, "choose_on": "layer", "mix": [0.0, 1.0]}
+    # the correction's and the output fit's statistics too reduced in a shard on Ray, the layer-output
+    # scores summed in the driver
+    fitting = {"holdout": 2, "output_correction": True, "choose_on": "layer", "mix": [0.0, 1.0], "output_mix": [0.0, 1.0]}
     run_job(_spec(tiny_model_dir, tmp_path / "local", fitting=fitting), executor=LocalExecutor(workers=2))
     run_job(_spec(tiny_model_dir, tmp_path / "ray", fitting=fitting), executor=ray_executor)
     local, remote = _checkpoint(tmp_path / "local"), _checkpoint(tmp_path / "ray")

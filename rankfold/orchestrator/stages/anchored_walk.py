@@ -48,8 +48,10 @@ def anchored(env: Env, stage: Stage, *, ranks: Ranks) -> tuple[dict, Artifacts]:
         shards.call_each("load", [(part, cal.batch_size, rows) for part, rows in zip(parts, heldout)])
         for i in env.executor.steps(range(source.num_layers), "anchored"):
             done: list[tuple[str, str]] = []  # (group, factors key) of this layer so far
-            for group in _groups_in_order(arch, layout, i):
-                key = _merge(diagnostics, artifacts, _fit_group(env, stage, shards, i, group, layout, done))
+            groups = _groups_in_order(arch, layout, i)
+            for group in groups:
+                last = fitting.output_mix is not None and group == groups[-1]
+                key = _merge(diagnostics, artifacts, _fit_group(env, stage, shards, i, group, layout, done, last))
                 done.append((group, key))
                 if fitting.attention_correction and group == ATTENTION_OUTPUT and arch.attention_residual:
                     _merge(diagnostics, artifacts, _correct_output(env, stage, shards, i, layout, done,
@@ -91,27 +93,34 @@ def _layout_of(layout, i: int, done: list[tuple[str, str]]) -> list[dict]:
 
 
 def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, layout,
-               done: list[tuple[str, str]]) -> tuple[dict, str, str]:
+               done: list[tuple[str, str]], last: bool = False) -> tuple[dict, str, str]:
     """One group's factors (kept if stored and verified): its paired statistics from the shards into
     the store, fitted by one task (the weight chosen on the layer's output: _choose_on_layer), then the
-    statistics deleted."""
-    arch, ref = env.source.architecture, env.store.ref()
+    statistics deleted. `last` (fitting.output_mix): the layer's last group, when it is one projection,
+    is fitted to the dense layer output (its OutputStats gathered too)."""
+    arch, ref, fitting = env.source.architecture, env.store.ref(), stage.params["fitting"]
     key = Factors.key_of(stage, i, group)
     modules = layout.in_group(i, group)
     stats_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-{group}.safetensors"
+    output = last and len(modules) == 1 and len(modules[0].members) == 1
+    output_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-{group}-output.safetensors" if output else ""
     item = AnchoredItem(env.source.location, stage.params["method"], arch.layer_prefix.format(i=i), group,
-                        tuple(m.to_json() for m in modules), ref, stats_key, ref, key, stage.params["fitting"].mix)
-    stored = env.store.verify(key)
+                        tuple(m.to_json() for m in modules), ref, stats_key, ref, key,
+                        fitting.output_mix if output else fitting.mix, output_key)
+    stored, reader, keys = env.store.verify(key), modules[0].members[0], [k for _, k in done]
     if not stored:
-        reader = modules[0].members[0]
-        shards.call_reduced("paired_stats", i, group, reader, _layout_of(layout, i, done), ref, [k for _, k in done],
+        shards.call_reduced("paired_stats", i, group, reader, _layout_of(layout, i, done), ref, keys,
                             reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i), record=False)
-    if not stored and stage.params["fitting"].choose_on == "layer" and len(item.candidates) > 1:
+    if not stored and output:
+        shards.call_reduced("output_stats", i, reader, _layout_of(layout, i, done), ref, keys,
+                            reduce=reduce_statistics, item=ReduceItem(ref, output_key, i), record=False)
+    if not stored and fitting.choose_on == "layer" and len(item.candidates) > 1 and not output:
         diagnostics, key, sha = _choose_on_layer(shards, i, group, layout, done, item)
-    else:  # fits, or reads the stored factors' diagnostics
+    else:  # fits (output: its choice is on the layer output already), or reads the stored factors' diagnostics
         diagnostics, key, sha = shards.run_on(i % len(shards.shards), "fit", item)
-    if env.store.exists(stats_key):
-        env.store.delete(stats_key)
+    for written in (stats_key, output_key):
+        if written and env.store.exists(written):
+            env.store.delete(written)
     return diagnostics, key, sha
 
 
