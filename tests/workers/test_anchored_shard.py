@@ -1,5 +1,6 @@
-"""The output correction's target (workers/anchored_shard.py correction_pair): its statistics give the
-residual error where each output projection lands, and the least-squares B from them lowers it."""
+"""The output correction's target (workers/anchored_shard.py correction_pair) and the output fit's
+(wanted_output): their statistics give the residual error where each output projection lands, and the
+least-squares fit from them lowers it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,24 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from rankfold.methods.anchored import CorrectionStats, corrected_output, correction_error
+from rankfold.methods.anchored import (
+    CorrectionStats,
+    OutputStats,
+    PairedStats,
+    corrected_output,
+    correction_error,
+    output_error,
+    output_mixed_problem,
+)
 from rankfold.models.architecture import ARCHITECTURES
 from rankfold.modules.lowrank import LowRankLinear
-from rankfold.workers.anchored_shard import adds_to_residual, correction_pair, residual_at
+from rankfold.workers.anchored_shard import (
+    adds_to_residual,
+    capture_input,
+    correction_pair,
+    residual_at,
+    wanted_output,
+)
 from rankfold.workers.layers import LayerRunner
 
 
@@ -70,3 +85,30 @@ def test_a_projection_behind_a_norm_is_not_linear_at_the_residual():
     x = torch.randn(2, 8, 32)
     module = compressed.get_submodule("self_attn.o_proj")
     assert not adds_to_residual(compressed, module, runner, x, None)
+
+
+def test_the_output_statistics_give_the_layer_output_error_and_the_output_fit_lowers_it():
+    """fitting.output_mix: with up_proj compressed and the two streams apart, the statistics of the still
+    dense down_proj (wanted_output) give the layer-output error, and its least-squares target M (w = 0)
+    lowers it to what output_error predicts."""
+    dense, compressed, runner = _layers("mlp.up_proj", rank=8)
+    torch.manual_seed(2)
+    x = torch.randn(8, 32, 32)  # 256 tokens: more than down_proj's 64 inputs, so the fit cannot interpolate
+    x_hat = x + 0.3 * torch.randn_like(x)
+    path, module = "mlp.down_proj", compressed.get_submodule("mlp.down_proj")
+    with torch.no_grad():
+        wanted, inputs = wanted_output(dense, compressed, path, None, runner, x, x_hat)
+        output, stats = OutputStats.zeros(32, 64), PairedStats.zeros(64)
+        output.add_(wanted, inputs)
+        stats.add_(capture_input(dense, path, runner, x), inputs)
+
+        def error() -> float:  # ‖dense layer(X) − compressed layer(X̂)‖²
+            return float((runner(dense, x) - runner(compressed, x_hat)).double().square().sum())
+
+        before = error()
+        assert output_error(module.weight, stats, output) == pytest.approx(before, rel=1e-4)
+        target, _ = output_mixed_problem(module.weight, stats, output, 0.0)
+        module.weight.copy_(target.float())
+        after = error()
+    assert output_error(target, stats, output) == pytest.approx(after, rel=1e-3)
+    assert after < 0.9 * before
