@@ -42,6 +42,7 @@ from rankfold.storage.store import LocalStore  # noqa: E402
 
 PATCH = REPO / "benchmarks" / "aa_svd_cpu.patch"
 DRIVER = REPO / "benchmarks" / "aa_svd_driver.py"
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")
 VARIANTS = {"obj2": ("obj2", False), "obj4": ("obj4", False), "obj4+refine": ("obj4", True)}
 
 
@@ -71,12 +72,15 @@ def checkout(args: argparse.Namespace) -> tuple[Path, str]:
     commit = subprocess.run(["git", "--git-dir", str(args.git_dir), "rev-parse", args.rev], check=True,
                             capture_output=True, text=True).stdout.strip()
     folder = args.work / f"aa-svd-{commit[:12]}"
-    if not (folder / "main.py").exists():
-        folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / ".rankfold-patched"  # written once the patch applied: a failed patch is redone
+    if not stamp.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
         archive = subprocess.run(["git", "--git-dir", str(args.git_dir), "archive", commit], check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "x", "-C", str(folder)], input=archive, check=True)
         subprocess.run(["patch", "-p1", "-i", str(PATCH)], cwd=folder, check=True, capture_output=True)
+        stamp.write_text(PATCH.read_text())
     return folder, commit
 
 
@@ -109,11 +113,12 @@ def run_driver(args, repo: Path, model: Path, ids: Path, ratio: float, variant: 
                "--out", str(out), "--keep-ratio", f"{1 - ratio:g}", "--objective", objective,
                "--refine-epochs", str(args.refine_epochs if refine else 0), "--batch-size", str(args.batch_size),
                "--threads", str(os.cpu_count() or 1)]
+    shutil.rmtree(out, ignore_errors=True)
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"AA-SVD {variant} @ {ratio:.0%} failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
     for path in model.iterdir():  # the tokenizer's files: AA-SVD saves the model only
-        if not (out / path.name).exists():
+        if path.name.startswith(TOKENIZER_FILES):
             shutil.copy(path, out / path.name)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     repo, commit = checkout(args)
-    model = model_folder(args.bench.model, args.work / "model")
+    model = model_folder(args.bench.model, args.work / f"model-{Path(args.bench.model).name}")
     ids = calibration_ids(args, args.work / "calibration-ids.pt")
     store, rows = LocalStore(args.work / "artifacts"), []
     dense = evaluated(args, model, store)
@@ -165,6 +170,9 @@ def to_markdown(result: dict) -> str:
              f"windows), batches of {result['batch_size']}; perplexity over {result['evaluation']['tokens']} tokens "
              f"in windows of {result['evaluation']['window']}. Dense: "
              + ", ".join(f"{text} {value:.2f}" for text, value in result["dense"].items()) + ".", "",
+             "Uniform ranks on plain low-rank matrices (AA-SVD's own allocation): compare with rankfold's "
+             "`--methods svd_llm --allocations uniform` rows (obj2 is that fit); AA-SVD's defaults are 25 refine "
+             "passes and batches of 32.", "",
              "| ratio | variant | refine passes | WikiText-2 | second text | kept fraction | fitting s |",
              "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:

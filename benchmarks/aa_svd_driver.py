@@ -13,14 +13,19 @@ JSON line: seconds, the kept fraction of the compressed linears' parameters and 
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 import sys
-import time
-import types
+from pathlib import Path
 
-import torch
+# not this file's folder on the path: its aa_svd.py would shadow AA-SVD's package (before any import)
+sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+
+import torch  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,7 +82,7 @@ def densified(model) -> tuple[dict[str, int], int, int]:
 
 def main() -> None:
     args = parse_args()
-    sys.path[0] = args.repo  # not this file's folder: its aa_svd.py would shadow AA-SVD's package
+    sys.path.insert(0, args.repo)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.perf_counter()

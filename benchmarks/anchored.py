@@ -225,6 +225,7 @@ def to_markdown(result: dict) -> str:
                          "| | | | | | |")
             continue
         weights, blends = row.get("anchored_weights_kept", {}), row.get("output_correction_weights_kept", {})
+        weights = weights | {f"down {w}": n for w, n in row.get("output_anchored_weights_kept", {}).items()}
         lines.append(f"| {row['method']} | {row['ratio']:.0%} | {row['variant']} | {row['ppl']['wikitext2']:.2f} | "
                      f"{row['ppl']['second']:.2f} | {_average(row.get('zeroshot', {}))} | {row['fitting_s']:.0f} | "
                      f"{_seconds(row['job_s'])} | "

@@ -336,6 +336,8 @@ class JobSpec(Strict):
             exclude["target"] = {"experts"}
         if self.fitting is None:  # and from before fitting
             exclude["fitting"] = True
+        elif self.fitting.output_mix is None:  # and from before fitting.output_mix
+            exclude["fitting"] = {"output_mix"}
         data = self.model_dump(mode="json", exclude=exclude)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 

@@ -223,6 +223,15 @@ class AnchoredShard(SequenceShard):
         Returns `output.*`, `heldout.output.*` and `output.linear` as correction_stats."""
         return self._output_sums("output", index, path, layout, store, keys, None)
 
+    def output_is_linear(self, index: int, path: str, layout: list[dict], store: StoreRef | None,
+                         keys: list[str]) -> bool:
+        """Whether the layer's output moves exactly with the output of the projection at `path` (layer
+        `index` compressed with `layout`): where it does not, fitting.output_mix does not apply."""
+        compressed = self._layer(index, layout, store, keys)
+        with torch.no_grad():
+            return adds_to_residual(compressed, compressed.get_submodule(path), self.runner,
+                                    next(iter(self.compressed)), None)
+
     def _output_sums(self, kind: str, index: int, path: str, layout: list[dict], store: StoreRef | None,
                      keys: list[str], point: str | None) -> dict[str, torch.Tensor]:
         dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)

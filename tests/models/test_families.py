@@ -251,13 +251,14 @@ def test_a_skipcat_flra_job_runs_end_to_end(family, tmp_path):
 
 
 def test_the_anchored_walk_runs_on_every_family(family, tmp_path):
-    """fitting: anchored with a held-out choice of the weight and the output correction, SkipCat on every
-    dense family: the checkpoint gives the job's perplexity; the correction applies to o_proj and
-    down_proj where the block adds their outputs to its residual (not behind a post-norm or a scaled
-    residual); a mixture is refused before anything is written."""
+    """fitting: anchored with a held-out choice of the weight, the output fit and the output correction,
+    SkipCat on every dense family: the checkpoint gives the job's perplexity; the correction applies to
+    o_proj and down_proj, and down_proj is fitted to the layer output, where the block adds their outputs
+    to its residual (not behind a post-norm or a scaled residual: there down_proj is fitted as the other
+    groups); a mixture is refused before anything is written."""
     model_type, folder = family
     data = tiny_spec_dict(folder, tmp_path / "out", method="skipcat", ratio=0.3)
-    data["fitting"] = {"holdout": 2, "output_correction": True, "attention_correction": True}
+    data["fitting"] = {"holdout": 2, "output_correction": True, "attention_correction": True, "output_mix": [0.5, 1.0]}
     spec = parse_spec(data)
     if ARCHITECTURES.get(model_type).experts:
         with pytest.raises(ValueError, match="a mixture's experts see different tokens"):
@@ -265,12 +266,15 @@ def test_the_anchored_walk_runs_on_every_family(family, tmp_path):
         assert not (tmp_path / "out").exists()
         return
     report = run_job(spec)
-    assert sum(report["diagnostics"]["anchored_weights_kept"].values()) == 2 * 4  # layers × input groups
+    kept = report["diagnostics"]
+    fitted_to_output = sum(kept.get("output_anchored_weights_kept", {}).values())  # down_proj, where linear
+    assert sum(kept["anchored_weights_kept"].values()) + fitted_to_output == 2 * 4  # layers × input groups
     dense = AutoModelForCausalLM.from_pretrained(folder)
     post_norm = any(name.endswith("post_feedforward_layernorm") for name, _ in dense.model.layers[0].named_modules())
     scaled = getattr(dense.config, "residual_multiplier", 1.0) != 1.0  # Granite's, in this test's config
     corrected = report["diagnostics"].get("output_correction_weights_kept", {})
     assert sum(corrected.values()) == (0 if post_norm or scaled else 2 * 2)  # layers × (o_proj, down_proj)
+    assert fitted_to_output == (0 if post_norm or scaled else 2)
     ppl = spec.evaluation.perplexity[0]
     windows = make_windows(tokenize(load_text(ppl.data), _tokenizer(folder)), ppl.window, ppl.max_tokens)
     compressed = rankfold.load(tmp_path / "out" / "model")

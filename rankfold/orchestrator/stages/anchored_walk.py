@@ -96,18 +96,21 @@ def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, l
                done: list[tuple[str, str]], last: bool = False) -> tuple[dict, str, str]:
     """One group's factors (kept if stored and verified): its paired statistics from the shards into
     the store, fitted by one task (the weight chosen on the layer's output: _choose_on_layer), then the
-    statistics deleted. `last` (fitting.output_mix): the layer's last group, when it is one projection,
-    is fitted to the dense layer output (its OutputStats gathered too)."""
+    statistics deleted. `last` (fitting.output_mix): the layer's last group, when it is one projection
+    whose output the layer adds to its residual unchanged, is fitted to the dense layer output (its
+    OutputStats gathered too); otherwise it is fitted as the others."""
     arch, ref, fitting = env.source.architecture, env.store.ref(), stage.params["fitting"]
     key = Factors.key_of(stage, i, group)
     modules = layout.in_group(i, group)
     stats_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-{group}.safetensors"
-    output = last and len(modules) == 1 and len(modules[0].members) == 1
+    stored, reader, keys = env.store.verify(key), modules[0].members[0], [k for _, k in done]
+    output = (last and not stored and len(modules) == 1 and len(modules[0].members) == 1
+              and shards.run_on(i % len(shards.shards), "output_is_linear", i, reader, _layout_of(layout, i, done),
+                                ref, keys))
     output_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-{group}-output.safetensors" if output else ""
     item = AnchoredItem(env.source.location, stage.params["method"], arch.layer_prefix.format(i=i), group,
                         tuple(m.to_json() for m in modules), ref, stats_key, ref, key,
                         fitting.output_mix if output else fitting.mix, output_key)
-    stored, reader, keys = env.store.verify(key), modules[0].members[0], [k for _, k in done]
     if not stored:
         shards.call_reduced("paired_stats", i, group, reader, _layout_of(layout, i, done), ref, keys,
                             reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i), record=False)
