@@ -37,7 +37,7 @@ from benchmarks.quality import (  # noqa: E402
 from rankfold.cli import logging_to_stderr  # noqa: E402
 from rankfold.core.errors import DecompositionError  # noqa: E402
 from rankfold.evaluation.report import metric_table  # noqa: E402
-from rankfold.jobs.spec import FittingSpec, parse_spec  # noqa: E402
+from rankfold.jobs.spec import parse_spec  # noqa: E402
 from rankfold.orchestrator.job import run_job  # noqa: E402
 from rankfold.storage.store import LocalStore  # noqa: E402
 
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allocations", nargs="+", default=["fisher"], choices=list(ALLOCATION_NAMES))
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.4])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--mix", nargs="+", type=float, default=list(FittingSpec().mix),
+    parser.add_argument("--mix", nargs="+", type=float, default=[0.0, 0.2, 0.5, 0.8, 1.0],
                         help="the mixed variant's candidate plain-term weights")
     parser.add_argument("--holdout", type=int, default=16, help="calibration sequences held out to choose the weight")
     parser.add_argument("--calib-data", type=Path, default=DATA / "calibration" / "enwiki_excerpt.txt")

@@ -141,13 +141,16 @@ class FittingSpec(Strict):
     """Anchored fitting (methods/anchored.py): calibration and decomposition in one walk over the
     layers, each input group fitted to the dense outputs from the compressed-so-far model's inputs X̂:
     min ‖W X − W′ X̂‖² + λ ‖(W − W′) X‖². For whitened methods (svd_llm, cat, skip, skipcat).
-    Fits the weight method's matrices; a KV method's factors (Palu) stay fitted to the dense inputs."""
+    Fits the weight method's matrices; a KV method's factors (Palu) stay fitted to the dense inputs.
+    The defaults (`fitting: {}`) keep the plain factors and correct each layer's down_proj toward the
+    dense layer output: the setting measured best (docs/methods/anchored.md)."""
 
     kind: Literal["anchored"] = "anchored"
     # The plain term's weight w = λ / (1 + λ) in (1 − w) ‖W X − W′ X̂‖² + w ‖(W − W′) X‖²: 0 is AA-SVD's
     # anchored form, 1 the plain method. One value, or candidates each input group chooses among on
-    # held-out calibration sequences (choose_on).
-    mix: tuple[float, ...] = Field((0.0, 0.2, 0.5, 0.8, 1.0), min_length=1)
+    # held-out calibration sequences (choose_on), e.g. [0, 0.2, 0.5, 0.8, 1]. Default: the plain factors,
+    # which with the output correction measured best (docs/methods/anchored.md).
+    mix: tuple[float, ...] = Field((1.0,), min_length=1)
     # What the held-out choice of the weight minimises: "module", each group's own anchored error
     # ‖W X_h − W′ X̂_h‖² summed over its modules; "layer", the layer's output error ‖layer(X_h) −
     # layer′(X̂_h)‖² with the candidate in place (the groups before it fitted, the rest dense), which
@@ -162,7 +165,7 @@ class FittingSpec(Strict):
     # as a blend with the fitted B chosen on the held-out sequences (or not at all). A projection whose
     # output does not reach the residual unchanged (Gemma's and OLMo 2's post-norms, Granite's scaled
     # residual) keeps its B.
-    output_correction: bool = False
+    output_correction: bool = True
     # The same for o_proj, once its group is fitted, toward the dense residual after attention (before the
     # MLP is fitted). Off by default: measured worse than the down_proj correction alone (docs/methods/anchored.md).
     attention_correction: bool = False

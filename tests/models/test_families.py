@@ -258,7 +258,7 @@ def test_the_anchored_walk_runs_on_every_family(family, tmp_path):
     groups); a mixture is refused before anything is written."""
     model_type, folder = family
     data = tiny_spec_dict(folder, tmp_path / "out", method="skipcat", ratio=0.3)
-    data["fitting"] = {"holdout": 2, "output_correction": True, "attention_correction": True, "output_mix": [0.5, 1.0]}
+    data["fitting"] = {"holdout": 2, "mix": [0.5, 1.0], "attention_correction": True, "output_mix": [0.5, 1.0]}
     spec = parse_spec(data)
     if ARCHITECTURES.get(model_type).experts:
         with pytest.raises(ValueError, match="a mixture's experts see different tokens"):

@@ -33,7 +33,8 @@ def _checkpoint(out) -> dict:
 def test_the_plain_weight_gives_the_plain_jobs_factors(tmp_path, tiny_model_dir):
     """w = 1 through the walk: the same checkpoint as the plain job (float64 Gram products)."""
     run_job(_spec(tiny_model_dir, tmp_path / "plain", gram_product_dtype="float64"))
-    report = run_job(_spec(tiny_model_dir, tmp_path / "walk", fitting={"mix": [1.0]}, gram_product_dtype="float64"))
+    report = run_job(_spec(tiny_model_dir, tmp_path / "walk", fitting={"mix": [1.0], "output_correction": False},
+                           gram_product_dtype="float64"))
     assert "anchored" in report["artifacts"]["digests"] and "decompose" not in report["artifacts"]["digests"]
     plain, walked = _checkpoint(tmp_path / "plain"), _checkpoint(tmp_path / "walk")
     assert plain.keys() == walked.keys()
@@ -47,7 +48,7 @@ def test_the_plain_weight_gives_the_plain_jobs_factors(tmp_path, tiny_model_dir)
                                                          ("keep_candidate", 5, "layer")])
 def test_a_stopped_walk_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir, monkeypatch, task, stop_after,
                                                        choose_on):
-    fitting = {"holdout": 2, "output_correction": True, "attention_correction": True, "choose_on": choose_on}
+    fitting = {"holdout": 2, "mix": [0.0, 0.5, 1.0], "attention_correction": True, "choose_on": choose_on}
     spec = _spec(tiny_model_dir, tmp_path / "whole", fitting=fitting)
     whole = run_job(spec, executor=LocalExecutor(workers=2))
     assert whole["diagnostics"]["anchored_weights_kept"] and whole["diagnostics"]["output_correction_weights_kept"]
