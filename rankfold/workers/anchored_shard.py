@@ -220,7 +220,7 @@ class AnchoredShard(SequenceShard):
         """fitting.output_mix's statistics (methods/anchored.py OutputStats: e and the projection's input
         x̂, wanted_output) of the still dense projection at `path`, the layer's last, toward the dense
         layer output; the rest of layer `index` compressed with `layout` (factors under `keys`).
-        Returns `output.*`, `heldout.output.*` and `output.linear` as correction_stats."""
+        Returns `output.*` and `heldout.output.*` (linearity: output_is_linear, checked by the walk first)."""
         return self._output_sums("output", index, path, layout, store, keys, None)
 
     def output_is_linear(self, index: int, path: str, layout: list[dict], store: StoreRef | None,
@@ -242,13 +242,15 @@ class AnchoredShard(SequenceShard):
             for k, (x, x_hat) in enumerate(zip(self.hidden, self.compressed, strict=True)):
                 wanted, inputs = pair(dense, compressed, path, point, self.runner, x, x_hat)
                 if fitted is None:
-                    fitted, heldout = (stats.zeros(wanted.shape[-1], inputs.shape[-1], wanted.device) for _ in "fh")
+                    fitted, heldout = (stats.zeros(wanted.shape[-1], inputs.shape[-1], wanted.device) for _ in range(2))
                 split = min(max(first - k * self.batch_size, 0), x.shape[0])
                 fitted.add_(wanted[:split], inputs[:split], self.product_dtype)
                 heldout.add_(wanted[split:], inputs[split:], self.product_dtype)
-        linear = adds_to_residual(compressed, module, self.runner, next(iter(self.compressed)), point)
-        return to_host({**fitted.to_tensors(kind), **heldout.to_tensors(HELDOUT + kind),
-                        f"{kind}.linear": torch.tensor([int(linear)])})
+        sums = {**fitted.to_tensors(kind), **heldout.to_tensors(HELDOUT + kind)}
+        if kind == "correction":  # output_stats: the walk checked output_is_linear before gathering them
+            linear = adds_to_residual(compressed, module, self.runner, next(iter(self.compressed)), point)
+            sums["correction.linear"] = torch.tensor([int(linear)])
+        return to_host(sums)
 
     def advance_pair(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str],
                      keep_outputs: bool = True) -> int:

@@ -44,7 +44,7 @@ class AnchoredItem:
     factors: StoreRef
     factors_key: str
     candidates: tuple[float, ...]  # plain-term weights w tried (1: the plain method); one: no choice is made
-    # fitting.output_mix: OutputStats (output.*, heldout.output.*, output.linear) of the group's one
+    # fitting.output_mix: OutputStats (output.*, heldout.output.*) of the group's one
     # projection, fitted to the dense layer output (output_mixed_problem); "": the mixed problem
     output_key: str = ""
 
@@ -60,15 +60,13 @@ class GroupProblem:
 
     @classmethod
     def read(cls, item: AnchoredItem) -> "GroupProblem":
-        """The item's statistics from the store (on the worker's device); the output problem only where
-        the projection's output reaches the residual unchanged (output.linear)."""
+        """The item's statistics from the store (on the worker's device), the output problem's with an
+        output_key."""
         tensors = on_device(open_ref(item.stats).get_tensors(item.stats_key))
         problem = cls(PairedStats.from_tensors(tensors, item.group), PairedStats.from_tensors(tensors, HELDOUT + item.group))
-        if item.output_key:
+        if item.output_key:  # set by the walk only where the projection's output reaches the residual unchanged
             output = on_device(open_ref(item.stats).get_tensors(item.output_key))
-            if int(output["output.linear"][0]):
-                problem.output = (OutputStats.from_tensors(output, "output"),
-                                  OutputStats.from_tensors(output, HELDOUT + "output"))
+            problem.output = (OutputStats.from_tensors(output, "output"), OutputStats.from_tensors(output, HELDOUT + "output"))
         return problem
 
     def fit(self, method: MethodOptions, weights: dict[str, torch.Tensor], modules: list[CompressedModule],
