@@ -55,9 +55,21 @@ VARIANTS = {"plain": lambda args: None, "anchored": lambda args: {"mix": [0.0], 
             # layer-output error (fitting.output_mix), then the output correction
             "output-mixed+correction": lambda args: {"mix": [1.0], "output_mix": args.mix, "holdout": args.holdout,
                                                      "output_correction": True},
+            # + fitting.refine: a few Adam steps on each layer's factors toward the dense layer output
+            "plain+correction+refine": lambda args: {"mix": [1.0], "holdout": args.holdout, "output_correction": True,
+                                                     "refine": refine(args)},
+            "output-mixed+correction+refine": lambda args: {"mix": [1.0], "output_mix": args.mix, "holdout": args.holdout,
+                                                            "output_correction": True, "refine": refine(args)},
             # the weight chosen on the held-out layer output instead of each module's own anchored error
             "mixed-layer+correction": lambda args: {"mix": args.mix, "holdout": args.holdout, "output_correction": True,
                                                     "choose_on": "layer"}}
+
+
+def refine(args: argparse.Namespace) -> dict:
+    return {"steps": args.refine_steps, "lr": args.refine_lr, "sequences": args.refine_sequences,
+            "checks": args.refine_checks}
+
+
 FITTED = ("anchored", "decompose", "calibrate")  # stages whose time is the fitting's
 
 
@@ -70,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--mix", nargs="+", type=float, default=[0.0, 0.2, 0.5, 0.8, 1.0],
                         help="the mixed variant's candidate plain-term weights")
+    parser.add_argument("--refine-steps", type=int, default=32, help="the refine variants' Adam steps per layer")
+    parser.add_argument("--refine-lr", type=float, default=1e-4)
+    parser.add_argument("--refine-sequences", type=int, default=4, help="calibration sequences per refinement step")
+    parser.add_argument("--refine-checks", type=int, default=4, help="held-out scorings per layer's refinement")
     parser.add_argument("--holdout", type=int, default=16, help="calibration sequences held out to choose the weight")
     parser.add_argument("--calib-data", type=Path, default=DATA / "calibration" / "enwiki_excerpt.txt")
     parser.add_argument("--calib-samples", type=int, default=128)
@@ -169,7 +185,8 @@ def kept(diagnostics: dict) -> dict:
     """The fitting's summary: weights and correction blends kept, held-out error ratios to plain."""
     keys = ("anchored_weights_kept", "anchored_modules_with_refused_weights", "mean_heldout_error_ratio",
             "output_anchored_weights_kept", "mean_output_heldout_error_ratio",
-            "output_correction_weights_kept", "mean_output_correction_ratio")
+            "output_correction_weights_kept", "mean_output_correction_ratio", "refined_layers", "refine_steps_kept",
+            "mean_refine_heldout_ratio")
     return {key: diagnostics[key] for key in keys if key in diagnostics}
 
 

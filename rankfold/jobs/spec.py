@@ -137,6 +137,18 @@ class CalibrationSpec(Strict):
         return CalibrationSample.of(self.data, self.num_samples, self.seq_len, self.seed)
 
 
+class RefineSpec(Strict):
+    """fitting.refine: after a layer is fitted, a few Adam steps on its factors toward the dense layer's
+    output — Σ‖layer′(X̂) − layer(X)‖² on the fitted calibration sequences, the block objective AA-SVD
+    (arXiv 2604.02119) refines for 25 epochs — the factors at the start or at a check point kept by their
+    held-out layer-output error (training: the factors move off the method's closed form)."""
+
+    steps: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)  # Adam's, cosine-decayed to 0 over the steps (AA-SVD's rate)
+    sequences: int = Field(4, ge=1)  # calibration sequences per step, over all shards (each shard ≥ 1)
+    checks: int = Field(4, ge=1)  # held-out scorings, evenly spaced, the last after the last step
+
+
 class FittingSpec(Strict):
     """Anchored fitting (methods/anchored.py): calibration and decomposition in one walk over the
     layers, each input group fitted to the dense outputs from the compressed-so-far model's inputs X̂:
@@ -175,6 +187,9 @@ class FittingSpec(Strict):
     # sequences' layer-output error. Unset: that group is fitted as the others (mix); so is a projection
     # whose output does not reach the residual unchanged.
     output_mix: tuple[float, ...] | None = Field(None, min_length=1)
+    # After each layer is fitted (and corrected), a local refinement of its factors (RefineSpec). Unset:
+    # none — the closed forms only.
+    refine: RefineSpec | None = None
 
     @field_validator("mix", "output_mix")
     @classmethod
@@ -191,7 +206,8 @@ class FittingSpec(Strict):
     def heldout(self) -> int:
         """Sequences held out: `holdout` when there is a choice to make, else none."""
         choices = len(self.mix) > 1 or len(self.output_mix or ()) > 1
-        return self.holdout if choices or self.output_correction or self.attention_correction else 0
+        chosen = choices or self.output_correction or self.attention_correction or self.refine is not None
+        return self.holdout if chosen else 0
 
 
 # One list per registered evaluator (`evaluation: {perplexity: [...], zeroshot: [...], generation: [...]}`).
@@ -339,8 +355,10 @@ class JobSpec(Strict):
             exclude["target"] = {"experts"}
         if self.fitting is None:  # and from before fitting
             exclude["fitting"] = True
-        elif self.fitting.output_mix is None:  # and from before fitting.output_mix
-            exclude["fitting"] = {"output_mix"}
+        else:  # and from before fitting.output_mix, fitting.refine
+            absent = {name for name in ("output_mix", "refine") if getattr(self.fitting, name) is None}
+            if absent:
+                exclude["fitting"] = absent
         data = self.model_dump(mode="json", exclude=exclude)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 

@@ -53,7 +53,8 @@ def shared_lowrank(x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.Tensor],
     """Every member's output B_c·z + bias_c of one shared projection z = A x (or, with `permutation`,
     the skip form x[P[:r]] + A′x[P[r:]]), computing z once."""
     biases = list(biases) if biases is not None else [None] * len(bs)
-    if choose_backend(x, backend) == "triton":
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, a, *bs, *biases))
+    if choose_backend(x, backend) == "triton" and not tracked:  # the Triton kernel has no backward
         return triton_kernel("triton_lowrank", "shared_lowrank_triton")(x, a, bs, permutation, biases)
     z = project(x, a, permutation)
     return [torch.nn.functional.linear(z, b, bias) for b, bias in zip(bs, biases)]

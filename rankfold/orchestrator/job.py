@@ -153,7 +153,18 @@ def _summarise(diagnostics: dict[str, dict[str, float]]) -> dict:
         errors = {w: {path: v for path, v in values.items() if path in common} for w, values in errors.items()}
         summary["heldout_error_by_layer"] = {w: _sums(values, _layer_of) for w, values in errors.items()}
         summary["heldout_error_by_module"] = {w: _sums(values, _module_of) for w, values in errors.items()}
-    return summary
+    return {**summary, **_refine_summary(diagnostics)}
+
+
+def _refine_summary(diagnostics: dict[str, dict[str, float]]) -> dict:
+    """fitting.refine: layers refined, how often each step was kept (0: the start), and the mean held-out
+    layer-output error of the kept factors over the start's."""
+    steps, ratios = diagnostics.get("refine_step", {}), diagnostics.get("refine_heldout_ratio", {})
+    if not steps:
+        return {}
+    kept = [int(step) for step in steps.values()]
+    return {"refined_layers": len(steps), "refine_steps_kept": {str(s): kept.count(s) for s in sorted(set(kept))},
+            "mean_refine_heldout_ratio": sum(ratios.values()) / len(ratios)}
 
 
 def _layer_of(path: str) -> str:

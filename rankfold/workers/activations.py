@@ -95,11 +95,15 @@ class Activations:
         return len(self._chunks)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for chunk in self._chunks:
-            if isinstance(chunk, Path):
-                yield load_file(chunk)["hidden"].to(self.device)
-            else:  # pinned host memory: the copy overlaps; the device's stream orders it before its use
-                yield chunk.to(self.device, non_blocking=chunk.is_pinned())
+        for k in range(len(self._chunks)):
+            yield self[k]
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        """Chunk k on the device (read back from its file when spilled)."""
+        chunk = self._chunks[k]
+        if isinstance(chunk, Path):
+            return load_file(chunk)["hidden"].to(self.device)
+        return chunk.to(self.device, non_blocking=chunk.is_pinned())  # pinned: the copy overlaps, ordered before use
 
     def release(self) -> None:
         """Drop the chunks, give back their device memory and delete spilled files (this buffer is not

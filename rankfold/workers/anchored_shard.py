@@ -116,6 +116,7 @@ class AnchoredShard(SequenceShard):
         self.heldout_rows = 0
         self._dense: tuple[int, nn.Module] | None = None  # (layer index, its dense module), reused per group
         self._heldout_outputs: tuple[int, list[torch.Tensor]] | None = None  # (layer index, dense layer(X_h))
+        self._refining: tuple[int, nn.Module] | None = None  # (layer index, the compressed layer being refined)
 
     def load(self, ids: torch.Tensor, batch_size: int, heldout_rows: int = 0) -> int:
         """Embed (samples, seq) ids into both streams; the last `heldout_rows` rows are held out."""
@@ -187,19 +188,68 @@ class AnchoredShard(SequenceShard):
                 yield k, chunk[split:]
 
     def heldout_output_error(self, index: int, layout: list[dict], store: StoreRef | None,
-                             keys: list[str]) -> float:
+                             keys: list[str], params: dict[str, torch.Tensor] | None = None) -> float:
         """Σ ‖dense layer(X_h) − compressed layer(X̂_h)‖² (float64) over this shard's held-out rows, layer
-        `index` compressed with `layout` (factors under `keys`): the layer-output choice's score."""
+        `index` compressed with `layout` (factors under `keys`, those named in `params` replaced by its
+        tensors: the refinement's): the layer-output choice's score."""
         if not self.heldout_rows:
             return 0.0
         if self._heldout_outputs is None or self._heldout_outputs[0] != index:
             dense = self._dense_layer(index)
             self._heldout_outputs = (index, [self.runner(dense, x) for _, x in self._heldout(self.hidden)])
-        compressed, total = self._layer(index, layout, store, keys), 0.0
+        total = 0.0
+        compressed = self._layer(index, layout, store, keys) if params is None else self._refined(
+            index, layout, store, keys, params)
         with torch.no_grad():
             for (_, x_hat), wanted in zip(self._heldout(self.compressed), self._heldout_outputs[1], strict=True):
                 total += float((self.runner(compressed, x_hat) - wanted).double().square().sum())
         return total
+
+    def _refined(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str],
+                 params: dict[str, torch.Tensor]) -> nn.Module:
+        """Layer `index` compressed (built once per layer), its tensors named in `params` set to those."""
+        if self._refining is None or self._refining[0] != index:
+            self._refining = (index, self._layer(index, layout, store, keys))
+        layer = self._refining[1]
+        unexpected = layer.load_state_dict(params, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"layer {index}: refined tensors {sorted(unexpected)} are not the layer's")
+        return layer
+
+    def _fitted_window(self, step: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X, X̂) of `rows` fitted rows (not held out), the window of step `step` cycling through them."""
+        fitted = self.ids.shape[0] - self.heldout_rows
+        picked = [(step * min(rows, fitted) + j) % fitted for j in range(min(rows, fitted))]
+        chunks = sorted({row // self.batch_size for row in picked})
+        pairs = [(self.hidden[k], self.compressed[k], k) for k in chunks]
+        x = torch.cat([dense[[r % self.batch_size for r in picked if r // self.batch_size == k]] for dense, _, k in pairs])
+        x_hat = torch.cat([hat[[r % self.batch_size for r in picked if r // self.batch_size == k]] for _, hat, k in pairs])
+        return x, x_hat
+
+    def refine_gradients(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str],
+                         params: dict[str, torch.Tensor], step: int, rows: int) -> dict[str, torch.Tensor]:
+        """fitting.refine's step on this shard: the gradient of Σ‖layer′(X̂) − layer(X)‖² (layer′: layer
+        `index` compressed with `layout`, its tensors in `params` set to those) over this step's `rows`
+        fitted rows (_fitted_window). Returns `grad.<name>` (float32) for each of `params` that is a
+        parameter of the layer (a buffer, e.g. a skip permutation, gets none), `refine.error` (float64)
+        and `refine.tokens`: partial sums the walk reduces."""
+        layer = self._refined(index, layout, store, keys, params)
+        named = dict(layer.named_parameters(remove_duplicate=False))
+        for name, parameter in named.items():
+            parameter.requires_grad_(name in params)
+            parameter.grad = None
+        x, x_hat = self._fitted_window(step, rows)
+        with torch.no_grad():
+            wanted = self.runner(self._dense_layer(index), x)
+        with torch.enable_grad():
+            error = (self.runner.run(layer, x_hat) - wanted).float().square().sum()
+            error.backward()
+        for parameter in named.values():
+            parameter.requires_grad_(False)
+        grads = {f"grad.{name}": named[name].grad.float() for name in params
+                 if name in named and named[name].grad is not None}
+        return to_host({**grads, "refine.error": error.detach().double().reshape(1),
+                        "refine.tokens": torch.tensor([x.shape[0] * x.shape[1]], dtype=torch.int64)})
 
     def correct(self, item: CorrectionItem) -> tuple[dict[str, dict[str, float]], str, str]:
         """correction_item run in this shard's worker."""
@@ -270,12 +320,12 @@ class AnchoredShard(SequenceShard):
                         outputs.append(hidden)
             buffer.release()
             setattr(self, name, outputs)
-        self._dense = self._heldout_outputs = None
+        self._dense = self._heldout_outputs = self._refining = None
         return int(self.ids.numel())
 
     def release(self) -> float:
         if self.compressed is not None:
             self.compressed.release()
             self.compressed = None
-        self._dense = self._heldout_outputs = None
+        self._dense = self._heldout_outputs = self._refining = None
         return super().release()

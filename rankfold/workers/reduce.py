@@ -58,3 +58,9 @@ def check_statistics(layer: int, tensors: dict[str, torch.Tensor], product_dtype
                 raise NumericalError(f"layer {layer}: calibration statistic {name} is not finite (products in "
                                      f"calibration.gram_product_dtype {product_dtype}); try float64 products or "
                                      "model.dtype bfloat16 / float32")
+
+
+def summed(_item: object, partials: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The partials added in shard order and returned, not stored: for small per-step sums (the anchored
+    refinement's gradients, one layer's factors' size) the driver needs at once."""
+    return sum_stats(partials)

@@ -5,6 +5,7 @@ refused before anything is written."""
 from __future__ import annotations
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import rankfold.workers.anchored_tasks as anchored_tasks
@@ -121,10 +122,67 @@ def test_the_last_projection_fitted_to_the_layer_output_keeps_the_weight_it_pref
     assert not list((tmp_path / "out").rglob("*-output.safetensors"))  # the statistics deleted
 
 
+def test_the_refinement_keeps_factors_no_worse_on_held_out_sequences(tmp_path, tiny_model_dir, monkeypatch):
+    """fitting.refine: every layer's kept factors score no worse than the start on the held-out sequences;
+    where a step was kept, the checkpoint's factors moved off the closed form and the kept error is lower."""
+    import rankfold.orchestrator.stages.anchored_refine as anchored_refine
+    real, scores = anchored_refine._heldout_error, []
+
+    def recording(*args):
+        scores.append(real(*args))
+        return scores[-1]
+
+    monkeypatch.setattr(anchored_refine, "_heldout_error", recording)
+    fitting = {"holdout": 2, "output_correction": True}
+    refined = {**fitting, "refine": {"steps": 6, "lr": 1e-4, "sequences": 6, "checks": 3}}
+    run_job(_spec(tiny_model_dir, tmp_path / "plain", fitting=fitting), executor=LocalExecutor(workers=2))
+    report = run_job(_spec(tiny_model_dir, tmp_path / "refined", fitting=refined), executor=LocalExecutor(workers=2))
+    summary = report["diagnostics"]
+    assert len(scores) == 2 * (1 + 3) and summary["refined_layers"] == 2
+    per_layer = [scores[:4], scores[4:]]
+    kept = [min(range(4), key=lambda j, errors=errors: (errors[j], j)) for errors in per_layer]
+    assert summary["refine_steps_kept"] == {str([0, 2, 4, 6][j]): kept.count(j) for j in set(kept)}
+    assert summary["mean_refine_heldout_ratio"] == pytest.approx(
+        sum(errors[j] / errors[0] for errors, j in zip(per_layer, kept)) / 2)
+    assert any(j > 0 for j in kept), per_layer  # some step helps on the tiny model (layer 1: the next fits X̂ ≠ X)
+    plain, moved = _checkpoint(tmp_path / "plain"), _checkpoint(tmp_path / "refined")
+    assert plain.keys() == moved.keys() and any(not torch.equal(plain[k], moved[k]) for k in plain)
+    assert not list((tmp_path / "refined").rglob("*-refined.safetensors"))  # the kept tensors' artifact deleted
+
+
+@pytest.mark.parametrize("where", ["descend", "_rewrite"])
+def test_a_walk_stopped_in_the_refinement_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir, monkeypatch, where):
+    """Stopped in layer 1's refinement: during its steps, or with one of its group artifacts rewritten."""
+    import rankfold.orchestrator.stages.anchored_refine as anchored_refine
+    fitting = {"holdout": 2, "refine": {"steps": 4, "lr": 1e-4, "sequences": 6, "checks": 2}}
+    run_job(_spec(tiny_model_dir, tmp_path / "whole", fitting=fitting), executor=LocalExecutor(workers=2))
+    real, calls = getattr(anchored_refine, where), []
+
+    def stopping(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            if where == "_rewrite":
+                store, keys, kept, found = args
+                real(store, keys[:1], kept, found)
+            raise KeyboardInterrupt("stopped in the refinement")
+        return real(*args)
+
+    stopped = _spec(tiny_model_dir, tmp_path / "stopped", fitting=fitting)
+    monkeypatch.setattr(anchored_refine, where, stopping)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(stopped, executor=LocalExecutor(workers=2))
+    monkeypatch.setattr(anchored_refine, where, real)
+    report = run_job(stopped, executor=LocalExecutor(workers=2))
+    assert report["diagnostics"]["refined_layers"] == 2
+    first, resumed = _checkpoint(tmp_path / "whole"), _checkpoint(tmp_path / "stopped")
+    assert first.keys() == resumed.keys() and all((first[k] == resumed[k]).all() for k in first)
+
+
 def test_ray_and_in_process_walks_agree(tmp_path, tiny_model_dir, ray_executor):
     # the correction's and the output fit's statistics too reduced in a shard on Ray, the layer-output
     # scores summed in the driver
-    fitting = {"holdout": 2, "output_correction": True, "choose_on": "layer", "mix": [0.0, 1.0], "output_mix": [0.0, 1.0]}
+    fitting = {"holdout": 2, "output_correction": True, "choose_on": "layer", "mix": [0.0, 1.0], "output_mix": [0.0, 1.0],
+               "refine": {"steps": 2, "sequences": 2, "checks": 1}}  # its gradients summed among the shards too
     run_job(_spec(tiny_model_dir, tmp_path / "local", fitting=fitting), executor=LocalExecutor(workers=2))
     run_job(_spec(tiny_model_dir, tmp_path / "ray", fitting=fitting), executor=ray_executor)
     local, remote = _checkpoint(tmp_path / "local"), _checkpoint(tmp_path / "ray")

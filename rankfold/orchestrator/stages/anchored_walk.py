@@ -7,7 +7,8 @@ with the groups before it already factorised — reduced over shards in shard or
 fits the group's factors (the shards hold the workers: a separate task would wait for one); with
 `fitting.output_correction` the layer's last projection's (down_proj) B is refitted to the dense layer's
 output, with `fitting.attention_correction` o_proj's, once its group is fitted, to the dense residual
-after attention (anchored_tasks.correction_item); then both streams advance through the layer. Factors already in the
+after attention (anchored_tasks.correction_item); with `fitting.refine` a few Adam steps on the layer's
+factors toward the dense layer output (anchored_refine.py); then both streams advance through the layer. Factors already in the
 store (a resumed walk) are kept: the walk only re-runs the forward passes up to where it stopped.
 
 params: model {id, dtype}, method, calibration (CalibrationSpec), sample, fitting (FittingSpec).
@@ -18,6 +19,7 @@ from __future__ import annotations
 from rankfold.execution.streaming import ShardGroup, per_shard_config, split_rows
 from rankfold.methods.registry import method_of
 from rankfold.models.architecture import ATTENTION_OUTPUT
+from rankfold.orchestrator.stages.anchored_refine import refine_layer
 from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, register_stage
 from rankfold.orchestrator.stages.outputs import Factors, Ranks
 from rankfold.orchestrator.stages.stage import Stage
@@ -58,11 +60,24 @@ def anchored(env: Env, stage: Stage, *, ranks: Ranks) -> tuple[dict, Artifacts]:
                                                                    arch.attention_residual))
             if fitting.output_correction and done:
                 _merge(diagnostics, artifacts, _correct_output(env, stage, shards, i, layout, done, None))
+            if fitting.refine is not None and done:
+                _refine(env, stage, shards, i, layout, done, diagnostics, artifacts)
             shards.call("advance_pair", i, _layout_of(layout, i, done), env.store.ref(), [k for _, k in done],
                         i < source.num_layers - 1)
     finally:
         shards.release()
     return {"diagnostics": diagnostics, "tokens": samples.numel()}, artifacts
+
+
+def _refine(env: Env, stage: Stage, shards: ShardGroup, i: int, layout, done: list[tuple[str, str]],
+            diagnostics: dict, artifacts: Artifacts) -> None:
+    """fitting.refine on layer i's fitted groups (anchored_refine.refine_layer); their artifacts rewritten."""
+    pending = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-refined.safetensors"
+    found, shas = refine_layer(shards, env.store, i, env.source.architecture.layer_prefix.format(i=i),
+                               _layout_of(layout, i, done), [k for _, k in done], pending, stage.params["fitting"].refine)
+    for quantity, values in found.items():
+        diagnostics.setdefault(quantity, {}).update(values)
+    artifacts.update(shas)
 
 
 def _merge(diagnostics: dict, artifacts: Artifacts, found: tuple[dict, str, str]) -> str:
