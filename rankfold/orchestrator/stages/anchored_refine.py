@@ -45,6 +45,8 @@ def refine_layer(shards: ShardGroup, store: ArtifactStore, i: int, layer_prefix:
                  if tensor.is_floating_point()}
         kept, step, ratio = descend(shards, i, layout, store.ref(), keys, start, spec)
         found = {"refine_heldout_ratio": {"": ratio}, "refine_step": {"": step}}  # "": the layer
+        log.info("layer %d refined: step %d of %d kept, held-out layer-output error %.4f× the start's", i, step,
+                 spec.steps, ratio)
         store.put_tensors(pending, kept, metadata={"diagnostics": json.dumps(found)})
     found = json.loads(store.get_metadata(pending)["diagnostics"])
     shas = _rewrite(store, keys, store.get_tensors(pending), found)
