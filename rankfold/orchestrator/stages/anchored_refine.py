@@ -78,6 +78,7 @@ def descend(shards: ShardGroup, i: int, layout: list[dict], ref, keys: list[str]
         optimizer.step()
         if step + 1 in checks:
             error = _heldout_error(shards, i, layout, ref, keys, _shipped(params, start))
+            log.debug("layer %d refine step %d: held-out error %.6g (start %.6g)", i, step + 1, error, first)
             if error < best:
                 best, kept, kept_step = error, _shipped(params, start), step + 1
     return kept, kept_step, (best / first if first > 0 else 1.0)
