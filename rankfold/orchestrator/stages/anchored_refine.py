@@ -57,8 +57,8 @@ def refine_layer(shards: ShardGroup, store: ArtifactStore, i: int, layer_prefix:
 
 def descend(shards: ShardGroup, i: int, layout: list[dict], ref, keys: list[str],
             start: dict[str, torch.Tensor], spec: RefineSpec) -> tuple[dict[str, torch.Tensor], int, float]:
-    """(the kept tensors, their step, their held-out error over the start's): Adam with a cosine-decayed
-    rate from `spec.lr`, float32 master copies of `start` (the model dtype's on the shards)."""
+    """(the kept tensors, their step, their held-out error over the start's): Adam at `spec.lr` × rate(step),
+    float32 master copies of `start` (the model dtype's on the shards)."""
     params = {name: tensor.float().clone() for name, tensor in start.items()}
     optimizer = torch.optim.Adam(list(params.values()), lr=spec.lr)
     rows = max(1, math.ceil(spec.sequences / len(shards.shards)))
@@ -67,7 +67,7 @@ def descend(shards: ShardGroup, i: int, layout: list[dict], ref, keys: list[str]
     kept, kept_step = start, 0
     for step in range(spec.steps):
         for group in optimizer.param_groups:
-            group["lr"] = spec.lr * 0.5 * (1 + math.cos(math.pi * step / spec.steps))
+            group["lr"] = spec.lr * rate(step, spec.steps)
         sums = shards.call_reduced("refine_gradients", i, layout, ref, keys, _shipped(params, start), step, rows,
                                    reduce=summed, item=None, record=False)
         tokens = float(sums["refine.tokens"][0])
@@ -82,6 +82,15 @@ def descend(shards: ShardGroup, i: int, layout: list[dict], ref, keys: list[str]
             if error < best:
                 best, kept, kept_step = error, _shipped(params, start), step + 1
     return kept, kept_step, (best / first if first > 0 else 1.0)
+
+
+def rate(step: int, steps: int) -> float:
+    """AA-SVD's schedule (its llama_adapter.finetune_layer): linear warm-up over the first 10 % of the
+    steps, then a cosine from 1 down to 0.1 of the rate. Step 0's rate is >0 (a warm-up of ≥1 step)."""
+    warmup = max(1, int(0.1 * steps))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 def _shipped(params: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
