@@ -83,9 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mix", nargs="+", type=float, default=[0.0, 0.2, 0.5, 0.8, 1.0],
                         help="the mixed variant's candidate plain-term weights")
     parser.add_argument("--refine-steps", type=int, default=32, help="the refine variants' Adam steps per layer")
-    parser.add_argument("--refine-lr", type=float, default=1e-4)
+    parser.add_argument("--refine-lr", type=float, default=1e-5)
     parser.add_argument("--refine-sequences", type=int, default=4, help="calibration sequences per refinement step")
-    parser.add_argument("--refine-checks", type=int, default=4, help="held-out scorings per layer's refinement")
+    parser.add_argument("--refine-checks", type=int, default=8, help="held-out scorings per layer's refinement")
     parser.add_argument("--holdout", type=int, default=16, help="calibration sequences held out to choose the weight")
     parser.add_argument("--calib-data", type=Path, default=DATA / "calibration" / "enwiki_excerpt.txt")
     parser.add_argument("--calib-samples", type=int, default=128)
