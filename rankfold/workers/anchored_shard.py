@@ -235,6 +235,9 @@ class AnchoredShard(SequenceShard):
         and `refine.tokens`: partial sums the walk reduces."""
         layer = self._refined(index, layout, store, keys, params)
         named = dict(layer.named_parameters(remove_duplicate=False))
+        if self.ids.shape[0] == self.heldout_rows:  # every row of this shard is held out: nothing to add
+            return {**{f"grad.{name}": torch.zeros(named[name].shape) for name in params if name in named},
+                    "refine.error": torch.zeros(1, dtype=torch.float64), "refine.tokens": torch.zeros(1, dtype=torch.int64)}
         for name, parameter in named.items():
             parameter.requires_grad_(name in params)
             parameter.grad = None

@@ -150,6 +150,14 @@ def test_the_refinement_keeps_factors_no_worse_on_held_out_sequences(tmp_path, t
     assert not list((tmp_path / "refined").rglob("*-refined.safetensors"))  # the kept tensors' artifact deleted
 
 
+def test_a_shard_of_held_out_rows_only_adds_nothing_to_the_refinement(tmp_path, tiny_model_dir):
+    """Two shards of four sequences, five held out: the second shard fits none; its zero gradient and
+    token count leave the sum the first shard's."""
+    fitting = {"holdout": 5, "refine": {"steps": 2, "sequences": 2, "checks": 1}}
+    report = run_job(_spec(tiny_model_dir, tmp_path / "out", fitting=fitting), executor=LocalExecutor(workers=2))
+    assert report["diagnostics"]["refined_layers"] == 2
+
+
 @pytest.mark.parametrize("where", ["descend", "_rewrite"])
 def test_a_walk_stopped_in_the_refinement_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir, monkeypatch, where):
     """Stopped in layer 1's refinement: during its steps, or with one of its group artifacts rewritten."""
