@@ -93,14 +93,19 @@ def mixed_problem(stats: PairedStats, weight: float) -> tuple[torch.Tensor | Non
     plain term's weight: H = (1 − w) Ĝ + w G, K = (1 − w) C + w G, R = K H⁻¹). R (n, n) float64 maps the
     dense weight to the method's target M = W R; None means R = I (w = 1: the plain method).
     Raises ValueError for a weight outside [0, 1]."""
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"the plain term's weight must lie in [0, 1], got {weight}")
-    if weight == 1.0:
+    if weight == 1.0:  # the plain method: G as stored, no mirrored copy (n × n float64 at 70B widths)
         return None, InputStats(stats.gram.clone(), stats.abs_sum_hat, stats.count)
-    gram = mirror_upper_(stats.gram.clone())
-    hessian = (1.0 - weight) * stats.gram_hat + weight * gram  # H
+    gram, hessian = _mixed_gram(stats, weight)  # raises for a weight outside [0, 1]
     target = (1.0 - weight) * stats.cross + weight * gram       # K
     return _right_solve(target, hessian), InputStats(hessian, stats.abs_sum_hat, stats.count)
+
+
+def _mixed_gram(stats: PairedStats, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G mirrored to full, H = (1 − w) Ĝ + w G) for the plain term's weight w; ValueError outside [0, 1]."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"the plain term's weight must lie in [0, 1], got {weight}")
+    gram = mirror_upper_(stats.gram.clone())
+    return gram, (1.0 - weight) * stats.gram_hat + weight * gram
 
 
 def _right_solve(target: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -121,12 +126,9 @@ def output_mixed_problem(weight: torch.Tensor, stats: PairedStats, output: Outpu
     target M. Unlike W C Ĝ⁻¹ (mixed_problem at w = 0), the target carries what the layers below moved in
     the residual stream, not only in this projection's input. w = 1 is the plain problem (M = W, H = G).
     Raises ValueError for a weight outside [0, 1]."""
-    if not 0.0 <= weight_of_plain <= 1.0:
-        raise ValueError(f"the plain term's weight must lie in [0, 1], got {weight_of_plain}")
-    gram, w = mirror_upper_(stats.gram.clone()), weight_of_plain
+    (gram, hessian), w = _mixed_gram(stats, weight_of_plain), weight_of_plain
     if w == 1.0:
         return weight.to(torch.float64), InputStats(gram, stats.abs_sum_hat, stats.count)
-    hessian = (1.0 - w) * stats.gram_hat + w * gram
     target = (1.0 - w) * output.target + w * (weight.to(torch.float64) @ gram)
     return _right_solve(target, hessian), InputStats(hessian, stats.abs_sum_hat, stats.count)
 
