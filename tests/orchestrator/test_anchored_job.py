@@ -150,6 +150,15 @@ def test_the_refinement_keeps_factors_no_worse_on_held_out_sequences(tmp_path, t
     assert not list((tmp_path / "refined").rglob("*-refined.safetensors"))  # the kept tensors' artifact deleted
 
 
+def test_the_refinement_rate_warms_up_then_decays_to_a_tenth():
+    """AA-SVD's schedule: 10 % linear warm-up (never a zero first step), then a cosine from 1 to 0.1."""
+    from rankfold.orchestrator.stages.anchored_refine import rate
+    rates = [rate(step, 40) for step in range(40)]
+    assert rates[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and rates[4] == 1.0
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and rates[-1] == pytest.approx(0.1, abs=0.01)
+    assert rate(0, 1) == 0.5
+
+
 def test_a_shard_of_held_out_rows_only_adds_nothing_to_the_refinement(tmp_path, tiny_model_dir):
     """Two shards of four sequences, five held out: the second shard fits none; its zero gradient and
     token count leave the sum the first shard's."""
