@@ -145,7 +145,9 @@ class RefineSpec(Strict):
 
     steps: int = Field(32, ge=1)
     lr: float = Field(1e-5, gt=0)  # Adam's peak rate: warm-up, then cosine to 0.1× (AA-SVD's schedule; its 1e-4 measured worse here)
-    sequences: int = Field(4, ge=1)  # calibration sequences per step, over all shards (each shard ≥ 1)
+    # Calibration sequences per step: each shard takes ⌈sequences / shards⌉ of its fitted ones (a shard of
+    # held-out sequences only, none), so the step's batch follows the worker count.
+    sequences: int = Field(4, ge=1)
     checks: int = Field(8, ge=1)  # held-out scorings, evenly spaced, the last after the last step
 
 

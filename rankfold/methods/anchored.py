@@ -126,9 +126,10 @@ def output_mixed_problem(weight: torch.Tensor, stats: PairedStats, output: Outpu
     target M. Unlike W C Ĝ⁻¹ (mixed_problem at w = 0), the target carries what the layers below moved in
     the residual stream, not only in this projection's input. w = 1 is the plain problem (M = W, H = G).
     Raises ValueError for a weight outside [0, 1]."""
-    (gram, hessian), w = _mixed_gram(stats, weight_of_plain), weight_of_plain
-    if w == 1.0:
-        return weight.to(torch.float64), InputStats(gram, stats.abs_sum_hat, stats.count)
+    w = weight_of_plain
+    if w == 1.0:  # the plain problem: no H built (n × n float64 at 70B widths)
+        return weight.to(torch.float64), InputStats(mirror_upper_(stats.gram.clone()), stats.abs_sum_hat, stats.count)
+    gram, hessian = _mixed_gram(stats, w)  # raises for a weight outside [0, 1]
     target = (1.0 - w) * output.target + w * (weight.to(torch.float64) @ gram)
     return _right_solve(target, hessian), InputStats(hessian, stats.abs_sum_hat, stats.count)
 

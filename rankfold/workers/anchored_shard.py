@@ -220,19 +220,21 @@ class AnchoredShard(SequenceShard):
         """(X, X̂) of `rows` fitted rows (not held out), the window of step `step` cycling through them."""
         fitted = self.ids.shape[0] - self.heldout_rows
         picked = [(step * min(rows, fitted) + j) % fitted for j in range(min(rows, fitted))]
-        chunks = sorted({row // self.batch_size for row in picked})
-        pairs = [(self.hidden[k], self.compressed[k], k) for k in chunks]
-        x = torch.cat([dense[[r % self.batch_size for r in picked if r // self.batch_size == k]] for dense, _, k in pairs])
-        x_hat = torch.cat([hat[[r % self.batch_size for r in picked if r // self.batch_size == k]] for _, hat, k in pairs])
+        by_chunk: dict[int, list[int]] = {}
+        for row in picked:
+            by_chunk.setdefault(row // self.batch_size, []).append(row % self.batch_size)
+        x = torch.cat([self.hidden[k][within] for k, within in sorted(by_chunk.items())])
+        x_hat = torch.cat([self.compressed[k][within] for k, within in sorted(by_chunk.items())])
         return x, x_hat
 
     def refine_gradients(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str],
                          params: dict[str, torch.Tensor], step: int, rows: int) -> dict[str, torch.Tensor]:
         """fitting.refine's step on this shard: the gradient of Σ‖layer′(X̂) − layer(X)‖² (layer′: layer
         `index` compressed with `layout`, its tensors in `params` set to those) over this step's `rows`
-        fitted rows (_fitted_window). Returns `grad.<name>` (float32) for each of `params` that is a
-        parameter of the layer (a buffer, e.g. a skip permutation, gets none), `refine.error` (float64)
-        and `refine.tokens`: partial sums the walk reduces."""
+        fitted rows (_fitted_window), run `batch_size` rows at a time. Returns `grad.<name>` (float32, the
+        tensor's shape; zero where it had no gradient) for each of `params` that is a parameter of the
+        layer (a buffer, e.g. a skip permutation, gets none), `refine.error` (float64, (1,)) and
+        `refine.tokens` (int64, (1,)): partial sums the walk reduces."""
         layer = self._refined(index, layout, store, keys, params)
         named = dict(layer.named_parameters(remove_duplicate=False))
         if self.ids.shape[0] == self.heldout_rows:  # every row of this shard is held out: nothing to add
@@ -242,16 +244,19 @@ class AnchoredShard(SequenceShard):
             parameter.requires_grad_(name in params)
             parameter.grad = None
         x, x_hat = self._fitted_window(step, rows)
-        with torch.no_grad():
-            wanted = self.runner(self._dense_layer(index), x)
-        with torch.enable_grad():
-            error = (self.runner.run(layer, x_hat) - wanted).float().square().sum()
-            error.backward()
+        error = torch.zeros((), dtype=torch.float64)
+        for start in range(0, x.shape[0], self.batch_size):  # batch_size rows a backward: its memory bounded
+            with torch.no_grad():
+                wanted = self.runner(self._dense_layer(index), x[start:start + self.batch_size])
+            with torch.enable_grad():
+                part = (self.runner.run(layer, x_hat[start:start + self.batch_size]) - wanted).float().square().sum()
+                part.backward()  # gradients add up in .grad
+            error += float(part)
         for parameter in named.values():
             parameter.requires_grad_(False)
-        grads = {f"grad.{name}": named[name].grad.float() for name in params
-                 if name in named and named[name].grad is not None}
-        return to_host({**grads, "refine.error": error.detach().double().reshape(1),
+        grads = {f"grad.{name}": (named[name].grad.float() if named[name].grad is not None
+                                  else torch.zeros(named[name].shape)) for name in params if name in named}
+        return to_host({**grads, "refine.error": error.reshape(1),
                         "refine.tokens": torch.tensor([x.shape[0] * x.shape[1]], dtype=torch.int64)})
 
     def correct(self, item: CorrectionItem) -> tuple[dict[str, dict[str, float]], str, str]:

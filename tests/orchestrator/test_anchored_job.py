@@ -150,13 +150,16 @@ def test_the_refinement_keeps_factors_no_worse_on_held_out_sequences(tmp_path, t
     assert not list((tmp_path / "refined").rglob("*-refined.safetensors"))  # the kept tensors' artifact deleted
 
 
-def test_the_refinement_rate_warms_up_then_decays_to_a_tenth():
-    """AA-SVD's schedule: 10 % linear warm-up (never a zero first step), then a cosine from 1 to 0.1."""
-    from rankfold.orchestrator.stages.anchored_refine import rate
+def test_the_refinement_rate_and_its_check_points():
+    """AA-SVD's schedule: 10 % linear warm-up (never a zero first step), then a cosine from 1 to 0.1; the
+    check points end at the last step, never at the start, however many are asked for."""
+    from rankfold.orchestrator.stages.anchored_refine import check_points, rate
     rates = [rate(step, 40) for step in range(40)]
     assert rates[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and rates[4] == 1.0
     assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and rates[-1] == pytest.approx(0.1, abs=0.01)
     assert rate(0, 1) == 0.5
+    assert check_points(32, 8) == {4, 8, 12, 16, 20, 24, 28, 32} and check_points(7, 8) == set(range(1, 8))
+    assert check_points(1, 8) == {1} and check_points(10, 3) == {4, 7, 10}
 
 
 def test_a_shard_of_held_out_rows_only_adds_nothing_to_the_refinement(tmp_path, tiny_model_dir):
@@ -167,9 +170,11 @@ def test_a_shard_of_held_out_rows_only_adds_nothing_to_the_refinement(tmp_path, 
     assert report["diagnostics"]["refined_layers"] == 2
 
 
-@pytest.mark.parametrize("where", ["descend", "_rewrite"])
-def test_a_walk_stopped_in_the_refinement_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir, monkeypatch, where):
-    """Stopped in layer 1's refinement: during its steps, or with one of its group artifacts rewritten."""
+@pytest.mark.parametrize("where, rewritten", [("descend", 0), ("_rewrite", 1), ("_rewrite", None)])
+def test_a_walk_stopped_in_the_refinement_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir, monkeypatch, where,
+                                                                         rewritten):
+    """Stopped in layer 1's refinement: during its steps, with one of its group artifacts rewritten, or
+    with all of them (before the kept tensors' artifact is deleted)."""
     import rankfold.orchestrator.stages.anchored_refine as anchored_refine
     fitting = {"holdout": 2, "refine": {"steps": 4, "lr": 1e-4, "sequences": 6, "checks": 2}}
     run_job(_spec(tiny_model_dir, tmp_path / "whole", fitting=fitting), executor=LocalExecutor(workers=2))
@@ -180,7 +185,7 @@ def test_a_walk_stopped_in_the_refinement_resumes_to_the_same_checkpoint(tmp_pat
         if len(calls) == 2:
             if where == "_rewrite":
                 store, keys, kept, found = args
-                real(store, keys[:1], kept, found)
+                real(store, keys[:rewritten], kept, found)
             raise KeyboardInterrupt("stopped in the refinement")
         return real(*args)
 
@@ -191,6 +196,7 @@ def test_a_walk_stopped_in_the_refinement_resumes_to_the_same_checkpoint(tmp_pat
     monkeypatch.setattr(anchored_refine, where, real)
     report = run_job(stopped, executor=LocalExecutor(workers=2))
     assert report["diagnostics"]["refined_layers"] == 2
+    assert not list((tmp_path / "stopped").rglob("*-refined.safetensors"))
     first, resumed = _checkpoint(tmp_path / "whole"), _checkpoint(tmp_path / "stopped")
     assert first.keys() == resumed.keys() and all((first[k] == resumed[k]).all() for k in first)
 

@@ -7,7 +7,8 @@ can afford: `steps` steps of `sequences` sequences. Data-parallel: each shard re
 rows, the partials are summed among the shards (workers/reduce.py `summed`) and the driver, holding the
 layer's factors and Adam's two moments (three copies of one layer's factors), takes the step. The
 factors at the start and at `checks` evenly spaced steps are scored on the held-out sequences' layer
-output error; the best is kept (the start when no step helps: never worse on held-out data).
+output error; the best is kept (the start when no step helps). The start's down_proj B was refitted on
+every sequence, held-out ones included (the correction's refit), so the comparison leans to the start.
 
 Resumable: the kept tensors are stored first (one artifact), then written into each group's factor
 artifact, marked refined, then that artifact deleted; a resumed walk finds the layer refined, or
@@ -39,6 +40,8 @@ def refine_layer(shards: ShardGroup, store: ArtifactStore, i: int, layer_prefix:
     the rewritten artifacts); diagnostics: `refine_heldout_ratio` (the kept factors' held-out layer-output
     error over the start's) and `refine_step` (0: the start kept), under the layer's prefix."""
     if all(store.get_metadata(key).get(REFINED) == "1" for key in keys):
+        if store.exists(pending):  # stopped after the rewrite, before the delete
+            store.delete(pending)
         return {}, {key: store.checksum(key) for key in keys}
     if not store.exists(pending):
         start = {name: tensor for key in keys for name, tensor in store.get_tensors(key).items()
@@ -62,7 +65,7 @@ def descend(shards: ShardGroup, i: int, layout: list[dict], ref, keys: list[str]
     params = {name: tensor.float().clone() for name, tensor in start.items()}
     optimizer = torch.optim.Adam(list(params.values()), lr=spec.lr)
     rows = max(1, math.ceil(spec.sequences / len(shards.shards)))
-    checks = sorted({round(spec.steps * (j + 1) / spec.checks) for j in range(min(spec.checks, spec.steps))})
+    checks = check_points(spec.steps, spec.checks)
     first = best = _heldout_error(shards, i, layout, ref, keys, start)
     kept, kept_step = start, 0
     for step in range(spec.steps):
@@ -84,6 +87,13 @@ def descend(shards: ShardGroup, i: int, layout: list[dict], ref, keys: list[str]
     return kept, kept_step, (best / first if first > 0 else 1.0)
 
 
+def check_points(steps: int, checks: int) -> set[int]:
+    """The steps after which the factors are scored: min(checks, steps) of them, evenly spaced, the last
+    after the last step."""
+    count = min(checks, steps)
+    return {math.ceil(steps * (j + 1) / count) for j in range(count)}
+
+
 def rate(step: int, steps: int) -> float:
     """AA-SVD's schedule (its llama_adapter.finetune_layer): linear warm-up over the first 10 % of the
     steps, then a cosine from 1 down to 0.1 of the rate. Step 0's rate is >0 (a warm-up of ≥1 step)."""
@@ -100,6 +110,7 @@ def _shipped(params: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) ->
 
 def _heldout_error(shards: ShardGroup, i: int, layout: list[dict], ref, keys: list[str],
                    params: dict[str, torch.Tensor]) -> float:
+    """Σ over shards of the held-out layer-output error with layer i's factors set to `params`."""
     return sum(shards.call("heldout_output_error", i, layout, ref, keys, params, record=False))
 
 
