@@ -251,7 +251,7 @@ class AnchoredShard(SequenceShard):
             with torch.enable_grad():
                 part = (self.runner.run(layer, x_hat[start:start + self.batch_size]) - wanted).float().square().sum()
                 part.backward()  # gradients add up in .grad
-            error += float(part)
+            error += float(part.detach())
         for parameter in named.values():
             parameter.requires_grad_(False)
         grads = {f"grad.{name}": (named[name].grad.float() if named[name].grad is not None
