@@ -127,6 +127,11 @@ class AnchoredShard(SequenceShard):
         self.heldout_rows = heldout_rows
         return tokens
 
+    @property
+    def fitted_rows(self) -> int:
+        """This shard's rows that are fitted (not held out): the first ones."""
+        return self.ids.shape[0] - self.heldout_rows
+
     def _layer(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str]) -> nn.Module:
         """Layer `index` with the modules of `layout` built from the factors under `keys` (dense without)."""
         state = self.source.layer_state(index)
@@ -154,7 +159,7 @@ class AnchoredShard(SequenceShard):
         Returns `<group>.*` of the fitted rows and `heldout.<group>.*` of the held-out rows."""
         dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)
         fitted, heldout = None, None
-        first = self.ids.shape[0] - self.heldout_rows
+        first = self.fitted_rows
         with torch.no_grad():
             for k, (x, x_hat) in enumerate(zip(self.hidden, self.compressed, strict=True)):
                 inputs = capture_input(dense, reader, self.runner, x)
@@ -181,7 +186,7 @@ class AnchoredShard(SequenceShard):
 
     def _heldout(self, buffer: Activations):
         """(chunk index, the chunk's held-out rows) of `buffer`, for the chunks that have any."""
-        first = self.ids.shape[0] - self.heldout_rows
+        first = self.fitted_rows
         for k, chunk in enumerate(buffer):
             split = min(max(first - k * self.batch_size, 0), chunk.shape[0])
             if split < chunk.shape[0]:
@@ -218,7 +223,7 @@ class AnchoredShard(SequenceShard):
 
     def _fitted_window(self, step: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(X, X̂) of `rows` fitted rows (not held out), the window of step `step` cycling through them."""
-        fitted = self.ids.shape[0] - self.heldout_rows
+        fitted = self.fitted_rows
         picked = [(step * min(rows, fitted) + j) % fitted for j in range(min(rows, fitted))]
         by_chunk: dict[int, list[int]] = {}
         for row in picked:
@@ -237,27 +242,26 @@ class AnchoredShard(SequenceShard):
         `refine.tokens` (int64, (1,)): partial sums the walk reduces."""
         layer = self._refined(index, layout, store, keys, params)
         named = dict(layer.named_parameters(remove_duplicate=False))
-        if self.ids.shape[0] == self.heldout_rows:  # every row of this shard is held out: nothing to add
-            return {**{f"grad.{name}": torch.zeros(named[name].shape) for name in params if name in named},
-                    "refine.error": torch.zeros(1, dtype=torch.float64), "refine.tokens": torch.zeros(1, dtype=torch.int64)}
         for name, parameter in named.items():
             parameter.requires_grad_(name in params)
             parameter.grad = None
-        x, x_hat = self._fitted_window(step, rows)
-        error = torch.zeros((), dtype=torch.float64)
-        for start in range(0, x.shape[0], self.batch_size):  # batch_size rows a backward: its memory bounded
-            with torch.no_grad():
-                wanted = self.runner(self._dense_layer(index), x[start:start + self.batch_size])
-            with torch.enable_grad():
-                part = (self.runner.run(layer, x_hat[start:start + self.batch_size]) - wanted).float().square().sum()
-                part.backward()  # gradients add up in .grad
-            error += float(part.detach())
+        error, tokens = torch.zeros((), dtype=torch.float64), 0
+        if self.fitted_rows:  # a shard of held-out rows only adds zeros
+            x, x_hat = self._fitted_window(step, rows)
+            for start in range(0, x.shape[0], self.batch_size):  # batch_size rows a backward: its memory bounded
+                with torch.no_grad():
+                    wanted = self.runner(self._dense_layer(index), x[start:start + self.batch_size])
+                with torch.enable_grad():
+                    part = (self.runner.run(layer, x_hat[start:start + self.batch_size]) - wanted).float().square().sum()
+                    part.backward()  # gradients add up in .grad
+                error += float(part.detach())
+            tokens = x.shape[0] * x.shape[1]
         for parameter in named.values():
             parameter.requires_grad_(False)
         grads = {f"grad.{name}": (named[name].grad.float() if named[name].grad is not None
                                   else torch.zeros(named[name].shape)) for name in params if name in named}
         return to_host({**grads, "refine.error": error.reshape(1),
-                        "refine.tokens": torch.tensor([x.shape[0] * x.shape[1]], dtype=torch.int64)})
+                        "refine.tokens": torch.tensor([tokens], dtype=torch.int64)})
 
     def correct(self, item: CorrectionItem) -> tuple[dict[str, dict[str, float]], str, str]:
         """correction_item run in this shard's worker."""
@@ -295,7 +299,7 @@ class AnchoredShard(SequenceShard):
         dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)
         module = compressed.get_submodule(path)
         pair, stats = (correction_pair, CorrectionStats) if kind == "correction" else (wanted_output, OutputStats)
-        first, fitted, heldout = self.ids.shape[0] - self.heldout_rows, None, None
+        first, fitted, heldout = self.fitted_rows, None, None
         with torch.no_grad():
             for k, (x, x_hat) in enumerate(zip(self.hidden, self.compressed, strict=True)):
                 wanted, inputs = pair(dense, compressed, path, point, self.runner, x, x_hat)

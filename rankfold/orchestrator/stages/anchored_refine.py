@@ -80,10 +80,11 @@ def descend(shards: ShardGroup, i: int, layout: list[dict], ref, keys: list[str]
             tensor.grad = None if grad is None else grad / tokens  # a buffer (no gradient) stays as it is
         optimizer.step()
         if step + 1 in checks:
-            error = _heldout_error(shards, i, layout, ref, keys, _shipped(params, start))
+            candidate = _shipped(params, start)
+            error = _heldout_error(shards, i, layout, ref, keys, candidate)
             log.debug("layer %d refine step %d: held-out error %.6g (start %.6g)", i, step + 1, error, first)
             if error < best:
-                best, kept, kept_step = error, _shipped(params, start), step + 1
+                best, kept, kept_step = error, candidate, step + 1
     return kept, kept_step, (best / first if first > 0 else 1.0)
 
 
