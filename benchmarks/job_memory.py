@@ -91,7 +91,8 @@ def job_spec(args: argparse.Namespace, model_dir: Path, out: Path) -> dict:
     return {
         "model": {"source": str(model_dir), "dtype": args.dtype},
         "method": {"name": "svd_llm"},
-        "target": {"ratio": args.ratio},
+        "target": {"ratio": args.ratio, **({"allocation": {"kind": "flra", "fisher_samples": args.fisher_samples}}
+                                           if args.allocation == "flra" else {})},
         "calibration": {"data": {"path": str(args.calib_data)}, "num_samples": args.samples,
                         "seq_len": args.seq_len, "batch_size": args.batch_size},
         "evaluation": {"perplexity": [{"name": "wikitext2",
@@ -230,7 +231,7 @@ def checkpoint_main(args: argparse.Namespace) -> dict:
     }
     if baseline:
         result["ratio_pss_above_idle"] = (peak["pss"] - baseline["pss"]) / size
-    publish("checkpoint", result, checkpoint_markdown(result), folder=args.out)
+    publish(args.name, result, checkpoint_markdown(result), folder=args.out)
     return result
 
 
@@ -241,7 +242,8 @@ def checkpoint_markdown(r: dict) -> str:
              f"Checkpoint: {r['shards']} safetensors shards, {_gb(r['checkpoint_bytes'])} on disk ({m['dtype']}; "
              f"hidden {m['hidden']}, ffn {m['ffn']}, {m['heads']}/{m['kv_heads']} heads, vocab {m['vocab']}, "
              "untied head). "
-             f"Job: SVD-LLM {r['spec']['target']['ratio']:.0%}, model dtype {r['spec']['model']['dtype']}, "
+             f"Job: SVD-LLM {r['spec']['target']['ratio']:.0%}"
+             f"{' with FLRA' if 'allocation' in r['spec']['target'] else ''}, model dtype {r['spec']['model']['dtype']}, "
              f"{r['calibration_tokens']} calibration tokens, perplexity on {r['perplexity'][0]['tokens']} tokens. "
              f"Memory: Σ over the job's process tree, RSS every {r['interval_s']} s, "
              f"PSS every {r['pss_interval_s']:g} s "
@@ -289,6 +291,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--executor", choices=["ray", "local"], default="ray")
     parser.add_argument("--calib-data", type=Path, default=DATA / "calibration" / "enwiki_excerpt.txt")
     parser.add_argument("--eval-data", type=Path, default=DATA / "wikitext2" / "wiki.test.raw")
+    parser.add_argument("--allocation", choices=["uniform", "flra"], default="uniform",
+                        help="flra: the Fisher pass and spectra stages run too")
+    parser.add_argument("--fisher-samples", type=int, default=8, help="with --allocation flra")
+    parser.add_argument("--name", default="checkpoint", help="the result's file name (without .json)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--baseline-seconds", type=float, default=5.0)
 

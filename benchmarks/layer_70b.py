@@ -40,6 +40,7 @@ from benchmarks.process_memory import (  # noqa: E402
     add_run_arguments,
     provenance_lines,
 )
+from rankfold.execution.streaming import REDUCE_FAN_IN  # noqa: E402
 from rankfold.methods.structure import rank_for_ratio  # noqa: E402
 from rankfold.methods.svd import split_singular  # noqa: E402
 from rankfold.methods.svd_llm import svd_llm_factors  # noqa: E402
@@ -191,10 +192,10 @@ def layer_main(args: argparse.Namespace) -> dict:
     stats = calibrate_layer(layer, LayerRunner(arch, config), arch.groups, chunks, product_dtype, pieces)
     del layer, chunks
     # Statistics to disk, as the job stores them; each group's comes back alone (peak memory).
-    stats_bytes = sum(8 * (st.gram.numel() + st.abs_sum.numel() + 1) for st in stats.values())
+    stats_bytes = sum(8 * (st.upper.numel() + st.abs_sum.numel() + 1) for st in stats.values())  # packed Grams
     for name in list(stats):
         path = work / f"stats-{name}.safetensors"
-        pieces.run(f"symmetrise + store {name}", lambda: save_file(stats[name].to_tensors(name), path))  # noqa: B023 (called at once)
+        pieces.run(f"store {name}", lambda: save_file(stats[name].to_tensors(name), path))  # noqa: B023 (called at once)
         del stats[name]
 
     ranks = {}
@@ -257,13 +258,24 @@ def lpt_makespan(durations: list[float], workers: int) -> float:
     return max(loads)
 
 
+def critical_fetches(shards: int, fan_in: int) -> int:
+    """Partials fetched one after another on the critical path of the shards' reduction tree
+    (execution/streaming.py): fan_in − 1 a round (the group's first is local) until ≤ fan_in are left,
+    then all of those by the reducing shard — 2 shards: 2, 8: 3 + 2, 64: 3 + 3 + 4."""
+    fetched, left = 0, shards
+    while left > fan_in:
+        fetched, left = fetched + fan_in - 1, -(-left // fan_in)
+    return fetched + left
+
+
 def predict(r: dict, args: argparse.Namespace) -> dict:
     """A model, not a measurement: 80 layers on N GPU workers from this CPU's per-layer seconds.
 
     - calibration is sequential over layers and data-parallel over whole sequences: per layer each
       of min(N, sequences) shards runs its share of the tokens (forward at the forward dtype's rate,
-      Gram at the product dtype's rate), reads the layer's weights, and the driver receives and adds
-      every shard's float64 statistics in shard order;
+      Gram at the product dtype's rate), reads the layer's weights, and the shards sum their packed
+      float64 statistics among themselves in a tree of REDUCE_FAN_IN (the partials on its critical path
+      fetched one after another at reduce_gbps: `critical_fetches`);
     - decomposition is one task per (layer, input group), all independent: LPT-scheduled on N workers;
       each task reads its Gram; Cholesky, W·S and the triangular solve scale with fp64 GEMM rates,
       the SVD by its own (smaller) factor;
@@ -282,7 +294,7 @@ def predict(r: dict, args: argparse.Namespace) -> dict:
         shards = min(n, r["tokens"] // r["seq_len"])  # the job splits whole sequences over its shards
         compute = (seconds["forward"] / speed["forward"] + seconds["gram"] / speed["gram"]) / shards
         read = r["layer_bytes_bf16"] / (args.read_gbps * GB)
-        reduce = shards * r["stats_bytes"] / (args.reduce_gbps * GB)
+        reduce = critical_fetches(shards, REDUCE_FAN_IN) * r["stats_bytes"] / (args.reduce_gbps * GB)
         decompose = lpt_makespan(task_gpu * args.layers, n)
         rows.append({"workers": n, "calibration_shards": shards, "calibrate_compute_s": compute * args.layers,
                      "weight_reads_s": read * args.layers,
@@ -336,11 +348,11 @@ def layer_markdown(r: dict) -> str:
     lines += [f"| {name} | {row['wall_s']:.1f} | {_gb(row['peak_rss'])} |" for name, row in r["pieces"].items()]
     lines += ["", f"Peak RSS (ru_maxrss): {_gb(r['peak_rss'])}. One shape's SVD-LLM is timed once and counted for "
               "every matrix of that shape (q/o, k/v, gate/up, down). Layer weights bf16 "
-              f"{_gb(r['layer_bytes_bf16'])}; float64 statistics {_gb(r['stats_bytes'])}; activations "
+              f"{_gb(r['layer_bytes_bf16'])}; float64 statistics (packed) {_gb(r['stats_bytes'])}; activations "
               f"{_gb(r['activation_bytes'])} per copy.", *task_memory_note(r), "",
               f"**Model, not measurement: {p['layers']} layers on N GPU workers**"
               + ("" if p["complete"] else " (PARTIAL: some shapes skipped)") + "", "",
-              "| N | calibration shards | calibrate compute | weight reads | stats to driver | decompose | total |",
+              "| N | calibration shards | calibrate compute | weight reads | statistics reduced | decompose | total |",
               "|---|---|---|---|---|---|---|"]
     for row in p["rows"]:
         cells = [_hms(row[k]) for k in ("calibrate_compute_s", "weight_reads_s", "stats_reduce_s", "decompose_s")]
@@ -353,8 +365,9 @@ def layer_markdown(r: dict) -> str:
               f"Assumptions (arguments): GPU rates {rates} → speed-ups over this CPU: "
               f"forward ×{speed['forward']:.0f}, Gram ×{speed['gram']:.0f}, Cholesky/GEMM/solve "
               f"×{speed['fp64']:.0f}, SVD ×{speed['svd']:g}; each worker reads weights and Grams at "
-              f"{a['read_gbps']:g} GB/s; the driver receives and adds every "
-              f"shard's statistics at {a['reduce_gbps']:g} GB/s (shards × {_gb(r['stats_bytes'])} per layer). "
+              f"{a['read_gbps']:g} GB/s; the shards sum their statistics in a tree of {REDUCE_FAN_IN}, each "
+              f"partial ({_gb(r['stats_bytes'])} a layer, packed) on its critical path fetched at "
+              f"{a['reduce_gbps']:g} GB/s. "
               f"Calibration is sequential over layers and split over whole sequences ({r['tokens'] // r['seq_len']} "
               "here); decomposition is one independent task per (layer, group), LPT-scheduled; assembly and "
               "evaluation are not counted.", "", *provenance_lines(r)]
@@ -387,7 +400,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-fp64-tflops", type=float, default=45.0)
     parser.add_argument("--gpu-svd-speedup", type=float, default=20.0, help="GPU SVD speed-up over this CPU's SVD")
     parser.add_argument("--read-gbps", type=float, default=2.0, help="per-worker read of weights and Grams, GB/s")
-    parser.add_argument("--reduce-gbps", type=float, default=5.0, help="driver's intake + add of statistics, GB/s")
+    parser.add_argument("--reduce-gbps", type=float, default=5.0, help="a shard's fetch + add of another's statistics, GB/s")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.shapes = [s for s in args.shapes if s not in args.skip_shapes]

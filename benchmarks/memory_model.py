@@ -4,9 +4,9 @@ meta device from transformers' config class, so the groups, experts and widths a
 measured. What it counts:
 
 - weights: one decoder layer's parameters in the model dtype (what a worker holds to run it);
-- statistics: each input group's float64 Gram (n²) and Σ|x| (n) — per expert for a mixture — i.e. what
-  calibration writes per layer and the driver would hold if it gathered one layer's shards;
-- largest factorisation: the widest group's Gram, its whitening factor and inverse (3 n² float64) — the
+- statistics: each input group's float64 Gram, packed (its upper block triangle, ≈ n²/2) and Σ|x| (n) —
+  per expert for a mixture — i.e. what a shard sums, Ray moves and calibration writes per layer;
+- largest factorisation: the widest group's Gram unpacked, its whitening factor and inverse (3 n² float64) — the
   peak of one decomposition task besides its matrices;
 - activations: `--tokens` calibration tokens of hidden states in the model dtype, twice (a layer's
   input and output are both resident while it runs; past the shard's budget they spill to disk).
@@ -34,6 +34,7 @@ import torch
 from transformers import Gemma2Config, LlamaConfig, MixtralConfig, Qwen2Config, Qwen3MoeConfig
 
 from benchmarks.common import provenance, write_result
+from rankfold.methods.packed_gram import packed_size
 from rankfold.models.architecture import architecture_for
 
 GB = 1e9
@@ -79,7 +80,7 @@ def layer_memory(name: str, tokens: int, dtype_bytes: int) -> dict:
     widths = {group.name: layer.get_submodule(group.members[0]).in_features for group in arch.groups}
     layers = config.num_hidden_layers
     weights = sum(p.numel() for p in layer.parameters()) * dtype_bytes
-    stats = sum((n * n + n) * 8 for n in widths.values())
+    stats = sum((packed_size(n) + n) * 8 for n in widths.values())  # packed Grams (their upper block triangle)
     return {"model": name, "layers": layers, "input groups per layer": len(widths),
             "weights GB / layer": round(weights / GB, 3), "statistics GB / layer": round(stats / GB, 3),
             "statistics GB, all layers": round(stats * layers / GB, 1),

@@ -176,6 +176,25 @@ def group_spectra(weights: dict[str, torch.Tensor], stats: InputStats,
     return spectra
 
 
+def spectra_bytes(width: int, rows: list[int]) -> int:
+    """Estimated peak host bytes of `group_spectra` for an input group of `width` n whose units stack
+    `rows` rows each, counted in float64: the Gram, the Cholesky factor and its input copy when a unit
+    has more rows than n, every unit's stacked weight, and the largest unit's products (W G Wᵀ: W G and
+    the m×m result; Sᵀ WᵀW S: n×n three times). Llama-3-70B's down_proj group: 13.3 GB; gate/up: 8.9 GB."""
+    n = width
+    unit = max((m * n + 3 * n * n) if m > n else (2 * m * n + 2 * m * m) for m in rows)
+    return 8 * (n * n + (2 * n * n if any(m > n for m in rows) else 0) + sum(rows) * n + unit)
+
+
+def spectra_flops(width: int, rows: list[int]) -> float:
+    """Estimated floating-point operations of `group_spectra` (what executors schedule by): the Cholesky
+    when a unit is taller than wide (n³/3), and per unit its product and eigvalsh — m n² + 2 n³ + 4 n³
+    (n×n) when m > n, else 2 m n² + 4 m³ (m×m)."""
+    n = width
+    units = sum((m * n * n + 6 * n ** 3) if m > n else (2 * m * n * n + 4 * m ** 3) for m in rows)
+    return float((n ** 3 / 3 if any(m > n for m in rows) else 0) + units)
+
+
 def _min_rank(options: FisherAllocation, rows: int, cols: int) -> int:
     return max(1, math.ceil(options.min_rank_fraction * min(rows, cols)))
 

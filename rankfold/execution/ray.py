@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any, Callable, Sequence, TypeVar
 
+from rankfold.core.arrays import shareable
 from rankfold.core.device import DeviceError
 from rankfold.core.errors import BadInput, RankfoldError
 from rankfold.execution.base import ShardLost
@@ -49,7 +50,7 @@ def _combined(fn: Callable[..., Any], refs: list) -> tuple[int, Any]:
     """(0, fn of the partials fetched one at a time): a status for the driver, a partial for the next round."""
     import ray
 
-    return 0, fn(ray.get(ref) for ref in refs)
+    return 0, shareable(fn(ray.get(ref) for ref in refs))
 
 
 # How long a job waits for an (autoscaling) cluster to offer the CPUs its shards need.

@@ -23,7 +23,7 @@ MAX_SHARD_REBUILDS = 3
 # Partials one shard sums in a round of the reduction tree. Up to this many shards a layer's partials are
 # summed by one shard in shard order (the bits of a sum in the driver); past it, groups of this many are
 # summed in parallel, round after round: log_F(N) rounds, each shard fetching at most F − 1 partials of
-# 8.2 GB (Llama-3-70B) from other nodes, instead of one shard fetching N − 1.
+# 4.1 GB (Llama-3-70B, packed) from other nodes, instead of one shard fetching N − 1.
 REDUCE_FAN_IN = 4
 
 

@@ -43,7 +43,7 @@ class GroupInputs:
     @property
     def input_norms(self) -> torch.Tensor:
         """(n,) ‖x_j‖₂ per input channel over the calibration tokens (√ of the Gram's diagonal), float64."""
-        return self._need().gram.diagonal().clamp_min(0.0).sqrt()
+        return self._need().diagonal().clamp_min(0.0).sqrt()
 
     @property
     def mean_abs(self) -> torch.Tensor:

@@ -35,7 +35,8 @@ class FisherSums:
         return cls(z(()), z(shape[0]), z(shape[1]))
 
     def add_(self, grad: torch.Tensor) -> None:
-        squared = grad.to(torch.float64).square()
+        squared = grad.to(torch.float64)  # a float64 gradient itself: squared in place, its last use
+        squared.square_()  # in place: one float64 copy (a 70B down_proj's: 1.9 GB), not two
         self.rows.add_(squared.sum(1))
         self.cols.add_(squared.sum(0))
         self.total.add_(squared.sum())
@@ -58,21 +59,34 @@ def head_gradient(hidden: torch.Tensor, head: nn.Module, ids: torch.Tensor) -> t
 def layer_backward(layer: nn.Module, runner: LayerRunner, hidden: torch.Tensor, grad_out: torch.Tensor,
                    sums: dict[str, FisherSums], paths: list[str]) -> torch.Tensor:
     """Recompute `layer` on one batch's stored input, backpropagate `grad_out` (∂ℒ/∂output), add the
-    squared weight gradients of `paths` to `sums`; returns ∂ℒ/∂input for the layer below."""
+    squared weight gradients of `paths` to `sums`; returns ∂ℒ/∂input for the layer below. Each weight's
+    gradient is summed and freed as soon as the backward pass produces it (a hook), so one gradient at a
+    time is held, not the layer's (Llama-3-70B: 0.47 GB instead of 1.7 GB in bf16)."""
     weights = [layer.get_submodule(path).weight for path in paths]
-    hidden = hidden.detach().requires_grad_(True)
-    with torch.enable_grad():
-        output = runner.run(layer, hidden)
-        # allow_unused: an expert no token of this batch was routed to has no gradient (zero)
-        grads = torch.autograd.grad(output, [hidden, *weights], grad_out, allow_unused=True)
-    for path, weight, grad in zip(paths, weights, grads[1:]):
-        if path not in sums:
+    for path, weight in zip(paths, weights):
+        if path not in sums:  # every path, in order: an expert no token reached keeps zeros
             sums[path] = FisherSums.zeros(weight.shape, weight.device)
-        if grad is not None:
-            sums[path].add_(grad)
-        elif ".experts." not in path:  # only an expert the router skipped may have no gradient
-            raise RuntimeError(f"{path}: no gradient reached this weight in the backward pass")
-    return grads[0]
+    reached: set[str] = set()
+
+    def consume(path: str):
+        def hook(weight: torch.Tensor) -> None:
+            sums[path].add_(weight.grad)
+            weight.grad = None
+            reached.add(path)
+        return hook
+
+    handles = [weight.register_post_accumulate_grad_hook(consume(path)) for path, weight in zip(paths, weights)]
+    hidden = hidden.detach().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            runner.run(layer, hidden).backward(grad_out)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [path for path in paths if path not in reached and ".experts." not in path]
+    if missing:  # only an expert the router skipped may have no gradient
+        raise RuntimeError(f"{missing[0]}: no gradient reached this weight in the backward pass")
+    return hidden.grad
 
 
 def prepare_for_gradients(layer: nn.Module, paths: list[str]) -> None:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from rankfold.methods.palu import group_factors, group_spectra
 from rankfold.methods.palu_cache import PROJECTIONS
-from rankfold.methods.statistics import InputStats
 from rankfold.methods.whitening import whitening_factor
 from rankfold.storage.store import StoreRef, open_ref
+from rankfold.workers.layer_statistics import read_group_stats
 from rankfold.workers.shard import cached_source
 
 KV_GROUP = "attn_in"       # the input group k_proj and v_proj read (its Gram whitens them)
@@ -36,7 +36,7 @@ def kv_factors_item(item: KVFactorsItem) -> tuple[str, str]:
     if sha is not None and out.actual_checksum(item.out_key) == sha:
         return item.out_key, sha
     source = cached_source(item.source)
-    stats = InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), KV_GROUP)
+    stats = read_group_stats(item.stats, item.stats_key, KV_GROUP)
     gram = stats.symmetric_gram()
     tensors = {GRAM_TRACE: gram.diagonal().sum().reshape(1)}
     factor = whitening_factor(gram)

@@ -10,11 +10,15 @@ import time
 from typing import Iterable
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from rankfold.core.arrays import as_tensor
 from rankfold.core.errors import NumericalError
+from rankfold.methods import packed_gram
 from rankfold.methods.statistics import InputStats
 from rankfold.models.architecture import LinearGroup
+from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.activations import Activations
 from rankfold.workers.layers import LayerRunner
 
@@ -58,6 +62,38 @@ def propagate_layer(layer: nn.Module, runner: LayerRunner, inputs: Activations, 
     return stats
 
 
+def read_group_stats(store: StoreRef, key: str, group: str) -> InputStats:
+    """One input group's statistics from a layer's stored ones, reading only that group's tensors; a
+    packed Gram is unpacked straight from the file a row block at a time (the task holds the n×n Gram,
+    not the packed copy beside it). The union of a mixture's experts (EXPERTS_UNION) sums the experts'
+    packed Grams one at a time, in `InputStats.from_tensors`' order (the same bits), and stays packed.
+    ValueError when a packed Gram's length does not match its width."""
+    with open_ref(store).open_file(key) as path, safe_open(path, framework="pt") as handle:
+        names = list(filter(InputStats.names_of(group), handle.keys()))
+        parts = sorted({name.rsplit(".", 1)[0] for name in names})
+        if parts and parts != [group]:
+            total = None
+            for part in parts:
+                stats = InputStats.from_tensors({name: handle.get_tensor(name) for name in names
+                                                 if name.rsplit(".", 1)[0] == part}, part)
+                total = stats if total is None else InputStats.sum([total, stats])
+            return total
+        tensors = dict(_read_unpacked(handle, key, name) for name in names)
+    return InputStats.from_tensors(tensors, group)
+
+
+def _read_unpacked(handle, key: str, name: str) -> tuple[str, torch.Tensor]:
+    """(name, tensor) of one stored statistic; a packed Gram as (GROUP.gram, the full matrix)."""
+    if not name.endswith(".gram_upper"):
+        return name, handle.get_tensor(name)
+    width = handle.get_slice(name.replace(".gram_upper", ".abs_sum")).get_shape()[0]
+    piece = handle.get_slice(name)
+    if piece.get_shape() != [packed_gram.packed_size(width)]:
+        raise ValueError(f"{key}: {name} holds {piece.get_shape()} entries, a packed {width}×{width} "
+                         f"Gram {packed_gram.packed_size(width)}")
+    return name.removesuffix("_upper"), packed_gram.unpack_from(lambda start, stop: piece[start:stop], width)
+
+
 def check_finite(hidden: torch.Tensor, where: str) -> None:
     if not bool(torch.isfinite(hidden).all()):
         raise NumericalError(f"{where}: the layer's output has non-finite values ({hidden.dtype} overflowed); "
@@ -65,18 +101,21 @@ def check_finite(hidden: torch.Tensor, where: str) -> None:
 
 
 def sum_stats(partials: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Statistics tensors of several shards of the same layer, added in the given (shard) order into one
-    running copy: two partials' memory at most when they are handed over one at a time (workers/reduce.py).
-    ValueError when the partials hold different statistics, or none are given."""
+    """Statistics tensors (or NumPy arrays: core/arrays.py) of several shards of the same layer, added in
+    the given (shard) order into one running copy: the sum and one partial in memory when they are handed
+    over one at a time (workers/reduce.py). ValueError when the partials hold different statistics, or
+    none are given."""
     total: dict[str, torch.Tensor] | None = None
     for partial in partials:
+        partial = {name: as_tensor(value) for name, value in partial.items()}  # NumPy from the object store
         if total is None:  # a copy: a partial read from Ray's object store may be read-only
             total = {name: value.clone() for name, value in partial.items()}
-            continue
-        if partial.keys() != total.keys():
+        elif partial.keys() != total.keys():
             raise ValueError("shards returned statistics of different groups")
-        for name, value in partial.items():
-            total[name].add_(value)
+        else:
+            for name in partial:
+                total[name].add_(partial[name])
+        del partial  # not held while the next one is fetched (4.1 GB a shard at Llama-3-70B's widths)
     if total is None:
         raise ValueError("no partial statistics to sum")
     return total

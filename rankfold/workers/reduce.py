@@ -1,6 +1,6 @@
 """Shards' partial statistics summed where they are, not in the driver.
 
-Each shard of a walk returns its partial sums of a layer's statistics (calibration's Grams: 8.2 GB of
+Each shard of a walk returns its partial sums of a layer's statistics (calibration's packed Grams: 4.1 GB of
 float64 per shard and layer at Llama-3-70B's widths; the anchored walk's paired statistics, three n×n
 per group). The executor hands the partials — never fetched by the driver — to one of the shards, in
 turn, which adds them in shard order (the same order, hence the same bits, as a sum in the driver),
@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 
 from rankfold.core.errors import NumericalError
+from rankfold.methods.statistics import InputStats
 from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.layer_statistics import sum_stats
 
@@ -42,22 +43,28 @@ def reduce_statistics(item: ReduceItem, partials: Iterable[dict[str, torch.Tenso
 
 
 def few_tokens(layer: int, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-    """{"layer.group": tokens} of the groups whose token count is below their input width."""
-    counts = {name.removesuffix(".count"): int(value[0]) for name, value in tensors.items()
-              if name.endswith(".count") and f"{name.removesuffix('.count')}.gram" in tensors}
-    return {f"{layer}.{group}": count for group, count in counts.items()
-            if count < tensors[f"{group}.gram"].shape[0]}
+    """{"layer.group": tokens} of the groups whose token count is below their input width (calibration's
+    statistics, packed or full, and the anchored walk's paired ones)."""
+    out = {}
+    for group in (name.removesuffix(".count") for name in tensors if name.endswith(".count")):
+        width = tensors.get(f"{group}.abs_sum", tensors.get(f"{group}.gram"))
+        count = int(tensors[f"{group}.count"][0])
+        if width is not None and count < width.shape[0]:
+            out[f"{layer}.{group}"] = count
+    return out
 
 
 def check_statistics(layer: int, tensors: dict[str, torch.Tensor], product_dtype: str) -> None:
     """Σ|x| and the Gram's diagonal bound every entry (|G_ij| ≤ √(G_ii G_jj)): cheap to check."""
     for name, value in tensors.items():
-        if name.endswith((".abs_sum", ".gram")):
-            checked = value.diagonal() if value.ndim == 2 else value
-            if not bool(torch.isfinite(checked).all()):
-                raise NumericalError(f"layer {layer}: calibration statistic {name} is not finite (products in "
-                                     f"calibration.gram_product_dtype {product_dtype}); try float64 products or "
-                                     "model.dtype bfloat16 / float32")
+        if name.endswith(".abs_sum"):
+            group = name.removesuffix(".abs_sum")
+            diagonal = InputStats.from_tensors(tensors, group).diagonal() if f"{group}.count" in tensors else None
+            for checked, what in ((value, name), (diagonal, f"{group}'s Gram")):
+                if checked is not None and not bool(torch.isfinite(checked).all()):
+                    raise NumericalError(f"layer {layer}: calibration statistic {what} is not finite (products "
+                                         f"in calibration.gram_product_dtype {product_dtype}); try float64 "
+                                         "products or model.dtype bfloat16 / float32")
 
 
 def summed(_item: object, partials: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from rankfold.methods.cap import CapOptions, history_metadata, rpca_units
-from rankfold.methods.statistics import InputStats
 from rankfold.methods.whitening import whitening_factor
 from rankfold.storage.store import StoreRef, open_ref
+from rankfold.workers.layer_statistics import read_group_stats
 from rankfold.workers.shard import cached_source
 
 SCORE_SUFFIX = "-scores"  # the small artifact beside each matrix's units: what the search's driver reads
@@ -36,7 +36,7 @@ def rpca_item(item: RPCAItem) -> list[tuple[str, str]]:
     if all(store.verify(key) for key in keys):
         return [(key, store.checksum(key)) for key in keys]
     weight = cached_source(item.source).matrix(f"{item.layer_prefix}{item.path}.weight")
-    stats = InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group)
+    stats = read_group_stats(item.stats, item.stats_key, item.group)
     gram = stats.symmetric_gram()
     whitening = whitening_factor(gram.clone()) if item.options.whiten else None
     units, history = rpca_units(item.options, weight, gram, stats.count, whitening)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import rankfold.storage  # noqa: F401  (registers the "store:" source scheme: checkpoints read from a store)
+from rankfold.core.arrays import shareable
 from rankfold.core.device import to_host, use_device
 from rankfold.core.resources import process_peak_rss_mb
 from rankfold.methods.cap import masked_weight
@@ -126,8 +127,8 @@ class SequenceShard:
 
     def split(self, method: str, *args) -> tuple[int, object]:
         """(0, this shard's `method`(*args)): a status the driver fetches and a partial it does not
-        (Executor.call_all_split)."""
-        return 0, getattr(self, method)(*args)
+        (Executor.call_all_split), its tensors as NumPy arrays (core/arrays.py: read without a copy)."""
+        return 0, shareable(getattr(self, method)(*args))
 
     def activations(self, budget_bytes: int) -> Activations:
         """An activation buffer of this shard: its device's pool, host memory (`budget_bytes`), then

@@ -21,6 +21,7 @@ from rankfold.methods.statistics import InputStats
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreError, StoreRef, open_ref
 from rankfold.workers.layer_state import assemble_layer_state
+from rankfold.workers.layer_statistics import read_group_stats
 from rankfold.workers.shard import cached_source
 
 
@@ -56,7 +57,7 @@ class DecomposeItem:
 def _group_stats(item: DecomposeItem) -> InputStats | None:
     if item.stats_key is None:
         return None
-    return InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group).to(worker_device())
+    return read_group_stats(item.stats, item.stats_key, item.group).to(worker_device())
 
 
 def decompose_item(item: DecomposeItem) -> tuple[dict[str, dict[str, float]], str, str]:
@@ -101,7 +102,7 @@ def spectrum_item(item: SpectrumItem) -> tuple[str, str]:
     if sha is not None and out.actual_checksum(item.spectra_key) == sha:
         return item.spectra_key, sha
     modules, weights = _modules_and_weights(item.source, item.layer_prefix, item.modules)
-    stats = InputStats.from_tensors(open_ref(item.stats).get_tensors(item.stats_key), item.group).to(worker_device())
+    stats = read_group_stats(item.stats, item.stats_key, item.group).to(worker_device())
     return item.spectra_key, out.put_tensors(item.spectra_key, to_host(group_spectra(weights, stats, modules)))
 
 

@@ -31,6 +31,7 @@ from rankfold.data.text import load_text, tokenize
 from rankfold.evaluation.report import metric_table
 from rankfold.jobs.spec import parse_spec
 from rankfold.methods.group_decomposition import decompose_group
+from rankfold.methods.statistics import InputStats
 from rankfold.methods.structure import LOWRANK, SHARED, SHARED_SKIP, plan_layer
 from rankfold.methods.svd import SvdOptions
 from rankfold.models.architecture import ARCHITECTURES
@@ -218,7 +219,7 @@ def test_calibration_grams_equal_forward_hooks(family):
     for (i, name), x in seen.items():
         x = x.to(torch.float64)
         assert int(stats[i][f"{name}.count"][0]) == x.shape[0]
-        torch.testing.assert_close(stats[i][f"{name}.gram"], x.T @ x, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(InputStats.from_tensors(stats[i], name).gram, x.T @ x, rtol=1e-4, atol=1e-3)
 
 
 def _beside_palu(model_type: str) -> list[str]:
@@ -307,7 +308,6 @@ def _tokenizer(folder):
 
 
 def test_groups_with_fewer_tokens_than_inputs_are_named():
-    from rankfold.methods.statistics import InputStats
     from rankfold.workers.reduce import few_tokens
 
     tensors = {**InputStats.zeros(8).to_tensors("mlp_in_0"), **InputStats.zeros(4).to_tensors("attn_in")}

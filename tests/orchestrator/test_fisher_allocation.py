@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rankfold.evaluation.report import metric_table
@@ -72,3 +74,25 @@ def test_two_jobs_on_one_store_share_calibration_fisher_and_spectra(tiny_model_d
     second = run_job(parse_spec(data), store=store)
     assert {"calibrate", "fisher", "spectra", "evaluate perplexity dense wikitext2"} <= set(second["reused_stages"])
     assert "allocate" not in second["reused_stages"] and second["ranks"] != first["ranks"]
+
+
+def test_spectra_tasks_reserve_their_estimated_memory(tiny_model_dir, tmp_path, monkeypatch):
+    """Each spectra task asks the executor for its group's `spectra_bytes` (on Ray: the `memory` resource),
+    as decomposition tasks do — two 70B down_proj groups' spectra (11.4 GB each) must not share 24 GB."""
+    from rankfold.allocators.flra import spectra_bytes, spectra_flops
+    from rankfold.execution.local import LocalExecutor
+
+    asked, map_ = {}, LocalExecutor.map
+
+    def recording_map(self, fn, items, stage, work=None, memory=None):
+        asked[stage] = (work, memory)
+        return map_(self, fn, items, stage, work, memory)
+
+    monkeypatch.setattr(LocalExecutor, "map", recording_map)
+    run_job(parse_spec(fisher_spec(tiny_model_dir, tmp_path / "out")))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    hidden, ffn = config["hidden_size"], config["intermediate_size"]
+    work, memory = asked["spectra"]
+    assert len(memory) == 2 * 4 and spectra_bytes(ffn, [hidden]) in memory
+    assert spectra_flops(ffn, [hidden]) in work  # operations, not bytes: the executor picks threads by them
+    assert memory.index(spectra_bytes(ffn, [hidden])) == work.index(spectra_flops(ffn, [hidden]))

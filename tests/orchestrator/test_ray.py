@@ -151,7 +151,7 @@ def test_the_test_cluster_listens_on_loopback_only(ray_cluster, s3_endpoint):
 
 def _holds_statistics(value) -> bool:
     if isinstance(value, dict):
-        return any(str(key).endswith(".gram") for key in value) or any(map(_holds_statistics, value.values()))
+        return any(str(key).endswith((".gram", ".gram_upper")) for key in value) or any(map(_holds_statistics, value.values()))
     if isinstance(value, (list, tuple)):
         return any(map(_holds_statistics, value))
     return False
