@@ -67,7 +67,7 @@ class ShardGroup:
         returns its result. Past `fan_in` shards the partials are first summed in groups, in rounds of a
         tree (`_combined`). A reducing shard that dies is rebuilt and reduces again (the partials wait in
         the object store); a partial lost with its node in between fails the stage (Ray's ObjectLostError):
-        the job resumes from the stage's start."""
+        run again, calibration resumes at the first layer whose sum was not stored (`stream_shards`)."""
         split = lambda k: self.executor.call_all_split([self.shards[k]], "split", method, *args)[0]  # noqa: E731
         pairs = [self._answered(k, pair, split)
                  for k, pair in enumerate(self.executor.call_all_split(self.shards, "split", method, *args))]
@@ -157,25 +157,39 @@ def per_shard_config(config: ShardConfig, executor: Executor, parts: int) -> Sha
 def stream_shards(executor: Executor, config: ShardConfig, ids: torch.Tensor, batch_size: int, stage: str,
                   num_layers: int, layout: Callable[[int], list[dict] | None] = lambda i: None,
                   reduce_into: Callable[[int], ReduceItem] | None = None,
-                  on_reduced: Callable[[int, Any], None] = lambda i, result: None) -> ShardGroup:
+                  on_reduced: Callable[[int, Any], None] = lambda i, result: None,
+                  stored: Callable[[int], Any] = lambda i: None) -> ShardGroup:
     """Push `ids` through every layer, split over the executor's workers. With `reduce_into` (calibration),
     each layer's input statistics are summed over the shards in shard order where they are and stored
     (workers/reduce.py, `reduce_into(i)` says where); `on_reduced(i, (sha256, few_tokens))` gets the small
-    result. Without, the activations after the last layer are kept (evaluation). `layout(i)`: layer i's
-    compressed modules (JSON) or None. Returns the shards — call `release()` on them."""
+    result — `stored(i)` when it is not None (an interrupted run stored that layer's: the shards only pass
+    through it, and stop after the last layer still to reduce). Without, the activations after the last
+    layer are kept (evaluation). `layout(i)`: layer i's compressed modules (JSON) or None. Returns the
+    shards — call `release()` on them."""
+    kept = {}
+    if reduce_into is not None:
+        kept = {i: result for i in range(num_layers) if (result := stored(i)) is not None}
+        if kept:
+            log.info("%s: %d of %d layers' statistics stored by an interrupted run: passed through, not reduced",
+                     stage, len(kept), num_layers)
+        for i in sorted(kept):
+            on_reduced(i, kept[i])
+        num_layers = max((i + 1 for i in range(num_layers) if i not in kept), default=0)
+    if num_layers == 0:  # every layer stored: no shard to start
+        return ShardGroup(executor, stage, config, 0)
     parts = split_rows(ids, executor.workers)
     shards = ShardGroup(executor, stage, per_shard_config(config, executor, len(parts)), len(parts))
     try:
         shards.call_each("load", [(part, batch_size) for part in parts])
         for i in executor.steps(range(num_layers), stage):
-            step = LayerStep(layout(i), collect_stats=reduce_into is not None,
+            step = LayerStep(layout(i), collect_stats=reduce_into is not None and i not in kept,
                              keep_outputs=reduce_into is None or i < num_layers - 1)
             replay = (i, replace(step, collect_stats=False))
-            if reduce_into is None:
-                shards.call("advance", i, step, replay_args=replay)
-            else:
+            if step.collect_stats:
                 on_reduced(i, shards.call_reduced("advance", i, step, reduce=reduce_statistics, item=reduce_into(i),
                                                   replay_args=replay))
+            else:
+                shards.call("advance", i, step, replay_args=replay)
     except BaseException:
         shards.release()
         raise

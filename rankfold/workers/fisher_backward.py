@@ -20,6 +20,10 @@ from torch import nn
 from rankfold.allocators.flra import BATCHES_KEY
 from rankfold.workers.layers import LayerRunner
 
+# Largest float64 block of a squared gradient: a model up to SmolLM2's size squares each weight in one
+# block (the sums as before); past it the block's size, not the matrix's, bounds the temporary.
+SQUARE_BLOCK_BYTES = 64 << 20
+
 
 @dataclass
 class FisherSums:
@@ -35,11 +39,15 @@ class FisherSums:
         return cls(z(()), z(shape[0]), z(shape[1]))
 
     def add_(self, grad: torch.Tensor) -> None:
-        squared = grad.to(torch.float64)  # a float64 gradient itself: squared in place, its last use
-        squared.square_()  # in place: one float64 copy (a 70B down_proj's: 1.9 GB), not two
-        self.rows.add_(squared.sum(1))
-        self.cols.add_(squared.sum(0))
-        self.total.add_(squared.sum())
+        """Add the squares of `grad` (out, in), any float dtype, in float64 — by row blocks of at most
+        SQUARE_BLOCK_BYTES, so the float64 square of a 70B down_proj gradient (1.9 GB) is never whole."""
+        step = max(1, SQUARE_BLOCK_BYTES // (8 * grad.shape[1]))
+        for start in range(0, grad.shape[0], step):
+            squared = grad[start:start + step].to(torch.float64)  # a float64 copy of the block: squared in place
+            squared.square_()
+            self.rows[start:start + step].add_(squared.sum(1))
+            self.cols.add_(squared.sum(0))
+            self.total.add_(squared.sum())
 
     def to_tensors(self, path: str) -> dict[str, torch.Tensor]:
         return {f"{path}.fisher": self.total, f"{path}.fisher_rows": self.rows, f"{path}.fisher_cols": self.cols}

@@ -17,7 +17,7 @@ import torch
 
 from rankfold.core.errors import NumericalError
 from rankfold.methods.statistics import InputStats
-from rankfold.storage.store import StoreRef, open_ref
+from rankfold.storage.store import ArtifactStore, StoreError, StoreRef, open_ref
 from rankfold.workers.layer_statistics import sum_stats
 
 
@@ -29,6 +29,7 @@ class ReduceItem:
     key: str
     layer: int
     product_dtype: str | None = None  # calibration's Gram product dtype: the statistics are checked (named in errors)
+    summary_key: str | None = None    # where the small result goes too, once the sum is stored (a resumed stage reads it)
 
 
 def reduce_statistics(item: ReduceItem, partials: Iterable[dict[str, torch.Tensor]]) -> tuple[str, dict[str, int]]:
@@ -39,7 +40,30 @@ def reduce_statistics(item: ReduceItem, partials: Iterable[dict[str, torch.Tenso
     tensors = sum_stats(partials)
     if item.product_dtype is not None:
         check_statistics(item.layer, tensors, item.product_dtype)
-    return open_ref(item.store).put_tensors(item.key, tensors), few_tokens(item.layer, tensors)
+    store = open_ref(item.store)
+    sha, few = store.put_tensors(item.key, tensors), few_tokens(item.layer, tensors)
+    if item.summary_key is not None:  # written last: its presence says the layer's sum is whole
+        version = store.version(item.key)
+        store.put_json(item.summary_key, {"sha256": sha, "version": version and version[1], "few_tokens": few})
+    return sha, few
+
+
+def stored_result(store: ArtifactStore, item: ReduceItem) -> tuple[str, dict[str, int]] | None:
+    """The (sha256, few tokens) `reduce_statistics` returned for `item` in an earlier, interrupted run of
+    the same stage: its summary written, and the statistics still the bytes it names — the recorded
+    sha256 and version token unchanged, or, where the token moved, the bytes hashed again (as the
+    manifest decides a stage is done). None when the layer must be reduced again."""
+    if item.summary_key is None or not store.exists(item.summary_key):
+        return None
+    try:
+        summary = store.get_json(item.summary_key)
+        sha, few = summary["sha256"], {str(k): int(v) for k, v in summary["few_tokens"].items()}
+    except (StoreError, ValueError, KeyError, TypeError, AttributeError):  # damaged: reduce the layer again
+        return None
+    found = store.version(item.key)
+    if found is None or found[0] != sha:
+        return None
+    return (sha, few) if found[1] == summary.get("version") or store.actual_checksum(item.key) == sha else None
 
 
 def few_tokens(layer: int, tensors: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -62,7 +62,8 @@ def test_an_artifact_touched_but_unchanged_is_hashed_once_then_trusted(finished,
 def test_an_artifact_changed_in_place_with_the_same_size_is_recomputed(finished):
     spec, first, out = finished
     store = LocalStore(out / "artifacts")
-    key = store.list_keys(f"stats/{first['artifacts']['digests']['calibrate']}/")[0]
+    key = [key for key in store.list_keys(f"stats/{first['artifacts']['digests']['calibrate']}/")
+           if key.endswith(".safetensors")][0]
     data = store.path(key).read_bytes()
     store.path(key).write_bytes(data[:-8] + b"garbage!")
     again = run_job(spec)
@@ -114,3 +115,61 @@ def test_damage_that_keeps_size_and_mtime_fails_where_read_and_verify_repair_rec
     assert "decompose: record dropped" in capsys.readouterr().out
     again = run_job(spec)
     assert "decompose" not in again["reused_stages"] and store.verify(key)
+
+
+def _stats(out) -> dict[str, str]:
+    store = LocalStore(out / "artifacts")
+    return {key.split("/")[-1]: store.checksum(key) for key in store.list_keys("stats/") if key.endswith(".safetensors")}
+
+
+def test_calibration_stopped_mid_walk_resumes_at_the_first_layer_not_stored(tmp_path, tiny_model_dir, monkeypatch):
+    """A calibration stopped after layer 0's statistics were stored reduces only layer 1 when run again
+    (layer 0 passed through, a forward), and stores the statistics of the run never stopped."""
+    import rankfold.execution.streaming as streaming
+
+    def spec(folder):
+        data = tiny_spec_dict(tiny_model_dir, tmp_path / folder)
+        data["evaluation"]["perplexity"] = []
+        return parse_spec(data)
+
+    run_job(spec("whole"))
+    real, reduced, stop_at = streaming.reduce_statistics, [], [1]
+
+    def counted(item, partials):
+        if item.layer in stop_at:
+            raise KeyboardInterrupt(f"stopped in layer {item.layer}")
+        reduced.append(item.layer)
+        return real(item, partials)
+
+    monkeypatch.setattr(streaming, "reduce_statistics", counted)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(spec("stopped"))
+    assert reduced == [0]
+    reduced.clear(), stop_at.clear()
+    run_job(spec("stopped"))
+    assert reduced == [1]  # layer 0 read back, not recomputed
+    assert _stats(tmp_path / "stopped") == _stats(tmp_path / "whole") and len(_stats(tmp_path / "whole")) == 2
+
+
+def test_a_layer_summary_counts_only_while_it_names_the_stored_statistics(tmp_path):
+    import torch
+
+    from rankfold.methods.statistics import InputStats
+    from rankfold.workers.reduce import ReduceItem, reduce_statistics, stored_result
+
+    store = LocalStore(tmp_path)
+    stats = InputStats.zeros(3)
+    stats.add_(torch.randn(2, 3, generator=torch.Generator().manual_seed(0)))
+    item = ReduceItem(store.ref(), "stats/d/layer-00000.safetensors", 0, "float32", "stats/d/layer-00000.json")
+    assert stored_result(store, item) is None
+    result = reduce_statistics(item, [stats.to_tensors("mlp_in")])
+    assert stored_result(store, item) == result and result[1] == {"0.mlp_in": 2}  # 2 tokens, width 3
+    store.put_tensors(item.key, stats.to_tensors("other"))  # statistics rewritten since: not the summary's
+    assert stored_result(store, item) is None
+    reduce_statistics(item, [stats.to_tensors("mlp_in")])
+    data = store.path(item.key).read_bytes()
+    store.path(item.key).write_bytes(data[:-8] + b"garbage!")  # damaged in place, same size
+    assert stored_result(store, item) is None
+    reduce_statistics(item, [stats.to_tensors("mlp_in")])
+    store.path(item.summary_key).write_text("{not json")
+    assert stored_result(store, item) is None

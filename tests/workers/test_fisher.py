@@ -121,3 +121,23 @@ def test_head_group_scores_slice_rows_for_kv_and_columns_for_o(tiny_model_dir, t
                                o.reshape(-1, 2, 32).sum((0, 2)) / 2, rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="do not split"):
         head_group_scores(layers[0], "self_attn.k_proj", slice(None), 16, 3)
+
+
+def test_fisher_sums_by_row_blocks_equal_the_whole_square(monkeypatch):
+    """A gradient squared by row blocks (a 70B down_proj's float64 square is never whole) gives the sums of
+    the whole square: its rows exactly, its columns and total up to float64 rounding."""
+    from rankfold.workers import fisher_backward
+    from rankfold.workers.fisher_backward import FisherSums
+
+    grads = [torch.randn(37, 11, generator=torch.Generator().manual_seed(n)) for n in range(2)]
+    whole, blocked = FisherSums.zeros(grads[0].shape), FisherSums.zeros(grads[0].shape)
+    for grad in grads:
+        whole.add_(grad)
+    monkeypatch.setattr(fisher_backward, "SQUARE_BLOCK_BYTES", 5 * 8 * 11)  # blocks of 5 rows, a last of 2
+    for grad in grads:
+        blocked.add_(grad)
+    reference = sum(grad.double().square() for grad in grads)
+    assert torch.equal(blocked.rows, whole.rows)
+    torch.testing.assert_close(blocked.rows, reference.sum(1), rtol=1e-14, atol=0)
+    torch.testing.assert_close(blocked.cols, reference.sum(0), rtol=1e-14, atol=0)
+    torch.testing.assert_close(blocked.total, reference.sum(), rtol=1e-14, atol=0)

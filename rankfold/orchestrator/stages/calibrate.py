@@ -2,6 +2,8 @@
 
 Each layer's statistics are summed over the shards where their partials are and stored by one of the
 shards (workers/reduce.py): the driver receives the artifact's sha256 and the groups that saw few tokens.
+Resumable per layer: a stage stopped at layer k (a lost node's partial, a killed driver) runs again
+passing through the layers already stored — a forward, no statistics — and reduces from layer k on.
 
 params: model {id, dtype}, calibration (CalibrationSpec), sample (CalibrationSample)."""
 
@@ -11,7 +13,7 @@ from rankfold.execution.streaming import stream_shards
 from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, register_stage
 from rankfold.orchestrator.stages.outputs import Statistics
 from rankfold.orchestrator.stages.stage import Stage
-from rankfold.workers.reduce import ReduceItem
+from rankfold.workers.reduce import ReduceItem, stored_result
 from rankfold.workers.shard import ShardConfig
 
 
@@ -25,7 +27,8 @@ def calibrate(env: Env, stage: Stage) -> tuple[dict, Artifacts]:
     ref = env.store.ref()
 
     def target(i: int) -> ReduceItem:
-        return ReduceItem(ref, Statistics.key_of(stage, i), i, cal.gram_product_dtype)
+        key = Statistics.key_of(stage, i)
+        return ReduceItem(ref, key, i, cal.gram_product_dtype, summary_key=key.removesuffix(".safetensors") + ".json")
 
     def saved(i: int, result: tuple[str, dict[str, int]]) -> None:
         sha, few_in_layer = result
@@ -35,7 +38,8 @@ def calibrate(env: Env, stage: Stage) -> tuple[dict, Artifacts]:
     config = ShardConfig(env.source.location, stage.params["model"]["dtype"], env.max_resident_mb << 20,
                          str(env.scratch), cal.gram_product_dtype)
     stream_shards(env.executor, config, samples, cal.batch_size, "calibrate", env.source.num_layers,
-                  reduce_into=target, on_reduced=saved).release()
+                  reduce_into=target, on_reduced=saved,
+                  stored=lambda i: stored_result(env.store, target(i))).release()
     return {"tokens": samples.numel(), "few_tokens": few}, artifacts
 
 
