@@ -31,7 +31,8 @@ def test_job_with_s3_artifacts_resumes_from_the_bucket(tmp_path, tiny_model_dir,
     digests = report["artifacts"]["digests"]
     keys = store.list_keys()
     assert report["artifacts"]["store"].startswith(f"s3://{s3_bucket}/team/jobs")
-    assert sum(k.startswith(f"stats/{digests['calibrate']}/") for k in keys) == 2
+    assert sum(k.startswith(f"stats/{digests['calibrate']}/") and k.endswith(".safetensors") for k in keys) == 2
+    assert sum(k.startswith(f"stats/{digests['calibrate']}/") and k.endswith(".json") for k in keys) == 2  # summaries
     assert sum(k.startswith(f"factors/{digests['decompose']}/") for k in keys) == 2 * 4
     assert f"checkpoints/{digests['assemble']}/rankfold.safetensors.index.json" in keys
     assert report["artifacts"]["manifest"] in keys
