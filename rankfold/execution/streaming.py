@@ -158,17 +158,18 @@ def stream_shards(executor: Executor, config: ShardConfig, ids: torch.Tensor, ba
                   num_layers: int, layout: Callable[[int], list[dict] | None] = lambda i: None,
                   reduce_into: Callable[[int], ReduceItem] | None = None,
                   on_reduced: Callable[[int, Any], None] = lambda i, result: None,
-                  stored: Callable[[int], Any] = lambda i: None) -> ShardGroup:
+                  stored: Callable[[ReduceItem], Any] = lambda item: None) -> ShardGroup:
     """Push `ids` through every layer, split over the executor's workers. With `reduce_into` (calibration),
     each layer's input statistics are summed over the shards in shard order where they are and stored
     (workers/reduce.py, `reduce_into(i)` says where); `on_reduced(i, (sha256, few_tokens))` gets the small
-    result — `stored(i)` when it is not None (an interrupted run stored that layer's: the shards only pass
+    result — `stored(item)` when it is not None (an interrupted run stored that layer's: the shards only pass
     through it, and stop after the last layer still to reduce). Without, the activations after the last
     layer are kept (evaluation). `layout(i)`: layer i's compressed modules (JSON) or None. Returns the
     shards — call `release()` on them."""
-    kept = {}
+    kept, items = {}, {}
     if reduce_into is not None:
-        kept = {i: result for i in range(num_layers) if (result := stored(i)) is not None}
+        items = {i: reduce_into(i) for i in range(num_layers)}
+        kept = {i: result for i, item in items.items() if (result := stored(item)) is not None}
         if kept:
             log.info("%s: %d of %d layers' statistics stored by an interrupted run: passed through, not reduced",
                      stage, len(kept), num_layers)
@@ -186,7 +187,7 @@ def stream_shards(executor: Executor, config: ShardConfig, ids: torch.Tensor, ba
                              keep_outputs=reduce_into is None or i < num_layers - 1)
             replay = (i, replace(step, collect_stats=False))
             if step.collect_stats:
-                on_reduced(i, shards.call_reduced("advance", i, step, reduce=reduce_statistics, item=reduce_into(i),
+                on_reduced(i, shards.call_reduced("advance", i, step, reduce=reduce_statistics, item=items[i],
                                                   replay_args=replay))
             else:
                 shards.call("advance", i, step, replay_args=replay)

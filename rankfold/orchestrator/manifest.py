@@ -96,13 +96,10 @@ class Manifest:
         None when any artifact is missing or changed."""
         versions = dict(record.versions)
         for key, sha in record.artifacts.items():
-            found = self.store.version(key)
-            if found is None or found[0] != sha:
+            token = self.store.unchanged(key, sha, versions.get(key))
+            if token is None:
                 return None
-            if versions.get(key) != found[1]:
-                if self.store.actual_checksum(key) != sha:
-                    return None
-                versions[key] = found[1]
+            versions[key] = token
         return record if versions == record.versions else replace(record, versions=versions)
 
     def record(self, stage: str, digest: str, artifacts: dict[str, str], result: dict | None = None) -> StageRecord:

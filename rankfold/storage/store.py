@@ -152,6 +152,15 @@ class ArtifactStore(ABC):
         recorded = self.checksum(check_key(key))
         return recorded is not None and recorded == self.actual_checksum(key)
 
+    def unchanged(self, key: str, sha: str, token: str | None) -> str | None:
+        """The current version token of `key` when it still holds the bytes recorded as (`sha`, `token`):
+        the token unchanged, or, where it moved (a copy, a touch), the bytes hashed again and equal to
+        `sha`. None when `key` is missing or changed. What resume asks of every recorded artifact."""
+        found = self.version(key)
+        if found is None or found[0] != sha:
+            return None
+        return found[1] if found[1] == token or self.actual_checksum(key) == sha else None
+
     def put_tensors(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
         with tempfile.TemporaryDirectory(prefix="rankfold-put-") as folder:
             path = Path(folder) / "artifact.safetensors"

@@ -60,10 +60,7 @@ def stored_result(store: ArtifactStore, item: ReduceItem) -> tuple[str, dict[str
         sha, few = summary["sha256"], {str(k): int(v) for k, v in summary["few_tokens"].items()}
     except (StoreError, ValueError, KeyError, TypeError, AttributeError):  # damaged: reduce the layer again
         return None
-    found = store.version(item.key)
-    if found is None or found[0] != sha:
-        return None
-    return (sha, few) if found[1] == summary.get("version") or store.actual_checksum(item.key) == sha else None
+    return (sha, few) if store.unchanged(item.key, sha, summary.get("version")) is not None else None
 
 
 def few_tokens(layer: int, tensors: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -58,6 +58,17 @@ def test_missing_artifact(store):
         store.get_json("nope.json")
 
 
+def test_unchanged_trusts_the_token_rehashes_when_it_moved(store):
+    sha = store.put_json("a.json", {"v": 1})
+    token = store.version("a.json")[1]
+    assert store.unchanged("a.json", sha, token) == token
+    assert store.unchanged("a.json", sha, "a token from another copy") == token  # rehashed: same bytes
+    assert store.unchanged("a.json", "0" * 64, token) is None
+    _damage(store, "a.json")  # bytes changed behind the recorded checksum
+    assert store.unchanged("a.json", sha, "a token from another copy") is None
+    assert store.unchanged("missing.json", sha, token) is None
+
+
 def test_overwrite_replaces_whole_artifact_and_delete(store):
     store.put_json("a.json", {"v": 1})
     store.put_json("a.json", {"v": 2})

@@ -39,7 +39,7 @@ def calibrate(env: Env, stage: Stage) -> tuple[dict, Artifacts]:
                          str(env.scratch), cal.gram_product_dtype)
     stream_shards(env.executor, config, samples, cal.batch_size, "calibrate", env.source.num_layers,
                   reduce_into=target, on_reduced=saved,
-                  stored=lambda i: stored_result(env.store, target(i))).release()
+                  stored=lambda item: stored_result(env.store, item)).release()
     return {"tokens": samples.numel(), "few_tokens": few}, artifacts
 
 
