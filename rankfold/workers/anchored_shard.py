@@ -15,6 +15,7 @@ from torch import nn
 
 from rankfold.core.device import to_host
 from rankfold.methods.anchored import CorrectionStats, OutputStats, PairedStats
+from rankfold.methods.gauss_newton import InputGrams, curvature_factors
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.activations import Activations
@@ -233,34 +234,43 @@ class AnchoredShard(SequenceShard):
         return x, x_hat
 
     def refine_gradients(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str],
-                         params: dict[str, torch.Tensor], step: int, rows: int) -> dict[str, torch.Tensor]:
+                         params: dict[str, torch.Tensor], step: int, rows: int,
+                         curvature: bool = False) -> dict[str, torch.Tensor]:
         """fitting.refine's step on this shard: the gradient of Σ‖layer′(X̂) − layer(X)‖² (layer′: layer
         `index` compressed with `layout`, its tensors in `params` set to those) over this step's `rows`
         fitted rows (_fitted_window), run `batch_size` rows at a time. Returns `grad.<name>` (float32, the
         tensor's shape; zero where it had no gradient) for each of `params` that is a parameter of the
         layer (a buffer, e.g. a skip permutation, gets none), `refine.error` (float64, (1,)) and
-        `refine.tokens` (int64, (1,)): partial sums the walk reduces."""
+        `refine.tokens` (int64, (1,)): partial sums the walk reduces. With `curvature`, also each
+        parameter's Kronecker factors `right.<name>` / `left.<name>` (methods/gauss_newton.py)."""
         layer = self._refined(index, layout, store, keys, params)
         named = dict(layer.named_parameters(remove_duplicate=False))
         for name, parameter in named.items():
             parameter.requires_grad_(name in params)
             parameter.grad = None
+        stepped = [name for name in params if name in named]
+        grams = InputGrams(layer, stepped) if curvature else None
         error, tokens = torch.zeros((), dtype=torch.float64), 0
-        if self.fitted_rows:  # a shard of held-out rows only adds zeros
-            x, x_hat = self._fitted_window(step, rows)
-            for start in range(0, x.shape[0], self.batch_size):  # batch_size rows a backward: its memory bounded
-                with torch.no_grad():
-                    wanted = self.runner(self._dense_layer(index), x[start:start + self.batch_size])
-                with torch.enable_grad():
-                    part = (self.runner.run(layer, x_hat[start:start + self.batch_size]) - wanted).float().square().sum()
-                    part.backward()  # gradients add up in .grad
-                error += float(part.detach())
-            tokens = x.shape[0] * x.shape[1]
+        try:
+            if self.fitted_rows:  # a shard of held-out rows only adds zeros
+                x, x_hat = self._fitted_window(step, rows)
+                for start in range(0, x.shape[0], self.batch_size):  # batch_size rows a backward: memory bounded
+                    with torch.no_grad():
+                        wanted = self.runner(self._dense_layer(index), x[start:start + self.batch_size])
+                    with torch.enable_grad():
+                        part = (self.runner.run(layer, x_hat[start:start + self.batch_size]) - wanted).float().square().sum()
+                        part.backward()  # gradients add up in .grad
+                    error += float(part.detach())
+                tokens = x.shape[0] * x.shape[1]
+        finally:
+            if grams is not None:
+                grams.remove()
         for parameter in named.values():
             parameter.requires_grad_(False)
         grads = {f"grad.{name}": (named[name].grad.float() if named[name].grad is not None
-                                  else torch.zeros(named[name].shape)) for name in params if name in named}
-        return to_host({**grads, "refine.error": error.reshape(1),
+                                  else torch.zeros(named[name].shape)) for name in stepped}
+        factors = {} if grams is None else curvature_factors(layer, stepped, grams.grams, tokens)
+        return to_host({**grads, **factors, "refine.error": error.reshape(1),
                         "refine.tokens": torch.tensor([tokens], dtype=torch.int64)})
 
     def correct(self, item: CorrectionItem) -> tuple[dict[str, dict[str, float]], str, str]:

@@ -25,6 +25,7 @@ import torch
 
 from rankfold.execution.streaming import ShardGroup
 from rankfold.jobs.spec import RefineSpec
+from rankfold.methods.gauss_newton import gauss_newton_step
 from rankfold.storage.store import ArtifactStore
 from rankfold.workers.reduce import summed
 
@@ -60,25 +61,28 @@ def refine_layer(shards: ShardGroup, store: ArtifactStore, i: int, layer_prefix:
 
 def descend(shards: ShardGroup, i: int, layout: list[dict], ref, keys: list[str],
             start: dict[str, torch.Tensor], spec: RefineSpec) -> tuple[dict[str, torch.Tensor], int, float]:
-    """(the kept tensors, their step, their held-out error over the start's): Adam at `spec.lr` × rate(step),
-    float32 master copies of `start` (the model dtype's on the shards)."""
+    """(the kept tensors, their step, their held-out error over the start's): `spec.optimizer`'s steps at
+    `spec.lr` × rate(step) on float32 master copies of `start` (the model dtype's on the shards)."""
     params = {name: tensor.float().clone() for name, tensor in start.items()}
-    optimizer = torch.optim.Adam(list(params.values()), lr=spec.lr)
+    stepper = (GaussNewton(params, spec.damping) if spec.optimizer == "gauss_newton"
+               else torch.optim.Adam(list(params.values()), lr=spec.lr))
     rows = max(1, math.ceil(spec.sequences / len(shards.shards)))
     checks = check_points(spec.steps, spec.checks)
     first = best = _heldout_error(shards, i, layout, ref, keys, start)
     kept, kept_step = start, 0
     for step in range(spec.steps):
-        for group in optimizer.param_groups:
+        for group in stepper.param_groups:
             group["lr"] = spec.lr * rate(step, spec.steps)
         sums = shards.call_reduced("refine_gradients", i, layout, ref, keys, _shipped(params, start), step, rows,
-                                   reduce=summed, item=None, record=False)
+                                   spec.optimizer == "gauss_newton", reduce=summed, item=None, record=False)
         tokens = float(sums["refine.tokens"][0])
         log.debug("layer %d refine step %d: fitted error %.6g a token", i, step, float(sums["refine.error"][0]) / tokens)
         for name, tensor in params.items():
             grad = sums.get(f"grad.{name}")
             tensor.grad = None if grad is None else grad / tokens  # a buffer (no gradient) stays as it is
-        optimizer.step()
+        if isinstance(stepper, GaussNewton):
+            stepper.add_curvature(sums, tokens)
+        stepper.step()
         if step + 1 in checks:
             candidate = _shipped(params, start)
             error = _heldout_error(shards, i, layout, ref, keys, candidate)
@@ -86,6 +90,38 @@ def descend(shards: ShardGroup, i: int, layout: list[dict], ref, keys: list[str]
             if error < best:
                 best, kept, kept_step = error, candidate, step + 1
     return kept, kept_step, (best / first if first > 0 else 1.0)
+
+
+class GaussNewton:
+    """Kronecker-factored Gauss–Newton steps (methods/gauss_newton.py) with the optimizer interface
+    descend uses: `param_groups[0]["lr"]` the fraction η of the full step, `step()` moves each parameter
+    by −η L⁻¹ ∇ℓ R⁻¹ / 2. The factors are running means over every step's tokens so far (the compressed
+    stream's inputs are fixed for the layer; later steps' B inputs move a little with A), so the
+    preconditioner is estimated from more tokens than one step's batch. A parameter without factors
+    (a sparse part) is not moved."""
+
+    def __init__(self, params: dict[str, torch.Tensor], damping: float):
+        self.params, self.damping = params, damping
+        self.param_groups = [{"lr": 0.0}]
+        self._sums: dict[str, torch.Tensor] = {}
+        self._tokens = 0.0
+
+    def add_curvature(self, sums: dict[str, torch.Tensor], tokens: float) -> None:
+        for name, value in sums.items():
+            if name.startswith(("right.", "left.")):
+                self._sums[name] = value.double() if name not in self._sums else self._sums[name] + value.double()
+        self._tokens += tokens
+
+    def step(self) -> None:
+        lr = self.param_groups[0]["lr"]
+        for name, tensor in self.params.items():
+            right = self._sums.get(f"right.{name}")
+            if tensor.grad is None or right is None or self._tokens == 0:
+                continue
+            left = self._sums.get(f"left.{name}")
+            mean_left = None if left is None else left / self._tokens
+            direction = gauss_newton_step(tensor.grad, right / self._tokens, mean_left, self.damping)
+            tensor.sub_(lr * direction)
 
 
 def check_points(steps: int, checks: int) -> set[int]:
