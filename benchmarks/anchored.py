@@ -256,5 +256,5 @@ def to_markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    logging_to_stderr()
-    main()
+    with logging_to_stderr():  # the walk's per-layer progress (kept weights, refinement) as it goes
+        main()
