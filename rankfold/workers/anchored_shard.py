@@ -15,7 +15,7 @@ from torch import nn
 
 from rankfold.core.device import to_host
 from rankfold.methods.anchored import CorrectionStats, OutputStats, PairedStats
-from rankfold.methods.gauss_newton import InputGrams, curvature_factors
+from rankfold.methods.gauss_newton import InputGrams, OutputMetrics, curvature_factors
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.activations import Activations
@@ -249,7 +249,7 @@ class AnchoredShard(SequenceShard):
             parameter.requires_grad_(name in params)
             parameter.grad = None
         stepped = [name for name in params if name in named]
-        grams = InputGrams(layer, stepped) if curvature else None
+        grams, metrics = (InputGrams(layer, stepped), OutputMetrics(layer, stepped)) if curvature else (None, None)
         error, tokens = torch.zeros((), dtype=torch.float64), 0
         try:
             if self.fitted_rows:  # a shard of held-out rows only adds zeros
@@ -258,18 +258,22 @@ class AnchoredShard(SequenceShard):
                     with torch.no_grad():
                         wanted = self.runner(self._dense_layer(index), x[start:start + self.batch_size])
                     with torch.enable_grad():
-                        part = (self.runner.run(layer, x_hat[start:start + self.batch_size]) - wanted).float().square().sum()
+                        output = self.runner.run(layer, x_hat[start:start + self.batch_size])
+                        if metrics is not None:  # the probe first: it keeps the graph for the loss's backward
+                            metrics.probe(output, _probe(output, (index, step, start)))
+                        part = (output - wanted).float().square().sum()
                         part.backward()  # gradients add up in .grad
                     error += float(part.detach())
                 tokens = x.shape[0] * x.shape[1]
         finally:
-            if grams is not None:
-                grams.remove()
+            for hooks in (grams, metrics):
+                if hooks is not None:
+                    hooks.remove()
         for parameter in named.values():
             parameter.requires_grad_(False)
         grads = {f"grad.{name}": (named[name].grad.float() if named[name].grad is not None
                                   else torch.zeros(named[name].shape)) for name in stepped}
-        factors = {} if grams is None else curvature_factors(layer, stepped, grams.grams, tokens)
+        factors = {} if grams is None else curvature_factors(layer, stepped, grams, metrics, tokens)
         return to_host({**grads, **factors, "refine.error": error.reshape(1),
                         "refine.tokens": torch.tensor([tokens], dtype=torch.int64)})
 
@@ -351,3 +355,9 @@ class AnchoredShard(SequenceShard):
             self.compressed = None
         self._dense = self._heldout_outputs = self._refining = None
         return super().release()
+
+
+def _probe(output: torch.Tensor, seed: tuple[int, ...]) -> torch.Tensor:
+    """ε ~ N(0, I) of `output`'s shape and dtype, the same for the same (layer, step, batch) on a rerun."""
+    generator = torch.Generator().manual_seed(hash(seed) & 0x7FFF_FFFF)
+    return torch.randn(output.shape, generator=generator).to(device=output.device, dtype=output.dtype)

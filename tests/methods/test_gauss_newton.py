@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankfold.methods.gauss_newton import InputGrams, curvature_factors, gauss_newton_step
+from rankfold.methods.gauss_newton import InputGrams, OutputMetrics, curvature_factors, gauss_newton_step
 from rankfold.modules.lowrank import LowRankLinear
 from rankfold.modules.shared import replace_group
 
@@ -24,12 +24,16 @@ def _fill(module: nn.Module, seed: int) -> None:
 def _stepped(model: nn.Module, name: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """`name` after one full Gauss–Newton step on mean ‖model(x) − target‖² (every other parameter held)."""
     parameter = dict(model.named_parameters())[name]
-    grams = InputGrams(model, [name])
-    loss = (model(x) - target).square().sum() / x.shape[0]
-    grams.remove()
+    grams, metrics = InputGrams(model, [name]), OutputMetrics(model, [name])
+    output = model(x)
+    for k in range(output.shape[-1]):  # probes along every output axis: the metric exactly, not sampled
+        metrics.probe(output, torch.nn.functional.one_hot(torch.full(output.shape[:-1], k), output.shape[-1]).double())
+        output = model(x)
+    grams.remove(), metrics.remove()
+    loss = (output - target).square().sum() / x.shape[0]
     (grad,) = torch.autograd.grad(loss, [parameter])
-    factors = {key: value / x.shape[0] for key, value in curvature_factors(model, [name], grams.grams,
-                                                                           x.shape[0]).items()}
+    tokens = x.shape[0]
+    factors = {key: value / tokens for key, value in curvature_factors(model, [name], grams, metrics, tokens).items()}
     step = gauss_newton_step(grad, factors[f"right.{name}"], factors.get(f"left.{name}"), damping=1e-12)
     return parameter.detach() - step
 
