@@ -67,7 +67,7 @@ VARIANTS = {"plain": lambda args: None, "anchored": lambda args: {"mix": [0.0], 
 
 def refine(args: argparse.Namespace) -> dict:
     return {"steps": args.refine_steps, "lr": args.refine_lr, "sequences": args.refine_sequences,
-            "checks": args.refine_checks, "optimizer": args.refine_optimizer, "damping": args.refine_damping}
+            "checks": args.refine_checks}
 
 
 FITTED = ("anchored", "decompose", "calibrate")  # stages whose time is the fitting's
@@ -83,9 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mix", nargs="+", type=float, default=[0.0, 0.2, 0.5, 0.8, 1.0],
                         help="the mixed variant's candidate plain-term weights")
     parser.add_argument("--refine-steps", type=int, default=32, help="the refine variants' Adam steps per layer")
-    parser.add_argument("--refine-optimizer", choices=["adam", "gauss_newton"], default="adam")
-    parser.add_argument("--refine-lr", type=float, default=None, help="default: the optimizer's (RefineSpec)")
-    parser.add_argument("--refine-damping", type=float, default=1e-2, help="gauss_newton's relative damping")
+    parser.add_argument("--refine-lr", type=float, default=1e-5)
     parser.add_argument("--refine-sequences", type=int, default=4, help="calibration sequences per refinement step")
     parser.add_argument("--refine-checks", type=int, default=8, help="held-out scorings per layer's refinement")
     parser.add_argument("--holdout", type=int, default=16, help="calibration sequences held out to choose the weight")

@@ -144,26 +144,11 @@ class RefineSpec(Strict):
     held-out layer-output error (training: the factors move off the method's closed form)."""
 
     steps: int = Field(32, ge=1)
-    # "adam": AA-SVD's optimiser. "gauss_newton": Kronecker-factored Gauss–Newton steps, each factor's
-    # gradient preconditioned by its input's Gram and its output's metric (methods/gauss_newton.py).
-    optimizer: Literal["adam", "gauss_newton"] = "adam"
-    # The peak rate (warm-up, then cosine to 0.1×: AA-SVD's schedule). Adam's step size (default 1e-5; AA-SVD's
-    # 1e-4 measured worse here); Gauss–Newton's fraction of the full step (default 0.5: the factors of one
-    # product step together and would overshoot at 1).
-    lr: float = Field(1e-5, gt=0)
-    # Gauss–Newton only: Tikhonov damping of each curvature factor, relative to its mean diagonal.
-    damping: float = Field(1e-2, gt=0)
+    lr: float = Field(1e-5, gt=0)  # Adam's peak rate: warm-up, then cosine to 0.1× (AA-SVD's schedule; its 1e-4 measured worse here)
     # Calibration sequences per step: each shard takes ⌈sequences / shards⌉ of its fitted ones (a shard of
     # held-out sequences only, none), so the step's batch follows the worker count.
     sequences: int = Field(4, ge=1)
     checks: int = Field(8, ge=1)  # held-out scorings, evenly spaced, the last after the last step
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_rate(cls, data: object) -> object:
-        if isinstance(data, dict) and data.get("lr") is None:
-            data = {**data, "lr": 0.5 if data.get("optimizer") == "gauss_newton" else 1e-5}
-        return data
 
 
 class FittingSpec(Strict):
@@ -373,9 +358,7 @@ class JobSpec(Strict):
         if self.fitting is None:  # and from before fitting
             exclude["fitting"] = True
         else:  # and from before fitting.output_mix, fitting.refine
-            absent = {name: True for name in ("output_mix", "refine") if getattr(self.fitting, name) is None}
-            if self.fitting.refine is not None and self.fitting.refine.optimizer == "adam":  # and optimizer
-                absent["refine"] = {"optimizer": True, "damping": True}
+            absent = {name for name in ("output_mix", "refine") if getattr(self.fitting, name) is None}
             if absent:
                 exclude["fitting"] = absent
         data = self.model_dump(mode="json", exclude=exclude)

@@ -15,7 +15,6 @@ from torch import nn
 
 from rankfold.core.device import to_host
 from rankfold.methods.anchored import CorrectionStats, OutputStats, PairedStats
-from rankfold.methods.gauss_newton import InputGrams, OutputMetrics, curvature_factors
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.activations import Activations
@@ -234,47 +233,34 @@ class AnchoredShard(SequenceShard):
         return x, x_hat
 
     def refine_gradients(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str],
-                         params: dict[str, torch.Tensor], step: int, rows: int,
-                         curvature: bool = False) -> dict[str, torch.Tensor]:
+                         params: dict[str, torch.Tensor], step: int, rows: int) -> dict[str, torch.Tensor]:
         """fitting.refine's step on this shard: the gradient of Σ‖layer′(X̂) − layer(X)‖² (layer′: layer
         `index` compressed with `layout`, its tensors in `params` set to those) over this step's `rows`
         fitted rows (_fitted_window), run `batch_size` rows at a time. Returns `grad.<name>` (float32, the
         tensor's shape; zero where it had no gradient) for each of `params` that is a parameter of the
         layer (a buffer, e.g. a skip permutation, gets none), `refine.error` (float64, (1,)) and
-        `refine.tokens` (int64, (1,)): partial sums the walk reduces. With `curvature`, also each
-        parameter's Kronecker factors `right.<name>` / `left.<name>` (methods/gauss_newton.py)."""
+        `refine.tokens` (int64, (1,)): partial sums the walk reduces."""
         layer = self._refined(index, layout, store, keys, params)
         named = dict(layer.named_parameters(remove_duplicate=False))
         for name, parameter in named.items():
             parameter.requires_grad_(name in params)
             parameter.grad = None
-        stepped = [name for name in params if name in named]
-        grams, metrics = (InputGrams(layer, stepped), OutputMetrics(layer, stepped)) if curvature else (None, None)
         error, tokens = torch.zeros((), dtype=torch.float64), 0
-        try:
-            if self.fitted_rows:  # a shard of held-out rows only adds zeros
-                x, x_hat = self._fitted_window(step, rows)
-                for start in range(0, x.shape[0], self.batch_size):  # batch_size rows a backward: memory bounded
-                    with torch.no_grad():
-                        wanted = self.runner(self._dense_layer(index), x[start:start + self.batch_size])
-                    with torch.enable_grad():
-                        output = self.runner.run(layer, x_hat[start:start + self.batch_size])
-                        if metrics is not None:  # the probe first: it keeps the graph for the loss's backward
-                            metrics.probe(output, _probe(output, (index, step, start)))
-                        part = (output - wanted).float().square().sum()
-                        part.backward()  # gradients add up in .grad
-                    error += float(part.detach())
-                tokens = x.shape[0] * x.shape[1]
-        finally:
-            for hooks in (grams, metrics):
-                if hooks is not None:
-                    hooks.remove()
+        if self.fitted_rows:  # a shard of held-out rows only adds zeros
+            x, x_hat = self._fitted_window(step, rows)
+            for start in range(0, x.shape[0], self.batch_size):  # batch_size rows a backward: its memory bounded
+                with torch.no_grad():
+                    wanted = self.runner(self._dense_layer(index), x[start:start + self.batch_size])
+                with torch.enable_grad():
+                    part = (self.runner.run(layer, x_hat[start:start + self.batch_size]) - wanted).float().square().sum()
+                    part.backward()  # gradients add up in .grad
+                error += float(part.detach())
+            tokens = x.shape[0] * x.shape[1]
         for parameter in named.values():
             parameter.requires_grad_(False)
         grads = {f"grad.{name}": (named[name].grad.float() if named[name].grad is not None
-                                  else torch.zeros(named[name].shape)) for name in stepped}
-        factors = {} if grams is None else curvature_factors(layer, stepped, grams, metrics, tokens)
-        return to_host({**grads, **factors, "refine.error": error.reshape(1),
+                                  else torch.zeros(named[name].shape)) for name in params if name in named}
+        return to_host({**grads, "refine.error": error.reshape(1),
                         "refine.tokens": torch.tensor([tokens], dtype=torch.int64)})
 
     def correct(self, item: CorrectionItem) -> tuple[dict[str, dict[str, float]], str, str]:
@@ -355,9 +341,3 @@ class AnchoredShard(SequenceShard):
             self.compressed = None
         self._dense = self._heldout_outputs = self._refining = None
         return super().release()
-
-
-def _probe(output: torch.Tensor, seed: tuple[int, ...]) -> torch.Tensor:
-    """ε ~ N(0, I) of `output`'s shape and dtype, the same for the same (layer, step, batch) on a rerun."""
-    generator = torch.Generator().manual_seed(hash(seed) & 0x7FFF_FFFF)
-    return torch.randn(output.shape, generator=generator).to(device=output.device, dtype=output.dtype)

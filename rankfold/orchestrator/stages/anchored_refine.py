@@ -25,7 +25,6 @@ import torch
 
 from rankfold.execution.streaming import ShardGroup
 from rankfold.jobs.spec import RefineSpec
-from rankfold.methods.gauss_newton import gauss_newton_step
 from rankfold.storage.store import ArtifactStore
 from rankfold.workers.reduce import summed
 
@@ -61,28 +60,25 @@ def refine_layer(shards: ShardGroup, store: ArtifactStore, i: int, layer_prefix:
 
 def descend(shards: ShardGroup, i: int, layout: list[dict], ref, keys: list[str],
             start: dict[str, torch.Tensor], spec: RefineSpec) -> tuple[dict[str, torch.Tensor], int, float]:
-    """(the kept tensors, their step, their held-out error over the start's): `spec.optimizer`'s steps at
-    `spec.lr` × rate(step) on float32 master copies of `start` (the model dtype's on the shards)."""
+    """(the kept tensors, their step, their held-out error over the start's): Adam at `spec.lr` × rate(step),
+    float32 master copies of `start` (the model dtype's on the shards)."""
     params = {name: tensor.float().clone() for name, tensor in start.items()}
-    stepper = (GaussNewton(params, spec.damping) if spec.optimizer == "gauss_newton"
-               else torch.optim.Adam(list(params.values()), lr=spec.lr))
+    optimizer = torch.optim.Adam(list(params.values()), lr=spec.lr)
     rows = max(1, math.ceil(spec.sequences / len(shards.shards)))
     checks = check_points(spec.steps, spec.checks)
     first = best = _heldout_error(shards, i, layout, ref, keys, start)
     kept, kept_step = start, 0
     for step in range(spec.steps):
-        for group in stepper.param_groups:
+        for group in optimizer.param_groups:
             group["lr"] = spec.lr * rate(step, spec.steps)
         sums = shards.call_reduced("refine_gradients", i, layout, ref, keys, _shipped(params, start), step, rows,
-                                   spec.optimizer == "gauss_newton", reduce=summed, item=None, record=False)
+                                   reduce=summed, item=None, record=False)
         tokens = float(sums["refine.tokens"][0])
         log.debug("layer %d refine step %d: fitted error %.6g a token", i, step, float(sums["refine.error"][0]) / tokens)
         for name, tensor in params.items():
             grad = sums.get(f"grad.{name}")
             tensor.grad = None if grad is None else grad / tokens  # a buffer (no gradient) stays as it is
-        if isinstance(stepper, GaussNewton):
-            stepper.add_curvature(sums, tokens)
-        stepper.step()
+        optimizer.step()
         if step + 1 in checks:
             candidate = _shipped(params, start)
             error = _heldout_error(shards, i, layout, ref, keys, candidate)
@@ -90,53 +86,6 @@ def descend(shards: ShardGroup, i: int, layout: list[dict], ref, keys: list[str]
             if error < best:
                 best, kept, kept_step = error, candidate, step + 1
     return kept, kept_step, (best / first if first > 0 else 1.0)
-
-
-class GaussNewton:
-    """Kronecker-factored Gauss–Newton steps (methods/gauss_newton.py) with the optimizer interface
-    descend uses: `param_groups[0]["lr"]` the fraction η of the full step. Block coordinate descent: each
-    `step()` moves one module's factors (a B with its bias, or an A / A′), in turn, by −η L⁻¹ ∇ℓ R⁻¹ / 2
-    — every factor's full step corrects the whole error on its own, so moving all at once overshoots by
-    about their number (measured: diverged on the tiny model at η = 0.25). The factors are the step's
-    batch's own: a B's input and an A's output metric move with the other factors, so running means over
-    steps mix stale ones (measured: a B step after its A′ moved raised the fitted error 2×). A parameter
-    without factors (methods/gauss_newton.py curvature_factors: attention's q/k/v, a sparse part) is not
-    moved."""
-
-    def __init__(self, params: dict[str, torch.Tensor], damping: float):
-        self.params, self.damping = params, damping
-        self.param_groups = [{"lr": 0.0}]
-        self._sums: dict[str, torch.Tensor] = {}
-        self._tokens = 0.0
-        self._steps = 0
-
-    def add_curvature(self, sums: dict[str, torch.Tensor], tokens: float) -> None:
-        """This step's factors (sums over its `tokens` tokens)."""
-        self._sums = {name: value.double() for name, value in sums.items() if name.startswith(("right.", "left."))}
-        self._tokens = tokens
-
-    def blocks(self) -> list[list[str]]:
-        """The parameters with factors, by block in `params` order: a module's B and bias together."""
-        blocks: dict[str, list[str]] = {}
-        for name in self.params:
-            if f"right.{name}" in self._sums:
-                path, _, attr = name.rpartition(".")
-                blocks.setdefault(path if attr in ("B", "bias") else name, []).append(name)
-        return list(blocks.values())
-
-    def step(self) -> None:
-        blocks = self.blocks()
-        if not blocks or self._tokens == 0:
-            return
-        block, lr = blocks[self._steps % len(blocks)], self.param_groups[0]["lr"]
-        log.debug("gauss-newton step %d: %s", self._steps, block)
-        self._steps += 1
-        for name in block:
-            tensor = self.params[name]
-            if tensor.grad is None:
-                continue
-            right, left = (self._sums[f"{side}.{name}"] / self._tokens for side in ("right", "left"))
-            tensor.sub_(lr * gauss_newton_step(tensor.grad, right, left, self.damping))
 
 
 def check_points(steps: int, checks: int) -> set[int]:
