@@ -55,6 +55,10 @@ VARIANTS = {"plain": lambda args: None, "anchored": lambda args: {"mix": [0.0], 
             # layer-output error (fitting.output_mix), then the output correction
             "output-mixed+correction": lambda args: {"mix": [1.0], "output_mix": args.mix, "holdout": args.holdout,
                                                      "output_correction": True},
+            # and o_proj fitted toward the dense residual after attention, its weight chosen on the held-out
+            # layer output (fitting.attention_output_mix)
+            "output-mixed-attn+correction": lambda args: {"mix": [1.0], "output_mix": args.mix, "holdout": args.holdout,
+                                                          "output_correction": True, "attention_output_mix": True},
             # + fitting.refine: a few Adam steps on each layer's factors toward the dense layer output
             "plain+correction+refine": lambda args: {"mix": [1.0], "holdout": args.holdout, "output_correction": True,
                                                      "refine": refine(args)},

@@ -189,6 +189,11 @@ class FittingSpec(Strict):
     # sequences' layer-output error. Unset: that group is fitted as the others (mix); so is a projection
     # whose output does not reach the residual unchanged.
     output_mix: tuple[float, ...] | None = Field(None, min_length=1)
+    # With output_mix: o_proj (the attention output group, when one projection whose output the layer adds
+    # to its residual) fitted the same way toward the dense residual after attention, its weight among the
+    # output_mix candidates chosen on the held-out *layer* output (the MLP still dense) — not on the residual
+    # it was fitted to, the greedy choice that made attention_correction worse.
+    attention_output_mix: bool = False
     # After each layer is fitted (and corrected), a local refinement of its factors (RefineSpec). Unset:
     # none — the closed forms only.
     refine: RefineSpec | None = None
@@ -203,6 +208,13 @@ class FittingSpec(Strict):
         if len(set(mix)) != len(mix):
             raise ValueError("must be a list without repeats")
         return mix
+
+    @model_validator(mode="after")
+    def _attention_output_mix_needs_candidates(self) -> "FittingSpec":
+        if self.attention_output_mix and self.output_mix is None:
+            raise ValueError("attention_output_mix takes its weights from output_mix: set output_mix too "
+                             "(e.g. output_mix: [0, 0.2, 0.5, 0.8, 1])")
+        return self
 
     @property
     def heldout(self) -> int:
@@ -359,6 +371,7 @@ class JobSpec(Strict):
             exclude["fitting"] = True
         else:  # and from before fitting.output_mix, fitting.refine
             absent = {name for name in ("output_mix", "refine") if getattr(self.fitting, name) is None}
+            absent |= {"attention_output_mix"} if not self.fitting.attention_output_mix else set()
             if absent:
                 exclude["fitting"] = absent
         data = self.model_dump(mode="json", exclude=exclude)

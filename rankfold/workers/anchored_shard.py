@@ -278,21 +278,23 @@ class AnchoredShard(SequenceShard):
         return self._output_sums("correction", index, path, layout, store, keys, point)
 
     def output_stats(self, index: int, path: str, layout: list[dict], store: StoreRef | None,
-                     keys: list[str]) -> dict[str, torch.Tensor]:
+                     keys: list[str], point: str | None = None) -> dict[str, torch.Tensor]:
         """fitting.output_mix's statistics (methods/anchored.py OutputStats: e and the projection's input
-        x̂, wanted_output) of the still dense projection at `path`, the layer's last, toward the dense
-        layer output; the rest of layer `index` compressed with `layout` (factors under `keys`).
+        x̂, wanted_output) of the still dense projection at `path` toward the dense residual at `point`
+        (None: the layer output; the projection is the layer's last); the rest of layer `index` compressed
+        with `layout` (factors under `keys`).
         Returns `output.*` and `heldout.output.*` (linearity: output_is_linear, checked by the walk first)."""
-        return self._output_sums("output", index, path, layout, store, keys, None)
+        return self._output_sums("output", index, path, layout, store, keys, point)
 
     def output_is_linear(self, index: int, path: str, layout: list[dict], store: StoreRef | None,
-                         keys: list[str]) -> bool:
-        """Whether the layer's output moves exactly with the output of the projection at `path` (layer
-        `index` compressed with `layout`): where it does not, fitting.output_mix does not apply."""
+                         keys: list[str], point: str | None = None) -> bool:
+        """Whether the dense residual at `point` (None: the layer's output) moves exactly with the output of
+        the projection at `path` (layer `index` compressed with `layout`): where it does not,
+        fitting.output_mix does not apply."""
         compressed = self._layer(index, layout, store, keys)
         with torch.no_grad():
             return adds_to_residual(compressed, compressed.get_submodule(path), self.runner,
-                                    next(iter(self.compressed)), None)
+                                    next(iter(self.compressed)), point)
 
     def _output_sums(self, kind: str, index: int, path: str, layout: list[dict], store: StoreRef | None,
                      keys: list[str], point: str | None) -> dict[str, torch.Tensor]:

@@ -236,6 +236,8 @@ def keep_candidate(item: KeepItem) -> tuple[dict[str, dict[str, float]], str, st
     chosen = candidate_key(fit.stats_key, kept)
     diagnostics = json.loads(stats_store.get_metadata(chosen).get("diagnostics", "{}"))
     diagnostics["anchored_weight"] = {path: kept for path in paths}
+    if fit.output_key:  # fitted to a dense residual (fitting.attention_output_mix)
+        diagnostics["output_anchored"] = {path: 1 for path in paths}
     for mix, error in errors.items():
         diagnostics[f"layer_error@{mix}"] = {path: error for path in paths}
     if errors.get(1.0):

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 import rankfold.workers.anchored_tasks as anchored_tasks
 from rankfold.execution.local import LocalExecutor
-from rankfold.jobs.spec import SpecError, parse_spec
+from rankfold.jobs.spec import FittingSpec, SpecError, parse_spec
 from rankfold.orchestrator.job import run_job
 from tests.conftest import tiny_spec_dict
 
@@ -120,6 +121,36 @@ def test_the_last_projection_fitted_to_the_layer_output_keeps_the_weight_it_pref
         assert found["output_anchored"] == {path: 1} and str(found["anchored_weight"][path]) == min(errors, key=errors.get)
         assert max(errors.values()) > 1.001 * min(errors.values()), errors  # the candidates differ on held-out rows
     assert not list((tmp_path / "out").rglob("*-output.safetensors"))  # the statistics deleted
+
+
+def test_o_proj_fitted_toward_the_residual_after_attention_keeps_the_weight_the_layer_output_prefers(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """fitting.attention_output_mix: each layer's o_proj is fitted toward the dense residual after attention
+    at every output_mix weight, and the one kept is the candidate with the smallest held-out error of the
+    layer's output (summed over the shards), not of the residual it was fitted to."""
+    import rankfold.orchestrator.stages.anchored_walk as walk
+    real, scored = walk._choose_on_layer, []
+
+    def recording(shards, i, group, layout, done, item):
+        found = real(shards, i, group, layout, done, item)
+        scored.append((i, group, item.output_key, found[0]))
+        return found
+
+    monkeypatch.setattr(walk, "_choose_on_layer", recording)
+    fitting = {"holdout": 2, "mix": [1.0], "output_mix": [0.0, 0.5, 1.0], "attention_output_mix": True}
+    report = run_job(_spec(tiny_model_dir, tmp_path / "out", fitting=fitting), executor=LocalExecutor(workers=2))
+    assert [(i, group) for i, group, _, _ in scored] == [(0, "attn_out"), (1, "attn_out")]
+    for i, _, output_key, found in scored:
+        assert output_key  # fitted to the residual after attention (OutputStats gathered)
+        (path,) = found["output_anchored"]
+        assert path.startswith(f"model.layers.{i}.self_attn.o_proj")
+        errors = {w: found[f"layer_error@{w}"][path] for w in (0.0, 0.5, 1.0)}
+        assert found["anchored_weight"][path] == min(errors, key=errors.get)
+        assert max(errors.values()) > 1.001 * min(errors.values()), errors
+    kept = report["diagnostics"]["output_anchored_weights_kept"]
+    assert sum(kept.values()) == 4  # o_proj and down_proj of both layers
+    with pytest.raises(ValidationError, match="attention_output_mix takes its weights from output_mix"):
+        FittingSpec(attention_output_mix=True)
 
 
 def test_the_refinement_keeps_factors_no_worse_on_held_out_sequences(tmp_path, tiny_model_dir, monkeypatch):

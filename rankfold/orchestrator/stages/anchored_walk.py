@@ -52,8 +52,9 @@ def anchored(env: Env, stage: Stage, *, ranks: Ranks) -> tuple[dict, Artifacts]:
             done: list[tuple[str, str]] = []  # (group, factors key) of this layer so far
             groups = _groups_in_order(arch, layout, i)
             for group in groups:
-                last = fitting.output_mix is not None and group == groups[-1]
-                key = _merge(diagnostics, artifacts, _fit_group(env, stage, shards, i, group, layout, done, last))
+                target, point = _output_target(fitting, arch, group, groups)
+                key = _merge(diagnostics, artifacts, _fit_group(env, stage, shards, i, group, layout, done, target,
+                                                                point))
                 done.append((group, key))
                 if fitting.attention_correction and group == ATTENTION_OUTPUT and arch.attention_residual:
                     _merge(diagnostics, artifacts, _correct_output(env, stage, shards, i, layout, done,
@@ -107,13 +108,28 @@ def _layout_of(layout, i: int, done: list[tuple[str, str]]) -> list[dict]:
     return [module.to_json() for module in layout.by_layer.get(i, []) if module.group in groups]
 
 
+def _output_target(fitting, arch, group: str, groups: list[str]) -> tuple[bool, str | None]:
+    """(whether `group` is fitted toward a dense residual — fitting.output_mix —, the residual's point:
+    None the layer output, for the layer's last group; the residual after attention for o_proj's, with
+    fitting.attention_output_mix)."""
+    if fitting.output_mix is None:
+        return False, None
+    if group == groups[-1]:
+        return True, None
+    if fitting.attention_output_mix and group == ATTENTION_OUTPUT and arch.attention_residual:
+        return True, arch.attention_residual
+    return False, None
+
+
 def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, layout,
-               done: list[tuple[str, str]], last: bool = False) -> tuple[dict, str, str]:
+               done: list[tuple[str, str]], last: bool = False, point: str | None = None) -> tuple[dict, str, str]:
     """One group's factors (kept if stored and verified): its paired statistics from the shards into
     the store, fitted by one task (the weight chosen on the layer's output: _choose_on_layer), then the
-    statistics deleted. `last` (fitting.output_mix): the layer's last group, when it is one projection
-    whose output the layer adds to its residual unchanged, is fitted to the dense layer output (its
-    OutputStats gathered too); otherwise it is fitted as the others."""
+    statistics deleted. `last` (fitting.output_mix; _output_target): the group, when it is one projection
+    whose output the layer adds to its residual at `point` unchanged, is fitted to the dense residual
+    there (its OutputStats gathered too) — toward the layer output (point None) its weight chosen on that
+    output's held-out error by the fit, toward an inner point on the layer output's (_choose_on_layer);
+    otherwise it is fitted as the others."""
     arch, ref, fitting = env.source.architecture, env.store.ref(), stage.params["fitting"]
     key = Factors.key_of(stage, i, group)
     modules = layout.in_group(i, group)
@@ -121,7 +137,7 @@ def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, l
     stored, reader, keys = env.store.verify(key), modules[0].members[0], [k for _, k in done]
     output = (last and not stored and len(modules) == 1 and len(modules[0].members) == 1
               and shards.run_on(i % len(shards.shards), "output_is_linear", i, reader, _layout_of(layout, i, done),
-                                ref, keys))
+                                ref, keys, point))
     output_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-{group}-output.safetensors" if output else ""
     item = AnchoredItem(env.source.location, stage.params["method"], arch.layer_prefix.format(i=i), group,
                         tuple(m.to_json() for m in modules), ref, stats_key, ref, key,
@@ -130,9 +146,10 @@ def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, l
         shards.call_reduced("paired_stats", i, group, reader, _layout_of(layout, i, done), ref, keys,
                             reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i), record=False)
     if not stored and output:
-        shards.call_reduced("output_stats", i, reader, _layout_of(layout, i, done), ref, keys,
+        shards.call_reduced("output_stats", i, reader, _layout_of(layout, i, done), ref, keys, point,
                             reduce=reduce_statistics, item=ReduceItem(ref, output_key, i), record=False)
-    if not stored and fitting.choose_on == "layer" and len(item.candidates) > 1 and not output:
+    on_layer = point is not None if output else fitting.choose_on == "layer"
+    if not stored and on_layer and len(item.candidates) > 1:
         diagnostics, key, sha = _choose_on_layer(shards, i, group, layout, done, item)
     else:  # fits (output: its choice is on the layer output already), or reads the stored factors' diagnostics
         diagnostics, key, sha = shards.run_on(i % len(shards.shards), "fit", item)
