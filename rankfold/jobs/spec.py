@@ -192,7 +192,8 @@ class FittingSpec(Strict):
     # With output_mix: o_proj (the attention output group, when one projection whose output the layer adds
     # to its residual) fitted the same way toward the dense residual after attention, its weight among the
     # output_mix candidates chosen on the held-out *layer* output (the MLP still dense) — not on the residual
-    # it was fitted to, the greedy choice that made attention_correction worse.
+    # it was fitted to, the greedy choice that made attention_correction worse. Measured worse still
+    # (docs/methods/anchored.md): off by default.
     attention_output_mix: bool = False
     # After each layer is fitted (and corrected), a local refinement of its factors (RefineSpec). Unset:
     # none — the closed forms only.
