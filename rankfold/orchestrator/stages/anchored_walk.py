@@ -7,7 +7,8 @@ with the groups before it already factorised — reduced over shards in shard or
 fits the group's factors (the shards hold the workers: a separate task would wait for one); with
 `fitting.output_correction` the layer's last projection's (down_proj) B is refitted to the dense layer's
 output, with `fitting.attention_correction` o_proj's, once its group is fitted, to the dense residual
-after attention (anchored_tasks.correction_item); with `fitting.refine` a few Adam steps on the layer's
+after attention (anchored_tasks.correction_item); with `fitting.output_mix` the layer's last projection
+(and with `fitting.attention_output_mix` o_proj) is fitted toward a dense residual; with `fitting.refine` a few Adam steps on the layer's
 factors toward the dense layer output (anchored_refine.py); then both streams advance through the layer. Factors already in the
 store (a resumed walk) are kept: the walk only re-runs the forward passes up to where it stopped.
 
@@ -122,10 +123,10 @@ def _output_target(fitting, arch, group: str, groups: list[str]) -> tuple[bool, 
 
 
 def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, layout,
-               done: list[tuple[str, str]], last: bool = False, point: str | None = None) -> tuple[dict, str, str]:
+               done: list[tuple[str, str]], toward_residual: bool = False, point: str | None = None) -> tuple[dict, str, str]:
     """One group's factors (kept if stored and verified): its paired statistics from the shards into
     the store, fitted by one task (the weight chosen on the layer's output: _choose_on_layer), then the
-    statistics deleted. `last` (fitting.output_mix; _output_target): the group, when it is one projection
+    statistics deleted. `toward_residual` (fitting.output_mix; _output_target): the group, when it is one projection
     whose output the layer adds to its residual at `point` unchanged, is fitted to the dense residual
     there (its OutputStats gathered too) — toward the layer output (point None) its weight chosen on that
     output's held-out error by the fit, toward an inner point on the layer output's (_choose_on_layer);
@@ -135,7 +136,7 @@ def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, l
     modules = layout.in_group(i, group)
     stats_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-{group}.safetensors"
     stored, reader, keys = env.store.verify(key), modules[0].members[0], [k for _, k in done]
-    output = (last and not stored and len(modules) == 1 and len(modules[0].members) == 1
+    output = (toward_residual and not stored and len(modules) == 1 and len(modules[0].members) == 1
               and shards.run_on(i % len(shards.shards), "output_is_linear", i, reader, _layout_of(layout, i, done),
                                 ref, keys, point))
     output_key = f"{stage.prefix(STATS_FOLDER)}/layer-{i:05d}-{group}-output.safetensors" if output else ""
