@@ -186,8 +186,9 @@ def checkpoint_main(args: argparse.Namespace) -> dict:
     print(f"checkpoint {model_dir}: {shards} shards, {_gb(size)} ({generated_s:.0f} s)", file=sys.stderr)
 
     run_dir = args.work / f"run-{model_dir.name}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh job: a reused one would skip every stage
-    run_dir.mkdir(parents=True)
+    if not args.resume:  # a fresh job: a reused folder would skip every stage already stored
+        shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps(job_spec(args, model_dir, run_dir / "job"), indent=2))
     # Ray's temp dir of our own: ray.init() would otherwise attach to a cluster another session
@@ -224,7 +225,7 @@ def checkpoint_main(args: argparse.Namespace) -> dict:
         "achieved_compression": report["parameters"]["achieved_compression"],
         "job_wall_s": round(finished - started, 1), "interval_s": args.interval,
         "pss_interval_s": args.interval * args.pss_every, "sampler_cpu_s": round(sampler.cpu_s, 1),
-        "peak": peak, "baseline": baseline, "stages": stages, "samples": len(sampler.samples),
+        "resumed": args.resume, "peak": peak, "baseline": baseline, "stages": stages, "samples": len(sampler.samples),
         "at_peak": {key: [{"process": label, "bytes": value} for label, value in sampler.top[key][1]]
                     for key in ("rss", "pss")},
         "ratio_rss": peak["rss"] / size, "ratio_pss": peak["pss"] / size, "goal": args.goal,
@@ -257,6 +258,9 @@ def checkpoint_markdown(r: dict) -> str:
         lines += [f"- idle baseline (job's imports + embedded Ray + {workers} shard actors, no data; median of "
                   f"{base['seconds']:.0f} s): Σ RSS {_gb(base['rss'])}, Σ PSS {_gb(base['pss'])} ({base['procs']} "
                   f"processes); peak Σ PSS above it: {r['ratio_pss_above_idle']:.3f} × checkpoint"]
+    if r.get("resumed"):
+        lines += ["- **resumed**: an interrupted job's folder was kept, so stages and factors already stored were "
+                  "reused; the timings below cover only what was left"]
     lines += ["", "Stages as the job's report times them (start-up and shutdown apart); beside them the "
               "job's report.json stage, its wall time and its driver process's peak RSS.", "",
               "| stage | wall s | peak Σ RSS | peak Σ PSS | processes | report stage (driver peak RSS MiB) |",
@@ -298,6 +302,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--goal", type=float, default=0.6,
                         help="peak Σ RSS / checkpoint to meet (the scale issue: 0.6 at 3 GB, 0.3 at 12 GB)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the run folder: an interrupted job reuses its stored stages and factors "
+                             "(the stage timings then cover only what was left)")
     parser.add_argument("--baseline-seconds", type=float, default=5.0)
 
     args = parser.parse_args(argv)

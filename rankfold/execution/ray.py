@@ -26,13 +26,18 @@ Result = TypeVar("Result")
 log = logging.getLogger(__name__)
 
 
-def _measured(fn: Callable[[Item], Result], item: Item, device: str) -> tuple[Result, float]:
-    """A task's result (run on `device`, core/device.py) and its worker's peak RSS (MiB): the driver's
-    meter cannot see workers."""
+def _measured(fn: Callable[[Item], Result], item: Item, device: str,
+              threads: int | None = None) -> tuple[Result, float]:
+    """A task's result (run on `device`, core/device.py, with `threads` torch threads: the CPUs it was
+    given) and its worker's peak RSS (MiB): the driver's meter cannot see workers."""
+    import torch
+
     from rankfold.core.device import use_device
     from rankfold.core.resources import process_peak_rss_mb
 
     use_device(device)
+    if threads:  # set per task: a worker process serves tasks of different sizes
+        torch.set_num_threads(threads)
     return fn(item), process_peak_rss_mb()
 
 
@@ -161,10 +166,10 @@ class RayExecutor:
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item], stage: str,
             work: Sequence[float] | None = None, memory: Sequence[int] | None = None) -> list[Result]:
-        """Tasks of cpus_per_worker CPUs each (Ray sets their threads to that), the largest `work` first so
-        none is left running alone at the end. With `memory`, each task reserves its bytes of Ray's `memory`
+        """Tasks of cpus_per_worker CPUs each (their torch threads), the largest `work` first so none is
+        left running alone at the end. With `memory`, each task reserves its bytes of Ray's `memory`
         resource (at most the largest node's), so two factorisations of a 70B model's down_proj (~20 GB
-        each) never share a node that cannot hold both — they wait for each other instead."""
+        each) never share a node that cannot hold both — they wait for each other instead, on more CPUs."""
         # max_calls 0: a worker process serves task after task (Ray's default for GPU tasks is one task per
         # process: an import, a CUDA context and an opened model source per decomposition)
         # a function marked `host_only` (its work is on the host: no GPU held idle) runs on the CPU
@@ -173,8 +178,11 @@ class RayExecutor:
                                  max_retries=self.max_retries, max_calls=0)(_measured)
         order = sorted(range(len(items)), key=lambda k: -work[k]) if work is not None else range(len(items))
         reserve = self._memory_requests(memory, stage)
-        submitted = {k: remote.options(**reserve(k)).remote(fn, items[k], self.device if gpus else "cpu")
-                     for k in order}
+        submitted = {}
+        for k in order:
+            options = reserve(k)
+            submitted[k] = remote.options(**options).remote(fn, items[k], self.device if gpus else "cpu",
+                                                            options.get("num_cpus", self.cpus_per_worker))
         refs = [submitted[k] for k in range(len(items))]
         for _ in progress(self._as_completed(refs), stage, total=len(refs)):
             pass
@@ -184,14 +192,29 @@ class RayExecutor:
 
     def _memory_requests(self, memory: Sequence[int] | None, stage: str) -> Callable[[int], dict]:
         """Each item's task options: {"memory": bytes} capped at the largest node's memory (a larger request
-        would never be scheduled; logged), or none."""
+        would never be scheduled; logged), and {"num_cpus": n}: a task whose memory leaves room for fewer
+        tasks than the node has CPUs takes the CPUs they would have used (a 70B down_proj that reserves a
+        whole 2-CPU node factorises on both, not on one while the other idles). None without `memory`."""
         if memory is None:
             return lambda k: {}
-        _, largest = self._resources("memory")
+        largest, cpus = self._largest_node("memory", "CPU")
         if largest and max(memory) > largest:
             log.warning("%s: a task's estimated %.1f GB exceeds the largest Ray node's memory (%.1f GB); it "
                         "reserves the whole node", stage, max(memory) / 1e9, largest / 1e9)
-        return lambda k: {"memory": int(min(memory[k], largest))} if largest and memory[k] else {}
+
+        def options(k: int) -> dict:
+            if not (largest and memory[k]):
+                return {}
+            share = int(min(memory[k], largest))
+            beside = max(1, int(largest // share))  # tasks of this size one node holds at once
+            return {"memory": share, "num_cpus": max(self.cpus_per_worker, int(cpus // beside))}
+        return options
+
+    def _largest_node(self, kind: str, other: str) -> tuple[float, float]:
+        """(`kind`, `other`) of the alive node with the most `kind`."""
+        nodes = [(node["Resources"].get(kind, 0.0), node["Resources"].get(other, 0.0))
+                 for node in self.ray.nodes() if node.get("Alive")]
+        return max(nodes, default=(0.0, 0.0))
 
     def _note_peak(self, *peaks_mb: float) -> None:
         self._worker_peak_mb = max([self._worker_peak_mb or 0.0, *peaks_mb])

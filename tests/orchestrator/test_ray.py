@@ -195,3 +195,17 @@ def test_tasks_reserving_most_of_a_nodes_memory_do_not_run_at_once(ray_executor,
     with caplog.at_level(logging.WARNING, logger="rankfold.execution.ray"):
         assert len(ray_executor.map(_timed_sleep, [0.1], "sleep", memory=[int(10 * node)])) == 1
     assert "exceeds the largest Ray node's memory" in caplog.text
+
+
+def test_a_task_that_holds_a_nodes_memory_alone_gets_its_cpus(ray_executor):
+    """The 2-CPU node: a task reserving 60 % of its memory runs alone, so on both CPUs' threads; tasks that
+    fit two at a time, or reserve nothing, on cpus_per_worker (1) each."""
+    def _threads(_: int) -> int:  # nested: Ray ships it by value
+        import torch
+
+        return torch.get_num_threads()
+
+    node = max(n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive"))
+    assert ray_executor.map(_threads, [0, 1], "threads") == [1, 1]
+    assert ray_executor.map(_threads, [0, 1], "threads", memory=[int(0.6 * node)] * 2) == [2, 2]
+    assert ray_executor.map(_threads, [0, 1], "threads", memory=[int(0.4 * node)] * 2) == [1, 1]
