@@ -7,6 +7,9 @@ artifact. The manifest (`jobs/<job id>/manifest.json`, written by drivers only) 
 stage, the digest, the sha256 of each artifact, a version token of each (ArtifactStore.version: size
 and mtime, or the S3 ETag) and the stage's small results. A re-run skips a stage whose record has the
 same digest and whose artifacts are all still there, unchanged; anything else is recomputed.
+A record also holds a fingerprint of each input stage's record as it read it (`inputs`): a stage whose
+input was recomputed under the same digest with other bits (a lost factor refitted on more threads) is
+recomputed too — the digest alone cannot tell.
 
 Deciding that reads no artifact: an artifact whose recorded sha256 and version token are unchanged is
 taken as written (its bytes are verified where a later stage reads them anyway). Only one whose token
@@ -22,6 +25,8 @@ read; a newer record (a recomputation) is never replaced by a refresh of an olde
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -42,6 +47,16 @@ class StageRecord:
     result: dict = field(default_factory=dict)
     finished_at: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)  # key -> ArtifactStore.version token when recorded
+    inputs: dict[str, str] = field(default_factory=dict)  # input stage -> its record's fingerprint when read
+
+    def fingerprint(self) -> str:
+        """sha256 of what a reader of this stage gets: its artifacts' sha256 and its small result."""
+        content = json.dumps({"artifacts": self.artifacts, "result": self.result}, sort_keys=True, default=str)
+        return hashlib.sha256(content.encode()).hexdigest()
+
+    def read(self, inputs: dict[str, str]) -> bool:
+        """Whether this record was made from these inputs (a record older than `inputs`: taken as made)."""
+        return not self.inputs or self.inputs == inputs
 
 
 def _records(data: object) -> dict[str, dict]:
@@ -59,6 +74,11 @@ def _parsed(records: dict[str, dict]) -> dict[str, StageRecord]:
         except TypeError:  # only costs that stage's recomputation
             continue
     return parsed
+
+
+def _as_record(stored: object) -> StageRecord | None:
+    """A stored record compared as a StageRecord: one written before a field existed equals its reading."""
+    return _parsed({"": stored}).get("") if isinstance(stored, dict) else None
 
 
 class Manifest:
@@ -102,9 +122,11 @@ class Manifest:
             versions[key] = token
         return record if versions == record.versions else replace(record, versions=versions)
 
-    def record(self, stage: str, digest: str, artifacts: dict[str, str], result: dict | None = None) -> StageRecord:
+    def record(self, stage: str, digest: str, artifacts: dict[str, str], result: dict | None = None,
+               inputs: dict[str, str] | None = None) -> StageRecord:
+        """`inputs`: each input stage's record fingerprint (StageRecord.fingerprint) as the stage read it."""
         versions = {key: found[1] for key in artifacts if (found := self.store.version(key)) is not None}
-        record = StageRecord(digest, dict(artifacts), result or {}, time.time(), versions)
+        record = StageRecord(digest, dict(artifacts), result or {}, time.time(), versions, dict(inputs or {}))
         self.store.put_json(shared_key(digest), asdict(record))  # first: other jobs may reuse it
         self._commit(stage, record)
         return record
@@ -127,7 +149,7 @@ class Manifest:
     def _refresh_shared(self, read: StageRecord, refreshed: StageRecord) -> None:
         """Store `refreshed` as the shared record only while it still holds `read` (or nothing)."""
         def change(current: object | None) -> dict | None:
-            return asdict(refreshed) if current is None or current == asdict(read) else None
+            return asdict(refreshed) if current is None or _as_record(current) == read else None
 
         self.store.update_json(shared_key(read.digest), change)
 
@@ -138,7 +160,7 @@ class Manifest:
             records = _records(current)
             if record is not None:
                 records[stage] = asdict(record)
-            elif dropped is not None and records.get(stage) == asdict(dropped):
+            elif dropped is not None and _as_record(records.get(stage)) == dropped:
                 del records[stage]
             return {"version": MANIFEST_VERSION, "job": self.job_id, "stages": records}
 

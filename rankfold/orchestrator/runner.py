@@ -16,20 +16,25 @@ log = logging.getLogger(__name__)
 
 
 def run_plan(plan: Plan, env: Env, manifest: Manifest, meter: StageMeter) -> tuple[dict[str, Output], list[str]]:
-    """(every stage's output by name, the names of the reused stages)."""
+    """(every stage's output by name, the names of the reused stages). A record is reused only if made
+    from its input stages' records as they are now (Manifest: `inputs`)."""
     outputs: dict[str, Output] = {}
-    reused = []
+    reused, fingerprints = [], {}
     for stage in plan.stages:
         kind = STAGE_KINDS.get(stage.kind)
+        read = {source: fingerprints[source] for source in sorted(set(stage.inputs.values()))}
         record = manifest.completed(stage.name, stage.digest)
-        if record is not None and kind.reusable(env, stage, record):
+        if record is not None and not record.read(read):
+            log.info("%s: run again, an input stage changed since its record", stage.name)
+        elif record is not None and kind.reusable(env, stage, record):
             reused.append(stage.name)
             log.info("%s: reusing verified artifacts (%s)", stage.name, stage.digest)
-        else:
+        if stage.name not in reused:
             inputs = {role: outputs[source] for role, source in stage.inputs.items()}
             with meter.stage(stage.name, env.executor.take_worker_peak_mb):
                 result, artifacts = kind.run(env, stage, **inputs)
-            record = manifest.record(stage.name, stage.digest, artifacts, result)
+            record = manifest.record(stage.name, stage.digest, artifacts, result, read)
+        fingerprints[stage.name] = record.fingerprint()
         outputs[stage.name] = kind.output(stage, record, env.store)
     return outputs, reused
 

@@ -211,3 +211,14 @@ def test_two_processes_writing_one_key_leave_a_checksum_that_matches(tmp_path):
               (_write_in_the_gap, str(tmp_path / "store"), str(tmp_path / "flags")))
     store = LocalStore(tmp_path / "store")
     assert store.verify("stages/shared.json") and store.get_json("stages/shared.json") == {"writer": "b"}
+
+
+def test_forget_drops_a_record_written_before_stage_inputs_were_recorded(tmp_path):
+    """A record stored without the newer `inputs` field reads as the same record, so forget drops it."""
+    store = LocalStore(tmp_path)
+    Manifest(store, "job").record("assemble", "d1", {})
+    stored = store.get_json("jobs/job/manifest.json")
+    del stored["stages"]["assemble"]["inputs"]  # as an older rankfold wrote it
+    store.put_json("jobs/job/manifest.json", stored)
+    Manifest(store, "job").forget("assemble")
+    assert Manifest(store, "job").stages == {}

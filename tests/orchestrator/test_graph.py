@@ -56,6 +56,47 @@ def test_a_toy_kind_in_one_file_runs_in_a_plan_and_reads_its_declared_input(toy_
     assert {record.name for record in caplog.records} == {"rankfold.orchestrator.runner"}
 
 
+BITS = {"value": 0}  # what the toy `written` kind writes: a recomputation on other threads, other bits
+
+
+def written(env: Env, stage: Stage, *, previous: Count | None = None) -> tuple[dict, dict]:
+    """A toy kind with an artifact (its key fixed by the digest, its bytes by BITS)."""
+    key = f"toy/{stage.digest}.json"
+    return {"value": BITS["value"] + (previous.value if previous is not None else 0)}, \
+        {key: env.store.put_json(key, BITS)}
+
+
+def test_a_stage_whose_input_was_recomputed_with_other_bits_runs_again(toy_kinds, monkeypatch, tmp_path):
+    """The 70B run's resume: a lost factor artifact recomputed (on more threads: other bits) under the same
+    digest must not leave the assembled model of the old factors standing; the same bits again do."""
+    monkeypatch.setitem(STAGE_KINDS._entries, "written", StageKind("written", written, "1", Count))
+    builder = PlanBuilder()
+    builder.add("factors", "written", {})
+    builder.add("assemble", "count", {"step": 10}, {"previous": "factors"})
+    plan = builder.plan()
+    store = LocalStore(tmp_path / "store")
+    env = Env(source=None, shapes={}, store=store, executor=LocalExecutor(), scratch=tmp_path / "scratch")
+    run = lambda: run_plan(plan, env, Manifest(store, "toy"), StageMeter())  # noqa: E731
+    monkeypatch.setitem(BITS, "value", 1)
+    assert run()[0]["assemble"].value == 11
+    store.delete(f"toy/{plan['factors'].digest}.json")  # lost: recomputed with the same bits
+    outputs, reused = run()
+    assert reused == ["assemble"] and outputs["assemble"].value == 11
+    store.delete(f"toy/{plan['factors'].digest}.json")
+    monkeypatch.setitem(BITS, "value", 2)  # recomputed with other bits
+    outputs, reused = run()
+    assert reused == [] and outputs["assemble"].value == 12
+    assert run()[1] == ["factors", "assemble"]
+    # recomputed by a run that stopped before assembling (a plan of the factors alone: the same digest)
+    alone = PlanBuilder()
+    alone.add("factors", "written", {})
+    store.delete(f"toy/{plan['factors'].digest}.json")
+    monkeypatch.setitem(BITS, "value", 3)
+    run_plan(alone.plan(), env, Manifest(store, "toy"), StageMeter())
+    outputs, reused = run()
+    assert reused == ["factors"] and outputs["assemble"].value == 13
+
+
 def test_an_input_the_kind_does_not_declare_fails_at_plan_time(toy_kinds):
     builder = PlanBuilder()
     builder.add("first", "count", {"step": 1})
