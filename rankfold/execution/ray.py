@@ -127,9 +127,10 @@ class RayExecutor:
 
     def _shortage(self) -> str | None:
         """What the cluster lacks for the shards, which run at once (lockstep): workers × per-worker CPUs
-        and GPUs in all, one worker's on one node; None when it has them."""
-        for kind, field, per_worker in (("CPU", "cpus_per_worker", self.cpus_per_worker),
-                                        ("GPU", "gpus_per_worker", self.gpus_per_worker)):
+        and GPUs in all, one worker's on one node; None when it has them. GPUs first: the scarcer, and a
+        CPU a task just gave back may still show as held for a moment."""
+        for kind, field, per_worker in (("GPU", "gpus_per_worker", self.gpus_per_worker),
+                                        ("CPU", "cpus_per_worker", self.cpus_per_worker)):
             need, (total, largest) = self.workers * per_worker, self._resources(kind)
             if per_worker and (total < need or largest < per_worker):
                 return (f"execution.workers = {self.workers} × execution.{field} = {per_worker:g} needs {need:g} "
