@@ -26,8 +26,7 @@ Result = TypeVar("Result")
 log = logging.getLogger(__name__)
 
 
-def _measured(fn: Callable[[Item], Result], item: Item, device: str,
-              threads: int | None = None) -> tuple[Result, float]:
+def _measured(fn: Callable[[Item], Result], item: Item, device: str, threads: int) -> tuple[Result, float]:
     """A task's result (run on `device`, core/device.py, with `threads` torch threads: the CPUs it was
     given) and its worker's peak RSS (MiB): the driver's meter cannot see workers."""
     import torch
@@ -36,8 +35,7 @@ def _measured(fn: Callable[[Item], Result], item: Item, device: str,
     from rankfold.core.resources import process_peak_rss_mb
 
     use_device(device)
-    if threads:  # set per task: a worker process serves tasks of different sizes
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # per task: a worker process serves tasks of different sizes
     return fn(item), process_peak_rss_mb()
 
 
@@ -122,8 +120,7 @@ class RayExecutor:
 
     def _resources(self, kind: str) -> tuple[float, float]:
         """(`kind` available now — other jobs may hold some —, `kind` of the largest alive node)."""
-        sizes = [node["Resources"].get(kind, 0.0) for node in self.ray.nodes() if node.get("Alive")]
-        return self.ray.available_resources().get(kind, 0.0), max(sizes, default=0.0)
+        return self.ray.available_resources().get(kind, 0.0), self._largest_node(kind)[0]
 
     def _shortage(self) -> str | None:
         """What the cluster lacks for the shards, which run at once (lockstep): workers × per-worker CPUs
@@ -198,7 +195,7 @@ class RayExecutor:
         whole 2-CPU node factorises on both, not on one while the other idles). None without `memory`."""
         if memory is None:
             return lambda k: {}
-        largest, cpus = self._largest_node("memory", "CPU")
+        largest, cpus = self._largest_node("memory")
         if largest and max(memory) > largest:
             log.warning("%s: a task's estimated %.1f GB exceeds the largest Ray node's memory (%.1f GB); it "
                         "reserves the whole node", stage, max(memory) / 1e9, largest / 1e9)
@@ -211,7 +208,7 @@ class RayExecutor:
             return {"memory": share, "num_cpus": max(self.cpus_per_worker, int(cpus // beside))}
         return options
 
-    def _largest_node(self, kind: str, other: str) -> tuple[float, float]:
+    def _largest_node(self, kind: str, other: str = "CPU") -> tuple[float, float]:
         """(`kind`, `other`) of the alive node with the most `kind`."""
         nodes = [(node["Resources"].get(kind, 0.0), node["Resources"].get(other, 0.0))
                  for node in self.ray.nodes() if node.get("Alive")]

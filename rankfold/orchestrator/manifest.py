@@ -54,7 +54,7 @@ class StageRecord:
         content = json.dumps({"artifacts": self.artifacts, "result": self.result}, sort_keys=True, default=str)
         return hashlib.sha256(content.encode()).hexdigest()
 
-    def read(self, inputs: dict[str, str]) -> bool:
+    def made_from(self, inputs: dict[str, str]) -> bool:
         """Whether this record was made from these inputs (a record older than `inputs`: taken as made)."""
         return not self.inputs or self.inputs == inputs
 

@@ -24,12 +24,13 @@ def run_plan(plan: Plan, env: Env, manifest: Manifest, meter: StageMeter) -> tup
         kind = STAGE_KINDS.get(stage.kind)
         read = {source: fingerprints[source] for source in sorted(set(stage.inputs.values()))}
         record = manifest.completed(stage.name, stage.digest)
-        if record is not None and not record.read(read):
+        if record is not None and not record.made_from(read):
             log.info("%s: run again, an input stage changed since its record", stage.name)
-        elif record is not None and kind.reusable(env, stage, record):
+            record = None
+        if record is not None and kind.reusable(env, stage, record):
             reused.append(stage.name)
             log.info("%s: reusing verified artifacts (%s)", stage.name, stage.digest)
-        if stage.name not in reused:
+        else:
             inputs = {role: outputs[source] for role, source in stage.inputs.items()}
             with meter.stage(stage.name, env.executor.take_worker_peak_mb):
                 result, artifacts = kind.run(env, stage, **inputs)
