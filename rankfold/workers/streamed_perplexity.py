@@ -20,14 +20,24 @@ def make_windows(tokens: torch.Tensor, window: int, max_tokens: int | None) -> t
     return tokens[: count * window].reshape(count, window)
 
 
+# float32 logits held at once while scoring: a whole 2048-token window of a 256k-vocabulary model (Gemma)
+# is 2 GB of logits and as much again in cross-entropy's log-softmax, per worker
+LOGITS_BYTES = 64 * 2**20
+
+
 @torch.no_grad()
-def window_nll(hidden: torch.Tensor, head: nn.Module, windows: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL (float64) and the number of predicted tokens, one window at a time;
-    `head`: the model's OutputHead (final norm, head, soft cap)."""
+def window_nll(hidden: torch.Tensor, head: nn.Module, windows: torch.Tensor,
+               logits_bytes: int = LOGITS_BYTES) -> tuple[float, int]:
+    """Summed next-token NLL (float64) and the number of predicted tokens of windows (n, T, H) with
+    their ids (n, T); `head`: the model's OutputHead (final norm, head, soft cap). Scored a slice of
+    positions at a time, so at most `logits_bytes` of float32 logits are resident."""
+    rows = max(1, logits_bytes // (4 * head.head.shape[0]))
     total, count = 0.0, 0
     for h, ids in zip(hidden, windows):  # (T, H), (T,)
-        logits = head(h[:-1])  # (T-1, vocab) float32
-        total += float(F.cross_entropy(logits, ids[1:], reduction="sum"))
+        for start in range(0, ids.numel() - 1, rows):
+            stop = min(start + rows, ids.numel() - 1)
+            logits = head(h[start:stop])  # (rows, vocab) float32
+            total += float(F.cross_entropy(logits, ids[start + 1:stop + 1], reduction="sum"))
         count += ids.numel() - 1
     return total, count
 
