@@ -19,6 +19,7 @@ from torch import nn
 
 from rankfold.allocators.flra import BATCHES_KEY
 from rankfold.workers.layers import LayerRunner
+from rankfold.workers.streamed_perplexity import LOGITS_BYTES
 
 # Largest float64 block of a squared gradient: a model up to SmolLM2's size squares each weight in one
 # block (the sums as before); past it the block's size, not the matrix's, bounds the temporary.
@@ -53,15 +54,26 @@ class FisherSums:
         return {f"{path}.fisher": self.total, f"{path}.fisher_rows": self.rows, f"{path}.fisher_cols": self.cols}
 
 
-def head_gradient(hidden: torch.Tensor, head: nn.Module, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+def head_gradient(hidden: torch.Tensor, head: nn.Module, ids: torch.Tensor,
+                  logits_bytes: int = LOGITS_BYTES) -> tuple[float, torch.Tensor]:
     """ℒ = mean next-token cross-entropy of one batch from the last layer's output (batch, seq, hidden);
     returns (ℒ, ∂ℒ/∂hidden). Same loss as transformers' `model(ids, labels=ids).loss`; `head`: the
-    model's OutputHead (final norm, head, soft cap)."""
-    hidden = hidden.detach().requires_grad_(True)
-    logits = head(hidden[:, :-1])
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    (grad,) = torch.autograd.grad(loss, hidden)
-    return float(loss.detach()), grad
+    model's OutputHead (final norm, head, soft cap). A position's loss reads its own hidden state only,
+    so both are computed a slice of positions at a time: at most `logits_bytes` of float32 logits (and
+    their gradient) are resident, not the batch's (4 × 2048 positions of a 256k vocabulary: 8.6 GB)."""
+    width = hidden.shape[-1]
+    states, targets = hidden[:, :-1].reshape(-1, width), ids[:, 1:].reshape(-1)
+    grads = torch.empty_like(states)
+    rows = max(1, logits_bytes // (4 * head.head.shape[0]))
+    total = 0.0
+    for start in range(0, targets.numel(), rows):
+        piece = states[start:start + rows].detach().requires_grad_(True)
+        loss = F.cross_entropy(head(piece), targets[start:start + rows], reduction="sum") / targets.numel()
+        (grads[start:start + rows],) = torch.autograd.grad(loss, piece)
+        total += float(loss.detach())
+    grad = torch.zeros_like(hidden)
+    grad[:, :-1] = grads.view(hidden.shape[0], -1, width)
+    return total, grad
 
 
 def layer_backward(layer: nn.Module, runner: LayerRunner, hidden: torch.Tensor, grad_out: torch.Tensor,
