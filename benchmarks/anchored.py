@@ -68,6 +68,10 @@ VARIANTS = {"plain": lambda args: None, "anchored": lambda args: {"mix": [0.0], 
             "mixed-layer+correction": lambda args: {"mix": args.mix, "holdout": args.holdout, "output_correction": True,
                                                     "choose_on": "layer"}}
 
+# each fitted variant with fitting.token_weights relative: a token's error toward a residual over its mean square
+VARIANTS.update({f"{name}+relative": (lambda args, fitting=fitting: {**fitting(args), "token_weights": "relative"})
+                 for name, fitting in list(VARIANTS.items()) if name != "plain"})
+
 
 def refine(args: argparse.Namespace) -> dict:
     return {"steps": args.refine_steps, "lr": args.refine_lr, "sequences": args.refine_sequences,

@@ -198,6 +198,11 @@ class FittingSpec(Strict):
     # After each layer is fitted (and corrected), a local refinement of its factors (RefineSpec). Unset:
     # none — the closed forms only.
     refine: RefineSpec | None = None
+    # How the fits and choices toward a dense residual (output_mix, the output corrections, the layer-output
+    # choice, refine) count a token's squared error. Unset: as is. "relative": over the mean square of the
+    # token's dense residual there (methods/anchored.py relative_weights), the scale the next RMSNorm
+    # divides by — the few tokens whose residual is hundreds of times the others' no longer decide the fit.
+    token_weights: Literal["relative"] | None = None
 
     @field_validator("mix", "output_mix")
     @classmethod
@@ -370,8 +375,8 @@ class JobSpec(Strict):
             exclude["target"] = {"experts"}
         if self.fitting is None:  # and from before fitting
             exclude["fitting"] = True
-        else:  # and from before fitting.output_mix, fitting.refine
-            absent = {name for name in ("output_mix", "refine") if getattr(self.fitting, name) is None}
+        else:  # and from before fitting.output_mix, fitting.refine, fitting.token_weights
+            absent = {name for name in ("output_mix", "refine", "token_weights") if getattr(self.fitting, name) is None}
             absent |= {"attention_output_mix"} if not self.fitting.attention_output_mix else set()
             if absent:
                 exclude["fitting"] = absent

@@ -149,6 +149,15 @@ def anchored_error(weight: torch.Tensor, approx: torch.Tensor, stats: PairedStat
     return max(float(error), 0.0)  # a norm: below zero only by rounding (W′ = W on X̂ = X)
 
 
+def relative_weights(residual: torch.Tensor) -> torch.Tensor:
+    """fitting.token_weights "relative": each token's weight 1 / mean_j y_j² (float64, shape (...)) for the
+    dense residual y (..., d) a fit aims at. A token's squared error then counts relative to the scale the
+    next RMSNorm divides its residual by, which is what the layers above read. Without it the absolute
+    error of the few tokens whose residual is hundreds of times the others' decides the fit: on SmolLM2-135M
+    the first position holds 95 % of the residual's energy after layer 20 (rms 973 vs a median 9.3)."""
+    return 1.0 / residual.to(torch.float64).square().mean(-1).clamp_min(1e-30)
+
+
 @dataclass
 class OutputStats:
     """What fitting a block's output projection (o_proj, down_proj) toward the dense residual reads, over

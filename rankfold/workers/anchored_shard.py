@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from rankfold.core.device import to_host
-from rankfold.methods.anchored import CorrectionStats, OutputStats, PairedStats
+from rankfold.methods.anchored import CorrectionStats, OutputStats, PairedStats, relative_weights
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
 from rankfold.workers.activations import Activations
 from rankfold.workers.anchored_tasks import (
     HELDOUT,
+    PAIRED,
     AnchoredItem,
     CorrectionItem,
     KeepItem,
@@ -80,12 +81,26 @@ def adds_to_residual(layer: nn.Module, module: nn.Module, runner: LayerRunner, h
                                atol=1e-3 * float(delta.abs().max())))
 
 
+def dense_side(dense: nn.Module, path: str, point: str | None, runner: LayerRunner,
+               x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the dense residual at `point` (residual_at), the input of the projection at `path` on the way there)."""
+    seen: list[torch.Tensor] = []
+    handle = dense.get_submodule(path).register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    try:
+        residual = residual_at(dense, point, runner, x)
+    finally:
+        handle.remove()
+    return residual, seen[0]
+
+
 def wanted_output(dense: nn.Module, compressed: nn.Module, path: str, point: str | None, runner: LayerRunner,
-                  x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  x: torch.Tensor, x_hat: torch.Tensor,
+                  dense_residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(e, x̂) of the projection y = W′ x̂ + bias at `path` of `compressed` (dense or factorised): e = dense
     residual at `point` − (compressed residual there − y) − bias, the output the projection should give
     for the two streams to agree there (residual_at: `point` None is the layer's output), and its input
-    x̂ in the compressed stream. Shapes (..., out_features), (..., in_features)."""
+    x̂ in the compressed stream. Shapes (..., out_features), (..., in_features). `dense_residual`: the
+    dense residual at `point`, when already computed."""
     module = compressed.get_submodule(path)
     seen: dict[str, torch.Tensor] = {}
 
@@ -94,17 +109,19 @@ def wanted_output(dense: nn.Module, compressed: nn.Module, path: str, point: str
 
     handle = module.register_forward_hook(hook)
     try:
-        wanted = residual_at(dense, point, runner, x) - residual_at(compressed, point, runner, x_hat) + seen["y"]
+        target = residual_at(dense, point, runner, x) if dense_residual is None else dense_residual
+        wanted = target - residual_at(compressed, point, runner, x_hat) + seen["y"]
     finally:
         handle.remove()
     return (wanted - module.bias if module.bias is not None else wanted), seen["x"]
 
 
 def correction_pair(dense: nn.Module, compressed: nn.Module, path: str, point: str | None, runner: LayerRunner,
-                    x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    x: torch.Tensor, x_hat: torch.Tensor,
+                    dense_residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(e, u) of the output correction of the factorised projection y = B A x̂ + bias at `path`: e as
     wanted_output, u = A x̂ its latent. Shapes (..., out_features), (..., rank)."""
-    wanted, inputs = wanted_output(dense, compressed, path, point, runner, x, x_hat)
+    wanted, inputs = wanted_output(dense, compressed, path, point, runner, x, x_hat, dense_residual)
     return wanted, nn.functional.linear(inputs, compressed.get_submodule(path).factors()[1])
 
 
@@ -114,13 +131,17 @@ class AnchoredShard(SequenceShard):
         self.budget_bytes //= 2  # the two streams share the shard's budget
         self.compressed: Activations | None = None
         self.heldout_rows = 0
+        self.relative = False  # fitting.token_weights "relative": errors toward a residual weighted per token
         self._dense: tuple[int, nn.Module] | None = None  # (layer index, its dense module), reused per group
         self._heldout_outputs: tuple[int, list[torch.Tensor]] | None = None  # (layer index, dense layer(X_h))
         self._refining: tuple[int, nn.Module] | None = None  # (layer index, the compressed layer being refined)
 
-    def load(self, ids: torch.Tensor, batch_size: int, heldout_rows: int = 0) -> int:
-        """Embed (samples, seq) ids into both streams; the last `heldout_rows` rows are held out."""
+    def load(self, ids: torch.Tensor, batch_size: int, heldout_rows: int = 0, relative: bool = False) -> int:
+        """Embed (samples, seq) ids into both streams; the last `heldout_rows` rows are held out. `relative`
+        (fitting.token_weights): every fit and score toward a dense residual weighs a token's squared error
+        by methods.anchored.relative_weights of that residual."""
         tokens = super().load(ids, batch_size)
+        self.relative = relative
         self.compressed = self.activations(self.budget_bytes)
         for chunk in self.hidden:
             self.compressed.append(chunk)
@@ -207,8 +228,14 @@ class AnchoredShard(SequenceShard):
             index, layout, store, keys, params)
         with torch.no_grad():
             for (_, x_hat), wanted in zip(self._heldout(self.compressed), self._heldout_outputs[1], strict=True):
-                total += float((self.runner(compressed, x_hat) - wanted).double().square().sum())
+                total += float(self._weighted_error(self.runner(compressed, x_hat), wanted))
         return total
+
+    def _weighted_error(self, output: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+        """Σ‖output − wanted‖² over tokens (float64), each token's weighted by relative_weights(wanted) when
+        the shard's errors are relative; differentiable in `output`."""
+        squared = (output - wanted).double().square()
+        return squared.sum() if not self.relative else (squared.sum(-1) * relative_weights(wanted)).sum()
 
     def _refined(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str],
                  params: dict[str, torch.Tensor]) -> nn.Module:
@@ -239,7 +266,8 @@ class AnchoredShard(SequenceShard):
         fitted rows (_fitted_window), run `batch_size` rows at a time. Returns `grad.<name>` (float32, the
         tensor's shape; zero where it had no gradient) for each of `params` that is a parameter of the
         layer (a buffer, e.g. a skip permutation, gets none), `refine.error` (float64, (1,)) and
-        `refine.tokens` (int64, (1,)): partial sums the walk reduces."""
+        `refine.tokens` (int64, (1,)): partial sums the walk reduces. With relative errors each token's squared
+        error is weighted (_weighted_error)."""
         layer = self._refined(index, layout, store, keys, params)
         named = dict(layer.named_parameters(remove_duplicate=False))
         for name, parameter in named.items():
@@ -252,7 +280,7 @@ class AnchoredShard(SequenceShard):
                 with torch.no_grad():
                     wanted = self.runner(self._dense_layer(index), x[start:start + self.batch_size])
                 with torch.enable_grad():
-                    part = (self.runner.run(layer, x_hat[start:start + self.batch_size]) - wanted).float().square().sum()
+                    part = self._weighted_error(self.runner.run(layer, x_hat[start:start + self.batch_size]), wanted)
                     part.backward()  # gradients add up in .grad
                 error += float(part.detach())
             tokens = x.shape[0] * x.shape[1]
@@ -283,7 +311,9 @@ class AnchoredShard(SequenceShard):
         x̂, wanted_output) of the still dense projection at `path` toward the dense residual at `point`
         (None: the layer output; the projection is the layer's last); the rest of layer `index` compressed
         with `layout` (factors under `keys`).
-        Returns `output.*` and `heldout.output.*` (linearity: output_is_linear, checked by the walk first)."""
+        Returns `output.*` and `heldout.output.*` (linearity: output_is_linear, checked by the walk first); with
+        relative errors also the problem's PairedStats of the projection's input, weighted alike, as
+        `output.paired.*` and `heldout.output.paired.*` (they replace the group's paired statistics)."""
         return self._output_sums("output", index, path, layout, store, keys, point)
 
     def output_is_linear(self, index: int, path: str, layout: list[dict], store: StoreRef | None,
@@ -301,16 +331,27 @@ class AnchoredShard(SequenceShard):
         dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)
         module = compressed.get_submodule(path)
         pair, stats = (correction_pair, CorrectionStats) if kind == "correction" else (wanted_output, OutputStats)
-        first, fitted, heldout = self.fitted_rows, None, None
+        first, fitted, heldout, paired = self.fitted_rows, None, None, None
         with torch.no_grad():
             for k, (x, x_hat) in enumerate(zip(self.hidden, self.compressed, strict=True)):
-                wanted, inputs = pair(dense, compressed, path, point, self.runner, x, x_hat)
+                residual, dense_input = dense_side(dense, path, point, self.runner, x) if self.relative else (None, None)
+                wanted, inputs = pair(dense, compressed, path, point, self.runner, x, x_hat, residual)
                 if fitted is None:
                     fitted, heldout = (stats.zeros(wanted.shape[-1], inputs.shape[-1], wanted.device) for _ in range(2))
                 split = min(max(first - k * self.batch_size, 0), x.shape[0])
+                if self.relative:  # rows scaled by √c: every sum below is weighted by c
+                    scale = relative_weights(residual).sqrt().unsqueeze(-1)
+                    wanted, inputs = wanted * scale.to(wanted.dtype), inputs * scale.to(inputs.dtype)
+                    if kind == "output":  # the plain term and Ĝ weighted alike: the problem's own statistics
+                        paired = paired or [PairedStats.zeros(inputs.shape[-1], inputs.device) for _ in range(2)]
+                        dense_input = dense_input * scale.to(dense_input.dtype)
+                        paired[0].add_(dense_input[:split], inputs[:split], self.product_dtype)
+                        paired[1].add_(dense_input[split:], inputs[split:], self.product_dtype)
                 fitted.add_(wanted[:split], inputs[:split], self.product_dtype)
                 heldout.add_(wanted[split:], inputs[split:], self.product_dtype)
         sums = {**fitted.to_tensors(kind), **heldout.to_tensors(HELDOUT + kind)}
+        if paired is not None:
+            sums.update({**paired[0].to_tensors(PAIRED), **paired[1].to_tensors(HELDOUT + PAIRED)})
         if kind == "correction":  # output_stats: the walk checked output_is_linear before gathering them
             linear = adds_to_residual(compressed, module, self.runner, next(iter(self.compressed)), point)
             sums["correction.linear"] = torch.tensor([int(linear)])

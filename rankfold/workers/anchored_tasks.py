@@ -30,6 +30,7 @@ from rankfold.storage.store import StoreError, StoreRef, open_ref
 from rankfold.workers.tasks import _modules_and_weights, on_device
 
 HELDOUT = "heldout."  # prefix of the held-out rows' statistics
+PAIRED = "output.paired"  # the output problem's own paired statistics (token-weighted: fitting.token_weights)
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,14 @@ class GroupProblem:
     @classmethod
     def read(cls, item: AnchoredItem) -> "GroupProblem":
         """The item's statistics from the store (on the worker's device), the output problem's with an
-        output_key."""
-        tensors = on_device(open_ref(item.stats).get_tensors(item.stats_key))
-        problem = cls(PairedStats.from_tensors(tensors, item.group), PairedStats.from_tensors(tensors, HELDOUT + item.group))
-        if item.output_key:  # set by the walk only where the projection's output reaches the residual unchanged
-            output = on_device(open_ref(item.stats).get_tensors(item.output_key))
+        output_key — whose own paired statistics (PAIRED, token-weighted) replace the group's when present."""
+        output = on_device(open_ref(item.stats).get_tensors(item.output_key)) if item.output_key else {}
+        if f"{PAIRED}.count" in output:
+            tensors, prefix = output, PAIRED
+        else:
+            tensors, prefix = on_device(open_ref(item.stats).get_tensors(item.stats_key)), item.group
+        problem = cls(PairedStats.from_tensors(tensors, prefix), PairedStats.from_tensors(tensors, HELDOUT + prefix))
+        if output:  # set by the walk only where the projection's output reaches the residual unchanged
             problem.output = (OutputStats.from_tensors(output, "output"), OutputStats.from_tensors(output, HELDOUT + "output"))
         return problem
 

@@ -96,10 +96,13 @@ def test_the_layer_output_choice_keeps_the_candidate_the_layer_prefers(tmp_path,
     assert not list((tmp_path / "out").rglob("*-w*.safetensors"))  # every candidate deleted
 
 
+@pytest.mark.parametrize("token_weights", [None, "relative"])
 def test_the_last_projection_fitted_to_the_layer_output_keeps_the_weight_it_prefers(tmp_path, tiny_model_dir,
-                                                                                    monkeypatch):
+                                                                                    monkeypatch, token_weights):
     """fitting.output_mix: each layer's down_proj is fitted to the dense layer output at every candidate
-    weight and the one with the smallest held-out layer-output error kept; the other groups stay plain."""
+    weight and the one with the smallest held-out layer-output error kept; the other groups stay plain.
+    With relative token weights the errors are the weighted ones (from the output statistics' own paired
+    sums: the group's unweighted ones are not gathered)."""
     real, calls = anchored_tasks.anchored_item, []
 
     def recording(item):
@@ -108,8 +111,14 @@ def test_the_last_projection_fitted_to_the_layer_output_keeps_the_weight_it_pref
         return found
 
     monkeypatch.setattr("rankfold.workers.anchored_shard.anchored_item", recording)
-    fitting = {"holdout": 2, "mix": [1.0], "output_mix": [0.0, 0.5, 1.0], "output_correction": True}
+    fitting = {"holdout": 2, "mix": [1.0], "output_mix": [0.0, 0.5, 1.0], "output_correction": True,
+               "token_weights": token_weights}
+    paired = []
+    monkeypatch.setattr(anchored_tasks.PairedStats, "from_tensors",
+                        classmethod(lambda cls, tensors, prefix, real=anchored_tasks.PairedStats.from_tensors.__func__:
+                                    paired.append(prefix) or real(cls, tensors, prefix)))
     report = run_job(_spec(tiny_model_dir, tmp_path / "out", fitting=fitting), executor=LocalExecutor(workers=2))
+    assert ("output.paired" in paired) == (token_weights == "relative")
     summary = report["diagnostics"]
     assert summary["anchored_weights_kept"] == {"1.0": 2 * 3} and sum(summary["output_anchored_weights_kept"].values()) == 2
     outputs = [(item, found) for item, found in calls if item.output_key]

@@ -19,6 +19,7 @@ from rankfold.methods.anchored import (
     correction_error,
     output_error,
     output_mixed_problem,
+    relative_weights,
 )
 from rankfold.models.architecture import ARCHITECTURES
 from rankfold.modules.lowrank import LowRankLinear
@@ -26,6 +27,7 @@ from rankfold.workers.anchored_shard import (
     adds_to_residual,
     capture_input,
     correction_pair,
+    dense_side,
     residual_at,
     wanted_output,
 )
@@ -112,3 +114,48 @@ def test_the_output_statistics_give_the_layer_output_error_and_the_output_fit_lo
         after = error()
     assert output_error(target, stats, output) == pytest.approx(after, rel=1e-3)
     assert after < 0.9 * before
+
+
+def _relative_problem(dense, compressed, runner, x, x_hat, path="mlp.down_proj"):
+    """fitting.token_weights relative as AnchoredShard._output_sums builds it: (OutputStats, PairedStats) of
+    the rows scaled by √c, c = relative_weights(dense layer output)."""
+    residual, dense_input = dense_side(dense, path, None, runner, x)
+    wanted, inputs = wanted_output(dense, compressed, path, None, runner, x, x_hat, residual)
+    scale = relative_weights(residual).sqrt().unsqueeze(-1).float()
+    output, stats = OutputStats.zeros(32, 64), PairedStats.zeros(64)
+    output.add_(wanted * scale, inputs * scale)
+    stats.add_(dense_input * scale, inputs * scale)
+    return output, stats
+
+
+def test_relative_token_weights_fit_each_tokens_error_relative_to_its_residual():
+    """With one position's residual 100× the others' (a massive activation), the absolute fit spends itself
+    on that position; the relative statistics give Σ_t ‖y_t − ŷ_t‖² / mean(y_t²) and their fit lowers that
+    below what the absolute fit reaches (and the absolute error, the other way round)."""
+    dense, compressed, runner = _layers("mlp.up_proj", rank=8)
+    torch.manual_seed(3)
+    x = torch.randn(8, 32, 32)
+    x[:, 0] *= 100.0  # the first position's residual dominates the absolute error
+    x_hat = x + 0.3 * torch.randn_like(x)
+    path, module = "mlp.down_proj", compressed.get_submodule("mlp.down_proj")
+    with torch.no_grad():
+        residual, dense_input = dense_side(dense, path, None, runner, x)
+        assert torch.equal(residual, runner(dense, x)) and torch.equal(dense_input, capture_input(dense, path, runner, x))
+        relative, relative_stats = _relative_problem(dense, compressed, runner, x, x_hat)
+        absolute, absolute_stats = OutputStats.zeros(32, 64), PairedStats.zeros(64)
+        wanted, inputs = wanted_output(dense, compressed, path, None, runner, x, x_hat)
+        absolute.add_(wanted, inputs)
+        absolute_stats.add_(dense_input, inputs)
+
+        def errors() -> tuple[float, float]:  # (absolute, relative) layer-output error
+            squared = (runner(dense, x) - runner(compressed, x_hat)).double().square().sum(-1)
+            return float(squared.sum()), float((squared * relative_weights(residual)).sum())
+
+        assert output_error(module.weight, relative_stats, relative) == pytest.approx(errors()[1], rel=1e-4)
+        fits = {}
+        for name, (out, stats) in {"absolute": (absolute, absolute_stats), "relative": (relative, relative_stats)}.items():
+            target, _ = output_mixed_problem(module.weight, stats, out, 0.0)
+            module.weight.copy_(target.float())
+            fits[name] = errors()
+    # each the minimiser of its own objective (full rank at w = 0): apart by more than rounding
+    assert fits["relative"][1] < 0.98 * fits["absolute"][1] and fits["absolute"][0] < 0.98 * fits["relative"][0], fits

@@ -48,7 +48,8 @@ def anchored(env: Env, stage: Stage, *, ranks: Ranks) -> tuple[dict, Artifacts]:
     diagnostics: dict[str, dict[str, float]] = {}
     artifacts: Artifacts = {}
     try:
-        shards.call_each("load", [(part, cal.batch_size, rows) for part, rows in zip(parts, heldout)])
+        relative = fitting.token_weights == "relative"
+        shards.call_each("load", [(part, cal.batch_size, rows, relative) for part, rows in zip(parts, heldout)])
         for i in env.executor.steps(range(source.num_layers), "anchored"):
             done: list[tuple[str, str]] = []  # (group, factors key) of this layer so far
             groups = _groups_in_order(arch, layout, i)
@@ -143,7 +144,7 @@ def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, l
     item = AnchoredItem(env.source.location, stage.params["method"], arch.layer_prefix.format(i=i), group,
                         tuple(m.to_json() for m in modules), ref, stats_key, ref, key,
                         fitting.output_mix if output else fitting.mix, output_key)
-    if not stored:
+    if not stored and not (output and fitting.token_weights):  # weighted, the output stats carry their own
         shards.call_reduced("paired_stats", i, group, reader, _layout_of(layout, i, done), ref, keys,
                             reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i), record=False)
     if not stored and output:
