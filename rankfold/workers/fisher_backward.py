@@ -19,7 +19,7 @@ from torch import nn
 
 from rankfold.allocators.flra import BATCHES_KEY
 from rankfold.workers.layers import LayerRunner
-from rankfold.workers.streamed_perplexity import LOGITS_BYTES
+from rankfold.workers.streamed_perplexity import LOGITS_BYTES, positions_per_slice
 
 # Largest float64 block of a squared gradient: a model up to SmolLM2's size squares each weight in one
 # block (the sums as before); past it the block's size, not the matrix's, bounds the temporary.
@@ -64,7 +64,7 @@ def head_gradient(hidden: torch.Tensor, head: nn.Module, ids: torch.Tensor,
     width = hidden.shape[-1]
     states, targets = hidden[:, :-1].reshape(-1, width), ids[:, 1:].reshape(-1)
     grads = torch.empty_like(states)
-    rows = max(1, logits_bytes // (4 * head.head.shape[0]))
+    rows = positions_per_slice(head, logits_bytes)
     total = 0.0
     for start in range(0, targets.numel(), rows):
         piece = states[start:start + rows].detach().requires_grad_(True)

@@ -25,13 +25,18 @@ def make_windows(tokens: torch.Tensor, window: int, max_tokens: int | None) -> t
 LOGITS_BYTES = 64 * 2**20
 
 
+def positions_per_slice(head: nn.Module, logits_bytes: int = LOGITS_BYTES) -> int:
+    """Positions whose float32 logits from `head` (an OutputHead) fit in `logits_bytes` (at least one)."""
+    return max(1, logits_bytes // (4 * head.head.shape[0]))
+
+
 @torch.no_grad()
 def window_nll(hidden: torch.Tensor, head: nn.Module, windows: torch.Tensor,
                logits_bytes: int = LOGITS_BYTES) -> tuple[float, int]:
     """Summed next-token NLL (float64) and the number of predicted tokens of windows (n, T, H) with
     their ids (n, T); `head`: the model's OutputHead (final norm, head, soft cap). Scored a slice of
     positions at a time, so at most `logits_bytes` of float32 logits are resident."""
-    rows = max(1, logits_bytes // (4 * head.head.shape[0]))
+    rows = positions_per_slice(head, logits_bytes)
     total, count = 0.0, 0
     for h, ids in zip(hidden, windows):  # (T, H), (T,)
         for start in range(0, ids.numel() - 1, rows):

@@ -144,7 +144,8 @@ def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, l
     item = AnchoredItem(env.source.location, stage.params["method"], arch.layer_prefix.format(i=i), group,
                         tuple(m.to_json() for m in modules), ref, stats_key, ref, key,
                         fitting.output_mix if output else fitting.mix, output_key)
-    if not stored and not (output and fitting.token_weights):  # weighted, the output stats carry their own
+    # relative token weights: the output statistics carry the problem's own (weighted) paired sums
+    if not stored and not (output and fitting.token_weights == "relative"):
         shards.call_reduced("paired_stats", i, group, reader, _layout_of(layout, i, done), ref, keys,
                             reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i), record=False)
     if not stored and output:
