@@ -60,6 +60,27 @@ class PairedStats:
         square = lambda: torch.zeros(n, n, dtype=torch.float64, device=device)  # noqa: E731
         return cls(square(), square(), square(), torch.zeros(n, dtype=torch.float64, device=device), 0)
 
+    @classmethod
+    def dense_zeros(cls, n: int, device: torch.device | None = None) -> "PairedStats":
+        """Statistics of the dense stream alone (add_dense_): G and Σ|x| (n, n), (n,); Ĝ and C empty
+        (0, 0) — all the plain method (w = 1, mixed_problem) reads."""
+        empty = torch.zeros(0, 0, dtype=torch.float64, device=device)
+        return cls(torch.zeros(n, n, dtype=torch.float64, device=device), empty, empty.clone(),
+                   torch.zeros(n, dtype=torch.float64, device=device), 0)
+
+    @property
+    def dense_only(self) -> bool:
+        """Whether these hold the dense stream's statistics alone (dense_zeros)."""
+        return self.gram_hat.numel() == 0 and self.gram.numel() > 0
+
+    def add_dense_(self, x: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> None:
+        """Add one chunk of the dense stream alone, `x` (..., n): G and Σ|x| (in Σ|x̂|'s place: the plain
+        method's statistics)."""
+        x = x.reshape(-1, x.shape[-1]).to(product_dtype)
+        self.gram.add_(x.T @ x)
+        self.abs_sum_hat.add_(x.abs().sum(0))
+        self.count += x.shape[0]
+
     def add_(self, x: torch.Tensor, x_hat: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> None:
         """Add one chunk: `x`, `x_hat` (..., n) are the same tokens' inputs in the two streams."""
         x = x.reshape(-1, x.shape[-1]).to(product_dtype)
@@ -92,9 +113,11 @@ def mixed_problem(stats: PairedStats, weight: float) -> tuple[torch.Tensor | Non
     """(R, the Gram H as InputStats) of (1 − w) ‖W X − W′ X̂‖² + w ‖(W − W′) X‖² (w = λ / (1 + λ), the
     plain term's weight: H = (1 − w) Ĝ + w G, K = (1 − w) C + w G, R = K H⁻¹). R (n, n) float64 maps the
     dense weight to the method's target M = W R; None means R = I (w = 1: the plain method).
-    Raises ValueError for a weight outside [0, 1]."""
+    Raises ValueError for a weight outside [0, 1], or below 1 for statistics of the dense stream alone."""
     if weight == 1.0:  # the plain method: G as stored, no mirrored copy (n × n float64 at 70B widths)
         return None, InputStats(stats.gram.clone(), stats.abs_sum_hat, stats.count)
+    if stats.dense_only:
+        raise ValueError(f"statistics of the dense stream alone fit only the plain method (w = 1), not w = {weight}")
     gram, hessian = _mixed_gram(stats, weight)  # raises for a weight outside [0, 1]
     target = (1.0 - weight) * stats.cross + weight * gram       # K
     return _right_solve(target, hessian), InputStats(hessian, stats.abs_sum_hat, stats.count)

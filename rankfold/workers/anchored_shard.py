@@ -3,9 +3,14 @@ the compressed-so-far activations X̂ of the same token sequences.
 
 Per (layer, input group) the shard runs the dense layer on X and the layer with its groups
 factorised so far on X̂, each stopped at the group's input, and returns the paired statistics
-(G, Ĝ, C; methods/anchored.py) of its fitted rows and of its held-out rows apart. Once every group
-of the layer is factorised, `advance_pair` moves X through the dense layer and X̂ through the
-compressed one. Both buffers spill past half the shard's memory budget each.
+(G, Ĝ, C; methods/anchored.py) of its fitted rows and of its held-out rows apart (of X alone for a
+group fitted by the plain method). Once every group of the layer is factorised, `advance_pair` moves
+X through the dense layer and X̂ through the compressed one.
+
+The dense layer's outputs are computed once per layer — by the first pass that runs the whole dense
+layer (the last projection's output statistics) — and kept: the output correction, the held-out
+layer-output scores and advance_pair read them instead of running the dense layer again. Three
+buffers (X, X̂, the dense layer's outputs) spill past a third of the shard's memory budget each.
 """
 
 from __future__ import annotations
@@ -128,12 +133,12 @@ def correction_pair(dense: nn.Module, compressed: nn.Module, path: str, point: s
 class AnchoredShard(SequenceShard):
     def __init__(self, config: ShardConfig):
         super().__init__(config)
-        self.budget_bytes //= 2  # the two streams share the shard's budget
+        self.budget_bytes //= 3  # the two streams and the dense layer's outputs share the shard's budget
         self.compressed: Activations | None = None
         self.heldout_rows = 0
         self.relative = False  # fitting.token_weights "relative": errors toward a residual weighted per token
         self._dense: tuple[int, nn.Module] | None = None  # (layer index, its dense module), reused per group
-        self._heldout_outputs: tuple[int, list[torch.Tensor]] | None = None  # (layer index, dense layer(X_h))
+        self._dense_outputs: tuple[int, Activations] | None = None  # (layer index, dense layer(X) per chunk)
         self._refining: tuple[int, nn.Module] | None = None  # (layer index, the compressed layer being refined)
 
     def load(self, ids: torch.Tensor, batch_size: int, heldout_rows: int = 0, relative: bool = False) -> int:
@@ -174,21 +179,28 @@ class AnchoredShard(SequenceShard):
         return self._dense[1]
 
     def paired_stats(self, index: int, group: str, reader: str, layout: list[dict], store: StoreRef | None,
-                     keys: list[str]) -> dict[str, torch.Tensor]:
+                     keys: list[str], dense_only: bool = False) -> dict[str, torch.Tensor]:
         """Paired statistics of `group` (its first member at `reader`) at layer `index`, the compressed
         stream running the layer with `layout` (the groups factorised so far, factors under `keys`).
-        Returns `<group>.*` of the fitted rows and `heldout.<group>.*` of the held-out rows."""
-        dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)
+        Returns `<group>.*` of the fitted rows and `heldout.<group>.*` of the held-out rows. `dense_only`
+        (the group fitted by the plain method, w = 1): X's statistics alone (PairedStats.add_dense_), the
+        compressed stream not run."""
+        dense = self._dense_layer(index)
+        compressed = None if dense_only else self._layer(index, layout, store, keys)
         fitted, heldout = None, None
         first = self.fitted_rows
         with torch.no_grad():
             for k, (x, x_hat) in enumerate(zip(self.hidden, self.compressed, strict=True)):
                 inputs = capture_input(dense, reader, self.runner, x)
-                inputs_hat = capture_input(compressed, reader, self.runner, x_hat)
                 if fitted is None:
-                    fitted, heldout = (PairedStats.zeros(inputs.shape[-1], inputs.device),
-                                       PairedStats.zeros(inputs.shape[-1], inputs.device))
+                    zeros = PairedStats.dense_zeros if dense_only else PairedStats.zeros
+                    fitted, heldout = zeros(inputs.shape[-1], inputs.device), zeros(inputs.shape[-1], inputs.device)
                 split = min(max(first - k * self.batch_size, 0), x.shape[0])  # rows of this chunk that are fitted
+                if dense_only:
+                    fitted.add_dense_(inputs[:split], self.product_dtype)
+                    heldout.add_dense_(inputs[split:], self.product_dtype)
+                    continue
+                inputs_hat = capture_input(compressed, reader, self.runner, x_hat)
                 fitted.add_(inputs[:split], inputs_hat[:split], self.product_dtype)
                 heldout.add_(inputs[split:], inputs_hat[split:], self.product_dtype)
         return to_host({**fitted.to_tensors(group), **heldout.to_tensors(HELDOUT + group)})
@@ -220,16 +232,37 @@ class AnchoredShard(SequenceShard):
         tensors: the refinement's): the layer-output choice's score."""
         if not self.heldout_rows:
             return 0.0
-        if self._heldout_outputs is None or self._heldout_outputs[0] != index:
-            dense = self._dense_layer(index)
-            self._heldout_outputs = (index, [self.runner(dense, x) for _, x in self._heldout(self.hidden)])
         total = 0.0
         compressed = self._layer(index, layout, store, keys) if params is None else self._refined(
             index, layout, store, keys, params)
         with torch.no_grad():
-            for (_, x_hat), wanted in zip(self._heldout(self.compressed), self._heldout_outputs[1], strict=True):
-                total += float(self._weighted_error(self.runner(compressed, x_hat), wanted))
+            wanted = self._heldout(self.dense_outputs(index))
+            for (_, x_hat), (_, dense) in zip(self._heldout(self.compressed), wanted, strict=True):
+                total += float(self._weighted_error(self.runner(compressed, x_hat), dense))
         return total
+
+    def dense_outputs(self, index: int) -> Activations:
+        """The dense layer `index`'s outputs on X, chunk by chunk: computed by the first pass that needs them
+        (here, or the last projection's output statistics: _output_sums) and kept until advance_pair."""
+        if self._dense_outputs is None or self._dense_outputs[0] != index:
+            outputs, dense = self._new_outputs(index), self._dense_layer(index)
+            with torch.no_grad():
+                for chunk in self.hidden:
+                    outputs.append(self._checked(index, self.runner(dense, chunk)))
+            self._dense_outputs = (index, outputs)
+        return self._dense_outputs[1]
+
+    @staticmethod
+    def _checked(index: int, outputs: torch.Tensor) -> torch.Tensor:
+        check_finite(outputs, f"layer {index} (dense stream of the anchored walk)")
+        return outputs
+
+    def _new_outputs(self, index: int) -> Activations:
+        """An empty buffer for the dense layer `index`'s outputs, the one it replaces (an earlier layer's) released."""
+        if self._dense_outputs is not None:
+            self._dense_outputs[1].release()
+            self._dense_outputs = None
+        return self.activations(self.budget_bytes)
 
     def _weighted_error(self, output: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
         """Σ‖output − wanted‖² over tokens (float64), each token's weighted by relative_weights(wanted) when
@@ -248,16 +281,18 @@ class AnchoredShard(SequenceShard):
             raise ValueError(f"layer {index}: refined tensors {sorted(unexpected)} are not the layer's")
         return layer
 
-    def _fitted_window(self, step: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(X, X̂) of `rows` fitted rows (not held out), the window of step `step` cycling through them."""
+    def _fitted_window(self, index: int, step: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dense layer `index`(X), X̂) of `rows` fitted rows (not held out), the window of step `step` cycling
+        through them."""
         fitted = self.fitted_rows
         picked = [(step * min(rows, fitted) + j) % fitted for j in range(min(rows, fitted))]
         by_chunk: dict[int, list[int]] = {}
         for row in picked:
             by_chunk.setdefault(row // self.batch_size, []).append(row % self.batch_size)
-        x = torch.cat([self.hidden[k][within] for k, within in sorted(by_chunk.items())])
+        outputs = self.dense_outputs(index)
+        wanted = torch.cat([outputs[k][within] for k, within in sorted(by_chunk.items())])
         x_hat = torch.cat([self.compressed[k][within] for k, within in sorted(by_chunk.items())])
-        return x, x_hat
+        return wanted, x_hat
 
     def refine_gradients(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str],
                          params: dict[str, torch.Tensor], step: int, rows: int) -> dict[str, torch.Tensor]:
@@ -275,15 +310,14 @@ class AnchoredShard(SequenceShard):
             parameter.grad = None
         error, tokens = torch.zeros((), dtype=torch.float64), 0
         if self.fitted_rows:  # a shard of held-out rows only adds zeros
-            x, x_hat = self._fitted_window(step, rows)
-            for start in range(0, x.shape[0], self.batch_size):  # batch_size rows a backward: its memory bounded
-                with torch.no_grad():
-                    wanted = self.runner(self._dense_layer(index), x[start:start + self.batch_size])
+            wanted, x_hat = self._fitted_window(index, step, rows)
+            for start in range(0, x_hat.shape[0], self.batch_size):  # batch_size rows a backward: its memory bounded
                 with torch.enable_grad():
-                    part = self._weighted_error(self.runner.run(layer, x_hat[start:start + self.batch_size]), wanted)
+                    part = self._weighted_error(self.runner.run(layer, x_hat[start:start + self.batch_size]),
+                                                wanted[start:start + self.batch_size])
                     part.backward()  # gradients add up in .grad
                 error += float(part.detach())
-            tokens = x.shape[0] * x.shape[1]
+            tokens = x_hat.shape[0] * x_hat.shape[1]
         for parameter in named.values():
             parameter.requires_grad_(False)
         grads = {f"grad.{name}": (named[name].grad.float() if named[name].grad is not None
@@ -328,25 +362,24 @@ class AnchoredShard(SequenceShard):
 
     def _output_sums(self, kind: str, index: int, path: str, layout: list[dict], store: StoreRef | None,
                      keys: list[str], point: str | None) -> dict[str, torch.Tensor]:
-        dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)
+        compressed = self._layer(index, layout, store, keys)
         module = compressed.get_submodule(path)
         pair, stats = (correction_pair, CorrectionStats) if kind == "correction" else (wanted_output, OutputStats)
         first, fitted, heldout, paired = self.fitted_rows, None, None, None
         with torch.no_grad():
-            for k, (x, x_hat) in enumerate(zip(self.hidden, self.compressed, strict=True)):
-                residual, dense_input = dense_side(dense, path, point, self.runner, x) if self.relative else (None, None)
-                wanted, inputs = pair(dense, compressed, path, point, self.runner, x, x_hat, residual)
+            for k, (residual, dense_input, x_hat) in enumerate(self._dense_side(index, path, point, kind == "output")):
+                wanted, inputs = pair(None, compressed, path, point, self.runner, None, x_hat, residual)
                 if fitted is None:
                     fitted, heldout = (stats.zeros(wanted.shape[-1], inputs.shape[-1], wanted.device) for _ in range(2))
-                split = min(max(first - k * self.batch_size, 0), x.shape[0])
+                split = min(max(first - k * self.batch_size, 0), x_hat.shape[0])
                 if self.relative:  # rows scaled by √c: every sum below is weighted by c
                     scale = relative_weights(residual).sqrt().unsqueeze(-1)
                     wanted, inputs = wanted * scale.to(wanted.dtype), inputs * scale.to(inputs.dtype)
-                    if kind == "output":  # the plain term and Ĝ weighted alike: the problem's own statistics
-                        paired = paired or [PairedStats.zeros(inputs.shape[-1], inputs.device) for _ in range(2)]
-                        dense_input = dense_input * scale.to(dense_input.dtype)
-                        paired[0].add_(dense_input[:split], inputs[:split], self.product_dtype)
-                        paired[1].add_(dense_input[split:], inputs[split:], self.product_dtype)
+                    dense_input = None if dense_input is None else dense_input * scale.to(dense_input.dtype)
+                if kind == "output":  # the problem's own paired statistics (its plain term and Ĝ weighted alike)
+                    paired = paired or [PairedStats.zeros(inputs.shape[-1], inputs.device) for _ in range(2)]
+                    paired[0].add_(dense_input[:split], inputs[:split], self.product_dtype)
+                    paired[1].add_(dense_input[split:], inputs[split:], self.product_dtype)
                 fitted.add_(wanted[:split], inputs[:split], self.product_dtype)
                 heldout.add_(wanted[split:], inputs[split:], self.product_dtype)
         sums = {**fitted.to_tensors(kind), **heldout.to_tensors(HELDOUT + kind)}
@@ -357,30 +390,56 @@ class AnchoredShard(SequenceShard):
             sums["correction.linear"] = torch.tensor([int(linear)])
         return to_host(sums)
 
+    def _dense_side(self, index: int, path: str, point: str | None, with_input: bool):
+        """Per chunk: (the dense residual at `point`, the input of the projection at `path` when `with_input`
+        else None, X̂'s chunk). The layer's outputs (point None) come from dense_outputs when kept; a pass
+        that runs the whole dense layer keeps them for the rest of the layer."""
+        kept = self._dense_outputs is not None and self._dense_outputs[0] == index
+        if point is None and kept and not with_input:
+            yield from zip(self.dense_outputs(index), [None] * len(self.compressed), self.compressed, strict=True)
+            return
+        outputs = self._new_outputs(index) if point is None and not kept else None
+        dense = self._dense_layer(index)
+        for x, x_hat in zip(self.hidden, self.compressed, strict=True):
+            residual, dense_input = dense_side(dense, path, point, self.runner, x)
+            if outputs is not None:
+                outputs.append(self._checked(index, residual))
+            yield residual, dense_input, x_hat
+        if outputs is not None:
+            self._dense_outputs = (index, outputs)
+
     def advance_pair(self, index: int, layout: list[dict], store: StoreRef | None, keys: list[str],
                      keep_outputs: bool = True) -> int:
-        """X through the dense layer `index`, X̂ through it compressed (`layout`, factors under `keys`).
-        Returns the tokens run."""
-        dense, compressed = self._dense_layer(index), self._layer(index, layout, store, keys)
+        """X through the dense layer `index` (its kept outputs: dense_outputs), X̂ through it compressed
+        (`layout`, factors under `keys`). Returns the tokens run."""
+        compressed = self._layer(index, layout, store, keys)
         if keep_outputs:
-            self.weights.prefetch(index + 1)  # read while both streams run through this layer
-        for layer, name in ((dense, "hidden"), (compressed, "compressed")):
-            buffer: Activations = getattr(self, name)
-            outputs = self.activations(self.budget_bytes) if keep_outputs else None
-            with torch.no_grad():
-                for chunk in buffer:
-                    hidden = self.runner(layer, chunk)
-                    check_finite(hidden, f"layer {index} ({name} stream of the anchored walk)")
-                    if outputs is not None:
-                        outputs.append(hidden)
-            buffer.release()
-            setattr(self, name, outputs)
-        self._dense = self._heldout_outputs = self._refining = None
+            self.weights.prefetch(index + 1)  # read while the compressed stream runs through this layer
+            dense_outputs = self.dense_outputs(index)
+            self._dense_outputs = None
+        self.hidden.release()
+        self.hidden = dense_outputs if keep_outputs else None
+        outputs = self.activations(self.budget_bytes) if keep_outputs else None
+        with torch.no_grad():
+            for chunk in self.compressed:
+                hidden = self.runner(compressed, chunk)
+                check_finite(hidden, f"layer {index} (compressed stream of the anchored walk)")
+                if outputs is not None:
+                    outputs.append(hidden)
+        self.compressed.release()
+        self.compressed = outputs
+        self._release_layer()
         return int(self.ids.numel())
+
+    def _release_layer(self) -> None:
+        """Forget the layer's dense module, kept dense outputs and refined layer."""
+        if self._dense_outputs is not None:
+            self._dense_outputs[1].release()
+        self._dense = self._dense_outputs = self._refining = None
 
     def release(self) -> float:
         if self.compressed is not None:
             self.compressed.release()
             self.compressed = None
-        self._dense = self._heldout_outputs = self._refining = None
+        self._release_layer()
         return super().release()

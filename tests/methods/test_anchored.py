@@ -164,6 +164,24 @@ def test_the_kept_weight_is_refitted_on_the_held_out_sequences_too(candidates):
     assert any(not torch.allclose(without.tensors[k], result.tensors[k]) for k in result.tensors if result.tensors[k].is_floating_point())
 
 
+def test_the_dense_streams_statistics_alone_fit_the_plain_method_only():
+    """PairedStats.dense_zeros / add_dense_: G and Σ|x| as the paired statistics hold them, the plain fit
+    (w = 1) the same, and any other weight refused."""
+    torch.manual_seed(0)
+    x, x_hat = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
+    paired, dense = PairedStats.zeros(6), PairedStats.dense_zeros(6)
+    for rows in (slice(0, 25), slice(25, 40)):
+        paired.add_(x[rows], x_hat[rows])
+        dense.add_dense_(x[rows])
+    dense = dense + PairedStats.dense_zeros(6)  # the held-out rows' (none) added, as the walk's refit does
+    assert dense.dense_only and not paired.dense_only and dense.count == paired.count == 40
+    assert torch.allclose(dense.gram, paired.gram) and torch.allclose(dense.abs_sum_hat, x.abs().sum(0))
+    correction, hessian = mixed_problem(dense, 1.0)
+    assert correction is None and torch.allclose(hessian.gram, mixed_problem(paired, 1.0)[1].gram)
+    with pytest.raises(ValueError, match="dense stream alone"):
+        mixed_problem(dense, 0.5)
+
+
 def test_a_weight_outside_zero_one_is_refused():
     with pytest.raises(ValueError, match="weight must lie in"):
         mixed_problem(paired(*streams()), 1.5)

@@ -101,8 +101,8 @@ def test_the_last_projection_fitted_to_the_layer_output_keeps_the_weight_it_pref
                                                                                     monkeypatch, token_weights):
     """fitting.output_mix: each layer's down_proj is fitted to the dense layer output at every candidate
     weight and the one with the smallest held-out layer-output error kept; the other groups stay plain.
-    With relative token weights the errors are the weighted ones (from the output statistics' own paired
-    sums: the group's unweighted ones are not gathered)."""
+    The fit reads the output statistics' own paired sums (weighted alike with relative token weights): the
+    group's are not gathered."""
     real, calls = anchored_tasks.anchored_item, []
 
     def recording(item):
@@ -118,7 +118,7 @@ def test_the_last_projection_fitted_to_the_layer_output_keeps_the_weight_it_pref
                         classmethod(lambda cls, tensors, prefix, real=anchored_tasks.PairedStats.from_tensors.__func__:
                                     paired.append(prefix) or real(cls, tensors, prefix)))
     report = run_job(_spec(tiny_model_dir, tmp_path / "out", fitting=fitting), executor=LocalExecutor(workers=2))
-    assert ("output.paired" in paired) == (token_weights == "relative")
+    assert "output.paired" in paired and "mlp_out" not in paired
     summary = report["diagnostics"]
     assert summary["anchored_weights_kept"] == {"1.0": 2 * 3} and sum(summary["output_anchored_weights_kept"].values()) == 2
     outputs = [(item, found) for item, found in calls if item.output_key]
@@ -130,6 +130,36 @@ def test_the_last_projection_fitted_to_the_layer_output_keeps_the_weight_it_pref
         assert found["output_anchored"] == {path: 1} and str(found["anchored_weight"][path]) == min(errors, key=errors.get)
         assert max(errors.values()) > 1.001 * min(errors.values()), errors  # the candidates differ on held-out rows
     assert not list((tmp_path / "out").rglob("*-output.safetensors"))  # the statistics deleted
+
+
+def test_the_dense_layer_outputs_are_kept_once_per_layer_and_change_nothing(tmp_path, tiny_model_dir, monkeypatch):
+    """The dense layer's outputs, computed once per layer and shard by the last projection's output statistics,
+    serve the output correction, the held-out scores and the dense stream's advance: the same checkpoint as
+    a walk that recomputes them at every use."""
+    from rankfold.workers.anchored_shard import AnchoredShard
+
+    fitting = {"holdout": 2, "mix": [1.0], "output_mix": [0.0, 0.5, 1.0], "output_correction": True}
+    made, real_new = [], AnchoredShard._new_outputs
+    monkeypatch.setattr(AnchoredShard, "_new_outputs", lambda self, index: made.append(index) or real_new(self, index))
+    run_job(_spec(tiny_model_dir, tmp_path / "kept", fitting=fitting), executor=LocalExecutor(workers=2))
+    assert sorted(made) == [0, 0, 1, 1]  # two layers, two shards
+
+    real_side, real_outputs = AnchoredShard._dense_side, AnchoredShard.dense_outputs
+
+    def forgetting(real):
+        def forget(self, index, *args):
+            if self._dense_outputs is not None:
+                self._dense_outputs[1].release()
+            self._dense_outputs = None
+            return real(self, index, *args)
+        return forget
+
+    monkeypatch.setattr(AnchoredShard, "_dense_side", forgetting(real_side))
+    monkeypatch.setattr(AnchoredShard, "dense_outputs", forgetting(real_outputs))
+    run_job(_spec(tiny_model_dir, tmp_path / "recomputed", fitting=fitting), executor=LocalExecutor(workers=2))
+    assert len(made) > 4  # recomputed at every use
+    kept, recomputed = _checkpoint(tmp_path / "kept"), _checkpoint(tmp_path / "recomputed")
+    assert kept.keys() == recomputed.keys() and all(torch.equal(kept[k], recomputed[k]) for k in kept)
 
 
 def test_o_proj_fitted_toward_the_residual_after_attention_keeps_the_weight_the_layer_output_prefers(

@@ -3,7 +3,8 @@
 Shards carry the dense and the compressed-so-far activations of the calibration sequences. For each
 layer, input group by input group in forward order (attention's input, o's, the MLP's, down's), the
 shards return the paired statistics of that group's input — the compressed stream running the layer
-with the groups before it already factorised — reduced over shards in shard order; one of the shards
+with the groups before it already factorised (a group fitted by the plain method alone, w = 1, needs the
+dense stream's only) — reduced over shards in shard order; one of the shards
 fits the group's factors (the shards hold the workers: a separate task would wait for one); with
 `fitting.output_correction` the layer's last projection's (down_proj) B is refitted to the dense layer's
 output, with `fitting.attention_correction` o_proj's, once its group is fitted, to the dense residual
@@ -144,10 +145,11 @@ def _fit_group(env: Env, stage: Stage, shards: ShardGroup, i: int, group: str, l
     item = AnchoredItem(env.source.location, stage.params["method"], arch.layer_prefix.format(i=i), group,
                         tuple(m.to_json() for m in modules), ref, stats_key, ref, key,
                         fitting.output_mix if output else fitting.mix, output_key)
-    # relative token weights: the output statistics carry the problem's own (weighted) paired sums
-    if not stored and not (output and fitting.token_weights == "relative"):
+    # the output statistics carry the problem's own paired sums; the plain fit (w = 1 alone) reads X's only
+    if not stored and not output:
         shards.call_reduced("paired_stats", i, group, reader, _layout_of(layout, i, done), ref, keys,
-                            reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i), record=False)
+                            item.candidates == (1.0,), reduce=reduce_statistics, item=ReduceItem(ref, stats_key, i),
+                            record=False)
     if not stored and output:
         shards.call_reduced("output_stats", i, reader, _layout_of(layout, i, done), ref, keys, point,
                             reduce=reduce_statistics, item=ReduceItem(ref, output_key, i), record=False)
