@@ -165,12 +165,13 @@ class FittingSpec(Strict):
     # held-out calibration sequences (choose_on), e.g. [0, 0.2, 0.5, 0.8, 1]. Default: the plain factors,
     # which with the output correction measured best (docs/methods/anchored.md).
     mix: tuple[float, ...] = Field((1.0,), min_length=1)
-    # What the held-out choice of the weight minimises: "module", each group's own anchored error
-    # ‖W X_h − W′ X̂_h‖² summed over its modules; "layer", the layer's output error ‖layer(X_h) −
-    # layer′(X̂_h)‖² with the candidate in place (the groups before it fitted, the rest dense), which
-    # sees what attention's softmax and the MLP's gate make of the module's error (one held-out forward
-    # of the layer per candidate).
-    choose_on: Literal["module", "layer"] = "module"
+    # What the held-out choice of the weight minimises: "layer" (default), the layer's output error
+    # ‖layer(X_h) − layer′(X̂_h)‖² with the candidate in place (the groups before it fitted, the rest
+    # dense), which sees what attention's softmax and the MLP's gate make of the module's error (one
+    # held-out forward of the layer per candidate); "module", each group's own anchored error
+    # ‖W X_h − W′ X̂_h‖² summed over its modules — cheaper, but it prefers the anchored end and measured
+    # worse than the plain factors (docs/methods/anchored.md).
+    choose_on: Literal["module", "layer"] = "layer"
     # Calibration sequences (the sample's last) held out to choose the weight; fitted on the rest.
     # Unused with one weight and no output correction.
     holdout: int = Field(16, ge=1)
