@@ -35,7 +35,8 @@ def _checkpoint(out) -> dict:
 def test_the_plain_weight_gives_the_plain_jobs_factors(tmp_path, tiny_model_dir):
     """w = 1 through the walk: the same checkpoint as the plain job (float64 Gram products)."""
     run_job(_spec(tiny_model_dir, tmp_path / "plain", gram_product_dtype="float64"))
-    report = run_job(_spec(tiny_model_dir, tmp_path / "walk", fitting={"mix": [1.0], "output_correction": False},
+    report = run_job(_spec(tiny_model_dir, tmp_path / "walk", fitting={"mix": [1.0], "output_correction": False,
+                                                                              "output_mix": None},
                            gram_product_dtype="float64"))
     assert "anchored" in report["artifacts"]["digests"] and "decompose" not in report["artifacts"]["digests"]
     plain, walked = _checkpoint(tmp_path / "plain"), _checkpoint(tmp_path / "walk")
@@ -50,7 +51,8 @@ def test_the_plain_weight_gives_the_plain_jobs_factors(tmp_path, tiny_model_dir)
                                                          ("keep_candidate", 5, "layer")])
 def test_a_stopped_walk_resumes_to_the_same_checkpoint(tmp_path, tiny_model_dir, monkeypatch, task, stop_after,
                                                        choose_on):
-    fitting = {"holdout": 2, "mix": [0.0, 0.5, 1.0], "attention_correction": True, "choose_on": choose_on}
+    fitting = {"holdout": 2, "mix": [0.0, 0.5, 1.0], "attention_correction": True, "choose_on": choose_on,
+               "output_mix": None}
     spec = _spec(tiny_model_dir, tmp_path / "whole", fitting=fitting)
     whole = run_job(spec, executor=LocalExecutor(workers=2))
     assert whole["diagnostics"]["anchored_weights_kept"] and whole["diagnostics"]["output_correction_weights_kept"]
@@ -83,7 +85,7 @@ def test_the_layer_output_choice_keeps_the_candidate_the_layer_prefers(tmp_path,
         return found
 
     monkeypatch.setattr("rankfold.workers.anchored_shard.keep_candidate", recording)
-    fitting = {"holdout": 2, "choose_on": "layer", "mix": [0.0, 0.5, 1.0], "output_correction": True}
+    fitting = {"holdout": 2, "choose_on": "layer", "mix": [0.0, 0.5, 1.0], "output_correction": True, "output_mix": None}
     report = run_job(_spec(tiny_model_dir, tmp_path / "out", fitting=fitting), executor=LocalExecutor(workers=2))
     assert len(calls) == 2 * 4 and sum(report["diagnostics"]["anchored_weights_kept"].values()) == 2 * 4
     assert sum(report["diagnostics"]["output_correction_weights_kept"].values()) == 2  # down_proj's only
@@ -189,7 +191,7 @@ def test_o_proj_fitted_toward_the_residual_after_attention_keeps_the_weight_the_
     kept = report["diagnostics"]["output_anchored_weights_kept"]
     assert sum(kept.values()) == 4  # o_proj and down_proj of both layers
     with pytest.raises(ValidationError, match="attention_output_mix takes its weights from output_mix"):
-        FittingSpec(attention_output_mix=True)
+        FittingSpec(attention_output_mix=True, output_mix=None)
 
 
 def test_the_refinement_keeps_factors_no_worse_on_held_out_sequences(tmp_path, tiny_model_dir, monkeypatch):
@@ -203,7 +205,7 @@ def test_the_refinement_keeps_factors_no_worse_on_held_out_sequences(tmp_path, t
         return scores[-1]
 
     monkeypatch.setattr(anchored_refine, "_heldout_error", recording)
-    fitting = {"holdout": 2, "output_correction": True}
+    fitting = {"holdout": 2, "output_correction": True, "output_mix": None}
     refined = {**fitting, "refine": {"steps": 6, "lr": 1e-4, "sequences": 6, "checks": 3}}
     run_job(_spec(tiny_model_dir, tmp_path / "plain", fitting=fitting), executor=LocalExecutor(workers=2))
     report = run_job(_spec(tiny_model_dir, tmp_path / "refined", fitting=refined), executor=LocalExecutor(workers=2))
@@ -235,7 +237,7 @@ def test_the_refinement_rate_and_its_check_points():
 def test_a_shard_of_held_out_rows_only_adds_nothing_to_the_refinement(tmp_path, tiny_model_dir):
     """Two shards of four sequences, five held out: the second shard fits none; its zero gradient and
     token count leave the sum the first shard's."""
-    fitting = {"holdout": 5, "refine": {"steps": 2, "sequences": 2, "checks": 1}}
+    fitting = {"holdout": 5, "refine": {"steps": 2, "sequences": 2, "checks": 1}, "output_mix": None}
     report = run_job(_spec(tiny_model_dir, tmp_path / "out", fitting=fitting), executor=LocalExecutor(workers=2))
     assert report["diagnostics"]["refined_layers"] == 2
 
@@ -246,7 +248,7 @@ def test_a_walk_stopped_in_the_refinement_resumes_to_the_same_checkpoint(tmp_pat
     """Stopped in layer 1's refinement: during its steps, with one of its group artifacts rewritten, or
     with all of them (before the kept tensors' artifact is deleted)."""
     import rankfold.orchestrator.stages.anchored_refine as anchored_refine
-    fitting = {"holdout": 2, "refine": {"steps": 4, "lr": 1e-4, "sequences": 6, "checks": 2}}
+    fitting = {"holdout": 2, "refine": {"steps": 4, "lr": 1e-4, "sequences": 6, "checks": 2}, "output_mix": None}
     run_job(_spec(tiny_model_dir, tmp_path / "whole", fitting=fitting), executor=LocalExecutor(workers=2))
     real, calls = getattr(anchored_refine, where), []
 
