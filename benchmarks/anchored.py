@@ -41,17 +41,18 @@ from rankfold.jobs.spec import parse_spec  # noqa: E402
 from rankfold.orchestrator.job import run_job  # noqa: E402
 from rankfold.storage.store import LocalStore  # noqa: E402
 
-# --variants name -> the spec's fitting (None: the plain method)
-VARIANTS = {"plain": lambda args: None, "anchored": lambda args: {"output_mix": None, "mix": [0.0], "holdout": args.holdout},
+# --variants name -> the spec's fitting (None: the plain method); one that names no output_mix fits down_proj
+# as the other groups (output_mix: null, as the rows it reproduces were measured), not at the spec's default
+VARIANTS = {"plain": lambda args: None, "anchored": lambda args: {"mix": [0.0], "holdout": args.holdout},
             # the weight chosen on each module's own held-out anchored error (the default chooses on the layer's)
-            "mixed": lambda args: {"output_mix": None, "mix": args.mix, "holdout": args.holdout, "choose_on": "module"},
-            "anchored+correction": lambda args: {"output_mix": None, "mix": [0.0], "holdout": args.holdout, "output_correction": True},
+            "mixed": lambda args: {"mix": args.mix, "holdout": args.holdout, "choose_on": "module"},
+            "anchored+correction": lambda args: {"mix": [0.0], "holdout": args.holdout, "output_correction": True},
             # the plain factors (w = 1) with the compressed stream tracked only for the output correction
-            "plain+correction": lambda args: {"output_mix": None, "mix": [1.0], "holdout": args.holdout, "output_correction": True},
+            "plain+correction": lambda args: {"mix": [1.0], "holdout": args.holdout, "output_correction": True},
             # o_proj's B corrected too, toward the dense residual after attention
-            "plain+attn+correction": lambda args: {"output_mix": None, "mix": [1.0], "holdout": args.holdout, "output_correction": True,
+            "plain+attn+correction": lambda args: {"mix": [1.0], "holdout": args.holdout, "output_correction": True,
                                                    "attention_correction": True},
-            "mixed+correction": lambda args: {"output_mix": None, "mix": args.mix, "holdout": args.holdout, "output_correction": True,
+            "mixed+correction": lambda args: {"mix": args.mix, "holdout": args.holdout, "output_correction": True,
                                               "choose_on": "module"},
             # plain factors but down_proj's, fitted to the dense layer output at a weight chosen on held-out
             # layer-output error (fitting.output_mix), then the output correction
@@ -62,12 +63,12 @@ VARIANTS = {"plain": lambda args: None, "anchored": lambda args: {"output_mix": 
             "output-mixed-attn+correction": lambda args: {"mix": [1.0], "output_mix": args.mix, "holdout": args.holdout,
                                                           "output_correction": True, "attention_output_mix": True},
             # + fitting.refine: a few Adam steps on each layer's factors toward the dense layer output
-            "plain+correction+refine": lambda args: {"output_mix": None, "mix": [1.0], "holdout": args.holdout, "output_correction": True,
+            "plain+correction+refine": lambda args: {"mix": [1.0], "holdout": args.holdout, "output_correction": True,
                                                      "refine": refine(args)},
             "output-mixed+correction+refine": lambda args: {"mix": [1.0], "output_mix": args.mix, "holdout": args.holdout,
                                                             "output_correction": True, "refine": refine(args)},
             # the weight chosen on the held-out layer output (the default) instead of each module's own anchored error
-            "mixed-layer+correction": lambda args: {"output_mix": None, "mix": args.mix, "holdout": args.holdout, "output_correction": True,
+            "mixed-layer+correction": lambda args: {"mix": args.mix, "holdout": args.holdout, "output_correction": True,
                                                     "choose_on": "layer"}}
 
 # each fitted variant with fitting.token_weights relative: a token's error toward a residual over its mean square
@@ -127,7 +128,7 @@ def job(args: argparse.Namespace, method: str, allocation: str, ratio: float, va
             "output": {"dir": str(out)}}
     fitting = VARIANTS[variant](args)
     if fitting is not None:
-        spec["fitting"] = fitting
+        spec["fitting"] = {"output_mix": None, **fitting}
     return parse_spec(spec)
 
 

@@ -163,8 +163,9 @@ class FittingSpec(Strict):
     kind: Literal["anchored"] = "anchored"
     # The plain term's weight w = λ / (1 + λ) in (1 − w) ‖W X − W′ X̂‖² + w ‖(W − W′) X‖²: 0 is AA-SVD's
     # anchored form, 1 the plain method. One value, or candidates each input group chooses among on
-    # held-out calibration sequences (choose_on), e.g. [0, 0.2, 0.5, 0.8, 1]. Default: the plain factors,
-    # which with the output correction measured best (docs/methods/anchored.md).
+    # held-out calibration sequences (choose_on), e.g. [0, 0.2, 0.5, 0.8, 1]. Default: the plain factors
+    # (down_proj's fit is output_mix's), which with it and the output correction measured best
+    # (docs/methods/anchored.md).
     mix: tuple[float, ...] = Field((1.0,), min_length=1)
     # What the held-out choice of the weight minimises: "layer" (default), the layer's output error
     # ‖layer(X_h) − layer′(X̂_h)‖² with the candidate in place (the groups before it fitted, the rest
