@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rankfold.core.errors import BadInput
 from rankfold.core.options import Strict
+from rankfold.core.resources import release_free_heap
 from rankfold.data.opened import DataFiles, content_fingerprint, files_read_by
 from rankfold.data.source import TextSource
 
@@ -105,6 +106,8 @@ def tokenize(text: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     if key not in _TOKENIZED:
         ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         _TOKENIZED[key] = torch.tensor(ids, dtype=torch.long)
+        del ids
+        release_free_heap()  # the tokenizer's per-token encodings: hundreds of MB a 3 MB text, else kept
         while len(_TOKENIZED) > _TOKENIZED_KEPT:
             _TOKENIZED.popitem(last=False)
     _TOKENIZED.move_to_end(key)

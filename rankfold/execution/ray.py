@@ -32,11 +32,13 @@ def _measured(fn: Callable[[Item], Result], item: Item, device: str, threads: in
     import torch
 
     from rankfold.core.device import use_device
-    from rankfold.core.resources import process_peak_rss_mb
+    from rankfold.core.resources import process_peak_rss_mb, release_free_heap
 
     use_device(device)
     torch.set_num_threads(threads)  # per task: a worker process serves tasks of different sizes
-    return fn(item), process_peak_rss_mb()
+    result = fn(item)
+    release_free_heap()  # the worker idles or serves a smaller task next: its temporaries not held
+    return result, process_peak_rss_mb()
 
 
 def _reduced(fn: Callable[..., Result], item: Item, refs: list) -> tuple[Result, float]:
@@ -44,9 +46,11 @@ def _reduced(fn: Callable[..., Result], item: Item, refs: list) -> tuple[Result,
     fetch them all before the call starts: fn receives them one at a time."""
     import ray
 
-    from rankfold.core.resources import process_peak_rss_mb
+    from rankfold.core.resources import process_peak_rss_mb, release_free_heap
 
-    return fn(item, (ray.get(ref) for ref in refs)), process_peak_rss_mb()
+    result = fn(item, (ray.get(ref) for ref in refs))
+    release_free_heap()
+    return result, process_peak_rss_mb()
 
 
 def _combined(fn: Callable[..., Any], refs: list) -> tuple[int, Any]:

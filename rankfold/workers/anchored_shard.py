@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from rankfold.core.device import to_host
+from rankfold.core.resources import release_free_heap
 from rankfold.methods.anchored import CorrectionStats, OutputStats, PairedStats, relative_weights
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreRef, open_ref
@@ -436,6 +437,7 @@ class AnchoredShard(SequenceShard):
         if self._dense_outputs is not None:
             self._dense_outputs[1].release()
         self._dense = self._dense_outputs = self._refining = None
+        release_free_heap()  # the layer's forward temporaries: not held in RSS for the rest of the walk
 
     def release(self) -> float:
         if self.compressed is not None:

@@ -19,7 +19,7 @@ import torch
 import rankfold.storage  # noqa: F401  (registers the "store:" source scheme: checkpoints read from a store)
 from rankfold.core.arrays import shareable
 from rankfold.core.device import to_host, use_device
-from rankfold.core.resources import process_peak_rss_mb
+from rankfold.core.resources import process_peak_rss_mb, release_free_heap
 from rankfold.methods.cap import masked_weight
 from rankfold.models.architecture import OutputHead
 from rankfold.models.sources import ModelSource, open_source
@@ -94,6 +94,8 @@ class SequenceShard:
         for batch in ids.split(batch_size):
             self.hidden.append(self.source.architecture.embed(batch, table, self.config, self.dtype))
         self.ids, self.batch_size = ids, batch_size
+        del table
+        release_free_heap()
         return ids.numel()
 
     def advance(self, index: int, step: LayerStep = LayerStep()) -> dict[str, torch.Tensor]:
@@ -119,6 +121,8 @@ class SequenceShard:
         tensors: dict[str, torch.Tensor] = {}
         for name, group_stats in stats.items():
             tensors.update(group_stats.to_tensors(name))
+        del layer, stats
+        release_free_heap()  # the forward's temporaries: not held in RSS for the rest of the walk
         return to_host(tensors)
 
     def apply(self, fn, *args):
@@ -224,7 +228,10 @@ class SequenceShard:
         inputs.release()
         self.grads.release()
         self.grads = below
-        return to_host(fisher_tensors(sums, batches))
+        tensors = to_host(fisher_tensors(sums, batches))
+        del layer, sums
+        release_free_heap()
+        return tensors
 
     def release(self) -> float:
         """Drop every buffer (and spilled file); returns this process's peak RSS in MiB."""
