@@ -183,10 +183,11 @@ def layer_part(args: argparse.Namespace, on: list[torch.device]) -> list[dict]:
     return [_layer_run(args, device, scale, products) for device, scale in runs]
 
 
+@torch.no_grad()  # as the job's shards: no autograd graph held by the factorisations (peak memory)
 def _layer_run(args: argparse.Namespace, device: torch.device, scale: int, products: dict) -> dict:
     """One device, one scale: the forward with every group's Gram, then `_decompositions`."""
     from rankfold.models.architecture import architecture_for
-    from rankfold.workers.activations import Activations
+    from rankfold.workers.activations import Activations, device_pool
     from rankfold.workers.layer_statistics import propagate_layer
     from rankfold.workers.layers import LayerRunner, materialize_layer
 
@@ -197,7 +198,7 @@ def _layer_run(args: argparse.Namespace, device: torch.device, scale: int, produ
     _warm_up(device)
     _reset_peak(device)
     layer = materialize_layer(arch, config, 0, layer_state(config, arch), torch.bfloat16, device=device)
-    chunks = Activations(1 << 62, device=device)
+    chunks = Activations(1 << 62, device=device, pool=device_pool(device, None))  # the job's GPU pool, then host
     for _ in range(sequences):
         chunks.append(torch.randn(1, args.layer_seq_len, config.hidden_size, generator=generator).to(torch.bfloat16))
     gram_s: dict[str, float] = {}
@@ -240,9 +241,11 @@ def _decompositions(args: argparse.Namespace, layer, stats: dict, device: torch.
 
 def _warm_up(device: torch.device) -> None:
     """The first cuBLAS / cuSOLVER / SDPA calls set up handles and kernels: not what is timed."""
+    from rankfold.methods.linalg import reduced_svd
+
     x = torch.randn(256, 256, dtype=torch.float64, device=device)
     torch.linalg.cholesky(x @ x.T + 256 * torch.eye(256, dtype=torch.float64, device=device))
-    torch.linalg.svd(x, full_matrices=False)
+    reduced_svd(x)
     q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16, device=device)
     torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
     _sync(device)

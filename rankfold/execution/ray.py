@@ -60,6 +60,13 @@ def _combined(fn: Callable[..., Any], refs: list) -> tuple[int, Any]:
     return 0, shareable(fn(ray.get(ref) for ref in refs))
 
 
+def _device_type(device: str) -> str:
+    """The type of the device `device` (execution.device) resolves to in this worker (core/device.py)."""
+    from rankfold.core.device import resolve_device
+
+    return resolve_device(device).type
+
+
 # How long a job waits for an (autoscaling) cluster to offer the CPUs its shards need.
 RESOURCE_WAIT_S = float(os.environ.get("RANKFOLD_RAY_RESOURCE_WAIT_S", "300"))
 
@@ -116,8 +123,7 @@ class RayExecutor:
         embedded = not self.address  # this machine's Ray: it cannot grow
         try:
             self._check_resources(0.0 if embedded else resource_wait_s)
-            if self.device == "cuda":
-                self._check_cuda()
+            self.workers_on_cuda = bool(self.gpus_per_worker) and self._probe_device() == "cuda"
         except (ClusterError, DeviceError):
             self.close()  # an instance started here is not left behind
             raise
@@ -149,14 +155,13 @@ class RayExecutor:
             log.info("waiting for Ray resources: %s (%.0f s left)", shortage, deadline - time.monotonic())
             time.sleep(min(5.0, max(deadline - time.monotonic(), 0.0)))
 
-    def _check_cuda(self) -> None:
-        """execution.device cuda: one task with a worker's GPU share resolves it there — a clear error now
-        rather than shards that die in their constructor and are rebuilt in vain."""
-        from rankfold.core.device import resolve_device
-
+    def _probe_device(self) -> str:
+        """The device type (cuda or cpu) `execution.device` resolves to on a worker given `gpus_per_worker`,
+        from one task. For device cuda where a worker sees none: a clear DeviceError now rather than
+        shards that die in their constructor and are rebuilt in vain."""
         probe = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_retries=0)
         try:
-            self.ray.get(probe(resolve_device).remote("cuda"))
+            return self.ray.get(probe(_device_type).remote(self.device))
         except DeviceError as err:  # Ray's task error is also the task's own exception class
             cause = getattr(err, "cause", None) or err  # Ray's error wraps the worker's, traceback and all
             raise DeviceError(f"on a Ray worker with execution.gpus_per_worker = {self.gpus_per_worker:g}: "
@@ -172,12 +177,10 @@ class RayExecutor:
         left running alone at the end. With `memory`, each task reserves its bytes of Ray's `memory`
         resource (at most the largest node's), so two factorisations of a 70B model's down_proj (~20 GB
         each) never share a node that cannot hold both — they wait for each other instead, on more CPUs."""
-        # max_calls 0: a worker process serves task after task (Ray's default for GPU tasks is one task per
-        # process: an import, a CUDA context and an opened model source per decomposition)
         # a function marked `host_only` (its work is on the host: no GPU held idle) runs on the CPU
         gpus = 0.0 if getattr(fn, "host_only", False) else self.gpus_per_worker
-        remote = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=gpus,
-                                 max_retries=self.max_retries, max_calls=0)(_measured)
+        remote = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=gpus, max_retries=self.max_retries,
+                                 max_calls=self.max_calls(gpus))(_measured)
         order = sorted(range(len(items)), key=lambda k: -work[k]) if work is not None else range(len(items))
         reserve = self._memory_requests(memory, stage)
         submitted = {}
@@ -191,6 +194,15 @@ class RayExecutor:
         results = self.ray.get(refs)  # in item order, whatever order they finished in
         self._note_peak(*(peak for _, peak in results))
         return [result for result, _ in results]
+
+    def max_calls(self, gpus: float) -> int:
+        """Tasks a worker process serves before Ray replaces it. 0 (no limit: one import and opened model
+        source for task after task) unless the task runs on CUDA; then 1, Ray's own default for GPU tasks:
+        torch fixes a process's GPU at its first CUDA call, so a reused worker that Ray hands another GPU
+        would compute on its first one (another task's), and its cached device memory would outlive the
+        task. The price: a worker start, imports and a CUDA context per decomposition (seconds, against
+        minutes of factorising at 70B)."""
+        return 1 if gpus and self.workers_on_cuda else 0
 
     def _memory_requests(self, memory: Sequence[int] | None, stage: str) -> Callable[[int], dict]:
         """Each item's task options: {"memory": bytes} capped at the largest node's memory (a larger request

@@ -283,9 +283,10 @@ class ExecutionSpec(Strict):
     # Where each worker's tensor work runs: auto — its GPU when it has one, else the CPU; cpu; cuda — a GPU
     # or an error. On Ray a worker has a GPU only when it requests one (gpus_per_worker).
     device: DeviceName = "auto"
-    # GPUs each Ray worker (shard actor or task) requests; a fraction shares one GPU among workers. The local
-    # executor ignores it (it runs in this process, on its GPU when `device` finds one).
-    gpus_per_worker: float = Field(0.0, ge=0.0)
+    # GPUs each Ray worker (shard actor or task) requests, at most 1 (a worker runs on one GPU: more GPUs, more
+    # workers); a fraction shares one GPU among workers. The local executor ignores it (it runs in this
+    # process, on its GPU when `device` finds one).
+    gpus_per_worker: float = Field(0.0, ge=0.0, le=1.0)
     # Activations (hidden states between layers) each worker keeps on its GPU before pinned host memory
     # (calibration.max_resident_mb), then disk, MB. None: a quarter of the GPU memory free when the worker
     # starts (of its share, with a fractional gpus_per_worker). Only where the layers run on a GPU.

@@ -106,7 +106,7 @@ def latent_key_scores_triton(q: torch.Tensor, latents: torch.Tensor | QuantizedL
         extra = {"BITS": 1, "QGROUP": 8}
     p_strides = (planes.stride(0), planes.stride(1), planes.stride(2)) if quant else (0, 0, 0)
     m_strides = (lo.stride(0), lo.stride(1)) if quant else (0, 0)
-    max_rank = int(ranks.max())
+    max_rank = up.shape[1]  # up is (kv_heads·d, max rank), zero-padded: no read of `ranks` (a GPU sync a step)
     grid = (batch * heads, triton.cdiv(tokens, block_t))
     _latent_scores_kernel[grid](
         q, lat, planes, lo, step, up, bias if bias is not None else up,

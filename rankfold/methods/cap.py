@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from rankfold.methods.linalg import reduced_svd
 from rankfold.methods.registry import Method, MethodOptions, SparseFactors, register_method
 from rankfold.methods.robust_pca import robust_pca
 from rankfold.methods.structure import SPARSE
@@ -122,7 +123,7 @@ def _residual_svd_split(options: CapOptions, w: torch.Tensor, gram: torch.Tensor
     result = _robust_pca(options, w * scale)
     sparse = _largest_entries(result.sparse / scale, gram, int(options.max_density * w.numel()))
     rest = w - sparse
-    u, sigma, vh = torch.linalg.svd(rest @ whitening if options.whiten else rest, full_matrices=False)
+    u, sigma, vh = reduced_svd(rest @ whitening if options.whiten else rest)
     keep = int((sigma > 0).sum())
     vh = apply_inverse_right(vh[:keep], whitening) if options.whiten else vh[:keep]
     return u[:, :keep], sigma[:keep], vh, sparse, result.history

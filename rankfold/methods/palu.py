@@ -34,6 +34,7 @@ import torch
 from pydantic import Field, model_validator
 
 from rankfold.methods.kv_registry import KVCacheOptions
+from rankfold.methods.linalg import reduced_svd, singular_values
 from rankfold.methods.svd import split_singular
 from rankfold.methods.whitening import apply_inverse_right
 
@@ -109,7 +110,7 @@ def group_rows(weight: torch.Tensor, head_dim: int, group_heads: int) -> list[to
 
 def group_spectra(weight: torch.Tensor, factor: torch.Tensor, head_dim: int, group_heads: int) -> list[torch.Tensor]:
     """σ² (descending, float64) of every group's whitened rows W_g S: the loss of each direction dropped."""
-    return [torch.linalg.svdvals(rows.to(torch.float64) @ factor).square() for rows in
+    return [singular_values(rows.to(torch.float64) @ factor).square() for rows in
             group_rows(weight, head_dim, group_heads)]
 
 
@@ -125,7 +126,7 @@ def group_factors(weight: torch.Tensor, factor: torch.Tensor, head_dim: int, gro
     for rows, rank in zip(blocks, ranks):
         if not 1 <= rank <= min(rows.shape):
             raise ValueError(f"rank {rank} outside 1..{min(rows.shape)} for a {tuple(rows.shape)} head group")
-        u, s, vh = torch.linalg.svd(rows.to(torch.float64) @ factor, full_matrices=False)
+        u, s, vh = reduced_svd(rows.to(torch.float64) @ factor)
         up, down_white = split_singular(u, s, vh, rank)
         out.append(GroupFactors(up, apply_inverse_right(down_white, factor)))
     return out

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rankfold.methods.linalg import reduced_svd
+
 
 @dataclass
 class RPCAResult:
@@ -42,7 +44,7 @@ def shrink(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def singular_value_threshold(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, σ − τ, Vᵀ) of the singular values above τ: the proximal map of τ‖·‖_*."""
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    u, s, vh = reduced_svd(x)
     keep = int((s > threshold).sum())
     return u[:, :keep], s[:keep] - threshold, vh[:keep]
 

@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 
+from rankfold.methods.linalg import reduced_svd
 from rankfold.methods.registry import Method, MethodOptions, register_method
 from rankfold.methods.structure import LOWRANK
 
@@ -29,7 +30,7 @@ def split_singular(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
 
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, A) in float64 with B A the best rank-`rank` approximation of W in Frobenius norm."""
-    u, s, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+    u, s, vh = reduced_svd(weight.to(torch.float64))
     return split_singular(u, s, vh, rank)
 
 

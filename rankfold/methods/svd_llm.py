@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from rankfold.methods.linalg import reduced_svd
 from rankfold.methods.registry import Method, MethodOptions, register_method
 from rankfold.methods.structure import LOWRANK
 from rankfold.methods.svd import split_singular
@@ -29,7 +30,7 @@ class SvdLlmOptions(MethodOptions):
 
 def whitened_spectrum(weight: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD of W·S in float64: (U, σ, Vᵀ). σ² are the losses a global rank allocator trades."""
-    return torch.linalg.svd(weight.to(torch.float64) @ factor, full_matrices=False)
+    return reduced_svd(weight.to(torch.float64) @ factor)
 
 
 def svd_llm_factors(weight: torch.Tensor, factor: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,7 @@ def device_pool(device: torch.device, budget_bytes: int | None, share: float = 1
     if device.type == "cpu":
         return None
     if budget_bytes is None:
+        torch.cuda.empty_cache()  # blocks this process's allocator caches count as free: they are this worker's
         free, _total = torch.cuda.mem_get_info(device)
         budget_bytes = int(free * min(share, 1.0)) // 4
     return DevicePool(budget_bytes)

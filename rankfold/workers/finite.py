@@ -28,10 +28,11 @@ class FiniteLogits:
         self.layers = [model.get_submodule(prefix.format(i=i).rstrip("."))
                        for i in range(model.config.num_hidden_layers)]
         self.first_bad: int | None = None
+        self.finite: list[torch.Tensor] = []  # this forward's per-layer checks, kept on the device: read only on failure
         self.handles: list = []
 
     def __enter__(self) -> "FiniteLogits":
-        self.first_bad = None
+        self.first_bad, self.finite = None, []
         for index, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_hook(self._layer_hook(index)))
         self.handles.append(self.model.register_forward_hook(self._check_logits))
@@ -45,15 +46,18 @@ class FiniteLogits:
     def _layer_hook(self, index: int):
         def hook(_module, _args, output) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            if self.first_bad is None and not bool(torch.isfinite(hidden).all()):
-                self.first_bad = index
+            if index == 0:
+                self.finite = []  # a new forward
+            self.finite.append(torch.isfinite(hidden).all())  # no bool(): a GPU sync per layer and token
         return hook
 
     def _check_logits(self, _module, _args, output) -> None:
         logits = output.logits if hasattr(output, "logits") else output[0]
-        if bool(torch.isfinite(logits).all()):
-            self.first_bad = None  # the next forward starts clean
+        finite, self.finite = self.finite, []
+        if bool(torch.isfinite(logits).all()):  # the forward's one sync
+            self.first_bad = None
             return
+        self.first_bad = next((index for index, ok in enumerate(finite) if not bool(ok)), None)
         layer = f"first at decoder layer {self.first_bad}" if self.first_bad is not None else "after the last layer"
         raise NumericalError(f"{self.where}: non-finite logits in the {logits.dtype} forward ({layer}); the numbers "
                              "would mean nothing — evaluate with dtype float32 or bfloat16")

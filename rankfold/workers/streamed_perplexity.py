@@ -37,14 +37,14 @@ def window_nll(hidden: torch.Tensor, head: nn.Module, windows: torch.Tensor,
     their ids (n, T); `head`: the model's OutputHead (final norm, head, soft cap). Scored a slice of
     positions at a time, so at most `logits_bytes` of float32 logits are resident."""
     rows = positions_per_slice(head, logits_bytes)
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=hidden.device), 0  # summed where the logits are: no sync a slice
     for h, ids in zip(hidden, windows):  # (T, H), (T,)
         for start in range(0, ids.numel() - 1, rows):
             stop = min(start + rows, ids.numel() - 1)
             logits = head(h[start:stop])  # (rows, vocab) float32
-            total += float(F.cross_entropy(logits, ids[start + 1:stop + 1], reduction="sum"))
+            total += F.cross_entropy(logits, ids[start + 1:stop + 1], reduction="sum").double()
         count += ids.numel() - 1
-    return total, count
+    return float(total), count
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
     ({"executor": "ray", "device": "cuda"}, "needs execution.gpus_per_worker > 0"),
     ({"device": "tpu"}, "execution.device"),
     ({"gpus_per_worker": -1}, "execution.gpus_per_worker"),
+    ({"gpus_per_worker": 2}, "execution.gpus_per_worker"),
     ({"device": "cpu", "device_activations_mb": 512}, "no GPU to keep activations on"),
     ({"device_activations_mb": -1}, "execution.device_activations_mb"),
 ])
@@ -69,6 +70,16 @@ def test_ray_workers_request_gpus_and_the_job_equals_in_process(tmp_path, tiny_m
 
         host_ids.host_only = True  # as assemble_item: its task holds no GPU
         assert executor.map(host_ids, [0, 1], "probe") == [[], []]
+
+        def pid(_item=None) -> int:
+            import os
+
+            return os.getpid()
+
+        assert not executor.workers_on_cuda and executor.max_calls(1) == 0  # `auto` resolved to the CPU there
+        executor.workers_on_cuda = True  # as on a GPU node: each GPU task in a process of its own
+        assert executor.max_calls(0) == 0 and len(set(executor.map(pid, range(4), "probe"))) == 4
+        executor.workers_on_cuda = False
         data = tiny_spec_dict(tiny_model_dir, tmp_path / "ray")
         on_ray = run_job(parse_spec(data), executor=executor)
     finally:
