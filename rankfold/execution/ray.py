@@ -10,6 +10,7 @@ Workers need rankfold importable: the same environment (local), or an image / ru
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any, Callable, Sequence, TypeVar
@@ -60,11 +61,15 @@ def _combined(fn: Callable[..., Any], refs: list) -> tuple[int, Any]:
     return 0, shareable(fn(ray.get(ref) for ref in refs))
 
 
-def _device_type(device: str) -> str:
-    """The type of the device `device` (execution.device) resolves to in this worker (core/device.py)."""
+def _device_type(device: str) -> tuple[str, int]:
+    """(type, total memory in bytes — 0 on the CPU) of the device `device` (execution.device) resolves to
+    in this worker (core/device.py)."""
+    import torch
+
     from rankfold.core.device import resolve_device
 
-    return resolve_device(device).type
+    where = resolve_device(device)
+    return where.type, torch.cuda.get_device_properties(where).total_memory if where.type == "cuda" else 0
 
 
 # How long a job waits for an (autoscaling) cluster to offer the CPUs its shards need.
@@ -123,7 +128,9 @@ class RayExecutor:
         embedded = not self.address  # this machine's Ray: it cannot grow
         try:
             self._check_resources(0.0 if embedded else resource_wait_s)
-            self.workers_on_cuda = bool(self.gpus_per_worker) and self._probe_device() == "cuda"
+            # the workers' device type and its memory (bytes; 0 on the CPU): GPU tasks' process and share
+            kind, self.device_memory = self._probe_device() if self.gpus_per_worker else ("cpu", 0)
+            self.workers_on_cuda = kind == "cuda"
         except (ClusterError, DeviceError):
             self.close()  # an instance started here is not left behind
             raise
@@ -155,10 +162,10 @@ class RayExecutor:
             log.info("waiting for Ray resources: %s (%.0f s left)", shortage, deadline - time.monotonic())
             time.sleep(min(5.0, max(deadline - time.monotonic(), 0.0)))
 
-    def _probe_device(self) -> str:
-        """The device type (cuda or cpu) `execution.device` resolves to on a worker given `gpus_per_worker`,
-        from one task. For device cuda where a worker sees none: a clear DeviceError now rather than
-        shards that die in their constructor and are rebuilt in vain."""
+    def _probe_device(self) -> tuple[str, int]:
+        """(device type, its memory in bytes: 0 on the CPU) that `execution.device` resolves to on a worker
+        given `gpus_per_worker`, from one task. For device cuda where a worker sees none: a clear
+        DeviceError now rather than shards that die in their constructor and are rebuilt in vain."""
         probe = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_retries=0)
         try:
             return self.ray.get(probe(_device_type).remote(self.device))
@@ -182,7 +189,7 @@ class RayExecutor:
         remote = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=gpus, max_retries=self.max_retries,
                                  max_calls=self.max_calls(gpus))(_measured)
         order = sorted(range(len(items)), key=lambda k: -work[k]) if work is not None else range(len(items))
-        reserve = self._memory_requests(memory, stage)
+        reserve = self._memory_requests(memory, stage, gpus)
         submitted = {}
         for k in order:
             options = reserve(k)
@@ -204,11 +211,14 @@ class RayExecutor:
         minutes of factorising at 70B)."""
         return 1 if gpus and self.workers_on_cuda else 0
 
-    def _memory_requests(self, memory: Sequence[int] | None, stage: str) -> Callable[[int], dict]:
+    def _memory_requests(self, memory: Sequence[int] | None, stage: str, gpus: float = 0.0) -> Callable[[int], dict]:
         """Each item's task options: {"memory": bytes} capped at the largest node's memory (a larger request
         would never be scheduled; logged), and {"num_cpus": n}: a task whose memory leaves room for fewer
         tasks than the node has CPUs takes the CPUs they would have used (a 70B down_proj that reserves a
-        whole 2-CPU node factorises on both, not on one while the other idles). None without `memory`."""
+        whole 2-CPU node factorises on both, not on one while the other idles). A GPU task (`gpus` > 0 on
+        CUDA workers) whose memory exceeds its GPU share also asks for the share of the GPU it fills
+        ({"num_gpus": ≤ 1}): factorisations that do not fit one GPU together do not meet on it. {} without
+        `memory`."""
         if memory is None:
             return lambda k: {}
         largest, cpus = self._largest_node("memory")
@@ -217,12 +227,21 @@ class RayExecutor:
                         "reserves the whole node", stage, max(memory) / 1e9, largest / 1e9)
 
         def options(k: int) -> dict:
+            out = self._gpu_share(memory[k], gpus)
             if not (largest and memory[k]):
-                return {}
+                return out
             share = int(min(memory[k], largest))
             beside = max(1, int(largest // share))  # tasks of this size one node holds at once
-            return {"memory": share, "num_cpus": max(self.cpus_per_worker, int(cpus // beside))}
+            return out | {"memory": share, "num_cpus": max(self.cpus_per_worker, int(cpus // beside))}
         return options
+
+    def _gpu_share(self, task_bytes: int, gpus: float) -> dict:
+        """{"num_gpus": the fraction of one GPU (in hundredths, at most 1) that `task_bytes` fill} when that
+        is more than `gpus`, the share every task asks for; {} otherwise, or off CUDA."""
+        if not (gpus and self.workers_on_cuda and self.device_memory and task_bytes):
+            return {}
+        need = min(1.0, math.ceil(100 * task_bytes / self.device_memory) / 100)
+        return {"num_gpus": need} if need > gpus else {}
 
     def _largest_node(self, kind: str, other: str = "CPU") -> tuple[float, float]:
         """(`kind`, `other`) of the alive node with the most `kind`."""
