@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 
 from rankfold.core.device import use_device
+from rankfold.core.resources import release_free_heap
 from rankfold.execution.progress import progress
 
 Item = TypeVar("Item")
@@ -104,11 +105,13 @@ def _by_size(fn: Callable[[Item], Result], items: Sequence[Item], small: list[in
         futures = {pool.submit(fn, items[k]): k for k in small}
         for future in as_completed(futures):
             results[futures[future]] = future.result()
+            release_free_heap()  # each pool thread's malloc arena keeps what its tasks freed
             yield
         pool.shutdown()
         torch.set_num_threads(threads)  # the pool's threads set MKL's process-wide count to 1
         for k in sorted(set(range(len(items))) - set(small)):
             results[k] = fn(items[k])
+            release_free_heap()
             yield
     finally:
         pool.shutdown(cancel_futures=True)
