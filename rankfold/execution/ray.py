@@ -61,15 +61,15 @@ def _combined(fn: Callable[..., Any], refs: list) -> tuple[int, Any]:
     return 0, shareable(fn(ray.get(ref) for ref in refs))
 
 
-def _device_type(device: str) -> tuple[str, int]:
-    """(type, total memory in bytes — 0 on the CPU) of the device `device` (execution.device) resolves to
-    in this worker (core/device.py)."""
+def _device_memory(device: str) -> int:
+    """Total memory (bytes) of the GPU `device` (execution.device) resolves to in this worker; 0 when it
+    resolves to the CPU (core/device.py)."""
     import torch
 
     from rankfold.core.device import resolve_device
 
     where = resolve_device(device)
-    return where.type, torch.cuda.get_device_properties(where).total_memory if where.type == "cuda" else 0
+    return torch.cuda.get_device_properties(where).total_memory if where.type == "cuda" else 0
 
 
 # How long a job waits for an (autoscaling) cluster to offer the CPUs its shards need.
@@ -128,9 +128,8 @@ class RayExecutor:
         embedded = not self.address  # this machine's Ray: it cannot grow
         try:
             self._check_resources(0.0 if embedded else resource_wait_s)
-            # the workers' device type and its memory (bytes; 0 on the CPU): GPU tasks' process and share
-            kind, self.device_memory = self._probe_device() if self.gpus_per_worker else ("cpu", 0)
-            self.workers_on_cuda = kind == "cuda"
+            # the memory of the workers' GPU (bytes; 0 where they run on the CPU): GPU tasks' process and share
+            self.device_memory = self._probe_device() if self.gpus_per_worker else 0
         except (ClusterError, DeviceError):
             self.close()  # an instance started here is not left behind
             raise
@@ -162,13 +161,13 @@ class RayExecutor:
             log.info("waiting for Ray resources: %s (%.0f s left)", shortage, deadline - time.monotonic())
             time.sleep(min(5.0, max(deadline - time.monotonic(), 0.0)))
 
-    def _probe_device(self) -> tuple[str, int]:
-        """(device type, its memory in bytes: 0 on the CPU) that `execution.device` resolves to on a worker
-        given `gpus_per_worker`, from one task. For device cuda where a worker sees none: a clear
+    def _probe_device(self) -> int:
+        """The memory (bytes) of the GPU `execution.device` resolves to on a worker given `gpus_per_worker`,
+        0 when it resolves to the CPU, from one task. For device cuda where a worker sees none: a clear
         DeviceError now rather than shards that die in their constructor and are rebuilt in vain."""
         probe = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_retries=0)
         try:
-            return self.ray.get(probe(_device_type).remote(self.device))
+            return self.ray.get(probe(_device_memory).remote(self.device))
         except DeviceError as err:  # Ray's task error is also the task's own exception class
             cause = getattr(err, "cause", None) or err  # Ray's error wraps the worker's, traceback and all
             raise DeviceError(f"on a Ray worker with execution.gpus_per_worker = {self.gpus_per_worker:g}: "
@@ -201,6 +200,10 @@ class RayExecutor:
         results = self.ray.get(refs)  # in item order, whatever order they finished in
         self._note_peak(*(peak for _, peak in results))
         return [result for result, _ in results]
+
+    @property
+    def workers_on_cuda(self) -> bool:
+        return self.device_memory > 0
 
     def max_calls(self, gpus: float) -> int:
         """Tasks a worker process serves before Ray replaces it. 0 (no limit: one import and opened model
@@ -238,7 +241,7 @@ class RayExecutor:
     def _gpu_share(self, task_bytes: int, gpus: float) -> dict:
         """{"num_gpus": the fraction of one GPU (in hundredths, at most 1) that `task_bytes` fill} when that
         is more than `gpus`, the share every task asks for; {} otherwise, or off CUDA."""
-        if not (gpus and self.workers_on_cuda and self.device_memory and task_bytes):
+        if not (gpus and self.workers_on_cuda and task_bytes):
             return {}
         need = min(1.0, math.ceil(100 * task_bytes / self.device_memory) / 100)
         return {"num_gpus": need} if need > gpus else {}

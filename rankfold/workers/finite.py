@@ -27,12 +27,11 @@ class FiniteLogits:
         prefix = architecture_for(model.config).layer_prefix
         self.layers = [model.get_submodule(prefix.format(i=i).rstrip("."))
                        for i in range(model.config.num_hidden_layers)]
-        self.first_bad: int | None = None
         self.finite: list[torch.Tensor] = []  # this forward's per-layer checks, kept on the device: read only on failure
         self.handles: list = []
 
     def __enter__(self) -> "FiniteLogits":
-        self.first_bad, self.finite = None, []
+        self.finite = []
         for index, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_hook(self._layer_hook(index)))
         self.handles.append(self.model.register_forward_hook(self._check_logits))
@@ -55,9 +54,8 @@ class FiniteLogits:
         logits = output.logits if hasattr(output, "logits") else output[0]
         finite, self.finite = self.finite, []
         if bool(torch.isfinite(logits).all()):  # the forward's one sync
-            self.first_bad = None
             return
-        self.first_bad = next((index for index, ok in enumerate(finite) if not bool(ok)), None)
-        layer = f"first at decoder layer {self.first_bad}" if self.first_bad is not None else "after the last layer"
+        first_bad = next((index for index, ok in enumerate(finite) if not bool(ok)), None)
+        layer = f"first at decoder layer {first_bad}" if first_bad is not None else "after the last layer"
         raise NumericalError(f"{self.where}: non-finite logits in the {logits.dtype} forward ({layer}); the numbers "
                              "would mean nothing — evaluate with dtype float32 or bfloat16")

@@ -77,13 +77,12 @@ def test_ray_workers_request_gpus_and_the_job_equals_in_process(tmp_path, tiny_m
             return os.getpid()
 
         assert not executor.workers_on_cuda and executor.max_calls(1) == 0  # `auto` resolved to the CPU there
-        executor.workers_on_cuda = True  # as on a GPU node: each GPU task in a process of its own
+        executor.device_memory = 80 << 30  # as on a node of 80 GiB GPUs: each GPU task in a process of its own
         assert executor.max_calls(0) == 0 and len(set(executor.map(pid, range(4), "probe"))) == 4
-        executor.device_memory = 80 << 30  # an 80 GiB GPU: a 50 GiB factorisation asks for 0.63 of one
-        options = executor._memory_requests([50 << 30, 1 << 30], "probe", 0.25)
+        options = executor._memory_requests([50 << 30, 1 << 30], "probe", 0.25)  # 50 GiB: 0.63 of a GPU
         assert options(0)["num_gpus"] == 0.63 and "num_gpus" not in options(1)
         assert "num_gpus" not in executor._memory_requests([50 << 30], "probe", 0.0)(0)  # a host-only task
-        executor.workers_on_cuda, executor.device_memory = False, 0
+        executor.device_memory = 0
         assert "num_gpus" not in executor._memory_requests([50 << 30], "probe", 0.25)(0)
         data = tiny_spec_dict(tiny_model_dir, tmp_path / "ray")
         on_ray = run_job(parse_spec(data), executor=executor)
