@@ -19,6 +19,7 @@ from rankfold.core.arrays import shareable
 from rankfold.core.device import DeviceError
 from rankfold.core.errors import BadInput, RankfoldError
 from rankfold.execution.base import ShardLost
+from rankfold.execution.batching import work_batches
 from rankfold.execution.progress import progress
 
 Item = TypeVar("Item")
@@ -27,9 +28,9 @@ Result = TypeVar("Result")
 log = logging.getLogger(__name__)
 
 
-def _measured(fn: Callable[[Item], Result], item: Item, device: str, threads: int) -> tuple[Result, float]:
-    """A task's result (run on `device`, core/device.py, with `threads` torch threads: the CPUs it was
-    given) and its worker's peak RSS (MiB): the driver's meter cannot see workers."""
+def _measured(fn: Callable[[Item], Result], items: list[Item], device: str, threads: int) -> tuple[list[Result], float]:
+    """fn over a batch of items in turn (run on `device`, core/device.py, with `threads` torch threads: the
+    CPUs the task was given) and the worker's peak RSS (MiB): the driver's meter cannot see workers."""
     import torch
 
     from rankfold.core.device import use_device
@@ -37,9 +38,11 @@ def _measured(fn: Callable[[Item], Result], item: Item, device: str, threads: in
 
     use_device(device)
     torch.set_num_threads(threads)  # per task: a worker process serves tasks of different sizes
-    result = fn(item)
-    release_free_heap()  # the worker idles or serves a smaller task next: its temporaries not held
-    return result, process_peak_rss_mb()
+    results = []
+    for item in items:
+        results.append(fn(item))
+        release_free_heap()  # the next item, or the next task, may be smaller: temporaries not held
+    return results, process_peak_rss_mb()
 
 
 def _reduced(fn: Callable[..., Result], item: Item, refs: list) -> tuple[Result, float]:
@@ -182,24 +185,34 @@ class RayExecutor:
         """Tasks of cpus_per_worker CPUs each (their torch threads), the largest `work` first so none is
         left running alone at the end. With `memory`, each task reserves its bytes of Ray's `memory`
         resource (at most the largest node's), so two factorisations of a 70B model's down_proj (~20 GB
-        each) never share a node that cannot hold both — they wait for each other instead, on more CPUs."""
+        each) never share a node that cannot hold both — they wait for each other instead, on more CPUs.
+        On CUDA workers (a process per task) small items are batched into one task (execution/batching.py)."""
         # a function marked `host_only` (its work is on the host: no GPU held idle) runs on the CPU
         gpus = 0.0 if getattr(fn, "host_only", False) else self.gpus_per_worker
+        max_calls = self.max_calls(gpus)
         remote = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=gpus, max_retries=self.max_retries,
-                                 max_calls=self.max_calls(gpus))(_measured)
-        order = sorted(range(len(items)), key=lambda k: -work[k]) if work is not None else range(len(items))
+                                 max_calls=max_calls)(_measured)
+        order = sorted(range(len(items)), key=lambda k: -work[k]) if work is not None else list(range(len(items)))
+        # a process per task (CUDA workers): small items share one (execution/batching.py)
+        batches = work_batches(order, work, self._slots(gpus)) if max_calls == 1 else [[k] for k in order]
         reserve = self._memory_requests(memory, stage, gpus)
-        submitted = {}
-        for k in order:
-            options = reserve(k)
-            submitted[k] = remote.options(**options).remote(fn, items[k], self.device if gpus else "cpu",
-                                                            options.get("num_cpus", self.cpus_per_worker))
-        refs = [submitted[k] for k in range(len(items))]
+        refs = []
+        for batch in batches:  # a batch reserves what its largest item needs
+            options = reserve(max(batch, key=lambda k: memory[k]) if memory is not None else batch[0])
+            refs.append(remote.options(**options).remote(fn, [items[k] for k in batch], self.device if gpus else "cpu",
+                                                         options.get("num_cpus", self.cpus_per_worker)))
         for _ in progress(self._as_completed(refs), stage, total=len(refs)):
             pass
-        results = self.ray.get(refs)  # in item order, whatever order they finished in
-        self._note_peak(*(peak for _, peak in results))
-        return [result for result, _ in results]
+        done = self.ray.get(refs)
+        self._note_peak(*(peak for _, peak in done))
+        results: dict[int, Result] = {}
+        for batch, (batch_results, _) in zip(batches, done, strict=True):
+            results.update(zip(batch, batch_results, strict=True))
+        return [results[k] for k in range(len(items))]  # in item order, whatever order they finished in
+
+    def _slots(self, gpus: float) -> int:
+        """Tasks of `gpus` GPUs each that the cluster runs at once (its GPUs now; at least 1)."""
+        return max(1, int(self.ray.cluster_resources().get("GPU", 0.0) // gpus)) if gpus else 1
 
     @property
     def workers_on_cuda(self) -> bool:
@@ -210,8 +223,8 @@ class RayExecutor:
         source for task after task) unless the task runs on CUDA; then 1, Ray's own default for GPU tasks:
         torch fixes a process's GPU at its first CUDA call, so a reused worker that Ray hands another GPU
         would compute on its first one (another task's), and its cached device memory would outlive the
-        task. The price: a worker start, imports and a CUDA context per decomposition (seconds, against
-        minutes of factorising at 70B)."""
+        task. The price, a worker start, imports and a CUDA context per task (seconds), is paid per batch of
+        small items (`map`, execution/batching.py): against minutes of factorising at 70B, one item a task."""
         return 1 if gpus and self.workers_on_cuda else 0
 
     def _memory_requests(self, memory: Sequence[int] | None, stage: str, gpus: float = 0.0) -> Callable[[int], dict]:

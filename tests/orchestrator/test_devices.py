@@ -77,8 +77,11 @@ def test_ray_workers_request_gpus_and_the_job_equals_in_process(tmp_path, tiny_m
             return os.getpid()
 
         assert not executor.workers_on_cuda and executor.max_calls(1) == 0  # `auto` resolved to the CPU there
-        executor.device_memory = 80 << 30  # as on a node of 80 GiB GPUs: each GPU task in a process of its own
-        assert executor.max_calls(0) == 0 and len(set(executor.map(pid, range(4), "probe"))) == 4
+        executor.device_memory = 80 << 30  # as on a node of 80 GiB GPUs: each GPU task in a process of its own,
+        # small items batched into one task: 12 units of work over 2 GPU slots -> batches of >= 1.5 units
+        pids = executor.map(pid, range(6), "probe", work=[6, 1, 1, 1, 1, 2])
+        assert executor.max_calls(0) == 0 and pids[1] == pids[2] and pids[3] == pids[4]
+        assert len({pids[0], pids[5], pids[1], pids[3]}) == 4  # the batches [0], [5], [1, 2], [3, 4]
         options = executor._memory_requests([50 << 30, 1 << 30], "probe", 0.25)  # 50 GiB: 0.63 of a GPU
         assert options(0)["num_gpus"] == 0.63 and "num_gpus" not in options(1)
         assert "num_gpus" not in executor._memory_requests([50 << 30], "probe", 0.0)(0)  # a host-only task
@@ -108,3 +111,17 @@ def test_gpus_the_cluster_lacks_are_an_error(ray_cluster):
     with pytest.raises(ClusterError, match=r"execution.gpus_per_worker = 2 needs 4 GPUs"):
         RayExecutor(address=ray_cluster["address"], workers=2, cpus_per_worker=1, gpus_per_worker=2,
                     resource_wait_s=0.0)
+
+
+@pytest.mark.parametrize("work, slots, batches", [
+    ([8, 4, 2, 1, 1, 1, 1], 1, [[0], [1, 2], [3, 4, 5, 6]]),    # 18 / 4 = 4.5 a batch: 8 alone, the last short
+    (None, 2, [[0], [1], [2], [3], [4]]),                        # 5 / 8 < 1: every item alone
+    (None, 1, [[0, 1], [2, 3], [4]]),                            # 5 / 4 = 1.25: pairs, the last one short
+    ([0.0, 0.0], 3, [[0], [1]]),                                 # no work known: never an empty batch
+])
+def test_gpu_tasks_batch_small_items_largest_first(work, slots, batches):
+    from rankfold.execution.batching import work_batches
+
+    order = sorted(range(len(work)), key=lambda k: -work[k]) if work else list(range(5))
+    got = work_batches(order, work, slots)
+    assert got == batches and sorted(k for batch in got for k in batch) == sorted(order)
