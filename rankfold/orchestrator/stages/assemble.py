@@ -12,7 +12,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from transformers import PretrainedConfig
 
 from rankfold.checkpoint import (
@@ -23,7 +22,6 @@ from rankfold.checkpoint import (
     read_index,
     verify_checkpoint,
     write_index,
-    write_shard,
 )
 from rankfold.core.hashing import sha256_file
 from rankfold.evaluation.report import RATIO_DEFINITION
@@ -37,7 +35,7 @@ from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, registe
 from rankfold.orchestrator.stages.outputs import Checkpoint, Factors, KVFactors, KVRanks, Ranks
 from rankfold.orchestrator.stages.stage import Stage
 from rankfold.storage.store import ArtifactStore
-from rankfold.workers.tasks import AssembleItem, assemble_item
+from rankfold.workers.tasks import AssembleItem, GlobalsItem, assemble_globals, assemble_item
 
 
 def assemble(env: Env, stage: Stage, *, factors: Factors, ranks: Ranks, kv_factors: KVFactors | None = None,
@@ -94,11 +92,12 @@ def assemble_checkpoint(source: ModelSource, layout: ModelLayout, dtype: str, st
                           (kv_keys or {}).get(i), kv_method)
              for i in range(source.num_layers)]
     shards = executor.map(assemble_item, items, "assemble")
+    shards += executor.map(assemble_globals, [GlobalsItem(source.location, dtype, store.ref(),
+                                                          f"{prefix}/globals.safetensors")], "assemble globals")
     artifacts = {f"{prefix}/{shard.name}": shard.sha256 for shard in shards}
     staging = folder / ".staging"  # small files made here, then stored
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    shards.append(write_shard(staging, "globals.safetensors", _global_tensors(source, getattr(torch, dtype))))
     source.tokenizer().save_pretrained(staging)
     for name, key in (extras or {}).items():
         store.fetch(key, staging / name)
@@ -156,14 +155,6 @@ def _write_placed(folder: Path) -> None:
         (folder / PLACED).write_text(json.dumps(_tokens(folder), sort_keys=True))
     except OSError:  # a read-only folder: it is verified in full each time instead
         pass
-
-
-def _global_tensors(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    arch = source.architecture
-    tensors = {arch.embedding_key: source.embedding().to(dtype), arch.final_norm_key: source.final_norm().to(dtype)}
-    if arch.lm_head_key in source.keys():
-        tensors[arch.lm_head_key] = source.lm_head().to(dtype)
-    return tensors
 
 
 def _plain_config(source: ModelSource, dtype: str) -> PretrainedConfig:
