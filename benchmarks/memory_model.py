@@ -9,7 +9,11 @@ measured. What it counts:
 - largest factorisation: the widest group's Gram unpacked, its whitening factor and inverse (3 n² float64) — the
   peak of one decomposition task besides its matrices;
 - activations: `--tokens` calibration tokens of hidden states in the model dtype, twice (a layer's
-  input and output are both resident while it runs; past the shard's budget they spill to disk).
+  input and output are both resident while it runs; past the shard's budget they spill to disk);
+- the job's store at its end: every layer's statistics, the factors ((1 − `--ratio`) × the layers'
+  weights) and the compressed checkpoint (the same again, plus embedding, head and norms) — the 12 GB
+  float32 synthetic of `benchmarks/job_memory.py` at 20 %: counted 10.8 + 8.7 + 9.9 = 29.4 GB; `du -h`
+  showed 11, 8.1 and 9.3 GiB (statistics rounded up).
 
 And the rule for where a calibration worker's memory goes (`--workers` shards, one `--gpu-gb` GPU each;
 `execution.device_activations_mb` at its default, a quarter of the GPU; `calibration.max_resident_mb`
@@ -67,11 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=8, help="calibration shards, one GPU each")
     parser.add_argument("--gpu-gb", type=float, default=80.0, help="memory of each worker's GPU")
     parser.add_argument("--host-budget-mb", type=int, default=2048, help="calibration.max_resident_mb")
+    parser.add_argument("--ratio", type=float, default=0.2, help="target.ratio: the parameters removed")
     parser.add_argument("--name", default="families")
     return parser.parse_args(argv)
 
 
-def layer_memory(name: str, tokens: int, dtype_bytes: int) -> dict:
+def layer_memory(name: str, tokens: int, dtype_bytes: int, ratio: float = 0.2) -> dict:
     """One model's row: per-layer and whole-model bytes (module docstring), in GB."""
     config_class, sizes = MODELS[name]
     config = config_class(**sizes)
@@ -81,12 +86,16 @@ def layer_memory(name: str, tokens: int, dtype_bytes: int) -> dict:
     layers = config.num_hidden_layers
     weights = sum(p.numel() for p in layer.parameters()) * dtype_bytes
     stats = sum((packed_size(n) + n) * 8 for n in widths.values())  # packed Grams (their upper block triangle)
+    embeddings = (1 if config.tie_word_embeddings else 2) * config.vocab_size * config.hidden_size * dtype_bytes
+    compressed = (1 - ratio) * weights * layers
     return {"model": name, "layers": layers, "input groups per layer": len(widths),
             "weights GB / layer": round(weights / GB, 3), "statistics GB / layer": round(stats / GB, 3),
             "statistics GB, all layers": round(stats * layers / GB, 1),
             "largest factorisation GB": round(3 * max(widths.values()) ** 2 * 8 / GB, 3),
             "activations GB": round(2 * tokens * config.hidden_size * dtype_bytes / GB, 2),
-            "embedding GB": round(config.vocab_size * config.hidden_size * dtype_bytes / GB, 2)}
+            "embedding GB": round(config.vocab_size * config.hidden_size * dtype_bytes / GB, 2),
+            "model GB": round((weights * layers + embeddings) / GB, 1),
+            "store GB at the end": round((stats * layers + 2 * compressed + embeddings) / GB, 1)}
 
 
 def worker_rule(row: dict, tokens: int, dtype_bytes: int, workers: int, gpu_gb: float, host_mb: int) -> dict:
@@ -107,14 +116,14 @@ def worker_rule(row: dict, tokens: int, dtype_bytes: int, workers: int, gpu_gb: 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     dtype_bytes = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
-    rows = [layer_memory(name, args.tokens, dtype_bytes) for name in args.models]
+    rows = [layer_memory(name, args.tokens, dtype_bytes, args.ratio) for name in args.models]
     for row in rows:
         row.update({f"per worker: {k}": v for k, v in worker_rule(row, args.tokens, dtype_bytes, args.workers,
                                                                    args.gpu_gb, args.host_budget_mb).items()})
     for row in rows:
         print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     result = {**provenance("memory_model", argv),
-              "setting": {"tokens": args.tokens, "dtype": args.dtype, "workers": args.workers, "gpu_gb": args.gpu_gb,
+              "setting": {"tokens": args.tokens, "dtype": args.dtype, "ratio": args.ratio, "workers": args.workers, "gpu_gb": args.gpu_gb,
                           "host_budget_mb": args.host_budget_mb, "counted": "rankfold's layout of each family "
                           "at its released sizes (meta device), not measured"},
               "rows": rows}
