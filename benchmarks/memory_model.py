@@ -11,9 +11,9 @@ measured. What it counts:
 - activations: `--tokens` calibration tokens of hidden states in the model dtype, twice (a layer's
   input and output are both resident while it runs; past the shard's budget they spill to disk);
 - the job's store at its end: every layer's statistics, the factors ((1 − `--ratio`) × the layers'
-  weights) and the compressed checkpoint (the same again, plus embedding, head and norms) — the 12 GB
-  float32 synthetic of `benchmarks/job_memory.py` at 20 %: counted 10.8 + 8.7 + 9.9 = 29.4 GB; `du -h`
-  showed 11, 8.1 and 9.3 GiB (statistics rounded up).
+  parameters, stored in float32) and the compressed checkpoint (as many parameters in the model dtype,
+  plus embedding, head and norms) — the 12 GB float32 synthetic of `benchmarks/job_memory.py` at 20 %:
+  counted 10.8 + 8.7 + 9.9 = 29.4 GB; `du -h` showed 11, 8.1 and 9.3 GiB (statistics rounded up).
 
 And the rule for where a calibration worker's memory goes (`--workers` shards, one `--gpu-gb` GPU each;
 `execution.device_activations_mb` at its default, a quarter of the GPU; `calibration.max_resident_mb`
@@ -87,7 +87,7 @@ def layer_memory(name: str, tokens: int, dtype_bytes: int, ratio: float = 0.2) -
     weights = sum(p.numel() for p in layer.parameters()) * dtype_bytes
     stats = sum((packed_size(n) + n) * 8 for n in widths.values())  # packed Grams (their upper block triangle)
     embeddings = (1 if config.tie_word_embeddings else 2) * config.vocab_size * config.hidden_size * dtype_bytes
-    compressed = (1 - ratio) * weights * layers
+    kept = (1 - ratio) * weights / dtype_bytes * layers  # parameters of the compressed layers
     return {"model": name, "layers": layers, "input groups per layer": len(widths),
             "weights GB / layer": round(weights / GB, 3), "statistics GB / layer": round(stats / GB, 3),
             "statistics GB, all layers": round(stats * layers / GB, 1),
@@ -95,7 +95,7 @@ def layer_memory(name: str, tokens: int, dtype_bytes: int, ratio: float = 0.2) -
             "activations GB": round(2 * tokens * config.hidden_size * dtype_bytes / GB, 2),
             "embedding GB": round(config.vocab_size * config.hidden_size * dtype_bytes / GB, 2),
             "model GB": round((weights * layers + embeddings) / GB, 1),
-            "store GB at the end": round((stats * layers + 2 * compressed + embeddings) / GB, 1)}
+            "store GB at the end": round((stats * layers + kept * (4 + dtype_bytes) + embeddings) / GB, 1)}
 
 
 def worker_rule(row: dict, tokens: int, dtype_bytes: int, workers: int, gpu_gb: float, host_mb: int) -> dict:

@@ -1,7 +1,8 @@
 """RayExecutor: the pipeline's stage work on Ray — embedded (`ray.init()`) or a cluster address.
 
-- `map` items become tasks (one per matrix group / layer), retried when their worker dies; they
-  read inputs from, and write results to, the artifact store, so a retry redoes one item only.
+- `map` items become tasks (one per matrix group / layer; on CUDA workers small ones batched), retried
+  when their worker dies; they read inputs from, and write results to, the artifact store, so a retry
+  redoes one task's items only.
 - Shards become actors, one per worker, each holding its slice of the token sequences; the driver
   calls them layer by layer and reduces what they return in shard order.
 Workers need rankfold importable: the same environment (local), or an image / runtime_env (cluster).
@@ -36,12 +37,14 @@ def _measured(fn: Callable[[Item], Result], items: list[Item], device: str, thre
     from rankfold.core.device import use_device
     from rankfold.core.resources import process_peak_rss_mb, release_free_heap
 
-    use_device(device)
+    on_cuda = use_device(device).type == "cuda"
     torch.set_num_threads(threads)  # per task: a worker process serves tasks of different sizes
     results = []
     for item in items:
         results.append(fn(item))
         release_free_heap()  # the next item, or the next task, may be smaller: temporaries not held
+        if on_cuda:  # a batch's next item, of another shape, within the GPU share its task reserved
+            torch.cuda.empty_cache()
     return results, process_peak_rss_mb()
 
 
@@ -212,7 +215,7 @@ class RayExecutor:
 
     def _slots(self, gpus: float) -> int:
         """Tasks of `gpus` GPUs each that the cluster runs at once (its GPUs now; at least 1)."""
-        return max(1, int(self.ray.cluster_resources().get("GPU", 0.0) // gpus)) if gpus else 1
+        return max(1, int(self.ray.cluster_resources().get("GPU", 0.0) / gpus + 1e-6)) if gpus else 1  # 1 / 0.1: 10
 
     @property
     def workers_on_cuda(self) -> bool:

@@ -165,10 +165,11 @@ def cap_factor(options: CapOptions, weight: torch.Tensor, module: CompressedModu
 
 
 def masked_weight(units: dict[str, torch.Tensor], triples: torch.Tensor, entries: torch.Tensor,
-                  shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """W̃ (m, n) in `dtype` from a matrix's units and its masks (triples (k,), entries (c,) bool): only
-    the kept triples are multiplied (the cost falls with the rank kept)."""
-    b, a, indices, values = kept_units(units, triples, entries)
+                  shape: tuple[int, int], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """W̃ (m, n) in `dtype` on `device` (None: the units') from a matrix's units and its masks (triples (k,),
+    entries (c,) bool): only the kept triples are multiplied (the cost falls with the rank kept) — selected
+    where the units are, multiplied on `device` (a GPU: the kept factors copied, not all the units)."""
+    b, a, indices, values = (t.to(device) for t in kept_units(units, triples, entries))
     flat = (b @ a).reshape(-1)
     flat.index_add_(0, indices.long(), values.to(flat.dtype))
     return flat.view(shape).to(dtype)

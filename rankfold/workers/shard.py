@@ -149,10 +149,9 @@ class SequenceShard:
         state = self.weights.state(index, then=index + 1)
         for path, key in keys.items():
             name = f"{path}.weight"
-            # W̃'s product where the layer runs (on a GPU: the units' copy, not an m·n·rank product on the host)
-            held = {unit: value.to(self.device) for unit, value in self._units(units, key).items()}
-            triples, entries = (mask.to(self.device) for mask in masks[path])
-            state[name] = masked_weight(held, triples, entries, tuple(state[name].shape), self.dtype)
+            triples, entries = masks[path]  # W̃'s product where the layer runs, not m·n·rank on the host
+            state[name] = masked_weight(self._units(units, key), triples, entries, tuple(state[name].shape),
+                                        self.dtype, self.device)
         layer = materialize_layer(self.source.architecture, self.config, index, state, self.dtype,
                                   device=self.device)
         outputs = self.activations(self.budget_bytes // 2)

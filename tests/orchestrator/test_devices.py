@@ -118,6 +118,7 @@ def test_gpus_the_cluster_lacks_are_an_error(ray_cluster):
     (None, 2, [[0], [1], [2], [3], [4]]),                        # 5 / 8 < 1: every item alone
     (None, 1, [[0, 1], [2, 3], [4]]),                            # 5 / 4 = 1.25: pairs, the last one short
     ([0.0, 0.0], 3, [[0], [1]]),                                 # no work known: never an empty batch
+    ([2.6e13] * 2 + [1.1e12] * 2 + [5e11] * 3, 8, [[0], [1], [2], [3], [4, 5], [6]]),  # 70B's groups alone, capped
 ])
 def test_gpu_tasks_batch_small_items_largest_first(work, slots, batches):
     from rankfold.execution.batching import work_batches
