@@ -1,4 +1,4 @@
-"""assemble: the compressed checkpoint into the store (workers write its layer shards) and placed in
+"""assemble: the compressed checkpoint into the store (tasks write its layer shards and the globals one) and placed in
 the job's output folder (Env.checkpoint).
 
 params: model {id, dtype}, source (spec model.source, recorded in config.json), method, target,
