@@ -18,6 +18,7 @@ from rankfold.methods.group_decomposition import decompose_group
 from rankfold.methods.kv_registry import KV_METHODS
 from rankfold.methods.registry import MethodOptions
 from rankfold.methods.statistics import InputStats
+from rankfold.models.sources import ModelSource
 from rankfold.modules.layout import CompressedModule
 from rankfold.storage.store import StoreError, StoreRef, open_ref
 from rankfold.workers.layer_state import assemble_layer_state
@@ -142,6 +143,13 @@ def assemble_item(item: AssembleItem) -> ShardInfo:
 assemble_item.host_only = True  # reads factors and writes checkpoint shards: Ray gives its task no GPU
 
 
+def global_keys(source: ModelSource) -> list[str]:
+    """The checkpoint's tensors outside the decoder layers: embedding, final norm, and the head when the
+    source stores one (untied)."""
+    arch = source.architecture
+    return [arch.embedding_key, arch.final_norm_key] + [arch.lm_head_key] * (arch.lm_head_key in source.keys())
+
+
 @dataclass(frozen=True)
 class GlobalsItem:
     source: str
@@ -154,11 +162,8 @@ def assemble_globals(item: GlobalsItem) -> ShardInfo:
     """The checkpoint's shard of what is not a decoder layer — embedding, final norm, the head when stored
     (untied) — in the model dtype. A task, so the driver never holds them (4.2 GB at Llama-3-70B in bf16,
     and safetensors' serialised copy beside them)."""
-    source = cached_source(item.source)
-    arch, dtype = source.architecture, getattr(torch, item.dtype)
-    tensors = {arch.embedding_key: source.embedding().to(dtype), arch.final_norm_key: source.final_norm().to(dtype)}
-    if arch.lm_head_key in source.keys():
-        tensors[arch.lm_head_key] = source.lm_head().to(dtype)
+    source, dtype = cached_source(item.source), getattr(torch, item.dtype)
+    tensors = {key: source.tensor(key).to(dtype) for key in global_keys(source)}
     sha = open_ref(item.checkpoint).put_tensors(item.shard_key, tensors)
     return ShardInfo(item.shard_key.rsplit("/", 1)[-1], sha, tuple(sorted(tensors)))
 

@@ -37,7 +37,7 @@ from rankfold.orchestrator.stages.kind import Artifacts, Env, StageKind, registe
 from rankfold.orchestrator.stages.outputs import Checkpoint, Factors, KVFactors, KVRanks, Ranks
 from rankfold.orchestrator.stages.stage import Stage
 from rankfold.storage.store import ArtifactStore
-from rankfold.workers.tasks import AssembleItem, GlobalsItem, assemble_globals, assemble_item
+from rankfold.workers.tasks import AssembleItem, GlobalsItem, assemble_globals, assemble_item, global_keys
 
 
 def assemble(env: Env, stage: Stage, *, factors: Factors, ranks: Ranks, kv_factors: KVFactors | None = None,
@@ -163,9 +163,7 @@ def _write_placed(folder: Path) -> None:
 def _globals_bytes(source: ModelSource, dtype: str) -> int:
     """Estimated peak host bytes of `assemble_globals`: its tensors in `dtype` and safetensors' serialised
     copy of them (Llama-3-70B in bf16: 8.4 GB)."""
-    arch = source.architecture
-    keys = [arch.embedding_key, arch.final_norm_key] + [arch.lm_head_key] * (arch.lm_head_key in source.keys())
-    return 2 * getattr(torch, dtype).itemsize * sum(math.prod(source.shape(key)) for key in keys)
+    return 2 * getattr(torch, dtype).itemsize * sum(math.prod(source.shape(key)) for key in global_keys(source))
 
 
 def _plain_config(source: ModelSource, dtype: str) -> PretrainedConfig:
